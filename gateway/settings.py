@@ -1,0 +1,272 @@
+"""The configuration file: pydantic models of its shape, `${VAR}` expansion, and readable errors.
+
+This is the only module that reads `os.environ`. Every model is frozen and forbids unknown keys,
+so a typo fails at start-up with the file name and the key path instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from policies.rules import Policy
+
+_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; `errors` holds one line per problem."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.source = source
+        self.errors = errors
+        super().__init__("\n".join(f"{source}: {line}" for line in errors))
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerSettings(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: int = Field(default=1_048_576, gt=0)
+    workers: int = Field(default=1, ge=1)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "json"
+
+
+class StoreSettings(_Frozen):
+    backend: Literal["memory", "redis"] = "memory"
+    url: str = "redis://127.0.0.1:6379/0"
+    cluster: bool = False
+    on_unavailable: Literal["fail_open", "fail_closed"] = "fail_closed"
+    timeout_ms: int = Field(default=250, gt=0)
+    lease_ttl_seconds: int = Field(default=900, gt=0)
+    ledger_retention_days: int = Field(default=400, gt=0)
+
+
+class AdminSettings(_Frozen):
+    token: SecretStr = SecretStr("")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.token.get_secret_value())
+
+
+class UpstreamSettings(_Frozen):
+    base_url: str
+    api_key: SecretStr = SecretStr("")
+    flavor: Literal["openai", "digitalocean"] | None = None
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    read_timeout_seconds: float = Field(default=600.0, gt=0)
+    max_connections: int = Field(default=256, ge=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value.rstrip("/")
+
+
+class RouteSettings(_Frozen):
+    upstream: str
+    model: str | None = None
+    catalog: str | None = None
+
+
+class Limits(_Frozen):
+    """Per-scope limits. Per-minute limits are smooth (a limit of N admits a burst of N)."""
+
+    requests_per_minute: int | None = Field(default=None, ge=0)
+    images_per_minute: int | None = Field(default=None, ge=0)
+    tokens_per_minute: int | None = Field(default=None, ge=0)
+    tokens_per_day: int | None = Field(default=None, ge=0)
+    usd_per_day: Decimal | None = Field(default=None, ge=0)
+    usd_per_month: Decimal | None = Field(default=None, ge=0)
+    concurrent_requests: int | None = Field(default=None, ge=0)
+
+
+class KeySettings(_Frozen):
+    """A tenant key given as an object: its hash, a name for logs, and limits of its own."""
+
+    hash: str
+    name: str | None = None
+    limits: Limits | None = None
+
+    @field_validator("hash")
+    @classmethod
+    def _is_hash(cls, value: str) -> str:
+        if not _KEY_HASH.match(value):
+            raise ValueError(
+                "must be sha256:<64 lowercase hex digits>, never a plaintext key"
+                " (`gateway hash-key` prints it)"
+            )
+        return value
+
+
+class TenantSettings(_Frozen):
+    policy: str
+    policy_overrides: dict[str, Any] = Field(default_factory=dict)
+    keys: list[KeySettings] = Field(min_length=1)
+    limits: Limits = Limits()
+    limits_mode: Literal["enforce", "shadow"] = "enforce"
+    user_limits: Limits | None = None
+
+    @field_validator("keys", mode="before")
+    @classmethod
+    def _plain_hashes(cls, keys: Any) -> Any:
+        """`keys: [sha256:...]` is shorthand for `keys: [{hash: sha256:...}]`."""
+        if isinstance(keys, list):
+            return [{"hash": k} if isinstance(k, str) else k for k in keys]
+        return keys
+
+
+def _default_upstreams() -> dict[str, UpstreamSettings]:
+    return {
+        "openai": UpstreamSettings(base_url="https://api.openai.com/v1"),
+        "digitalocean": UpstreamSettings(base_url="https://inference.do-ai.run/v1"),
+    }
+
+
+class Settings(_Frozen):
+    server: ServerSettings = ServerSettings()
+    store: StoreSettings = StoreSettings()
+    admin: AdminSettings = AdminSettings()
+    upstreams: dict[str, UpstreamSettings] = Field(default_factory=_default_upstreams)
+    routes: dict[str, RouteSettings] = Field(default_factory=dict)
+    catalog: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    policies: dict[str, Policy] = Field(default_factory=dict)
+    tenants: dict[str, TenantSettings] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Settings:
+        problems = []
+        for name, route in self.routes.items():
+            if route.upstream not in self.upstreams:
+                problems.append(
+                    f"routes.{name}.upstream: unknown upstream {route.upstream!r}"
+                    f" (defined: {', '.join(sorted(self.upstreams)) or 'none'})"
+                )
+        for name, tenant in self.tenants.items():
+            if tenant.policy not in self.policies:
+                problems.append(
+                    f"tenants.{name}.policy: unknown policy {tenant.policy!r}"
+                    f" (defined: {', '.join(sorted(self.policies)) or 'none'})"
+                )
+            elif tenant.policy_overrides:
+                try:
+                    self.policies[tenant.policy].with_overrides(tenant.policy_overrides)
+                except ValidationError as exc:
+                    problems.extend(
+                        f"tenants.{name}.policy_overrides.{line}"
+                        for line in format_validation_error(exc)
+                    )
+        seen: dict[str, str] = {}
+        for name, tenant in self.tenants.items():
+            for index, key in enumerate(tenant.keys):
+                if key.hash in seen:
+                    problems.append(
+                        f"tenants.{name}.keys.{index}: key already belongs to tenant {seen[key.hash]!r}"
+                    )
+                seen[key.hash] = name
+        if self.server.workers > 1 and self.store.backend != "redis":
+            problems.append(
+                "server.workers: several worker processes need store.backend: redis"
+                " (the memory store would give each worker its own limits)"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def policy_for(self, tenant: str) -> Policy:
+        settings = self.tenants[tenant]
+        policy = self.policies[settings.policy]
+        return policy.with_overrides(settings.policy_overrides) if settings.policy_overrides else policy
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One `key.path: message` line per pydantic error (multi-line model errors split out)."""
+    lines: list[str] = []
+    for error in exc.errors():
+        path = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        for part in message.split("\n"):
+            if ": " in part and path == "":
+                lines.append(part)
+            else:
+                lines.append(f"{path}: {part}" if path else part)
+    return lines
+
+
+def expand_env(node: Any, environ: Mapping[str, str], path: str = "") -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree."""
+    if isinstance(node, dict):
+        return {k: expand_env(v, environ, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [expand_env(v, environ, f"{path}.{i}") for i, v in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        raise ConfigError("", [f"{path}: environment variable {name} is not set"])
+
+    whole = _ENV_REF.fullmatch(node)
+    expanded = _ENV_REF.sub(substitute, node)
+    # A value that is only a reference may become a number or boolean (`port: ${PORT:-8080}`).
+    return yaml.safe_load(expanded) if whole and expanded.strip() else expanded
+
+
+def parse_settings(
+    text: str, source: str = "<config>", environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Parse YAML text into Settings, or raise ConfigError naming `source` and each key path."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"not valid YAML: {exc}"]) from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["the top level must be a mapping of sections"])
+    try:
+        expanded = expand_env(raw, os.environ if environ is None else environ)
+    except ConfigError as exc:
+        raise ConfigError(source, exc.errors) from None
+    try:
+        return Settings.model_validate(expanded)
+    except ValidationError as exc:
+        raise ConfigError(source, format_validation_error(exc)) from None
+
+
+def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(file), [f"cannot read the file: {exc.strerror}"]) from exc
+    return parse_settings(text, str(file), environ)

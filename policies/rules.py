@@ -1,0 +1,62 @@
+"""Tenant policy models: what a tenant may ask of a model, and what happens when it asks for more."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ClampableRule = Literal["n", "quality", "partial_images", "size"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CompressionRange(_Frozen):
+    min: int = Field(default=0, ge=0, le=100)
+    max: int = Field(default=100, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CompressionRange:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        return self
+
+
+class Policy(_Frozen):
+    """One named policy from the `policies:` section. `None` means "no rule of the policy's own"."""
+
+    mode: Literal["enforce", "shadow"] = "enforce"
+    models: list[str] | None = None
+    default_model: str | None = None
+    sizes: list[str] | None = None
+    max_pixels: int | None = Field(default=None, gt=0)
+    max_edge: int | None = Field(default=None, gt=0)
+    qualities: list[str] | None = None
+    max_n: int | None = Field(default=None, ge=1)
+    moderation: list[str] | None = None
+    output_formats: list[str] | None = None
+    backgrounds: list[str] | None = None
+    output_compression: CompressionRange | None = None
+    stream: bool = True
+    max_partial_images: int | None = Field(default=None, ge=0)
+    max_prompt_chars: int | None = Field(default=None, ge=1)
+    require_user: bool = False
+    deny_prompt_patterns: list[str] = Field(default_factory=list)
+    on_violation: dict[ClampableRule, Literal["reject", "clamp"]] = Field(default_factory=dict)
+
+    @field_validator("deny_prompt_patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern, re.IGNORECASE)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from exc
+        return patterns
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Policy:
+        """This policy with single fields replaced (a tenant's `policy_overrides`), validated."""
+        return Policy.model_validate({**self.model_dump(), **overrides})
