@@ -20,81 +20,127 @@ class Metrics:
         self.registry = registry
         r = registry
         self.requests = Counter(
-            "gateway_requests", "Requests answered, by tenant, model, route and HTTP status.",
-            ["tenant", "model", "route", "status"], registry=r,
+            "gateway_requests",
+            "Requests answered, by tenant, model, route and HTTP status.",
+            ["tenant", "model", "route", "status"],
+            registry=r,
         )
         self.request_duration = Histogram(
-            "gateway_request_duration_seconds", "Time from request received to last byte sent.",
-            ["tenant", "model", "stream"], buckets=_DURATION_BUCKETS, registry=r,
+            "gateway_request_duration_seconds",
+            "Time from request received to last byte sent.",
+            ["tenant", "model", "stream"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
         )
         self.upstream_ttfb = Histogram(
-            "gateway_upstream_ttfb_seconds", "Time from forwarding to the upstream's response headers.",
-            ["upstream"], buckets=_DURATION_BUCKETS, registry=r,
+            "gateway_upstream_ttfb_seconds",
+            "Time from forwarding to the upstream's response headers.",
+            ["upstream"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
         )
         self.first_event = Histogram(
-            "gateway_stream_first_event_seconds", "Time from request received to the first SSE bytes sent.",
-            ["tenant", "model"], buckets=_DURATION_BUCKETS, registry=r,
+            "gateway_stream_first_event_seconds",
+            "Time from request received to the first SSE bytes sent.",
+            ["tenant", "model"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
         )
         self.in_flight = Gauge(
-            "gateway_in_flight_requests", "Requests being served now.", registry=r,
+            "gateway_in_flight_requests",
+            "Requests being served now.",
+            registry=r,
             multiprocess_mode="livesum",
         )
         self.open_streams = Gauge(
-            "gateway_open_streams", "SSE streams being relayed now.", registry=r,
+            "gateway_open_streams",
+            "SSE streams being relayed now.",
+            registry=r,
             multiprocess_mode="livesum",
         )
         self.policy_decisions = Counter(
-            "gateway_policy_decisions", "Policy outcomes other than a plain allow, by tenant and rule.",
-            ["tenant", "rule", "decision"], registry=r,
+            "gateway_policy_decisions",
+            "Policy outcomes other than a plain allow, by tenant and rule.",
+            ["tenant", "rule", "decision"],
+            registry=r,
         )
         self.ratelimit_decisions = Counter(
-            "gateway_ratelimit_decisions", "Limiter outcomes by tenant and limit.",
-            ["tenant", "limit", "decision"], registry=r,
+            "gateway_ratelimit_decisions",
+            "Limiter outcomes by tenant and limit.",
+            ["tenant", "limit", "decision"],
+            registry=r,
         )
         self.tokens = Counter(
-            "gateway_tokens", "Settled tokens by tenant, model and price bucket.",
-            ["tenant", "model", "bucket"], registry=r,
+            "gateway_tokens",
+            "Settled tokens by tenant, model and price bucket.",
+            ["tenant", "model", "bucket"],
+            registry=r,
         )
         self.images = Counter(
-            "gateway_images", "Settled images by tenant, model, size and quality.",
-            ["tenant", "model", "size", "quality"], registry=r,
+            "gateway_images",
+            "Settled images by tenant, model, size and quality.",
+            ["tenant", "model", "size", "quality"],
+            registry=r,
         )
         self.spend = Counter(
-            "gateway_spend_usd", "Settled spend in USD by tenant and model.",
-            ["tenant", "model"], registry=r,
+            "gateway_spend_usd",
+            "Settled spend in USD by tenant and model.",
+            ["tenant", "model"],
+            registry=r,
         )
         self.budget_remaining = Gauge(
-            "gateway_budget_remaining", "What is left of each limit after the latest admission.",
-            ["tenant", "limit"], registry=r, multiprocess_mode="mostrecent",
+            "gateway_budget_remaining",
+            "What is left of each limit after the latest admission.",
+            ["tenant", "limit"],
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.reservation_drift = Histogram(
-            "gateway_reservation_drift_tokens", "Estimated minus actual tokens per settled request.",
-            ["tenant", "model"], buckets=_DRIFT_BUCKETS, registry=r,
+            "gateway_reservation_drift_tokens",
+            "Estimated minus actual tokens per settled request.",
+            ["tenant", "model"],
+            buckets=_DRIFT_BUCKETS,
+            registry=r,
         )
         self.usage_missing = Counter(
-            "gateway_usage_missing", "Responses settled without a reported usage (billed at the estimate).",
-            ["tenant", "model"], registry=r,
+            "gateway_usage_missing",
+            "Responses settled without a reported usage (billed at the estimate).",
+            ["tenant", "model"],
+            registry=r,
         )
         self.settlements_retried = Counter(
-            "gateway_settlements_retried", "Settlements that had to be retried.", registry=r,
+            "gateway_settlements_retried",
+            "Settlements that had to be retried.",
+            registry=r,
         )
         self.store_up = Gauge(
-            "gateway_store_up", "1 while the limits store answers, 0 while it does not.", registry=r,
+            "gateway_store_up",
+            "1 while the limits store answers, 0 while it does not.",
+            registry=r,
             multiprocess_mode="min",
         )
         self.store_errors = Counter(
-            "gateway_store_errors", "Store operations that failed, by operation.",
-            ["operation"], registry=r,
+            "gateway_store_errors",
+            "Store operations that failed, by operation.",
+            ["operation"],
+            registry=r,
         )
         self.store_latency = Histogram(
-            "gateway_store_latency_seconds", "Store operation latency, by operation.",
-            ["operation"], buckets=_FAST_BUCKETS, registry=r,
+            "gateway_store_latency_seconds",
+            "Store operation latency, by operation.",
+            ["operation"],
+            buckets=_FAST_BUCKETS,
+            registry=r,
         )
         self.degraded_decisions = Counter(
-            "gateway_store_degraded_decisions", "Requests decided without the store, by on_unavailable mode.",
-            ["mode"], registry=r,
+            "gateway_store_degraded_decisions",
+            "Requests decided without the store, by on_unavailable mode.",
+            ["mode"],
+            registry=r,
         )
         self.upstream_errors = Counter(
-            "gateway_upstream_errors", "Upstream failures by upstream and kind.",
-            ["upstream", "kind"], registry=r,
+            "gateway_upstream_errors",
+            "Upstream failures by upstream and kind.",
+            ["upstream", "kind"],
+            registry=r,
         )

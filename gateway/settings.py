@@ -178,8 +178,7 @@ class Settings(_Frozen):
                     self.policies[tenant.policy].with_overrides(tenant.policy_overrides)
                 except ValidationError as exc:
                     problems.extend(
-                        f"tenants.{name}.policy_overrides.{line}"
-                        for line in format_validation_error(exc)
+                        f"tenants.{name}.policy_overrides.{line}" for line in format_validation_error(exc)
                     )
         seen: dict[str, str] = {}
         for name, tenant in self.tenants.items():
@@ -241,9 +240,7 @@ def expand_env(node: Any, environ: Mapping[str, str], path: str = "") -> Any:
     return yaml.safe_load(expanded) if whole and expanded.strip() else expanded
 
 
-def parse_settings(
-    text: str, source: str = "<config>", environ: Mapping[str, str] | None = None
-) -> Settings:
+def parse_settings(text: str, source: str = "<config>", environ: Mapping[str, str] | None = None) -> Settings:
     """Parse YAML text into Settings, or raise ConfigError naming `source` and each key path."""
     try:
         raw = yaml.safe_load(text)

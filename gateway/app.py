@@ -1,0 +1,66 @@
+"""The composition root: `create_app(settings)` builds every part and wires it under AppKeys.
+
+Nothing is global: the metrics registry, the store, the upstream session and the runtime
+configuration belong to the app, are created here or in `cleanup_ctx`, and are torn down there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from gateway import upstream
+from gateway.admin import create_admin_app
+from gateway.health import DRAINING, METRICS, RUNTIME, STORE, add_health_routes
+from gateway.limits import Store, create_store
+from gateway.metrics import Metrics
+from gateway.middleware import create_request_middleware
+from gateway.pipeline import Pipeline
+from gateway.runtime import Runtime, RuntimeHolder
+from gateway.settings import Settings
+
+PIPELINE = web.AppKey("pipeline", Pipeline)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    registry: CollectorRegistry | None = None,
+    store: Store | None = None,
+) -> web.Application:
+    """The gateway as an aiohttp Application; raises ConfigError for an unusable configuration."""
+    holder = RuntimeHolder(Runtime.build(settings))
+    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    app = web.Application(
+        middlewares=[create_request_middleware(metrics)],
+        client_max_size=settings.server.max_body_bytes,
+        handler_args={"max_field_size": 16384},
+    )
+    app[RUNTIME] = holder
+    app[METRICS] = metrics
+    app[STORE] = store if store is not None else create_store(settings.store, metrics)
+    app[DRAINING] = [False]
+    app.cleanup_ctx.append(_resources)
+    app.router.add_post("/v1/images/generations", generations)
+    add_health_routes(app)
+    if settings.admin.enabled:
+        app.add_subapp("/admin", create_admin_app(app[STORE], lambda: holder.current.settings))
+    return app
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    store = app[STORE]
+    await store.start()
+    session = upstream.create_session()
+    app[PIPELINE] = Pipeline(app[RUNTIME], session, store, app[METRICS])
+    try:
+        yield
+    finally:
+        await session.close()
+        await store.close()
+
+
+async def generations(request: web.Request) -> web.StreamResponse:
+    return await request.app[PIPELINE].handle(request)

@@ -1,0 +1,155 @@
+"""The `gateway` command line: serve, demo, check-config, explain, hash-key, new-key, mock-upstream."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import orjson
+
+from gateway.logs import configure_logging
+from gateway.settings import ConfigError, Settings, load_settings
+
+
+def _load(path: str) -> Settings:
+    from gateway.runtime import Runtime
+
+    settings = load_settings(path)
+    Runtime.build(settings)  # routes, catalog and policies must resolve too
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.server import run, serve
+
+    settings = _load(args.config)
+    if args.port is not None or args.host is not None:
+        server = settings.server.model_copy(
+            update={k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
+        )
+        settings = settings.model_copy(update={"server": server})
+    configure_logging(settings.server.log_level, settings.server.log_format)
+    run(serve(settings))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+    from gateway.server import run
+
+    configure_logging("info", "console")
+    run(run_demo(args.port))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    print(
+        f"{args.config}: OK ({len(settings.tenants)} tenants, {len(settings.routes)} routes, "
+        f"{len(settings.policies)} policies, store {settings.store.backend})"
+    )
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from gateway.explain import explain, render
+
+    settings = _load(args.config)
+    if args.tenant not in settings.tenants:
+        print(
+            f"unknown tenant {args.tenant!r} (known: {', '.join(sorted(settings.tenants))})", file=sys.stderr
+        )
+        return 2
+    try:
+        body = orjson.loads(Path(args.request).read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        print(f"{args.request}: cannot read a JSON request: {exc}", file=sys.stderr)
+        return 2
+    result = explain(settings, args.tenant, body)
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() if args.json else render(result))
+    return 0 if result.get("allowed") else 1
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    from gateway.auth import hash_key
+
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("hash-key reads a key from standard input; got nothing", file=sys.stderr)
+        return 2
+    print(hash_key(key))
+    return 0
+
+
+def cmd_new_key(args: argparse.Namespace) -> int:
+    from gateway.auth import hash_key, new_key
+
+    key = new_key()
+    print(f"key:  {key}\nhash: {hash_key(key)}")
+    return 0
+
+
+def cmd_mock_upstream(args: argparse.Namespace) -> int:
+    from gateway.mock_upstream import MockOptions, run_mock_upstream
+    from gateway.server import run
+
+    options = MockOptions(flavor=args.flavor, latency_ms=args.latency_ms, api_key=args.api_key)
+    configure_logging("info", "console")
+    print(f"mock upstream ({args.flavor}) on http://{args.host}:{args.port}/v1", flush=True)
+    run(run_mock_upstream(args.host, args.port, options))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="Image-generation gateway.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("serve", cmd_serve, "Serve the gateway from a configuration file.")
+    p.add_argument("--config", required=True, help="path to the YAML configuration")
+    p.add_argument("--host", default=None, help="override server.host")
+    p.add_argument("--port", type=int, default=None, help="override server.port")
+
+    p = add(
+        "demo", cmd_demo, "Run the gateway end to end offline: mock upstreams, memory store, a ready tenant."
+    )
+    p.add_argument("--port", type=int, default=8080)
+
+    p = add("check-config", cmd_check_config, "Validate a configuration file and print every problem.")
+    p.add_argument("config")
+
+    p = add("explain", cmd_explain, "Show what the gateway would decide for a request, sending nothing.")
+    p.add_argument("--config", required=True)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--json", action="store_true", help="print the decision as JSON")
+    p.add_argument("request", help="a JSON file with the request body")
+
+    add("hash-key", cmd_hash_key, "Print sha256:<hex> of a tenant key read from standard input.")
+    add("new-key", cmd_new_key, "Make a random tenant key and print it with its hash.")
+
+    p = add("mock-upstream", cmd_mock_upstream, "Serve an offline stand-in for the upstream image API.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9090)
+    p.add_argument("--flavor", choices=["openai", "digitalocean"], default="openai")
+    p.add_argument("--latency-ms", type=float, default=0.0)
+    p.add_argument("--api-key", default=None, help="require this upstream key from callers")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"configuration error in {exc.source}:", file=sys.stderr)
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

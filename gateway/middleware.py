@@ -1,0 +1,129 @@
+"""Request id and log context for every request, and the one place errors become responses.
+
+Each request gets an id (a sane incoming `x-request-id` is kept), returned in `x-request-id`
+and bound into every log line. Each request ends in one `request_finished` access-log line and
+the request metrics, whatever the outcome. GatewayErrors render as OpenAI-style JSON; aiohttp's
+own HTTP errors (404, 405) are translated; anything else is a logged 500 with no traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound
+from gateway.logs import get_logger
+from gateway.metrics import Metrics
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+log = get_logger("gateway.access")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What the access log and request metrics say about one request; the pipeline fills it in."""
+
+    request_id: str
+    started: float
+    tenant: str = ""
+    key: str = ""
+    model: str = ""
+    upstream: str = ""
+    stream: bool = False
+    status: int = 0
+    ttfb_ms: float | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+RECORD = web.RequestKey("record", RequestRecord)
+
+
+def request_id_for(request: web.Request) -> str:
+    incoming = request.headers.get("x-request-id", "")
+    return incoming if _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+
+
+def error_response(error: GatewayError, request_id: str) -> web.Response:
+    headers = {**error.headers, "x-request-id": request_id}
+    return web.Response(
+        status=error.status, body=error.to_json(), content_type="application/json", headers=headers
+    )
+
+
+def _as_gateway_error(exc: web.HTTPException, request: web.Request) -> GatewayError:
+    if exc.status == 404:
+        return NotFound(f"Unknown request URL: {request.method} {request.path}.")
+    if exc.status == 405:
+        allowed = exc.headers.get("Allow", "")
+        return MethodNotAllowed(
+            f"{request.method} is not allowed on {request.path}; allowed: {allowed or 'none'}.",
+            headers={"Allow": allowed} if allowed else None,
+        )
+    return InternalError(exc.reason)
+
+
+def create_request_middleware(metrics: Metrics) -> Any:
+    @web.middleware
+    async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        record = RequestRecord(request_id=request_id_for(request), started=time.perf_counter())
+        request[RECORD] = record
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=record.request_id)
+        try:
+            response = await _handle(request, handler, record)
+            record.status = response.status
+            return response
+        finally:
+            _finish(request, record, metrics)
+
+    return request_middleware
+
+
+async def _handle(request: web.Request, handler: Handler, record: RequestRecord) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except GatewayError as error:
+        return error_response(error, record.request_id)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(_as_gateway_error(exc, request), record.request_id)
+    except Exception:
+        log.exception("request_failed", path=request.path)
+        return error_response(InternalError("The gateway failed to handle the request."), record.request_id)
+    if not response.prepared:
+        response.headers["x-request-id"] = record.request_id
+    return response
+
+
+def _finish(request: web.Request, record: RequestRecord, metrics: Metrics) -> None:
+    duration = time.perf_counter() - record.started
+    if request.path.startswith("/v1/"):
+        metrics.requests.labels(record.tenant, record.model, record.upstream, str(record.status)).inc()
+        metrics.request_duration.labels(
+            record.tenant, record.model, "true" if record.stream else "false"
+        ).observe(duration)
+        log.info(
+            "request_finished",
+            method=request.method,
+            path=request.path,
+            status=record.status,
+            tenant=record.tenant or None,
+            key=record.key or None,
+            model=record.model or None,
+            upstream=record.upstream or None,
+            stream=record.stream,
+            duration_ms=round(duration * 1000, 3),
+            ttfb_ms=record.ttfb_ms,
+            **record.fields,
+        )
+    structlog.contextvars.clear_contextvars()

@@ -1,0 +1,306 @@
+"""The image-generation pipeline: one request from key to settlement, in DESIGN.md's order.
+
+auth -> parse -> policy -> estimate -> admit -> forward -> relay -> settle -> record. Each stage
+lives in its own module; this one only sequences them and guarantees that an admitted request is
+settled exactly once, whatever happens after admission (upstream error, client gone, shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+from policies.catalog import ModelEntry
+from policies.engine import Decision, evaluate
+
+from gateway import upstream
+from gateway.auth import Credential, authenticate
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    PayloadTooLarge,
+    PolicyViolation,
+    UnsupportedMediaType,
+)
+from gateway.limits import Admission, LimitPlan, Reservation, Store, merge_upstream_limit_headers
+from gateway.logs import get_logger
+from gateway.metrics import Metrics
+from gateway.middleware import RECORD, RequestRecord
+from gateway.relay import RelayOutcome, relay
+from gateway.runtime import Route, Runtime, RuntimeHolder
+from policies.cost import Cost, actual_cost, estimate
+
+log = get_logger("gateway.pipeline")
+
+
+@dataclass(slots=True)
+class Admitted:
+    """An admitted request: what must be settled, and against what estimate."""
+
+    decision: Decision
+    entry: ModelEntry
+    route: Route
+    estimate: Cost
+    admission: Admission
+    reservation: Reservation
+
+
+class Pipeline:
+    def __init__(
+        self, runtime: RuntimeHolder, session: aiohttp.ClientSession, store: Store, metrics: Metrics
+    ) -> None:
+        self.runtime = runtime
+        self.session = session
+        self.store = store
+        self.metrics = metrics
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        runtime = self.runtime.current
+        record = request[RECORD]
+        credential = authenticate(runtime.credentials, request.headers.get("Authorization"))
+        record.tenant, record.key = credential.tenant, credential.key_label
+        body = await parse(request, runtime.settings.server.max_body_bytes)
+        decision = self.apply_policy(runtime, credential, body, record)
+        admitted = await self.admit(runtime, credential, decision, record)
+        with _InFlight(self.metrics):
+            outcome: RelayOutcome | None = None
+            try:
+                response, outcome = await self.forward_and_relay(request, runtime, admitted, record)
+                return response
+            except GatewayError as error:
+                error.headers.update(admitted.admission.headers)
+                raise
+            finally:
+                await asyncio.shield(self.settle(credential, admitted, outcome, record))
+
+    def apply_policy(
+        self, runtime: Runtime, credential: Credential, body: dict[str, Any], record: RequestRecord
+    ) -> Decision:
+        decision = evaluate(runtime.policies[credential.tenant], runtime.catalog, runtime.targets, body)
+        record.stream = decision.body.get("stream") is True
+        if decision.model in runtime.routes:
+            record.model = decision.model
+            record.upstream = runtime.routes[decision.model].upstream_name
+        if decision.error is not None:
+            raise InvalidRequest(
+                decision.error.message,
+                param=decision.error.param,
+                code=decision.error.code or "invalid_value",
+            )
+        tenant = credential.tenant
+        for violation in decision.violations:
+            outcome = "shadow_deny" if decision.shadow else "deny"
+            self.metrics.policy_decisions.labels(tenant, violation.rule, outcome).inc()
+        for adjustment in decision.adjustments:
+            self.metrics.policy_decisions.labels(tenant, adjustment.param, "adjusted").inc()
+        if decision.violations:
+            log.info(
+                "policy_violated",
+                shadow=decision.shadow,
+                rules=[v.rule for v in decision.violations],
+            )
+        if not decision.allowed:
+            first = decision.violations[0]
+            raise PolicyViolation(
+                _violation_message(decision),
+                param=first.param,
+                violations=[v.to_dict() for v in decision.violations],
+            )
+        return decision
+
+    async def admit(
+        self, runtime: Runtime, credential: Credential, decision: Decision, record: RequestRecord
+    ) -> Admitted:
+        assert decision.model is not None and decision.entry is not None  # allowed decisions name both
+        policy = runtime.policies[credential.tenant]
+        cost = estimate(decision.body, decision.entry, policy)
+        tenant_settings = runtime.settings.tenants[credential.tenant]
+        user = decision.body.get("user")
+        plan = LimitPlan.build(
+            credential.tenant,
+            tenant_settings,
+            credential.key,
+            credential.key_index,
+            user if isinstance(user, str) else None,
+        )
+        admission = await self.store.reserve(plan, cost, request_id=record.request_id, model=decision.model)
+        if not admission.allowed or admission.reservation is None:
+            error = admission.error or InvalidRequest("The request was not admitted.")
+            error.headers = {**admission.headers, **error.headers}
+            raise error
+        record.fields["estimate_tokens"] = cost.tokens
+        return Admitted(
+            decision, decision.entry, runtime.routes[decision.model], cost, admission, admission.reservation
+        )
+
+    async def forward_and_relay(
+        self, request: web.Request, runtime: Runtime, admitted: Admitted, record: RequestRecord
+    ) -> tuple[web.StreamResponse, RelayOutcome]:
+        route = admitted.route
+        body = dict(admitted.decision.body)
+        body["model"] = route.upstream_model
+        forwarded_at = time.perf_counter()
+        response = await upstream.send(
+            self.session,
+            route,
+            orjson.dumps(body),
+            upstream.upstream_headers(route, request.headers, record.request_id),
+        )
+        self.metrics.upstream_ttfb.labels(route.upstream_name).observe(time.perf_counter() - forwarded_at)
+        headers = self.response_headers(response, admitted, record)
+        if response.status >= 400:
+            self.metrics.upstream_errors.labels(route.upstream_name, f"http_{response.status}").inc()
+        streaming = response.headers.get("Content-Type", "").startswith("text/event-stream")
+        if streaming:
+            self.metrics.open_streams.inc()
+        try:
+            outcome = await relay(request, response, headers, route)
+        finally:
+            if streaming:
+                self.metrics.open_streams.dec()
+        record.status = outcome.status
+        if outcome.first_byte_at is not None:
+            record.ttfb_ms = round((outcome.first_byte_at - record.started) * 1000, 3)
+            if outcome.streaming:
+                self.metrics.first_event.labels(record.tenant, record.model).observe(
+                    outcome.first_byte_at - record.started
+                )
+        if outcome.failure is not None:
+            self.metrics.upstream_errors.labels(
+                route.upstream_name, outcome.failure.error_code or "failure"
+            ).inc()
+            log.warning(
+                "upstream_failed_mid_response",
+                error=outcome.failure.error_code,
+                client_gone=outcome.client_gone,
+            )
+        return outcome.response, outcome
+
+    def response_headers(
+        self, response: aiohttp.ClientResponse, admitted: Admitted, record: RequestRecord
+    ) -> CIMultiDict[str]:
+        headers = upstream.relayable_headers(response.headers)
+        merged = merge_upstream_limit_headers(admitted.admission.headers, headers)
+        for name, value in merged.items():
+            headers[name] = value
+        if admitted.decision.adjustments:
+            headers["x-gateway-adjusted"] = "; ".join(
+                f"{a.param}={_plain(a.before)}->{_plain(a.after)} ({a.reason})"
+                for a in admitted.decision.adjustments
+            )
+        headers["x-request-id"] = record.request_id
+        return headers
+
+    async def settle(
+        self, credential: Credential, admitted: Admitted, outcome: RelayOutcome | None, record: RequestRecord
+    ) -> None:
+        """Replace the reservation with what the upstream reported, exactly once, on every path."""
+        actual, how = self.actual(admitted, outcome)
+        label = "ok" if outcome is not None and outcome.failure is None and outcome.status < 400 else "failed"
+        await self.store.settle(admitted.reservation, actual, outcome=label)
+        tenant, model = credential.tenant, record.model
+        self.record_usage(tenant, model, admitted, actual, how)
+        record.fields.update(
+            settled=how,
+            images=actual.images,
+            tokens_text_in=actual.text_in_tokens,
+            tokens_image_in=actual.image_in_tokens,
+            tokens_image_out=actual.image_out_tokens,
+            usd=actual.usd,
+            client_gone=outcome.client_gone if outcome else False,
+        )
+
+    def actual(self, admitted: Admitted, outcome: RelayOutcome | None) -> tuple[Cost, str]:
+        """The cost to settle at, and how it was known: usage, refund or estimate."""
+        if outcome is None or outcome.status >= 400:
+            return Cost(), "refund"  # nothing was generated: only the request itself counts
+        reader = outcome.reader
+        cost = actual_cost(admitted.decision.body, reader.usage, reader.images, admitted.entry)
+        if cost is not None:
+            return cost, "usage"
+        if outcome.failure is not None and reader.event_count == 0 and outcome.bytes_sent == 0:
+            return Cost(), "refund"
+        return admitted.estimate, "estimate"
+
+    def record_usage(self, tenant: str, model: str, admitted: Admitted, actual: Cost, how: str) -> None:
+        m = self.metrics
+        if how == "estimate":
+            m.usage_missing.labels(tenant, model).inc()
+            log.warning("usage_missing", settled_at="estimate")
+        if how != "usage":
+            return
+        m.tokens.labels(tenant, model, "text_in").inc(actual.text_in_tokens)
+        m.tokens.labels(tenant, model, "image_in").inc(actual.image_in_tokens)
+        m.tokens.labels(tenant, model, "image_out").inc(actual.image_out_tokens)
+        body = admitted.decision.body
+        m.images.labels(tenant, model, str(body.get("size", "auto")), str(body.get("quality", "auto"))).inc(
+            actual.images
+        )
+        m.spend.labels(tenant, model).inc(actual.usd)
+        m.reservation_drift.labels(tenant, model).observe(admitted.estimate.tokens - actual.tokens)
+
+
+class _InFlight:
+    def __init__(self, metrics: Metrics) -> None:
+        self.gauge = metrics.in_flight
+
+    def __enter__(self) -> None:
+        self.gauge.inc()
+
+    def __exit__(self, *_: object) -> None:
+        self.gauge.dec()
+
+
+def _plain(value: Any) -> str:
+    return "unset" if value is None else str(value)
+
+
+def _violation_message(decision: Decision) -> str:
+    parts = [v.message for v in decision.violations]
+    return "Request violates the tenant's policy: " + " ".join(parts)
+
+
+async def parse(request: web.Request, max_body_bytes: int) -> dict[str, Any]:
+    """The request body as a JSON object, size-capped, or an OpenAI-style 4xx."""
+    content_type = request.headers.get("Content-Type", "")
+    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, got {content_type or 'none'!r}.",
+            code="invalid_content_type",
+        )
+    raw = await _read_capped(request, max_body_bytes)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"The request body is not valid JSON: {exc.msg} (at byte {exc.pos}).", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise InvalidRequest(
+            "Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter"
+        )
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidRequest("'prompt' must be a non-empty string.", param="prompt", code="invalid_value")
+    return body
+
+
+async def _read_capped(request: web.Request, limit: int) -> bytes:
+    too_large = PayloadTooLarge(f"The request body is larger than the gateway's limit of {limit} bytes.")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)

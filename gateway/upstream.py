@@ -1,0 +1,121 @@
+"""Talking to upstreams: one pooled ClientSession, the organisation's key, and error translation.
+
+The tenant's key never leaves the gateway: the upstream gets the organisation's key for the
+route. Network failures become GatewayErrors here (502 unreachable, 504 timeout), so no other
+module handles aiohttp's exception family. A generation can take minutes, so there is no total
+timeout: the connect timeout bounds reaching the upstream and the read timeout bounds the silence
+between two reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
+from gateway.runtime import Route
+
+# Request headers a client may send that the upstream should see; everything else (its key, its
+# organisation and project headers, cookies, hop-by-hop headers) stays at the gateway.
+_FORWARDED_REQUEST_HEADERS = ("accept", "user-agent", "idempotency-key")
+
+# Response headers that describe a connection, not the content, or that identify the
+# organisation behind the upstream key: never relayed.
+_DROPPED_RESPONSE_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "content-encoding",
+        "set-cookie",
+        "date",
+        "server",
+        "openai-organization",
+        "openai-project",
+        "x-request-id",
+        "alt-svc",
+    }
+)
+
+
+def create_session() -> aiohttp.ClientSession:
+    """The app's one ClientSession. Bodies are relayed as received, so nothing is decompressed."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+
+
+def upstream_headers(route: Route, client_headers: Mapping[str, str], request_id: str) -> dict[str, str]:
+    headers = {name: client_headers[name] for name in _FORWARDED_REQUEST_HEADERS if name in client_headers}
+    headers["Content-Type"] = "application/json"
+    headers["Accept-Encoding"] = "identity"
+    headers["X-Request-Id"] = request_id
+    key = route.upstream.api_key.get_secret_value()
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
+
+
+def relayable_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's response headers a client may see; its request id under our own name."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        if name.lower() not in _DROPPED_RESPONSE_HEADERS:
+            headers.add(name, value)
+    if "x-request-id" in upstream:
+        headers["x-upstream-request-id"] = upstream["x-request-id"]
+    return headers
+
+
+async def send(
+    session: aiohttp.ClientSession, route: Route, body: bytes, headers: Mapping[str, str]
+) -> aiohttp.ClientResponse:
+    """POST the generation to the route's upstream; the response's body is left for the relay."""
+    settings = route.upstream
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        sock_connect=settings.connect_timeout_seconds,
+        sock_read=settings.read_timeout_seconds,
+    )
+    url = f"{settings.base_url}/images/generations"
+    try:
+        return await session.post(url, data=body, headers=headers, timeout=timeout)
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise translate(exc, route) from exc
+
+
+def translate(exc: aiohttp.ClientError | asyncio.TimeoutError | OSError, route: Route) -> GatewayError:
+    """An aiohttp/OS failure talking to `route`'s upstream as the error a client sees."""
+    name = route.upstream_name
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamTimeout(
+            f"Upstream {name!r} did not accept a connection within "
+            f"{route.upstream.connect_timeout_seconds:g} s.",
+            code="upstream_connect_timeout",
+        )
+    if isinstance(exc, (aiohttp.SocketTimeoutError, asyncio.TimeoutError)):
+        return UpstreamTimeout(
+            f"Upstream {name!r} sent nothing for {route.upstream.read_timeout_seconds:g} s.",
+            code="upstream_read_timeout",
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamUnavailable(f"Upstream {name!r} could not be reached.")
+    return UpstreamUnavailable(f"Upstream {name!r} closed the connection unexpectedly.")
+
+
+def failure_kind(error: GatewayError) -> str:
+    """A bounded label for upstream error metrics."""
+    return error.error_code or "unknown"
