@@ -1,0 +1,88 @@
+"""End-to-end fixtures: the gateway on a real socket in front of a real upstream server on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from gateway.mock_upstream import MockOptions, create_mock_app
+from prometheus_client import CollectorRegistry
+
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.support.config import DO_UPSTREAM_KEY, UPSTREAM_KEY, make_settings
+
+
+@dataclass
+class Running:
+    """A started gateway: its URL, app and metrics registry."""
+
+    url: str
+    app: web.Application
+    registry: CollectorRegistry
+    server: TestServer
+
+    @property
+    def v1(self) -> str:
+        return f"{self.url}/v1"
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+StartGateway = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[Callable[[web.Application], Awaitable[TestServer]]]:
+    servers: list[TestServer] = []
+
+    async def start(app: web.Application) -> TestServer:
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in reversed(servers):
+        await server.close()
+
+
+@pytest.fixture
+async def mock_openai(start_server: Callable[[web.Application], Awaitable[TestServer]]) -> TestServer:
+    return await start_server(create_mock_app(MockOptions(flavor="openai", api_key=UPSTREAM_KEY)))
+
+
+@pytest.fixture
+async def mock_do(start_server: Callable[[web.Application], Awaitable[TestServer]]) -> TestServer:
+    return await start_server(create_mock_app(MockOptions(flavor="digitalocean", api_key=DO_UPSTREAM_KEY)))
+
+
+def base_url(server: TestServer) -> str:
+    return str(server.make_url("/v1"))
+
+
+@pytest.fixture
+async def start_gateway(
+    start_server: Callable[[web.Application], Awaitable[TestServer]],
+) -> StartGateway:
+    async def start(settings: Settings | None = None, **kwargs: Any) -> Running:
+        if settings is None:
+            settings = make_settings(**kwargs)
+        registry = CollectorRegistry()
+        app = create_app(settings, registry=registry)
+        server = await start_server(app)
+        return Running(url=str(server.make_url("")).rstrip("/"), app=app, registry=registry, server=server)
+
+    return start
+
+
+@pytest.fixture
+async def gateway(start_gateway: StartGateway, mock_openai: TestServer, mock_do: TestServer) -> Running:
+    """The gateway in front of both mock upstreams, memory store, open policy."""
+    return await start_gateway(openai_url=base_url(mock_openai), do_url=base_url(mock_do))

@@ -1,0 +1,258 @@
+"""Every error a client can meet, OpenAI-shaped: status, type, code and param asserted."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.e2e.conftest import Running, StartGateway, base_url
+from tests.support.config import TENANT_KEY, config_dict, make_settings
+from tests.support.scripted_upstream import Script, ScriptedUpstream
+
+AUTH = {"Authorization": f"Bearer {TENANT_KEY}"}
+StartServer = Callable[[web.Application], Awaitable[TestServer]]
+GOOD = {"model": "gpt-image-1.5", "prompt": "a cat", "quality": "low"}
+
+
+async def call(
+    url: str,
+    *,
+    method: str = "POST",
+    path: str = "/v1/images/generations",
+    data: bytes | None = None,
+    json: Any = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any], aiohttp.typedefs.LooseHeaders]:
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, url + path, data=data, json=json, headers=headers) as resp:
+            assert resp.content_type == "application/json", await resp.text()
+            return resp.status, await resp.json(), resp.headers
+
+
+def assert_error(body: dict[str, Any], type_: str, code: str | None, param: str | None = None) -> None:
+    error = body["error"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    assert (error["type"], error["code"], error["param"]) == (type_, code, param)
+    assert error["message"] and "Traceback" not in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "code_expected"),
+    [
+        ({}, "invalid_api_key"),
+        ({"Authorization": "Bearer wrong"}, "invalid_api_key"),
+        ({"Authorization": "Basic abc"}, "invalid_api_key"),
+    ],
+)
+async def test_missing_or_unknown_key_is_401(
+    gateway: Running, headers: dict[str, str], code_expected: str
+) -> None:
+    status, body, _ = await call(gateway.url, json=GOOD, headers=headers)
+    assert status == 401
+    assert_error(body, "invalid_request_error", code_expected)
+
+
+@pytest.mark.parametrize(
+    ("data", "code", "param"),
+    [
+        (b'{"prompt": "x",', "invalid_json", None),
+        (b'["prompt"]', "invalid_json", None),
+        (b'{"model": "gpt-image-1.5"}', "missing_required_parameter", "prompt"),
+        (b'{"model": "gpt-image-1.5", "prompt": "  "}', "invalid_value", "prompt"),
+        (b'{"model": "gpt-image-1.5", "prompt": 5}', "invalid_value", "prompt"),
+    ],
+)
+async def test_bad_bodies_are_400(gateway: Running, data: bytes, code: str, param: str | None) -> None:
+    status, body, _ = await call(gateway.url, data=data, headers={**AUTH, "Content-Type": "application/json"})
+    assert status == 400
+    assert_error(body, "invalid_request_error", code, param)
+
+
+async def test_unknown_model_is_400_with_param_model(gateway: Running) -> None:
+    status, body, _ = await call(gateway.url, json={**GOOD, "model": "no-such-model"}, headers=AUTH)
+    assert status == 400
+    assert body["error"]["param"] == "model" and body["error"]["type"] == "invalid_request_error"
+
+
+async def test_body_over_limit_is_413(start_gateway: StartGateway, mock_openai: TestServer) -> None:
+    gw = await start_gateway(make_settings(base_url(mock_openai), server={"max_body_bytes": 2000}))
+    status, body, _ = await call(gw.url, json={**GOOD, "prompt": "x" * 5000}, headers=AUTH)
+    assert status == 413
+    assert_error(body, "invalid_request_error", "request_too_large")
+
+
+async def test_wrong_content_type_is_415(gateway: Running) -> None:
+    status, body, _ = await call(
+        gateway.url, data=b"prompt=x", headers={**AUTH, "Content-Type": "text/plain"}
+    )
+    assert status == 415
+    assert_error(body, "invalid_request_error", "invalid_content_type")
+
+
+async def test_wrong_method_is_405(gateway: Running) -> None:
+    status, body, headers = await call(gateway.url, method="GET", headers=AUTH)
+    assert status == 405
+    assert_error(body, "invalid_request_error", "method_not_allowed")
+    assert "POST" in headers["Allow"]
+
+
+async def test_unknown_path_is_404(gateway: Running) -> None:
+    status, body, _ = await call(gateway.url, path="/v1/nothing", json=GOOD, headers=AUTH)
+    assert status == 404
+    assert_error(body, "invalid_request_error", "unknown_url")
+
+
+@pytest.mark.parametrize(
+    ("status", "error_body"),
+    [
+        (500, b'{"error":{"message":"boom","type":"server_error","param":null,"code":null}}'),
+        (400, b'{"id":"bad_request","message":"size is required","request_id":"r-1"}'),
+        (
+            429,
+            b'{"error":{"message":"slow down","type":"requests","param":null,"code":"rate_limit_exceeded"}}',
+        ),
+    ],
+)
+async def test_upstream_errors_are_relayed_unchanged(
+    start_server: StartServer, start_gateway: StartGateway, status: int, error_body: bytes
+) -> None:
+    upstream = ScriptedUpstream(Script(status=status, content_type="application/json", chunks=[error_body]))
+    server = await start_server(upstream.app())
+    gw = await start_gateway(openai_url=base_url(server))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{gw.v1}/images/generations", json=GOOD, headers=AUTH) as resp:
+            assert resp.status == status
+            assert await resp.read() == error_body
+
+
+async def test_unreachable_upstream_is_502(start_gateway: StartGateway) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, never listening: connections are refused
+        gw = await start_gateway(openai_url=f"http://127.0.0.1:{port}/v1")
+        status, body, _ = await call(gw.url, json=GOOD, headers=AUTH)
+    assert status == 502
+    assert_error(body, "upstream_error", "upstream_unavailable")
+
+
+@pytest.fixture
+async def full_backlog() -> AsyncIterator[int]:
+    """A port whose accept queue is full: the kernel drops new SYNs, so connecting times out."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    await asyncio.sleep(0.05)
+    yield port
+    for filler in fillers:
+        filler.close()
+    listener.close()
+
+
+async def test_connect_timeout_is_504(start_gateway: StartGateway, full_backlog: int) -> None:
+    url = f"http://127.0.0.1:{full_backlog}/v1"
+    config = config_dict(url)
+    config["upstreams"]["openai"]["connect_timeout_seconds"] = 0.3
+    from gateway.settings import Settings
+
+    gw = await start_gateway(Settings.model_validate(config))
+    status, body, _ = await call(gw.url, json=GOOD, headers=AUTH)
+    assert status == 504
+    assert_error(body, "upstream_error", "upstream_connect_timeout")
+
+
+async def test_read_timeout_is_504(start_server: StartServer, start_gateway: StartGateway) -> None:
+    upstream = ScriptedUpstream(
+        Script(content_type="application/json", chunks=[b"{}"], delay_before_headers=5)
+    )
+    server = await start_server(upstream.app())
+    config = config_dict(base_url(server))
+    config["upstreams"]["openai"]["read_timeout_seconds"] = 0.3
+    from gateway.settings import Settings
+
+    gw = await start_gateway(Settings.model_validate(config))
+    status, body, _ = await call(gw.url, json=GOOD, headers=AUTH)
+    assert status == 504
+    assert_error(body, "upstream_error", "upstream_read_timeout")
+
+
+async def test_upstream_failure_after_stream_started_becomes_sse_error_event(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    first = b'event: image_generation.partial_image\ndata: {"type":"image_generation.partial_image","b64_json":"AA=="}\n\n'
+    upstream = ScriptedUpstream(Script(chunks=[first], abort_after_chunks=True))
+    server = await start_server(upstream.app())
+    gw = await start_gateway(openai_url=base_url(server))
+    async with aiohttp.ClientSession() as session, session.post(
+        f"{gw.v1}/images/generations", json={**GOOD, "stream": True}, headers=AUTH
+    ) as resp:
+        assert resp.status == 200
+        body = await resp.read()
+    assert body.startswith(first)
+    tail = body[len(first) :]
+    assert tail.startswith(b"event: error\ndata: {")
+    assert b'"type":"error"' in tail and b'"code":"upstream_unavailable"' in tail
+    client = openai.AsyncOpenAI(base_url=gw.v1, api_key=TENANT_KEY, max_retries=0)
+    stream = await client.images.generate(model="gpt-image-1.5", prompt="x", stream=True)
+    with pytest.raises(openai.APIError):
+        async for _ in stream:
+            pass
+    await client.close()
+
+
+async def test_truncated_json_body_is_not_passed_off_as_complete(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    upstream = ScriptedUpstream(
+        Script(
+            content_type="application/json",
+            chunks=[b'{"created":1,"data":[{"b64_json":"AAAA'],
+            abort_after_chunks=True,
+        )
+    )
+    server = await start_server(upstream.app())
+    gw = await start_gateway(openai_url=base_url(server))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{gw.v1}/images/generations", json=GOOD, headers=AUTH) as resp:
+            assert resp.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+
+
+async def test_client_leaving_mid_stream_is_billed_from_drained_usage(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    usage = b'{"input_tokens":3,"input_tokens_details":{"text_tokens":3,"image_tokens":0},"output_tokens":372,"total_tokens":375}'
+    chunks = [
+        b'event: image_generation.partial_image\ndata: {"type":"image_generation.partial_image","b64_json":"AA=="}\n\n',
+        b'event: image_generation.completed\ndata: {"type":"image_generation.completed","b64_json":"AA==","usage":'
+        + usage
+        + b"}\n\n",
+    ]
+    upstream = ScriptedUpstream(Script(chunks=chunks, chunk_delay=0.3))
+    server = await start_server(upstream.app())
+    gw = await start_gateway(openai_url=base_url(server))
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(f"{gw.v1}/images/generations", json={**GOOD, "stream": True}, headers=AUTH)
+        await resp.content.readuntil(b"\n\n")
+        resp.close()  # the client leaves before the completed event
+    await asyncio.wait_for(upstream.finished.wait(), 5)
+    for _ in range(50):
+        if gw.metric("gateway_tokens_total", tenant="team", model="gpt-image-1.5", bucket="image_out"):
+            break
+        await asyncio.sleep(0.05)
+    assert gw.metric("gateway_tokens_total", tenant="team", model="gpt-image-1.5", bucket="image_out") == 372

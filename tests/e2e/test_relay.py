@@ -1,0 +1,190 @@
+"""Relaying: byte-exact SSE, key swap, every field forwarded, headers, large bodies with flat memory."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import openai
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from gateway.mock_upstream import RECEIVED
+
+from tests.e2e.conftest import Running, StartGateway, base_url
+from tests.support.config import TENANT_KEY, UPSTREAM_KEY
+from tests.support.scripted_upstream import Script, ScriptedUpstream
+
+AUTH = {"Authorization": f"Bearer {TENANT_KEY}"}
+StartServer = Callable[[web.Application], Awaitable[TestServer]]
+
+USAGE = b'{"input_tokens":5,"input_tokens_details":{"text_tokens":5,"image_tokens":0},"output_tokens":272,"total_tokens":277}'
+SSE_PIECES = [
+    b": keep-alive comment\r\n\r\n",
+    b"event: image_generation.partial_image\r\n",
+    b'data: {"type":"image_generation.partial_image","b64_json":"iVBORw0KGgo=","partial_image_index":0}\r\n\r\n',
+    b"event: image_generation.completed\n",
+    b'data: {"type":"image_generation.completed",\n',
+    b'data: "b64_json":"iVBORw0KGgo=","usage":' + USAGE + b"}\n\n",
+    b"data: [DONE]\n\n",
+]
+
+
+def odd_chunks(data: bytes, sizes: tuple[int, ...] = (1, 7, 2, 13, 3, 64, 5)) -> list[bytes]:
+    """Split bytes at awkward places: inside CRLF, inside `data:`, inside JSON."""
+    chunks, i, k = [], 0, 0
+    while i < len(data):
+        size = sizes[k % len(sizes)]
+        chunks.append(data[i : i + size])
+        i, k = i + size, k + 1
+    return chunks
+
+
+async def scripted(start_server: StartServer, script: Script) -> tuple[ScriptedUpstream, TestServer]:
+    upstream = ScriptedUpstream(script)
+    return upstream, await start_server(upstream.app())
+
+
+async def test_sse_relayed_byte_for_byte_with_odd_chunks(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    body = b"".join(SSE_PIECES)
+    _, server = await scripted(start_server, Script(chunks=odd_chunks(body), chunk_delay=0.001))
+    gw = await start_gateway(openai_url=base_url(server))
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        payload = {"model": "gpt-image-1.5", "prompt": "p", "stream": True}
+        async with session.post(f"{gw.v1}/images/generations", json=payload, headers=AUTH) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            assert "Content-Encoding" not in resp.headers
+            received = b"".join([chunk async for chunk in resp.content.iter_any()])
+    assert received == body
+    assert gw.metric("gateway_tokens_total", tenant="team", model="gpt-image-1.5", bucket="image_out") == 272
+
+
+async def test_openai_sdk_parses_relayed_crlf_multiline_done_stream(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    _, server = await scripted(start_server, Script(chunks=odd_chunks(b"".join(SSE_PIECES))))
+    gw = await start_gateway(openai_url=base_url(server))
+    client = openai.AsyncOpenAI(base_url=gw.v1, api_key=TENANT_KEY, max_retries=0)
+    stream = await client.images.generate(model="gpt-image-1.5", prompt="p", stream=True)
+    events = [event async for event in stream]
+    assert [e.type for e in events] == ["image_generation.partial_image", "image_generation.completed"]
+    assert events[-1].usage.output_tokens == 272
+    await client.close()
+
+
+async def test_first_event_reaches_client_before_upstream_finishes(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    first = b'event: image_generation.partial_image\ndata: {"type":"image_generation.partial_image"}\n\n'
+    script = Script(chunks=[first, b'data: {"type":"image_generation.completed"}\n\n'], chunk_delay=1.0)
+    upstream, server = await scripted(start_server, script)
+    gw = await start_gateway(openai_url=base_url(server))
+    async with aiohttp.ClientSession() as session:
+        payload = {"model": "gpt-image-1.5", "prompt": "p", "stream": True}
+        async with session.post(f"{gw.v1}/images/generations", json=payload, headers=AUTH) as resp:
+            got = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), timeout=0.5)
+            assert got == first
+            assert not upstream.finished.is_set()
+            await resp.read()
+
+
+async def test_upstream_gets_org_key_and_every_field(gateway: Running, mock_openai: TestServer) -> None:
+    payload = {
+        "model": "gpt-image-1.5",
+        "prompt": "a cat",
+        "n": 1,
+        "size": "1024x1024",
+        "quality": "low",
+        "moderation": "low",
+        "background": "opaque",
+        "output_format": "webp",
+        "output_compression": 40,
+        "user": "end-user-7",
+    }
+    headers = {**AUTH, "OpenAI-Organization": "org-tenant", "User-Agent": "test-agent/1"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{gateway.v1}/images/generations", json=payload, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+            assert resp.headers["x-request-id"]
+            await resp.read()
+    received = mock_openai.app[RECEIVED][-1]
+    assert received.headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert TENANT_KEY not in orjson.dumps(received.headers).decode()
+    assert "OpenAI-Organization" not in received.headers
+    assert received.headers["User-Agent"] == "test-agent/1"
+    assert received.body == payload
+
+
+async def test_digitalocean_route_maps_model_id_and_fills_required_fields(
+    gateway: Running, mock_do: TestServer
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        payload = {"model": "gpt-image-1", "prompt": "a kite", "stream": True}
+        async with session.post(f"{gateway.v1}/images/generations", json=payload, headers=AUTH) as resp:
+            assert resp.status == 200, await resp.text()
+            assert "x-gateway-adjusted" in resp.headers
+            await resp.read()
+    received = mock_do.app[RECEIVED][-1]
+    assert received.body["model"] == "openai-gpt-image-1"
+    assert received.body["n"] == 1 and "size" in received.body and received.body["partial_images"] >= 1
+
+
+async def test_incoming_request_id_is_kept(gateway: Running) -> None:
+    async with aiohttp.ClientSession() as session:
+        payload = {"model": "gpt-image-1.5", "prompt": "x", "quality": "low"}
+        headers = {**AUTH, "x-request-id": "req-abc-123"}
+        async with session.post(f"{gateway.v1}/images/generations", json=payload, headers=headers) as resp:
+            assert resp.headers["x-request-id"] == "req-abc-123"
+
+
+async def test_upstream_rate_limit_headers_pass_through_hop_by_hop_do_not(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    body = b'{"created":1,"data":[{"b64_json":"AA=="}],"usage":' + USAGE + b"}"
+    script = Script(
+        content_type="application/json",
+        chunks=[body],
+        content_length=True,
+        extra_headers={
+            "x-ratelimit-remaining-requests": "7",
+            "ratelimit-remaining": "3",
+            "Keep-Alive": "timeout=5",
+            "openai-organization": "org-secret",
+            "Set-Cookie": "a=b",
+        },
+    )
+    _, server = await scripted(start_server, script)
+    gw = await start_gateway(openai_url=base_url(server))
+    async with aiohttp.ClientSession() as session:
+        payload = {"model": "gpt-image-1.5", "prompt": "x"}
+        async with session.post(f"{gw.v1}/images/generations", json=payload, headers=AUTH) as resp:
+            assert await resp.read() == body
+            assert resp.headers["ratelimit-remaining"] == "3"
+            assert resp.headers["x-ratelimit-remaining-requests"] == "7"
+            assert resp.headers["Content-Length"] == str(len(body))
+            for name in ("Keep-Alive", "openai-organization", "Set-Cookie"):
+                assert name not in resp.headers
+
+
+@pytest.mark.parametrize("usage_first", [False, True])
+async def test_usage_read_wherever_it_sits(
+    start_server: StartServer, start_gateway: StartGateway, usage_first: bool
+) -> None:
+    data = b'"data":[{"b64_json":"' + b"A" * 300_000 + b'"},{"b64_json":"' + b"B" * 300_000 + b'"}]'
+    usage = b'"usage":' + USAGE
+    body = b"{" + (usage + b"," + data if usage_first else data + b"," + usage) + b',"created":1}'
+    _, server = await scripted(
+        start_server, Script(content_type="application/json", chunks=odd_chunks(body, (4096, 17)))
+    )
+    gw = await start_gateway(openai_url=base_url(server))
+    async with aiohttp.ClientSession() as session:
+        payload = {"model": "gpt-image-1.5", "prompt": "x", "n": 2}
+        async with session.post(f"{gw.v1}/images/generations", json=payload, headers=AUTH) as resp:
+            assert await resp.read() == body
+    assert gw.metric("gateway_tokens_total", tenant="team", model="gpt-image-1.5", bucket="image_out") == 272
+    assert gw.metric("gateway_tokens_total", tenant="team", model="gpt-image-1.5", bucket="text_in") == 5

@@ -1,0 +1,117 @@
+"""The official SDKs, unchanged but for base_url and key, against the gateway on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from typing import Any
+
+import openai
+import pytest
+from PIL import Image
+
+from tests.e2e.conftest import Running
+from tests.support.config import TENANT_KEY
+
+
+def decode(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+def sync_client(gateway: Running) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.v1, api_key=TENANT_KEY, max_retries=0)
+
+
+async def test_sync_sdk_non_streaming_image_decodes_at_requested_size(gateway: Running) -> None:
+    client = sync_client(gateway)
+    result = await asyncio.to_thread(
+        client.images.generate, model="gpt-image-1.5", prompt="a red fox", size="1536x1024", quality="low"
+    )
+    assert result.data is not None and result.data[0].b64_json is not None
+    assert decode(result.data[0].b64_json).size == (1536, 1024)
+    assert result.usage is not None and result.usage.output_tokens == 400
+
+
+async def test_async_sdk_non_streaming_n2_jpeg(gateway: Running) -> None:
+    client = openai.AsyncOpenAI(base_url=gateway.v1, api_key=TENANT_KEY, max_retries=0)
+    result = await client.images.generate(
+        model="gpt-image-1.5",
+        prompt="two owls",
+        n=2,
+        size="1024x1536",
+        quality="medium",
+        output_format="jpeg",
+    )
+    assert result.data is not None and len(result.data) == 2
+    for item in result.data:
+        assert item.b64_json is not None
+        image = decode(item.b64_json)
+        assert image.size == (1024, 1536) and image.format == "JPEG"
+    await client.close()
+
+
+async def test_sync_sdk_streaming_events_and_final_image(gateway: Running) -> None:
+    client = sync_client(gateway)
+
+    def run() -> list[Any]:
+        stream = client.images.generate(
+            model="gpt-image-1.5",
+            prompt="a lighthouse",
+            size="1024x1024",
+            quality="low",
+            stream=True,
+            partial_images=2,
+        )
+        return list(stream)
+
+    events = await asyncio.to_thread(run)
+    types = [e.type for e in events]
+    assert types.count("image_generation.partial_image") == 2
+    assert types[-1] == "image_generation.completed"
+    final = events[-1]
+    assert decode(final.b64_json).size == (1024, 1024)
+    assert final.usage.output_tokens == 272 + 2 * 100
+
+
+async def test_async_sdk_streaming(gateway: Running) -> None:
+    client = openai.AsyncOpenAI(base_url=gateway.v1, api_key=TENANT_KEY, max_retries=0)
+    stream = await client.images.generate(
+        model="gpt-image-2",
+        prompt="a harbour",
+        size="1024x1024",
+        quality="low",
+        stream=True,
+        partial_images=1,
+    )
+    events = [event async for event in stream]
+    assert [e.type for e in events] == ["image_generation.partial_image", "image_generation.completed"]
+    assert decode(events[-1].b64_json).size == (1024, 1024)
+    await client.close()
+
+
+async def test_digitalocean_route_through_openai_sdk(gateway: Running) -> None:
+    """The same client request works against DigitalOcean, which requires n and size."""
+    client = sync_client(gateway)
+    result = await asyncio.to_thread(client.images.generate, model="gpt-image-1", prompt="a kite")
+    assert result.data is not None and result.data[0].b64_json is not None
+    decode(result.data[0].b64_json)
+
+
+async def test_pydo_client_through_gateway(gateway: Running) -> None:
+    pydo_inference = pytest.importorskip("pydo.inference")
+    client = pydo_inference.Client(token=TENANT_KEY, inference_endpoint=gateway.url)
+    result = await asyncio.to_thread(
+        client.images.generate, model="gpt-image-1", prompt="a sailing boat", n=1, size="1024x1024"
+    )
+    payload = (
+        result
+        if isinstance(result, dict)
+        else result.as_dict()
+        if hasattr(result, "as_dict")
+        else dict(result)
+    )
+    assert decode(payload["data"][0]["b64_json"]).size == (1024, 1024)
+    assert payload["usage"]["total_tokens"] > 0

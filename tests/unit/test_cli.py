@@ -1,0 +1,48 @@
+"""The command line: check-config, hash-key, new-key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[2]
+
+
+def gateway(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+def test_check_config_accepts_the_example() -> None:
+    result = gateway("check-config", "config.example.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_check_config_lists_every_problem_with_its_path(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: {port: -1}\ntenants:\n  t: {policy: nope, keys: [plain]}\n")
+    result = gateway("check-config", str(bad))
+    assert result.returncode == 1
+    assert str(bad) in result.stderr
+    for expected in ("server.port", "tenants.t.keys.0.hash", "tenants.t.policy"):
+        assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_hash_key_reads_stdin() -> None:
+    result = gateway("hash-key", stdin="abc\n")
+    assert result.stdout.strip() == "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_new_key_prints_a_key_and_its_hash() -> None:
+    lines = gateway("new-key").stdout.splitlines()
+    key, digest = lines[0].split()[1], lines[1].split()[1]
+    assert gateway("hash-key", stdin=key).stdout.strip() == digest

@@ -1,0 +1,105 @@
+"""The configuration contract: every failure mode names the file and the key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import ConfigError, load_settings, parse_settings
+
+HASH = "sha256:" + "a" * 64
+BASE = f"""
+upstreams:
+  openai: {{base_url: "http://127.0.0.1:1/v1"}}
+routes:
+  gpt-image-1.5: {{upstream: openai}}
+policies:
+  p: {{default_model: gpt-image-1.5}}
+tenants:
+  t: {{policy: p, keys: ["{HASH}"]}}
+"""
+
+
+def errors_of(text: str, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(text, "bad.yaml", environ or {})
+    assert str(info.value).startswith("bad.yaml: ")
+    return info.value.errors
+
+
+def test_example_config_is_valid() -> None:
+    settings = load_settings(Path(__file__).parents[2] / "config.example.yaml", environ={})
+    assert settings.tenants["design-team"].limits.requests_per_minute == 60
+    assert settings.tenants["design-team"].keys[1].name == "ci-bot"
+
+
+def test_env_expansion_with_defaults_and_types() -> None:
+    text = BASE + "server:\n  port: ${PORT:-9000}\n  host: ${HOST}\n"
+    settings = parse_settings(text, "ok.yaml", {"HOST": "0.0.0.0"})
+    assert settings.server.port == 9000 and settings.server.host == "0.0.0.0"
+    assert parse_settings(text, "ok.yaml", {"HOST": "h", "PORT": "81"}).server.port == 81
+
+
+def test_secrets_are_not_printed() -> None:
+    settings = parse_settings(
+        BASE.replace('"http://127.0.0.1:1/v1"', '"http://x/v1", api_key: sk-secret'), "s", {}
+    )
+    assert "sk-secret" not in repr(settings) and "sk-secret" not in str(settings.upstreams)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("server: [1, 2", "not valid YAML"),
+        ("- a\n- b", "the top level must be a mapping"),
+        (BASE + "bogus: 1\n", "bogus: Extra inputs are not permitted"),
+        (BASE + "server: {prot: 80}\n", "server.prot: Extra inputs are not permitted"),
+        (BASE + "server: {port: 99999}\n", "server.port: Input should be less than or equal to 65535"),
+        (BASE + "store: {backend: mongo}\n", "store.backend: Input should be 'memory' or 'redis'"),
+        (BASE + "store: {on_unavailable: maybe}\n", "store.on_unavailable:"),
+        (BASE.replace('"http://127.0.0.1:1/v1"', "ftp://x"), "upstreams.openai.base_url: must be an http"),
+        (
+            BASE.replace("{upstream: openai}", "{upstream: azure}"),
+            "routes.gpt-image-1.5.upstream: unknown upstream 'azure'",
+        ),
+        (BASE.replace("policy: p,", "policy: q,"), "tenants.t.policy: unknown policy 'q' (defined: p)"),
+        (
+            BASE.replace(HASH, "plaintext-key"),
+            "tenants.t.keys.0.hash: must be sha256:<64 lowercase hex digits>",
+        ),
+        (BASE.replace(f'keys: ["{HASH}"]', "keys: []"), "tenants.t.keys: List should have at least 1 item"),
+        (
+            BASE + f'  u: {{policy: p, keys: ["{HASH}"]}}\n',
+            "tenants.u.keys.0: key already belongs to tenant 't'",
+        ),
+        (
+            BASE.replace("policy: p,", "policy: p, limits: {requests_per_minute: -1},"),
+            "tenants.t.limits.requests_per_minute",
+        ),
+        (
+            BASE.replace("policy: p,", "policy: p, policy_overrides: {max_n: 0},"),
+            "tenants.t.policy_overrides.max_n",
+        ),
+        (
+            BASE.replace("{default_model: gpt-image-1.5}", "{deny_prompt_patterns: ['(']}"),
+            "invalid regular expression",
+        ),
+        (
+            BASE + "server: {workers: 4}\n",
+            "server.workers: several worker processes need store.backend: redis",
+        ),
+        (
+            BASE + "admin:\n  token: ${ADMIN_TOKEN}\n",
+            "admin.token: environment variable ADMIN_TOKEN is not set",
+        ),
+    ],
+)
+def test_each_failure_mode_has_a_clear_message(text: str, expected: str) -> None:
+    assert any(expected in line for line in errors_of(text)), errors_of(text)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path / "missing.yaml")
+    assert "missing.yaml: cannot read the file" in str(info.value)
