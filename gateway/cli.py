@@ -95,7 +95,13 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
     from gateway.mock_upstream import MockOptions, run_mock_upstream
     from gateway.server import run
 
-    options = MockOptions(flavor=args.flavor, latency_ms=args.latency_ms, api_key=args.api_key)
+    options = MockOptions(
+        flavor=args.flavor,
+        latency_ms=args.latency_ms,
+        partial_interval_ms=args.partial_interval_ms,
+        api_key=args.api_key,
+        image_bytes=args.image_bytes,
+    )
     configure_logging("info", "console")
     print(f"mock upstream ({args.flavor}) on http://{args.host}:{args.port}/v1", flush=True)
     run(run_mock_upstream(args.host, args.port, options))
@@ -137,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9090)
     p.add_argument("--flavor", choices=["openai", "digitalocean"], default="openai")
-    p.add_argument("--latency-ms", type=float, default=0.0)
+    p.add_argument("--latency-ms", type=float, default=0.0, help="delay before each response starts")
+    p.add_argument("--partial-interval-ms", type=float, default=0.0, help="delay between streamed events")
     p.add_argument("--api-key", default=None, help="require this upstream key from callers")
+    p.add_argument("--image-bytes", type=int, default=None, help="make each base64 image about this large")
     return parser
 
 

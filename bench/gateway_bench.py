@@ -1,0 +1,233 @@
+"""Benchmark: the gateway against calling the mock upstream directly, on this machine.
+
+Starts `gateway mock-upstream` and `gateway serve` (memory or Redis store) as separate processes,
+drives both with the same aiohttp load at a given concurrency, and reports:
+- requests per second, p50/p99 latency direct and through the gateway, and the difference;
+- the gateway's CPU time per request (from /proc, user + system), the figure to hold under 1 ms;
+- SSE time to first event, direct and through the gateway;
+- the gateway's peak RSS before and after relaying large bodies (n=10 multi-MB images).
+
+    .venv/bin/python bench/gateway_bench.py [--requests 2000] [--concurrency 16] [--store memory|redis]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.config import TENANT_KEY, UPSTREAM_KEY, config_dict  # noqa: E402
+from tests.support.processes import GatewayProcess, free_port, peak_rss_kib  # noqa: E402
+
+SMALL = {"model": "gpt-image-1.5", "prompt": "a small red square", "size": "1024x1024", "quality": "low"}
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def wait_http(url: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            try:
+                async with session.get(url) as resp:
+                    if resp.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def start_mock(port: int, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "mock-upstream",
+            "--port",
+            str(port),
+            "--api-key",
+            UPSTREAM_KEY,
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def load(
+    url: str, headers: dict[str, str], payload: dict[str, object], requests: int, concurrency: int
+) -> tuple[list[float], float]:
+    latencies: list[float] = []
+    queue = iter(range(requests))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            for _ in queue:
+                started = time.perf_counter()
+                async with session.post(url, json=payload, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise RuntimeError(f"{resp.status}: {(await resp.text())[:200]}")
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return latencies, time.perf_counter() - started
+
+
+async def first_event(url: str, headers: dict[str, str], samples: int) -> list[float]:
+    payload = {**SMALL, "stream": True, "partial_images": 1}
+    times = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(samples):
+            started = time.perf_counter()
+            async with session.post(url, json=payload, headers=headers) as resp:
+                await resp.content.readuntil(b"\n\n")
+                times.append(time.perf_counter() - started)
+                await resp.read()
+    return times
+
+
+def report(label: str, latencies: list[float], elapsed: float) -> dict[str, float]:
+    stats = {
+        "rps": len(latencies) / elapsed,
+        "p50_ms": percentile(latencies, 0.50) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+    }
+    print(
+        f"{label:<10} {stats['rps']:8.0f} req/s   p50 {stats['p50_ms']:7.2f} ms   p99 {stats['p99_ms']:7.2f} ms"
+    )
+    return stats
+
+
+async def bench(args: argparse.Namespace) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    mock_port, big_port = free_port(), free_port()
+    mocks = [start_mock(mock_port), start_mock(big_port, "--image-bytes", str(args.image_mb * 1024 * 1024))]
+    redis = None
+    store: dict[str, object] = {"backend": "memory"}
+    if args.store == "redis":
+        redis_port = free_port()
+        redis = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(redis_port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        store = {"backend": "redis", "url": f"redis://127.0.0.1:{redis_port}/0"}
+    limits = {
+        "requests_per_minute": 10**9,
+        "tokens_per_minute": 10**12,
+        "tokens_per_day": 10**13,
+        "usd_per_day": 10**9,
+        "concurrent_requests": 10**6,
+    }
+    config = config_dict(
+        f"http://127.0.0.1:{mock_port}/v1", f"http://127.0.0.1:{big_port}/v1", store=store, limits=limits
+    )
+    config["routes"]["big"] = {
+        "upstream": "digitalocean",
+        "model": "gpt-image-1.5",
+        "catalog": "gpt-image-1.5",
+    }
+    config["upstreams"]["digitalocean"]["flavor"] = "openai"
+    config["upstreams"]["digitalocean"]["api_key"] = UPSTREAM_KEY
+    config["server"] = {"log_level": "warning"}
+    gateway = GatewayProcess(config, workdir)
+    try:
+        await wait_http(f"http://127.0.0.1:{mock_port}/v1/models")
+        await wait_http(f"http://127.0.0.1:{big_port}/v1/models")
+        await gateway.start()
+        assert gateway.process is not None
+        pid = gateway.process.pid
+        direct_url = f"http://127.0.0.1:{mock_port}/v1/images/generations"
+        gateway_url = f"{gateway.url}/v1/images/generations"
+        upstream_auth = {"Authorization": f"Bearer {UPSTREAM_KEY}"}
+        tenant_auth = {"Authorization": f"Bearer {TENANT_KEY}"}
+        print(f"store={args.store} requests={args.requests} concurrency={args.concurrency}")
+
+        await load(gateway_url, tenant_auth, SMALL, 200, args.concurrency)  # warm up both paths
+        await load(direct_url, upstream_auth, SMALL, 200, args.concurrency)
+        direct = report(
+            "direct", *await load(direct_url, upstream_auth, SMALL, args.requests, args.concurrency)
+        )
+        cpu_before = cpu_seconds(pid)
+        via = report("gateway", *await load(gateway_url, tenant_auth, SMALL, args.requests, args.concurrency))
+        cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / args.requests
+        print(
+            f"added      p50 {via['p50_ms'] - direct['p50_ms']:+.2f} ms   p99 {via['p99_ms'] - direct['p99_ms']:+.2f} ms"
+        )
+        print(f"gateway CPU per request: {cpu_ms:.3f} ms")
+
+        direct_ttfe = await first_event(direct_url, upstream_auth, args.stream_samples)
+        via_ttfe = await first_event(gateway_url, tenant_auth, args.stream_samples)
+        print(
+            f"SSE first event: direct p50 {statistics.median(direct_ttfe) * 1000:.2f} ms, "
+            f"gateway p50 {statistics.median(via_ttfe) * 1000:.2f} ms "
+            f"(added {(statistics.median(via_ttfe) - statistics.median(direct_ttfe)) * 1000:+.2f} ms)"
+        )
+
+        rss_before = peak_rss_kib(pid)
+        big = {**SMALL, "model": "big", "n": 10}
+        big_latencies, _ = await load(gateway_url, tenant_auth, big, args.big_requests, 2)
+        rss_after = peak_rss_kib(pid)
+        body_mb = args.image_mb * 10 * 4 / 3
+        print(
+            f"large bodies: {args.big_requests} x ~{body_mb:.0f} MB relayed, "
+            f"peak RSS {rss_before / 1024:.1f} MiB -> {rss_after / 1024:.1f} MiB "
+            f"(p50 {statistics.median(big_latencies) * 1000:.0f} ms)"
+        )
+    finally:
+        gateway.stop()
+        for process in [*mocks, *([redis] if redis else [])]:
+            process.terminate()
+            process.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--store", choices=["memory", "redis"], default="memory")
+    parser.add_argument("--stream-samples", type=int, default=50)
+    parser.add_argument("--big-requests", type=int, default=4)
+    parser.add_argument("--image-mb", type=int, default=3, help="raw MB per image before base64")
+    asyncio.run(bench(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
