@@ -7,6 +7,7 @@ configuration belong to the app, are created here or in `cleanup_ctx`, and are t
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -18,10 +19,12 @@ from gateway.limits import Store, create_store
 from gateway.metrics import Metrics
 from gateway.middleware import create_request_middleware
 from gateway.pipeline import Pipeline
+from gateway.reload import Reloader
 from gateway.runtime import Runtime, RuntimeHolder
 from gateway.settings import Settings
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
+RELOADER = web.AppKey("reloader", Reloader)
 
 
 def create_app(
@@ -29,6 +32,7 @@ def create_app(
     *,
     registry: CollectorRegistry | None = None,
     store: Store | None = None,
+    config_path: Path | None = None,
 ) -> web.Application:
     """The gateway as an aiohttp Application; raises ConfigError for an unusable configuration."""
     holder = RuntimeHolder(Runtime.build(settings))
@@ -42,6 +46,7 @@ def create_app(
     app[METRICS] = metrics
     app[STORE] = store if store is not None else create_store(settings.store, metrics)
     app[DRAINING] = [False]
+    app[RELOADER] = Reloader(holder, config_path)
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/v1/images/generations", generations)
     add_health_routes(app)

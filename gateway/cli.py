@@ -22,7 +22,7 @@ def _load(path: str) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.server import run, serve
+    from gateway.server import run, serve, supervise
 
     settings = _load(args.config)
     if args.port is not None or args.host is not None:
@@ -31,7 +31,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         settings = settings.model_copy(update={"server": server})
     configure_logging(settings.server.log_level, settings.server.log_format)
-    run(serve(settings))
+    if settings.server.workers > 1 and not args.worker:
+        argv = ["serve", "--config", args.config, "--worker"]
+        argv += ["--port", str(settings.server.port), "--host", settings.server.host]
+        return supervise(settings, argv)
+    run(serve(settings, config_path=Path(args.config), reuse_port=args.worker))
     return 0
 
 
@@ -121,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="path to the YAML configuration")
     p.add_argument("--host", default=None, help="override server.host")
     p.add_argument("--port", type=int, default=None, help="override server.port")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
     p = add(
         "demo", cmd_demo, "Run the gateway end to end offline: mock upstreams, memory store, a ready tenant."

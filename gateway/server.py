@@ -1,23 +1,36 @@
-"""Running the gateway: event loop, listening socket, signals, graceful shutdown.
+"""Running the gateway: event loop, listening socket, signals, workers, graceful shutdown.
 
-SIGTERM or SIGINT stops accepting connections, marks the gateway not ready, lets in-flight
-requests and streams finish within `server.shutdown_grace_seconds` (each settles its reservation
-on the way out), closes the store and the upstream session, and returns.
+One process serves with `serve`. With `server.workers: N`, `supervise` starts N worker processes
+that each bind the same port with SO_REUSEPORT (the kernel spreads connections), share one
+Prometheus multiprocess directory (so any worker's /metrics shows the whole gateway), and receive
+the signals the supervisor gets.
+
+Signals: SIGHUP re-reads the configuration (see reload.py). SIGTERM or SIGINT stops accepting
+connections, marks the gateway not ready, lets in-flight requests and streams finish within
+`server.shutdown_grace_seconds` (each settles its reservation on the way out), closes the store and
+the upstream session, and returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import shutil
 import signal
-from collections.abc import Callable, Coroutine
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from gateway.app import create_app
+from gateway.app import RELOADER, create_app
 from gateway.health import DRAINING
 from gateway.logs import get_logger
-from gateway.settings import Settings
+from gateway.settings import ConfigError, Settings
 
 log = get_logger("gateway.server")
 
@@ -32,23 +45,36 @@ def run(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
-async def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) -> None:
-    app = create_app(settings)
+async def serve(
+    settings: Settings,
+    *,
+    config_path: Path | None = None,
+    on_ready: Callable[[str], None] | None = None,
+    reuse_port: bool = False,
+) -> None:
+    app = create_app(settings, config_path=config_path)
     server = settings.server
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, shutdown_timeout=server.shutdown_grace_seconds
     )
     await runner.setup()
-    site = web.TCPSite(runner, server.host, server.port, backlog=1024, reuse_port=server.workers > 1)
+    site = web.TCPSite(runner, server.host, server.port, backlog=1024, reuse_port=reuse_port or None)
     await site.start()
     url = f"http://{server.host}:{_bound_port(runner) or server.port}"
-    log.info("gateway_started", url=url, store=settings.store.backend, tenants=len(settings.tenants))
+    log.info(
+        "gateway_started",
+        url=url,
+        store=settings.store.backend,
+        tenants=len(settings.tenants),
+        pid=os.getpid(),
+    )
     if on_ready is not None:
         on_ready(url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, app)
     try:
         await stop.wait()
     finally:
@@ -58,8 +84,38 @@ async def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = 
         log.info("gateway_stopped")
 
 
+def _reload(app: web.Application) -> None:
+    with contextlib.suppress(ConfigError):  # logged by the reloader; the old configuration stays
+        app[RELOADER].reload()
+
+
 def _bound_port(runner: web.AppRunner) -> int | None:
     for address in runner.addresses:
         if isinstance(address, tuple) and len(address) >= 2:
             return int(address[1])
     return None
+
+
+def supervise(settings: Settings, worker_argv: Sequence[str]) -> int:
+    """Run `settings.server.workers` worker processes on one port; forward signals; wait for all."""
+    metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "gateway", *worker_argv], env=env)
+        for _ in range(settings.server.workers)
+    ]
+    log.info("workers_started", workers=len(workers), pids=[w.pid for w in workers])
+
+    def forward(signum: int, _frame: object) -> None:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    try:
+        codes = [worker.wait() for worker in workers]
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    log.info("workers_stopped", exit_codes=codes)
+    return max((abs(code) for code in codes), default=0)

@@ -1,0 +1,46 @@
+"""Reloading the configuration while serving: a new Runtime for new requests, or nothing at all.
+
+In-flight requests keep the Runtime they started with. A file that does not validate is refused
+with a log line and the old configuration stays. Settings that only a restart can apply (the
+listening socket, the store connection, worker count, logging) are reported, not half-applied.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gateway.logs import get_logger
+from gateway.runtime import Runtime, RuntimeHolder
+from gateway.settings import ConfigError, load_settings
+
+log = get_logger("gateway.reload")
+
+_RESTART_ONLY = ("server", "store")
+
+
+class Reloader:
+    def __init__(self, holder: RuntimeHolder, config_path: Path | None) -> None:
+        self.holder = holder
+        self.config_path = config_path
+
+    def reload(self) -> Runtime:
+        """Re-read the file and swap the runtime; raises ConfigError (old config kept) if unusable."""
+        if self.config_path is None:
+            raise ConfigError("<none>", ["this gateway was not started from a configuration file"])
+        try:
+            runtime = Runtime.build(load_settings(self.config_path))
+        except ConfigError as exc:
+            log.error("config_reload_failed", file=str(self.config_path), errors=exc.errors)
+            raise
+        old = self.holder.current.settings
+        ignored = [name for name in _RESTART_ONLY if getattr(old, name) != getattr(runtime.settings, name)]
+        # The store connection is built once; keep the running one's settings visible as they are.
+        self.holder.replace(runtime)
+        log.info(
+            "config_reloaded",
+            file=str(self.config_path),
+            tenants=len(runtime.settings.tenants),
+            routes=len(runtime.settings.routes),
+            needs_restart=ignored or None,
+        )
+        return runtime
