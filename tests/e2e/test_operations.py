@@ -1,0 +1,134 @@
+"""Running it: reload under load, graceful shutdown under load, several workers on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway.auth import hash_key
+from gateway.mock_upstream import MockOptions, create_mock_app
+from tests.e2e.conftest import base_url
+from tests.support.config import OTHER_KEY, TENANT_KEY, UPSTREAM_KEY, config_dict
+from tests.support.processes import GatewayProcess
+
+StartServer = Callable[[web.Application], Awaitable[TestServer]]
+SMALL = {"model": "gpt-image-1.5", "prompt": "a small square", "size": "1024x1024", "quality": "low"}
+pytestmark = pytest.mark.slow
+
+
+async def post(
+    session: aiohttp.ClientSession, url: str, key: str, payload: dict[str, Any]
+) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {key}"}
+    async with session.post(f"{url}/v1/images/generations", json=payload, headers=headers) as resp:
+        return resp.status, await resp.read()
+
+
+def access_lines(gateway: GatewayProcess) -> list[dict[str, Any]]:
+    lines = []
+    for line in gateway.log_lines():
+        if line.startswith("{"):
+            event = json.loads(line)
+            if event.get("event") == "request_finished":
+                lines.append(event)
+    return lines
+
+
+async def test_reload_under_load_fails_no_request(start_server: StartServer, tmp_path: Path) -> None:
+    mock = await start_server(create_mock_app(MockOptions(api_key=UPSTREAM_KEY, latency_ms=20)))
+    config = config_dict(base_url(mock))
+    new_key = "igw_added_by_reload_000000000000"
+    gateway = GatewayProcess(config, tmp_path)
+    await gateway.start()
+    assert gateway.process is not None
+    try:
+        async with aiohttp.ClientSession() as session:
+            assert (await post(session, gateway.url, new_key, SMALL))[0] == 401
+
+            async def traffic() -> list[int]:
+                return [(await post(session, gateway.url, TENANT_KEY, SMALL))[0] for _ in range(25)]
+
+            load = [asyncio.create_task(traffic()) for _ in range(6)]
+            for round_ in range(4):
+                await asyncio.sleep(0.1)
+                config["tenants"]["team"]["keys"].append(hash_key(f"{new_key}{round_}"))
+                gateway.config_path.write_text(yaml.safe_dump(config))
+                gateway.process.send_signal(signal.SIGHUP)
+            config["tenants"]["team"]["keys"].append(hash_key(new_key))
+            gateway.config_path.write_text(yaml.safe_dump(config))
+            gateway.process.send_signal(signal.SIGHUP)
+            statuses = [status for task in load for status in await task]
+            assert statuses == [200] * len(statuses)
+            await asyncio.sleep(0.2)
+            assert (await post(session, gateway.url, new_key, SMALL))[0] == 200
+
+            gateway.config_path.write_text("tenants: {broken: [\n")
+            gateway.process.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.3)
+            assert (await post(session, gateway.url, new_key, SMALL))[0] == 200
+    finally:
+        assert gateway.stop() == 0
+    assert any('"config_reload_failed"' in line for line in gateway.log_lines())
+
+
+async def test_shutdown_under_load_truncates_no_stream_and_settles_all(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    mock = await start_server(create_mock_app(MockOptions(api_key=UPSTREAM_KEY, partial_interval_ms=150)))
+    gateway = GatewayProcess(config_dict(base_url(mock), server={"shutdown_grace_seconds": 20}), tmp_path)
+    await gateway.start()
+    assert gateway.process is not None
+    payload = {**SMALL, "stream": True, "partial_images": 3}
+    async with aiohttp.ClientSession() as session:
+        streams = [asyncio.create_task(post(session, gateway.url, TENANT_KEY, payload)) for _ in range(8)]
+        await asyncio.sleep(0.25)  # every stream has started
+        gateway.process.send_signal(signal.SIGTERM)
+        results = await asyncio.gather(*streams)
+    assert await asyncio.to_thread(gateway.stop) == 0
+    for status, body in results:
+        assert status == 200
+        assert body.count(b"event: image_generation.partial_image") == 3
+        assert b"event: image_generation.completed" in body and body.endswith(b"\n\n")
+    finished = access_lines(gateway)
+    assert len(finished) == 8
+    assert all(line["settled"] == "usage" and line["status"] == 200 for line in finished)
+
+
+async def test_workers_share_a_port_and_metrics_add_up(
+    start_server: StartServer, tmp_path: Path, redis_url: str
+) -> None:
+    mock = await start_server(create_mock_app(MockOptions(api_key=UPSTREAM_KEY)))
+    config = config_dict(base_url(mock), store={"backend": "redis", "url": redis_url}, server={"workers": 2})
+    gateway = GatewayProcess(config, tmp_path)
+    await gateway.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(30):
+                async with aiohttp.ClientSession() as fresh:  # new connections spread over workers
+                    assert (await post(fresh, gateway.url, TENANT_KEY, SMALL))[0] == 200
+            assert (await post(session, gateway.url, OTHER_KEY, SMALL))[0] == 200
+            for _ in range(10):
+                async with aiohttp.ClientSession() as fresh, fresh.get(f"{gateway.url}/metrics") as resp:
+                    text = await resp.text()
+                total = sum(
+                    float(m.group(1))
+                    for m in re.finditer(
+                        r'^gateway_requests_total\{[^}]*tenant="team"[^}]*\} (\S+)$', text, re.M
+                    )
+                )
+                assert total == 30
+    finally:
+        assert gateway.stop() == 0
+    started = [json.loads(line) for line in gateway.log_lines() if '"gateway_started"' in line]
+    assert len({line["pid"] for line in started}) == 2
