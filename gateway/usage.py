@@ -300,8 +300,8 @@ class SSEUsageReader:
         self._scanner, self._head = None, b""
         if head.startswith(_DONE):
             return False
-        if scanner is not None:
-            self._read_event(dispatch.event or "", scanner)
+        # An event whose data is empty still counts by its `event` field.
+        self._read_event(dispatch.event or "", scanner or JsonScanner(_EVENT_KEYS))
         return True
 
     def _read_event(self, event: str, scanner: JsonScanner) -> None:
