@@ -15,7 +15,7 @@ import orjson
 
 from gateway.usage import UsageReader, usage_reader
 
-CHUNK = 64 * 1024
+CHUNK_SIZES = (64 * 1024, 4 * 1024)
 N_IMAGES = 10
 IMAGE_B64_BYTES = 4_000_000
 USAGE = {
@@ -48,8 +48,8 @@ def sse_body() -> bytes:
     return b"".join(events)
 
 
-def run(name: str, content_type: str, body: bytes, check: Callable[[UsageReader], None]) -> None:
-    chunks = [body[i : i + CHUNK] for i in range(0, len(body), CHUNK)]
+def run(name: str, content_type: str, body: bytes, check: Callable[[UsageReader], None], size: int) -> None:
+    chunks = [body[i : i + size] for i in range(0, len(body), size)]
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
@@ -67,7 +67,8 @@ def run(name: str, content_type: str, body: bytes, check: Callable[[UsageReader]
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     mb = len(body) / 1e6
-    print(f"{name:24} {mb:6.1f} MB  {best * 1e3:7.2f} ms  {mb / best:9.0f} MB/s  peak {peak / 1024:6.1f} KiB")
+    where = f"{name:24} {size // 1024:3} KiB chunks {mb:6.1f} MB"
+    print(f"{where}  {best * 1e3:7.2f} ms  {mb / best:9.0f} MB/s  peak {peak / 1024:6.1f} KiB")
 
 
 def _check_json(reader: UsageReader) -> None:
@@ -79,6 +80,11 @@ def _check_sse(reader: UsageReader) -> None:
 
 
 if __name__ == "__main__":
-    run("json", "application/json", json_body(), _check_json)
-    run("json, escaped slashes", "application/json", json_body(escape_slashes=True), _check_json)
-    run("sse", "text/event-stream", sse_body(), _check_sse)
+    bodies = [
+        ("json", "application/json", json_body(), _check_json),
+        ("json, escaped slashes", "application/json", json_body(escape_slashes=True), _check_json),
+        ("sse", "text/event-stream", sse_body(), _check_sse),
+    ]
+    for size in CHUNK_SIZES:
+        for name, content_type, body, check in bodies:
+            run(name, content_type, body, check, size)

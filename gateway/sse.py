@@ -41,7 +41,7 @@ class Data:
     start: int
     end: int
 
-    def bytes(self) -> bytes:
+    def tobytes(self) -> bytes:
         return self.buf[self.start : self.end]
 
 
@@ -216,7 +216,7 @@ def iter_events(chunks: Iterable[bytes]) -> Iterator[Event]:
     for chunk in chunks:
         for record in parser.feed(chunk):
             if isinstance(record, Data):
-                data += record.buf[record.start : record.end]
+                data += record.tobytes()
             else:
                 yield Event(record.event, data.decode("utf-8", "replace"), record.id, record.retry)
                 data.clear()

@@ -209,21 +209,27 @@ class JsonScanner:
 class UsageReader(Protocol):
     """What the relay feeds a response body to, and reads the billing facts from at the end."""
 
-    def feed(self, chunk: bytes) -> None: ...
+    def feed(self, chunk: bytes) -> None:
+        """The next chunk of the body, cut anywhere."""
 
-    def close(self) -> None: ...
-
-    @property
-    def usage(self) -> dict[str, Any] | None: ...
-
-    @property
-    def images(self) -> int: ...
+    def close(self) -> None:
+        """The body ended (possibly truncated)."""
 
     @property
-    def error(self) -> dict[str, Any] | None: ...
+    def usage(self) -> dict[str, Any] | None:
+        """The upstream's `usage` object (the last one, for a stream), or None."""
 
     @property
-    def event_count(self) -> int: ...
+    def images(self) -> int:
+        """JSON: objects in the top-level `data` array. SSE: `*.completed` events."""
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        """SSE: the error object of an `error` event or of a data JSON's `error`. JSON: None."""
+
+    @property
+    def event_count(self) -> int:
+        """SSE: events dispatched. JSON: 0."""
 
 
 class JsonUsageReader:

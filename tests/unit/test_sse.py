@@ -156,8 +156,8 @@ def test_data_comes_out_as_spans_of_the_chunk_without_waiting_for_the_line_end()
     chunk = b"event: big\ndata: " + b"A" * 1000
     (record,) = parser.feed(chunk)
     assert isinstance(record, Data)
-    assert record.buf is chunk and record.bytes() == b"A" * 1000
-    assert [r.bytes() for r in parser.feed(b"BB") if isinstance(r, Data)] == [b"BB"]
+    assert record.buf is chunk and record.tobytes() == b"A" * 1000
+    assert [r.tobytes() for r in parser.feed(b"BB") if isinstance(r, Data)] == [b"BB"]
     assert parser.feed(b"\n\n") == [Dispatch("big", None, None)]
 
 
