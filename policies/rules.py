@@ -1,4 +1,8 @@
-"""Tenant policy models: what a tenant may ask of a model, and what happens when it asks for more."""
+"""Tenant policy models: what a tenant may ask of a model, and what happens when it asks for more.
+
+Owns the `Policy` shape (the `policies:` section of the configuration, see DESIGN.md). Checking a
+request against it is `policies.tenant`; the meaning of each field is documented there.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ClampableRule = Literal["n", "quality", "partial_images", "size"]
+_WXH = re.compile(r"^[1-9][0-9]*x[1-9][0-9]*$")
 
 
 class _Frozen(BaseModel):
@@ -47,6 +52,14 @@ class Policy(_Frozen):
     deny_prompt_patterns: list[str] = Field(default_factory=list)
     on_violation: dict[ClampableRule, Literal["reject", "clamp"]] = Field(default_factory=dict)
 
+    @field_validator("sizes")
+    @classmethod
+    def _sizes_are_sizes(cls, values: list[str] | None) -> list[str] | None:
+        for size in values or []:
+            if size != "auto" and not _WXH.match(size):
+                raise ValueError(f"{size!r} is neither auto nor WIDTHxHEIGHT")
+        return values
+
     @field_validator("deny_prompt_patterns")
     @classmethod
     def _patterns_compile(cls, patterns: list[str]) -> list[str]:
@@ -56,6 +69,10 @@ class Policy(_Frozen):
             except re.error as exc:
                 raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from exc
         return patterns
+
+    def clamps(self, param: str) -> bool:
+        """Whether a violation of the rule on `param` is clamped rather than rejected."""
+        return any(rule == param and action == "clamp" for rule, action in self.on_violation.items())
 
     def with_overrides(self, overrides: dict[str, Any]) -> Policy:
         """This policy with single fields replaced (a tenant's `policy_overrides`), validated."""

@@ -1,0 +1,163 @@
+"""Capability checks: what a model itself would refuse, decided from its catalog entry alone.
+
+`check(entry, body, model)` returns the first problem as a `Violation` (rule `capability`, 400) or
+None. Every check reads the body defensively: any JSON value may sit under any key. A `null` value
+means "use the default", as the upstream treats it, so it is never an error. Parameters the gateway
+does not know are refused (`unknown_parameter`): a policy cannot govern what it cannot read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, TypeGuard
+
+from policies import sizes
+from policies.catalog import ModelEntry
+from policies.findings import (
+    CAPABILITY,
+    INVALID_VALUE,
+    MISSING_REQUIRED,
+    UNKNOWN_PARAMETER,
+    Violation,
+    quoted,
+)
+
+# request parameter -> the ModelEntry field listing its values
+ENUMS = {
+    "quality": "qualities",
+    "background": "backgrounds",
+    "moderation": "moderation",
+    "output_format": "output_formats",
+    "response_format": "response_formats",
+    "style": "styles",
+}
+RANGES = {"output_compression": "output_compression", "partial_images": "partial_images", "n": "n"}
+
+Check = Callable[[ModelEntry, Mapping[str, Any], str], Violation | None]
+
+
+def is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _error(param: str | None, message: str, allowed: list[Any] | None = None) -> Violation:
+    return Violation(CAPABILITY, param, message, allowed, INVALID_VALUE)
+
+
+def _unsupported(param: str, model: str) -> Violation:
+    return _error(param, f"'{param}' is not supported by {model}.")
+
+
+def _prompt(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation | None:
+    prompt = body.get("prompt")
+    if prompt is None:
+        return Violation(
+            CAPABILITY, "prompt", "Missing required parameter: 'prompt'.", None, MISSING_REQUIRED
+        )
+    if not isinstance(prompt, str) or not 1 <= len(prompt) <= entry.prompt_max_chars:
+        got = f"{len(prompt)} characters" if isinstance(prompt, str) else f"a {type(prompt).__name__}"
+        return _error(
+            "prompt",
+            f"'prompt' must be a string of 1 to {entry.prompt_max_chars} characters for {model}; got {got}.",
+        )
+    return None
+
+
+def _ranges(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation | None:
+    for param, field in RANGES.items():
+        value, span = body.get(param), getattr(entry, field)
+        if value is None:
+            continue
+        if span is None:
+            return _unsupported(param, model)
+        if value not in span:
+            allowed = f"{span.min}" if span.min == span.max else f"an integer from {span.min} to {span.max}"
+            return _error(
+                param, f"'{param}' must be {allowed} for {model}; got {value!r}.", [span.min, span.max]
+            )
+    return None
+
+
+def _enums(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation | None:
+    for param, field in ENUMS.items():
+        value, allowed = body.get(param), getattr(entry, field)
+        if value is None:
+            continue
+        if allowed is None:
+            return _unsupported(param, model)
+        if not isinstance(value, str) or value not in allowed:
+            return _error(
+                param, f"Invalid value for '{param}': {value!r}. {model} supports {quoted(allowed)}.", allowed
+            )
+    return None
+
+
+def size_problem(entry: ModelEntry, size: object, model: str) -> str | None:
+    """Why `size` is not a size `model` can make, or None."""
+    if size in entry.sizes:
+        return None
+    parsed = sizes.parse(size)
+    rule = entry.arbitrary_sizes
+    if parsed is None or rule is None:
+        extra = " or WIDTHxHEIGHT within its size rule" if rule else ""
+        return f"Invalid value for 'size': {size!r}. {model} supports {quoted(entry.sizes)}{extra}."
+    broken = rule.problems(*parsed)
+    return f"Invalid size {size!r} for {model}: {'; '.join(broken)}." if broken else None
+
+
+def _size(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation | None:
+    size = body.get("size")
+    problem = None if size is None else size_problem(entry, size, model)
+    return _error("size", problem, entry.sizes) if problem else None
+
+
+def _stream(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation | None:
+    stream = body.get("stream")
+    if stream is None:
+        return None
+    if not isinstance(stream, bool):
+        return _error("stream", f"'stream' must be true or false; got {stream!r}.")
+    return _unsupported("stream", model) if stream and not entry.stream else None
+
+
+def _user(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation | None:
+    user = body.get("user")
+    if user is None or (isinstance(user, str) and len(user) <= entry.user_max_chars):
+        return None
+    return _error("user", f"'user' must be a string of at most {entry.user_max_chars} characters.")
+
+
+def _combinations(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation | None:
+    fmt = entry.effective(body, "output_format")
+    if body.get("output_compression") is not None and fmt not in entry.compression_formats:
+        return _error(
+            "output_compression",
+            f"'output_compression' needs output_format {quoted(entry.compression_formats)}; got {fmt!r}.",
+        )
+    if body.get("background") == "transparent" and fmt not in entry.transparent_formats:
+        return _error(
+            "background",
+            f"A transparent background needs output_format {quoted(entry.transparent_formats)}; got {fmt!r}.",
+        )
+    return None
+
+
+def _unknown(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation | None:
+    for param, value in body.items():
+        if value is not None and param not in entry.accepted_params:
+            known = sorted(entry.accepted_params)
+            message = f"Unknown parameter: {param!r}. {model} takes {quoted(known)}."
+            return Violation(CAPABILITY, str(param), message, known, UNKNOWN_PARAMETER)
+    return None
+
+
+CHECKS: tuple[Check, ...] = (_prompt, _ranges, _size, _enums, _stream, _user, _combinations, _unknown)
+
+
+def check(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation | None:
+    """The first thing `model` (served as `entry`) cannot do with `body`, or None."""
+    for each in CHECKS:
+        found = each(entry, body, model)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,181 @@
+"""The decision engine: `evaluate(policy, catalog, routes, body) -> Decision`, in a fixed order.
+
+1. Model. `model` absent or null: the policy's `default_model`, else OpenAI's rule (dall-e-2 unless
+   a GPT-image-only parameter is present; data in catalog.yaml). A name with a route is served as
+   is, retired or not (the operator knows its upstream still serves it). A retired name without a
+   route follows its catalog `lifecycle`: `alias` rewrites `model` to the replacement (following
+   chains, translating parameter values the replacement names differently, e.g. dall-e-3's
+   `quality: hd` -> `high`), `reject` answers `model_deprecated`. Anything else is `model_not_found`.
+2. Capabilities (`policies.capabilities`): the first thing the model would refuse, as `error` (400).
+3. Tenant policy (`policies.tenant`): every broken rule, as `violations` (403 unless shadow), and
+   clamps, as `adjustments`.
+4. Upstream flavor: a DigitalOcean route gets what its API requires and OpenAI does not (FACTS.md
+   section 5): `n` (1), `size` (the model's default, `auto` for GPT image models: DigitalOcean
+   lists `auto` for gpt-image-1 while one of its documents omits 1024x1024, so `auto` is the one
+   value both its documents accept, and it is what OpenAI does when size is omitted), and
+   `partial_images: 1` when streaming without a positive value. These fills come after the policy
+   (they are the gateway's doing, not the client's) and are adjustments too.
+
+Every change to the body is an `Adjustment`; `Decision.body` keeps the public model name.
+`evaluate` never raises, whatever JSON value it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from policies import capabilities, tenant
+from policies.capabilities import is_int
+from policies.catalog import Catalog, ModelEntry
+from policies.findings import (
+    CAPABILITY,
+    INVALID_VALUE,
+    MODEL,
+    MODEL_DEPRECATED,
+    MODEL_NOT_FOUND,
+    Adjustment,
+    Violation,
+    quoted,
+)
+from policies.rules import Policy
+
+__all__ = ["Adjustment", "Decision", "RouteTarget", "Violation", "evaluate"]
+
+Flavor = Literal["openai", "digitalocean"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTarget:
+    """What the engine needs to know of a route: its catalog entry and its upstream's flavor."""
+
+    catalog: str
+    flavor: Flavor
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    model: str | None  # the public model name (a key of routes) the request goes to
+    entry: ModelEntry | None
+    body: dict[str, Any]  # what to forward, with the public model name
+    error: Violation | None  # 400: Violation.code is the error code
+    violations: tuple[Violation, ...]  # 403 policy_violation unless shadow
+    adjustments: tuple[Adjustment, ...]
+    shadow: bool
+
+    @property
+    def allowed(self) -> bool:
+        return self.error is None and (not self.violations or self.shadow)
+
+
+@dataclass(slots=True)
+class _Work:
+    """The evaluation in progress: the body being rewritten and what was changed."""
+
+    body: dict[str, Any]
+    adjustments: list[Adjustment] = field(default_factory=list)
+
+    def set(self, param: str, value: Any, reason: str) -> None:
+        self.adjustments.append(Adjustment(param, self.body.get(param), value, reason))
+        if value is None:
+            self.body.pop(param, None)
+        else:
+            self.body[param] = value
+
+
+def evaluate(
+    policy: Policy, catalog: Catalog, routes: Mapping[str, RouteTarget], body: Mapping[str, Any]
+) -> Decision:
+    """Decide what happens to one request; see the module docstring for the order of the steps."""
+    shadow = policy.mode == "shadow"
+    raw: object = body  # typed as a mapping for callers, but any JSON value must be answered
+    if not isinstance(raw, Mapping):
+        not_object = Violation(
+            CAPABILITY, None, "The request body must be a JSON object.", None, INVALID_VALUE
+        )
+        return Decision(None, None, {}, not_object, (), (), shadow)
+    work = _Work(dict(raw))
+    resolved = _resolve_model(policy, catalog, routes, work)
+    if isinstance(resolved, Violation):
+        return Decision(None, None, work.body, resolved, (), tuple(work.adjustments), shadow)
+    model, entry = resolved
+    error = capabilities.check(entry, work.body, model)
+    violations: list[Violation] = []
+    if error is None:
+        violations, clamps = tenant.enforce(policy, entry, model, work.body)
+        work.adjustments.extend(clamps)
+        if routes[model].flavor == "digitalocean":
+            _fill_digitalocean(entry, work)
+    return Decision(model, entry, work.body, error, tuple(violations), tuple(work.adjustments), shadow)
+
+
+def _resolve_model(
+    policy: Policy, catalog: Catalog, routes: Mapping[str, RouteTarget], work: _Work
+) -> tuple[str, ModelEntry] | Violation:
+    name = work.body.get("model")
+    if name is None:
+        name = policy.default_model or catalog.implicit_model(work.body)
+        reason = "policy default_model" if policy.default_model else "OpenAI's default when model is omitted"
+        work.set("model", name, reason)
+    if not isinstance(name, str):
+        return Violation(MODEL, "model", f"'model' must be a string; got {name!r}.", None, INVALID_VALUE)
+    retired: list[str] = []
+    while name not in routes:
+        entry = catalog.get(name)
+        if entry is None or not entry.retired or name in retired:
+            return _unavailable(policy, routes, name, retired)
+        if entry.lifecycle.on_retired == "reject":
+            return _deprecated(entry, name)
+        retired.append(name)
+        name = _alias(entry, name, work)
+    target_entry = catalog.get(routes[name].catalog)
+    if target_entry is None:  # load_world refuses such a configuration; never trust it blindly
+        message = f"The model {name!r} is routed but has no catalog entry {routes[name].catalog!r}."
+        return Violation(MODEL, "model", message, None, MODEL_NOT_FOUND)
+    return name, target_entry
+
+
+def _alias(entry: ModelEntry, name: str, work: _Work) -> str:
+    """Rewrite the body for a retired model's replacement; return the replacement's name."""
+    replacement = str(entry.lifecycle.replacement)
+    work.set("model", replacement, f"{name} retired on {entry.lifecycle.retired_on}; served by {replacement}")
+    for param, mapping in entry.lifecycle.translate.items():
+        value = work.body.get(param)
+        if isinstance(value, str) and value in mapping:
+            work.set(param, mapping[value], f"{name} value translated for {replacement}")
+    return replacement
+
+
+def _deprecated(entry: ModelEntry, name: str) -> Violation:
+    when, replacement = entry.lifecycle.retired_on, entry.lifecycle.replacement
+    advice = f"use {replacement!r} instead" if replacement else "it is no longer available"
+    message = f"The model {name!r} was retired{f' on {when}' if when else ''}; {advice}."
+    return Violation(MODEL, "model", message, [replacement] if replacement else None, MODEL_DEPRECATED)
+
+
+def _unavailable(
+    policy: Policy, routes: Mapping[str, RouteTarget], name: str, retired: list[str]
+) -> Violation:
+    available = [r for r in routes if policy.models is None or r in policy.models]
+    if retired:
+        message = (
+            f"The model {retired[0]!r} is retired and its replacement {name!r} is not served by this"
+            f" gateway. Available: {quoted(available)}."
+        )
+        return Violation(MODEL, "model", message, available, MODEL_DEPRECATED)
+    message = (
+        f"The model {name!r} does not exist or is not served by this gateway. Available: {quoted(available)}."
+    )
+    return Violation(MODEL, "model", message, available, MODEL_NOT_FOUND)
+
+
+def _fill_digitalocean(entry: ModelEntry, work: _Work) -> None:
+    body = work.body
+    for param in ("n", "size"):
+        if body.get(param) is None:
+            work.set(param, entry.effective(body, param), f"digitalocean requires {param}")
+    partial = body.get("partial_images")
+    if body.get("stream") is True and entry.partial_images and not (is_int(partial) and partial > 0):
+        fill = max(1, entry.partial_images.min)
+        work.set("partial_images", fill, "digitalocean requires partial_images > 0 when streaming")

@@ -1,0 +1,251 @@
+"""Tenant-policy checks: each rule of a `Policy` against a request the model can serve, and clamps.
+
+Owns the meaning of the policy fields. Rules judge the *effective* value (the body's, or the model's
+default when the field is omitted), so leaving a field out never gets around a rule: with
+`qualities: [low, medium]` an omitted quality is `auto`, which the policy does not allow.
+
+- `models`: public model names (after the default model and retired aliasing).
+- `sizes`: listed sizes (`auto` included only if listed). `max_pixels` / `max_edge` cap every
+  `WxH` size, and setting either also admits any arbitrary size the model supports (gpt-image-2)
+  within those caps, listed or not.
+- `qualities`, `moderation`, `output_formats`, `backgrounds`: allowed values, judged only for models
+  that take the parameter.
+- `output_compression`: `{min, max}`, judged when the output format is one that is compressed.
+- `stream`, `max_partial_images`, `max_n`, `max_prompt_chars`, `require_user`.
+- `deny_prompt_patterns`: case-insensitive regular expressions; the message names the index of the
+  pattern, never the pattern itself (an admin reads it with `gateway explain`).
+
+`on_violation: {n|quality|partial_images|size: clamp}` replaces the value with the nearest allowed
+one and records an `Adjustment`: n and partial_images to the maximum; quality to the best allowed
+quality not above the one asked (`auto`: the best allowed); size to the same aspect scaled into
+`max_pixels`/`max_edge` when arbitrary sizes are admitted, else the allowed size closest in aspect
+then pixel count (`auto`: the first allowed size, in the policy's order). In shadow mode nothing is
+changed: a would-be clamp is reported as a violation that says what it would have done.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from policies import sizes
+from policies.capabilities import is_int, size_problem
+from policies.catalog import ModelEntry
+from policies.findings import Adjustment, Violation, quoted
+from policies.rules import Policy
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """A broken rule; `clamp` is the nearest allowed value when the rule can clamp (else None)."""
+
+    rule: str
+    param: str
+    message: str
+    allowed: list[Any] | None = None
+    value: Any = None
+    clamp: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    policy: Policy
+    entry: ModelEntry
+    model: str
+    body: dict[str, Any]
+
+    def effective(self, param: str) -> Any:
+        return self.entry.effective(self.body, param)
+
+
+Rule = Callable[[Request], Finding | None]
+
+
+def enforce(
+    policy: Policy, entry: ModelEntry, model: str, body: dict[str, Any]
+) -> tuple[list[Violation], list[Adjustment]]:
+    """Every rule `body` breaks, clamping in place where the policy says so (never in shadow mode)."""
+    violations: list[Violation] = []
+    adjustments: list[Adjustment] = []
+    shadow = policy.mode == "shadow"
+    for rule in RULES:
+        found = rule(Request(policy, entry, model, body))
+        if found is None:
+            continue
+        clamp = found.clamp is not None and policy.clamps(found.param)
+        if clamp and not shadow:
+            body[found.param] = found.clamp
+            adjustments.append(
+                Adjustment(found.param, found.value, found.clamp, f"policy clamp ({found.rule})")
+            )
+            continue
+        message = found.message + (f" Enforced, it would be clamped to {found.clamp!r}." if clamp else "")
+        violations.append(Violation(found.rule, found.param, message, found.allowed))
+    return violations, adjustments
+
+
+def _shown(req: Request, param: str, value: Any) -> str:
+    return f"{value!r}" if req.body.get(param) is not None else f"{value!r} (the default when omitted)"
+
+
+def _one_of(
+    req: Request, rule: str, param: str, allowed: list[Any] | None, clamp: Any = None
+) -> Finding | None:
+    value = req.effective(param)
+    if allowed is None or value is None or value in allowed:
+        return None
+    message = (
+        f"Policy rule '{rule}' allows {param} {quoted(allowed)}; the request has {_shown(req, param, value)}."
+    )
+    return Finding(rule, param, message, allowed, value, clamp)
+
+
+def _at_most(req: Request, rule: str, param: str, limit: int | None) -> Finding | None:
+    value = req.effective(param)
+    if limit is None or not is_int(value) or value <= limit:
+        return None
+    message = (
+        f"Policy rule '{rule}' allows {param} up to {limit}; the request has {_shown(req, param, value)}."
+    )
+    return Finding(rule, param, message, [limit], value, limit)
+
+
+def _models(req: Request) -> Finding | None:
+    allowed = req.policy.models
+    if allowed is None or req.model in allowed:
+        return None
+    return Finding(
+        "models",
+        "model",
+        f"Policy rule 'models' allows {quoted(allowed)}; the request has {req.model!r}.",
+        allowed,
+        req.model,
+    )
+
+
+def _require_user(req: Request) -> Finding | None:
+    if not req.policy.require_user or req.body.get("user"):
+        return None
+    return Finding(
+        "require_user", "user", "Policy rule 'require_user': the request must name its end user in 'user'."
+    )
+
+
+def _prompt_chars(req: Request) -> Finding | None:
+    prompt, limit = req.body.get("prompt"), req.policy.max_prompt_chars
+    if limit is None or not isinstance(prompt, str) or len(prompt) <= limit:
+        return None
+    message = f"Policy rule 'max_prompt_chars' allows up to {limit} characters; the prompt has {len(prompt)}."
+    return Finding("max_prompt_chars", "prompt", message, [limit], len(prompt))
+
+
+def _deny_patterns(req: Request) -> Finding | None:
+    prompt = req.body.get("prompt")
+    if not isinstance(prompt, str):
+        return None
+    for index, pattern in enumerate(req.policy.deny_prompt_patterns):
+        if re.search(pattern, prompt, re.IGNORECASE):
+            message = f"Policy rule 'deny_prompt_patterns': the prompt matches pattern #{index}."
+            return Finding("deny_prompt_patterns", "prompt", message)
+    return None
+
+
+def size_allowed(policy: Policy, entry: ModelEntry, size: str) -> bool:
+    """Whether the policy admits `size` for this model (the model's own rule is checked elsewhere)."""
+    dims = sizes.parse(size)
+    if dims is not None:
+        if policy.max_pixels is not None and dims[0] * dims[1] > policy.max_pixels:
+            return False
+        if policy.max_edge is not None and max(dims) > policy.max_edge:
+            return False
+    if policy.sizes is None or size in policy.sizes:
+        return True
+    arbitrary = entry.arbitrary_sizes is not None and (policy.max_pixels or policy.max_edge)
+    return dims is not None and bool(arbitrary)
+
+
+def _size_clamp(req: Request, size: str) -> str | None:
+    policy, entry = req.policy, req.entry
+    dims, rule = sizes.parse(size), entry.arbitrary_sizes
+    if dims and rule and (policy.max_pixels or policy.max_edge):
+        fitted = rule.fit(*dims, policy.max_pixels, policy.max_edge)
+        if fitted and size_allowed(policy, entry, fitted):
+            return fitted
+    candidates = [
+        s
+        for s in (policy.sizes or entry.fixed_sizes)
+        if sizes.parse(s) and size_problem(entry, s, req.model) is None and size_allowed(policy, entry, s)
+    ]
+    return sizes.nearest(size, candidates)
+
+
+def _sizes(req: Request) -> Finding | None:
+    size, policy = req.effective("size"), req.policy
+    if not isinstance(size, str) or size_allowed(policy, req.entry, size):
+        return None
+    allowed = list(policy.sizes or [])
+    caps = [
+        f"{name} {value}"
+        for name, value in (("max_pixels", policy.max_pixels), ("max_edge", policy.max_edge))
+        if value
+    ]
+    limits = f" (WxH within {', '.join(caps)})" if caps else ""
+    shown = _shown(req, "size", size)
+    message = f"Policy rule 'sizes' allows size {quoted(allowed)}{limits}; the request has {shown}."
+    return Finding("sizes", "size", message, allowed, size, _size_clamp(req, size))
+
+
+def _quality_clamp(req: Request, quality: str) -> str | None:
+    order = req.entry.concrete_qualities
+    allowed = [q for q in order if req.policy.qualities is None or q in req.policy.qualities]
+    if not allowed:
+        return None
+    if quality not in order:
+        return allowed[-1]
+    below = [q for q in allowed if order.index(q) <= order.index(quality)]
+    return below[-1] if below else allowed[0]
+
+
+def _qualities(req: Request) -> Finding | None:
+    found = _one_of(req, "qualities", "quality", req.policy.qualities)
+    if found is None:
+        return None
+    return Finding(
+        found.rule, found.param, found.message, found.allowed, found.value, _quality_clamp(req, found.value)
+    )
+
+
+def _compression(req: Request) -> Finding | None:
+    span, value = req.policy.output_compression, req.effective("output_compression")
+    if span is None or req.effective("output_format") not in req.entry.compression_formats:
+        return None
+    if is_int(value) and span.min <= value <= span.max:
+        return None
+    shown = _shown(req, "output_compression", value)
+    message = f"Policy rule 'output_compression' allows {span.min} to {span.max}; the request has {shown}."
+    return Finding("output_compression", "output_compression", message, [span.min, span.max], value)
+
+
+def _stream(req: Request) -> Finding | None:
+    if req.policy.stream or req.body.get("stream") is not True:
+        return None
+    return Finding("stream", "stream", "Policy rule 'stream' does not allow streaming.", [False], True)
+
+
+RULES: tuple[Rule, ...] = (
+    _models,
+    _require_user,
+    _prompt_chars,
+    _deny_patterns,
+    _sizes,
+    _qualities,
+    lambda req: _at_most(req, "max_n", "n", req.policy.max_n),
+    lambda req: _one_of(req, "moderation", "moderation", req.policy.moderation),
+    lambda req: _one_of(req, "output_formats", "output_format", req.policy.output_formats),
+    lambda req: _one_of(req, "backgrounds", "background", req.policy.backgrounds),
+    _compression,
+    _stream,
+    lambda req: _at_most(req, "max_partial_images", "partial_images", req.policy.max_partial_images),
+)
