@@ -1,14 +1,39 @@
 """What a request costs: the estimate reserved before the call, and the actual cost from `usage`.
 
-Money is integer nano-USD (1e-9 USD) so that sums never drift through float rounding: a
-price of $32 per 1M tokens is exactly 32,000 nano-USD per token.
+Money is integer nano-USD (1e-9 USD) so that sums never drift through float rounding: a price of
+$32 per 1M tokens is exactly 32,000 nano-USD per token. A price finer than that is rounded up, once
+per bucket, by the same function for the estimate and the actual cost, so when the upstream reports
+exactly the estimated tokens the two are equal to the nano-USD.
+
+The estimate is a conservative upper bound, never below what the token table (or an upstream that
+reports usage from it, like the mock) gives for the same request:
+- input text tokens: the prompt's UTF-8 byte length (at least 1). Byte-level BPE never makes more
+  tokens than bytes, so no tokenizer is needed; generations send no input image.
+- output tokens: the table (or, for sizes it lacks, the catalog's monotone token curve) at the
+  size and quality, times n, plus `partial_image_tokens` for each partial image when streaming.
+- `auto` or omitted quality and size: the most expensive value the policy allows for the model
+  (its concrete qualities, its listed sizes: `auto` picks among the standard sizes).
+- per-image priced models (dall-e) reserve n times the price of the size and quality.
+Cached-input prices are catalogued but never applied: image `usage` does not split cached tokens by
+bucket, so settling at the uncached price is the safe upper bound.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from policies import sizes
+from policies.capabilities import is_int
+from policies.catalog import AUTO, ModelEntry
+from policies.rules import Policy
+from policies.tenant import size_allowed
 
 NANO_PER_USD = 1_000_000_000
+_NANO_PER_TOKEN = 1000  # nano-USD per token at $1 per 1M tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,3 +53,133 @@ class Cost:
     @property
     def usd(self) -> float:
         return self.nano_usd / NANO_PER_USD
+
+
+def estimate(body: Mapping[str, Any], entry: ModelEntry, policy: Policy) -> Cost:
+    """The most this request can cost (body = Decision.body); tolerant of any body."""
+    n = _images(body.get("n"), entry)
+    if entry.per_image:
+        return _per_image(body, entry, policy, n)
+    per_image = max(
+        (
+            entry.output_tokens(size, quality) or 0
+            for size in _sizes(body.get("size"), entry, policy)
+            for quality in _qualities(body.get("quality"), entry, policy)
+        ),
+        default=0,
+    )
+    partial = _partial_images(body, entry) * entry.partial_image_tokens
+    return priced(entry, n, prompt_tokens(body.get("prompt")), 0, (per_image + partial) * n)
+
+
+def actual_cost(
+    body: Mapping[str, Any], usage: Mapping[str, Any] | None, images: int, entry: ModelEntry
+) -> Cost | None:
+    """The cost the upstream reported; None when a per-token model reported no usable usage."""
+    if entry.per_image:
+        return _per_image(body, entry, None, max(0, images))
+    tokens = _usage_tokens(usage, body)
+    return None if tokens is None else priced(entry, max(0, images), *tokens)
+
+
+def priced(entry: ModelEntry, images: int, text_in: int, image_in: int, image_out: int) -> Cost:
+    """A Cost of per-token model `entry` with its USD, each bucket rounded up to the nano-USD."""
+    cost = Cost(images, text_in, image_in, image_out)
+    return Cost(images, text_in, image_in, image_out, sum(nano_usd_by_bucket(cost, entry).values()))
+
+
+def nano_usd_by_bucket(cost: Cost, entry: ModelEntry) -> dict[str, int]:
+    """USD per price bucket in nano-USD: text_in, image_in, image_out; or per_image (dall-e)."""
+    if entry.prices is None:
+        return {"per_image": cost.nano_usd}
+    prices = entry.prices
+    return {
+        "text_in": _token_nano(cost.text_in_tokens, prices.text_in),
+        "image_in": _token_nano(cost.image_in_tokens, prices.image_in),
+        "image_out": _token_nano(cost.image_out_tokens, prices.image_out),
+    }
+
+
+def prompt_tokens(prompt: object) -> int:
+    """An upper bound of the prompt's text tokens: its UTF-8 byte length, at least 1."""
+    text = prompt if isinstance(prompt, str) else ""
+    return max(1, len(text.encode("utf-8", "surrogatepass")))
+
+
+def _token_nano(tokens: int, usd_per_million: Decimal) -> int:
+    return math.ceil(tokens * usd_per_million * _NANO_PER_TOKEN)
+
+
+def _per_image(body: Mapping[str, Any], entry: ModelEntry, policy: Policy | None, images: int) -> Cost:
+    price = max(
+        (
+            entry.image_price(size, quality) or Decimal(0)
+            for size in _sizes(body.get("size"), entry, policy)
+            for quality in _qualities(body.get("quality"), entry, policy)
+        ),
+        default=Decimal(0),
+    )
+    return Cost(images=images, nano_usd=math.ceil(price * NANO_PER_USD) * images)
+
+
+def _images(n: object, entry: ModelEntry) -> int:
+    if n is None:
+        return 1
+    return n if is_int(n) and n in entry.n else entry.n.max
+
+
+def _partial_images(body: Mapping[str, Any], entry: ModelEntry) -> int:
+    value, span = body.get("partial_images"), entry.partial_images
+    if body.get("stream") is not True or span is None or value is None:
+        return 0
+    return value if is_int(value) and value in span else span.max
+
+
+def _sizes(value: object, entry: ModelEntry, policy: Policy | None) -> list[str]:
+    """The sizes `value` may produce: itself when concrete, else the costliest candidates."""
+    size = entry.default_size if value is None else value
+    dims = sizes.parse(size)
+    rule = entry.arbitrary_sizes
+    if isinstance(size, str) and dims and (size in entry.sizes or (rule and not rule.problems(*dims))):
+        return [size]
+    fixed = entry.fixed_sizes
+    if size == AUTO:
+        allowed = [s for s in fixed if policy is None or size_allowed(policy, entry, s)]
+        return allowed or fixed
+    largest = [f"{rule.max_edge}x{-(-rule.max_pixels // rule.max_edge)}"] if rule else []
+    return fixed + largest  # not a size the model takes: the worst case
+
+
+def _qualities(value: object, entry: ModelEntry, policy: Policy | None) -> list[str]:
+    quality = entry.default_quality if value is None else value
+    concrete = entry.concrete_qualities
+    if quality in concrete:
+        return [str(quality)]
+    allowed = [q for q in concrete if policy is None or policy.qualities is None or q in policy.qualities]
+    return allowed or concrete
+
+
+def _count(value: object) -> int | None:
+    return value if is_int(value) and value >= 0 else None
+
+
+def _usage_tokens(usage: object, body: Mapping[str, Any]) -> tuple[int, int, int] | None:
+    """(text_in, image_in, output) from a `usage` object, tolerating missing details; None if unusable."""
+    if not isinstance(usage, Mapping):
+        return None
+    details = usage.get("input_tokens_details")
+    details = details if isinstance(details, Mapping) else {}
+    given, output, total = (_count(usage.get(k)) for k in ("input_tokens", "output_tokens", "total_tokens"))
+    text, image = _count(details.get("text_tokens")), _count(details.get("image_tokens"))
+    if given is None and (text is not None or image is not None):
+        given = (text or 0) + (image or 0)
+    if output is None and total is not None and given is not None:
+        output = max(0, total - given)
+    if output is None:
+        return None
+    if given is None and total is not None:
+        given = max(0, total - output)
+    image_in = image or 0
+    if text is None:
+        text = max(0, given - image_in) if given is not None else prompt_tokens(body.get("prompt"))
+    return text, image_in, output
