@@ -1,0 +1,26 @@
+"""An offline stand-in for OpenAI's and DigitalOcean's `POST /v1/images/generations`.
+
+It owns being a faithful upstream for tests, demos and benchmarks: the same validation and error
+shapes (OpenAI `{"error": {...}}`, DigitalOcean `{"id", "message", "request_id"}`), real images
+that decode with Pillow at the requested size and format, `usage` from the published token tables,
+and SSE streams shaped like OpenAI's. Every request is recorded under `RECEIVED` in the app.
+
+Routes: `POST /v1/images/generations`, `GET /v1/models`; anything else is a 404 JSON error.
+
+Test-only request headers (values "1"/"true" switch a flag on):
+- `x-mock-latency-ms: X`        this request's latency instead of `MockOptions.latency_ms`
+- `x-mock-status: N`            answer status N (400..599) with the flavor's error body
+- `x-mock-usage-first: 1`       put `usage` before `data` in a JSON body (default: after)
+- `x-mock-fail-after-events: K` abort the connection after K stream events (or K images of a
+                                JSON body), with no terminating chunk; K >= total: no failure
+- `x-mock-sse-crlf: 1`          CRLF line endings in the stream
+- `x-mock-sse-comments: 1`      a `: keep-alive` comment block before every stream event
+- `x-mock-sse-done: 1`          end the stream with `data: [DONE]`
+
+Recorded headers are a `dict[str, str]` with lower-case keys that also answers lookups in any case.
+"""
+
+from gateway.mock_upstream.app import create_mock_app, run_mock_upstream
+from gateway.mock_upstream.options import RECEIVED, MockOptions, ReceivedRequest
+
+__all__ = ["RECEIVED", "MockOptions", "ReceivedRequest", "create_mock_app", "run_mock_upstream"]

@@ -1,0 +1,163 @@
+"""Writing a success: the JSON body or the SSE stream, piece by piece from cached image bytes.
+
+Nothing builds a whole response in memory: the JSON body is written as head, one image at a time,
+tail (with `Content-Length`); the stream writes one event per write. `Knobs` carries the test-only
+`x-mock-*` switches that shape the bytes (line endings, comments, `[DONE]`, a dropped connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.mock_upstream.errors import UpstreamError
+from gateway.mock_upstream.validation import Generation
+
+ImageSource = Callable[[int], Awaitable[bytes]]  # variant -> base64 image (0 final, 1.. partials)
+_TRUE = frozenset({"1", "true", "yes", "on"})
+
+
+@dataclass(frozen=True, slots=True)
+class Knobs:
+    """The test-only request headers (see the package docstring)."""
+
+    latency_ms: float | None = None
+    status: int | None = None
+    fail_after: int | None = None
+    usage_first: bool = False
+    crlf: bool = False
+    comments: bool = False
+    done: bool = False
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> Knobs:
+        status = _int_header(headers, "x-mock-status")
+        if status is not None and not 400 <= status <= 599:
+            raise UpstreamError(400, "x-mock-status must be between 400 and 599.", param="x-mock-status")
+        fail_after = _int_header(headers, "x-mock-fail-after-events")
+        return cls(
+            latency_ms=_header(headers, "x-mock-latency-ms"),
+            status=status,
+            fail_after=fail_after,
+            usage_first=headers.get("x-mock-usage-first", "").lower() in _TRUE,
+            crlf=headers.get("x-mock-sse-crlf", "").lower() in _TRUE,
+            comments=headers.get("x-mock-sse-comments", "").lower() in _TRUE,
+            done=headers.get("x-mock-sse-done", "").lower() in _TRUE,
+        )
+
+
+def _header(headers: Mapping[str, str], name: str) -> float | None:
+    text = headers.get(name)
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise UpstreamError(400, f"{name} must be a non-negative number, got {text!r}.", param=name)
+    return value
+
+
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+    value = _header(headers, name)
+    return None if value is None else int(value)
+
+
+def _drop_connection(request: web.Request) -> None:
+    """Abort the transport: no terminating chunk, the client sees a truncated body."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+def _fields(gen: Generation) -> dict[str, Any]:
+    return {
+        "background": gen.background,
+        "output_format": gen.output_format,
+        "quality": gen.quality,
+        "size": gen.size,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What a success is made of: the request, its images, its usage and its timestamp."""
+
+    gen: Generation
+    images: ImageSource
+    usage: dict[str, Any]
+    created: int
+
+
+async def write_json(request: web.Request, reply: Reply, knobs: Knobs) -> web.StreamResponse:
+    """`{"created", "data", ..., "usage"}` with `usage` last, or first when the knob says so."""
+    gen = reply.gen
+    b64 = await reply.images(0)
+    usage_part = b'"usage":' + orjson.dumps(reply.usage)
+    head = b'{"created":%d,' % reply.created + (usage_part + b"," if knobs.usage_first else b"") + b'"data":['
+    tail = b"]," + orjson.dumps(_fields(gen))[1:-1] + (b"" if knobs.usage_first else b"," + usage_part) + b"}"
+    item = (b'{"b64_json":"', b64, b'"}')
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(head) + len(tail) + gen.n * sum(map(len, item)) + (gen.n - 1)
+    await response.prepare(request)
+    with contextlib.suppress(ConnectionResetError):  # the client left: nothing more to do
+        await response.write(head)
+        for index in range(gen.n):
+            if index == knobs.fail_after:
+                _drop_connection(request)
+                return response
+            for piece in (b"," if index else b"", *item):
+                await response.write(piece)
+        await response.write(tail)
+    return response
+
+
+def _event(name: str, b64: bytes, rest: dict[str, Any], eol: bytes) -> bytes:
+    data = b'{"type":"%s","b64_json":"' % name.encode() + b64 + b'",' + orjson.dumps(rest)[1:]
+    return b"event: " + name.encode() + eol + b"data: " + data + eol + eol
+
+
+async def _events(reply: Reply, eol: bytes) -> list[Callable[[], bytes]]:
+    """The events in order (per image its partials, then its completed), each built only when sent."""
+    gen = reply.gen
+    final, *partials = [await reply.images(variant) for variant in range(gen.partial_images + 1)]
+    fields = {"created_at": reply.created, **_fields(gen)}
+    events: list[Callable[[], bytes]] = []
+    for image in range(gen.n):
+        for index, b64 in enumerate(partials):
+            rest = {"partial_image_index": index, **fields}
+            events.append(functools.partial(_event, "image_generation.partial_image", b64, rest, eol))
+        rest = {**fields, "usage": reply.usage} if image == gen.n - 1 else fields
+        events.append(functools.partial(_event, "image_generation.completed", final, rest, eol))
+    return events
+
+
+async def write_sse(
+    request: web.Request, reply: Reply, knobs: Knobs, interval_s: float
+) -> web.StreamResponse:
+    """The `image_generation.*` event stream; whole-request `usage` on the final completed event only."""
+    eol = b"\r\n" if knobs.crlf else b"\n"
+    comment = b": keep-alive" + eol + eol if knobs.comments else b""
+    events = await _events(reply, eol)
+    headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+    response = web.StreamResponse(headers=headers)
+    await response.prepare(request)
+    with contextlib.suppress(ConnectionResetError):  # the client left: nothing more to do
+        for sent, event in enumerate(events):
+            if sent == knobs.fail_after:
+                _drop_connection(request)
+                return response
+            if sent and interval_s > 0:
+                await asyncio.sleep(interval_s)
+            await response.write(comment + event())
+        if knobs.done:
+            await response.write(comment + b"data: [DONE]" + eol + eol)
+        await response.write_eof()
+    return response

@@ -1,0 +1,81 @@
+"""What the mock knows about models: the ids each flavor serves and the output-token table.
+
+The token figures are FACTS.md section 2. gpt-image-2 has only a few calculator readings; other
+sizes interpolate linearly by pixel count between them, so no value exceeds the readings around it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Literal
+
+from gateway.mock_upstream.options import Flavor
+
+Family = Literal["gpt-image-1", "gpt-image-2"]  # which size rules and token table apply
+
+MODELS: dict[Flavor, dict[str, Family]] = {
+    "openai": {
+        "gpt-image-1-mini": "gpt-image-1",
+        "gpt-image-1.5": "gpt-image-1",
+        "gpt-image-2": "gpt-image-2",
+        "gpt-image-2-2026-04-21": "gpt-image-2",
+        "chatgpt-image-latest": "gpt-image-1",
+    },
+    "digitalocean": {
+        "openai-gpt-image-1": "gpt-image-1",
+        "openai-gpt-image-1.5": "gpt-image-1",
+    },
+}
+RETIRED = frozenset({"dall-e-2", "dall-e-3", "gpt-image-1"})  # OpenAI answers 404 model_not_found
+QUALITIES = ("low", "medium", "high")
+PARTIAL_IMAGE_TOKENS = 100
+
+# Output image tokens per image, (low, medium, high), for gpt-image-1 / -1-mini / -1.5.
+_GPT_IMAGE_1: dict[tuple[int, int], tuple[int, int, int]] = {
+    (1024, 1024): (272, 1056, 4160),
+    (1024, 1536): (408, 1584, 6240),
+    (1536, 1024): (400, 1568, 6208),
+}
+# gpt-image-2 high-quality readings as (pixels, tokens); low and medium are shares of high:
+# low from the one low reading (196 of 7024 at 1024x1024), medium at gpt-image-1's share (1056/4160).
+_GPT_IMAGE_2_HIGH = ((1024 * 1024, 7024), (1536 * 1024, 5488), (3840 * 2160, 13342))
+_GPT_IMAGE_2_SHARE = {"low": (196, 7024), "medium": (1056, 4160), "high": (1, 1)}
+
+
+def image_tokens(family: Family, width: int, height: int, quality: str) -> int:
+    """Output tokens for one final image; `quality` is already resolved (never `auto`)."""
+    if family == "gpt-image-1":
+        return _GPT_IMAGE_1[(width, height)][QUALITIES.index(quality)]
+    num, den = _GPT_IMAGE_2_SHARE[quality]
+    return _gpt_image_2_high(width * height) * num // den
+
+
+def _gpt_image_2_high(pixels: int) -> int:
+    first_px, first_tokens = _GPT_IMAGE_2_HIGH[0]
+    if pixels <= first_px:  # below the smallest reading: proportional to pixels
+        return first_tokens * pixels // first_px
+    for (lo_px, lo_t), (hi_px, hi_t) in itertools.pairwise(_GPT_IMAGE_2_HIGH):
+        if pixels <= hi_px:
+            return lo_t + (hi_t - lo_t) * (pixels - lo_px) // (hi_px - lo_px)
+    return _GPT_IMAGE_2_HIGH[-1][1]
+
+
+def text_tokens(prompt: str) -> int:
+    """About four characters a token, at least one; never more than the prompt's UTF-8 bytes."""
+    return max(1, -(-len(prompt) // 4))
+
+
+def usage(
+    family: Family, width: int, height: int, quality: str, *, n: int, prompt: str, partial_images: int
+) -> dict[str, Any]:
+    """The `usage` object for a whole request; `partial_images` counts per image (0 unless streaming)."""
+    per_image = image_tokens(family, width, height, quality) + PARTIAL_IMAGE_TOKENS * partial_images
+    output = per_image * n
+    text = text_tokens(prompt)
+    return {
+        "input_tokens": text,
+        "input_tokens_details": {"text_tokens": text, "image_tokens": 0},
+        "output_tokens": output,
+        "output_tokens_details": {"image_tokens": output, "text_tokens": 0},
+        "total_tokens": text + output,
+    }
