@@ -78,7 +78,7 @@ def enforce(
         if clamp and not shadow:
             body[found.param] = found.clamp
             adjustments.append(
-                Adjustment(found.param, found.value, found.clamp, f"policy clamp ({found.rule})")
+                Adjustment(found.param, found.value, found.clamp, f"policy clamp: {found.rule}")
             )
             continue
         message = found.message + (f" Enforced, it would be clamped to {found.clamp!r}." if clamp else "")
