@@ -1,0 +1,201 @@
+"""The store's operations as plain data, compiled once from a plan and run by either engine.
+
+`compile_reserve` turns a `LimitPlan` and a cost into the exact keys and amounts to check;
+`compile_settle` turns a reservation and the actual cost into the exact adjustments. The memory
+engine and the Redis engine (through `reserve.lua` / `settle.lua`) run these same calls, which
+is what keeps the two stores' semantics identical without sharing an interpreter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Any, Literal, Protocol
+
+from gateway.limits import keys
+from gateway.limits.kinds import KIND_BY_NAME, RATE_WINDOW_US, LimitKind
+from gateway.limits.meters import Reading
+from gateway.limits.periods import DAY_SECONDS, period
+from gateway.limits.plan import LimitPlan, PlannedLimit
+from gateway.settings import StoreSettings
+from policies.cost import Cost
+
+Mode = Literal["enforce", "shadow", "peek"]
+Status = Literal["admitted", "rejected", "peeked", "wrong_day"]
+
+# A reservation record outlives its lease by an hour: a request that outlives its lease (the
+# process died, or the generation ran very long) still settles against what it charged.
+RECORD_GRACE_MS = 3_600_000
+# The settled marker outlives the record by a day, so a retried settle can never charge twice.
+SETTLED_GRACE_MS = DAY_SECONDS * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One limit of one scope, as charged: which key, what limit, how much."""
+
+    scope: str
+    kind: LimitKind
+    key: str
+    limit: int
+    cost: int
+    window_s: int  # the policy window advertised in RateLimit-Policy (0: none)
+    end_us: int = 0  # calendar windows: when the period ends
+    expire_at: int = 0  # calendar windows: when the counter may be dropped (unix seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scope": self.scope,
+            "kind": self.kind.name,
+            "key": self.key,
+            "limit": self.limit,
+            "cost": self.cost,
+            "window_s": self.window_s,
+            "end_us": self.end_us,
+            "expire_at": self.expire_at,
+        }
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> Check:
+        return Check(**{**data, "kind": KIND_BY_NAME[data["kind"]]})
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveCall:
+    tenant: str
+    reservation_id: str
+    model: str
+    day: date  # the UTC day the keys were named for; the engine verifies it against its clock
+    mode: Mode
+    checks: tuple[Check, ...]
+    lease_ttl_us: int
+    record_ttl_ms: int
+    ledger_expire_at: int
+
+    @property
+    def record_key(self) -> str:
+        return keys.reservation_key(self.tenant, self.reservation_id)
+
+    @property
+    def ledger_key(self) -> str:
+        return keys.ledger_key(self.tenant, self.day)
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveReply:
+    status: Status
+    now_us: int
+    readings: tuple[Reading, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SettleCall:
+    tenant: str
+    reservation_id: str
+    day: date
+    checks: tuple[Check, ...]  # as reserved; `cost` is the estimate charged
+    actuals: tuple[int, ...]  # the actual amount for each check
+    ledger: tuple[tuple[str, int], ...]  # ledger hash field -> increment
+    ledger_expire_at: int
+    settled_ttl_ms: int
+    lease_ttl_us: int
+
+    @property
+    def record_key(self) -> str:
+        return keys.reservation_key(self.tenant, self.reservation_id)
+
+    @property
+    def settled_key(self) -> str:
+        return keys.settled_key(self.tenant, self.reservation_id)
+
+    @property
+    def ledger_key(self) -> str:
+        return keys.ledger_key(self.tenant, self.day)
+
+
+LedgerHash = tuple[str, date, dict[str, int]]  # tenant, day, field -> count
+
+
+class Engine(Protocol):
+    """Where the state lives: a dict in this process, or Redis. Failures raise; the caller decides."""
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> None: ...
+    async def reserve(self, call: ReserveCall) -> ReserveReply: ...
+    async def settle(self, call: SettleCall) -> bool: ...
+    async def ledger(self, days: Sequence[date], tenant: str | None) -> list[LedgerHash]: ...
+
+
+def _check(tenant: str, scope: str, planned: PlannedLimit, cost: Cost, day: date) -> Check:
+    kind, limit = planned.kind, planned.value
+    amount = kind.amount(cost)
+    if kind.mechanism == "rate":
+        key = keys.rate_key(tenant, scope, kind.short)
+        return Check(scope, kind, key, limit, amount, RATE_WINDOW_US // 1_000_000)
+    if kind.mechanism == "lease":
+        return Check(scope, kind, keys.lease_key(tenant, scope), limit, amount, 0)
+    window = period(kind.mechanism, day)
+    key = keys.window_key(tenant, scope, kind.short, window.label)
+    return Check(scope, kind, key, limit, amount, window.seconds, window.end_s * 1_000_000, window.expire_at)
+
+
+def compile_checks(plan: LimitPlan, cost: Cost, day: date) -> tuple[Check, ...]:
+    return tuple(
+        _check(plan.tenant, scope.name, limit, cost, day) for scope in plan.scopes for limit in scope.limits
+    )
+
+
+def ledger_expire_at(settings: StoreSettings, day: date) -> int:
+    return period("day", day).end_s + settings.ledger_retention_days * DAY_SECONDS
+
+
+def compile_reserve(
+    plan: LimitPlan,
+    cost: Cost,
+    *,
+    reservation_id: str,
+    model: str,
+    day: date,
+    mode: Mode,
+    settings: StoreSettings,
+) -> ReserveCall:
+    return ReserveCall(
+        tenant=plan.tenant,
+        reservation_id=reservation_id,
+        model=model,
+        day=day,
+        mode=mode,
+        checks=compile_checks(plan, cost, day),
+        lease_ttl_us=settings.lease_ttl_seconds * 1_000_000,
+        record_ttl_ms=settings.lease_ttl_seconds * 1000 + RECORD_GRACE_MS,
+        ledger_expire_at=ledger_expire_at(settings, day),
+    )
+
+
+def compile_settle(
+    tenant: str,
+    reservation_id: str,
+    day: date,
+    checks: Sequence[Check],
+    *,
+    actual: Cost,
+    ledger: Sequence[tuple[str, int]],
+    settings: StoreSettings,
+) -> SettleCall:
+    return SettleCall(
+        tenant=tenant,
+        reservation_id=reservation_id,
+        day=day,
+        checks=tuple(checks),
+        actuals=tuple(check.kind.amount(actual) for check in checks),
+        ledger=tuple(ledger),
+        ledger_expire_at=ledger_expire_at(settings, day),
+        settled_ttl_ms=settings.lease_ttl_seconds * 1000 + RECORD_GRACE_MS + SETTLED_GRACE_MS,
+        lease_ttl_us=settings.lease_ttl_seconds * 1_000_000,
+    )
+
+
+class StoreFailure(Exception):
+    """The engine could not answer (connection, timeout, server error): on_unavailable decides."""

@@ -1,0 +1,100 @@
+"""From the engine's readings to an `Admission`: the error, its message, headers and metrics.
+
+Which error answers a rejection: a spent calendar budget, or a request larger than a limit
+itself, is `QuotaExceeded` (429 insufficient_quota, `x-should-retry: false`): retrying cannot
+help before the period ends. Otherwise the request waits on a per-minute or concurrency limit
+and gets `RateLimited` (429 rate_limit_exceeded) with `Retry-After` / `retry-after-ms` set to the
+longest wait among the limits that refused it. When both kinds refuse, quota wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gateway.errors import GatewayError, QuotaExceeded, RateLimited
+from gateway.limits import headers
+from gateway.limits.calls import Check, ReserveCall, ReserveReply
+from gateway.limits.meters import EXHAUSTED, OK, TOO_LARGE, Reading
+from gateway.limits.periods import iso_instant
+from gateway.limits.plan import LimitPlan
+from gateway.limits.store import Admission, Reservation
+from gateway.metrics import Metrics
+from policies.cost import NANO_PER_USD
+
+Observed = tuple[Check, Reading]
+
+
+def metric_label(check: Check) -> str:
+    """A bounded `limit` label: the kind, prefixed by the scope class for key and user scopes."""
+    scope = check.scope.split(":", 1)[0]
+    return check.kind.name if scope == "tenant" else f"{scope}.{check.kind.name}"
+
+
+def _amount(check: Check, amount: int) -> str:
+    if check.kind.unit == "nano_usd":
+        return "$" + headers.usd_text(amount)
+    return f"{amount} {check.kind.unit}"
+
+
+def _message(check: Check, reading: Reading, label: str) -> str:
+    kind, needs = check.kind, _amount(check, check.cost)
+    if reading.code == TOO_LARGE:
+        return (
+            f"This request needs {needs} but {kind.name} of {label} is {_amount(check, check.limit)}: "
+            "it can never be admitted under this limit."
+        )
+    limit, used = _amount(check, check.limit), _amount(check, reading.used)
+    state = f"limit {limit}, used {used}, this request needs {needs}"
+    retry = headers.go_duration(reading.wait_us)
+    if reading.code == EXHAUSTED:
+        resets = iso_instant(check.end_us // 1_000_000)
+        return f"Quota exceeded for {kind.name} of {label}: {state}. It resets at {resets}."
+    if kind.mechanism == "lease":
+        return (
+            f"Concurrency limit reached for {kind.name} of {label}: {reading.used} requests are running, "
+            f"the limit is {check.limit}. A slot frees when one of them ends; retry in {retry}."
+        )
+    return f"Rate limit reached for {kind.name} of {label}: {state}. Retry in {retry}."
+
+
+def _error(refusing: Sequence[Observed], labels: dict[str, str], header_map: dict[str, str]) -> GatewayError:
+    quota = [o for o in refusing if o[1].code in (EXHAUSTED, TOO_LARGE)]
+    if quota:
+        check, reading = max(quota, key=lambda o: (o[1].code, o[1].wait_us))
+        return QuotaExceeded(_message(check, reading, labels[check.scope]), headers=header_map)
+    check, reading = max(refusing, key=lambda o: o[1].wait_us)
+    return RateLimited(_message(check, reading, labels[check.scope]), headers=header_map)
+
+
+def _retry_after_us(refusing: Sequence[Observed]) -> int | None:
+    if any(reading.code == TOO_LARGE for _, reading in refusing):
+        return None  # no wait makes it fit
+    return max(reading.wait_us for _, reading in refusing)
+
+
+def _record(metrics: Metrics, tenant: str, observed: Sequence[Observed], decision: str) -> None:
+    for check, reading in observed:
+        outcome = "allow" if reading.code == OK else decision
+        metrics.ratelimit_decisions.labels(tenant, metric_label(check), outcome).inc()
+        if check.scope == "tenant":
+            left = max(0, check.limit - reading.used)
+            value = left / NANO_PER_USD if check.kind.unit == "nano_usd" else left
+            metrics.budget_remaining.labels(tenant, check.kind.name).set(value)
+
+
+def decide(
+    plan: LimitPlan, call: ReserveCall, reply: ReserveReply, reservation: Reservation, metrics: Metrics
+) -> Admission:
+    """The admission for an engine's answer to `call` (admitted, or rejected with nothing charged)."""
+    observed = list(zip(call.checks, reply.readings, strict=True))
+    refusing = [o for o in observed if o[1].code != OK]
+    labels = {scope.name: scope.label for scope in plan.scopes}
+    if reply.status == "admitted":
+        _record(metrics, plan.tenant, observed, "shadow_reject")
+        shadow = [f"{check.scope}.{check.kind.name}" for check, _ in refusing]
+        return Admission(
+            True, reservation, None, headers.render(observed, rejected=False, retry_after_us=None), shadow
+        )
+    _record(metrics, plan.tenant, observed, "reject")
+    header_map = headers.render(observed, rejected=True, retry_after_us=_retry_after_us(refusing))
+    return Admission(False, None, _error(refusing, labels, header_map), header_map)

@@ -1,0 +1,205 @@
+"""Rate-limit response headers: OpenAI's `x-ratelimit-*`, the IETF `RateLimit-Policy` / `RateLimit`
+pair, `Retry-After`, and the merge with an upstream's own limit headers.
+
+* `x-ratelimit-{limit,remaining,reset}-{requests,tokens,images,usd}`: for each category, the
+  limit (of any scope) with the least remaining; resets are Go durations (`20ms`, `1.5s`, `6m0s`),
+  the time until that limit is fully replenished, rounded up to the millisecond.
+* `RateLimit-Policy`: every windowed limit, `"rpm";q=60;w=60`; key and user scopes are prefixed
+  (`"key-rpm"`, `"user-rpm"`). USD policies count micro-USD, as structured-field integers must.
+* `RateLimit`: one policy: the one that rejected the request, else the one closest to its limit,
+  with `t` the seconds until more quota. `Retry-After` (seconds) and `retry-after-ms` are never
+  earlier than the limiter's own answer, nor than `t`. Concurrency has no IETF policy, so a
+  request refused only for concurrency carries no `RateLimit`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+
+from gateway.limits.calls import Check
+from gateway.limits.meters import OK, Reading, ceil_div
+from policies.cost import NANO_PER_USD
+
+Observed = tuple[Check, Reading]
+_CATEGORIES = ("requests", "tokens", "images", "usd")
+
+
+def go_duration(us: int) -> str:
+    """A Go `time.Duration` string at millisecond precision, rounded up: 0s, 20ms, 1.5s, 6m0s, 1h0m0s."""
+    ms = ceil_div(max(us, 0), 1000)
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds = f"{rest // 1000}.{rest % 1000:03d}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{seconds}"
+    return f"{minutes}m{seconds}" if minutes else seconds
+
+
+def usd_text(nano: int) -> str:
+    """Exact decimal USD for a nano-USD amount: 50, 0.17, 12.000000001."""
+    text = format(Decimal(nano) / NANO_PER_USD, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _remaining(check: Check, reading: Reading) -> int:
+    return max(0, check.limit - reading.used)
+
+
+def _policy_name(check: Check) -> str:
+    scope = check.scope.split(":", 1)[0]
+    return check.kind.short if scope == "tenant" else f"{scope}-{check.kind.short}"
+
+
+def _quota(check: Check, amount: int) -> int:
+    return amount // 1000 if check.kind.unit == "nano_usd" else amount
+
+
+def _tightest(observed: Sequence[Observed], category: str) -> Observed | None:
+    candidates = [o for o in observed if o[0].kind.header == category]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda o: (_remaining(*o), -o[1].reset_us))
+
+
+def _openai_headers(observed: Sequence[Observed]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for category in _CATEGORIES:
+        found = _tightest(observed, category)
+        if found is None:
+            continue
+        check, reading = found
+        text = usd_text if category == "usd" else str
+        headers[f"x-ratelimit-limit-{category}"] = text(check.limit)
+        headers[f"x-ratelimit-remaining-{category}"] = text(_remaining(check, reading))
+        headers[f"x-ratelimit-reset-{category}"] = go_duration(reading.reset_us)
+    return headers
+
+
+def policy_header(checks: Sequence[Check]) -> str:
+    return ", ".join(
+        f'"{_policy_name(c)}";q={_quota(c, c.limit)};w={c.window_s}' for c in checks if c.window_s
+    )
+
+
+def _closest(observed: Sequence[Observed], rejected: bool) -> tuple[Observed, int] | None:
+    """The policy to show in `RateLimit`, and its `t` in seconds."""
+    windowed = [o for o in observed if o[0].window_s]
+    if rejected:
+        refusing = [o for o in windowed if o[1].code != OK]
+        if not refusing:
+            return None
+        chosen = max(refusing, key=lambda o: o[1].wait_us)
+        return chosen, ceil_div(chosen[1].wait_us or chosen[1].more_us, 1_000_000)
+    if not windowed:
+        return None
+
+    def ratio(o: Observed) -> tuple[float, int]:
+        return (_remaining(*o) / o[0].limit if o[0].limit else 0.0, -o[1].more_us)
+
+    chosen = min(windowed, key=ratio)
+    return chosen, ceil_div(chosen[1].more_us, 1_000_000)
+
+
+def render(observed: Sequence[Observed], *, rejected: bool, retry_after_us: int | None) -> dict[str, str]:
+    """All rate-limit headers for one decision; `retry_after_us` only for a retryable rejection."""
+    headers = _openai_headers(observed)
+    policies = policy_header([check for check, _ in observed])
+    if policies:
+        headers["RateLimit-Policy"] = policies
+    closest = _closest(observed, rejected)
+    t = 0
+    if closest is not None:
+        (check, reading), t = closest
+        headers["RateLimit"] = f'"{_policy_name(check)}";r={_quota(check, _remaining(check, reading))};t={t}'
+    if retry_after_us is not None:
+        ms = max(ceil_div(retry_after_us, 1000), t * 1000)
+        headers["retry-after-ms"] = str(ms)
+        headers["Retry-After"] = str(ceil_div(ms, 1000))
+    return headers
+
+
+def limits_only(checks: Sequence[Check]) -> dict[str, str]:
+    """What can be said without the store (degraded mode): the limits, not their state."""
+    headers: dict[str, str] = {}
+    for category in _CATEGORIES:
+        values = [c for c in checks if c.kind.header == category]
+        if values:
+            lowest = min(values, key=lambda c: c.limit)
+            headers[f"x-ratelimit-limit-{category}"] = (usd_text if category == "usd" else str)(lowest.limit)
+    policies = policy_header(checks)
+    if policies:
+        headers["RateLimit-Policy"] = policies
+    return headers
+
+
+# --- merging with an upstream's own headers ------------------------------------------------------
+
+_X_RATELIMIT = re.compile(r"^x-ratelimit-(?:limit|remaining|reset)-(.+)$")
+_GO_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
+_GO_UNIT_US = {"h": 3.6e9, "m": 6e7, "s": 1e6, "ms": 1e3, "us": 1.0, "µs": 1.0, "ns": 1e-3}
+
+
+def parse_duration_us(text: str) -> float | None:
+    """Microseconds in a Go duration (`6m0s`) or a plain number of seconds (`60`); None if neither."""
+    text = text.strip()
+    try:
+        return float(text) * 1e6
+    except ValueError:
+        pass
+    parts = _GO_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(n) * _GO_UNIT_US[u] for n, u in parts)
+
+
+def _number(text: str | None) -> Decimal | None:
+    try:
+        return Decimal(text) if text is not None else None
+    except ArithmeticError:
+        return None
+
+
+def _merge_category(merged: dict[str, str], upstream: Mapping[str, str], category: str) -> None:
+    names = [f"x-ratelimit-{part}-{category}" for part in ("limit", "remaining", "reset")]
+    theirs = [upstream.get(name) for name in names]
+    if all(value is None for value in theirs):
+        return
+    ours_remaining, their_remaining = _number(merged.get(names[1])), _number(theirs[1])
+    if ours_remaining is None or (their_remaining is not None and their_remaining < ours_remaining):
+        for name, value in zip(names[:2], theirs[:2], strict=True):
+            if value is not None:
+                merged[name] = value
+    ours_reset, their_reset = merged.get(names[2]), theirs[2]
+    if their_reset is not None:
+        ours_us = parse_duration_us(ours_reset) if ours_reset is not None else None
+        their_us = parse_duration_us(their_reset)
+        if ours_us is None or (their_us is not None and their_us > ours_us):
+            merged[names[2]] = their_reset
+
+
+def merge_upstream_limit_headers(ours: Mapping[str, str], upstream: Mapping[str, str]) -> dict[str, str]:
+    """Our limit headers combined with the upstream's, never more permissive than either.
+
+    For each `x-ratelimit-*` category both sides report, the lower remaining (with its limit) and
+    the later reset win. IETF `RateLimit` / `RateLimit-Policy` lists are concatenated; other
+    `ratelimit-*` headers (DigitalOcean's) pass through unchanged.
+    """
+    lowered = {name.lower(): value for name, value in upstream.items()}
+    merged = dict(ours)
+    categories = {match.group(1) for name in (*lowered, *ours) if (match := _X_RATELIMIT.match(name.lower()))}
+    for category in sorted(categories):
+        _merge_category(merged, lowered, category)
+    for ietf in ("RateLimit-Policy", "RateLimit"):
+        theirs = lowered.get(ietf.lower())
+        if theirs is not None:
+            merged[ietf] = f"{merged[ietf]}, {theirs}" if ietf in merged else theirs
+    for name, value in lowered.items():
+        if name.startswith("ratelimit-") and name != "ratelimit-policy":
+            merged[name] = value
+    return merged

@@ -1,0 +1,89 @@
+"""The usage ledger: per tenant, per UTC day, per model, what was served and what was refused.
+
+Stored as one hash per tenant and day (`igw:{tenant}:ledger:<YYYY-MM-DD>`) whose fields are
+`<counter>:<model>`; counter names hold no colon, so a model name may. Settle adds the actual
+usage of a request; reserve adds a rejection. The hash lives `ledger_retention_days` past its day.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from datetime import date
+from typing import Any
+
+from policies.cost import NANO_PER_USD, Cost
+
+REJECTED_RATE = "rejected_rate"  # 429 rate_limit_exceeded: per-minute or concurrency limits
+REJECTED_QUOTA = "rejected_quota"  # 429 insufficient_quota: day and month budgets, oversize requests
+SHADOW_REJECTED = "shadow_rejected"  # would have been rejected, served in shadow mode
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    day: date
+    tenant: str
+    model: str
+    requests: int = 0  # settled requests, refunds included
+    images: int = 0
+    text_in_tokens: int = 0
+    image_in_tokens: int = 0
+    image_out_tokens: int = 0
+    nano_usd: int = 0
+    failed: int = 0  # settled with an outcome other than "ok"
+    rejected_rate: int = 0
+    rejected_quota: int = 0
+    shadow_rejected: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.text_in_tokens + self.image_in_tokens + self.image_out_tokens
+
+    @property
+    def usd(self) -> float:
+        return self.nano_usd / NANO_PER_USD
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["day"] = self.day.isoformat()
+        data["tokens"] = self.tokens
+        data["usd"] = self.usd
+        return data
+
+
+COUNTERS: tuple[str, ...] = tuple(
+    f.name for f in fields(LedgerRow) if f.name not in ("day", "tenant", "model")
+)
+CSV_COLUMNS: tuple[str, ...] = ("day", "tenant", "model", *COUNTERS, "tokens", "usd")
+
+
+def field(counter: str, model: str) -> str:
+    return f"{counter}:{model}"
+
+
+def settle_fields(model: str, actual: Cost, outcome: str) -> list[tuple[str, int]]:
+    """The increments settle adds for one request (zero counters are left out)."""
+    counts = {
+        "requests": 1,
+        "images": actual.images,
+        "text_in_tokens": actual.text_in_tokens,
+        "image_in_tokens": actual.image_in_tokens,
+        "image_out_tokens": actual.image_out_tokens,
+        "nano_usd": actual.nano_usd,
+        "failed": 0 if outcome == "ok" else 1,
+    }
+    return [(field(name, model), value) for name, value in counts.items() if value]
+
+
+def rows(tenant: str, day: date, counters: dict[str, int]) -> list[LedgerRow]:
+    """One row per model found in a day's hash, sorted by model."""
+    by_model: dict[str, dict[str, int]] = {}
+    for name, value in counters.items():
+        counter, sep, model = name.partition(":")
+        if sep and counter in COUNTERS:
+            by_model.setdefault(model, {})[counter] = int(value)
+    return [LedgerRow(day, tenant, model, **by_model[model]) for model in sorted(by_model)]
+
+
+def sort_rows(all_rows: Iterable[LedgerRow]) -> list[LedgerRow]:
+    return sorted(all_rows, key=lambda r: (r.day, r.tenant, r.model))

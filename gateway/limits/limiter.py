@@ -1,0 +1,258 @@
+"""`LimitStore`: the one implementation of the `Store` protocol, over either engine.
+
+It owns everything the two engines share: compiling plans into calls, turning readings into
+admissions, the clock hint for calendar keys, timeouts, metrics, degraded decisions and settle
+retries. Engines only hold state.
+
+Time. The engine's clock decides (Redis `TIME`, shared by every replica). Day and month keys
+are named before the call, from our clock plus the offset learned from the engine's last reply;
+if the engine finds it is another UTC day, it changes nothing and says so, and the call is
+compiled again for the engine's day.
+
+Unavailability. A call that fails or outlasts `timeout_ms` marks the store down (`store_up` 0,
+one `store_unavailable` warning per outage, `store_errors`). Then `on_unavailable` decides per
+request: `fail_open` admits with a degraded reservation and counts `degraded_decisions`;
+`fail_closed` answers `StoreUnavailable`. There is no per-process fallback counter. The next
+successful call marks it up again (`store_recovered`).
+
+Settle retries a transient failure twice (once counted in `settlements_retried`); while the
+store is down it tries once, so an outage does not hold every finishing request for seconds.
+A degraded reservation settles by charging its actual cost after the fact, so money spent while
+the store was unreachable still reaches the budgets and the ledger once it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import date
+from functools import partial
+from typing import TypeVar
+
+from gateway.errors import StoreUnavailable
+from gateway.limits import headers
+from gateway.limits.calls import (
+    Engine,
+    Mode,
+    ReserveCall,
+    ReserveReply,
+    StoreFailure,
+    compile_reserve,
+    compile_settle,
+)
+from gateway.limits.decisions import decide
+from gateway.limits.ledger import LedgerRow, rows, settle_fields, sort_rows
+from gateway.limits.periods import day_number, day_of, days_between
+from gateway.limits.plan import LimitPlan
+from gateway.limits.store import Admission, LimitStatus, Reservation, new_reservation_id
+from gateway.logs import get_logger
+from gateway.metrics import Metrics
+from gateway.settings import StoreSettings
+from policies.cost import Cost
+
+log = get_logger("gateway.limits")
+T = TypeVar("T")
+
+_SETTLE_RETRY_DELAYS = (0.05, 0.2)
+_MAX_DAY_MISMATCHES = 2
+_UNAVAILABLE = "The rate-limit store is unavailable, so the request could not be admitted. Retry shortly."
+
+
+class LimitStore:
+    def __init__(
+        self, engine: Engine, settings: StoreSettings, metrics: Metrics, clock: Callable[[], float]
+    ) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._metrics = metrics
+        self._clock = clock
+        self._timeout = settings.timeout_ms / 1000
+        self._offset = 0.0  # engine clock minus ours, in seconds
+        self._up = True
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        # A failure is already logged; every later call retries, on_unavailable decides meanwhile.
+        with contextlib.suppress(StoreFailure):
+            await self._guard("start", self._engine.start)
+
+    async def close(self) -> None:
+        await self._engine.close()
+
+    async def healthy(self) -> bool:
+        try:
+            await self._guard("ping", self._engine.ping)
+        except StoreFailure:
+            return False
+        return True
+
+    # --- admission -----------------------------------------------------------------------------
+
+    async def reserve(self, plan: LimitPlan, cost: Cost, *, request_id: str, model: str) -> Admission:
+        reservation_id = new_reservation_id(request_id)
+        mode: Mode = "shadow" if plan.shadow else "enforce"
+        try:
+            call, reply = await self._run(plan, cost, reservation_id, model, mode)
+        except StoreFailure:
+            return self._degraded(plan, cost, reservation_id, request_id, model)
+        reservation = Reservation(
+            reservation_id, request_id, plan.tenant, model, call.day, cost, call.checks, plan.shadow
+        )
+        return decide(plan, call, reply, reservation, self._metrics)
+
+    async def limit_status(self, plan: LimitPlan) -> list[LimitStatus]:
+        try:
+            call, reply = await self._run(plan, Cost(), "status", "", "peek")
+        except StoreFailure as exc:
+            raise StoreUnavailable(_UNAVAILABLE) from exc
+        return [
+            LimitStatus(
+                check.scope,
+                check.kind.name,
+                check.kind.unit,
+                check.limit,
+                reading.used,
+                max(0, check.limit - reading.used),
+                reading.reset_us / 1e6,
+            )
+            for check, reading in zip(call.checks, reply.readings, strict=True)
+        ]
+
+    async def _run(
+        self, plan: LimitPlan, cost: Cost, reservation_id: str, model: str, mode: Mode
+    ) -> tuple[ReserveCall, ReserveReply]:
+        """One reserve call, compiled again for the engine's UTC day if ours was another."""
+        for _ in range(_MAX_DAY_MISMATCHES + 1):
+            call = compile_reserve(
+                plan,
+                cost,
+                reservation_id=reservation_id,
+                model=model,
+                day=self._today(),
+                mode=mode,
+                settings=self._settings,
+            )
+            reply = await self._guard("reserve", partial(self._engine.reserve, call))
+            self._offset = reply.now_us / 1e6 - self._clock()
+            if reply.status != "wrong_day":
+                return call, reply
+        raise StoreFailure("the store's clock keeps changing day")  # pragma: no cover
+
+    def _degraded(
+        self, plan: LimitPlan, cost: Cost, reservation_id: str, request_id: str, model: str
+    ) -> Admission:
+        mode = self._settings.on_unavailable
+        self._metrics.degraded_decisions.labels(mode).inc()
+        call = compile_reserve(
+            plan,
+            cost,
+            reservation_id=reservation_id,
+            model=model,
+            day=self._today(),
+            mode="peek",
+            settings=self._settings,
+        )
+        limit_headers = headers.limits_only(call.checks)
+        if mode == "fail_closed":
+            error = StoreUnavailable(_UNAVAILABLE, headers={**limit_headers, "Retry-After": "1"})
+            return Admission(False, None, error, limit_headers)
+        uncharged = tuple(replace(check, cost=0) for check in call.checks)
+        reservation = Reservation(
+            reservation_id,
+            request_id,
+            plan.tenant,
+            model,
+            call.day,
+            cost,
+            uncharged,
+            plan.shadow,
+            degraded=True,
+        )
+        return Admission(True, reservation, None, limit_headers)
+
+    # --- settlement ----------------------------------------------------------------------------
+
+    async def settle(self, reservation: Reservation, actual: Cost, *, outcome: str) -> bool:
+        """Replace the reservation's estimate with `actual`; True if this call settled it."""
+        call = compile_settle(
+            reservation.tenant,
+            reservation.id,
+            reservation.day,
+            reservation.checks,
+            actual=actual,
+            ledger=settle_fields(reservation.model, actual, outcome),
+            settings=self._settings,
+        )
+        delays = _SETTLE_RETRY_DELAYS if self._up else ()
+        maybe_applied = False
+        for attempt in range(len(delays) + 1):
+            if attempt:
+                if attempt == 1:
+                    self._metrics.settlements_retried.inc()
+                await asyncio.sleep(delays[attempt - 1])
+            try:
+                settled = await self._guard("settle", partial(self._engine.settle, call))
+            except StoreFailure:
+                maybe_applied = True  # the reply may be what was lost; the settled marker knows
+                continue
+            return settled or maybe_applied
+        log.error(
+            "settlement_failed",
+            tenant=reservation.tenant,
+            reservation=reservation.id,
+            tokens=actual.tokens,
+            nano_usd=actual.nano_usd,
+        )
+        return False
+
+    # --- ledger --------------------------------------------------------------------------------
+
+    async def ledger(self, start: date, end: date, tenant: str | None = None) -> list[LedgerRow]:
+        days = days_between(start, end)
+        if not days:
+            return []
+        try:
+            hashes = await self._guard("ledger", partial(self._engine.ledger, days, tenant))
+        except StoreFailure as exc:
+            raise StoreUnavailable(_UNAVAILABLE) from exc
+        return sort_rows(row for name, day, counters in hashes for row in rows(name, day, counters))
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def _today(self) -> date:
+        return day_of(day_number(self._clock() + self._offset))
+
+    async def _guard(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run one engine call under the timeout, keeping store_up, latency and errors current."""
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._timeout):
+                result = await call()
+        except (StoreFailure, TimeoutError) as exc:
+            self._metrics.store_errors.labels(operation).inc()
+            self._mark_down(operation, exc)
+            raise StoreFailure(str(exc) or type(exc).__name__) from exc
+        self._metrics.store_latency.labels(operation).observe(time.perf_counter() - started)
+        self._mark_up()
+        return result
+
+    def _mark_down(self, operation: str, exc: BaseException) -> None:
+        self._metrics.store_up.set(0)
+        if self._up:
+            self._up = False
+            log.warning(
+                "store_unavailable",
+                operation=operation,
+                error=str(exc) or type(exc).__name__,
+                on_unavailable=self._settings.on_unavailable,
+            )
+
+    def _mark_up(self) -> None:
+        self._metrics.store_up.set(1)
+        if not self._up:
+            self._up = True
+            log.info("store_recovered")

@@ -1,0 +1,172 @@
+--[[
+reserve.lua: admit one request against every limit of every scope, in one atomic step:
+all limits pass and are charged, or nothing is charged (a rejection is only counted in the
+ledger). Mirrors MemoryEngine.reserve (gateway/limits/memory.py) step by step, on the integer
+arithmetic of gateway/limits/meters.py; see there for why the smooth limiter is a leaky bucket.
+
+Time is the server's TIME, never the caller's clock, so every gateway replica agrees. Numbers
+written back are formatted with %.0f: Lua numbers are doubles, and Redis would otherwise print
+large ones in %.14g, losing digits of microsecond timestamps.
+
+KEYS[1]    reservation record: the amount charged to each check key, space separated
+KEYS[2]    the day's ledger hash
+KEYS[3..]  one key per check, in the order of the checks in ARGV
+ARGV[1]    reservation id (the lease member)
+ARGV[2]    UTC day number (days since 1970-01-01) the keys were named for
+ARGV[3]    mode: enforce | shadow (check, charge anyway) | peek (check, charge nothing)
+ARGV[4]    model (the ledger field suffix)
+ARGV[5]    record TTL, ms
+ARGV[6]    ledger EXPIREAT, unix seconds
+ARGV[7]    lease TTL, µs
+ARGV[8]    smooth limiter window, µs
+ARGV[9..]  five per check: mechanism (rate|day|month|lease), limit, cost, period end µs, counter EXPIREAT
+
+Reply: {status, now µs, then five per check: code, used, reset µs, wait µs, more µs}
+status 1 admitted (charged), 0 rejected (nothing charged), 2 peeked, -1 another UTC day (nothing done)
+]]
+
+local OK, WAIT, EXHAUSTED, TOO_LARGE = 0, 1, 2, 3
+local LEASE_RETRY_US = 1000000
+
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+if math.floor(tonumber(clock[1]) / 86400) ~= tonumber(ARGV[2]) then
+  return {-1, now}
+end
+
+local rid, mode, model = ARGV[1], ARGV[3], ARGV[4]
+local lease_ttl, window = tonumber(ARGV[7]), tonumber(ARGV[8])
+
+local function fmt(n)
+  return string.format('%.0f', n)
+end
+
+-- Exact ceiling of a / b for non-negative integers below 2^53, whatever the float division rounds to.
+local function ceil_div(a, b)
+  local q = math.floor(a / b)
+  while q * b < a do q = q + 1 end
+  while q > 0 and (q - 1) * b >= a do q = q - 1 end
+  return q
+end
+
+local function rate_level(key, limit)
+  local state = redis.call('GET', key)
+  if not state then return 0 end
+  local level, stamp = string.match(state, '^(%d+) (%d+)$')
+  local elapsed = math.max(0, now - tonumber(stamp))
+  return math.max(0, tonumber(level) - elapsed * limit)
+end
+
+local function rate_ttl_ms(level, limit)
+  local drain = window
+  if limit > 0 then drain = ceil_div(level, limit) end
+  return ceil_div(drain, 1000) + 1000
+end
+
+-- Pass 1: read every limit and decide, changing nothing but expired leases.
+local checks, refused, quota = {}, false, false
+for i = 1, #KEYS - 2 do
+  local base = 8 + (i - 1) * 5
+  local c = {key = KEYS[i + 2], mech = ARGV[base + 1], limit = tonumber(ARGV[base + 2]),
+             cost = tonumber(ARGV[base + 3]), finish = tonumber(ARGV[base + 4]), expire = ARGV[base + 5],
+             code = OK, wait = 0}
+  if c.mech == 'rate' then
+    c.level = rate_level(c.key, c.limit)
+    local capacity, need = c.limit * window, c.cost * window
+    if c.cost == 0 then
+      c.code = OK
+    elseif need > capacity then
+      c.code = TOO_LARGE
+    elseif c.level + need > capacity then
+      c.code, c.wait = WAIT, ceil_div(c.level + need - capacity, c.limit)
+    end
+  elseif c.mech == 'lease' then
+    redis.call('ZREMRANGEBYSCORE', c.key, '-inf', fmt(now)) -- a crashed process's leases free here
+    c.count = redis.call('ZCARD', c.key)
+    c.first, c.last = now, now
+    if c.count > 0 then
+      c.first = tonumber(redis.call('ZRANGE', c.key, 0, 0, 'WITHSCORES')[2])
+      c.last = tonumber(redis.call('ZRANGE', c.key, -1, -1, 'WITHSCORES')[2])
+    end
+    if c.limit == 0 then
+      c.code = TOO_LARGE
+    elseif c.count + 1 > c.limit then
+      c.code, c.wait = WAIT, math.min(LEASE_RETRY_US, c.first - now)
+    end
+  else
+    c.used = tonumber(redis.call('GET', c.key) or '0')
+    if c.cost == 0 then
+      c.code = OK
+    elseif c.cost > c.limit then
+      c.code = TOO_LARGE
+    elseif c.used + c.cost > c.limit then
+      c.code, c.wait = EXHAUSTED, c.finish - now
+    end
+  end
+  if c.code ~= OK then
+    refused = true
+    if c.code == EXHAUSTED or c.code == TOO_LARGE then quota = true end
+  end
+  checks[i] = c
+end
+
+local function count(counter)
+  redis.call('HINCRBY', KEYS[2], counter .. ':' .. model, 1)
+  redis.call('EXPIREAT', KEYS[2], ARGV[6])
+end
+
+-- Pass 2: charge everything (admitted or shadow), or nothing.
+local charge = mode == 'shadow' or (mode == 'enforce' and not refused)
+if mode == 'enforce' and refused then
+  if quota then count('rejected_quota') else count('rejected_rate') end
+end
+if charge then
+  local amounts = {}
+  for i, c in ipairs(checks) do
+    amounts[i] = fmt(c.cost)
+    if c.mech == 'rate' then
+      c.level = c.level + c.cost * window
+      if c.level > 0 then
+        redis.call('SET', c.key, fmt(c.level) .. ' ' .. fmt(now), 'PX', rate_ttl_ms(c.level, c.limit))
+      end
+    elseif c.mech == 'lease' then
+      local expiry = now + lease_ttl
+      redis.call('ZADD', c.key, fmt(expiry), rid)
+      redis.call('PEXPIRE', c.key, ceil_div(lease_ttl, 1000))
+      if c.count == 0 then c.first = expiry end
+      c.last = math.max(c.last, expiry)
+      c.count = c.count + 1
+    elseif c.cost > 0 then
+      c.used = redis.call('INCRBY', c.key, fmt(c.cost))
+      redis.call('EXPIREAT', c.key, c.expire)
+    end
+  end
+  redis.call('SET', KEYS[1], table.concat(amounts, ' '), 'PX', ARGV[5])
+  if refused then count('shadow_rejected') end
+end
+
+-- Readings, after the decision.
+local status = 2
+if mode ~= 'peek' then status = charge and 1 or 0 end
+local reply = {status, now}
+for _, c in ipairs(checks) do
+  local used, reset, more = 0, 0, 0
+  if c.mech == 'rate' then
+    used = ceil_div(c.level, window)
+    if c.limit > 0 and c.level > 0 then
+      reset = ceil_div(c.level, c.limit)
+      more = ceil_div(c.level - (used - 1) * window, c.limit)
+    end
+  elseif c.mech == 'lease' then
+    used = c.count
+    if used > 0 then
+      reset = c.last - now
+      if used >= c.limit then more = c.first - now end
+    end
+  else
+    used = c.used
+    if used > 0 then reset, more = c.finish - now, c.finish - now end
+  end
+  for _, v in ipairs({c.code, used, reset, c.wait, more}) do reply[#reply + 1] = v end
+end
+return reply

@@ -1,0 +1,92 @@
+--[[
+settle.lua: replace a reservation's estimate with the actual cost, exactly once.
+Mirrors MemoryEngine.settle (gateway/limits/memory.py).
+
+Idempotent: the settled marker (KEYS[2]) is checked first and written last, in one atomic step,
+so a retried settle changes nothing. The amounts charged come from the reservation record
+(KEYS[1]); if it has expired (a request that outlived its lease, or one admitted while the store
+was unreachable, which charged nothing) the caller's copy in ARGV is used instead. Each window
+moves by (actual - estimate) and never below zero; an actual above the estimate charges the
+difference, the only way a budget can be overshot, and only by the estimate's error.
+
+KEYS[1]    reservation record
+KEYS[2]    settled marker
+KEYS[3]    the admission day's ledger hash
+KEYS[4..]  the reservation's check keys, in the order they were reserved
+ARGV[1]    reservation id (the lease member)
+ARGV[2]    settled marker TTL, ms
+ARGV[3]    ledger EXPIREAT, unix seconds
+ARGV[4]    smooth limiter window, µs
+ARGV[5]    number of ledger increments, F
+ARGV[6..]  F pairs: ledger field, increment
+then       five per check: mechanism (rate|day|month|lease), limit, estimate, actual, counter EXPIREAT
+
+Reply: 1 settled from the record, 2 settled from the caller's copy, 0 already settled
+]]
+
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local rid, window = ARGV[1], tonumber(ARGV[4])
+
+local function fmt(n)
+  return string.format('%.0f', n)
+end
+
+local function ceil_div(a, b)
+  local q = math.floor(a / b)
+  while q * b < a do q = q + 1 end
+  while q > 0 and (q - 1) * b >= a do q = q - 1 end
+  return q
+end
+
+local record = redis.call('GET', KEYS[1])
+local recorded = {}
+if record then
+  for amount in string.gmatch(record, '%d+') do recorded[#recorded + 1] = tonumber(amount) end
+end
+
+local fields = tonumber(ARGV[5])
+local base = 5 + fields * 2
+for i = 1, #KEYS - 3 do
+  local at = base + (i - 1) * 5
+  local key, mech, limit = KEYS[i + 3], ARGV[at + 1], tonumber(ARGV[at + 2])
+  local estimate = tonumber(ARGV[at + 3])
+  if record then estimate = recorded[i] end
+  local diff = tonumber(ARGV[at + 4]) - estimate
+  if mech == 'lease' then
+    redis.call('ZREM', key, rid)
+  elseif diff ~= 0 and mech == 'rate' then
+    local level = 0
+    local state = redis.call('GET', key)
+    if state then
+      local stored, stamp = string.match(state, '^(%d+) (%d+)$')
+      level = math.max(0, tonumber(stored) - math.max(0, now - tonumber(stamp)) * limit)
+    end
+    level = math.max(0, level + diff * window)
+    if level > 0 then
+      local drain = window
+      if limit > 0 then drain = ceil_div(level, limit) end
+      redis.call('SET', key, fmt(level) .. ' ' .. fmt(now), 'PX', ceil_div(drain, 1000) + 1000)
+    else
+      redis.call('DEL', key)
+    end
+  elseif diff ~= 0 then
+    if redis.call('INCRBY', key, fmt(diff)) < 0 then
+      redis.call('SET', key, '0')
+    end
+    redis.call('EXPIREAT', key, ARGV[at + 5])
+  end
+end
+
+for i = 1, fields do
+  redis.call('HINCRBY', KEYS[3], ARGV[4 + i * 2], ARGV[5 + i * 2])
+end
+redis.call('EXPIREAT', KEYS[3], ARGV[3])
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+if record then return 1 end
+return 2

@@ -1,0 +1,87 @@
+"""Which limits apply to one request: a pure `LimitPlan` built from the tenant's settings.
+
+A request is checked against up to three scopes, all charged in the same atomic step:
+
+* ``tenant``: the tenant's `limits`;
+* ``key:<name or index>``: the limits of the key it authenticated with (`KeySettings.limits`);
+* ``user:<digest>``: the tenant's `user_limits` for the end user named by the request's `user`
+  field. The digest is the first 24 hex digits of SHA-256 of the user id: enough to never
+  collide in practice, and the raw id (often an e-mail address) never reaches Redis.
+
+`shadow` mirrors `limits_mode: shadow`: everything is checked and charged, nothing is rejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from gateway.limits.kinds import LimitKind, configured
+from gateway.settings import KeySettings, Limits, TenantSettings
+
+_USER_DIGEST_CHARS = 24
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedLimit:
+    kind: LimitKind
+    value: int  # in the kind's unit (nano-USD for USD limits)
+
+
+@dataclass(frozen=True, slots=True)
+class ScopePlan:
+    name: str  # `tenant`, `key:ops`, `user:<digest>`: part of the Redis key names
+    label: str  # how messages name it: "tenant 'team'", "key 'ops'", "end user"
+    limits: tuple[PlannedLimit, ...]
+
+    @property
+    def kind(self) -> str:
+        """`tenant`, `key` or `user`: a bounded label for metrics and header names."""
+        return self.name.split(":", 1)[0]
+
+
+def _scope(name: str, label: str, limits: Limits | None) -> ScopePlan | None:
+    planned = tuple(PlannedLimit(kind, value) for kind, value in configured(limits or Limits()))
+    return ScopePlan(name, label, planned) if planned else None
+
+
+def user_scope_name(user: str) -> str:
+    return "user:" + hashlib.sha256(user.encode("utf-8")).hexdigest()[:_USER_DIGEST_CHARS]
+
+
+def key_scope_name(key: KeySettings, key_index: int) -> str:
+    return f"key:{key.name}" if key.name else f"key:{key_index}"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitPlan:
+    tenant: str
+    scopes: tuple[ScopePlan, ...]
+    shadow: bool = False
+
+    @staticmethod
+    def build(
+        tenant_name: str, tenant: TenantSettings, key: KeySettings, key_index: int, user: str | None
+    ) -> LimitPlan:
+        """The limits for a request by `key` of `tenant`, on behalf of end user `user` (if any)."""
+        if not tenant_name:
+            raise ValueError("a tenant name is needed: it is the Redis hash tag of its keys")
+        key_name = key_scope_name(key, key_index)
+        scopes = [
+            _scope("tenant", f"tenant '{tenant_name}'", tenant.limits),
+            _scope(key_name, f"key '{key_name.removeprefix('key:')}'", key.limits),
+        ]
+        if user is not None and tenant.user_limits is not None:
+            scopes.append(_scope(user_scope_name(user), "this end user", tenant.user_limits))
+        present = tuple(scope for scope in scopes if scope is not None)
+        return LimitPlan(tenant_name, present, tenant.limits_mode == "shadow")
+
+    @staticmethod
+    def for_tenant(tenant_name: str, tenant: TenantSettings) -> LimitPlan:
+        """The tenant scope and every key scope (what the admin API reports); no user scopes."""
+        scopes = [_scope("tenant", f"tenant '{tenant_name}'", tenant.limits)]
+        for index, key in enumerate(tenant.keys):
+            name = key_scope_name(key, index)
+            scopes.append(_scope(name, f"key '{name.removeprefix('key:')}'", key.limits))
+        present = tuple(scope for scope in scopes if scope is not None)
+        return LimitPlan(tenant_name, present, tenant.limits_mode == "shadow")

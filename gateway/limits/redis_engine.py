@@ -1,0 +1,137 @@
+"""The Redis engine: every operation is one EVALSHA of its script, on a standalone server or a
+Redis Cluster (all of a tenant's keys share its `{tenant}` hash tag, hence one slot).
+
+The client never retries a command by itself: a reserve whose reply is lost may have been
+applied, and running it again would charge twice. Failures become `StoreFailure` and the
+`LimitStore` decides (on_unavailable for reserve; settle's own retries are safe because settle is
+idempotent). Timeouts are the configured `timeout_ms`, for connecting and for each reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import date
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from gateway.limits.calls import LedgerHash, ReserveCall, ReserveReply, SettleCall, Status, StoreFailure
+from gateway.limits.keys import LEDGER_PATTERN, ledger_key, parse_ledger_key
+from gateway.limits.kinds import RATE_WINDOW_US
+from gateway.limits.meters import Reading
+from gateway.limits.periods import day_index
+from gateway.limits.scripts import ALL, RESERVE, SETTLE, Script
+from gateway.settings import StoreSettings
+
+_STATUS: dict[int, Status] = {1: "admitted", 0: "rejected", 2: "peeked", -1: "wrong_day"}
+_READING_FIELDS = 5
+
+
+def connect(settings: StoreSettings) -> Any:
+    """A client for `settings.url`: RedisCluster when `cluster: true`, without automatic retries."""
+    timeout = settings.timeout_ms / 1000
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if settings.cluster:
+        return RedisCluster.from_url(settings.url, **options)
+    return Redis.from_url(settings.url, **options)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisEngine:
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    async def start(self) -> None:
+        for script in ALL:
+            await self._call(self._client.script_load, script.source)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def ping(self) -> None:
+        await self._call(self._client.ping)
+
+    async def _call(self, method: Any, *args: Any) -> Any:
+        try:
+            return await method(*args)
+        except (RedisError, OSError) as exc:
+            raise StoreFailure(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        try:
+            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self._call(self._client.script_load, script.source)
+            return await self._call(self._client.evalsha, script.sha, len(keys), *keys, *args)
+        except (RedisError, OSError) as exc:
+            raise StoreFailure(f"{script.name}: {type(exc).__name__}: {exc}") from exc
+
+    async def reserve(self, call: ReserveCall) -> ReserveReply:
+        keys = [call.record_key, call.ledger_key, *(check.key for check in call.checks)]
+        args: list[str | int] = [
+            call.reservation_id,
+            day_index(call.day),
+            call.mode,
+            call.model,
+            call.record_ttl_ms,
+            call.ledger_expire_at,
+            call.lease_ttl_us,
+            RATE_WINDOW_US,
+        ]
+        for check in call.checks:
+            args += [check.kind.mechanism, check.limit, check.cost, check.end_us, check.expire_at]
+        reply = [int(v) for v in await self._run(RESERVE, keys, args)]
+        readings = tuple(
+            Reading(*reply[i : i + _READING_FIELDS]) for i in range(2, len(reply), _READING_FIELDS)
+        )
+        return ReserveReply(_STATUS[reply[0]], reply[1], readings)
+
+    async def settle(self, call: SettleCall) -> bool:
+        keys = [call.record_key, call.settled_key, call.ledger_key, *(check.key for check in call.checks)]
+        args: list[str | int] = [
+            call.reservation_id,
+            call.settled_ttl_ms,
+            call.ledger_expire_at,
+            RATE_WINDOW_US,
+            len(call.ledger),
+        ]
+        for name, amount in call.ledger:
+            args += [name, amount]
+        for check, actual in zip(call.checks, call.actuals, strict=True):
+            args += [check.kind.mechanism, check.limit, check.cost, actual, check.expire_at]
+        return int(await self._run(SETTLE, keys, args)) != 0
+
+    async def ledger(self, days: Sequence[date], tenant: str | None) -> list[LedgerHash]:
+        if tenant is not None:
+            wanted = [(tenant, day) for day in days]
+        else:
+            wanted = await self._scan_ledgers(set(days))
+        found: list[LedgerHash] = []
+        for name, day in wanted:
+            counters = await self._call(self._client.hgetall, ledger_key(name, day))
+            if counters:
+                found.append((name, day, {_text(k): int(v) for k, v in counters.items()}))
+        return found
+
+    async def _scan_ledgers(self, days: set[date]) -> list[tuple[str, date]]:
+        """Every tenant's ledger keys for `days` (SCAN visits every primary of a cluster)."""
+        found: list[tuple[str, date]] = []
+        try:
+            async for key in self._client.scan_iter(match=LEDGER_PATTERN, count=1000):
+                parsed = parse_ledger_key(_text(key))
+                if parsed is not None and parsed[1] in days:
+                    found.append(parsed)
+        except (RedisError, OSError) as exc:
+            raise StoreFailure(f"scan: {type(exc).__name__}: {exc}") from exc
+        return found

@@ -1,0 +1,94 @@
+"""The store's public face: the `Store` protocol the pipeline and the admin API call, and its data.
+
+A `Reservation` is everything settle needs, and it serialises (`to_dict` / `from_dict`), so a
+request admitted by one process can be settled by another. Its id is the request id plus a
+random suffix: request ids may come from clients (`x-request-id`), and two requests reusing one
+id must never share, or cancel, each other's reservation.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from typing import Any, Protocol
+
+from gateway.errors import GatewayError
+from gateway.limits.calls import Check
+from gateway.limits.ledger import LedgerRow
+from gateway.limits.plan import LimitPlan
+from policies.cost import Cost
+
+
+def new_reservation_id(request_id: str) -> str:
+    return f"{request_id}.{secrets.token_hex(6)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    id: str
+    request_id: str
+    tenant: str
+    model: str
+    day: date  # the UTC day of admission: the ledger day the request is recorded under
+    estimate: Cost
+    checks: tuple[Check, ...]  # what was charged, key by key
+    shadow: bool = False
+    degraded: bool = False  # admitted without the store (fail_open): settle charges after the fact
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "request_id": self.request_id,
+            "tenant": self.tenant,
+            "model": self.model,
+            "day": self.day.isoformat(),
+            "estimate": asdict(self.estimate),
+            "checks": [check.to_dict() for check in self.checks],
+            "shadow": self.shadow,
+            "degraded": self.degraded,
+        }
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> Reservation:
+        return Reservation(
+            id=data["id"],
+            request_id=data["request_id"],
+            tenant=data["tenant"],
+            model=data["model"],
+            day=date.fromisoformat(data["day"]),
+            estimate=Cost(**data["estimate"]),
+            checks=tuple(Check.from_dict(c) for c in data["checks"]),
+            shadow=data["shadow"],
+            degraded=data["degraded"],
+        )
+
+
+@dataclass(slots=True)
+class Admission:
+    allowed: bool
+    reservation: Reservation | None  # None when rejected
+    error: GatewayError | None  # RateLimited, QuotaExceeded or StoreUnavailable when rejected
+    headers: dict[str, str]  # rate-limit headers for the response, allowed or not
+    shadow_rejections: list[str] = field(default_factory=list)  # `<scope>.<limit>` that would reject
+
+
+@dataclass(frozen=True, slots=True)
+class LimitStatus:
+    scope: str  # tenant | key:<name> | user:<digest>
+    limit: str  # requests_per_minute, ...
+    unit: str  # requests | images | tokens | nano_usd
+    value: int
+    used: int
+    remaining: int
+    reset_seconds: float  # until fully replenished (0 when nothing is used)
+
+
+class Store(Protocol):
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def reserve(self, plan: LimitPlan, cost: Cost, *, request_id: str, model: str) -> Admission: ...
+    async def settle(self, reservation: Reservation, actual: Cost, *, outcome: str) -> bool: ...
+    async def limit_status(self, plan: LimitPlan) -> list[LimitStatus]: ...
+    async def ledger(self, start: date, end: date, tenant: str | None = None) -> list[LedgerRow]: ...
+    async def healthy(self) -> bool: ...
