@@ -18,6 +18,7 @@ Test-only request headers (values "1"/"true" switch a flag on):
 - `x-mock-sse-done: 1`          end the stream with `data: [DONE]`
 
 Recorded headers are a `dict[str, str]` with lower-case keys that also answers lookups in any case.
+The record keeps at least the 10,000 most recent requests (older ones go once it reaches 20,000).
 """
 
 from gateway.mock_upstream.app import create_mock_app, run_mock_upstream

@@ -23,6 +23,7 @@ from gateway.mock_upstream.validation import Generation, validate
 
 log = logging.getLogger(__name__)
 _IMAGES: web.AppKey[ImageCache] = web.AppKey("mock_upstream_images", ImageCache)
+_RECORD_LIMIT = 10_000  # a long benchmark keeps only the most recent requests, so memory stays flat
 _BAD_JSON = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
     "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
@@ -80,7 +81,10 @@ async def _record(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Keep what arrived, before anything can reject it."""
     raw = await request.read()
     body = _parse(raw)
-    request.app[RECEIVED].append(
+    received = request.app[RECEIVED]
+    if len(received) >= 2 * _RECORD_LIMIT:
+        del received[:-_RECORD_LIMIT]
+    received.append(
         ReceivedRequest(
             headers=Headers(request.headers.items()),
             body=body if isinstance(body, dict) else {},

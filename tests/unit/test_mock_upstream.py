@@ -474,6 +474,16 @@ async def test_every_request_is_recorded(aiohttp_client: MakeClient) -> None:
     assert (second.body, second.raw, second.path) == ({}, b"{broken", PATH)
 
 
+async def test_record_keeps_the_most_recent_requests(
+    aiohttp_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gateway.mock_upstream.app._RECORD_LIMIT", 2)
+    client = await aiohttp_client(create_mock_app())
+    for index in range(5):
+        await client.get("/v1/models", headers={"x-index": str(index)})
+    assert [r.headers["x-index"] for r in client.app[RECEIVED]] == ["2", "3", "4"]
+
+
 # --- big responses ------------------------------------------------------------------------------
 
 
