@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +62,7 @@ def _header(headers: Mapping[str, str], name: str) -> float | None:
         value = float(text)
     except ValueError:
         value = -1.0
-    if value < 0:
+    if not (math.isfinite(value) and value >= 0):
         raise UpstreamError(400, f"{name} must be a non-negative number, got {text!r}.", param=name)
     return value
 
