@@ -437,7 +437,9 @@ async def test_bad_knob_value_is_a_400(aiohttp_client: MakeClient) -> None:
     for name, value in [
         ("x-mock-status", "200"),
         ("x-mock-latency-ms", "soon"),
+        ("x-mock-latency-ms", "nan"),
         ("x-mock-fail-after-events", "-1"),
+        ("x-mock-fail-after-events", "inf"),
     ]:
         status, answer = await post(client, OK, {name: value})
         assert status == 400 and answer["error"]["param"] == name
