@@ -118,9 +118,9 @@ def render(observed: Sequence[Observed], *, rejected: bool, retry_after_us: int 
         (check, reading), t = closest
         headers["RateLimit"] = f'"{_policy_name(check)}";r={_quota(check, _remaining(check, reading))};t={t}'
     if retry_after_us is not None:
-        ms = max(ceil_div(retry_after_us, 1000), t * 1000)
+        ms = ceil_div(retry_after_us, 1000)
         headers["retry-after-ms"] = str(ms)
-        headers["Retry-After"] = str(ceil_div(ms, 1000))
+        headers["Retry-After"] = str(max(ceil_div(ms, 1000), t))
     return headers
 
 

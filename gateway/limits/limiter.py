@@ -73,6 +73,10 @@ class LimitStore:
         self._offset = 0.0  # engine clock minus ours, in seconds
         self._up = True
 
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:

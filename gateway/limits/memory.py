@@ -197,7 +197,7 @@ class MemoryEngine:
 
     # --- for tests -------------------------------------------------------------------------------
 
-    def keys(self) -> list[str]:
-        """Every live key (tests assert that nothing leaks)."""
+    def live_keys(self) -> dict[str, int | None]:
+        """Every live key and when it expires (µs; None: never), for tests that assert nothing leaks."""
         now = self._now()
-        return sorted(key for key in list(self._data) if self._get(key, now) is not None)
+        return {key: self._expiry.get(key) for key in list(self._data) if self._get(key, now) is not None}

@@ -5,10 +5,15 @@ The client never retries a command by itself: a reserve whose reply is lost may 
 applied, and running it again would charge twice. Failures become `StoreFailure` and the
 `LimitStore` decides (on_unavailable for reserve; settle's own retries are safe because settle is
 idempotent). Timeouts are the configured `timeout_ms`, for connecting and for each reply.
+
+At most `MAX_IN_FLIGHT` calls run at once, each on its own pooled connection; more wait their
+turn within the same timeout. redis-py raises at once when its pool is exhausted, which under a
+burst would turn into needless degraded decisions, and a wait is the better back-pressure.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import date
 from typing import Any
@@ -29,6 +34,7 @@ from gateway.settings import StoreSettings
 
 _STATUS: dict[int, Status] = {1: "admitted", 0: "rejected", 2: "peeked", -1: "wrong_day"}
 _READING_FIELDS = 5
+MAX_IN_FLIGHT = 128
 
 
 def connect(settings: StoreSettings) -> Any:
@@ -38,6 +44,7 @@ def connect(settings: StoreSettings) -> Any:
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "retry": Retry(NoBackoff(), 0),
+        "max_connections": MAX_IN_FLIGHT,  # per node of a cluster
     }
     if settings.cluster:
         return RedisCluster.from_url(settings.url, **options)
@@ -51,6 +58,7 @@ def _text(value: Any) -> str:
 class RedisEngine:
     def __init__(self, client: Any) -> None:
         self._client = client
+        self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     async def start(self) -> None:
         for script in ALL:
@@ -64,13 +72,15 @@ class RedisEngine:
 
     async def _call(self, method: Any, *args: Any) -> Any:
         try:
-            return await method(*args)
+            async with self._in_flight:
+                return await method(*args)
         except (RedisError, OSError) as exc:
             raise StoreFailure(f"{type(exc).__name__}: {exc}") from exc
 
     async def _run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         try:
-            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+            async with self._in_flight:
+                return await self._client.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:
             await self._call(self._client.script_load, script.source)
             return await self._call(self._client.evalsha, script.sha, len(keys), *keys, *args)

@@ -1,0 +1,321 @@
+"""The limiter suite: every test runs on the memory store, a standalone Redis and a Redis Cluster.
+
+Time-dependent steps use `backend.advance`, which moves the memory store's fake clock and
+really waits on Redis (whose TIME is the only clock the scripts trust), so waits stay short.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+
+import pytest
+
+from gateway.errors import QuotaExceeded, RateLimited
+from gateway.limits import Reservation
+from gateway.limits.headers import parse_duration_us
+from policies.cost import NANO_PER_USD, Cost
+from tests.redis.conftest import Backend, new_tenant, plan, tenant_settings
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+ONE = Cost(images=1, image_out_tokens=1000, nano_usd=40_000_000)
+
+
+def used(statuses: list, scope: str, limit: str) -> int:
+    return next(s.used for s in statuses if s.scope == scope and s.limit == limit)
+
+
+async def reserve(store, limit_plan, cost=ONE, model="gpt-image-1.5"):
+    return await store.reserve(limit_plan, cost, request_id="req", model=model)
+
+
+async def test_a_limit_of_n_admits_a_burst_of_n_then_rejects_with_headers(backend: Backend) -> None:
+    store, tenant = await backend.store(), new_tenant()
+    p = plan(tenant, tenant_settings({"requests_per_minute": 3}))
+    admitted = [await reserve(store, p) for _ in range(3)]
+    assert all(a.allowed for a in admitted)
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in admitted] == ["2", "1", "0"]
+    rejected = await reserve(store, p)
+    assert not rejected.allowed and rejected.reservation is None
+    assert isinstance(rejected.error, RateLimited)
+    assert "requests_per_minute" in rejected.error.message and "limit 3" in rejected.error.message
+    headers = rejected.headers
+    assert headers["x-ratelimit-limit-requests"] == "3"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert headers["RateLimit-Policy"] == '"rpm";q=3;w=60'
+    # One request frees every 20 s: the reply may not send the client back any earlier.
+    retry_ms = int(headers["retry-after-ms"])
+    assert 19_900 <= retry_ms <= 20_000
+    assert headers["Retry-After"] == "20"
+    assert headers["RateLimit"] == '"rpm";r=0;t=20'
+    assert rejected.error.headers["Retry-After"] == "20"
+
+
+async def test_a_rejected_request_consumes_nothing_and_is_counted(backend: Backend) -> None:
+    store, tenant = await backend.store(), new_tenant()
+    settings = tenant_settings({"requests_per_minute": 10, "tokens_per_day": 1500, "concurrent_requests": 5})
+    p = plan(tenant, settings)
+    assert (await reserve(store, p)).allowed
+    refused = await reserve(store, p)  # 1000 more tokens would pass 1500
+    assert isinstance(refused.error, QuotaExceeded)
+    assert refused.error.headers["x-should-retry"] == "false"
+    assert "tokens_per_day" in refused.error.message and "resets at" in refused.error.message
+    statuses = await store.limit_status(p)
+    assert used(statuses, "tenant", "requests_per_minute") == 1
+    assert used(statuses, "tenant", "tokens_per_day") == 1000
+    assert used(statuses, "tenant", "concurrent_requests") == 1
+    today = (
+        datetime.now(UTC).date()
+        if backend.clock is None
+        else datetime.fromtimestamp(backend.clock.now, UTC).date()
+    )
+    [row] = await store.ledger(today, today, tenant)
+    assert row.rejected_quota == 1 and row.rejected_rate == 0
+
+
+async def test_all_scopes_pass_or_none_is_charged(backend: Backend) -> None:
+    store, tenant = await backend.store(), new_tenant()
+    settings = tenant_settings({"requests_per_minute": 5}, key_limits={"requests_per_minute": 1})
+    by_ops, by_other = plan(tenant, settings), plan(tenant, settings, key_index=1)
+    assert (await reserve(store, by_ops)).allowed
+    refused = await reserve(store, by_ops)
+    assert isinstance(refused.error, RateLimited) and "key 'ops'" in refused.error.message
+    assert used(await store.limit_status(by_ops), "tenant", "requests_per_minute") == 1
+    assert (await reserve(store, by_other)).allowed  # the other key has no limit of its own
+    assert 'key-rpm";q=1;w=60' in refused.headers["RateLimit-Policy"]
+
+
+async def test_end_users_are_limited_apart_and_never_named_in_keys(backend: Backend) -> None:
+    store, tenant = await backend.store(), new_tenant()
+    settings = tenant_settings(user_limits={"requests_per_minute": 1})
+    assert (await reserve(store, plan(tenant, settings, user="alice@example.com"))).allowed
+    assert not (await reserve(store, plan(tenant, settings, user="alice@example.com"))).allowed
+    assert (await reserve(store, plan(tenant, settings, user="bob@example.com"))).allowed
+    assert (await reserve(store, plan(tenant, settings))).allowed  # no user: no user limit
+    keys = await backend.keys(store, tenant)
+    assert not any("alice" in key or "bob" in key for key in keys)
+    digest = hashlib.sha256(b"alice@example.com").hexdigest()[:24]
+    assert any(f"user:{digest}" in key for key in keys)
+
+
+async def test_settle_replaces_the_estimate_with_the_actual(backend: Backend) -> None:
+    store, tenant = await backend.store(), new_tenant()
+    p = plan(tenant, tenant_settings({"tokens_per_day": 10_000, "usd_per_day": 10, "images_per_minute": 100}))
+    lower = await reserve(store, p, Cost(images=2, image_out_tokens=1000, nano_usd=50_000_000))
+    higher = await reserve(store, p, Cost(images=1, image_out_tokens=1000, nano_usd=50_000_000))
+    assert lower.reservation and higher.reservation
+    assert await store.settle(
+        lower.reservation, Cost(images=1, image_out_tokens=400, nano_usd=20_000_000), outcome="ok"
+    )
+    # An estimate below the actual charges the difference: the only way to go over a budget.
+    assert await store.settle(
+        higher.reservation, Cost(images=1, image_out_tokens=1500, nano_usd=70_000_000), outcome="ok"
+    )
+    statuses = await store.limit_status(p)
+    assert used(statuses, "tenant", "tokens_per_day") == 1900
+    assert used(statuses, "tenant", "usd_per_day") == 90_000_000
+    assert used(statuses, "tenant", "images_per_minute") == 2
+
+
+async def test_settle_retried_charges_once(backend: Backend) -> None:
+    store, tenant = await backend.store(), new_tenant()
+    p = plan(tenant, tenant_settings({"tokens_per_day": 10_000}))
+    admission = await reserve(store, p)
+    assert admission.reservation is not None
+    actual = Cost(images=1, image_out_tokens=700, nano_usd=1)
+    assert await store.settle(admission.reservation, actual, outcome="ok") is True
+    assert await store.settle(admission.reservation, actual, outcome="ok") is False
+    assert await store.settle(admission.reservation, Cost(), outcome="ok") is False
+    assert used(await store.limit_status(p), "tenant", "tokens_per_day") == 700
+    [row] = await store.ledger(admission.reservation.day, admission.reservation.day, tenant)
+    assert (row.requests, row.images, row.image_out_tokens, row.nano_usd) == (1, 1, 700, 1)
+
+
+async def test_a_refund_still_counts_the_request(backend: Backend) -> None:
+    store, tenant = await backend.store(), new_tenant()
+    p = plan(
+        tenant, tenant_settings({"requests_per_minute": 5, "tokens_per_day": 10_000, "usd_per_month": 1})
+    )
+    admission = await reserve(store, p)
+    assert admission.reservation is not None
+    assert await store.settle(admission.reservation, Cost(), outcome="failed")
+    statuses = await store.limit_status(p)
+    assert used(statuses, "tenant", "requests_per_minute") == 1
+    assert used(statuses, "tenant", "tokens_per_day") == 0
+    assert used(statuses, "tenant", "usd_per_month") == 0
+    [row] = await store.ledger(admission.reservation.day, admission.reservation.day, tenant)
+    assert (row.requests, row.failed, row.tokens, row.nano_usd) == (1, 1, 0, 0)
+
+
+async def test_settle_releases_the_lease_and_expiry_frees_a_lost_one(backend: Backend) -> None:
+    store, tenant = await backend.store(lease_ttl_seconds=1), new_tenant()
+    p = plan(tenant, tenant_settings({"concurrent_requests": 1}))
+    first = await reserve(store, p)
+    assert first.allowed and first.reservation
+    refused = await reserve(store, p)
+    assert isinstance(refused.error, RateLimited) and "concurrent_requests" in refused.error.message
+    assert 0 < int(refused.headers["retry-after-ms"]) <= 1000
+    await store.settle(first.reservation, ONE, outcome="ok")
+    lost = await reserve(store, p)  # this one's process "crashes": never settled
+    assert lost.allowed
+    assert not (await reserve(store, p)).allowed
+    await backend.advance(1.05)
+    assert (await reserve(store, p)).allowed
+
+
+async def test_per_minute_limits_refill_smoothly(backend: Backend) -> None:
+    store, tenant = await backend.store(), new_tenant()
+    p = plan(tenant, tenant_settings({"images_per_minute": 600}))  # one image per 100 ms
+    assert (await reserve(store, p, Cost(images=600))).allowed
+    refused = await reserve(store, p, Cost(images=1))
+    assert isinstance(refused.error, RateLimited)
+    assert 1 <= int(refused.headers["retry-after-ms"]) <= 100
+    await backend.advance(0.25)
+    assert (await reserve(store, p, Cost(images=2))).allowed
+    assert not (await reserve(store, p, Cost(images=2))).allowed
+
+
+async def test_retry_after_agrees_with_the_limiter(backend: Backend) -> None:
+    store, tenant = await backend.store(), new_tenant()
+    p = plan(tenant, tenant_settings({"images_per_minute": 60}))
+    assert (await reserve(store, p, Cost(images=60))).allowed
+    refused = await reserve(store, p, Cost(images=30))
+    retry_ms = int(refused.headers["retry-after-ms"])
+    assert 29_900 <= retry_ms <= 30_000  # 30 images at one per second
+    assert int(refused.headers["Retry-After"]) * 1000 >= retry_ms
+    t = int(refused.headers["RateLimit"].rsplit("t=", 1)[1])
+    assert int(refused.headers["Retry-After"]) >= t
+    reset_us = parse_duration_us(refused.headers["x-ratelimit-reset-images"])  # until all 60 are back
+    assert reset_us is not None and 59_000_000 <= reset_us <= 60_000_000
+    await backend.advance(0.2)
+    again = await reserve(store, p, Cost(images=30))
+    assert int(again.headers["retry-after-ms"]) <= retry_ms - 150
+
+
+async def test_a_request_larger_than_a_limit_is_not_retryable(backend: Backend) -> None:
+    store, tenant = await backend.store(), new_tenant()
+    p = plan(tenant, tenant_settings({"tokens_per_minute": 500}))
+    refused = await reserve(store, p)
+    assert isinstance(refused.error, QuotaExceeded) and "can never be admitted" in refused.error.message
+    assert "Retry-After" not in refused.headers
+    zero = plan(tenant, tenant_settings({"concurrent_requests": 0}))
+    assert isinstance((await reserve(store, zero)).error, QuotaExceeded)
+
+
+async def test_shadow_mode_serves_counts_and_charges(backend: Backend) -> None:
+    store, tenant = await backend.store(), new_tenant()
+    p = plan(tenant, tenant_settings({"requests_per_minute": 1, "usd_per_day": 0.05}, shadow=True))
+    first, second = await reserve(store, p), await reserve(store, p)
+    assert first.allowed and second.allowed and second.error is None
+    assert first.shadow_rejections == []
+    assert sorted(second.shadow_rejections) == ["tenant.requests_per_minute", "tenant.usd_per_day"]
+    assert used(await store.limit_status(p), "tenant", "requests_per_minute") == 2
+    assert second.reservation is not None
+    [row] = await store.ledger(second.reservation.day, second.reservation.day, tenant)
+    assert row.shadow_rejected == 1 and row.rejected_rate == row.rejected_quota == 0
+    decisions = backend.metrics.ratelimit_decisions.labels(tenant, "requests_per_minute", "shadow_reject")
+    assert decisions._value.get() == 1
+
+
+async def test_headers_on_every_answer_name_every_policy(backend: Backend) -> None:
+    store, tenant = await backend.store(), new_tenant()
+    limits = {
+        "requests_per_minute": 60,
+        "tokens_per_minute": 100_000,
+        "tokens_per_day": 5_000_000,
+        "images_per_minute": 30,
+        "usd_per_day": 50,
+        "usd_per_month": 500,
+        "concurrent_requests": 4,
+    }
+    admission = await reserve(store, plan(tenant, tenant_settings(limits)))
+    h = admission.headers
+    assert h["x-ratelimit-remaining-tokens"] == "99000"  # the per-minute limit is the tighter one
+    assert (h["x-ratelimit-limit-usd"], h["x-ratelimit-remaining-usd"]) == ("50", "49.96")
+    assert h["x-ratelimit-limit-images"] == "30" and h["x-ratelimit-remaining-images"] == "29"
+    reset_us = parse_duration_us(h["x-ratelimit-reset-requests"])  # one request frees in a second
+    assert reset_us is not None and 900_000 <= reset_us <= 1_000_000
+    policy = h["RateLimit-Policy"]
+    for item in (
+        '"rpm";q=60;w=60',
+        '"tpd";q=5000000;w=86400',
+        '"usd-day";q=50000000;w=86400',
+        '"ipm";q=30;w=60',
+    ):
+        assert item in policy
+    assert "concurrency" not in policy
+    assert h["RateLimit"].startswith('"ipm";r=29;t=')
+
+
+async def test_every_key_expires_and_settling_leaves_no_reservation(backend: Backend) -> None:
+    store, tenant = await backend.store(), new_tenant()
+    limits = {
+        "requests_per_minute": 60,
+        "tokens_per_day": 5_000_000,
+        "usd_per_month": 500,
+        "concurrent_requests": 4,
+    }
+    p = plan(tenant, tenant_settings(limits, user_limits={"images_per_minute": 5}), user="u1")
+    admissions = [await reserve(store, p) for _ in range(3)]
+    keys = await backend.keys(store, tenant)
+    assert sum(":rsv:" in key for key in keys) == 3
+    assert all(ttl > 0 for ttl in keys.values()), keys
+    for admission in admissions:
+        assert admission.reservation is not None
+        await store.settle(admission.reservation, ONE, outcome="ok")
+    keys = await backend.keys(store, tenant)
+    assert not any(":rsv:" in key or ":lease:" in key for key in keys), keys
+    assert all(ttl > 0 for ttl in keys.values()), keys
+
+
+async def test_ledger_rows_per_model_and_day(backend: Backend) -> None:
+    store, tenant = await backend.store(), new_tenant()
+    p = plan(tenant, tenant_settings({"requests_per_minute": 2}))
+    days = set()
+    for model in ("gpt-image-1.5", "gpt-image-2", "gpt-image-1.5"):
+        admission = await reserve(store, p, model=model)
+        if admission.reservation:
+            days.add(admission.reservation.day)
+            actual = Cost(images=1, text_in_tokens=10, image_out_tokens=100, nano_usd=5)
+            await store.settle(admission.reservation, actual, outcome="ok")
+    [day] = days
+    rows = {r.model: r for r in await store.ledger(day, day, tenant)}
+    assert rows["gpt-image-1.5"].requests == 1 and rows["gpt-image-1.5"].rejected_rate == 1
+    assert rows["gpt-image-2"].requests == 1 and rows["gpt-image-2"].tokens == 110
+    everyone = await store.ledger(day, day)
+    assert {r.tenant for r in everyone} >= {tenant}
+
+
+async def test_a_reservation_settles_from_another_process(backend: Backend) -> None:
+    store, tenant = await backend.store(), new_tenant()
+    p = plan(tenant, tenant_settings({"tokens_per_day": 10_000, "concurrent_requests": 1}))
+    admission = await reserve(store, p)
+    assert admission.reservation is not None
+    # Another process's store, given only the serialised reservation (the memory store is one process).
+    elsewhere = await backend.store() if backend.is_redis else store
+    copy = Reservation.from_dict(admission.reservation.to_dict())
+    assert copy == admission.reservation
+    assert await elsewhere.settle(copy, Cost(image_out_tokens=250), outcome="ok")
+    statuses = await store.limit_status(p)
+    assert used(statuses, "tenant", "tokens_per_day") == 250
+    assert used(statuses, "tenant", "concurrent_requests") == 0
+
+
+async def test_reused_request_ids_keep_their_own_reservations(backend: Backend) -> None:
+    store, tenant = await backend.store(), new_tenant()
+    p = plan(tenant, tenant_settings({"tokens_per_day": 10_000}))
+    a, b = await reserve(store, p), await reserve(store, p)  # both "req": ids may come from clients
+    assert a.reservation and b.reservation and a.reservation.id != b.reservation.id
+    assert await store.settle(a.reservation, Cost(image_out_tokens=100), outcome="ok")
+    assert await store.settle(b.reservation, Cost(image_out_tokens=200), outcome="ok")
+    assert used(await store.limit_status(p), "tenant", "tokens_per_day") == 300
+
+
+async def test_usd_limits_are_exact_in_nano_usd(backend: Backend) -> None:
+    store, tenant = await backend.store(), new_tenant()
+    p = plan(tenant, tenant_settings({"usd_per_day": "0.3"}))
+    tenth = Cost(nano_usd=NANO_PER_USD // 10)
+    assert all([(await reserve(store, p, tenth)).allowed for _ in range(3)])
+    refused = await reserve(store, p, tenth)
+    assert isinstance(refused.error, QuotaExceeded) and "$0.3" in refused.error.message
