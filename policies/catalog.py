@@ -21,10 +21,18 @@ from decimal import Decimal
 from importlib import resources
 from itertools import pairwise
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from policies import sizes
 from policies.sizes import SizeRule
@@ -41,6 +49,10 @@ _API_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "output_compression": 100,
     }
 )
+
+
+# [[pixels, tokens], ...] of a monotone upper envelope (see catalog.yaml)
+_Curve = Annotated[list[tuple[PositiveInt, NonNegativeInt]], Field(min_length=1)]
 
 
 class _Frozen(BaseModel):
@@ -117,11 +129,11 @@ class ModelEntry(_Frozen):
     response_formats: list[str] | None = None
     styles: list[str] | None = None
     user_max_chars: int = Field(default=256, ge=1)
-    token_table: dict[str, dict[str, int]] | None = None
-    token_curve: dict[str, list[tuple[int, int]]] | None = None
+    token_table: dict[str, dict[str, NonNegativeInt]] | None = None
+    token_curve: dict[str, _Curve] | None = None
     partial_image_tokens: int = Field(default=0, ge=0)
     prices: Prices | None = None
-    image_prices: dict[str, dict[str, Decimal]] | None = None
+    image_prices: dict[str, dict[str, Annotated[Decimal, Field(ge=0)]]] | None = None
     lifecycle: Lifecycle = Lifecycle()
 
     @property
@@ -182,7 +194,8 @@ class ModelEntry(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelEntry:
-        problems = [*self._default_problems(), *self._pricing_problems(), *_curve_problems(self)]
+        # a broken curve cannot be evaluated: report it instead of what pricing would make of it
+        problems = [*self._default_problems(), *(_curve_problems(self) or self._pricing_problems())]
         if self.partial_images is not None and not self.stream:
             problems.append("partial_images: needs stream: true")
         if problems:
@@ -247,9 +260,6 @@ def _curve_problems(entry: ModelEntry) -> list[str]:
     problems = []
     for quality, points in (entry.token_curve or {}).items():
         where = f"token_curve.{quality}"
-        if not points:
-            problems.append(f"{where}: needs at least one [pixels, tokens] point")
-            continue
         if any(p0 >= p1 or t0 > t1 for (p0, t0), (p1, t1) in pairwise(points)):
             problems.append(f"{where}: points must rise in pixels and never fall in tokens (an upper bound)")
             continue
@@ -304,7 +314,7 @@ def load_catalog(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Ca
         _resolve(name, new, resolved, errors, ())
     entries = _validate(resolved, errors)
     implicit = ImplicitModel.model_validate(shipped["implicit_model"])
-    _check_references(entries, implicit, errors)
+    _check_references(entries, set(resolved), implicit, errors)
     if errors:
         raise CatalogError(errors)
     return Catalog(entries, implicit)
@@ -384,11 +394,14 @@ def _lines(name: str, exc: ValidationError) -> list[str]:
     return lines
 
 
-def _check_references(entries: Mapping[str, ModelEntry], implicit: ImplicitModel, errors: list[str]) -> None:
+def _check_references(
+    entries: Mapping[str, ModelEntry], names: set[str], implicit: ImplicitModel, errors: list[str]
+) -> None:
+    """References between entries; `names` includes entries that failed validation (already reported)."""
     for name, entry in entries.items():
         replacement = entry.lifecycle.replacement
-        if replacement is not None and replacement not in entries:
+        if replacement is not None and replacement not in names:
             errors.append(f"catalog.{name}.lifecycle.replacement: unknown model {replacement!r}")
     for which, name in implicit:
-        if name not in entries:
+        if name not in names:
             errors.append(f"catalog.implicit_model.{which}: unknown model {name!r}")

@@ -44,7 +44,7 @@ class Violation:
 
 @dataclass(frozen=True, slots=True)
 class Adjustment:
-    """A change the gateway made to the request; `reason` says why (e.g. `policy clamp (max_n)`)."""
+    """A change the gateway made to the request; `reason` says why (e.g. `policy clamp: max_n`)."""
 
     param: str
     before: Any  # None: the request did not carry the field
