@@ -1,0 +1,202 @@
+"""Properties of the engine and the estimate over generated requests and policies (hypothesis).
+
+- `evaluate` never raises, on any JSON value or any policy, and always returns a Decision;
+- a request it allows passes the catalog's own capability checks, and is a fixed point: evaluating
+  the forwarded body again (enforce mode) allows it with nothing left to change;
+- the mock upstream accepts what it allows and reports no more tokens than the estimate;
+- the estimate is never below the catalog's token table for any size and quality the request can
+  resolve to.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.mock_upstream.errors import UpstreamError
+from gateway.mock_upstream.models import usage as mock_usage
+from gateway.mock_upstream.validation import validate as mock_validate
+from policies import capabilities, sizes
+from policies.cost import estimate
+from policies.engine import Decision, evaluate
+from policies.rules import Policy
+from policies.tenant import size_allowed
+from tests.unit.policies.world import CATALOG, ROUTES, UPSTREAM_IDS
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+SIZES = [
+    "auto",
+    "1024x1024",
+    "1536x1024",
+    "1024x1536",
+    "256x256",
+    "1792x1024",
+    "1536x864",
+    "3840x2160",
+    "1000x1000",
+]
+ARBITRARY = st.builds(lambda w, h: f"{w * 16}x{h * 16}", st.integers(1, 260), st.integers(1, 260))
+
+
+def values(*choices: Any) -> st.SearchStrategy[Any]:
+    return st.sampled_from(choices) | st.none()
+
+
+PARAMS: dict[str, st.SearchStrategy[Any]] = {
+    "model": values(*ROUTES, "dall-e-2", "dall-e-3", "gpt-image-1", "nope") | JSON,
+    "prompt": st.text(max_size=40) | st.text(min_size=1000, max_size=1100) | JSON,
+    "n": st.integers(-1, 12) | JSON,
+    "size": values(*SIZES) | ARBITRARY | JSON,
+    "quality": values("low", "medium", "high", "auto", "standard", "hd", "best"),
+    "background": values("transparent", "opaque", "auto", "clear"),
+    "moderation": values("low", "auto", "none"),
+    "output_format": values("png", "jpeg", "webp", "gif"),
+    "output_compression": st.integers(-5, 110) | st.none(),
+    "stream": st.booleans() | st.none() | JSON,
+    "partial_images": st.integers(-1, 5) | st.none(),
+    "response_format": values("url", "b64_json"),
+    "style": values("vivid", "natural"),
+    "user": st.text(max_size=20) | st.just("u" * 300) | st.none(),
+    "extra": JSON,
+}
+WILD = st.fixed_dictionaries({}, optional=PARAMS)
+# mostly values a GPT image model takes, so that many requests get through to the later stages
+PLAUSIBLE = st.fixed_dictionaries(
+    {"prompt": st.text(min_size=1, max_size=60)},
+    optional={
+        "model": st.sampled_from([*ROUTES, "dall-e-2", "dall-e-3"]),
+        "n": st.integers(1, 10),
+        "size": st.sampled_from(["auto", "1024x1024", "1536x1024", "1024x1536"]) | ARBITRARY,
+        "quality": st.sampled_from(["low", "medium", "high", "auto"]),
+        "background": st.sampled_from(["opaque", "auto", "transparent"]),
+        "moderation": st.sampled_from(["low", "auto"]),
+        "output_format": st.sampled_from(["png", "webp", "jpeg"]),
+        "output_compression": st.integers(0, 100),
+        "stream": st.booleans(),
+        "partial_images": st.integers(0, 3),
+        "user": st.text(max_size=20),
+    },
+)
+BODIES = WILD | PLAUSIBLE
+
+POLICY_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "mode": st.sampled_from(["enforce", "shadow"]),
+    "models": st.lists(st.sampled_from(sorted(ROUTES)), unique=True),
+    "default_model": st.sampled_from(sorted(ROUTES)),
+    "sizes": st.lists(
+        st.sampled_from(["auto", "1024x1024", "1536x1024", "1024x1536", "1536x864"]), unique=True
+    ),
+    "max_pixels": st.integers(600_000, 9_000_000),
+    "max_edge": st.integers(1000, 4000),
+    "qualities": st.lists(st.sampled_from(["low", "medium", "high", "auto", "standard"]), unique=True),
+    "max_n": st.integers(1, 10),
+    "moderation": st.lists(st.sampled_from(["low", "auto"]), unique=True),
+    "output_formats": st.lists(st.sampled_from(["png", "jpeg", "webp"]), unique=True),
+    "backgrounds": st.lists(st.sampled_from(["auto", "opaque", "transparent"]), unique=True),
+    "output_compression": st.builds(
+        lambda a, b: {"min": min(a, b), "max": max(a, b)}, st.integers(0, 100), st.integers(0, 100)
+    ),
+    "stream": st.booleans(),
+    "max_partial_images": st.integers(0, 3),
+    "max_prompt_chars": st.integers(1, 2000),
+    "require_user": st.booleans(),
+    "deny_prompt_patterns": st.lists(st.sampled_from([r"\bcat\b", "^a", "[0-9]{3}"]), max_size=2),
+    "on_violation": st.dictionaries(
+        st.sampled_from(["n", "quality", "partial_images", "size"]), st.sampled_from(["reject", "clamp"])
+    ),
+}
+POLICIES = st.fixed_dictionaries({}, optional=POLICY_FIELDS).map(Policy.model_validate)
+
+
+@SETTINGS
+@given(policy=POLICIES, body=JSON)
+def test_evaluate_never_raises_on_any_json_value(policy: Policy, body: Any) -> None:
+    assert isinstance(evaluate(policy, CATALOG, ROUTES, body), Decision)
+
+
+@SETTINGS
+@given(policy=POLICIES, body=BODIES)
+def test_an_allowed_request_passes_the_catalogs_own_checks_and_is_a_fixed_point(
+    policy: Policy, body: dict[str, Any]
+) -> None:
+    decision = evaluate(policy, CATALOG, ROUTES, body)
+    assert isinstance(decision, Decision)
+    if not decision.allowed:
+        assert decision.error is not None or (decision.violations and not decision.shadow)
+        return
+    assert decision.model in ROUTES and decision.entry is not None
+    assert decision.body["model"] == decision.model
+    assert capabilities.check(decision.entry, decision.body, decision.model) is None
+    if policy.mode == "enforce":
+        again = evaluate(policy, CATALOG, ROUTES, decision.body)
+        assert again.allowed and again.violations == () and again.adjustments == (), again
+
+
+def resolutions(decision: Decision, policy: Policy) -> list[tuple[str, str]]:
+    """Every concrete (size, quality) the upstream may produce for an allowed decision."""
+    entry, body = decision.entry, decision.body
+    assert entry is not None
+    size, quality = entry.effective(body, "size"), entry.effective(body, "quality")
+    size_options = (
+        [size] if sizes.parse(size) else [s for s in entry.fixed_sizes if size_allowed(policy, entry, s)]
+    )
+    concrete = entry.concrete_qualities
+    quality_options = (
+        [quality] if quality in concrete else [q for q in concrete if q in (policy.qualities or concrete)]
+    )
+    return [(s, q) for s in size_options for q in quality_options]
+
+
+@SETTINGS
+@given(policy=POLICIES, body=BODIES)
+def test_the_estimate_is_never_below_the_token_table(policy: Policy, body: dict[str, Any]) -> None:
+    decision = evaluate(policy, CATALOG, ROUTES, body)
+    if not decision.allowed or decision.entry is None or decision.entry.per_image:
+        return
+    entry, forwarded = decision.entry, decision.body
+    cost = estimate(forwarded, entry, policy)
+    n = entry.effective(forwarded, "n")
+    partials = entry.effective(forwarded, "partial_images") if forwarded.get("stream") is True else 0
+    for size, quality in resolutions(decision, policy):
+        per_image = (entry.token_table or {}).get(size, {}).get(quality)
+        if per_image is not None:
+            assert cost.image_out_tokens >= n * (per_image + partials * entry.partial_image_tokens)
+        assert cost.image_out_tokens >= n * (entry.output_tokens(size, quality) or 0)
+
+
+@SETTINGS
+@given(policy=POLICIES, body=BODIES)
+def test_the_mock_upstream_accepts_what_is_allowed_and_reports_no_more_than_the_estimate(
+    policy: Policy, body: dict[str, Any]
+) -> None:
+    decision = evaluate(policy, CATALOG, ROUTES, body)
+    if not decision.allowed or decision.model not in UPSTREAM_IDS or decision.entry is None:
+        return
+    flavor = ROUTES[decision.model].flavor
+    forwarded = {**decision.body, "model": UPSTREAM_IDS[decision.model]}
+    try:
+        gen = mock_validate(forwarded, flavor)
+    except UpstreamError as exc:
+        raise AssertionError(
+            f"the {flavor} mock refused an allowed request: {exc.message} {forwarded}"
+        ) from exc
+    reported = mock_usage(
+        gen.family,
+        gen.width,
+        gen.height,
+        gen.quality,
+        n=gen.n,
+        prompt=gen.prompt,
+        partial_images=gen.partial_images,
+    )
+    cost = estimate(decision.body, decision.entry, policy)
+    assert cost.text_in_tokens >= reported["input_tokens_details"]["text_tokens"]
+    assert cost.image_out_tokens >= reported["output_tokens"]
