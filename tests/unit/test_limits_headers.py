@@ -1,0 +1,114 @@
+"""Header rendering and merging: Go durations, USD text, and never more permissive than upstream."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.limits.headers import go_duration, merge_upstream_limit_headers, parse_duration_us, usd_text
+
+
+@pytest.mark.parametrize(
+    ("us", "text"),
+    [
+        (0, "0s"),
+        (1, "1ms"),  # rounded up: never earlier than the real reset
+        (20_000, "20ms"),
+        (999_001, "1s"),
+        (1_000_000, "1s"),
+        (1_500_000, "1.5s"),
+        (8_640_000, "8.64s"),
+        (60_000_000, "1m0s"),
+        (360_000_000, "6m0s"),
+        (61_001_000, "1m1.001s"),
+        (3_600_000_000, "1h0m0s"),
+        (90_061_000_000, "25h1m1s"),
+    ],
+)
+def test_go_durations(us: int, text: str) -> None:
+    assert go_duration(us) == text
+    parsed = parse_duration_us(text)
+    assert parsed is not None and parsed >= us
+
+
+@pytest.mark.parametrize("text", ["", "abc", "1x", "1m s"])
+def test_unparseable_durations(text: str) -> None:
+    assert parse_duration_us(text) is None
+
+
+def test_plain_seconds_parse_as_durations() -> None:
+    assert parse_duration_us("60") == 60_000_000
+
+
+@pytest.mark.parametrize(
+    ("nano", "text"),
+    [(0, "0"), (50_000_000_000, "50"), (170_000_000, "0.17"), (12_000_000_001, "12.000000001")],
+)
+def test_usd_text_is_exact(nano: int, text: str) -> None:
+    assert usd_text(nano) == text
+
+
+OURS = {
+    "x-ratelimit-limit-requests": "60",
+    "x-ratelimit-remaining-requests": "59",
+    "x-ratelimit-reset-requests": "1s",
+    "x-ratelimit-limit-tokens": "200000",
+    "x-ratelimit-remaining-tokens": "190000",
+    "x-ratelimit-reset-tokens": "3s",
+    "RateLimit-Policy": '"rpm";q=60;w=60',
+    "RateLimit": '"rpm";r=59;t=1',
+}
+
+
+def test_merge_keeps_the_lower_remaining_and_the_later_reset() -> None:
+    upstream = {
+        "X-RateLimit-Limit-Requests": "5",
+        "X-RateLimit-Remaining-Requests": "4",
+        "X-RateLimit-Reset-Requests": "12s",
+        "x-ratelimit-limit-tokens": "1000000",
+        "x-ratelimit-remaining-tokens": "999000",
+        "x-ratelimit-reset-tokens": "20ms",
+    }
+    merged = merge_upstream_limit_headers(OURS, upstream)
+    assert merged["x-ratelimit-limit-requests"] == "5"
+    assert merged["x-ratelimit-remaining-requests"] == "4"
+    assert merged["x-ratelimit-reset-requests"] == "12s"
+    assert merged["x-ratelimit-limit-tokens"] == "200000"  # ours is tighter
+    assert merged["x-ratelimit-remaining-tokens"] == "190000"
+    assert merged["x-ratelimit-reset-tokens"] == "3s"
+
+
+def test_merge_adds_categories_only_the_upstream_reports() -> None:
+    merged = merge_upstream_limit_headers(
+        OURS, {"x-ratelimit-remaining-images": "3", "x-ratelimit-limit-images": "5"}
+    )
+    assert merged["x-ratelimit-remaining-images"] == "3" and merged["x-ratelimit-limit-images"] == "5"
+    assert merged["x-ratelimit-remaining-requests"] == "59"
+
+
+def test_merge_with_no_upstream_headers_is_ours() -> None:
+    assert merge_upstream_limit_headers(OURS, {"content-type": "application/json"}) == OURS
+
+
+def test_merge_concatenates_ietf_lists_and_passes_digitalocean_through() -> None:
+    upstream = {
+        "RateLimit-Policy": '"default";q=100;w=10',
+        "ratelimit": '"default";r=7;t=3',
+        "ratelimit-limit": "5000",
+        "ratelimit-remaining": "4999",
+        "ratelimit-reset": "1718000000",
+    }
+    merged = merge_upstream_limit_headers(OURS, upstream)
+    assert merged["RateLimit-Policy"] == '"rpm";q=60;w=60, "default";q=100;w=10'
+    assert merged["RateLimit"] == '"rpm";r=59;t=1, "default";r=7;t=3'
+    assert (merged["ratelimit-limit"], merged["ratelimit-remaining"], merged["ratelimit-reset"]) == (
+        "5000",
+        "4999",
+        "1718000000",
+    )
+
+
+def test_unparseable_upstream_values_never_loosen_ours() -> None:
+    upstream = {"x-ratelimit-remaining-requests": "lots", "x-ratelimit-reset-requests": "soon"}
+    merged = merge_upstream_limit_headers(OURS, upstream)
+    assert merged["x-ratelimit-remaining-requests"] == "59"
+    assert merged["x-ratelimit-reset-requests"] == "1s"

@@ -1,0 +1,67 @@
+"""Which limits apply: scopes, names, user digests, shadow mode, USD in nano-USD, key names."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import date
+
+from gateway.limits import LimitPlan
+from gateway.limits.calls import compile_checks
+from gateway.limits.keys import ledger_key, parse_ledger_key
+from gateway.settings import KeySettings, Limits, TenantSettings
+from policies.cost import Cost
+
+HASH = "sha256:" + "0" * 64
+
+
+def _tenant(**kwargs: object) -> TenantSettings:
+    keys = kwargs.pop("keys", [KeySettings(hash=HASH)])
+    return TenantSettings(policy="p", keys=keys, **kwargs)  # type: ignore[arg-type]
+
+
+def test_tenant_limits_only() -> None:
+    tenant = _tenant(limits=Limits(requests_per_minute=60, usd_per_day="12.5"))
+    plan = LimitPlan.build("team", tenant, tenant.keys[0], 0, "someone")
+    assert [s.name for s in plan.scopes] == ["tenant"]
+    values = {limit.kind.name: limit.value for limit in plan.scopes[0].limits}
+    assert values == {"requests_per_minute": 60, "usd_per_day": 12_500_000_000}
+    assert not plan.shadow
+
+
+def test_key_and_user_scopes() -> None:
+    named = KeySettings(hash=HASH, name="ci", limits=Limits(images_per_minute=5))
+    anonymous = KeySettings(hash="sha256:" + "1" * 64, limits=Limits(images_per_minute=7))
+    tenant = _tenant(keys=[named, anonymous], user_limits=Limits(tokens_per_day=1000), limits_mode="shadow")
+    plan = LimitPlan.build("team", tenant, named, 0, "alice@example.com")
+    digest = hashlib.sha256(b"alice@example.com").hexdigest()[:24]
+    assert [s.name for s in plan.scopes] == ["key:ci", f"user:{digest}"]
+    assert [s.kind for s in plan.scopes] == ["key", "user"]
+    assert plan.shadow
+    assert [s.name for s in LimitPlan.build("team", tenant, anonymous, 1, None).scopes] == ["key:1"]
+    assert [s.name for s in LimitPlan.for_tenant("team", tenant).scopes] == ["key:ci", "key:1"]
+
+
+def test_checks_name_keys_under_the_tenant_hash_tag() -> None:
+    tenant = _tenant(
+        limits=Limits(requests_per_minute=1, tokens_per_day=2, usd_per_month=3, concurrent_requests=4)
+    )
+    plan = LimitPlan.build("team", tenant, tenant.keys[0], 0, None)
+    checks = compile_checks(
+        plan, Cost(images=2, text_in_tokens=5, image_out_tokens=10, nano_usd=7), date(2026, 2, 28)
+    )
+    assert [(c.key, c.cost) for c in checks] == [
+        ("igw:{team}:rate:tenant:rpm", 1),
+        ("igw:{team}:window:tenant:tpd:2026-02-28", 15),
+        ("igw:{team}:window:tenant:usd-month:2026-02", 7),
+        ("igw:{team}:lease:tenant", 1),
+    ]
+    month = checks[2]
+    assert month.window_s == 28 * 86_400 and month.end_us == 1_772_323_200 * 1_000_000
+    assert month.expire_at == 1_772_323_200 + 86_400
+
+
+def test_ledger_keys_round_trip_whatever_the_tenant_name() -> None:
+    for tenant in ("team", "a}b", "x:ledger:y", "{t}"):
+        assert parse_ledger_key(ledger_key(tenant, date(2026, 1, 2))) == (tenant, date(2026, 1, 2))
+    assert parse_ledger_key("igw:{team}:rate:tenant:rpm") is None
+    assert parse_ledger_key("igw:{team}:ledger:not-a-day") is None
