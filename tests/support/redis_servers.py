@@ -5,8 +5,9 @@ without persistence (`--save "" --appendonly no`), and is stopped at the end. Ne
 server on 6379. To use the fixtures from any test directory, import them into its conftest.py:
 
     from tests.support.redis_servers import redis_cluster, redis_server, redis_server_factory  # noqa: F401
+    from tests.support.redis_servers import redis_url  # noqa: F401  (needs redis_server imported too)
 
-`redis_server` and `redis_cluster` are session-scoped (tests keep apart by using their own
+`redis_server`, `redis_url` and `redis_cluster` are session-scoped (tests keep apart by using their own
 tenant names); `redis_server_factory` gives a test servers of its own to stop and restart.
 """
 
@@ -171,6 +172,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's standalone server as a `store.url` (import it together with `redis_server`)."""
+    return redis_server.url
 
 
 @pytest.fixture(scope="session")
