@@ -63,6 +63,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await app[PIPELINE].drain(app[RUNTIME].current.settings.server.shutdown_grace_seconds)
         await session.close()
         await store.close()
 

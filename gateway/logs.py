@@ -16,10 +16,6 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def _orjson_dumps(event: Any, **_: Any) -> bytes:
-    return orjson.dumps(event, default=str)
-
-
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
     """Configure structlog once for the process; safe to call again (reload, tests)."""
     shared: list[Any] = [
@@ -31,7 +27,11 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         processors = [*shared, structlog.dev.ConsoleRenderer(colors=False)]
         factory: Any = structlog.PrintLoggerFactory(sys.stderr)
     else:
-        processors = [*shared, structlog.processors.format_exc_info, _orjson_dumps]
+        processors = [
+            *shared,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+        ]
         factory = structlog.BytesLoggerFactory(sys.stdout.buffer)
     structlog.configure(
         processors=processors,

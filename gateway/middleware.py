@@ -8,6 +8,7 @@ own HTTP errors (404, 405) are translated; anything else is a logged 500 with no
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -42,6 +43,7 @@ class RequestRecord:
     status: int = 0
     ttfb_ms: float | None = None
     fields: dict[str, Any] = field(default_factory=dict)
+    pending: asyncio.Future[Any] | None = None  # work that outlives a cancelled handler
 
 
 RECORD = web.RequestKey("record", RequestRecord)
@@ -83,7 +85,11 @@ def create_request_middleware(metrics: Metrics) -> Any:
             record.status = response.status
             return response
         finally:
-            _finish(request, record, metrics)
+            if record.pending is not None and not record.pending.done():
+                # The handler was cancelled while the pipeline still works: log when it is done.
+                record.pending.add_done_callback(lambda _: _finish(request, record, metrics))
+            else:
+                _finish(request, record, metrics)
 
     return request_middleware
 

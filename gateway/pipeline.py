@@ -59,6 +59,7 @@ class Pipeline:
         self.session = session
         self.store = store
         self.metrics = metrics
+        self.tasks: set[asyncio.Task[web.StreamResponse]] = set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         runtime = self.runtime.current
@@ -68,6 +69,23 @@ class Pipeline:
         body = await parse(request, runtime.settings.server.max_body_bytes)
         decision = self.apply_policy(runtime, credential, body, record)
         admitted = await self.admit(runtime, credential, decision, record)
+        # From here the work is owned by the pipeline, not by the connection: if the handler is
+        # cancelled (client gone, shutdown), the upstream is still drained and the request settled.
+        work = asyncio.create_task(self.serve(request, runtime, credential, admitted, record))
+        self.tasks.add(work)
+        work.add_done_callback(self._forget)
+        record.pending = work
+        return await asyncio.shield(work)
+
+    async def serve(
+        self,
+        request: web.Request,
+        runtime: Runtime,
+        credential: Credential,
+        admitted: Admitted,
+        record: RequestRecord,
+    ) -> web.StreamResponse:
+        """Forward, relay and settle an admitted request; settles exactly once on every path."""
         with _InFlight(self.metrics):
             outcome: RelayOutcome | None = None
             try:
@@ -78,6 +96,22 @@ class Pipeline:
                 raise
             finally:
                 await asyncio.shield(self.settle(credential, admitted, outcome, record))
+
+    def _forget(self, task: asyncio.Task[web.StreamResponse]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved here when the handler that awaited it was cancelled
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for admitted requests to finish (shutdown); cancel what is left after `timeout`."""
+        if not self.tasks:
+            return
+        log.info("draining_requests", in_flight=len(self.tasks), timeout_seconds=timeout)
+        _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
 
     def apply_policy(
         self, runtime: Runtime, credential: Credential, body: dict[str, Any], record: RequestRecord
