@@ -12,7 +12,11 @@ reports usage from it, like the mock) gives for the same request:
 - output tokens: the table (or, for sizes it lacks, the catalog's monotone token curve) at the
   size and quality, times n, plus `partial_image_tokens` for each partial image when streaming.
 - `auto` or omitted quality and size: the most expensive value the policy allows for the model
-  (its concrete qualities, its listed sizes: `auto` picks among the standard sizes).
+  (its concrete qualities, its listed sizes: `auto` picks among the standard sizes). Only an
+  enforced policy narrows it: in shadow mode the policy binds nothing, so the model's own worst
+  case counts. And the policy cannot make `auto` cheaper than the entry's `auto_quality_at_least`
+  (medium: what `auto` resolves to at the mock upstream, the least we assume of the real one), so
+  `qualities: [low, auto]` still reserves medium for an `auto` request.
 - per-image priced models (dall-e) reserve n times the price of the size and quality.
 Cached-input prices are catalogued but never applied: image `usage` does not split cached tokens by
 bucket, so settling at the uncached price is the safe upper bound.
@@ -58,13 +62,14 @@ class Cost:
 def estimate(body: Mapping[str, Any], entry: ModelEntry, policy: Policy) -> Cost:
     """The most this request can cost (body = Decision.body); tolerant of any body."""
     n = _images(body.get("n"), entry)
+    binding = policy if policy.mode == "enforce" else None
     if entry.per_image:
-        return _per_image(body, entry, policy, n)
+        return _per_image(body, entry, binding, n)
     per_image = max(
         (
             entry.output_tokens(size, quality) or 0
-            for size in _sizes(body.get("size"), entry, policy)
-            for quality in _qualities(body.get("quality"), entry, policy)
+            for size in _sizes(body.get("size"), entry, binding)
+            for quality in _qualities(body.get("quality"), entry, binding)
         ),
         default=0,
     )
@@ -156,7 +161,8 @@ def _qualities(value: object, entry: ModelEntry, policy: Policy | None) -> list[
     if quality in concrete:
         return [str(quality)]
     allowed = [q for q in concrete if policy is None or policy.qualities is None or q in policy.qualities]
-    return allowed or concrete
+    floor = [entry.auto_quality_at_least] if entry.auto_quality_at_least else []
+    return (allowed or concrete) + floor
 
 
 def _count(value: object) -> int | None:

@@ -14,7 +14,9 @@
    lists `auto` for gpt-image-1 while one of its documents omits 1024x1024, so `auto` is the one
    value both its documents accept, and it is what OpenAI does when size is omitted), and
    `partial_images: 1` when streaming without a positive value. These fills come after the policy
-   (they are the gateway's doing, not the client's) and are adjustments too.
+   and are not judged by it (they are the gateway's doing, not the client's: with
+   `max_partial_images: 0` a stream to DigitalOcean still gets its one partial image, and the
+   estimate counts it); they are adjustments too.
 
 Every change to the body is an `Adjustment`; `Decision.body` keeps the public model name.
 `evaluate` never raises, whatever JSON value it is given.

@@ -59,6 +59,33 @@ def test_auto_is_estimated_at_the_most_expensive_value_the_policy_allows() -> No
     assert cost_of("gpt-image-1.5", only_auto).image_out_tokens == 6240
 
 
+def test_auto_quality_is_never_estimated_below_what_auto_resolves_to() -> None:
+    assert (
+        cost_of("gpt-image-1.5", Policy(qualities=["low", "auto"]), size="1024x1024").image_out_tokens == 1056
+    )
+    assert (
+        cost_of(
+            "gpt-image-1.5", Policy(qualities=["low", "medium", "auto"]), size="1024x1024"
+        ).image_out_tokens
+        == 1056
+    )
+    assert (
+        cost_of(
+            "gpt-image-1.5", Policy(qualities=["low", "auto"]), size="1024x1024", quality="low"
+        ).image_out_tokens
+        == 272
+    )
+
+
+def test_a_shadow_policy_does_not_narrow_the_estimate() -> None:
+    shadow = Policy(mode="shadow", qualities=["low"], sizes=["1024x1024"])
+    assert (
+        cost_of("gpt-image-1.5", shadow).image_out_tokens == 6240
+    )  # it binds nothing: the model's worst case
+    enforced = Policy(qualities=["low"], sizes=["1024x1024", "auto"])
+    assert cost_of("gpt-image-1.5", enforced).image_out_tokens == 1056  # the floor, at the only size allowed
+
+
 def test_n_and_streamed_partial_images_multiply() -> None:
     cost = cost_of("gpt-image-1.5", size="1024x1024", quality="low", n=3, stream=True, partial_images=2)
     assert (cost.images, cost.image_out_tokens) == (3, (272 + 2 * 100) * 3)
