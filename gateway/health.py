@@ -43,7 +43,7 @@ async def metrics(request: web.Request) -> web.Response:
     multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if multiproc_dir:
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=multiproc_dir)
+        MultiProcessCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
     body = generate_latest(registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

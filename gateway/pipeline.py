@@ -16,8 +16,6 @@ import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
-from policies.catalog import ModelEntry
-from policies.engine import Decision, evaluate
 
 from gateway import upstream
 from gateway.auth import Credential, authenticate
@@ -34,7 +32,9 @@ from gateway.metrics import Metrics
 from gateway.middleware import RECORD, RequestRecord
 from gateway.relay import RelayOutcome, relay
 from gateway.runtime import Route, Runtime, RuntimeHolder
+from policies.catalog import ModelEntry
 from policies.cost import Cost, actual_cost, estimate
+from policies.engine import Decision, evaluate
 
 log = get_logger("gateway.pipeline")
 
@@ -102,12 +102,12 @@ class Pipeline:
         if not task.cancelled():
             task.exception()  # retrieved here when the handler that awaited it was cancelled
 
-    async def drain(self, timeout: float) -> None:
-        """Wait for admitted requests to finish (shutdown); cancel what is left after `timeout`."""
+    async def drain(self, grace_seconds: float) -> None:
+        """Wait for admitted requests to finish (shutdown); cancel what is left after the grace period."""
         if not self.tasks:
             return
-        log.info("draining_requests", in_flight=len(self.tasks), timeout_seconds=timeout)
-        _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
+        log.info("draining_requests", in_flight=len(self.tasks), grace_seconds=grace_seconds)
+        _, pending = await asyncio.wait(set(self.tasks), timeout=grace_seconds)
         for task in pending:
             task.cancel()
         if pending:

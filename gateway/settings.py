@@ -160,20 +160,14 @@ class Settings(_Frozen):
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
-        problems = []
-        for name, route in self.routes.items():
-            if route.upstream not in self.upstreams:
-                problems.append(
-                    f"routes.{name}.upstream: unknown upstream {route.upstream!r}"
-                    f" (defined: {', '.join(sorted(self.upstreams)) or 'none'})"
-                )
+        problems = reference_problems(
+            upstreams=set(self.upstreams),
+            routes={name: route.upstream for name, route in self.routes.items()},
+            policies=set(self.policies),
+            tenants={name: tenant.policy for name, tenant in self.tenants.items()},
+        )
         for name, tenant in self.tenants.items():
-            if tenant.policy not in self.policies:
-                problems.append(
-                    f"tenants.{name}.policy: unknown policy {tenant.policy!r}"
-                    f" (defined: {', '.join(sorted(self.policies)) or 'none'})"
-                )
-            elif tenant.policy_overrides:
+            if tenant.policy in self.policies and tenant.policy_overrides:
                 try:
                     self.policies[tenant.policy].with_overrides(tenant.policy_overrides)
                 except ValidationError as exc:
@@ -201,6 +195,43 @@ class Settings(_Frozen):
         settings = self.tenants[tenant]
         policy = self.policies[settings.policy]
         return policy.with_overrides(settings.policy_overrides) if settings.policy_overrides else policy
+
+
+def reference_problems(
+    *, upstreams: set[str], routes: dict[str, Any], policies: set[str], tenants: dict[str, Any]
+) -> list[str]:
+    """Names that point nowhere: a route's upstream, a tenant's policy."""
+    problems = []
+    for name, upstream in routes.items():
+        if isinstance(upstream, str) and upstream not in upstreams:
+            problems.append(
+                f"routes.{name}.upstream: unknown upstream {upstream!r}"
+                f" (defined: {', '.join(sorted(upstreams)) or 'none'})"
+            )
+    for name, policy in tenants.items():
+        if isinstance(policy, str) and policy not in policies:
+            defined = ", ".join(sorted(policies)) or "none"
+            problems.append(f"tenants.{name}.policy: unknown policy {policy!r} (defined: {defined})")
+    return problems
+
+
+def _raw_reference_problems(raw: dict[str, Any]) -> list[str]:
+    """The same reference checks on a file whose fields did not validate, so all errors show at once."""
+
+    def section(name: str) -> dict[str, Any]:
+        value = raw.get(name)
+        return value if isinstance(value, dict) else {}
+
+    def field(entry: Any, key: str) -> Any:
+        return entry.get(key) if isinstance(entry, dict) else None
+
+    upstreams = set(section("upstreams")) if "upstreams" in raw else set(_default_upstreams())
+    return reference_problems(
+        upstreams=upstreams,
+        routes={name: field(route, "upstream") for name, route in section("routes").items()},
+        policies=set(section("policies")),
+        tenants={name: field(tenant, "policy") for name, tenant in section("tenants").items()},
+    )
 
 
 def format_validation_error(exc: ValidationError) -> list[str]:
@@ -257,7 +288,9 @@ def parse_settings(text: str, source: str = "<config>", environ: Mapping[str, st
     try:
         return Settings.model_validate(expanded)
     except ValidationError as exc:
-        raise ConfigError(source, format_validation_error(exc)) from None
+        errors = format_validation_error(exc)
+        errors += [line for line in _raw_reference_problems(expanded) if line not in errors]
+        raise ConfigError(source, errors) from None
 
 
 def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:

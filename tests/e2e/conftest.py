@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from gateway.mock_upstream import MockOptions, create_mock_app
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
+from gateway.mock_upstream import MockOptions, create_mock_app
 from gateway.settings import Settings
 from tests.support.config import DO_UPSTREAM_KEY, UPSTREAM_KEY, make_settings
 

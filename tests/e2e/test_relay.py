@@ -11,8 +11,8 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from gateway.mock_upstream import RECEIVED
 
+from gateway.mock_upstream import RECEIVED
 from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.support.config import TENANT_KEY, UPSTREAM_KEY
 from tests.support.scripted_upstream import Script, ScriptedUpstream
