@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 from gateway.limits import keys
 from gateway.limits.kinds import KIND_BY_NAME, RATE_WINDOW_US, LimitKind
 from gateway.limits.meters import Reading
-from gateway.limits.periods import DAY_SECONDS, period
+from gateway.limits.periods import DAY_SECONDS, Period, period
 from gateway.limits.plan import LimitPlan, PlannedLimit
 from gateway.settings import StoreSettings
 from policies.cost import Cost
@@ -128,7 +128,7 @@ class Engine(Protocol):
     async def ledger(self, days: Sequence[date], tenant: str | None) -> list[LedgerHash]: ...
 
 
-def _check(tenant: str, scope: str, planned: PlannedLimit, cost: Cost, day: date) -> Check:
+def _check(tenant: str, scope: str, planned: PlannedLimit, cost: Cost, periods: dict[str, Period]) -> Check:
     kind, limit = planned.kind, planned.value
     amount = kind.amount(cost)
     if kind.mechanism == "rate":
@@ -136,14 +136,17 @@ def _check(tenant: str, scope: str, planned: PlannedLimit, cost: Cost, day: date
         return Check(scope, kind, key, limit, amount, RATE_WINDOW_US // 1_000_000)
     if kind.mechanism == "lease":
         return Check(scope, kind, keys.lease_key(tenant, scope), limit, amount, 0)
-    window = period(kind.mechanism, day)
+    window = periods[kind.mechanism]
     key = keys.window_key(tenant, scope, kind.short, window.label)
     return Check(scope, kind, key, limit, amount, window.seconds, window.end_s * 1_000_000, window.expire_at)
 
 
 def compile_checks(plan: LimitPlan, cost: Cost, day: date) -> tuple[Check, ...]:
+    periods = {"day": period("day", day), "month": period("month", day)}
     return tuple(
-        _check(plan.tenant, scope.name, limit, cost, day) for scope in plan.scopes for limit in scope.limits
+        _check(plan.tenant, scope.name, limit, cost, periods)
+        for scope in plan.scopes
+        for limit in scope.limits
     )
 
 

@@ -43,7 +43,7 @@ from gateway.limits.calls import (
     compile_reserve,
     compile_settle,
 )
-from gateway.limits.decisions import decide
+from gateway.limits.decisions import DecisionMetrics, decide
 from gateway.limits.ledger import LedgerRow, rows, settle_fields, sort_rows
 from gateway.limits.periods import day_number, day_of, days_between
 from gateway.limits.plan import LimitPlan
@@ -68,6 +68,7 @@ class LimitStore:
         self._engine = engine
         self._settings = settings
         self._metrics = metrics
+        self._decision_metrics = DecisionMetrics(metrics)
         self._clock = clock
         self._timeout = settings.timeout_ms / 1000
         self._offset = 0.0  # engine clock minus ours, in seconds
@@ -106,7 +107,7 @@ class LimitStore:
         reservation = Reservation(
             reservation_id, request_id, plan.tenant, model, call.day, cost, call.checks, plan.shadow
         )
-        return decide(plan, call, reply, reservation, self._metrics)
+        return decide(plan, call, reply, reservation, self._decision_metrics)
 
     async def limit_status(self, plan: LimitPlan) -> list[LimitStatus]:
         try:

@@ -98,10 +98,9 @@ class RedisEngine:
             call.ledger_expire_at,
             call.lease_ttl_us,
             RATE_WINDOW_US,
+            " ".join(f"{c.kind.mechanism} {c.limit} {c.cost} {c.end_us} {c.expire_at}" for c in call.checks),
         ]
-        for check in call.checks:
-            args += [check.kind.mechanism, check.limit, check.cost, check.end_us, check.expire_at]
-        reply = [int(v) for v in await self._run(RESERVE, keys, args)]
+        reply = [int(v) for v in (await self._run(RESERVE, keys, args)).split()]
         readings = tuple(
             Reading(*reply[i : i + _READING_FIELDS]) for i in range(2, len(reply), _READING_FIELDS)
         )
@@ -114,12 +113,13 @@ class RedisEngine:
             call.settled_ttl_ms,
             call.ledger_expire_at,
             RATE_WINDOW_US,
-            len(call.ledger),
+            " ".join(
+                f"{c.kind.mechanism} {c.limit} {c.cost} {actual} {c.expire_at}"
+                for c, actual in zip(call.checks, call.actuals, strict=True)
+            ),
         ]
         for name, amount in call.ledger:
             args += [name, amount]
-        for check, actual in zip(call.checks, call.actuals, strict=True):
-            args += [check.kind.mechanism, check.limit, check.cost, actual, check.expire_at]
         return int(await self._run(SETTLE, keys, args)) != 0
 
     async def ledger(self, days: Sequence[date], tenant: str | None) -> list[LedgerHash]:

@@ -155,3 +155,29 @@ async def test_a_stalled_redis_times_out_within_the_budget(redis_server_factory)
     # Charged exactly once whether or not the stalled reserve ran once Redis resumed.
     assert status["tokens_per_day"].used == 1000 + 5
     await store.close()
+
+
+async def test_settle_retries_a_transient_failure_and_charges_once(redis_server_factory) -> None:
+    server = redis_server_factory()
+    metrics = Metrics(CollectorRegistry())
+    store = create_store(StoreSettings(backend="redis", url=server.url, timeout_ms=300), metrics)
+    await store.start()
+    tenant = new_tenant()
+    p = plan(tenant, tenant_settings(LIMITS))
+    admission = await store.reserve(p, ESTIMATE, request_id="r", model="m")
+    assert admission.reservation is not None
+    server.stop()
+
+    async def come_back() -> None:
+        await asyncio.sleep(0.02)
+        await asyncio.to_thread(server.start)
+
+    returning = asyncio.create_task(come_back())
+    assert await store.settle(admission.reservation, Cost(image_out_tokens=70), outcome="ok")
+    await returning
+    assert _value(metrics.settlements_retried) == 1
+    # The restarted server lost the reservation record: settle used the caller's copy, once.
+    assert not await store.settle(admission.reservation, Cost(image_out_tokens=70), outcome="ok")
+    status = {s.limit: s for s in await store.limit_status(p)}
+    assert status["tokens_per_day"].used == 0  # the day counter was lost with the data; never negative
+    await store.close()

@@ -17,9 +17,9 @@ ARGV[1]    reservation id (the lease member)
 ARGV[2]    settled marker TTL, ms
 ARGV[3]    ledger EXPIREAT, unix seconds
 ARGV[4]    smooth limiter window, µs
-ARGV[5]    number of ledger increments, F
-ARGV[6..]  F pairs: ledger field, increment
-then       five per check: mechanism (rate|day|month|lease), limit, estimate, actual, counter EXPIREAT
+ARGV[5]    the checks, five space-separated words each: mechanism (rate|day|month|lease), limit,
+           estimate, actual, counter EXPIREAT
+ARGV[6..]  pairs of ledger field, increment
 
 Reply: 1 settled from the record, 2 settled from the caller's copy, 0 already settled
 ]]
@@ -49,14 +49,15 @@ if record then
   for amount in string.gmatch(record, '%d+') do recorded[#recorded + 1] = tonumber(amount) end
 end
 
-local fields = tonumber(ARGV[5])
-local base = 5 + fields * 2
+local spec = {}
+for word in string.gmatch(ARGV[5], '%S+') do spec[#spec + 1] = word end
+
 for i = 1, #KEYS - 3 do
-  local at = base + (i - 1) * 5
-  local key, mech, limit = KEYS[i + 3], ARGV[at + 1], tonumber(ARGV[at + 2])
-  local estimate = tonumber(ARGV[at + 3])
+  local at = (i - 1) * 5
+  local key, mech, limit = KEYS[i + 3], spec[at + 1], tonumber(spec[at + 2])
+  local estimate = tonumber(spec[at + 3])
   if record then estimate = recorded[i] end
-  local diff = tonumber(ARGV[at + 4]) - estimate
+  local diff = tonumber(spec[at + 4]) - estimate
   if mech == 'lease' then
     redis.call('ZREM', key, rid)
   elseif diff ~= 0 and mech == 'rate' then
@@ -78,12 +79,12 @@ for i = 1, #KEYS - 3 do
     if redis.call('INCRBY', key, fmt(diff)) < 0 then
       redis.call('SET', key, '0')
     end
-    redis.call('EXPIREAT', key, ARGV[at + 5])
+    redis.call('EXPIREAT', key, spec[at + 5])
   end
 end
 
-for i = 1, fields do
-  redis.call('HINCRBY', KEYS[3], ARGV[4 + i * 2], ARGV[5 + i * 2])
+for i = 6, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
 end
 redis.call('EXPIREAT', KEYS[3], ARGV[3])
 redis.call('DEL', KEYS[1])

@@ -1,0 +1,196 @@
+"""Measure the quota store: round trips, client CPU and wall time per reserve and per settle.
+
+    .venv/bin/python -m bench.store_bench [--url redis://127.0.0.1:PORT/0] [-n 2000] [--cluster]
+
+Without --url it starts a throw-away redis-server on a free port (never the shared 6379). A
+request carries a realistic plan: seven tenant limits, one key limit, two end-user limits.
+Round trips are counted at the client (every command it sends); the server's own cost per
+script call comes from INFO commandstats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+
+from gateway.limits import LimitPlan, create_store
+from gateway.limits.limiter import LimitStore
+from gateway.limits.redis_engine import connect
+from gateway.metrics import Metrics
+from gateway.settings import KeySettings, Limits, StoreSettings, TenantSettings
+from policies.cost import Cost
+
+TENANT = TenantSettings(
+    policy="p",
+    keys=[KeySettings(hash="sha256:" + "b" * 64, name="ops", limits=Limits(requests_per_minute=10**6))],
+    limits=Limits(
+        requests_per_minute=10**6,
+        images_per_minute=10**6,
+        tokens_per_minute=10**8,
+        tokens_per_day=10**12,
+        usd_per_day=10**6,
+        usd_per_month=10**7,
+        concurrent_requests=10**6,
+    ),
+    user_limits=Limits(requests_per_minute=10**6, tokens_per_day=10**12),
+)
+ESTIMATE = Cost(images=1, text_in_tokens=40, image_out_tokens=4160, nano_usd=167_000_000)
+ACTUAL = Cost(images=1, text_in_tokens=38, image_out_tokens=4160, nano_usd=166_900_000)
+
+
+class CountingClient:
+    """Wraps a redis client and counts the commands (round trips: no pipelining is used) it sends."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.sent = client, 0
+        original = client.execute_command
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.sent += 1
+            return await original(*args, **kwargs)
+
+        client.execute_command = counted
+
+
+class Meter:
+    """Client CPU and wall time accumulated over the phases measured."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.cpu, self.wall, self.ops = label, 0.0, 0.0, 0
+        self._cpu0 = self._wall0 = 0.0
+
+    def __enter__(self) -> Meter:
+        self._cpu0, self._wall0 = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.cpu += time.process_time() - self._cpu0
+        self.wall += time.perf_counter() - self._wall0
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "cpu_us": self.cpu / self.ops * 1e6,
+            "wall_us": self.wall / self.ops * 1e6,
+        }
+
+
+CHUNK = 64  # requests in flight between a reserve and its settle: leases stay realistic
+
+
+async def bench(store: LimitStore, n: int, counter: CountingClient | None) -> list[dict[str, Any]]:
+    plans = [LimitPlan.build("bench", TENANT, TENANT.keys[0], 0, f"user{i % 50}") for i in range(n)]
+    for i in range(50):  # warm up: connections, scripts, caches
+        admission = await store.reserve(plans[i], ESTIMATE, request_id=f"w{i}", model="gpt-image-1.5")
+        assert admission.reservation is not None
+        await store.settle(admission.reservation, ACTUAL, outcome="ok")
+    reserve, settle = Meter("reserve"), Meter("settle")
+    sent = counter.sent if counter else 0
+    for first in range(0, n, CHUNK):
+        chunk = plans[first : first + CHUNK]
+        reservations = []
+        with reserve:
+            for i, p in enumerate(chunk, first):
+                admission = await store.reserve(p, ESTIMATE, request_id=f"r{i}", model="gpt-image-1.5")
+                assert admission.allowed and admission.reservation is not None
+                reservations.append(admission.reservation)
+        with settle:
+            for reservation in reservations:
+                assert await store.settle(reservation, ACTUAL, outcome="ok")
+    reserve.ops = settle.ops = n
+    results = [reserve.row(), settle.row()]
+    if counter:
+        results.append(
+            {"label": "round trips per request (reserve+settle)", "value": (counter.sent - sent) / n}
+        )
+
+    async def one(i: int) -> None:
+        admission = await store.reserve(plans[i], ESTIMATE, request_id=f"c{i}", model="gpt-image-1.5")
+        assert admission.reservation is not None
+        await store.settle(admission.reservation, ACTUAL, outcome="ok")
+
+    both = Meter(f"reserve+settle, {CHUNK} in flight")
+    with both:
+        for first in range(0, n, CHUNK):
+            await asyncio.gather(*(one(i) for i in range(first, min(n, first + CHUNK))))
+    both.ops = n
+    results.append(both.row())
+    return results
+
+
+async def server_usec_per_call(url: str) -> float | None:
+    raw = Redis.from_url(url)
+    try:
+        stats = await raw.info("commandstats")
+    finally:
+        await raw.aclose()
+    evalsha = stats.get("cmdstat_evalsha")
+    return float(evalsha["usec_per_call"]) if evalsha else None
+
+
+def report(title: str, results: list[dict[str, Any]]) -> None:
+    print(f"\n{title}")
+    for row in results:
+        if "value" in row:
+            print(f"  {row['label']}: {row['value']:.2f}")
+        else:
+            print(
+                f"  {row['label']:<32} client CPU {row['cpu_us']:8.1f} µs/op   wall {row['wall_us']:8.1f} µs/op"
+            )
+
+
+async def main(args: argparse.Namespace) -> None:
+    metrics = Metrics(CollectorRegistry())
+    memory = create_store(StoreSettings(), metrics)
+    assert isinstance(memory, LimitStore)
+    report("memory store", await bench(memory, args.n, None))
+
+    settings = StoreSettings(backend="redis", url=args.url, cluster=args.cluster, timeout_ms=2000)
+    client = connect(settings)
+    counter = CountingClient(client)
+    store = create_store(settings, Metrics(CollectorRegistry()), redis_client=client)
+    assert isinstance(store, LimitStore)
+    await store.start()
+    try:
+        report(
+            f"redis store ({'cluster' if args.cluster else 'standalone'} at {args.url})",
+            await bench(store, args.n, counter),
+        )
+    finally:
+        await store.close()
+    if not args.cluster:
+        print(
+            f"  redis server time per EVALSHA (INFO commandstats): {await server_usec_per_call(args.url)} µs"
+        )
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--url", help="a Redis to use (default: start one on a free port)")
+    parser.add_argument("--cluster", action="store_true", help="--url is a Redis Cluster node")
+    parser.add_argument("-n", type=int, default=2000, help="requests per measurement")
+    args = parser.parse_args()
+    if args.url:
+        asyncio.run(main(args))
+        return
+    from tests.support.redis_servers import RedisServer
+
+    server = RedisServer(Path(tempfile.mkdtemp(prefix="store-bench-"))).start()
+    try:
+        args.url = server.url
+        asyncio.run(main(args))
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    cli()
