@@ -10,6 +10,7 @@ tokens an image costs, the price of an image. Loading and merging entries is `po
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cached_property
 from datetime import date
 from decimal import Decimal
 from itertools import pairwise
@@ -132,7 +133,7 @@ class ModelEntry(Frozen):
     def concrete_qualities(self) -> list[str]:
         return [q for q in self.qualities if q != AUTO]
 
-    @property
+    @cached_property
     def accepted_params(self) -> frozenset[str]:
         optional = {
             "background": self.backgrounds,

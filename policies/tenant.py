@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from policies import sizes
@@ -90,16 +90,14 @@ def _shown(req: Request, param: str, value: Any) -> str:
     return f"{value!r}" if req.body.get(param) is not None else f"{value!r} (the default when omitted)"
 
 
-def _one_of(
-    req: Request, rule: str, param: str, allowed: list[Any] | None, clamp: Any = None
-) -> Finding | None:
+def _one_of(req: Request, rule: str, param: str, allowed: list[Any] | None) -> Finding | None:
     value = req.effective(param)
     if allowed is None or value is None or value in allowed:
         return None
     message = (
         f"Policy rule '{rule}' allows {param} {quoted(allowed)}; the request has {_shown(req, param, value)}."
     )
-    return Finding(rule, param, message, allowed, value, clamp)
+    return Finding(rule, param, message, allowed, value)
 
 
 def _at_most(req: Request, rule: str, param: str, limit: int | None) -> Finding | None:
@@ -210,11 +208,7 @@ def _quality_clamp(req: Request, quality: str) -> str | None:
 
 def _qualities(req: Request) -> Finding | None:
     found = _one_of(req, "qualities", "quality", req.policy.qualities)
-    if found is None:
-        return None
-    return Finding(
-        found.rule, found.param, found.message, found.allowed, found.value, _quality_clamp(req, found.value)
-    )
+    return found and replace(found, clamp=_quality_clamp(req, found.value))
 
 
 def _compression(req: Request) -> Finding | None:
