@@ -16,7 +16,7 @@ from gateway import upstream
 from gateway.admin import create_admin_app
 from gateway.health import DRAINING, METRICS, RUNTIME, STORE, add_health_routes
 from gateway.limits import Store, create_store
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, publish_limits
 from gateway.middleware import create_request_middleware
 from gateway.pipeline import Pipeline
 from gateway.reload import Reloader
@@ -46,7 +46,8 @@ def create_app(
     app[METRICS] = metrics
     app[STORE] = store if store is not None else create_store(settings.store, metrics)
     app[DRAINING] = [False]
-    app[RELOADER] = Reloader(holder, config_path)
+    publish_limits(metrics, settings)
+    app[RELOADER] = Reloader(holder, config_path, lambda runtime: publish_limits(metrics, runtime.settings))
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/v1/images/generations", generations)
     add_health_routes(app)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from gateway.settings import Settings
+
 # Generations take seconds to minutes; the gateway's own overhead is measured in milliseconds.
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -95,6 +97,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        self.budget_limit = Gauge(
+            "gateway_budget_limit",
+            "The configured size of each tenant limit (USD for usd_* limits).",
+            ["tenant", "limit"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.reservation_drift = Histogram(
             "gateway_reservation_drift_tokens",
             "Estimated minus actual tokens per settled request.",
@@ -144,3 +153,11 @@ class Metrics:
             ["upstream", "kind"],
             registry=r,
         )
+
+
+def publish_limits(metrics: Metrics, settings: Settings) -> None:
+    """Set `gateway_budget_limit` from the configuration (at start and after every reload)."""
+    metrics.budget_limit.clear()
+    for tenant, tenant_settings in settings.tenants.items():
+        for limit, value in tenant_settings.limits.model_dump(exclude_none=True).items():
+            metrics.budget_limit.labels(tenant, limit).set(float(value))

@@ -7,6 +7,7 @@ listening socket, the store connection, worker count, logging) are reported, not
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.logs import get_logger
@@ -19,9 +20,12 @@ _RESTART_ONLY = ("server", "store")
 
 
 class Reloader:
-    def __init__(self, holder: RuntimeHolder, config_path: Path | None) -> None:
+    def __init__(
+        self, holder: RuntimeHolder, config_path: Path | None, on_reload: Callable[[Runtime], None]
+    ) -> None:
         self.holder = holder
         self.config_path = config_path
+        self.on_reload = on_reload
 
     def reload(self) -> Runtime:
         """Re-read the file and swap the runtime; raises ConfigError (old config kept) if unusable."""
@@ -34,8 +38,8 @@ class Reloader:
             raise
         old = self.holder.current.settings
         ignored = [name for name in _RESTART_ONLY if getattr(old, name) != getattr(runtime.settings, name)]
-        # The store connection is built once; keep the running one's settings visible as they are.
         self.holder.replace(runtime)
+        self.on_reload(runtime)
         log.info(
             "config_reloaded",
             file=str(self.config_path),
