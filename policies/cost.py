@@ -9,8 +9,9 @@ The estimate is a conservative upper bound, never below what the token table (or
 reports usage from it, like the mock) gives for the same request:
 - input text tokens: the prompt's UTF-8 byte length (at least 1). Byte-level BPE never makes more
   tokens than bytes, so no tokenizer is needed; generations send no input image.
-- output tokens: the table (or, for sizes it lacks, the catalog's monotone token curve) at the
-  size and quality, times n, plus `partial_image_tokens` for each partial image when streaming.
+- output tokens: the larger of the token table and the catalog's monotone token curve (gpt-image-2,
+  whose table has gaps) at the size and quality, times n, plus `partial_image_tokens` for each
+  partial image when streaming.
 - `auto` or omitted quality and size: the most expensive value the policy allows for the model
   (its concrete qualities, its listed sizes: `auto` picks among the standard sizes). Only an
   enforced policy narrows it: in shadow mode the policy binds nothing, so the model's own worst

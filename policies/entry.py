@@ -10,9 +10,9 @@ tokens an image costs, the price of an image. Loading and merging entries is `po
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import cached_property
 from datetime import date
 from decimal import Decimal
+from functools import cached_property
 from itertools import pairwise
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
