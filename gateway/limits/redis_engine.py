@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from gateway.limits.calls import LedgerHash, ReserveCall, ReserveReply, SettleCall, Status, StoreFailure
 from gateway.limits.keys import LEDGER_PATTERN, ledger_key, parse_ledger_key
@@ -34,6 +34,9 @@ from gateway.settings import StoreSettings
 
 _STATUS: dict[int, Status] = {1: "admitted", 0: "rejected", 2: "peeked", -1: "wrong_day"}
 _READING_FIELDS = 5
+# What "the store did not answer" looks like: RedisClusterException (no reachable node, slots not
+# covered) is not a RedisError.
+_FAILURES = (RedisError, RedisClusterException, OSError)
 MAX_IN_FLIGHT = 128
 
 
@@ -74,7 +77,7 @@ class RedisEngine:
         try:
             async with self._in_flight:
                 return await method(*args)
-        except (RedisError, OSError) as exc:
+        except _FAILURES as exc:
             raise StoreFailure(f"{type(exc).__name__}: {exc}") from exc
 
     async def _run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
@@ -84,7 +87,7 @@ class RedisEngine:
         except NoScriptError:
             await self._call(self._client.script_load, script.source)
             return await self._call(self._client.evalsha, script.sha, len(keys), *keys, *args)
-        except (RedisError, OSError) as exc:
+        except _FAILURES as exc:
             raise StoreFailure(f"{script.name}: {type(exc).__name__}: {exc}") from exc
 
     async def reserve(self, call: ReserveCall) -> ReserveReply:
@@ -142,6 +145,6 @@ class RedisEngine:
                 parsed = parse_ledger_key(_text(key))
                 if parsed is not None and parsed[1] in days:
                     found.append(parsed)
-        except (RedisError, OSError) as exc:
+        except _FAILURES as exc:
             raise StoreFailure(f"scan: {type(exc).__name__}: {exc}") from exc
         return found

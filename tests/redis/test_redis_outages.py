@@ -18,7 +18,7 @@ from gateway.metrics import Metrics
 from gateway.settings import StoreSettings
 from policies.cost import Cost
 from tests.redis.conftest import Backend, new_tenant, plan, tenant_settings
-from tests.support.redis_servers import RedisClusterNodes, RedisServer
+from tests.support.redis_servers import RedisClusterNodes, RedisServer, free_port
 
 pytestmark = pytest.mark.redis
 
@@ -180,4 +180,20 @@ async def test_settle_retries_a_transient_failure_and_charges_once(redis_server_
     assert not await store.settle(admission.reservation, Cost(image_out_tokens=70), outcome="ok")
     status = {s.limit: s for s in await store.limit_status(p)}
     assert status["tokens_per_day"].used == 0  # the day counter was lost with the data; never negative
+    await store.close()
+
+
+@pytest.mark.parametrize("cluster", [False, True], ids=["standalone", "cluster"])
+async def test_an_unreachable_store_at_start_is_not_fatal(cluster: bool) -> None:
+    url = f"redis://127.0.0.1:{free_port()}"
+    settings = StoreSettings(
+        backend="redis", url=url, cluster=cluster, on_unavailable="fail_closed", timeout_ms=200
+    )
+    store = create_store(settings, Metrics(CollectorRegistry()))
+    await store.start()
+    admission = await store.reserve(
+        plan(new_tenant(), tenant_settings(LIMITS)), ESTIMATE, request_id="r", model="m"
+    )
+    assert isinstance(admission.error, StoreUnavailable)
+    assert not await store.healthy()
     await store.close()

@@ -85,8 +85,7 @@ class RedisServer:
             "--protected-mode",
             "no",
         ]
-        if self.cluster:
-            (self.directory / f"nodes-{self.port}.conf").unlink(missing_ok=True)
+        if self.cluster:  # nodes-<port>.conf keeps its membership across a restart
             argv += [
                 "--cluster-enabled",
                 "yes",
