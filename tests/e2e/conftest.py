@@ -15,6 +15,7 @@ from gateway.app import create_app
 from gateway.mock_upstream import MockOptions, create_mock_app
 from gateway.settings import Settings
 from tests.support.config import DO_UPSTREAM_KEY, UPSTREAM_KEY, make_settings
+from tests.support.redis_servers import redis_server, redis_url  # noqa: F401
 
 
 @dataclass
