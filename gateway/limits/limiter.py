@@ -205,7 +205,7 @@ class LimitStore:
                 maybe_applied = True  # the reply may be what was lost; the settled marker knows
                 continue
             return settled or maybe_applied
-        log.error(
+        log.warning(
             "settlement_failed",
             tenant=reservation.tenant,
             reservation=reservation.id,

@@ -319,3 +319,15 @@ async def test_usd_limits_are_exact_in_nano_usd(backend: Backend) -> None:
     assert all([(await reserve(store, p, tenth)).allowed for _ in range(3)])
     refused = await reserve(store, p, tenth)
     assert isinstance(refused.error, QuotaExceeded) and "$0.3" in refused.error.message
+
+
+async def test_a_tenant_without_limits_is_admitted_and_still_recorded(backend: Backend) -> None:
+    store, tenant = await backend.store(), new_tenant()
+    admission = await reserve(store, plan(tenant, tenant_settings()))
+    assert admission.allowed and admission.reservation is not None and admission.headers == {}
+    assert await store.settle(admission.reservation, ONE, outcome="ok")
+    [row] = await store.ledger(admission.reservation.day, admission.reservation.day, tenant)
+    assert (row.requests, row.images, row.nano_usd) == (1, 1, 40_000_000)
+    assert not [
+        key for key in await backend.keys(store, tenant) if ":ledger:" not in key and ":settled:" not in key
+    ]
