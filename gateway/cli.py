@@ -17,7 +17,10 @@ def _load(path: str) -> Settings:
     from gateway.runtime import Runtime
 
     settings = load_settings(path)
-    Runtime.build(settings)  # routes, catalog and policies must resolve too
+    try:
+        Runtime.build(settings)  # routes, catalog and policies must resolve too
+    except ConfigError as exc:
+        raise ConfigError(path, exc.errors) from None
     return settings
 
 

@@ -35,7 +35,7 @@ class Reloader:
             runtime = Runtime.build(load_settings(self.config_path))
         except ConfigError as exc:
             log.error("config_reload_failed", file=str(self.config_path), errors=exc.errors)
-            raise
+            raise ConfigError(str(self.config_path), exc.errors) from None
         old = self.holder.current.settings
         ignored = [name for name in _RESTART_ONLY if getattr(old, name) != getattr(runtime.settings, name)]
         self.holder.replace(runtime)
