@@ -108,7 +108,11 @@ async def test_a_stopped_redis_then_recovery(redis_server_factory, mode: str) ->
         during = await store.reserve(p, ESTIMATE, request_id="during", model="m")
         assert time.perf_counter() - started < 1
         assert await store.settle(before.reservation, ESTIMATE, outcome="ok") is False  # never raises
-    assert [log["event"] for log in logs if log["log_level"] == "warning"] == ["store_unavailable"]
+    # One warning for the outage, one for the settlement it made impossible.
+    assert [log["event"] for log in logs if log["log_level"] == "warning"] == [
+        "store_unavailable",
+        "settlement_failed",
+    ]
     assert _value(metrics.store_up) == 0
     assert _value(metrics.degraded_decisions.labels(mode)) == 1
     assert not await store.healthy()
