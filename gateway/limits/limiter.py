@@ -141,7 +141,8 @@ class LimitStore:
                 mode=mode,
                 settings=self._settings,
             )
-            reply = await self._guard("reserve", partial(self._engine.reserve, call))
+            operation = "status" if mode == "peek" else "reserve"
+            reply = await self._guard(operation, partial(self._engine.reserve, call))
             self._offset = reply.now_us / 1e6 - self._clock()
             if reply.status != "wrong_day":
                 return call, reply
