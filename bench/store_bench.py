@@ -2,7 +2,8 @@
 
     .venv/bin/python -m bench.store_bench [--url redis://127.0.0.1:PORT/0] [-n 2000] [--cluster]
 
-Without --url it starts a throw-away redis-server on a free port (never the shared 6379). A
+Without --url it starts a throw-away redis-server (or, with --cluster, a three-master cluster)
+on free ports (never the shared 6379). A
 request carries a realistic plan: seven tenant limits, one key limit, two end-user limits.
 Round trips are counted at the client (every command it sends); the server's own cost per
 script call comes from INFO commandstats.
@@ -182,9 +183,10 @@ def cli() -> None:
     if args.url:
         asyncio.run(main(args))
         return
-    from tests.support.redis_servers import RedisServer
+    from tests.support.redis_servers import RedisClusterNodes, RedisServer
 
-    server = RedisServer(Path(tempfile.mkdtemp(prefix="store-bench-"))).start()
+    directory = Path(tempfile.mkdtemp(prefix="store-bench-"))
+    server = RedisClusterNodes(directory).start() if args.cluster else RedisServer(directory).start()
     try:
         args.url = server.url
         asyncio.run(main(args))
