@@ -24,6 +24,8 @@ from policies.cost import NANO_PER_USD
 
 Observed = tuple[Check, Reading]
 
+NEAR_LIMIT = 0.8  # share of a limit in use from which an admission counts as near_limit
+
 
 def metric_label(check: Check) -> str:
     """A bounded `limit` label: the kind, prefixed by the scope class for key and user scopes."""
@@ -82,9 +84,16 @@ class DecisionMetrics:
         self._decisions: dict[tuple[str, str, str], Any] = {}
         self._remaining: dict[tuple[str, str], Any] = {}
 
-    def record(self, tenant: str, observed: Sequence[Observed], decision: str) -> None:
+    def record(self, tenant: str, observed: Sequence[Observed], refused: str) -> None:
+        """Count each limit's outcome: ok, near_limit (admitted at NEAR_LIMIT or more), or `refused`
+        (over_limit, or shadow when a shadow-mode tenant would have been rejected)."""
         for check, reading in observed:
-            outcome = "allow" if reading.code == OK else decision
+            if reading.code != OK:
+                outcome = refused
+            elif check.limit and reading.used >= NEAR_LIMIT * check.limit:
+                outcome = "near_limit"
+            else:
+                outcome = "ok"
             key = (tenant, metric_label(check), outcome)
             counter = self._decisions.get(key)
             if counter is None:
@@ -117,11 +126,11 @@ def decide(
     refusing = [o for o in observed if o[1].code != OK]
     labels = {scope.name: scope.label for scope in plan.scopes}
     if reply.status == "admitted":
-        metrics.record(plan.tenant, observed, "shadow_reject")
+        metrics.record(plan.tenant, observed, "shadow")
         shadow = [f"{check.scope}.{check.kind.name}" for check, _ in refusing]
         return Admission(
             True, reservation, None, headers.render(observed, rejected=False, retry_after_us=None), shadow
         )
-    metrics.record(plan.tenant, observed, "reject")
+    metrics.record(plan.tenant, observed, "over_limit")
     header_map = headers.render(observed, rejected=True, retry_after_us=_retry_after_us(refusing))
     return Admission(False, None, _error(refusing, labels, header_map), header_map)

@@ -197,9 +197,10 @@ async def test_upstream_failure_after_stream_started_becomes_sse_error_event(
     upstream = ScriptedUpstream(Script(chunks=[first], abort_after_chunks=True))
     server = await start_server(upstream.app())
     gw = await start_gateway(openai_url=base_url(server))
-    async with aiohttp.ClientSession() as session, session.post(
-        f"{gw.v1}/images/generations", json={**GOOD, "stream": True}, headers=AUTH
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{gw.v1}/images/generations", json={**GOOD, "stream": True}, headers=AUTH) as resp,
+    ):
         assert resp.status == 200
         body = await resp.read()
     assert body.startswith(first)

@@ -214,7 +214,7 @@ async def test_shadow_mode_serves_counts_and_charges(backend: Backend) -> None:
     assert second.reservation is not None
     [row] = await store.ledger(second.reservation.day, second.reservation.day, tenant)
     assert row.shadow_rejected == 1 and row.rejected_rate == row.rejected_quota == 0
-    decisions = backend.metrics.ratelimit_decisions.labels(tenant, "requests_per_minute", "shadow_reject")
+    decisions = backend.metrics.ratelimit_decisions.labels(tenant, "requests_per_minute", "shadow")
     assert decisions._value.get() == 1
 
 
