@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test lint typecheck unit bench redis-tools clean
+.PHONY: demo test lint unit bench system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,12 +16,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/gateway demo
 
-# The tests start their own redis-server (standalone and a three-master cluster) on free ports.
-redis-tools:
-	@if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then \
+# The tests start their own redis-server (standalone and a three-master cluster) on free ports, and
+# check the Prometheus config and alert rules with promtool (Debian's prometheus package).
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null; \
-	  else echo "The tests need redis-server and redis-cli (Debian: apt-get install redis-server redis-tools)." >&2; exit 1; fi; \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "The tests need:$$missing (Debian: apt-get install$$missing)." >&2; exit 1; fi; \
 	fi
 
 lint: $(STAMP)
@@ -29,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: $(STAMP) redis-tools lint
+test: $(STAMP) system-deps lint
 	$(BIN)/pytest -q
 
 unit: $(STAMP)
