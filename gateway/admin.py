@@ -2,6 +2,8 @@
 
 * `GET /admin/tenants/{tenant}/usage`: every limit of the tenant and of each of its keys, with
   its value, used, remaining and time to reset, read live from the store.
+* `POST /admin/reload`: re-read the configuration file (as SIGHUP does); 200 with what is now in
+  force, or 400 `config_invalid` listing every problem while the old configuration stays.
 * `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD[&tenant=]`: the ledger, one row per tenant,
   UTC day and model; JSON, or CSV for `Accept: text/csv`. `to` defaults to today (UTC), `from`
   to `to`. Without `tenant`, rows of every tenant found in the store, including tenants no
@@ -29,7 +31,7 @@ from gateway.errors import AdminUnauthorized, InvalidRequest, NotFound
 from gateway.limits import LedgerRow, LimitPlan, LimitStatus, Store
 from gateway.limits.headers import go_duration
 from gateway.limits.ledger import CSV_COLUMNS
-from gateway.settings import Settings, TenantSettings
+from gateway.settings import ConfigError, Settings, TenantSettings
 from policies.cost import NANO_PER_USD
 
 _MAX_DAYS = 731  # two years of ledger in one answer is plenty; beyond that, ask in pieces
@@ -39,18 +41,37 @@ _MAX_DAYS = 731  # two years of ledger in one answer is plenty; beyond that, ask
 class _Admin:
     store: Store
     get_settings: Callable[[], Settings]
+    reload: Callable[[], Settings]
 
 
 ADMIN = web.AppKey("admin", _Admin)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_admin_app(store: Store, get_settings: Callable[[], Settings]) -> web.Application:
+def create_admin_app(
+    store: Store, get_settings: Callable[[], Settings], reload: Callable[[], Settings]
+) -> web.Application:
+    """`reload` re-reads the configuration and returns it, or raises ConfigError (old one kept)."""
     app = web.Application(middlewares=[_authorize])
-    app[ADMIN] = _Admin(store, get_settings)
+    app[ADMIN] = _Admin(store, get_settings, reload)
     app.router.add_get("/tenants/{tenant}/usage", tenant_usage)
     app.router.add_get("/usage", usage)
+    app.router.add_post("/reload", reload_config)
     return app
+
+
+async def reload_config(request: web.Request) -> web.Response:
+    try:
+        settings = request.app[ADMIN].reload()
+    except ConfigError as exc:
+        raise InvalidRequest(
+            "The configuration file was not reloaded: " + "; ".join(exc.errors),
+            code="config_invalid",
+            extra={"errors": exc.errors},
+        ) from None
+    return web.json_response(
+        {"status": "reloaded", "tenants": sorted(settings.tenants), "routes": sorted(settings.routes)}
+    )
 
 
 @web.middleware

@@ -52,7 +52,13 @@ def create_app(
     app.router.add_post("/v1/images/generations", generations)
     add_health_routes(app)
     if settings.admin.enabled:
-        app.add_subapp("/admin", create_admin_app(app[STORE], lambda: holder.current.settings))
+        reloader = app[RELOADER]
+        app.add_subapp(
+            "/admin",
+            create_admin_app(
+                app[STORE], lambda: holder.current.settings, lambda: reloader.reload_all().settings
+            ),
+        )
     return app
 
 

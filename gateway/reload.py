@@ -7,6 +7,8 @@ listening socket, the store connection, worker count, logging) are reported, not
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +28,7 @@ class Reloader:
         self.holder = holder
         self.config_path = config_path
         self.on_reload = on_reload
+        self.supervisor_pid: int | None = None  # set in a worker: reloads reach every worker
 
     def reload(self) -> Runtime:
         """Re-read the file and swap the runtime; raises ConfigError (old config kept) if unusable."""
@@ -47,4 +50,11 @@ class Reloader:
             routes=len(runtime.settings.routes),
             needs_restart=ignored or None,
         )
+        return runtime
+
+    def reload_all(self) -> Runtime:
+        """Reload here and, under a supervisor, in every worker (the supervisor forwards SIGHUP)."""
+        runtime = self.reload()
+        if self.supervisor_pid is not None:
+            os.kill(self.supervisor_pid, signal.SIGHUP)
         return runtime

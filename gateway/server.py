@@ -53,6 +53,8 @@ async def serve(
     reuse_port: bool = False,
 ) -> None:
     app = create_app(settings, config_path=config_path)
+    if reuse_port:  # a worker under `supervise`: admin reloads go through the supervisor
+        app[RELOADER].supervisor_pid = os.getppid()
     server = settings.server
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, shutdown_timeout=server.shutdown_grace_seconds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -72,11 +73,13 @@ def base_url(server: TestServer) -> str:
 async def start_gateway(
     start_server: Callable[[web.Application], Awaitable[TestServer]],
 ) -> StartGateway:
-    async def start(settings: Settings | None = None, **kwargs: Any) -> Running:
+    async def start(
+        settings: Settings | None = None, config_path: Path | None = None, **kwargs: Any
+    ) -> Running:
         if settings is None:
             settings = make_settings(**kwargs)
         registry = CollectorRegistry()
-        app = create_app(settings, registry=registry)
+        app = create_app(settings, registry=registry, config_path=config_path)
         server = await start_server(app)
         return Running(url=str(server.make_url("")).rstrip("/"), app=app, registry=registry, server=server)
 

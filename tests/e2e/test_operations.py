@@ -18,7 +18,8 @@ from aiohttp.test_utils import TestServer
 
 from gateway.auth import hash_key
 from gateway.mock_upstream import MockOptions, create_mock_app
-from tests.e2e.conftest import base_url
+from gateway.settings import load_settings
+from tests.e2e.conftest import StartGateway, base_url
 from tests.support.config import OTHER_KEY, TENANT_KEY, UPSTREAM_KEY, config_dict
 from tests.support.processes import GatewayProcess
 
@@ -132,3 +133,27 @@ async def test_workers_share_a_port_and_metrics_add_up(
         assert gateway.stop() == 0
     started = [json.loads(line) for line in gateway.log_lines() if '"gateway_started"' in line]
     assert len({line["pid"] for line in started}) == 2
+
+
+async def test_admin_reload_applies_a_new_key_and_refuses_a_broken_file(
+    start_gateway: StartGateway, mock_openai: TestServer, tmp_path: Path
+) -> None:
+    config = config_dict(base_url(mock_openai), admin={"token": "admin-secret"})
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    gw = await start_gateway(load_settings(path), config_path=path)
+    admin = {"Authorization": "Bearer admin-secret"}
+    new_key = "igw_added_by_admin_reload_0000000"
+    async with aiohttp.ClientSession() as session:
+        assert (await post(session, gw.url, new_key, SMALL))[0] == 401
+        config["tenants"]["team"]["keys"].append(hash_key(new_key))
+        path.write_text(yaml.safe_dump(config))
+        async with session.post(f"{gw.url}/admin/reload", headers=admin) as resp:
+            assert resp.status == 200
+            assert "team" in (await resp.json())["tenants"]
+        assert (await post(session, gw.url, new_key, SMALL))[0] == 200
+        path.write_text("tenants: {team: {policy: missing, keys: []}}\n")
+        async with session.post(f"{gw.url}/admin/reload", headers=admin) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["code"] == "config_invalid"
+        assert (await post(session, gw.url, new_key, SMALL))[0] == 200

@@ -16,7 +16,7 @@ from gateway.admin import create_admin_app
 from gateway.limits import LimitPlan, create_store
 from gateway.metrics import Metrics
 from gateway.middleware import create_request_middleware
-from gateway.settings import Settings
+from gateway.settings import ConfigError, Settings
 from policies.cost import Cost
 
 TOKEN = "admin-secret-token"
@@ -46,7 +46,13 @@ async def admin(aiohttp_client: Any) -> Any:
     store = create_store(_settings().store, metrics, clock=lambda: frozen)
     current = {"settings": _settings()}
     app = web.Application(middlewares=[create_request_middleware(metrics)])
-    app.add_subapp("/admin", create_admin_app(store, lambda: current["settings"]))
+
+    def reload() -> Settings:
+        if current.get("broken"):
+            raise ConfigError("gateway.yaml", ["tenants.team.policy: unknown policy 'nope'"])
+        return current["settings"]
+
+    app.add_subapp("/admin", create_admin_app(store, lambda: current["settings"], reload))
     tenant = current["settings"].tenants["team"]
     plan = LimitPlan.build("team", tenant, tenant.keys[0], 0, None)
     for model in ("gpt-image-1.5", "gpt-image-2"):
@@ -134,3 +140,22 @@ async def test_usage_as_json_and_csv(admin: Any) -> None:
     table = list(csv.DictReader(io.StringIO(await response.text())))
     assert [row["model"] for row in table] == ["gpt-image-1.5", "gpt-image-2"]
     assert table[0]["day"] == today and table[0]["nano_usd"] == "150000000" and table[0]["tenant"] == "team"
+
+
+async def test_reload_answers_what_is_in_force(admin: Any) -> None:
+    response = await admin.post("/admin/reload", headers=AUTH)
+    assert response.status == 200
+    assert await response.json() == {"status": "reloaded", "tenants": ["team"], "routes": []}
+
+
+async def test_reload_of_a_broken_file_is_refused_with_every_problem(admin: Any) -> None:
+    admin.current["broken"] = True
+    response = await admin.post("/admin/reload", headers=AUTH)
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["code"] == "config_invalid"
+    assert error["errors"] == ["tenants.team.policy: unknown policy 'nope'"]
+
+
+async def test_reload_needs_the_admin_token(admin: Any) -> None:
+    assert (await admin.post("/admin/reload")).status == 401
