@@ -6,7 +6,8 @@ applied, and running it again would charge twice. Failures become `StoreFailure`
 `LimitStore` decides (on_unavailable for reserve; settle's own retries are safe because settle is
 idempotent). Timeouts are the configured `timeout_ms`, for connecting and for each reply.
 
-At most `MAX_IN_FLIGHT` calls run at once, each on its own pooled connection; more wait their
+Script calls are coalesced per event-loop turn into pipelines (batching.py). At most
+`MAX_IN_FLIGHT` batches or calls run at once, each on its own pooled connection; more wait their
 turn within the same timeout. redis-py raises at once when its pool is exhausted, which under a
 burst would turn into needless degraded decisions, and a wait is the better back-pressure.
 """
@@ -22,8 +23,9 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
+from gateway.limits.batching import EvalBatcher
 from gateway.limits.calls import LedgerHash, ReserveCall, ReserveReply, SettleCall, Status, StoreFailure
 from gateway.limits.keys import LEDGER_PATTERN, ledger_key, parse_ledger_key
 from gateway.limits.kinds import RATE_WINDOW_US
@@ -62,12 +64,14 @@ class RedisEngine:
     def __init__(self, client: Any) -> None:
         self._client = client
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._batcher = EvalBatcher(client, self._in_flight)
 
     async def start(self) -> None:
         for script in ALL:
             await self._call(self._client.script_load, script.source)
 
     async def close(self) -> None:
+        await self._batcher.close()
         await self._client.aclose()
 
     async def ping(self) -> None:
@@ -82,11 +86,7 @@ class RedisEngine:
 
     async def _run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         try:
-            async with self._in_flight:
-                return await self._client.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await self._call(self._client.script_load, script.source)
-            return await self._call(self._client.evalsha, script.sha, len(keys), *keys, *args)
+            return await self._batcher.evalsha(script, keys, args)
         except _FAILURES as exc:
             raise StoreFailure(f"{script.name}: {type(exc).__name__}: {exc}") from exc
 

@@ -1,0 +1,109 @@
+"""Coalescing EVALSHA calls: the scripts asked for during one event-loop turn go to Redis together.
+
+Under load many requests reserve and settle at once. Each redis-py call costs the gateway about
+75 µs of CPU on its own (packing, pool checkout, reply parsing set-up); sent as one pipeline, a
+batch of 16 costs about 30 µs a call. So calls queue for the rest of the current loop turn and
+then go as one non-transactional pipeline: each script is still atomic on its own, and each caller
+gets its own reply or its own error. A lone call is sent as it is, so an idle gateway waits for
+nothing: the batch is flushed on the very next loop iteration, never on a timer.
+
+A caller that gives up (its timeout) cancels only its own future; the batch is sent regardless,
+and its reply is dropped. `close` waits for batches in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from gateway.limits.scripts import Script
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    script: Script
+    keys: Sequence[str]
+    args: Sequence[str | int]
+    future: asyncio.Future[Any]
+
+    def argv(self) -> tuple[Any, ...]:
+        return (self.script.sha, len(self.keys), *self.keys, *self.args)
+
+
+class EvalBatcher:
+    def __init__(self, client: Any, in_flight: asyncio.Semaphore) -> None:
+        self._client = client
+        self._in_flight = in_flight
+        self._queue: list[_Call] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> asyncio.Future[Any]:
+        """The reply of `script` on `keys` and `args`, sent with whatever else this loop turn asks."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append(_Call(script, keys, args, future))
+        if len(self._queue) == 1:
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        task = asyncio.create_task(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[_Call]) -> None:
+        try:
+            async with self._in_flight:
+                replies = await self._execute(batch)
+        except BaseException as exc:
+            for call in batch:
+                _settle_future(call.future, exception=exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for call, reply in zip(batch, replies, strict=True):
+            final = await self._reload_and_retry(call) if isinstance(reply, NoScriptError) else reply
+            if isinstance(final, Exception):
+                _settle_future(call.future, exception=final)
+            else:
+                _settle_future(call.future, result=final)
+
+    async def _execute(self, batch: list[_Call]) -> list[Any]:
+        if len(batch) == 1:
+            try:
+                return [await self._client.execute_command("EVALSHA", *batch[0].argv())]
+            except NoScriptError as exc:
+                return [exc]
+        pipe = self._client.pipeline(transaction=False)
+        for call in batch:
+            pipe.execute_command("EVALSHA", *call.argv())
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+    async def _reload_and_retry(self, call: _Call) -> Any:
+        """The server lost its scripts (restart, SCRIPT FLUSH): load this one and run the call again."""
+        try:
+            await self._client.script_load(call.script.source)
+            return await self._client.execute_command("EVALSHA", *call.argv())
+        except Exception as exc:
+            return exc
+
+    async def close(self) -> None:
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+
+
+def _settle_future(
+    future: asyncio.Future[Any], *, result: Any = None, exception: BaseException | None = None
+) -> None:
+    if future.done():  # the caller gave up (its timeout cancelled it)
+        return
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        future.set_result(result)
