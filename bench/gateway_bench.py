@@ -163,7 +163,9 @@ async def bench(args: argparse.Namespace) -> None:
     }
     config["upstreams"]["digitalocean"]["flavor"] = "openai"
     config["upstreams"]["digitalocean"]["api_key"] = UPSTREAM_KEY
-    config["server"] = {"log_level": "warning"}
+    config["server"] = {
+        "log_level": args.log_level
+    }  # info: one access-log line per request, as in production
     gateway = GatewayProcess(config, workdir)
     try:
         await wait_http(f"http://127.0.0.1:{mock_port}/v1/models")
@@ -226,6 +228,7 @@ def main() -> None:
     parser.add_argument("--stream-samples", type=int, default=50)
     parser.add_argument("--big-requests", type=int, default=4)
     parser.add_argument("--image-mb", type=int, default=3, help="raw MB per image before base64")
+    parser.add_argument("--log-level", choices=["info", "warning"], default="info")
     asyncio.run(bench(parser.parse_args()))
 
 
