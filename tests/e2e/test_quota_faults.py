@@ -1,0 +1,300 @@
+"""Quota faults end to end, through a gateway on a real Redis server each test starts: an upstream
+error refunds, a dropped stream and a departed client are settled exactly once and billed from what is
+known, a settle whose reply is lost is charged once, and a stopped Redis in both `on_unavailable`
+modes, then recovery without restarting the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from structlog.testing import capture_logs
+
+from gateway.mock_upstream import RECEIVED
+from tests.e2e.conftest import Running, StartGateway, base_url
+from tests.e2e.test_quotas import (
+    ADMIN_TOKEN,
+    AUTH,
+    LOW,
+    LOW_ESTIMATE_TOKENS,
+    MODEL,
+    eventually,
+    generate,
+    held_leases,
+    json_body,
+    ledger_rows,
+    nano_usd,
+    redis_store,
+    sse_event,
+    store_keys,
+    tenant_limits,
+    usage_body,
+)
+from tests.support import redis_servers
+from tests.support.redis_servers import RedisServer
+from tests.support.scripted_upstream import Script, ScriptedUpstream
+
+pytestmark = pytest.mark.redis
+redis_factory = redis_servers.redis_server_factory  # servers this module's tests stop and restart
+
+StartServer = Callable[[web.Application], Awaitable[TestServer]]
+MakeRedis = Callable[[], RedisServer]
+
+LIMITS = {
+    "requests_per_minute": 10,
+    "tokens_per_day": 1_000_000,
+    "usd_per_day": 100,
+    "concurrent_requests": 5,
+}
+LOW_ESTIMATE_NANO_USD = 20 * 5_000 + 272 * 32_000  # $0.008804
+UPSTREAM_500 = b'{"error":{"message":"boom","type":"server_error","param":null,"code":null}}'
+PARTIAL = sse_event("image_generation.partial_image", partial_image_index=0)
+
+
+async def gateway_on(
+    start_server: StartServer, start_gateway: StartGateway, redis: RedisServer, upstream: ScriptedUpstream
+) -> Running:
+    server = await start_server(upstream.app())
+    return await start_gateway(
+        openai_url=base_url(server),
+        store=redis_store(redis),
+        limits=LIMITS,
+        admin={"token": ADMIN_TOKEN},
+    )
+
+
+async def reached_upstream(upstream: ScriptedUpstream) -> None:
+    """The request was admitted (reserved) and forwarded."""
+    for _ in range(250):
+        if upstream.received:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the request never reached the upstream")
+
+
+async def settled_once(session: aiohttp.ClientSession, gw: Running, redis: RedisServer) -> dict[str, Any]:
+    """Wait for the one settlement, then check it happened exactly once and left nothing behind."""
+
+    async def settled() -> bool:
+        return bool((await store_keys(redis)).get("settled"))
+
+    await eventually(settled)
+    await asyncio.sleep(0.1)  # room for a second settlement, were there one
+    keys = await store_keys(redis)
+    assert len(keys["settled"]) == 1
+    assert "rsv" not in keys
+    assert await held_leases(redis) == 0
+    [row] = await ledger_rows(session, gw.url)
+    assert (row["model"], row["requests"]) == (MODEL, 1)
+    return row
+
+
+def finished_lines(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [line for line in logs if line["event"] == "request_finished"]
+
+
+# --- 2. upstream and client faults ----------------------------------------------------------------
+
+
+async def test_upstream_500_refunds_tokens_and_usd_but_counts_the_request(
+    start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis
+) -> None:
+    redis = redis_factory()
+    upstream = ScriptedUpstream(
+        Script(status=500, content_type="application/json", chunks=[UPSTREAM_500], delay_before_headers=0.3)
+    )
+    gw = await gateway_on(start_server, start_gateway, redis, upstream)
+    async with aiohttp.ClientSession() as session:
+        request = asyncio.create_task(generate(session, gw.url))
+        await reached_upstream(upstream)
+        during = await tenant_limits(session, gw.url)
+        status, body, headers = await request
+        row = await settled_once(session, gw, redis)
+        after = await tenant_limits(session, gw.url)
+    assert status == 500 and json.dumps(body, separators=(",", ":")).encode() == UPSTREAM_500
+    assert headers["x-ratelimit-remaining-requests"] == "9"
+    # While the upstream worked, the estimate was reserved ...
+    assert during["tenant.tokens_per_day"]["used"] == LOW_ESTIMATE_TOKENS
+    assert during["tenant.usd_per_day"]["used"] == LOW_ESTIMATE_NANO_USD / 1e9
+    assert during["tenant.concurrent_requests"]["used"] == 1
+    # ... and the error refunded all of it but the request itself.
+    assert after["tenant.tokens_per_day"]["used"] == 0
+    assert after["tenant.usd_per_day"]["used"] == 0
+    assert after["tenant.concurrent_requests"]["used"] == 0
+    assert after["tenant.requests_per_minute"]["used"] == 1
+    assert after["tenant.requests_per_minute"]["remaining"] == 9
+    assert (row["failed"], row["tokens"], row["nano_usd"], row["images"]) == (1, 0, 0, 0)
+
+
+async def test_upstream_dropped_mid_stream_is_settled_once_at_the_estimate(
+    start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis
+) -> None:
+    redis = redis_factory()
+    # A partial image, then 0.3 s of silence, then the connection drops: no usage ever arrives.
+    upstream = ScriptedUpstream(Script(chunks=[PARTIAL], chunk_delay=0.3, abort_after_chunks=True))
+    gw = await gateway_on(start_server, start_gateway, redis, upstream)
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{gw.v1}/images/generations", json={**LOW, "stream": True}, headers=AUTH
+            ) as resp:
+                assert resp.status == 200
+                assert await resp.content.readuntil(b"\n\n") == PARTIAL
+                during = await tenant_limits(session, gw.url)
+                tail = await resp.read()
+            row = await settled_once(session, gw, redis)
+            after = await tenant_limits(session, gw.url)
+    assert tail.startswith(b"event: error\n") and b'"code":"upstream_unavailable"' in tail
+    assert during["tenant.tokens_per_day"]["used"] == LOW_ESTIMATE_TOKENS
+    # Pipeline.actual: an image was under way and no usage came, so the estimate stands.
+    assert (row["failed"], row["tokens"], row["nano_usd"]) == (1, LOW_ESTIMATE_TOKENS, LOW_ESTIMATE_NANO_USD)
+    assert after["tenant.tokens_per_day"]["used"] == LOW_ESTIMATE_TOKENS
+    assert after["tenant.usd_per_day"]["used"] == LOW_ESTIMATE_NANO_USD / 1e9
+    assert gw.metric("gateway_usage_missing_total", tenant="team", model=MODEL) == 1
+    assert gw.metric("gateway_settlements_retried_total") == 0
+    [line] = finished_lines(logs)
+    assert (line["settled"], line["status"]) == ("estimate", 200)
+
+
+async def test_client_leaving_mid_stream_is_billed_from_the_drained_usage(
+    start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis
+) -> None:
+    redis = redis_factory()
+    usage = usage_body(text=3, image_in=0, output=372)  # 375 tokens: more than the 292 reserved
+    completed = sse_event("image_generation.completed", usage=usage)
+    upstream = ScriptedUpstream(Script(chunks=[PARTIAL, completed], chunk_delay=0.3))
+    gw = await gateway_on(start_server, start_gateway, redis, upstream)
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as session:
+            resp = await session.post(
+                f"{gw.v1}/images/generations", json={**LOW, "stream": True}, headers=AUTH
+            )
+            assert await resp.content.readuntil(b"\n\n") == PARTIAL
+            resp.close()  # the client leaves before the completed event
+            await asyncio.wait_for(upstream.finished.wait(), 5)
+            row = await settled_once(session, gw, redis)
+            after = await tenant_limits(session, gw.url)
+    assert (row["failed"], row["tokens"], row["nano_usd"]) == (0, 375, nano_usd(usage))
+    assert (row["text_in_tokens"], row["image_out_tokens"]) == (3, 372)
+    assert after["tenant.tokens_per_day"]["used"] == 375
+    assert after["tenant.usd_per_day"]["used"] == nano_usd(usage) / 1e9
+    [line] = finished_lines(logs)
+    assert (line["settled"], line["client_gone"]) == ("usage", True)
+
+
+async def test_a_settle_whose_reply_is_lost_is_retried_and_charged_once(
+    start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis
+) -> None:
+    redis = redis_factory()
+    usage = usage_body(text=6, image_in=0, output=272)
+    upstream = ScriptedUpstream(
+        Script(content_type="application/json", chunks=[json_body(usage)], delay_before_headers=0.2)
+    )
+    server = await start_server(upstream.app())
+    gw = await start_gateway(
+        openai_url=base_url(server),
+        store=redis_store(redis, timeout_ms=100),
+        limits=LIMITS,
+        admin={"token": ADMIN_TOKEN},
+    )
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as session:
+            request = asyncio.create_task(generate(session, gw.url))
+            await reached_upstream(upstream)
+            # Redis holds every script call for 0.45 s from just before the upstream answers: the
+            # first settle attempt (and perhaps the second) outlasts timeout_ms, a later one gets through.
+            await asyncio.to_thread(redis.cli, "CLIENT", "PAUSE", "450", "WRITE")
+            status, _, _ = await request
+            assert status == 200
+            await asyncio.sleep(0.5)
+            row = await settled_once(session, gw, redis)
+            after = await tenant_limits(session, gw.url)
+    assert gw.metric("gateway_settlements_retried_total") == 1
+    assert gw.metric("gateway_store_errors_total", operation="settle") >= 1
+    assert (row["failed"], row["tokens"], row["nano_usd"]) == (0, usage["total_tokens"], nano_usd(usage))
+    assert after["tenant.tokens_per_day"]["used"] == usage["total_tokens"]
+    assert after["tenant.usd_per_day"]["used"] == nano_usd(usage) / 1e9
+    warnings = [line["event"] for line in logs if line["log_level"] == "warning"]
+    assert warnings == ["store_unavailable"]  # no settlement_failed: it was settled
+
+
+# --- 3. Redis stopped mid-run, then back ----------------------------------------------------------
+
+
+async def readiness(session: aiohttp.ClientSession, gw: Running) -> tuple[int, dict[str, Any]]:
+    async with session.get(f"{gw.url}/readyz") as resp:
+        return resp.status, await resp.json()
+
+
+@pytest.mark.parametrize("mode", ["fail_open", "fail_closed"])
+async def test_redis_stopped_mid_run_then_restarted_on_the_same_port(
+    start_gateway: StartGateway, mock_openai: TestServer, redis_factory: MakeRedis, mode: str
+) -> None:
+    redis = redis_factory()
+    gw = await start_gateway(
+        openai_url=base_url(mock_openai),
+        store=redis_store(redis, on_unavailable=mode, timeout_ms=100),
+        limits={"requests_per_minute": 3},
+    )
+    async with aiohttp.ClientSession() as session:
+        status, _, headers = await generate(session, gw.url)
+        assert (status, headers["x-ratelimit-remaining-requests"]) == (200, "2")
+        assert await readiness(session, gw) == (200, {"status": "ready", "store": "up"})
+
+        await asyncio.to_thread(redis.stop)
+        with capture_logs() as logs:
+            started = time.perf_counter()
+            during = [await generate(session, gw.url) for _ in range(4)]  # more than the limit's 2 left
+            outage_took = time.perf_counter() - started
+            ready_during = await readiness(session, gw)
+        degraded = gw.metric("gateway_store_degraded_decisions_total", mode=mode)
+        store_up_during = gw.metric("gateway_store_up")
+
+        await asyncio.to_thread(redis.start)  # the same port, and empty
+        after = [await generate(session, gw.url) for _ in range(4)]
+        ready_after = await readiness(session, gw)
+
+    assert degraded == 4 and store_up_during == 0
+    assert outage_took < 4 * 0.5  # each decided within about timeout_ms, not a client timeout
+    warnings = [line for line in logs if line["log_level"] == "warning"]
+    assert warnings[0]["event"] == "store_unavailable"  # once per outage, not once per request
+    lost = [line for line in warnings[1:] if line["event"] == "settlement_failed"]
+    assert len(warnings) == 1 + len(lost)
+    for status, body, headers in during:
+        assert headers["x-ratelimit-limit-requests"] == "3"  # the limits are known, their state is not
+        assert "x-ratelimit-remaining-requests" not in headers
+        if mode == "fail_open":
+            assert status == 200 and body["usage"]["total_tokens"] > 0
+        else:
+            assert status == 503
+            assert (body["error"]["type"], body["error"]["code"]) == (
+                "service_unavailable_error",
+                "service_unavailable",
+            )
+            assert headers["Retry-After"] == "1"
+    if mode == "fail_open":
+        assert ready_during == (200, {"status": "ready", "store": "degraded"})
+        # Served blind and settled while Redis was still down: never silently, each is a warning
+        # carrying what it would have charged.
+        assert [line["tokens"] for line in lost] == [body["usage"]["total_tokens"] for _, body, _ in during]
+    else:
+        assert ready_during == (503, {"status": "store_unavailable"})
+        assert lost == []
+
+    # Enforced again without a restart: the new server starts from nothing, so 3 are admitted.
+    assert [status for status, _, _ in after] == [200, 200, 200, 429]
+    assert [headers.get("x-ratelimit-remaining-requests") for _, _, headers in after] == ["2", "1", "0", "0"]
+    assert after[-1][1]["error"]["code"] == "rate_limit_exceeded"
+    assert ready_after == (200, {"status": "ready", "store": "up"})
+    assert gw.metric("gateway_store_degraded_decisions_total", mode=mode) == 4
+    assert gw.metric("gateway_store_up") == 1
+    served = 1 + (4 if mode == "fail_open" else 0) + 3
+    assert len(mock_openai.app[RECEIVED]) == served
