@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -211,6 +212,19 @@ async def test_three_gateway_processes_sharing_one_redis_admit_exactly_100_of_50
     finally:
         codes = [await asyncio.to_thread(gateway.stop) for gateway in gateways]
     assert codes == [0, 0, 0]
+    # The gateways' own access logs agree: 100 admitted in all, each settled from its usage.
+    finished = [
+        event
+        for gateway in gateways
+        for event in map(json.loads, filter(lambda line: line.startswith("{"), gateway.log_lines()))
+        if event.get("event") == "request_finished"
+    ]
+    assert Counter(event["status"] for event in finished) == {200: RPM, 429: BURST - RPM}
+    served = [event for event in finished if event["status"] == 200]
+    assert {event["settled"] for event in served} == {"usage"}
+    assert sum(e["tokens_text_in"] + e["tokens_image_in"] + e["tokens_image_out"] for e in served) == (
+        reported_tokens
+    )
     assert (row["model"], row["requests"], row["rejected_rate"], row["failed"]) == (
         MODEL,
         RPM,
@@ -416,6 +430,8 @@ async def test_a_spent_budget_is_insufficient_quota_and_the_sdk_does_not_retry_i
     error = body["error"]
     assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
     assert "usd_per_day of tenant 'team'" in error["message"] and "limit $1" in error["message"]
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
+    assert f"It resets at {tomorrow}T00:00:00Z" in error["message"]
     assert headers["x-should-retry"] == "false"
     assert headers["x-ratelimit-remaining-usd"] == "0"
 
@@ -433,6 +449,34 @@ async def test_a_spent_budget_is_insufficient_quota_and_the_sdk_does_not_retry_i
     assert caught.value.response.headers["x-should-retry"] == "false"
     assert refused() == 2  # one more request reached the gateway: the SDK did not retry
     assert len(upstream.received) == 1
+
+
+async def test_a_request_larger_than_a_tiny_budget_is_insufficient_quota_and_not_retried(
+    start_gateway: StartGateway, mock_openai: TestServer, redis_factory: MakeRedis
+) -> None:
+    gw = await start_gateway(
+        openai_url=base_url(mock_openai),
+        store=redis_store(redis_factory()),
+        limits={"usd_per_day": "0.000001"},
+        admin={"token": ADMIN_TOKEN},
+    )
+    client = openai.AsyncOpenAI(base_url=gw.v1, api_key=TENANT_KEY)  # default retries: 2
+    try:
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.images.generate(**LOW)
+    finally:
+        await client.close()
+    error = caught.value
+    assert error.code == "insufficient_quota" and isinstance(error.body, dict)
+    assert "needs $0.008804 but usd_per_day of tenant 'team' is $0.000001" in error.body["message"]
+    assert error.response.headers["x-should-retry"] == "false"
+    assert "retry-after" not in error.response.headers  # no wait makes it fit
+    assert error.response.headers["x-ratelimit-limit-usd"] == "0.000001"
+    assert gw.metric("gateway_requests_total", tenant="team", model=MODEL, route="openai", status="429") == 1
+    assert mock_openai.app[RECEIVED] == []
+    async with aiohttp.ClientSession() as session:
+        [row] = await ledger_rows(session, gw.url)
+    assert (row["requests"], row["rejected_quota"], row["rejected_rate"], row["nano_usd"]) == (0, 1, 0, 0)
 
 
 # --- 5. admin API ---------------------------------------------------------------------------------
