@@ -88,9 +88,13 @@ def nano_usd(usage: dict[str, Any]) -> int:
 
 
 async def generate(
-    session: aiohttp.ClientSession, url: str, payload: dict[str, Any] | None = None
+    session: aiohttp.ClientSession,
+    url: str,
+    payload: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any], CIMultiDictProxy[str]]:
-    async with session.post(f"{url}/v1/images/generations", json=payload or LOW, headers=AUTH) as resp:
+    url = f"{url}/v1/images/generations"
+    async with session.post(url, json=payload or LOW, headers={**AUTH, **(headers or {})}) as resp:
         return resp.status, await resp.json(), resp.headers
 
 
@@ -144,6 +148,8 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0)
 
 BURST = 500
 RPM = 100
+BURST_ATTEMPTS = 3
+MOCK_LATENCY_S = 0.3
 
 
 @pytest.mark.slow
@@ -152,7 +158,7 @@ async def test_three_gateway_processes_sharing_one_redis_admit_exactly_100_of_50
 ) -> None:
     redis = redis_factory()
     # Admitted requests wait 300 ms at the upstream: the burst's CPU goes to admission decisions.
-    mock_app = create_mock_app(MockOptions(api_key=UPSTREAM_KEY, latency_ms=300))
+    mock_app = create_mock_app(MockOptions(api_key=UPSTREAM_KEY, latency_ms=MOCK_LATENCY_S * 1000))
     mock = await start_server(mock_app)
     config = config_dict(
         base_url(mock),
@@ -171,22 +177,41 @@ async def test_three_gateway_processes_sharing_one_redis_admit_exactly_100_of_50
 
             await asyncio.gather(*(health(i) for i in range(BURST)))
 
-            started = time.perf_counter()
-            decided: list[float] = []
+            async def burst(attempt: int) -> tuple[list[tuple[int, dict[str, Any]]], float]:
+                """500 requests at once; the results, and a bound on when the last admission decision was
+                made: a refusal's answer follows its decision, an admission's comes 300 ms later at least."""
+                started = time.perf_counter()
+                decided: list[float] = []
 
-            async def one(i: int) -> tuple[int, dict[str, Any]]:
-                payload = {**LOW, "prompt": "a lighthouse " + "at dusk " * (i % 11)}
-                status, body, _ = await generate(session, gateways[i % 3].url, payload)
-                if status == 429:
-                    decided.append(time.perf_counter() - started)
-                return status, body
+                async def one(i: int) -> tuple[int, dict[str, Any]]:
+                    payload = {**LOW, "prompt": "a lighthouse " + "at dusk " * (i % 11)}
+                    tag = {"x-request-id": f"burst{attempt}-{i}"}
+                    status, body, _ = await generate(session, gateways[i % 3].url, payload, tag)
+                    decided.append(time.perf_counter() - started - (MOCK_LATENCY_S if status == 200 else 0))
+                    return status, body
 
-            results = await asyncio.gather(*(one(i) for i in range(BURST)))
+                results = await asyncio.gather(*(one(i) for i in range(BURST)))
+                return results, max(decided, default=0.0)
+
+            # A limit of 100 per minute refills one request every 0.6 s: "exactly 100" is the limiter's
+            # only correct answer when every decision falls within 0.6 s of the first. On a machine so
+            # loaded that a burst takes longer, that burst proves nothing: start again from empty.
+            for attempt in range(BURST_ATTEMPTS):
+                results, took = await burst(attempt)
+                if took < 60 / RPM:
+                    break
+                admitted = sum(1 for status, _ in results if status == 200)
+
+                async def attempt_settled(admitted: int = admitted) -> bool:
+                    return len((await store_keys(redis)).get("settled", [])) == admitted
+
+                await eventually(attempt_settled)
+                await asyncio.to_thread(redis.cli, "FLUSHALL")
+                mock_app[RECEIVED].clear()
+            else:
+                pytest.fail(f"no burst of {BURST} fit in {60 / RPM}s here (the last took {took:.2f}s)")
             ok = [body for status, body in results if status == 200]
             refused = [body for status, body in results if status == 429]
-            # A limit of 100 per minute refills one request every 0.6 s: the burst's decisions must fit
-            # in that time for "exactly 100" to be the limiter's only correct answer.
-            assert max(decided) < 60 / RPM, f"the burst took {max(decided):.2f}s"
             assert (len(ok), len(refused)) == (RPM, BURST - RPM), {status for status, _ in results}
             assert {body["error"]["code"] for body in refused} == {"rate_limit_exceeded"}
             assert len(mock_app[RECEIVED]) == RPM  # the refused never reached the upstream
@@ -217,7 +242,7 @@ async def test_three_gateway_processes_sharing_one_redis_admit_exactly_100_of_50
         event
         for gateway in gateways
         for event in map(json.loads, filter(lambda line: line.startswith("{"), gateway.log_lines()))
-        if event.get("event") == "request_finished"
+        if event.get("event") == "request_finished" and event["request_id"].startswith(f"burst{attempt}-")
     ]
     assert Counter(event["status"] for event in finished) == {200: RPM, 429: BURST - RPM}
     served = [event for event in finished if event["status"] == 200]
