@@ -1,9 +1,10 @@
 """Quotas end to end, against real Redis servers the tests start: exactness under concurrency across
 gateway processes, the limit headers clients see (and the openai SDK's view of them), and the admin API.
 
-Every test owns its Redis server (`redis_server_factory`, here `redis_factory`), so it can read the whole key space:
-`igw:{team}:lease:<scope>` sorted sets, `igw:{team}:rsv:<id>` reservation records (deleted by
-settle), `igw:{team}:settled:<id>` markers (written once by settle) and the ledger hashes.
+Every test owns its Redis server (`redis_server_factory`, here `redis_factory`), so it can read the
+whole key space: `igw:{team}:lease:<scope>` sorted sets, `igw:{team}:rsv:<id>` reservation records
+(deleted by settle), `igw:{team}:settled:<id>` markers (written once by settle) and the ledger hashes.
+Fault tests live in test_quota_faults.py and share the helpers here.
 """
 
 from __future__ import annotations
