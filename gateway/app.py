@@ -24,6 +24,7 @@ from gateway.runtime import Runtime, RuntimeHolder
 from gateway.settings import Settings
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
+_LAST_DRAIN_SECONDS = 2.0
 RELOADER = web.AppKey("reloader", Reloader)
 
 
@@ -70,7 +71,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await app[PIPELINE].drain(app[RUNTIME].current.settings.server.shutdown_grace_seconds)
+        # aiohttp has already waited up to the grace period for handlers (and so for the work they
+        # await); what is left here is work whose handler was cancelled: a short last wait, not a
+        # second grace period, so shutdown stays within what orchestrators allow.
+        await app[PIPELINE].drain(_LAST_DRAIN_SECONDS)
         await session.close()
         await store.close()
 

@@ -77,29 +77,32 @@ def demo_settings(port: int, openai_url: str, do_url: str, key: str) -> Settings
 
 
 def banner(url: str, key: str) -> str:
+    """Snippets start at column 0 so that they paste into a shell as printed."""
     return dedent(
         f"""
         ================================================================
         Image gateway demo is running at {url}  (Ctrl-C stops it)
-        Tenant: demo-team    key: {key}
+        Tenant: demo-team    key: {key}  (a new key every run)
 
         curl:
-          curl -s {url}/v1/images/generations \\
-            -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
-            -d '{{"model": "gpt-image-1.5", "prompt": "a lighthouse at dusk",
-                 "size": "1024x1024", "quality": "low"}}' \\
-            | head -c 300; echo
+        """
+    ) + dedent(
+        f"""\
+        curl -s {url}/v1/images/generations \\
+          -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
+          -d '{{"model": "gpt-image-1.5", "prompt": "a kite", "size": "1024x1024", "quality": "low"}}' \\
+          | head -c 300; echo
 
-        Python (pip install openai):
-          python3 - <<'PY'
-          import base64
-          from openai import OpenAI
-          client = OpenAI(base_url="{url}/v1", api_key="{key}")
-          img = client.images.generate(model="gpt-image-1.5", prompt="a lighthouse at dusk",
-                                       size="1024x1024", quality="low")
-          open("lighthouse.png", "wb").write(base64.b64decode(img.data[0].b64_json))
-          print("saved lighthouse.png", img.usage)
-          PY
+        Python (the project's .venv has the openai package):
+        .venv/bin/python - <<'PY'
+        import base64
+        from openai import OpenAI
+        client = OpenAI(base_url="{url}/v1", api_key="{key}")
+        img = client.images.generate(model="gpt-image-1.5", prompt="a lighthouse at dusk",
+                                     size="1024x1024", quality="low")
+        open("lighthouse.png", "wb").write(base64.b64decode(img.data[0].b64_json))
+        print("saved lighthouse.png", img.usage)
+        PY
 
         Metrics: {url}/metrics     Health: {url}/healthz
         ================================================================

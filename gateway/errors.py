@@ -140,6 +140,12 @@ class UpstreamUnavailable(GatewayError):
     code = "upstream_unavailable"
 
 
+class UpstreamAuthFailed(UpstreamUnavailable):
+    """The upstream refused the organisation's key (its 401/403 is not the tenant's business)."""
+
+    code = "upstream_auth_failed"
+
+
 class StoreUnavailable(GatewayError):
     status = 503
     type = "service_unavailable_error"

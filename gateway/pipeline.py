@@ -25,6 +25,7 @@ from gateway.errors import (
     PayloadTooLarge,
     PolicyViolation,
     UnsupportedMediaType,
+    UpstreamAuthFailed,
 )
 from gateway.limits import Admission, LimitPlan, Reservation, Store, merge_upstream_limit_headers
 from gateway.logs import get_logger
@@ -49,6 +50,7 @@ class Admitted:
     estimate: Cost
     admission: Admission
     reservation: Reservation
+    forwarded: bool = False  # the upstream answered: work may have been done, and must be billed
 
 
 class Pipeline:
@@ -93,6 +95,10 @@ class Pipeline:
                 return response
             except GatewayError as error:
                 error.headers.update(admitted.admission.headers)
+                self.metrics.upstream_errors.labels(
+                    admitted.route.upstream_name, error.error_code or "error"
+                ).inc()
+                log.warning("upstream_failed", error=error.error_code, upstream=admitted.route.upstream_name)
                 raise
             finally:
                 await asyncio.shield(self.settle(credential, admitted, outcome, record))
@@ -186,6 +192,15 @@ class Pipeline:
             orjson.dumps(body),
             upstream.upstream_headers(route, request.headers, record.request_id),
         )
+        if response.status in (401, 403):
+            # The organisation's key was refused: a tenant must neither see its fragments nor
+            # think its own key is wrong.
+            response.release()
+            log.error("upstream_auth_failed", upstream=route.upstream_name, status=response.status)
+            raise UpstreamAuthFailed(
+                f"The gateway's credentials for upstream {route.upstream_name!r} were refused."
+            )
+        admitted.forwarded = response.status < 400
         self.metrics.upstream_ttfb.labels(route.upstream_name).observe(time.perf_counter() - forwarded_at)
         headers = self.response_headers(response, admitted, record)
         if response.status >= 400:
@@ -252,6 +267,8 @@ class Pipeline:
 
     def actual(self, admitted: Admitted, outcome: RelayOutcome | None) -> tuple[Cost, str]:
         """The cost to settle at, and how it was known: usage, refund or estimate."""
+        if outcome is None and admitted.forwarded:
+            return admitted.estimate, "estimate"  # cut off after the upstream accepted the work
         if outcome is None or outcome.status >= 400:
             return Cost(), "refund"  # nothing was generated: only the request itself counts
         reader = outcome.reader

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policies.catalog import Catalog
-from policies.engine import RouteTarget
-
 from gateway.auth import Credential
 from gateway.routing import load_world
 from gateway.settings import RouteSettings, Settings, UpstreamSettings
+from policies.catalog import Catalog
+from policies.engine import RouteTarget
 from policies.rules import Policy
 
 

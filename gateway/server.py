@@ -80,6 +80,10 @@ async def serve(
     try:
         await stop.wait()
     finally:
+        # Once shutdown has begun, a repeated SIGTERM (a supervisor or orchestrator insisting) must
+        # not kill the process after the loop's handlers are gone: shutdown is already under way.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         app[DRAINING][0] = True
         log.info("gateway_stopping", grace_seconds=server.shutdown_grace_seconds)
         await runner.cleanup()

@@ -265,10 +265,9 @@ def expand_env(node: Any, environ: Mapping[str, str], path: str = "") -> Any:
             return default
         raise ConfigError("", [f"{path}: environment variable {name} is not set"])
 
-    whole = _ENV_REF.fullmatch(node)
-    expanded = _ENV_REF.sub(substitute, node)
-    # A value that is only a reference may become a number or boolean (`port: ${PORT:-8080}`).
-    return yaml.safe_load(expanded) if whole and expanded.strip() else expanded
+    # The value stays a string (a secret is never re-parsed as YAML); pydantic converts
+    # `port: ${PORT:-8080}` to a number where the field is one.
+    return _ENV_REF.sub(substitute, node)
 
 
 def parse_settings(text: str, source: str = "<config>", environ: Mapping[str, str] | None = None) -> Settings:

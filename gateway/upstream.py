@@ -35,7 +35,6 @@ _DROPPED_RESPONSE_HEADERS = frozenset(
         "trailers",
         "transfer-encoding",
         "upgrade",
-        "content-encoding",
         "set-cookie",
         "date",
         "server",

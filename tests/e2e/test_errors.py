@@ -257,3 +257,35 @@ async def test_client_leaving_mid_stream_is_billed_from_drained_usage(
             break
         await asyncio.sleep(0.05)
     assert gw.metric("gateway_tokens_total", tenant="team", model="gpt-image-1.5", bucket="image_out") == 372
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_upstream_refusing_the_org_key_is_502_without_its_words(
+    start_server: StartServer, start_gateway: StartGateway, status: int
+) -> None:
+    leaked = b'{"error":{"message":"Incorrect API key provided: sk-test-****-key","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}'
+    upstream = ScriptedUpstream(Script(status=status, content_type="application/json", chunks=[leaked]))
+    server = await start_server(upstream.app())
+    gw = await start_gateway(openai_url=base_url(server))
+    code, body, _ = await call(gw.url, json=GOOD, headers=AUTH)
+    assert code == 502
+    assert_error(body, "upstream_error", "upstream_auth_failed")
+    assert "sk-test" not in body["error"]["message"]
+
+
+async def test_compressed_upstream_body_keeps_its_content_encoding(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    import gzip
+
+    raw = gzip.compress(b'{"created":1,"data":[{"b64_json":"AA=="}]}')
+    upstream = ScriptedUpstream(
+        Script(content_type="application/json", chunks=[raw], extra_headers={"Content-Encoding": "gzip"})
+    )
+    server = await start_server(upstream.app())
+    gw = await start_gateway(openai_url=base_url(server))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{gw.v1}/images/generations", json=GOOD, headers=AUTH) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Encoding"] == "gzip"
+            assert (await resp.json())["data"][0]["b64_json"] == "AA=="

@@ -113,7 +113,16 @@ async def test_workers_share_a_port_and_metrics_add_up(
     config = config_dict(base_url(mock), store={"backend": "redis", "url": redis_url}, server={"workers": 2})
     gateway = GatewayProcess(config, tmp_path)
     await gateway.start()
+
+    def worker_pids() -> set[int]:
+        return {json.loads(line)["pid"] for line in gateway.log_lines() if '"gateway_started"' in line}
+
     try:
+        for _ in range(200):  # one worker answers health first; wait for the other on a loaded machine
+            if len(worker_pids()) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert len(worker_pids()) == 2
         async with aiohttp.ClientSession() as session:
             for _ in range(30):
                 async with aiohttp.ClientSession() as fresh:  # new connections spread over workers
@@ -131,8 +140,6 @@ async def test_workers_share_a_port_and_metrics_add_up(
                 assert total == 30
     finally:
         assert gateway.stop() == 0
-    started = [json.loads(line) for line in gateway.log_lines() if '"gateway_started"' in line]
-    assert len({line["pid"] for line in started}) == 2
 
 
 async def test_admin_reload_applies_a_new_key_and_refuses_a_broken_file(

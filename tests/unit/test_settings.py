@@ -103,3 +103,10 @@ def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(tmp_path / "missing.yaml")
     assert "missing.yaml: cannot read the file" in str(info.value)
+
+
+@pytest.mark.parametrize("secret", ["s3cr3t #x", "123456", "yes", "null", "@abc-secret", "*secret"])
+def test_env_values_are_taken_verbatim(secret: str) -> None:
+    text = BASE + "admin:\n  token: ${ADMIN_TOKEN}\n"
+    settings = parse_settings(text, "ok.yaml", {"ADMIN_TOKEN": secret})
+    assert settings.admin.token.get_secret_value() == secret
