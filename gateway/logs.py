@@ -37,7 +37,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=factory,
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,  # module-level loggers otherwise rebuild on every call
     )
 
 
