@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -35,7 +35,6 @@ class RelayOutcome:
     first_byte_at: float | None = None  # perf_counter() of the first body bytes written
     client_gone: bool = False
     failure: GatewayError | None = None  # upstream failed after headers were sent
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 async def relay(

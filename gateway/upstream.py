@@ -113,8 +113,3 @@ def translate(exc: aiohttp.ClientError | asyncio.TimeoutError | OSError, route: 
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamUnavailable(f"Upstream {name!r} could not be reached.")
     return UpstreamUnavailable(f"Upstream {name!r} closed the connection unexpectedly.")
-
-
-def failure_kind(error: GatewayError) -> str:
-    """A bounded label for upstream error metrics."""
-    return error.error_code or "unknown"

@@ -132,15 +132,7 @@ class LimitStore:
     ) -> tuple[ReserveCall, ReserveReply]:
         """One reserve call, compiled again for the engine's UTC day if ours was another."""
         for _ in range(_MAX_DAY_MISMATCHES + 1):
-            call = compile_reserve(
-                plan,
-                cost,
-                reservation_id=reservation_id,
-                model=model,
-                day=self._today(),
-                mode=mode,
-                settings=self._settings,
-            )
+            call = self._compile(plan, cost, reservation_id, model, mode)
             operation = "status" if mode == "peek" else "reserve"
             reply = await self._guard(operation, partial(self._engine.reserve, call))
             self._offset = reply.now_us / 1e6 - self._clock()
@@ -148,20 +140,26 @@ class LimitStore:
                 return call, reply
         raise StoreFailure("the store's clock keeps changing day")  # pragma: no cover
 
-    def _degraded(
-        self, plan: LimitPlan, cost: Cost, reservation_id: str, request_id: str, model: str
-    ) -> Admission:
-        mode = self._settings.on_unavailable
-        self._metrics.degraded_decisions.labels(mode).inc()
-        call = compile_reserve(
+    def _compile(
+        self, plan: LimitPlan, cost: Cost, reservation_id: str, model: str, mode: Mode
+    ) -> ReserveCall:
+        """The reserve call for today (by the store's clock, as last seen)."""
+        return compile_reserve(
             plan,
             cost,
             reservation_id=reservation_id,
             model=model,
             day=self._today(),
-            mode="peek",
+            mode=mode,
             settings=self._settings,
         )
+
+    def _degraded(
+        self, plan: LimitPlan, cost: Cost, reservation_id: str, request_id: str, model: str
+    ) -> Admission:
+        mode = self._settings.on_unavailable
+        self._metrics.degraded_decisions.labels(mode).inc()
+        call = self._compile(plan, cost, reservation_id, model, "peek")
         limit_headers = headers.limits_only(call.checks)
         if mode == "fail_closed":
             error = StoreUnavailable(_UNAVAILABLE, headers={**limit_headers, "Retry-After": "1"})
