@@ -119,9 +119,23 @@ class Metrics:
         )
         self.settlements_retried = Counter(
             "gateway_settlements_retried",
-            "Settlements that had to be retried.",
+            "Settlements the store did not take at once, left to the outbox to retry.",
             registry=r,
         )
+        self.settlements_pending = Gauge(
+            "gateway_settlements_pending",
+            "Settlements and releases waiting in the outbox for the store.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.settlements_lost = Counter(
+            "gateway_settlements_lost",
+            "Settlements or releases given up (outbox full, or pending at shutdown), by kind.",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("settle", "release"):
+            self.settlements_lost.labels(kind)  # exported at 0 from the start, for alerts
         self.store_up = Gauge(
             "gateway_store_up",
             "1 while the limits store answers, 0 while it does not.",

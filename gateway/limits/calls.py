@@ -1,7 +1,8 @@
 """The store's operations as plain data, compiled once from a plan and run by either engine.
 
 `compile_reserve` turns a `LimitPlan` and a cost into the exact keys and amounts to check;
-`compile_settle` turns a reservation and the actual cost into the exact adjustments. The memory
+`compile_settle` turns a reservation and the actual cost into the exact adjustments, and
+`compile_release` undoes a reserve whose outcome is unknown (its reply was lost). The memory
 engine and the Redis engine (through `reserve.lua` / `settle.lua`) run these same calls, which
 is what keeps the two stores' semantics identical without sharing an interpreter.
 """
@@ -9,7 +10,7 @@ is what keeps the two stores' semantics identical without sharing an interpreter
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any, Literal, Protocol
 
@@ -22,7 +23,7 @@ from gateway.settings import StoreSettings
 from policies.cost import Cost
 
 Mode = Literal["enforce", "shadow", "peek"]
-Status = Literal["admitted", "rejected", "peeked", "wrong_day"]
+Status = Literal["admitted", "rejected", "peeked", "wrong_day", "settled"]
 
 # A reservation record outlives its lease by an hour: a request that outlives its lease (the
 # process died, or the generation ran very long) still settles against what it charged.
@@ -76,6 +77,11 @@ class ReserveCall:
     @property
     def record_key(self) -> str:
         return keys.reservation_key(self.tenant, self.reservation_id)
+
+    @property
+    def settled_key(self) -> str:
+        """A reservation id already settled (or released) is never charged again."""
+        return keys.settled_key(self.tenant, self.reservation_id)
 
     @property
     def ledger_key(self) -> str:
@@ -186,17 +192,41 @@ def compile_settle(
     actual: Cost,
     ledger: Sequence[tuple[str, int]],
     settings: StoreSettings,
+    degraded: bool = False,
 ) -> SettleCall:
+    """The settle of a reservation. A `degraded` one (admitted while the store was unreachable,
+    nothing charged) charges its actual cost to the calendar budgets after the fact, but not to
+    the per-minute limits: that minute is over, and charging it now would throttle the tenant for
+    requests already served."""
     return SettleCall(
         tenant=tenant,
         reservation_id=reservation_id,
         day=day,
         checks=tuple(checks),
-        actuals=tuple(check.kind.amount(actual) for check in checks),
+        actuals=tuple(
+            check.cost if degraded and check.kind.mechanism == "rate" else check.kind.amount(actual)
+            for check in checks
+        ),
         ledger=tuple(ledger),
         ledger_expire_at=ledger_expire_at(settings, day),
         settled_ttl_ms=settings.lease_ttl_seconds * 1000 + RECORD_GRACE_MS + SETTLED_GRACE_MS,
         lease_ttl_us=settings.lease_ttl_seconds * 1_000_000,
+    )
+
+
+def compile_release(call: ReserveCall, settings: StoreSettings) -> SettleCall:
+    """Undo `call`, whose reply never came: it may or may not have run, and may yet run.
+
+    Settling at nothing with nothing recorded in the ledger: if the reserve ran, the record's
+    amounts are refunded (the request itself still counts, as for any refund) and the lease
+    freed; if it did not, the amounts given here equal the actuals and nothing changes. Either
+    way the settled marker is written, and `reserve` refuses a settled id, so a reserve that
+    arrives after its release charges nothing.
+    """
+    nothing = Cost()
+    checks = tuple(replace(check, cost=check.kind.amount(nothing)) for check in call.checks)
+    return compile_settle(
+        call.tenant, call.reservation_id, call.day, checks, actual=nothing, ledger=(), settings=settings
     )
 
 

@@ -15,10 +15,16 @@ request: `fail_open` admits with a degraded reservation and counts `degraded_dec
 `fail_closed` answers `StoreUnavailable`. There is no per-process fallback counter. The next
 successful call marks it up again (`store_recovered`).
 
-Settle retries a transient failure twice (once counted in `settlements_retried`); while the
-store is down it tries once, so an outage does not hold every finishing request for seconds.
-A degraded reservation settles by charging its actual cost after the fact, so money spent while
-the store was unreachable still reaches the budgets and the ledger once it is back.
+Settlement is never lost to a store failure. A settle the store does not take at once (failed,
+or slower than `timeout_ms`; while the store is down it is not even tried) goes to the `Outbox`,
+which retries it in the background until the store is back, so a finishing request never waits
+on an outage. A degraded reservation settles by charging its actual cost after the fact to the
+calendar budgets and the ledger, so money spent while the store was unreachable still counts.
+
+A reserve whose reply never came may still have run, or may yet run: its lease and its estimate
+would stay charged. So when nobody will settle it (fail_closed answered 503, or the request was
+cancelled while waiting) its release goes to the outbox; `reserve` refuses an id already
+released, whichever arrives first.
 """
 
 from __future__ import annotations
@@ -39,12 +45,15 @@ from gateway.limits.calls import (
     Mode,
     ReserveCall,
     ReserveReply,
+    SettleCall,
     StoreFailure,
+    compile_release,
     compile_reserve,
     compile_settle,
 )
 from gateway.limits.decisions import DecisionMetrics, decide
 from gateway.limits.ledger import LedgerRow, rows, settle_fields, sort_rows
+from gateway.limits.outbox import Outbox
 from gateway.limits.periods import day_number, day_of, days_between
 from gateway.limits.plan import LimitPlan
 from gateway.limits.store import Admission, LimitStatus, Reservation, new_reservation_id
@@ -56,7 +65,6 @@ from policies.cost import Cost
 log = get_logger("gateway.limits")
 T = TypeVar("T")
 
-_SETTLE_RETRY_DELAYS = (0.05, 0.2)
 _MAX_DAY_MISMATCHES = 2
 _UNAVAILABLE = "The rate-limit store is unavailable, so the request could not be admitted. Retry shortly."
 
@@ -73,6 +81,7 @@ class LimitStore:
         self._timeout = settings.timeout_ms / 1000
         self._offset = 0.0  # engine clock minus ours, in seconds
         self._up = True
+        self._outbox = Outbox(self._apply, metrics)
 
     @property
     def engine(self) -> Engine:
@@ -86,6 +95,7 @@ class LimitStore:
             await self._guard("start", self._engine.start)
 
     async def close(self) -> None:
+        await self._outbox.close()
         await self._engine.close()
 
     async def healthy(self) -> bool:
@@ -133,12 +143,29 @@ class LimitStore:
         """One reserve call, compiled again for the engine's UTC day if ours was another."""
         for _ in range(_MAX_DAY_MISMATCHES + 1):
             call = self._compile(plan, cost, reservation_id, model, mode)
-            operation = "status" if mode == "peek" else "reserve"
-            reply = await self._guard(operation, partial(self._engine.reserve, call))
+            if mode == "peek":
+                reply = await self._guard("status", partial(self._engine.reserve, call))
+            else:
+                reply = await self._reserve_or_release(call)
             self._offset = reply.now_us / 1e6 - self._clock()
+            if reply.status == "settled":
+                raise StoreFailure("reservation already released")  # pragma: no cover (ids are new)
             if reply.status != "wrong_day":
                 return call, reply
         raise StoreFailure("the store's clock keeps changing day")  # pragma: no cover
+
+    async def _reserve_or_release(self, call: ReserveCall) -> ReserveReply:
+        """Run a charging reserve; if its outcome is unknown and nobody will settle it, release it."""
+        try:
+            return await self._guard("reserve", partial(self._engine.reserve, call))
+        except StoreFailure:
+            # fail_open settles the degraded reservation under the same id, which does the same.
+            if self._settings.on_unavailable == "fail_closed":
+                self._outbox.add(compile_release(call, self._settings), "release")
+            raise
+        except asyncio.CancelledError:
+            self._outbox.add(compile_release(call, self._settings), "release")
+            raise
 
     def _compile(
         self, plan: LimitPlan, cost: Cost, reservation_id: str, model: str, mode: Mode
@@ -181,7 +208,8 @@ class LimitStore:
     # --- settlement ----------------------------------------------------------------------------
 
     async def settle(self, reservation: Reservation, actual: Cost, *, outcome: str) -> bool:
-        """Replace the reservation's estimate with `actual`; True if this call settled it."""
+        """Replace the reservation's estimate with `actual`: True if done now, False if it was
+        settled already or is left to the outbox (the store did not take it)."""
         call = compile_settle(
             reservation.tenant,
             reservation.id,
@@ -190,28 +218,26 @@ class LimitStore:
             actual=actual,
             ledger=settle_fields(reservation.model, actual, outcome),
             settings=self._settings,
+            degraded=reservation.degraded,
         )
-        delays = _SETTLE_RETRY_DELAYS if self._up else ()
-        maybe_applied = False
-        for attempt in range(len(delays) + 1):
-            if attempt:
-                if attempt == 1:
-                    self._metrics.settlements_retried.inc()
-                await asyncio.sleep(delays[attempt - 1])
+        if self._up:
             try:
-                settled = await self._guard("settle", partial(self._engine.settle, call))
+                return await self._apply(call)
             except StoreFailure:
-                maybe_applied = True  # the reply may be what was lost; the settled marker knows
-                continue
-            return settled or maybe_applied
-        log.warning(
-            "settlement_failed",
+                pass
+        self._metrics.settlements_retried.inc()
+        log.info(
+            "settlement_deferred",
             tenant=reservation.tenant,
             reservation=reservation.id,
             tokens=actual.tokens,
             nano_usd=actual.nano_usd,
         )
+        self._outbox.add(call, "settle")
         return False
+
+    async def _apply(self, call: SettleCall) -> bool:
+        return await self._guard("settle", partial(self._engine.settle, call))
 
     # --- ledger --------------------------------------------------------------------------------
 
@@ -260,3 +286,4 @@ class LimitStore:
         if not self._up:
             self._up = True
             log.info("store_recovered")
+            self._outbox.wake()

@@ -71,6 +71,8 @@ class MemoryEngine:
         self._expiry.pop(key, None)
 
     def _hincr(self, key: str, counts: Sequence[tuple[str, int]], expire_at_s: int, now: int) -> None:
+        if not counts:
+            return  # as EXPIREAT on a missing key: nothing is created
         current: dict[str, int] = self._get(key, now) or {}
         for name, amount in counts:
             current[name] = current.get(name, 0) + amount
@@ -82,6 +84,8 @@ class MemoryEngine:
         now = self._now()
         if day_of(day_number(now / 1e6)) != call.day:
             return ReserveReply("wrong_day", now)
+        if call.mode != "peek" and self._get(call.settled_key, now) is not None:
+            return ReserveReply("settled", now)
         decisions = [self._decide(check, call, now) for check in call.checks]
         refused = [code for code, _ in decisions if code != OK]
         if call.mode == "peek" or (refused and call.mode == "enforce"):

@@ -34,7 +34,7 @@ from gateway.limits.periods import day_index
 from gateway.limits.scripts import ALL, RESERVE, SETTLE, Script
 from gateway.settings import StoreSettings
 
-_STATUS: dict[int, Status] = {1: "admitted", 0: "rejected", 2: "peeked", -1: "wrong_day"}
+_STATUS: dict[int, Status] = {1: "admitted", 0: "rejected", 2: "peeked", -1: "wrong_day", -2: "settled"}
 _READING_FIELDS = 5
 # What "the store did not answer" looks like: RedisClusterException (no reachable node, slots not
 # covered) is not a RedisError.
@@ -91,7 +91,7 @@ class RedisEngine:
             raise StoreFailure(f"{script.name}: {type(exc).__name__}: {exc}") from exc
 
     async def reserve(self, call: ReserveCall) -> ReserveReply:
-        keys = [call.record_key, call.ledger_key, *(check.key for check in call.checks)]
+        keys = [call.record_key, call.settled_key, call.ledger_key, *(check.key for check in call.checks)]
         args: list[str | int] = [
             call.reservation_id,
             day_index(call.day),

@@ -243,6 +243,7 @@ async def test_redis_stopped_mid_run_then_restarted_on_the_same_port(
         openai_url=base_url(mock_openai),
         store=redis_store(redis, on_unavailable=mode, timeout_ms=100),
         limits={"requests_per_minute": 3},
+        admin={"token": ADMIN_TOKEN},
     )
     async with aiohttp.ClientSession() as session:
         status, _, headers = await generate(session, gw.url)
@@ -262,12 +263,17 @@ async def test_redis_stopped_mid_run_then_restarted_on_the_same_port(
         after = [await generate(session, gw.url) for _ in range(4)]
         ready_after = await readiness(session, gw)
 
+        async def outbox_empty() -> bool:
+            return gw.metric("gateway_settlements_pending") == 0
+
+        await eventually(outbox_empty)
+        rows = await ledger_rows(session, gw.url)
+
     assert degraded == 4 and store_up_during == 0
     assert outage_took < 4 * 0.5  # each decided within about timeout_ms, not a client timeout
-    warnings = [line for line in logs if line["log_level"] == "warning"]
-    assert warnings[0]["event"] == "store_unavailable"  # once per outage, not once per request
-    lost = [line for line in warnings[1:] if line["event"] == "settlement_failed"]
-    assert len(warnings) == 1 + len(lost)
+    # One warning per outage, not one per request; nothing lost.
+    assert [line["event"] for line in logs if line["log_level"] == "warning"] == ["store_unavailable"]
+    deferred = [line for line in logs if line["event"] == "settlement_deferred"]
     for status, body, headers in during:
         assert headers["x-ratelimit-limit-requests"] == "3"  # the limits are known, their state is not
         assert "x-ratelimit-remaining-requests" not in headers
@@ -282,12 +288,20 @@ async def test_redis_stopped_mid_run_then_restarted_on_the_same_port(
             assert headers["Retry-After"] == "1"
     if mode == "fail_open":
         assert ready_during == (200, {"status": "ready", "store": "degraded"})
-        # Served blind and settled while Redis was still down: never silently, each is a warning
-        # carrying what it would have charged.
-        assert [line["tokens"] for line in lost] == [body["usage"]["total_tokens"] for _, body, _ in during]
+        # Served blind: each settlement waited in the outbox, said so with its amounts, and reached
+        # the ledger once Redis was back.
+        assert [line["tokens"] for line in deferred] == [
+            body["usage"]["total_tokens"] for _, body, _ in during
+        ]
+        [row] = rows
+        assert row["requests"] == 4 + 3
+        assert row["tokens"] == sum(body["usage"]["total_tokens"] for _, body, _ in during + after[:3])
     else:
         assert ready_during == (503, {"status": "store_unavailable"})
-        assert lost == []
+        assert deferred == []
+        [row] = rows
+        assert row["requests"] == 3  # the four 503s were released, never recorded as served
+    assert gw.metric("gateway_settlements_lost_total", kind="settle") == 0
 
     # Enforced again without a restart: the new server starts from nothing, so 3 are admitted.
     assert [status for status, _, _ in after] == [200, 200, 200, 429]

@@ -90,6 +90,22 @@ def _value(metric: object) -> float:
     return metric._value.get()  # type: ignore[attr-defined]
 
 
+async def delivered(metrics: Metrics, within: float = 10.0) -> None:
+    """Wait until the outbox has handed everything to the store."""
+    deadline = time.monotonic() + within
+    while _value(metrics.settlements_pending):
+        assert time.monotonic() < deadline, "the outbox did not empty in time"
+        await asyncio.sleep(0.02)
+
+
+async def raw_keys(url: str, tenant: str) -> list[str]:
+    raw = Redis.from_url(url)
+    try:
+        return [key.decode() async for key in raw.scan_iter(match=f"igw:{{{tenant}}}:*")]
+    finally:
+        await raw.aclose()
+
+
 @pytest.mark.parametrize("mode", ["fail_open", "fail_closed"])
 async def test_a_stopped_redis_then_recovery(redis_server_factory, mode: str) -> None:
     server = redis_server_factory()
@@ -107,14 +123,16 @@ async def test_a_stopped_redis_then_recovery(redis_server_factory, mode: str) ->
         started = time.perf_counter()
         during = await store.reserve(p, ESTIMATE, request_id="during", model="m")
         assert time.perf_counter() - started < 1
+        started = time.perf_counter()
         assert await store.settle(before.reservation, ESTIMATE, outcome="ok") is False  # never raises
-    # One warning for the outage, one for the settlement it made impossible.
-    assert [log["event"] for log in logs if log["log_level"] == "warning"] == [
-        "store_unavailable",
-        "settlement_failed",
-    ]
+        assert time.perf_counter() - started < 0.05  # the store is known down: straight to the outbox
+    # One warning for the outage; the settlement waits for the store, and says so.
+    assert [log["event"] for log in logs if log["log_level"] == "warning"] == ["store_unavailable"]
+    assert [log["event"] for log in logs if log["log_level"] == "info"] == ["settlement_deferred"]
     assert _value(metrics.store_up) == 0
     assert _value(metrics.degraded_decisions.labels(mode)) == 1
+    # fail_closed also queued the release of the reserve it could not confirm.
+    assert _value(metrics.settlements_pending) == (1 if mode == "fail_open" else 2)
     assert not await store.healthy()
     assert during.headers["x-ratelimit-limit-requests"] == "100"
     assert "x-ratelimit-remaining-requests" not in during.headers  # nothing known, nothing claimed
@@ -126,6 +144,7 @@ async def test_a_stopped_redis_then_recovery(redis_server_factory, mode: str) ->
 
     server.start()  # empty, and without our scripts
     with capture_logs() as logs:
+        await delivered(metrics)
         after = await store.reserve(p, ESTIMATE, request_id="after", model="m")
     assert after.allowed and after.reservation is not None and not after.reservation.degraded
     assert [log["event"] for log in logs] == ["store_recovered"]
@@ -136,7 +155,10 @@ async def test_a_stopped_redis_then_recovery(redis_server_factory, mode: str) ->
         assert await store.settle(during.reservation, Cost(image_out_tokens=300), outcome="ok")
         status = {s.limit: s for s in await store.limit_status(p)}
         assert status["tokens_per_day"].used == 1000 + 300
+        # ... to the calendar budgets, not to a per-minute limit whose minute has passed.
+        assert status["requests_per_minute"].used == 1
     await store.close()
+    assert _value(metrics.settlements_lost.labels("settle")) == 0
 
 
 async def test_a_stalled_redis_times_out_within_the_budget(redis_server_factory) -> None:
@@ -154,36 +176,76 @@ async def test_a_stalled_redis_times_out_within_the_budget(redis_server_factory)
     assert time.perf_counter() - started < 0.5
     assert stalled.allowed and stalled.reservation is not None and stalled.reservation.degraded
     await asyncio.sleep(0.9)
-    assert await store.settle(stalled.reservation, Cost(image_out_tokens=5), outcome="ok")
+    # The store is still believed down (nothing has reached it since): the outbox delivers.
+    assert await store.settle(stalled.reservation, Cost(image_out_tokens=5), outcome="ok") is False
+    await delivered(metrics)
     status = {s.limit: s for s in await store.limit_status(p)}
     # Charged exactly once whether or not the stalled reserve ran once Redis resumed.
     assert status["tokens_per_day"].used == 1000 + 5
     await store.close()
 
 
-async def test_settle_retries_a_transient_failure_and_charges_once(redis_server_factory) -> None:
+async def test_a_settle_the_store_does_not_take_is_delivered_later_and_charged_once(
+    redis_server_factory,
+) -> None:
     server = redis_server_factory()
     metrics = Metrics(CollectorRegistry())
-    store = create_store(StoreSettings(backend="redis", url=server.url, timeout_ms=300), metrics)
+    store = create_store(StoreSettings(backend="redis", url=server.url, timeout_ms=100), metrics)
     await store.start()
     tenant = new_tenant()
-    p = plan(tenant, tenant_settings(LIMITS))
+    p = plan(tenant, tenant_settings({**LIMITS, "concurrent_requests": 1}))
     admission = await store.reserve(p, ESTIMATE, request_id="r", model="m")
     assert admission.reservation is not None
-    server.stop()
-
-    async def come_back() -> None:
-        await asyncio.sleep(0.02)
-        await asyncio.to_thread(server.start)
-
-    returning = asyncio.create_task(come_back())
-    assert await store.settle(admission.reservation, Cost(image_out_tokens=70), outcome="ok")
-    await returning
-    assert _value(metrics.settlements_retried) == 1
-    # The restarted server lost the reservation record: settle used the caller's copy, once.
+    # Redis holds every write for 0.6 s: the settle outlasts timeout_ms, and may or may not have
+    # run by the time the outbox tries again.
+    server.cli("CLIENT", "PAUSE", "600", "WRITE")
+    started = time.perf_counter()
+    assert await store.settle(admission.reservation, Cost(image_out_tokens=70), outcome="ok") is False
+    assert time.perf_counter() - started < 0.3  # the request is not held for the outage
+    assert _value(metrics.settlements_retried) == 1 and _value(metrics.settlements_pending) == 1
+    await delivered(metrics)
     assert not await store.settle(admission.reservation, Cost(image_out_tokens=70), outcome="ok")
     status = {s.limit: s for s in await store.limit_status(p)}
-    assert status["tokens_per_day"].used == 0  # the day counter was lost with the data; never negative
+    assert status["tokens_per_day"].used == 70  # the estimate replaced once, never twice
+    assert status["concurrent_requests"].used == 0
+    [row] = await store.ledger(admission.reservation.day, admission.reservation.day, tenant)
+    assert (row.requests, row.tokens) == (1, 70)
+    await store.close()
+
+
+@pytest.mark.parametrize("how", ["reply_too_late", "cancelled_while_waiting"])
+async def test_a_reserve_nobody_will_settle_is_released(redis_server_factory, how: str) -> None:
+    """fail_closed answered 503, or the request was cancelled, while the reserve sat in a paused
+    Redis: when Redis runs it, the lease and the estimate must not stay charged."""
+    server = redis_server_factory()
+    metrics = Metrics(CollectorRegistry())
+    mode = "fail_closed" if how == "reply_too_late" else "fail_open"
+    store = create_store(
+        StoreSettings(backend="redis", url=server.url, timeout_ms=100, on_unavailable=mode), metrics
+    )
+    await store.start()
+    tenant = new_tenant()
+    p = plan(tenant, tenant_settings({**LIMITS, "concurrent_requests": 1}))
+    assert (await store.reserve(p, ESTIMATE, request_id="warm", model="m")).reservation is not None
+    warm_status = {s.limit: s.used for s in await store.limit_status(p)}
+    server.cli("CLIENT", "PAUSE", "500", "WRITE")
+    if how == "reply_too_late":
+        refused = await store.reserve(p, ESTIMATE, request_id="late", model="m")
+        assert isinstance(refused.error, StoreUnavailable)
+    else:
+        waiting = asyncio.create_task(store.reserve(p, ESTIMATE, request_id="cancelled", model="m"))
+        await asyncio.sleep(0.03)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    assert _value(metrics.settlements_pending) == 1
+    await delivered(metrics)
+    await asyncio.sleep(0.6)  # past the pause, whatever order Redis ran the two in
+    status = {s.limit: s.used for s in await store.limit_status(p)}
+    assert status["tokens_per_day"] == warm_status["tokens_per_day"]
+    assert status["concurrent_requests"] == 1  # only the warm-up's lease
+    [record] = [key for key in await raw_keys(server.url, tenant) if ":rsv:" in key]
+    assert record.split(":rsv:")[1].startswith("warm.")  # the released one left nothing behind
     await store.close()
 
 

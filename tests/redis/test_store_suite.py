@@ -13,6 +13,7 @@ import pytest
 
 from gateway.errors import QuotaExceeded, RateLimited
 from gateway.limits import Reservation
+from gateway.limits.calls import compile_release
 from gateway.limits.headers import parse_duration_us
 from policies.cost import NANO_PER_USD, Cost
 from tests.redis.conftest import Backend, new_tenant, plan, tenant_settings
@@ -331,3 +332,24 @@ async def test_a_tenant_without_limits_is_admitted_and_still_recorded(backend: B
     assert not [
         key for key in await backend.keys(store, tenant) if ":ledger:" not in key and ":settled:" not in key
     ]
+
+
+async def test_a_release_undoes_a_reserve_whichever_arrives_first(backend: Backend) -> None:
+    """A reserve whose reply was lost is released: if it ran, its charges are refunded (the request
+    itself still counts) and its lease freed; if it arrives after its release, it charges nothing."""
+    store, tenant = await backend.store(), new_tenant()
+    limits = {"requests_per_minute": 10, "tokens_per_day": 10_000, "concurrent_requests": 1}
+    p = plan(tenant, tenant_settings(limits))
+    ran = store._compile(p, ONE, "ran.1", "gpt-image-1.5", "enforce")
+    assert (await store.engine.reserve(ran)).status == "admitted"
+    assert await store.engine.settle(compile_release(ran, store._settings))
+    late = store._compile(p, ONE, "late.1", "gpt-image-1.5", "enforce")
+    assert await store.engine.settle(compile_release(late, store._settings))
+    assert (await store.engine.reserve(late)).status == "settled"
+    statuses = await store.limit_status(p)
+    assert used(statuses, "tenant", "tokens_per_day") == 0
+    assert used(statuses, "tenant", "concurrent_requests") == 0
+    assert used(statuses, "tenant", "requests_per_minute") == 1  # the one that ran
+    keys = await backend.keys(store, tenant)
+    assert not any(":rsv:" in key or ":lease:" in key or ":ledger:" in key for key in keys), keys
+    assert (await reserve(store, p)).allowed

@@ -9,8 +9,9 @@ written back are formatted with %.0f: Lua numbers are doubles, and Redis would o
 large ones in %.14g, losing digits of microsecond timestamps.
 
 KEYS[1]    reservation record: the amount charged to each check key, space separated
-KEYS[2]    the day's ledger hash
-KEYS[3..]  one key per check, in the order of the checks in ARGV
+KEYS[2]    the reservation's settled marker: an id already settled or released is never charged
+KEYS[3]    the day's ledger hash
+KEYS[4..]  one key per check, in the order of the checks in ARGV
 ARGV[1]    reservation id (the lease member)
 ARGV[2]    UTC day number (days since 1970-01-01) the keys were named for
 ARGV[3]    mode: enforce | shadow (check, charge anyway) | peek (check, charge nothing)
@@ -24,7 +25,8 @@ ARGV[9]    the checks, five space-separated words each: mechanism (rate|day|mont
 
 Reply, one string of space-separated integers (cheaper to parse than a 50-element array):
 status, now µs, then five per check: code, used, reset µs, wait µs, more µs.
-status 1 admitted (charged), 0 rejected (nothing charged), 2 peeked, -1 another UTC day (nothing done)
+status 1 admitted (charged), 0 rejected (nothing charged), 2 peeked, -1 another UTC day (nothing done),
+-2 already settled (nothing done: this reserve arrived after its own release)
 ]]
 
 local OK, WAIT, EXHAUSTED, TOO_LARGE = 0, 1, 2, 3
@@ -34,6 +36,9 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 if math.floor(tonumber(clock[1]) / 86400) ~= tonumber(ARGV[2]) then
   return string.format('-1 %.0f', now)
+end
+if ARGV[3] ~= 'peek' and redis.call('EXISTS', KEYS[2]) == 1 then
+  return string.format('-2 %.0f', now)
 end
 
 local rid, mode, model = ARGV[1], ARGV[3], ARGV[4]
@@ -70,9 +75,9 @@ for word in string.gmatch(ARGV[9], '%S+') do spec[#spec + 1] = word end
 
 -- Pass 1: read every limit and decide, changing nothing but expired leases.
 local checks, refused, quota = {}, false, false
-for i = 1, #KEYS - 2 do
+for i = 1, #KEYS - 3 do
   local base = (i - 1) * 5
-  local c = {key = KEYS[i + 2], mech = spec[base + 1], limit = tonumber(spec[base + 2]),
+  local c = {key = KEYS[i + 3], mech = spec[base + 1], limit = tonumber(spec[base + 2]),
              cost = tonumber(spec[base + 3]), finish = tonumber(spec[base + 4]), expire = spec[base + 5],
              code = OK, wait = 0}
   if c.mech == 'rate' then
@@ -116,8 +121,8 @@ for i = 1, #KEYS - 2 do
 end
 
 local function count(counter)
-  redis.call('HINCRBY', KEYS[2], counter .. ':' .. model, 1)
-  redis.call('EXPIREAT', KEYS[2], ARGV[6])
+  redis.call('HINCRBY', KEYS[3], counter .. ':' .. model, 1)
+  redis.call('EXPIREAT', KEYS[3], ARGV[6])
 end
 
 -- Pass 2: charge everything (admitted or shadow), or nothing.

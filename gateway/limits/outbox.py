@@ -1,0 +1,133 @@
+"""Settlements the store could not take yet: kept in order, retried in the background, applied once.
+
+A settle that fails (the store is down, or slower than `timeout_ms`) is not lost: it waits here,
+and one background task delivers the oldest first, in batches, backing off from 50 ms to 5 s
+while the store keeps failing, and trying again at once when another call finds the store back
+(`wake`). The request that produced it has long been answered. So do the releases of reserves
+whose reply never came (`calls.compile_release`). Repeating a delivery is safe: settle.lua's
+settled marker makes a second one change nothing, and a reserve refuses an id already settled,
+so a release that overtakes its own late reserve still wins.
+
+Bounded: at most `MAX_PENDING` settlements and as many releases wait. Beyond that the oldest is
+dropped and counted in `gateway_settlements_lost_total`; a dropped settlement is also logged as
+`settlement_lost` with its amounts, so spend can be reconciled by hand. A dropped release only
+leaves a lease to expire and an estimate charged: the conservative side. The queue lives in
+this process: `close` keeps delivering for a few seconds, then logs each settlement it could not
+deliver the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+from gateway.limits.calls import SettleCall, StoreFailure
+from gateway.logs import get_logger
+from gateway.metrics import Metrics
+
+log = get_logger("gateway.limits")
+
+Kind = Literal["settle", "release"]
+Deliver = Callable[[SettleCall], Awaitable[bool]]
+
+MAX_PENDING = 10_000  # per kind; a SettleCall is well under 1 KiB
+BATCH = 64
+FIRST_DELAY, MAX_DELAY = 0.05, 5.0
+CLOSE_DEADLINE = 3.0
+
+
+class Outbox:
+    def __init__(self, deliver: Deliver, metrics: Metrics, max_pending: int = MAX_PENDING) -> None:
+        self._deliver = deliver
+        self._metrics = metrics
+        self._max = max_pending
+        # Settlements (money) go before releases (leases and estimates), oldest first.
+        self._queues: dict[Kind, dict[int, SettleCall]] = {"settle": {}, "release": {}}
+        self._ids = itertools.count()
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def __len__(self) -> int:
+        return sum(len(queue) for queue in self._queues.values())
+
+    def add(self, call: SettleCall, kind: Kind) -> None:
+        """Keep `call` until the store takes it; start delivering if nobody is."""
+        queue = self._queues[kind]
+        if len(queue) >= self._max:
+            self._lose(queue.pop(next(iter(queue))), kind, reason="outbox_full")
+        queue[next(self._ids)] = call
+        self._metrics.settlements_pending.set(len(self))
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def wake(self) -> None:
+        """The store answers again: stop backing off."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        delay = FIRST_DELAY
+        try:
+            while len(self):
+                self._wake.clear()
+                if await self._deliver_batch():
+                    delay = FIRST_DELAY
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                delay = FIRST_DELAY if self._wake.is_set() else min(delay * 2, MAX_DELAY)
+        finally:
+            self._task = None
+
+    async def _deliver_batch(self) -> bool:
+        """Deliver up to BATCH calls at once (they share one pipeline); False if any failed."""
+        batch = [
+            (queue, key, call)
+            for queue in self._queues.values()
+            for key, call in itertools.islice(queue.items(), BATCH)
+        ][:BATCH]
+        results = await asyncio.gather(*(self._deliver(call) for _, _, call in batch), return_exceptions=True)
+        delivered = True
+        for (queue, key, _), result in zip(batch, results, strict=True):
+            if isinstance(result, StoreFailure):
+                delivered = False
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                queue.pop(key, None)
+        self._metrics.settlements_pending.set(len(self))
+        return delivered
+
+    async def close(self, deadline: float = CLOSE_DEADLINE) -> None:
+        """Stop the background task; go on delivering until empty or `deadline` seconds passed;
+        log what is left as lost."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        ends, delay = time.monotonic() + deadline, FIRST_DELAY
+        while len(self) and time.monotonic() < ends:
+            if not await self._deliver_batch():
+                await asyncio.sleep(min(delay, max(0.0, ends - time.monotonic())))
+                delay = min(delay * 2, MAX_DELAY)
+        for kind, queue in self._queues.items():
+            for call in queue.values():
+                self._lose(call, kind, reason="shutdown")
+            queue.clear()
+        self._metrics.settlements_pending.set(0)
+
+    def _lose(self, call: SettleCall, kind: Kind, *, reason: str) -> None:
+        self._metrics.settlements_lost.labels(kind).inc()
+        if kind == "settle":
+            log.error(
+                "settlement_lost",
+                reason=reason,
+                tenant=call.tenant,
+                reservation=call.reservation_id,
+                day=call.day.isoformat(),
+                ledger=dict(call.ledger),
+            )
