@@ -66,8 +66,8 @@ def create_app(
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     await store.start()
-    session = upstream.create_session()
-    app[PIPELINE] = Pipeline(app[RUNTIME], session, store, app[METRICS])
+    sessions = upstream.Sessions()
+    app[PIPELINE] = Pipeline(app[RUNTIME], sessions, store, app[METRICS])
     try:
         yield
     finally:
@@ -75,7 +75,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         # await); what is left here is work whose handler was cancelled: a short last wait, not a
         # second grace period, so shutdown stays within what orchestrators allow.
         await app[PIPELINE].drain(_LAST_DRAIN_SECONDS)
-        await session.close()
+        await sessions.close()
         await store.close()
 
 

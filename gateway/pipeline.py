@@ -55,10 +55,10 @@ class Admitted:
 
 class Pipeline:
     def __init__(
-        self, runtime: RuntimeHolder, session: aiohttp.ClientSession, store: Store, metrics: Metrics
+        self, runtime: RuntimeHolder, sessions: upstream.Sessions, store: Store, metrics: Metrics
     ) -> None:
         self.runtime = runtime
-        self.session = session
+        self.sessions = sessions
         self.store = store
         self.metrics = metrics
         self.tasks: set[asyncio.Task[web.StreamResponse]] = set()
@@ -187,7 +187,7 @@ class Pipeline:
         body["model"] = route.upstream_model
         forwarded_at = time.perf_counter()
         response = await upstream.send(
-            self.session,
+            self.sessions,
             route,
             orjson.dumps(body),
             upstream.upstream_headers(route, request.headers, record.request_id),
@@ -290,9 +290,8 @@ class Pipeline:
         m.tokens.labels(tenant, model, "image_in").inc(actual.image_in_tokens)
         m.tokens.labels(tenant, model, "image_out").inc(actual.image_out_tokens)
         body = admitted.decision.body
-        m.images.labels(tenant, model, str(body.get("size", "auto")), str(body.get("quality", "auto"))).inc(
-            actual.images
-        )
+        quality = str(body.get("quality", "auto"))
+        m.images.labels(tenant, model, _size_label(body, admitted.entry), quality).inc(actual.images)
         m.spend.labels(tenant, model).inc(actual.usd)
         m.reservation_drift.labels(tenant, model).observe(admitted.estimate.tokens - actual.tokens)
 
@@ -306,6 +305,13 @@ class _InFlight:
 
     def __exit__(self, *_: object) -> None:
         self.gauge.dec()
+
+
+def _size_label(body: dict[str, Any], entry: ModelEntry) -> str:
+    """A bounded label: the model's listed sizes and `auto`; any other (gpt-image-2's free sizes)
+    is `custom`."""
+    size = str(body.get("size", "auto"))
+    return size if size == "auto" or size in entry.sizes else "custom"
 
 
 def _plain(value: Any) -> str:

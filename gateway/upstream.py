@@ -46,9 +46,34 @@ _DROPPED_RESPONSE_HEADERS = frozenset(
 )
 
 
-def create_session() -> aiohttp.ClientSession:
-    """The app's one ClientSession. Bodies are relayed as received, so nothing is decompressed."""
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+class Sessions:
+    """One pooled ClientSession per upstream, holding at most its `max_connections` connections.
+
+    A request beyond that waits for a free connection, within the upstream's connect timeout. A
+    reload that changes `max_connections` gets a new pool; the old one serves what it started and
+    closes with the gateway. Bodies are relayed as received, so nothing is decompressed.
+    """
+
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[str, int], aiohttp.ClientSession] = {}
+
+    def for_route(self, route: Route) -> aiohttp.ClientSession:
+        key = (route.upstream_name, route.upstream.max_connections)
+        session = self._sessions.get(key)
+        if session is None:
+            session = self._sessions[key] = _session(route.upstream.max_connections)
+        return session
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+
+
+def _session(max_connections: int) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=max_connections, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True
+    )
     return aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,
@@ -80,18 +105,18 @@ def relayable_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 
 async def send(
-    session: aiohttp.ClientSession, route: Route, body: bytes, headers: Mapping[str, str]
+    sessions: Sessions, route: Route, body: bytes, headers: Mapping[str, str]
 ) -> aiohttp.ClientResponse:
     """POST the generation to the route's upstream; the response's body is left for the relay."""
     settings = route.upstream
     timeout = aiohttp.ClientTimeout(
         total=None,
-        sock_connect=settings.connect_timeout_seconds,
+        connect=settings.connect_timeout_seconds,  # a free pooled connection, or a new one
         sock_read=settings.read_timeout_seconds,
     )
     url = f"{settings.base_url}/images/generations"
     try:
-        return await session.post(url, data=body, headers=headers, timeout=timeout)
+        return await sessions.for_route(route).post(url, data=body, headers=headers, timeout=timeout)
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise translate(exc, route) from exc
 
@@ -102,7 +127,8 @@ def translate(exc: aiohttp.ClientError | asyncio.TimeoutError | OSError, route: 
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return UpstreamTimeout(
             f"Upstream {name!r} did not accept a connection within "
-            f"{route.upstream.connect_timeout_seconds:g} s.",
+            f"{route.upstream.connect_timeout_seconds:g} s (or all {route.upstream.max_connections} "
+            "of its connections stayed busy).",
             code="upstream_connect_timeout",
         )
     if isinstance(exc, (aiohttp.SocketTimeoutError, asyncio.TimeoutError)):
