@@ -8,7 +8,8 @@
    `quality: hd` -> `high`), `reject` answers `model_deprecated`. Anything else is `model_not_found`.
 2. Capabilities (`policies.capabilities`): the first thing the model would refuse, as `error` (400).
 3. Tenant policy (`policies.tenant`): every broken rule, as `violations` (403 unless shadow), and
-   clamps, as `adjustments`.
+   clamps and `auto` pins (an `auto` quality or size the policy narrows becomes the costliest
+   allowed value), as `adjustments`; shadow mode changes nothing.
 4. Upstream flavor: a DigitalOcean route gets what its API requires and OpenAI does not (FACTS.md
    section 5): `n` (1), `size` (the model's default, `auto` for GPT image models: DigitalOcean
    lists `auto` for gpt-image-1 while one of its documents omits 1024x1024, so `auto` is the one
@@ -16,7 +17,8 @@
    `partial_images: 1` when streaming without a positive value. These fills come after the policy
    and are not judged by it (they are the gateway's doing, not the client's: with
    `max_partial_images: 0` a stream to DigitalOcean still gets its one partial image, and the
-   estimate counts it); they are adjustments too.
+   estimate counts it); they are adjustments too. A quality or size the policy pinned is already
+   there, so a DigitalOcean route whose policy narrows sizes gets the pinned size, not `auto`.
 
 Every change to the body is an `Adjustment`; `Decision.body` keeps the public model name.
 `evaluate` never raises, whatever JSON value it is given.

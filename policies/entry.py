@@ -172,6 +172,17 @@ class ModelEntry(Frozen):
     def image_price(self, size: str, quality: str) -> Decimal | None:
         return (self.image_prices or {}).get(size, {}).get(quality)
 
+    def image_cost(self, size: str, quality: str) -> Decimal:
+        """What one image costs in the model's own unit (USD per image, or output tokens: one price
+        per token), to rank sizes and qualities of this model; 0 when the catalog has no figure."""
+        if self.per_image:
+            return self.image_price(size, quality) or Decimal(0)
+        return Decimal(self.output_tokens(size, quality) or 0)
+
+    def worst_image_cost(self, size_options: list[str], quality_options: list[str]) -> Decimal:
+        """The largest `image_cost` over every pairing of the sizes and qualities given (0 if none)."""
+        return max((self.image_cost(s, q) for s in size_options for q in quality_options), default=Decimal(0))
+
     @model_validator(mode="after")
     def _consistent(self) -> ModelEntry:
         # a broken curve cannot be evaluated: report it instead of what pricing would make of it

@@ -21,6 +21,15 @@ quality not above the one asked (`auto`: the best allowed); size to the same asp
 `max_pixels`/`max_edge` when arbitrary sizes are admitted, else the allowed size closest in aspect
 then pixel count (`auto`: the first allowed size, in the policy's order). In shadow mode nothing is
 changed: a would-be clamp is reported as a violation that says what it would have done.
+
+`auto` pins. The upstream resolves `auto` (or an omitted quality or size) by itself, not bound by
+the policy. So when an enforced policy allows `auto` but narrows the values `auto` may resolve to
+(some of the model's concrete qualities, or of its fixed sizes, are not allowed), `auto` is
+rewritten to the costliest allowed value, recorded as an `Adjustment` (`policy pin: auto within
+qualities|sizes`): quality at the model's worst size, ties to the better quality; size at the
+model's worst quality, ties to the first in the model's list. The policy then binds the upstream
+and the estimate is exact. A policy that narrows nothing, or allows no concrete value at all
+(`sizes: [auto]`), leaves `auto` to the upstream; shadow mode never pins.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from typing import Any
 
 from policies import sizes
 from policies.capabilities import is_int, size_problem
-from policies.catalog import ModelEntry
+from policies.catalog import AUTO, ModelEntry
 from policies.findings import Adjustment, Violation, quoted
 from policies.rules import Policy
 
@@ -83,7 +92,63 @@ def enforce(
             continue
         message = found.message + (f" Enforced, it would be clamped to {found.clamp!r}." if clamp else "")
         violations.append(Violation(found.rule, found.param, message, found.allowed))
+    if not shadow:
+        violated = {v.param for v in violations}
+        adjustments += _pin_auto(Request(policy, entry, model, body), violated)
     return violations, adjustments
+
+
+def _pin_auto(req: Request, violated: set[str | None]) -> list[Adjustment]:
+    """Rewrite an allowed `auto` quality or size that the policy narrows to its costliest allowed value.
+
+    The upstream resolves `auto` by itself, unbound by the policy: left alone it may make an image the
+    policy forbids and cost more than any allowed value. Pinned, the policy binds and the estimate is
+    exact. A policy that narrows nothing (or allows no concrete value) leaves `auto` to the upstream.
+    """
+    pins = []
+    for param, rule, costliest in (
+        ("quality", "qualities", _costliest_quality),
+        ("size", "sizes", _costliest_size),
+    ):
+        if param in violated or req.effective(param) != AUTO:
+            continue
+        value = costliest(req)
+        if value is not None:
+            pins.append(Adjustment(param, req.body.get(param), value, f"policy pin: auto within {rule}"))
+            req.body[param] = value
+    return pins
+
+
+def _costliest_quality(req: Request) -> str | None:
+    """The allowed concrete quality dearest at the model's worst size (ties: the better quality), or
+    None when the policy allows every concrete quality or none."""
+    order = req.entry.concrete_qualities
+    allowed = [q for q in order if req.policy.qualities is None or q in req.policy.qualities]
+    if not allowed or len(allowed) == len(order):
+        return None
+    fixed = req.entry.fixed_sizes
+    return max(reversed(allowed), key=lambda q: req.entry.worst_image_cost(fixed, [q]))
+
+
+def _costliest_size(req: Request) -> str | None:
+    """When the policy forbids some of the model's fixed sizes (those `auto` picks from): the allowed
+    size (fixed, or listed and made by the model) dearest at the worst quality, ties to the first in
+    the model's list, then the policy's. None when the policy forbids none of them, or allows no size."""
+    policy, entry = req.policy, req.entry
+    fixed = entry.fixed_sizes
+    allowed = [s for s in fixed if size_allowed(policy, entry, s)]
+    if len(allowed) == len(fixed):
+        return None
+    listed = [
+        s
+        for s in policy.sizes or []
+        if s not in fixed
+        and sizes.parse(s)
+        and size_problem(entry, s, req.model) is None
+        and size_allowed(policy, entry, s)
+    ]
+    qualities = entry.concrete_qualities
+    return max(allowed + listed, key=lambda s: entry.worst_image_cost([s], qualities), default=None)
 
 
 def _shown(req: Request, param: str, value: Any) -> str:

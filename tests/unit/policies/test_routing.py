@@ -158,7 +158,13 @@ def test_explain_an_allowed_request() -> None:
         "catalog": "gpt-image-1",
     }
     assert result["forwarded_body"]["model"] == "openai-gpt-image-1"
-    assert [a["param"] for a in result["adjustments"]] == ["size", "partial_images"]
+    # the policy narrows qualities, so the omitted (auto) quality is pinned; sizes it leaves to auto
+    assert [(a["param"], a["after"]) for a in result["adjustments"]] == [
+        ("quality", "medium"),
+        ("size", "auto"),
+        ("partial_images", 1),
+    ]
+    assert "quality: unset -> medium (policy pin: auto within qualities)" in render(result)
     assert result["estimate"]["images"] == 2
     assert result["estimate"]["tokens"] == {
         "text_in": 6,
