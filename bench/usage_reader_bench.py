@@ -1,4 +1,4 @@
-"""Throughput and peak memory of gateway.usage readers on 40 MB bodies fed in 64 KiB chunks.
+"""Throughput and peak memory of gateway.usage readers on 40 MB bodies fed in 64 KiB and 4 KiB chunks.
 
 Run: PYTHONPATH=. .venv/bin/python bench/usage_reader_bench.py
 """
@@ -48,6 +48,15 @@ def sse_body() -> bytes:
     return b"".join(events)
 
 
+def sse_per_image_body() -> bytes:
+    """A streamed n=10 without partials: ten completed events, each with its own image's usage."""
+    events = []
+    for image in _images(False):
+        payload = {"type": "image_generation.completed", "b64_json": image, "usage": USAGE}
+        events.append(b"event: image_generation.completed\ndata: " + orjson.dumps(payload) + b"\n\n")
+    return b"".join(events)
+
+
 def run(name: str, content_type: str, body: bytes, check: Callable[[UsageReader], None], size: int) -> None:
     chunks = [body[i : i + size] for i in range(0, len(body), size)]
     best = float("inf")
@@ -79,11 +88,22 @@ def _check_sse(reader: UsageReader) -> None:
     assert reader.usage == USAGE and reader.images == 1 and reader.event_count == N_IMAGES
 
 
+def _check_sse_per_image(reader: UsageReader) -> None:
+    summed = {
+        "input_tokens": N_IMAGES * 50,
+        "input_tokens_details": {"text_tokens": N_IMAGES * 50, "image_tokens": 0},
+        "output_tokens": N_IMAGES * 62400,
+        "total_tokens": N_IMAGES * 62450,
+    }
+    assert reader.usage == summed and reader.images == N_IMAGES and reader.event_count == N_IMAGES
+
+
 if __name__ == "__main__":
     bodies = [
         ("json", "application/json", json_body(), _check_json),
         ("json, escaped slashes", "application/json", json_body(escape_slashes=True), _check_json),
         ("sse", "text/event-stream", sse_body(), _check_sse),
+        ("sse, usage per image", "text/event-stream", sse_per_image_body(), _check_sse_per_image),
     ]
     for size in CHUNK_SIZES:
         for name, content_type, body, check in bodies:

@@ -5,12 +5,26 @@ end the gateway settles with the real token counts. Bodies are tens of MB of bas
 buffers the body and never visits its bytes one by one in Python: `JsonScanner` jumps over strings
 with `bytes.find` (memchr) and only the few structural characters outside strings reach Python.
 What it keeps is bounded: the captured top-level values (at most `CAPTURE_CAP` bytes each, beyond
-which a value is given up) and a short key.
+which a value is given up), a short key, and for a stream a fixed set of running sums.
 
 - `JsonUsageReader`: a JSON body; `usage` and the number of objects in the top-level `data` array.
 - `SSEUsageReader`: a `text/event-stream` body, framed by `gateway.sse.SSEParser`, each event's
-  data fed to its own `JsonScanner`; the last `usage`, `*.completed` events and `error`s.
+  data fed to its own `JsonScanner`; the stream's usage, its completed images and its first error.
 - `usage_reader(content_type)` picks one. Neither raises on a truncated or non-JSON body.
+
+The usage of a stream. A streamed request for n images has one completed event per image
+(`image_generation.completed`, or `image_edit.completed` for edits; named by the `event` field or
+the data's `type`), each carrying the usage of its own image. So:
+- when completed events carry `usage`, the stream's usage is their SUM, count by count, and a
+  `usage` on any other event (a relay's closing summary) is ignored: it would count them twice;
+  one completed event's `usage` is taken as it is;
+- when no completed event carries `usage`, the `usage` of the last other event that has one.
+The sum covers OpenAI's counts: `input_tokens`, `input_tokens_details.{text,image}_tokens`,
+`output_tokens`, `output_tokens_details.{image,text}_tokens`, `total_tokens`. A count is summed only
+when every usage-carrying completed event reports it (a non-negative integer); a count one of them
+lacks is left out, never summed in part nor invented, so the cost module derives it from the
+counts that are there, as it does for a single usage (`output_tokens` from `total_tokens`, the
+text/image split from `input_tokens`). Only dispatched events count, up to `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -217,15 +231,16 @@ class UsageReader(Protocol):
 
     @property
     def usage(self) -> dict[str, Any] | None:
-        """The upstream's `usage` object (the last one, for a stream), or None."""
+        """The upstream's `usage` object (a stream's: see the module docstring), or None."""
 
     @property
     def images(self) -> int:
-        """JSON: objects in the top-level `data` array. SSE: `*.completed` events."""
+        """JSON: objects in the top-level `data` array. SSE: completed image events."""
 
     @property
     def error(self) -> dict[str, Any] | None:
-        """SSE: the error object of an `error` event or of a data JSON's `error`. JSON: None."""
+        """SSE: the first error in the stream (the object of a data JSON's truthy `error`, else of an
+        `error` event), which is where openai-python stops reading. JSON: None."""
 
     @property
     def event_count(self) -> int:
@@ -259,10 +274,67 @@ class JsonUsageReader:
 
 _EVENT_KEYS = frozenset({b"type", b"usage", b"error", b"message"})
 _DONE = b"[DONE]"
+_COMPLETED = frozenset({"image_generation.completed", "image_edit.completed"})
+# The counts a stream's usage sums, in the order of OpenAI's `usage` object: (key, detail key).
+_COUNTS: tuple[tuple[str, str | None], ...] = (
+    ("input_tokens", None),
+    ("input_tokens_details", "text_tokens"),
+    ("input_tokens_details", "image_tokens"),
+    ("output_tokens", None),
+    ("output_tokens_details", "image_tokens"),
+    ("output_tokens_details", "text_tokens"),
+    ("total_tokens", None),
+)
+
+
+def _count(usage: dict[str, Any], key: str, detail: str | None) -> int | None:
+    value = usage.get(key)
+    if detail is not None:
+        value = value.get(detail) if isinstance(value, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+class UsageSum:
+    """The sum of the `usage` objects of a stream's completed events, in constant memory.
+
+    Keeps the first object (returned as it is when it stays alone) and one running total per count
+    of `_COUNTS` that every object added so far reported.
+    """
+
+    def __init__(self) -> None:
+        self.added = 0
+        self._first: dict[str, Any] | None = None
+        self._totals: dict[tuple[str, str | None], int] = {}
+
+    def add(self, usage: dict[str, Any]) -> None:
+        if not self.added:
+            self._first = usage
+            self._totals = {path: n for path in _COUNTS if (n := _count(usage, *path)) is not None}
+        else:
+            for path, total in list(self._totals.items()):
+                n = _count(usage, *path)
+                if n is None:
+                    del self._totals[path]  # not reported by every event: left for the cost module to derive
+                else:
+                    self._totals[path] = total + n
+        self.added += 1
+
+    @property
+    def value(self) -> dict[str, Any] | None:
+        """None before the first `add`; the object itself after one; after more, the summed counts."""
+        if self.added <= 1:
+            return self._first
+        summed: dict[str, Any] = {}
+        for (key, detail), total in self._totals.items():
+            if detail is None:
+                summed[key] = total
+            else:
+                summed.setdefault(key, {})[detail] = total
+        return summed
 
 
 class SSEUsageReader:
-    """An event stream: the last `usage`, the `*.completed` events, an `error` event.
+    """An event stream: its usage (see the module docstring), its completed images, its first error.
 
     Only dispatched events count (what a client saw); anything after `data: [DONE]` is ignored, as
     openai-python stops reading there.
@@ -273,10 +345,18 @@ class SSEUsageReader:
         self._scanner: JsonScanner | None = None  # the data of the event being received
         self._head = b""  # its first bytes, enough to recognise `[DONE]`
         self._done = False
-        self.usage: dict[str, Any] | None = None
+        self._completed_usage = UsageSum()
+        self._other_usage: dict[str, Any] | None = None  # the last `usage` of another event
         self.images = 0
         self.error: dict[str, Any] | None = None
         self.event_count = 0
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        """The sum of the completed events' usage, else the last usage of another event, else None."""
+        if self._completed_usage.added:
+            return self._completed_usage.value
+        return self._other_usage
 
     def feed(self, chunk: bytes) -> None:
         if self._done:
@@ -312,17 +392,26 @@ class SSEUsageReader:
 
     def _read_event(self, event: str, scanner: JsonScanner) -> None:
         kind = scanner.value(b"type")
-        if event.endswith(".completed") or (isinstance(kind, str) and kind.endswith(".completed")):
-            self.images += 1
+        completed = event in _COMPLETED or (isinstance(kind, str) and kind in _COMPLETED)
+        self.images += completed
         usage = scanner.value(b"usage")
         if isinstance(usage, dict):
-            self.usage = usage
-        error = scanner.value(b"error")
-        if error:  # openai-python raises APIError on a truthy `error`
-            self.error = error if isinstance(error, dict) else {"message": str(error)}
-        elif event == "error":
-            message = scanner.value(b"message")
-            self.error = {"message": message if isinstance(message, str) else "upstream sent an error event"}
+            if completed:
+                self._completed_usage.add(usage)
+            else:
+                self._other_usage = usage
+        if self.error is None:
+            self.error = _error_of(event, scanner)
+
+
+def _error_of(event: str, scanner: JsonScanner) -> dict[str, Any] | None:
+    error = scanner.value(b"error")
+    if error:  # openai-python raises APIError on a truthy `error`
+        return error if isinstance(error, dict) else {"message": str(error)}
+    if event == "error":
+        message = scanner.value(b"message")
+        return {"message": message if isinstance(message, str) else "upstream sent an error event"}
+    return None
 
 
 def usage_reader(content_type: str | None) -> UsageReader:

@@ -12,11 +12,12 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from gateway.sse import iter_events
 from gateway.usage import CAPTURE_CAP, JsonUsageReader, SSEUsageReader, UsageReader, usage_reader
+from policies.cost import _usage_tokens
 from tests.unit.test_sse import split
 
 SSE = "text/event-stream"
@@ -238,11 +239,102 @@ def test_sse_type_in_data_without_event_line_and_edits() -> None:
     assert (reader.usage, reader.images, reader.event_count) == (USAGE, 1, 2)
 
 
-def test_sse_usage_is_the_last_one_seen() -> None:
-    last = {**USAGE, "total_tokens": 9999}
-    body = event(None, completed()) + event(None, completed(usage=None)) + event(None, completed(last))
-    reader = read([body.encode()], SSE)
-    assert (reader.usage, reader.images) == (last, 3)
+def per_image(text: int, output: int, image_in: int = 0) -> dict[str, Any]:
+    """One image's usage, every count reported, as OpenAI shapes it."""
+    return {
+        "input_tokens": text + image_in,
+        "input_tokens_details": {"text_tokens": text, "image_tokens": image_in},
+        "output_tokens": output,
+        "output_tokens_details": {"image_tokens": output, "text_tokens": 0},
+        "total_tokens": text + image_in + output,
+    }
+
+
+def sse_usage(*events: str) -> dict[str, Any] | None:
+    """The usage the reader settles on for these events, the same under every split of the stream."""
+    body = "".join(events).encode()
+    usages = {repr(read(chunks, SSE).usage) for chunks in every_split(body)}
+    assert len(usages) == 1, usages
+    return read([body], SSE).usage
+
+
+def test_sse_usage_of_two_completed_events_is_their_sum() -> None:
+    first, second = per_image(text=12, output=272), per_image(text=0, output=272)
+    usage = sse_usage(
+        event("image_generation.partial_image", partial(0)),
+        event("image_generation.completed", completed(first)),
+        event("image_generation.partial_image", partial(0)),
+        event("image_generation.completed", completed(second)),
+    )
+    assert usage == per_image(text=12, output=544)
+
+
+def test_sse_usage_on_the_last_completed_event_only_is_taken_as_it_is() -> None:
+    whole = {**per_image(text=12, output=544), "note": "kept"}
+    usage = sse_usage(event(None, completed(None)), event(None, completed(whole)))
+    assert usage == whole
+
+
+def test_sse_a_summary_event_is_ignored_when_completed_events_carry_usage() -> None:
+    each = per_image(text=5, output=100)
+    summary = {"type": "response.completed", "usage": per_image(text=10, output=200)}
+    usage = sse_usage(
+        event(None, completed(each)),
+        event(None, completed(each)),
+        event("response.completed", summary),  # a relay's closing summary: counting it would bill twice
+    )
+    assert usage == per_image(text=10, output=200)
+    reader = read([(event(None, completed(each)) + event("response.completed", summary)).encode()], SSE)
+    assert (reader.usage, reader.images) == (each, 1)
+
+
+def test_sse_without_usage_on_completed_events_the_last_other_usage_counts() -> None:
+    early, summary = per_image(text=1, output=1), per_image(text=10, output=544)
+    usage = sse_usage(
+        event("progress", {"type": "progress", "usage": early}),
+        event(None, completed(None)),
+        event(None, {"type": "image_generation.completed", "b64_json": "QQ=="}),
+        event("usage", {"type": "usage", "usage": summary}),
+    )
+    assert usage == summary
+
+
+def test_sse_edit_streams_are_summed_too() -> None:
+    usage = sse_usage(
+        event(None, completed(per_image(7, 100, image_in=300), prefix="image_edit")),
+        event("image_edit.completed", completed(per_image(0, 100), prefix="image_edit")),
+    )
+    assert usage == per_image(7, 200, image_in=300)
+
+
+def test_sse_a_count_one_event_lacks_is_left_out_not_invented() -> None:
+    full = per_image(text=12, output=272, image_in=8)
+    bare = {"input_tokens": 0, "output_tokens": 272, "total_tokens": 272}  # no details at all
+    usage = sse_usage(event(None, completed(full)), event(None, completed(bare)))
+    assert usage == {"input_tokens": 20, "output_tokens": 544, "total_tokens": 564}
+    # The cost module derives what is left out, as for one usage: all 20 input tokens count as text.
+    assert _usage_tokens(usage, {}) == (20, 0, 544)
+
+
+def test_sse_a_missing_output_count_is_derived_from_the_total() -> None:
+    no_output = {"input_tokens": 0, "input_tokens_details": {"text_tokens": 0}, "total_tokens": 400}
+    usage = sse_usage(event(None, completed(per_image(12, 272))), event(None, completed(no_output)))
+    assert usage == {"input_tokens": 12, "input_tokens_details": {"text_tokens": 12}, "total_tokens": 684}
+    assert _usage_tokens(usage, {}) == (12, 0, 672)
+
+
+@pytest.mark.parametrize("bad", [None, -1, 1.5, "272", True, [272]])
+def test_sse_a_count_that_is_not_a_non_negative_integer_is_not_summed(bad: object) -> None:
+    odd = {**per_image(0, 272), "output_tokens": bad}
+    usage = sse_usage(event(None, completed(per_image(12, 272))), event(None, completed(odd)))
+    assert usage is not None and "output_tokens" not in usage
+    assert usage["total_tokens"] == 12 + 544 and _usage_tokens(usage, {}) == (12, 0, 544)
+
+
+def test_sse_sum_over_many_images_equals_the_whole_request() -> None:
+    images = [per_image(text=40 if i == 0 else 0, output=1056 + 200) for i in range(10)]
+    usage = sse_usage(*(event("image_generation.completed", completed(u)) for u in images))
+    assert usage == per_image(text=40, output=10 * 1256)
 
 
 def test_sse_done_sentinel_ends_the_stream_for_the_reader() -> None:
@@ -274,6 +366,15 @@ def test_sse_error_shapes(body: str, error: dict[str, Any] | None) -> None:
     assert read([body.encode()], SSE).error == error
 
 
+def test_sse_the_first_error_is_the_one_kept() -> None:
+    first, second = {"message": "first", "type": "server_error"}, {"message": "second"}
+    body = event("error", {"type": "error", "error": first}) + event(
+        "error", {"type": "error", "error": second}
+    )
+    for chunks in every_split(body.encode()):
+        assert read(chunks, SSE).error == first
+
+
 def test_sse_truncated_stream_counts_only_dispatched_events() -> None:
     body = (event("image_generation.partial_image", partial(0)) + event(None, completed())).encode()
     cut_in_image = body.index(b"QUJD", body.index(b"completed"))
@@ -283,43 +384,154 @@ def test_sse_truncated_stream_counts_only_dispatched_events() -> None:
 
 
 def test_sse_data_that_is_not_an_object_is_ignored() -> None:
-    body = event(None, "[1, 2]") + event("x.completed", "") + event(None, '"usage"')
+    body = event(None, "[1, 2]") + event("image_generation.completed", "") + event(None, '"usage"')
     reader = read([body.encode()], SSE)
     assert (reader.usage, reader.images, reader.event_count, reader.error) == (None, 1, 3, None)
+
+
+@pytest.mark.parametrize("kind", ["response.completed", "x.completed", "image_generation.completed.v2", ""])
+def test_sse_only_image_completed_events_are_images(kind: str) -> None:
+    body = event(kind or None, {"type": kind, "usage": USAGE}) + event(None, {"type": ["not", "a", "str"]})
+    reader = read([body.encode()], SSE)
+    assert (reader.usage, reader.images, reader.event_count) == (USAGE, 0, 2)
+
+
+COMPLETED = ["image_generation.completed", "image_edit.completed"]
+counts = st.integers(0, 10**6) | st.sampled_from([-1, 1.5, True, "7", None])
+# Per-image usages: OpenAI's counts, each possibly missing or not a count; details possibly absent.
+image_usages = st.fixed_dictionaries(
+    {},
+    optional={
+        "input_tokens": counts,
+        "input_tokens_details": st.fixed_dictionaries(
+            {}, optional={"text_tokens": counts, "image_tokens": counts}
+        )
+        | st.none(),
+        "output_tokens": counts,
+        "output_tokens_details": st.fixed_dictionaries(
+            {}, optional={"image_tokens": counts, "text_tokens": counts}
+        ),
+        "total_tokens": counts,
+        "other": json_values,
+    },
+)
 
 
 @st.composite
 def sse_streams(draw: st.DrawFn) -> bytes:
     end = draw(st.sampled_from(["\n", "\r", "\r\n"]))
     parts = []
-    for _ in range(draw(st.integers(0, 5))):
+    for _ in range(draw(st.integers(0, 6))):
         payload = draw(
             st.one_of(
                 st.builds(partial, st.integers(0, 3), st.sampled_from(["image_generation", "image_edit"])),
-                st.builds(completed, usages.filter(lambda u: u is None or isinstance(u, dict))),
+                st.builds(
+                    completed,
+                    usages.filter(lambda u: u is None or isinstance(u, dict)) | image_usages,
+                    st.sampled_from(["image_generation", "image_edit", "x"]),
+                ),
                 st.fixed_dictionaries({"type": st.just("error"), "error": json_values}),
+                st.fixed_dictionaries(
+                    {"type": st.sampled_from(["usage", "response.completed"]), "usage": image_usages}
+                ),
                 st.dictionaries(st.sampled_from(["type", "usage", "x"]), json_values, max_size=3),
             )
         )
-        kind = draw(st.none() | st.sampled_from(["image_generation.completed", "error", "other"]))
+        kind = draw(st.none() | st.sampled_from([*COMPLETED, "error", "other", "x.completed"]))
         parts.append(event(kind, payload, end, pretty=draw(st.booleans())))
         parts.append(draw(st.sampled_from(["", ": ping" + end, "retry: 10" + end + end])))
     return "".join(parts).encode()
 
 
+PATHS = [
+    ("input_tokens",),
+    ("input_tokens_details", "text_tokens"),
+    ("input_tokens_details", "image_tokens"),
+    ("output_tokens",),
+    ("output_tokens_details", "image_tokens"),
+    ("output_tokens_details", "text_tokens"),
+    ("total_tokens",),
+]
+
+
+def reference_sum(usages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The module docstring's rule, written for clarity: one usage as it is; more, count by count."""
+    if len(usages) <= 1:
+        return usages[0] if usages else None
+
+    def count(usage: dict[str, Any], path: tuple[str, ...]) -> int | None:
+        value: Any = usage
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return value if ok else None
+
+    summed: dict[str, Any] = {}
+    for path in PATHS:
+        values = [count(usage, path) for usage in usages]
+        if all(value is not None for value in values):
+            where = summed if len(path) == 1 else summed.setdefault(path[0], {})
+            where[path[-1]] = sum(value or 0 for value in values)
+    return summed
+
+
 def reference_sse(body: bytes) -> tuple[Any, ...]:
-    usage, images, error = None, 0, None
+    completed_usages, other_usage, images, error = [], None, 0, None
     events = list(iter_events([body]))
     for sse in events:
         data = orjson.loads(sse.data)
-        kinds = [sse.event or "", data["type"] if isinstance(data.get("type"), str) else ""]
-        images += any(kind.endswith(".completed") for kind in kinds)
-        usage = data["usage"] if isinstance(data.get("usage"), dict) else usage
+        is_image = sse.event in COMPLETED or data.get("type") in COMPLETED
+        images += is_image
+        if isinstance(data.get("usage"), dict):
+            if is_image:
+                completed_usages.append(data["usage"])
+            else:
+                other_usage = data["usage"]
+        if error is not None:
+            continue
         if data.get("error"):
             error = data["error"] if isinstance(data["error"], dict) else {"message": str(data["error"])}
         elif sse.event == "error":
             error = {"message": data.get("message", "upstream sent an error event")}
+    usage = reference_sum(completed_usages) if completed_usages else other_usage
     return usage, images, error, len(events)
+
+
+def shaped(shape: frozenset[tuple[str, ...]], text: int, image_in: int, output: int) -> dict[str, Any]:
+    """A consistent usage reporting only the counts in `shape`."""
+    values = {
+        ("input_tokens",): text + image_in,
+        ("input_tokens_details", "text_tokens"): text,
+        ("input_tokens_details", "image_tokens"): image_in,
+        ("output_tokens",): output,
+        ("output_tokens_details", "image_tokens"): output,
+        ("output_tokens_details", "text_tokens"): 0,
+        ("total_tokens",): text + image_in + output,
+    }
+    usage: dict[str, Any] = {}
+    for path in PATHS:
+        if path in shape:
+            where = usage if len(path) == 1 else usage.setdefault(path[0], {})
+            where[path[-1]] = values[path]
+    return usage
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    shape=st.frozensets(st.sampled_from(PATHS)),
+    images=st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 5000), st.integers(0, 10**5)), min_size=1),
+)
+def test_sse_the_cost_of_the_sum_is_the_sum_of_the_costs(
+    shape: frozenset[tuple[str, ...]], images: list[tuple[int, int, int]]
+) -> None:
+    """An upstream that reports the same counts on every image is billed as if each were settled alone."""
+    usages = [shaped(shape, *image) for image in images]
+    each = [_usage_tokens(usage, {"prompt": "p"}) for usage in usages]
+    input_known = shape - {("output_tokens",), *(p for p in PATHS if p[0] == "output_tokens_details")}
+    assume(None not in each and (input_known or len(images) == 1))  # else the prompt stands in, once
+    body = "".join(event("image_generation.completed", completed(usage)) for usage in usages).encode()
+    summed = read([body], SSE).usage
+    assert _usage_tokens(summed, {"prompt": "p"}) == tuple(map(sum, zip(*each, strict=True)))
 
 
 @settings(max_examples=300, deadline=None)
@@ -352,32 +564,49 @@ MB_40 = 40 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def big_bodies() -> dict[str, bytes]:
+def big_bodies() -> dict[str, tuple[str, bytes]]:
+    """40 MB bodies: JSON with n=10; a stream of 9 partials and a completed; a stream of 10 completed."""
     image = base64.b64encode(os.urandom(MB_40 // 10 * 3 // 4)).decode()
     json_body = orjson.dumps({"created": 1, "data": [{"b64_json": image}] * 10, "usage": USAGE})
     events = [event("image_generation.partial_image", {**partial(i), "b64_json": image}) for i in range(9)]
     events.append(event("image_generation.completed", {**completed(), "b64_json": image}))
-    return {"application/json": json_body, SSE: "".join(events).encode()}
+    per_image = [event("image_generation.completed", {**completed(), "b64_json": image}) for _ in range(10)]
+    return {
+        "json": ("application/json", json_body),
+        "sse": (SSE, "".join(events).encode()),
+        "sse, usage per image": (SSE, "".join(per_image).encode()),
+    }
 
 
-@pytest.mark.parametrize("content_type", ["application/json", SSE])
-def test_memory_is_bounded_whatever_the_body_size(big_bodies: dict[str, bytes], content_type: str) -> None:
-    body = big_bodies[content_type]
+TEN_TIMES = {
+    "input_tokens": 500,
+    "input_tokens_details": {"text_tokens": 400, "image_tokens": 100},
+    "output_tokens": 41600,
+    "total_tokens": 42100,
+}
+EXPECTED = {"json": (USAGE, 10), "sse": (USAGE, 1), "sse, usage per image": (TEN_TIMES, 10)}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_memory_is_bounded_whatever_the_body_size(
+    big_bodies: dict[str, tuple[str, bytes]], name: str
+) -> None:
+    content_type, body = big_bodies[name]
     tracemalloc.start()
     reader = read((body[i : i + CHUNK] for i in range(0, len(body), CHUNK)), content_type)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert (reader.usage, reader.images) == (USAGE, 10 if content_type != SSE else 1)
+    assert (reader.usage, reader.images) == EXPECTED[name]
     assert peak < CHUNK + 256 * 1024, peak
 
 
-@pytest.mark.parametrize("content_type", ["application/json", SSE])
-def test_no_per_byte_python_loop(big_bodies: dict[str, bytes], content_type: str) -> None:
-    body = big_bodies[content_type]
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_no_per_byte_python_loop(big_bodies: dict[str, tuple[str, bytes]], name: str) -> None:
+    content_type, body = big_bodies[name]
     chunks = [body[i : i + CHUNK] for i in range(0, len(body), CHUNK)]
     start = time.perf_counter()
     reader = read(chunks, content_type)
     elapsed = time.perf_counter() - start
-    assert reader.usage == USAGE
+    assert reader.usage == EXPECTED[name][0]
     # Measured ~3 ms (over 10 GB/s); a per-byte Python loop would take seconds.
     assert elapsed < 0.5, elapsed
