@@ -12,12 +12,12 @@ reports usage from it, like the mock) gives for the same request:
 - output tokens: the larger of the token table and the catalog's monotone token curve (gpt-image-2,
   whose table has gaps) at the size and quality, times n, plus `partial_image_tokens` for each
   partial image when streaming.
-- `auto` or omitted quality and size: the most expensive value the policy allows for the model
-  (its concrete qualities, its listed sizes: `auto` picks among the standard sizes). Only an
-  enforced policy narrows it: in shadow mode the policy binds nothing, so the model's own worst
-  case counts. And the policy cannot make `auto` cheaper than the entry's `auto_quality_at_least`
-  (medium: what `auto` resolves to at the mock upstream, the least we assume of the real one), so
-  `qualities: [low, auto]` still reserves medium for an `auto` request.
+- `auto` or omitted quality and size: the worst case over everything the upstream may resolve it
+  to, which is every concrete quality and every fixed size of the model (`auto` picks among the
+  standard sizes), whatever the policy: the upstream is not bound by the policy. An enforced policy
+  that narrows qualities or sizes has already pinned `auto` to its costliest allowed value
+  (`policies.tenant`), so the estimate of such a request is exact. `auto` still reaches the estimate
+  only where nothing narrows it: a policy that allows every value (or none), and shadow mode.
 - per-image priced models (dall-e) reserve n times the price of the size and quality.
 Cached-input prices are catalogued but never applied: image `usage` does not split cached tokens by
 bucket, so settling at the uncached price is the safe upper bound.
@@ -35,7 +35,6 @@ from policies import sizes
 from policies.capabilities import is_int
 from policies.catalog import AUTO, ModelEntry
 from policies.rules import Policy
-from policies.tenant import size_allowed
 
 NANO_PER_USD = 1_000_000_000
 _NANO_PER_TOKEN = 1000  # nano-USD per token at $1 per 1M tokens
@@ -60,17 +59,20 @@ class Cost:
         return self.nano_usd / NANO_PER_USD
 
 
-def estimate(body: Mapping[str, Any], entry: ModelEntry, policy: Policy) -> Cost:
-    """The most this request can cost (body = Decision.body); tolerant of any body."""
+def estimate(body: Mapping[str, Any], entry: ModelEntry, policy: Policy | None = None) -> Cost:
+    """The most this request can cost (body = Decision.body, as forwarded); tolerant of any body.
+
+    `policy` is not consulted: the policy acts on the body (pinning `auto`), never on what the
+    upstream may make of it. It is accepted so that callers passing it keep working.
+    """
     n = _images(body.get("n"), entry)
-    binding = policy if policy.mode == "enforce" else None
     if entry.per_image:
-        return _per_image(body, entry, binding, n)
+        return _per_image(body, entry, n)
     per_image = max(
         (
             entry.output_tokens(size, quality) or 0
-            for size in _sizes(body.get("size"), entry, binding)
-            for quality in _qualities(body.get("quality"), entry, binding)
+            for size in _sizes(body.get("size"), entry)
+            for quality in _qualities(body.get("quality"), entry)
         ),
         default=0,
     )
@@ -83,7 +85,7 @@ def actual_cost(
 ) -> Cost | None:
     """The cost the upstream reported; None when a per-token model reported no usable usage."""
     if entry.per_image:
-        return _per_image(body, entry, None, max(0, images))
+        return _per_image(body, entry, max(0, images))
     tokens = _usage_tokens(usage, body)
     return None if tokens is None else priced(entry, max(0, images), *tokens)
 
@@ -116,12 +118,12 @@ def _token_nano(tokens: int, usd_per_million: Decimal) -> int:
     return math.ceil(tokens * usd_per_million * _NANO_PER_TOKEN)
 
 
-def _per_image(body: Mapping[str, Any], entry: ModelEntry, policy: Policy | None, images: int) -> Cost:
+def _per_image(body: Mapping[str, Any], entry: ModelEntry, images: int) -> Cost:
     price = max(
         (
             entry.image_price(size, quality) or Decimal(0)
-            for size in _sizes(body.get("size"), entry, policy)
-            for quality in _qualities(body.get("quality"), entry, policy)
+            for size in _sizes(body.get("size"), entry)
+            for quality in _qualities(body.get("quality"), entry)
         ),
         default=Decimal(0),
     )
@@ -141,8 +143,8 @@ def _partial_images(body: Mapping[str, Any], entry: ModelEntry) -> int:
     return value if is_int(value) and value in span else span.max
 
 
-def _sizes(value: object, entry: ModelEntry, policy: Policy | None) -> list[str]:
-    """The sizes `value` may produce: itself when concrete, else the costliest candidates."""
+def _sizes(value: object, entry: ModelEntry) -> list[str]:
+    """The sizes `value` may produce: itself when concrete, every fixed size for `auto`, else the worst."""
     size = entry.default_size if value is None else value
     dims = sizes.parse(size)
     rule = entry.arbitrary_sizes
@@ -150,20 +152,16 @@ def _sizes(value: object, entry: ModelEntry, policy: Policy | None) -> list[str]
         return [size]
     fixed = entry.fixed_sizes
     if size == AUTO:
-        allowed = [s for s in fixed if policy is None or size_allowed(policy, entry, s)]
-        return allowed or fixed
+        return fixed
     largest = [f"{rule.max_edge}x{-(-rule.max_pixels // rule.max_edge)}"] if rule else []
     return fixed + largest  # not a size the model takes: the worst case
 
 
-def _qualities(value: object, entry: ModelEntry, policy: Policy | None) -> list[str]:
+def _qualities(value: object, entry: ModelEntry) -> list[str]:
+    """The qualities `value` may produce: itself when concrete, else (`auto`, junk) every one."""
     quality = entry.default_quality if value is None else value
     concrete = entry.concrete_qualities
-    if quality in concrete:
-        return [str(quality)]
-    allowed = [q for q in concrete if policy is None or policy.qualities is None or q in policy.qualities]
-    floor = [entry.auto_quality_at_least] if entry.auto_quality_at_least else []
-    return (allowed or concrete) + floor
+    return [quality] if isinstance(quality, str) and quality in concrete else concrete
 
 
 def _count(value: object) -> int | None:

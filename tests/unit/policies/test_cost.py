@@ -9,7 +9,7 @@ import pytest
 from policies.catalog import load_catalog
 from policies.cost import Cost, actual_cost, estimate, nano_usd_by_bucket, prompt_tokens
 from policies.rules import Policy
-from tests.unit.policies.world import CATALOG
+from tests.unit.policies.world import CATALOG, decide
 
 OPEN = Policy()
 
@@ -50,40 +50,60 @@ def test_gpt_image_2_sizes_the_table_lacks_are_bounded_from_above() -> None:
     assert by_pixels == sorted(by_pixels)
 
 
-def test_auto_is_estimated_at_the_most_expensive_value_the_policy_allows() -> None:
-    assert cost_of("gpt-image-1.5").image_out_tokens == 6240  # open policy: high, 1024x1536
-    policy = Policy(qualities=["low", "medium", "auto"], sizes=["1024x1024", "1536x1024", "auto"])
-    assert cost_of("gpt-image-1.5", policy).image_out_tokens == 1568
-    assert cost_of("gpt-image-1.5", policy, quality="auto", size="auto").image_out_tokens == 1568
-    only_auto = Policy(sizes=["auto"], qualities=["auto"])  # nothing concrete listed: the model's worst case
-    assert cost_of("gpt-image-1.5", only_auto).image_out_tokens == 6240
+NARROW = Policy(qualities=["low", "medium", "auto"], sizes=["1024x1024", "1536x1024", "auto"])
+POLICIES = [
+    OPEN,
+    NARROW,
+    Policy(qualities=["low", "auto"], sizes=["1024x1024", "auto"]),
+    Policy(sizes=["auto"], qualities=["auto"]),
+    Policy(mode="shadow", qualities=["low"], sizes=["1024x1024"]),
+]
 
 
-def test_auto_quality_is_never_estimated_below_what_auto_resolves_to() -> None:
-    assert (
-        cost_of("gpt-image-1.5", Policy(qualities=["low", "auto"]), size="1024x1024").image_out_tokens == 1056
-    )
-    assert (
-        cost_of(
-            "gpt-image-1.5", Policy(qualities=["low", "medium", "auto"]), size="1024x1024"
-        ).image_out_tokens
-        == 1056
-    )
-    assert (
-        cost_of(
-            "gpt-image-1.5", Policy(qualities=["low", "auto"]), size="1024x1024", quality="low"
-        ).image_out_tokens
-        == 272
+@pytest.mark.parametrize("policy", POLICIES)
+def test_auto_is_estimated_at_the_models_worst_case_whatever_the_policy(policy: Policy) -> None:
+    # The upstream resolves auto by itself, unbound by the policy: the estimate of a body that still
+    # says auto covers every size and quality of the model (the engine pins auto where a policy narrows).
+    assert cost_of("gpt-image-1.5", policy).image_out_tokens == 6240  # high, 1024x1536
+    assert cost_of("gpt-image-1.5", policy, quality="auto", size="auto").image_out_tokens == 6240
+    assert cost_of("gpt-image-1.5", policy, size="1024x1024").image_out_tokens == 4160  # high
+    assert cost_of("gpt-image-1.5", policy, quality="low").image_out_tokens == 408  # 1024x1536
+    assert cost_of("gpt-image-2", policy).image_out_tokens == 7482  # the curve at 1536x1024 high
+    assert cost_of("gpt-image-1.5", policy) == estimate(
+        {"model": "gpt-image-1.5", "prompt": "a cat"}, CATALOG["gpt-image-1.5"]
     )
 
 
-def test_a_shadow_policy_does_not_narrow_the_estimate() -> None:
-    shadow = Policy(mode="shadow", qualities=["low"], sizes=["1024x1024"])
-    assert (
-        cost_of("gpt-image-1.5", shadow).image_out_tokens == 6240
-    )  # it binds nothing: the model's worst case
-    enforced = Policy(qualities=["low"], sizes=["1024x1024", "auto"])
-    assert cost_of("gpt-image-1.5", enforced).image_out_tokens == 1056  # the floor, at the only size allowed
+@pytest.mark.parametrize(
+    ("policy", "body", "tokens"),
+    [
+        (NARROW, {}, 1568),  # pinned to medium, 1536x1024: the table exactly
+        (Policy(qualities=["low", "auto"]), {"size": "1024x1024"}, 272),  # once reserved at medium: 1056
+        (Policy(qualities=["low", "medium", "auto"]), {}, 1584),  # medium pinned, size auto: its worst
+        (Policy(sizes=["1024x1024", "auto"]), {"quality": "high"}, 4160),  # pinned to the only size
+        (Policy(mode="shadow", qualities=["low", "auto"]), {}, 6240),  # nothing pinned: the worst case
+    ],
+)
+def test_what_the_engine_forwards_is_estimated_at_what_the_upstream_may_make_of_it(
+    policy: Policy, body: dict[str, Any], tokens: int
+) -> None:
+    decision = decide({"model": "gpt-image-1.5", "prompt": "a cat", **body}, **policy.model_dump())
+    assert decision.allowed and decision.entry is not None
+    assert estimate(decision.body, decision.entry, policy).image_out_tokens == tokens
+
+
+def test_an_enforced_narrowing_policy_no_longer_undershoots_an_upstream_that_picks_high() -> None:
+    # `qualities: [low, medium, auto]` used to reserve medium for auto while the upstream could make
+    # high; now the body says medium, so the upstream makes medium, and the estimate is its price.
+    policy = Policy(qualities=["low", "medium", "auto"])
+    decision = decide(
+        {"model": "gpt-image-1.5", "prompt": "a cat", "size": "1024x1024"}, qualities=policy.qualities
+    )
+    assert decision.entry is not None and decision.body["quality"] == "medium"
+    assert estimate(decision.body, decision.entry, policy).image_out_tokens == 1056
+    # and a body that still says auto (not from the engine) is reserved at high
+    auto = {**decision.body, "quality": "auto"}
+    assert estimate(auto, decision.entry, policy).image_out_tokens == 4160
 
 
 def test_n_and_streamed_partial_images_multiply() -> None:

@@ -4,8 +4,12 @@
 - a request it allows passes the catalog's own capability checks, and is a fixed point: evaluating
   the forwarded body again (enforce mode) allows it with nothing left to change;
 - the mock upstream accepts what it allows and reports no more tokens than the estimate;
-- the estimate is never below the catalog's token table for any size and quality the request can
-  resolve to.
+- the estimate is never below the catalog's token table for whatever the upstream may make of the
+  forwarded body: `auto` may become any of the model's fixed sizes and concrete qualities, since the
+  upstream is not bound by the policy;
+- an enforced policy binds the upstream: whatever it may make of the forwarded body is a size and a
+  quality the policy allows (the engine pins a narrowed `auto`), unless the policy allows no
+  concrete value at all; and a body with a concrete size and quality is estimated exactly.
 """
 
 from __future__ import annotations
@@ -142,36 +146,76 @@ def test_an_allowed_request_passes_the_catalogs_own_checks_and_is_a_fixed_point(
         assert again.allowed and again.violations == () and again.adjustments == (), again
 
 
-def resolutions(decision: Decision, policy: Policy) -> list[tuple[str, str]]:
-    """Every concrete (size, quality) the upstream may produce for an allowed decision."""
+def resolutions(decision: Decision) -> list[tuple[str, str]]:
+    """Every concrete (size, quality) the upstream may make of an allowed decision's forwarded body:
+    a concrete value is kept; `auto` may become any fixed size or concrete quality of the model,
+    whatever the policy (the upstream does not know it)."""
     entry, body = decision.entry, decision.body
     assert entry is not None
     size, quality = entry.effective(body, "size"), entry.effective(body, "quality")
-    size_options = (
-        [size] if sizes.parse(size) else [s for s in entry.fixed_sizes if size_allowed(policy, entry, s)]
-    )
+    size_options = [size] if sizes.parse(size) else entry.fixed_sizes
     concrete = entry.concrete_qualities
-    quality_options = (
-        [quality] if quality in concrete else [q for q in concrete if q in (policy.qualities or concrete)]
-    )
+    quality_options = [quality] if quality in concrete else concrete
     return [(s, q) for s in size_options for q in quality_options]
+
+
+def allowed_decision(policy: Policy, body: dict[str, Any]) -> Decision | None:
+    decision = evaluate(policy, CATALOG, ROUTES, body)
+    if not decision.allowed or decision.entry is None or decision.entry.per_image:
+        return None
+    return decision
 
 
 @SETTINGS
 @given(policy=POLICIES, body=BODIES)
 def test_the_estimate_is_never_below_the_token_table(policy: Policy, body: dict[str, Any]) -> None:
-    decision = evaluate(policy, CATALOG, ROUTES, body)
-    if not decision.allowed or decision.entry is None or decision.entry.per_image:
+    decision = allowed_decision(policy, body)
+    if decision is None or decision.entry is None:
         return
     entry, forwarded = decision.entry, decision.body
     cost = estimate(forwarded, entry, policy)
     n = entry.effective(forwarded, "n")
     partials = entry.effective(forwarded, "partial_images") if forwarded.get("stream") is True else 0
-    for size, quality in resolutions(decision, policy):
+    for size, quality in resolutions(decision):
         per_image = (entry.token_table or {}).get(size, {}).get(quality)
         if per_image is not None:
             assert cost.image_out_tokens >= n * (per_image + partials * entry.partial_image_tokens)
         assert cost.image_out_tokens >= n * (entry.output_tokens(size, quality) or 0)
+
+
+@SETTINGS
+@given(policy=POLICIES, body=BODIES)
+def test_an_enforced_policy_binds_whatever_the_upstream_may_make(
+    policy: Policy, body: dict[str, Any]
+) -> None:
+    decision = allowed_decision(policy, body)
+    if decision is None or decision.entry is None or policy.mode != "enforce":
+        return
+    entry, model = decision.entry, decision.model
+    assert model is not None
+    allowed_qualities = [q for q in entry.concrete_qualities if q in (policy.qualities or [q])]
+    listed = [s for s in policy.sizes or [] if sizes.parse(s)]
+    makeable = [
+        s for s in [*entry.fixed_sizes, *listed] if capabilities.size_problem(entry, s, model) is None
+    ]
+    any_size_allowed = any(size_allowed(policy, entry, s) for s in makeable)
+    for size, quality in resolutions(decision):
+        assert quality in allowed_qualities or not allowed_qualities, (quality, decision)
+        assert size_allowed(policy, entry, size) or not any_size_allowed, (size, decision)
+
+
+@SETTINGS
+@given(policy=POLICIES, body=BODIES)
+def test_a_concrete_size_and_quality_are_estimated_exactly(policy: Policy, body: dict[str, Any]) -> None:
+    decision = allowed_decision(policy, body)
+    if decision is None or decision.entry is None or len(resolutions(decision)) != 1:
+        return
+    [(size, quality)] = resolutions(decision)
+    entry, forwarded = decision.entry, decision.body
+    n = entry.effective(forwarded, "n")
+    partials = entry.effective(forwarded, "partial_images") if forwarded.get("stream") is True else 0
+    expected = n * ((entry.output_tokens(size, quality) or 0) + partials * entry.partial_image_tokens)
+    assert estimate(forwarded, entry, policy).image_out_tokens == expected
 
 
 @SETTINGS
