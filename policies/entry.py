@@ -96,7 +96,6 @@ class ModelEntry(Frozen):
     arbitrary_sizes: SizeRule | None = None
     qualities: list[str] = Field(min_length=1)  # cheapest first; `auto` anywhere
     default_quality: str
-    auto_quality_at_least: str | None = None  # the estimate never prices `auto` below this quality
     backgrounds: list[str] | None = None
     moderation: list[str] | None = None
     output_formats: list[str] | None = None
@@ -199,9 +198,6 @@ class ModelEntry(Frozen):
             problems.append(f"default_size: {self.default_size!r} is not one of sizes")
         if self.default_quality not in self.qualities:
             problems.append(f"default_quality: {self.default_quality!r} is not one of qualities")
-        floor = self.auto_quality_at_least
-        if floor is not None and floor not in self.concrete_qualities:
-            problems.append(f"auto_quality_at_least: {floor!r} is not one of the concrete qualities")
         if self.output_formats is not None and self.default_output_format not in self.output_formats:
             problems.append(
                 f"default_output_format: {self.default_output_format!r} is not one of output_formats"
