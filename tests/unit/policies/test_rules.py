@@ -161,7 +161,7 @@ ALLOWED: list[tuple[dict[str, Any], dict[str, Any]]] = [
     ({"sizes": ["1024x1024", "auto"]}, {}),
     ({"sizes": ["1024x1024"], "max_pixels": 4_000_000}, {"model": "gpt-image-2", "size": "1536x864"}),
     ({"max_pixels": 1_048_576}, {"size": "1024x1024"}),
-    ({"max_pixels": 1_048_576}, {"size": "auto"}),  # auto picks a standard size; the estimate covers it
+    ({"max_pixels": 1_048_576}, {"size": "auto"}),  # auto pinned: 1024x1024 is the only size within the cap
     ({"qualities": ["low", "auto"]}, {}),
     ({"max_n": 2}, {"n": 2}),
     (
