@@ -3,7 +3,10 @@
 It owns being a faithful upstream for tests, demos and benchmarks: the same validation and error
 shapes (OpenAI `{"error": {...}}`, DigitalOcean `{"id", "message", "request_id"}`), real images
 that decode with Pillow at the requested size and format, `usage` from the published token tables,
-and SSE streams shaped like OpenAI's. Every request is recorded under `RECEIVED` in the app.
+and SSE streams shaped like OpenAI's: for n images, per image its partials then its completed event
+carrying that image's own `usage` (the prompt's text tokens on the first image's only), so a
+stream's usages add up to the JSON body's `usage` for the same request. Every request is recorded
+under `RECEIVED` in the app.
 
 Routes: `POST /v1/images/generations`, `GET /v1/models`; anything else is a 404 JSON error.
 

@@ -17,7 +17,7 @@ from aiohttp.typedefs import Handler
 from gateway.mock_upstream.bodies import Knobs, Reply, write_json, write_sse
 from gateway.mock_upstream.errors import UpstreamError, forced, not_found, unauthorized
 from gateway.mock_upstream.images import ImageCache, ImageSpec
-from gateway.mock_upstream.models import MODELS, usage
+from gateway.mock_upstream.models import MODELS, image_usages, usage
 from gateway.mock_upstream.options import OPTIONS, RECEIVED, Headers, MockOptions, ReceivedRequest
 from gateway.mock_upstream.validation import Generation, validate
 
@@ -147,14 +147,23 @@ async def _generations(request: web.Request) -> web.StreamResponse:
         spec = ImageSpec(gen.width, gen.height, gen.output_format, transparent, variant, options.image_bytes)
         return await cache.b64(spec)
 
-    reply = Reply(gen=gen, images=image, usage=_usage(gen), created=int(time.time()))
+    reply = Reply(gen, image, _usage(gen), _image_usages(gen), created=int(time.time()))
     if gen.stream:
         return await write_sse(request, reply, knobs, options.partial_interval_ms / 1000)
     return await write_json(request, reply, knobs)
 
 
 def _usage(gen: Generation) -> dict[str, Any]:
+    """The whole request's `usage` (a JSON body's)."""
     partials = gen.partial_images
     return usage(
+        gen.family, gen.width, gen.height, gen.quality, n=gen.n, prompt=gen.prompt, partial_images=partials
+    )
+
+
+def _image_usages(gen: Generation) -> list[dict[str, Any]]:
+    """One `usage` per image (a stream's, on each completed event); they add up to `_usage(gen)`."""
+    partials = gen.partial_images
+    return image_usages(
         gen.family, gen.width, gen.height, gen.quality, n=gen.n, prompt=gen.prompt, partial_images=partials
     )

@@ -89,11 +89,16 @@ def _fields(gen: Generation) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """What a success is made of: the request, its images, its usage and its timestamp."""
+    """What a success is made of: the request, its images, its usage and its timestamp.
+
+    `usage` is the whole request's (a JSON body's); `image_usages` one per image, adding up to it
+    (a stream's, one on each completed event).
+    """
 
     gen: Generation
     images: ImageSource
     usage: dict[str, Any]
+    image_usages: list[dict[str, Any]]
     created: int
 
 
@@ -126,7 +131,8 @@ def _event(name: str, b64: bytes, rest: dict[str, Any], eol: bytes) -> bytes:
 
 
 async def _events(reply: Reply, eol: bytes) -> list[Callable[[], bytes]]:
-    """The events in order (per image its partials, then its completed), each built only when sent."""
+    """The events in order (per image its partials, then its completed with that image's usage), each
+    built only when sent."""
     gen = reply.gen
     final, *partials = [await reply.images(variant) for variant in range(gen.partial_images + 1)]
     fields = {"created_at": reply.created, **_fields(gen)}
@@ -135,7 +141,7 @@ async def _events(reply: Reply, eol: bytes) -> list[Callable[[], bytes]]:
         for index, b64 in enumerate(partials):
             rest = {"partial_image_index": index, **fields}
             events.append(functools.partial(_event, "image_generation.partial_image", b64, rest, eol))
-        rest = {**fields, "usage": reply.usage} if image == gen.n - 1 else fields
+        rest = {**fields, "usage": reply.image_usages[image]}
         events.append(functools.partial(_event, "image_generation.completed", final, rest, eol))
     return events
 
@@ -143,7 +149,7 @@ async def _events(reply: Reply, eol: bytes) -> list[Callable[[], bytes]]:
 async def write_sse(
     request: web.Request, reply: Reply, knobs: Knobs, interval_s: float
 ) -> web.StreamResponse:
-    """The `image_generation.*` event stream; whole-request `usage` on the final completed event only."""
+    """The `image_generation.*` event stream: one completed event per image, each with its own `usage`."""
     eol = b"\r\n" if knobs.crlf else b"\n"
     comment = b": keep-alive" + eol + eol if knobs.comments else b""
     events = await _events(reply, eol)

@@ -1,7 +1,11 @@
-"""What the mock knows about models: the ids each flavor serves and the output-token table.
+"""What the mock knows about models: the ids each flavor serves, the output-token table, `usage`.
 
 The token figures are FACTS.md section 2. gpt-image-2 has only a few calculator readings; other
 sizes interpolate linearly by pixel count between them, so no value exceeds the readings around it.
+`usage` is a whole request's (a JSON body); `image_usages` splits it into one `usage` per image, as
+a stream reports it on each image's completed event: each image its own output tokens (partials
+included), the prompt's text tokens on the first image only, so the stream's usages add up to the
+whole request's, count by count.
 """
 
 from __future__ import annotations
@@ -79,3 +83,21 @@ def usage(
         "output_tokens_details": {"image_tokens": output, "text_tokens": 0},
         "total_tokens": text + output,
     }
+
+
+def image_usages(
+    family: Family, width: int, height: int, quality: str, *, n: int, prompt: str, partial_images: int
+) -> list[dict[str, Any]]:
+    """One `usage` per image of a streamed request; their sum is `usage(...)` for the same request."""
+    output = image_tokens(family, width, height, quality) + PARTIAL_IMAGE_TOKENS * partial_images
+    text = text_tokens(prompt)
+    return [
+        {
+            "input_tokens": text if image == 0 else 0,
+            "input_tokens_details": {"text_tokens": text if image == 0 else 0, "image_tokens": 0},
+            "output_tokens": output,
+            "output_tokens_details": {"image_tokens": output, "text_tokens": 0},
+            "total_tokens": (text if image == 0 else 0) + output,
+        }
+        for image in range(n)
+    ]

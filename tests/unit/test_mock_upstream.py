@@ -15,12 +15,13 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from gateway.mock_upstream import RECEIVED, MockOptions, create_mock_app, run_mock_upstream
-from gateway.mock_upstream.models import image_tokens, text_tokens
+from gateway.mock_upstream.models import image_tokens, image_usages, text_tokens, usage
+from gateway.usage import usage_reader
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -329,7 +330,7 @@ async def stream(client: Client, body: dict[str, Any], headers: dict[str, str] |
     return await resp.read()
 
 
-async def test_stream_sequence_images_and_usage_on_the_last_event_only(aiohttp_client: MakeClient) -> None:
+async def test_stream_sequence_images_and_a_usage_on_each_completed_event(aiohttp_client: MakeClient) -> None:
     body = {"n": 2, "partial_images": 2, "quality": "low", "prompt": "a" * 8}
     raw = await stream(await mock(aiohttp_client), body)
     assert b"\r" not in raw and raw.endswith(b"\n\n")
@@ -346,9 +347,90 @@ async def test_stream_sequence_images_and_usage_on_the_last_event_only(aiohttp_c
             "png",
         )
         assert isinstance(data["created_at"], int)
-    assert ["usage" in data for _, data in events] == [False] * 5 + [True]
-    assert events[-1][1]["usage"]["output_tokens"] == 2 * (272 + 2 * 100)
-    assert events[-1][1]["usage"]["total_tokens"] == 2 + 2 * (272 + 2 * 100)
+    assert ["usage" in data for _, data in events] == [False, False, True] * 2
+    output = 272 + 2 * 100  # each image's own tokens, its two partials included
+    first, second = (data["usage"] for name, data in events if name == completed)
+    assert first == {
+        "input_tokens": 2,
+        "input_tokens_details": {"text_tokens": 2, "image_tokens": 0},
+        "output_tokens": output,
+        "output_tokens_details": {"image_tokens": output, "text_tokens": 0},
+        "total_tokens": 2 + output,
+    }
+    assert second == {
+        "input_tokens": 0,  # the prompt is read once: its tokens are on the first image only
+        "input_tokens_details": {"text_tokens": 0, "image_tokens": 0},
+        "output_tokens": output,
+        "output_tokens_details": {"image_tokens": output, "text_tokens": 0},
+        "total_tokens": output,
+    }
+
+
+def add_usages(usages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Count by count, as gateway.usage sums a stream."""
+    total: dict[str, Any] = {}
+    for usage_ in usages:
+        for key, value in usage_.items():
+            if isinstance(value, dict):
+                for detail, count in value.items():
+                    total.setdefault(key, {}).setdefault(detail, 0)
+                    total[key][detail] += count
+            else:
+                total[key] = total.get(key, 0) + value
+    return total
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10])
+@pytest.mark.parametrize("partial_images", [0, 1, 3])
+async def test_a_streams_usages_add_up_to_the_json_usage_of_the_same_request(
+    aiohttp_client: MakeClient, n: int, partial_images: int
+) -> None:
+    client = await mock(aiohttp_client)
+    prompt = "a quiet harbour at dawn"
+    request: dict[str, Any] = {**OK, "n": n, "quality": "medium", "size": "1536x1024", "prompt": prompt}
+    raw = await stream(client, {**request, "partial_images": partial_images})
+    events = sse_events(raw)
+    usages = [data["usage"] for name, data in events if name == "image_generation.completed"]
+    assert (
+        len(usages) == n and sum(name.endswith("partial_image") for name, _ in events) == n * partial_images
+    )
+    status, answer = await post(client, request)
+    assert status == 200
+    partial_tokens = n * partial_images * 100  # only a stream has partial images to pay for
+    whole = answer["usage"]
+    expected = {
+        **whole,
+        "output_tokens": whole["output_tokens"] + partial_tokens,
+        "output_tokens_details": {"image_tokens": whole["output_tokens"] + partial_tokens, "text_tokens": 0},
+        "total_tokens": whole["total_tokens"] + partial_tokens,
+    }
+    assert add_usages(usages) == expected
+    reader = usage_reader("text/event-stream")  # what the gateway settles a relayed stream with
+    reader.feed(raw)
+    reader.close()
+    assert (reader.usage, reader.images) == (expected, n)
+    assert add_usages(usages) == usage(
+        "gpt-image-1", 1536, 1024, "medium", n=n, prompt=prompt, partial_images=partial_images
+    )
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n=st.integers(1, 10),
+    partial_images=st.integers(0, 3),
+    prompt=st.text(min_size=1, max_size=200),
+    quality=st.sampled_from(["low", "medium", "high"]),
+    size=st.sampled_from([(1024, 1024), (1536, 1024), (1024, 1536)]),
+)
+def test_image_usages_add_up_to_the_whole_request(
+    n: int, partial_images: int, prompt: str, quality: str, size: tuple[int, int]
+) -> None:
+    for family in ("gpt-image-1", "gpt-image-2"):
+        per_image = image_usages(family, *size, quality, n=n, prompt=prompt, partial_images=partial_images)
+        assert len(per_image) == n
+        whole = usage(family, *size, quality, n=n, prompt=prompt, partial_images=partial_images)
+        assert add_usages(per_image) == whole
+        assert all(u["total_tokens"] == u["input_tokens"] + u["output_tokens"] for u in per_image)
 
 
 async def test_stream_without_partials_is_one_completed_event(aiohttp_client: MakeClient) -> None:
