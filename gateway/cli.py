@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -25,7 +26,7 @@ def _load(path: str) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.server import run, serve, supervise
+    from gateway.server import serve, supervise
 
     settings = _load(args.config)
     if args.port is not None or args.host is not None:
@@ -38,17 +39,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         argv = ["serve", "--config", args.config, "--worker"]
         argv += ["--port", str(settings.server.port), "--host", settings.server.host]
         return supervise(settings, argv)
-    run(serve(settings, config_path=Path(args.config), reuse_port=args.worker))
+    return _serve(serve(settings, config_path=Path(args.config), reuse_port=args.worker))
+
+
+def _serve(main: Coroutine[Any, Any, None]) -> int:
+    """Run a serving coroutine; a socket that cannot be opened is one line on stderr, not a traceback."""
+    from gateway.server import ListenError, run
+
+    try:
+        run(main)
+    except ListenError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
-    from gateway.server import run
 
     configure_logging("info", "console")
-    run(run_demo(args.port))
-    return 0
+    return _serve(run_demo(args.port))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -35,6 +35,16 @@ from gateway.settings import ConfigError, Settings
 log = get_logger("gateway.server")
 
 
+class ListenError(Exception):
+    """The listening socket could not be opened: the port is taken, the address is not ours, ..."""
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
+        # asyncio words EADDRINUSE as "error while attempting to bind on address (...): ...": say
+        # it once, plainly, as the C library names the errno.
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
+        super().__init__(f"cannot listen on {host}:{port}: {reason[:1].lower()}{reason[1:]}")
+
+
 def run(main: Coroutine[Any, Any, None]) -> None:
     """Run a coroutine on uvloop where it is installed, else on asyncio's default loop."""
     try:
@@ -52,6 +62,7 @@ async def serve(
     on_ready: Callable[[str], None] | None = None,
     reuse_port: bool = False,
 ) -> None:
+    """Serve until SIGTERM or SIGINT; raises ListenError when the address cannot be bound."""
     app = create_app(settings, config_path=config_path)
     if reuse_port:  # a worker under `supervise`: admin reloads go through the supervisor
         app[RELOADER].supervisor_pid = os.getppid()
@@ -61,7 +72,11 @@ async def serve(
     )
     await runner.setup()
     site = web.TCPSite(runner, server.host, server.port, backlog=1024, reuse_port=reuse_port or None)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()  # the store and the upstream session were already opened
+        raise ListenError(server.host, server.port, exc) from exc
     url = f"http://{server.host}:{_bound_port(runner) or server.port}"
     log.info(
         "gateway_started",

@@ -1,15 +1,22 @@
-"""The command line: check-config, hash-key, new-key."""
+"""The command line: check-config, serve and demo on a taken port, hash-key, new-key."""
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[2]
+UPSTREAM_KEYS = {"OPENAI_API_KEY": "sk-test", "DO_MODEL_ACCESS_KEY": "do-test"}
 
 
-def gateway(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def gateway(
+    *args: str, stdin: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway", *args],
         input=stdin,
@@ -17,6 +24,7 @@ def gateway(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
         text=True,
         cwd=ROOT,
         timeout=60,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -46,3 +54,14 @@ def test_new_key_prints_a_key_and_its_hash() -> None:
     lines = gateway("new-key").stdout.splitlines()
     key, digest = lines[0].split()[1], lines[1].split()[1]
     assert gateway("hash-key", stdin=key).stdout.strip() == digest
+
+
+@pytest.mark.parametrize("command", [["serve", "--config", "config.example.yaml"], ["demo"]])
+def test_a_taken_port_is_one_clear_line_and_status_1(command: list[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = gateway(*command, "--port", str(port), env=UPSTREAM_KEYS)
+    assert result.returncode == 1
+    assert result.stderr == f"gateway: cannot listen on 127.0.0.1:{port}: address already in use\n"
