@@ -14,10 +14,11 @@ from gateway.logs import configure_logging
 from gateway.settings import ConfigError, Settings, load_settings
 
 
-def _load(path: str) -> Settings:
+def _load(path: str, *, serving: bool = True) -> Settings:
+    """The validated settings; `serving` also requires a key for each upstream that needs one."""
     from gateway.runtime import Runtime
 
-    settings = load_settings(path)
+    settings = load_settings(path, require_upstream_keys=serving)
     try:
         Runtime.build(settings)  # routes, catalog and policies must resolve too
     except ConfigError as exc:
@@ -73,7 +74,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from gateway.explain import explain, render
 
-    settings = _load(args.config)
+    settings = _load(args.config, serving=False)  # sends nothing: upstream keys are not needed
     if args.tenant not in settings.tenants:
         print(
             f"unknown tenant {args.tenant!r} (known: {', '.join(sorted(settings.tenants))})", file=sys.stderr

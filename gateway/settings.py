@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -29,6 +30,10 @@ from policies.rules import Policy
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+# Hosts that answer every request without a key with 401. An upstream elsewhere (a mock, a proxy
+# that adds its own credentials) may have no key: the gateway then sends no Authorization header.
+_KEYED_HOSTS = ("api.openai.com", "do-ai.run")
 
 
 class ConfigError(Exception):
@@ -215,6 +220,40 @@ def reference_problems(
     return problems
 
 
+def missing_key_problems(raw: dict[str, Any], expanded: dict[str, Any]) -> list[str]:
+    """A routed upstream at a host that needs a key whose `api_key` is empty (once `${VAR}` expanded).
+
+    `raw` is the file as written, to name the variables; `expanded` is the same tree after expansion.
+    """
+    upstreams: Any = expanded.get("upstreams")
+    if "upstreams" not in expanded:
+        upstreams = {name: {"base_url": up.base_url} for name, up in _default_upstreams().items()}
+    routes = expanded.get("routes")
+    if not isinstance(upstreams, dict) or not isinstance(routes, dict):
+        return []
+    used = {route.get("upstream") for route in routes.values() if isinstance(route, dict)}
+    problems = []
+    for name, entry in upstreams.items():
+        if name not in used or not isinstance(entry, dict) or entry.get("api_key"):
+            continue
+        host = _host(entry.get("base_url"))
+        if host is None or not any(host == h or host.endswith(f".{h}") for h in _KEYED_HOSTS):
+            continue
+        written = (raw.get("upstreams") or {}).get(name)
+        names = _ENV_REF.findall(str(written.get("api_key", ""))) if isinstance(written, dict) else []
+        unset = [var for var, _default in names]
+        why = f" ({' / '.join(unset)} unset or empty in the environment)" if unset else ""
+        problems.append(f"upstreams.{name}.api_key: empty{why}; {host} refuses every request without a key")
+    return problems
+
+
+def _host(url: Any) -> str | None:
+    try:
+        return urlsplit(url).hostname if isinstance(url, str) else None
+    except ValueError:
+        return None
+
+
 def _raw_reference_problems(raw: dict[str, Any]) -> list[str]:
     """The same reference checks on a file whose fields did not validate, so all errors show at once."""
 
@@ -270,8 +309,18 @@ def expand_env(node: Any, environ: Mapping[str, str], path: str = "") -> Any:
     return _ENV_REF.sub(substitute, node)
 
 
-def parse_settings(text: str, source: str = "<config>", environ: Mapping[str, str] | None = None) -> Settings:
-    """Parse YAML text into Settings, or raise ConfigError naming `source` and each key path."""
+def parse_settings(
+    text: str,
+    source: str = "<config>",
+    environ: Mapping[str, str] | None = None,
+    *,
+    require_upstream_keys: bool = False,
+) -> Settings:
+    """Parse YAML text into Settings, or raise ConfigError naming `source` and each key path.
+
+    `require_upstream_keys` (serving and check-config) adds `missing_key_problems`: a file can be
+    well formed and still unable to serve because a secret was not exported.
+    """
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -284,18 +333,24 @@ def parse_settings(text: str, source: str = "<config>", environ: Mapping[str, st
         expanded = expand_env(raw, os.environ if environ is None else environ)
     except ConfigError as exc:
         raise ConfigError(source, exc.errors) from None
+    problems = missing_key_problems(raw, expanded) if require_upstream_keys else []
     try:
-        return Settings.model_validate(expanded)
+        settings = Settings.model_validate(expanded)
     except ValidationError as exc:
         errors = format_validation_error(exc)
         errors += [line for line in _raw_reference_problems(expanded) if line not in errors]
-        raise ConfigError(source, errors) from None
+        raise ConfigError(source, errors + problems) from None
+    if problems:
+        raise ConfigError(source, problems)
+    return settings
 
 
-def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
+def load_settings(
+    path: str | Path, environ: Mapping[str, str] | None = None, *, require_upstream_keys: bool = False
+) -> Settings:
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(file), [f"cannot read the file: {exc.strerror}"]) from exc
-    return parse_settings(text, str(file), environ)
+    return parse_settings(text, str(file), environ, require_upstream_keys=require_upstream_keys)

@@ -29,9 +29,32 @@ def gateway(
 
 
 def test_check_config_accepts_the_example() -> None:
-    result = gateway("check-config", "config.example.yaml")
+    result = gateway("check-config", "config.example.yaml", env=UPSTREAM_KEYS)
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
+
+
+NO_KEYS = {"OPENAI_API_KEY": "", "DO_MODEL_ACCESS_KEY": ""}
+MISSING_KEYS = """configuration error in config.example.yaml:
+  upstreams.openai.api_key: empty (OPENAI_API_KEY unset or empty in the environment); \
+api.openai.com refuses every request without a key
+  upstreams.digitalocean.api_key: empty (DO_MODEL_ACCESS_KEY unset or empty in the environment); \
+inference.do-ai.run refuses every request without a key
+"""
+
+
+@pytest.mark.parametrize("command", [["check-config"], ["serve", "--port", "0", "--config"]])
+def test_check_config_and_serve_refuse_an_empty_upstream_key(command: list[str]) -> None:
+    result = gateway(*command, "config.example.yaml", env=NO_KEYS)
+    assert (result.returncode, result.stderr) == (1, MISSING_KEYS)
+
+
+def test_explain_sends_nothing_so_needs_no_upstream_key(tmp_path: Path) -> None:
+    request = tmp_path / "request.json"
+    request.write_text('{"model": "gpt-image-1.5", "prompt": "a kite", "quality": "low"}')
+    args = ["explain", "--config", "config.example.yaml", "--tenant", "design-team", str(request)]
+    result = gateway(*args, env=NO_KEYS)
+    assert result.returncode == 0, result.stderr
 
 
 def test_check_config_lists_every_problem_with_its_path(tmp_path: Path) -> None:

@@ -110,3 +110,61 @@ def test_env_values_are_taken_verbatim(secret: str) -> None:
     text = BASE + "admin:\n  token: ${ADMIN_TOKEN}\n"
     settings = parse_settings(text, "ok.yaml", {"ADMIN_TOKEN": secret})
     assert settings.admin.token.get_secret_value() == secret
+
+
+# --- upstream keys: serving (and check-config) needs one for each routed upstream that requires it
+
+OPENAI = """
+upstreams:
+  openai: {base_url: "https://api.openai.com/v1", api_key: "${OPENAI_API_KEY:-}"}
+  spare: {base_url: "https://inference.do-ai.run/v1", api_key: "${DO_MODEL_ACCESS_KEY:-}"}
+  local: {base_url: "http://127.0.0.1:9090/v1"}
+routes:
+  gpt-image-1.5: {upstream: openai}
+  gpt-image-1: {upstream: local}
+"""
+
+
+def key_problems(text: str, environ: dict[str, str]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(text, "bad.yaml", environ, require_upstream_keys=True)
+    return info.value.errors
+
+
+@pytest.mark.parametrize("environ", [{}, {"OPENAI_API_KEY": ""}])
+def test_an_unset_or_empty_upstream_key_names_its_path_and_variable(environ: dict[str, str]) -> None:
+    # `spare` has no key either, but no route uses it; `local` is not a host that needs one.
+    assert key_problems(OPENAI, environ) == [
+        "upstreams.openai.api_key: empty (OPENAI_API_KEY unset or empty in the environment);"
+        " api.openai.com refuses every request without a key"
+    ]
+
+
+def test_an_upstream_key_is_required_only_when_serving() -> None:
+    settings = parse_settings(OPENAI, "ok.yaml", {})  # explain, tests, the library: no key needed
+    assert settings.upstreams["openai"].api_key.get_secret_value() == ""
+    settings = parse_settings(OPENAI, "ok.yaml", {"OPENAI_API_KEY": "sk-x"}, require_upstream_keys=True)
+    assert settings.upstreams["openai"].api_key.get_secret_value() == "sk-x"
+
+
+def test_the_default_upstreams_need_keys_too() -> None:
+    text = "routes:\n  gpt-image-1: {upstream: digitalocean, model: openai-gpt-image-1}\n"
+    assert key_problems(text, {}) == [
+        "upstreams.digitalocean.api_key: empty; inference.do-ai.run refuses every request without a key"
+    ]
+
+
+def test_a_missing_key_is_listed_with_every_other_problem() -> None:
+    errors = key_problems(OPENAI + "server: {port: -1}\n", {})
+    assert [line.split(":")[0] for line in errors] == ["server.port", "upstreams.openai.api_key"]
+
+
+def test_the_example_config_needs_both_upstream_keys_to_serve() -> None:
+    example = Path(__file__).parents[2] / "config.example.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_settings(example, environ={}, require_upstream_keys=True)
+    assert [line.split(":")[0] for line in info.value.errors] == [
+        "upstreams.openai.api_key",
+        "upstreams.digitalocean.api_key",
+    ]
+    load_settings(example, {"OPENAI_API_KEY": "sk", "DO_MODEL_ACCESS_KEY": "do"}, require_upstream_keys=True)
