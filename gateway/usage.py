@@ -8,6 +8,7 @@ What it keeps is bounded: the captured top-level values (at most `CAPTURE_CAP` b
 which a value is given up), a short key, and for a stream a fixed set of running sums.
 
 - `JsonUsageReader`: a JSON body; `usage` and the number of objects in the top-level `data` array.
+  A body of at most `CAPTURE_CAP` bytes is kept and parsed whole by orjson instead (cheaper).
 - `SSEUsageReader`: a `text/event-stream` body, framed by `gateway.sse.SSEParser`, each event's
   data fed to its own `JsonScanner`; the stream's usage, its completed images and its first error.
 - `usage_reader(content_type)` picks one. Neither raises on a truncated or non-JSON body.
@@ -248,28 +249,67 @@ class UsageReader(Protocol):
 
 
 class JsonUsageReader:
-    """A JSON body: the top-level `usage` object and the number of objects in the top-level `data`."""
+    """A JSON body: the top-level `usage` object and the number of objects in the top-level `data`.
+
+    Most bodies are small (an error, or a URL answer): up to `small_body` bytes are only kept, and
+    parsed whole by orjson at `close`, which costs far less than scanning them piece by piece. A
+    body that grows past it, or that orjson refuses (truncated, trailing bytes), is scanned by the
+    `JsonScanner`, with the same answers. `usage` and `images` are final after `close`.
+    """
 
     error: dict[str, Any] | None = None
     event_count = 0
 
-    def __init__(self) -> None:
+    def __init__(self, small_body: int = CAPTURE_CAP) -> None:
+        self._small_body = small_body
+        self._head: list[bytes] | None = []  # None once the scanner has taken over
+        self._size = 0
         self._scanner = JsonScanner(frozenset({b"usage"}), count=b"data")
+        self._usage: dict[str, Any] | None = None
+        self._images = 0
 
     def feed(self, chunk: bytes) -> None:
-        self._scanner.feed(chunk)
+        if self._head is None:
+            self._scanner.feed(chunk)
+            return
+        self._size += len(chunk)
+        self._head.append(chunk)
+        if self._size > self._small_body:
+            self._scan_head()
 
     def close(self) -> None:
-        """Nothing pending: a body that ended before its top-level object closed has no usage."""
+        if self._head is not None:
+            try:
+                body = orjson.loads(b"".join(self._head))
+            except orjson.JSONDecodeError:
+                self._scan_head()
+            else:
+                self._head = None
+                self._keep(body)
+                return
+        usage = self._scanner.value(b"usage")
+        self._usage = usage if isinstance(usage, dict) else None
+        self._images = self._scanner.count
+
+    def _scan_head(self) -> None:
+        for part in self._head or ():
+            self._scanner.feed(part)
+        self._head = None
+
+    def _keep(self, body: Any) -> None:
+        if not isinstance(body, dict):
+            return
+        usage, data = body.get("usage"), body.get("data")
+        self._usage = usage if isinstance(usage, dict) else None
+        self._images = sum(isinstance(item, dict) for item in data) if isinstance(data, list) else 0
 
     @property
     def usage(self) -> dict[str, Any] | None:
-        usage = self._scanner.value(b"usage")
-        return usage if isinstance(usage, dict) else None
+        return self._usage
 
     @property
     def images(self) -> int:
-        return self._scanner.count
+        return self._images
 
 
 _EVENT_KEYS = frozenset({b"type", b"usage", b"error", b"message"})

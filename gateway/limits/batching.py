@@ -123,12 +123,9 @@ async def _on_one_connection(pool: Any, batch: list[_Call]) -> list[Any]:
 
 def _pack_evalsha(call: _Call) -> bytes:
     """`EVALSHA sha numkeys keys... args...` in RESP: an array of bulk strings."""
-    args = call.argv()
-    parts = [b"*%d\r\n$7\r\nEVALSHA\r\n" % (len(args) + 1)]
-    for arg in args:
-        data = arg.encode() if isinstance(arg, str) else str(arg).encode()
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(parts)
+    encoded = [arg.encode() if isinstance(arg, str) else b"%d" % arg for arg in call.argv()]
+    head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (len(encoded) + 1)
+    return head + b"".join([b"$%d\r\n%b\r\n" % (len(data), data) for data in encoded])
 
 
 def _settle_future(

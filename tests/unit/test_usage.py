@@ -29,8 +29,12 @@ USAGE = {
 }
 
 
-def read(chunks: list[bytes] | Iterator[bytes], content_type: str = "application/json") -> UsageReader:
-    reader = usage_reader(content_type)
+def read(
+    chunks: list[bytes] | Iterator[bytes],
+    content_type: str = "application/json",
+    small_body: int | None = None,
+) -> UsageReader:
+    reader = usage_reader(content_type) if small_body is None else JsonUsageReader(small_body)
     for chunk in chunks:
         reader.feed(chunk)
     reader.close()
@@ -46,6 +50,10 @@ def every_split(body: bytes) -> Iterator[list[bytes]]:
 
 
 # --- JSON bodies: property -------------------------------------------------------------------------
+
+# Both ways a JSON body is read: scanned as it streams (any body past CAPTURE_CAP), or kept and
+# parsed whole (a small one); they must agree on everything.
+BOTH_PATHS = pytest.mark.parametrize("small_body", [0, CAPTURE_CAP], ids=["scanned", "whole"])
 
 tricky_text = st.one_of(
     st.text(max_size=20),
@@ -112,27 +120,31 @@ def expected(body: bytes) -> tuple[dict[str, Any] | None, int]:
     return (usage if isinstance(usage, dict) else None), (len(data) if isinstance(data, list) else 0)
 
 
+@BOTH_PATHS
 @settings(max_examples=300, deadline=None)
 @given(body=json_bodies(), data=st.data())
-def test_json_any_split_matches_a_whole_parse(body: bytes, data: st.DataObject) -> None:
+def test_json_any_split_matches_a_whole_parse(small_body: int, body: bytes, data: st.DataObject) -> None:
     chunks = split(body, data.draw(st.lists(st.integers(0, len(body)), max_size=20)))
-    reader = read(chunks)
+    reader = read(chunks, small_body=small_body)
     assert (reader.usage, reader.images) == expected(body)
     assert reader.error is None and reader.event_count == 0
 
 
+@BOTH_PATHS
 @settings(max_examples=100, deadline=None)
 @given(body=json_bodies())
-def test_json_one_byte_chunks_match_a_whole_parse(body: bytes) -> None:
-    reader = read(body[i : i + 1] for i in range(len(body)))
+def test_json_one_byte_chunks_match_a_whole_parse(small_body: int, body: bytes) -> None:
+    reader = read((body[i : i + 1] for i in range(len(body))), small_body=small_body)
     assert (reader.usage, reader.images) == expected(body)
 
 
+@BOTH_PATHS
 @settings(max_examples=100, deadline=None)
 @given(body=json_bodies(), data=st.data())
-def test_json_truncated_body_has_no_usage(body: bytes, data: st.DataObject) -> None:
+def test_json_truncated_body_has_no_usage(small_body: int, body: bytes, data: st.DataObject) -> None:
     cut = data.draw(st.integers(0, len(body.rstrip()) - 1))
-    assert read(split(body[:cut], data.draw(st.lists(st.integers(0, cut), max_size=5)))).usage is None
+    chunks = split(body[:cut], data.draw(st.lists(st.integers(0, cut), max_size=5)))
+    assert read(chunks, small_body=small_body).usage is None
 
 
 # --- JSON bodies: adversarial ----------------------------------------------------------------------
@@ -160,12 +172,13 @@ REAL = orjson.dumps(USAGE).decode()
         (' \r\n\t{ "data" : [ { } ] ,\n "usage" :\n' + json.dumps(USAGE, indent=4) + " }\n", USAGE, 1),
     ],
 )
+@BOTH_PATHS
 def test_json_adversarial_bodies_under_every_split(
-    body: str, usage: dict[str, Any] | None, images: int
+    small_body: int, body: str, usage: dict[str, Any] | None, images: int
 ) -> None:
     assert expected(body.encode()) == (usage, images)  # the cases are themselves valid JSON
     for chunks in every_split(body.encode()):
-        reader = read(chunks)
+        reader = read(chunks, small_body=small_body)
         assert (reader.usage, reader.images) == (usage, images), chunks
 
 
@@ -173,17 +186,19 @@ def test_json_adversarial_bodies_under_every_split(
     "body",
     [b"", b"   ", b"<html>502 Bad Gateway</html>", b"[1, 2]", b"null", b"\x00\xff\xfe", b"}}]]", b'"usage"'],
 )
-def test_json_non_object_bodies_have_no_usage(body: bytes) -> None:
+@BOTH_PATHS
+def test_json_non_object_bodies_have_no_usage(small_body: int, body: bytes) -> None:
     for chunks in every_split(body):
-        reader = read(chunks)
+        reader = read(chunks, small_body=small_body)
         assert (reader.usage, reader.images) == (None, 0)
 
 
-def test_json_every_prefix_of_a_body_is_safe_and_only_the_whole_has_usage() -> None:
+@BOTH_PATHS
+def test_json_every_prefix_of_a_body_is_safe_and_only_the_whole_has_usage(small_body: int) -> None:
     body = ('{"data": [{"b64_json": "a\\"b\\\\"}], "usage": ' + REAL + "}").encode()
     for cut in range(len(body)):
-        assert read([body[:cut]]).usage is None
-    assert read([body]).usage == USAGE
+        assert read([body[:cut]], small_body=small_body).usage is None
+    assert read([body], small_body=small_body).usage == USAGE
 
 
 def test_json_usage_over_the_cap_is_given_up_and_scanning_goes_on() -> None:
@@ -193,8 +208,11 @@ def test_json_usage_over_the_cap_is_given_up_and_scanning_goes_on() -> None:
     assert (reader.usage, reader.images) == (None, 3)
 
 
-def test_json_reader_ignores_what_follows_the_top_level_object() -> None:
-    reader = read([b'{"usage": ' + REAL.encode() + b'}\n{"usage": {"total_tokens": 1}}'])
+@BOTH_PATHS
+def test_json_reader_ignores_what_follows_the_top_level_object(small_body: int) -> None:
+    reader = read(
+        [b'{"usage": ' + REAL.encode() + b'}\n{"usage": {"total_tokens": 1}}'], small_body=small_body
+    )
     assert reader.usage == USAGE
 
 
