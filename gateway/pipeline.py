@@ -229,6 +229,10 @@ class Pipeline:
                 error=outcome.failure.error_code,
                 client_gone=outcome.client_gone,
             )
+        elif (stream_error := outcome.reader.error) is not None:
+            # The upstream reported a failure inside a 200 stream: relayed as it is, counted as one.
+            self.metrics.upstream_errors.labels(route.upstream_name, "stream_error").inc()
+            log.warning("upstream_stream_error", error=stream_error.get("code") or stream_error.get("type"))
         return outcome.response, outcome
 
     def response_headers(
@@ -251,7 +255,7 @@ class Pipeline:
     ) -> None:
         """Replace the reservation with what the upstream reported, exactly once, on every path."""
         actual, how = self.actual(admitted, outcome)
-        label = "ok" if outcome is not None and outcome.failure is None and outcome.status < 400 else "failed"
+        label = "ok" if outcome is not None and _succeeded(outcome) else "failed"
         await self.store.settle(admitted.reservation, actual, outcome=label)
         tenant, model = credential.tenant, record.model
         self.record_usage(tenant, model, admitted, actual, how)
@@ -277,6 +281,8 @@ class Pipeline:
             return cost, "usage"
         if outcome.failure is not None and reader.event_count == 0 and outcome.bytes_sent == 0:
             return Cost(), "refund"
+        if reader.error is not None and reader.event_count == 1:
+            return Cost(), "refund"  # the upstream's only event was its error: nothing was generated
         return admitted.estimate, "estimate"
 
     def record_usage(self, tenant: str, model: str, admitted: Admitted, actual: Cost, how: str) -> None:
@@ -305,6 +311,11 @@ class _InFlight:
 
     def __exit__(self, *_: object) -> None:
         self.gauge.dec()
+
+
+def _succeeded(outcome: RelayOutcome) -> bool:
+    """A whole 2xx answer without an error inside it (a stream's `error` event)."""
+    return outcome.status < 400 and outcome.failure is None and outcome.reader.error is None
 
 
 def _size_label(body: dict[str, Any], entry: ModelEntry) -> str:

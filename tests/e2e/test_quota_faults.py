@@ -164,6 +164,35 @@ async def test_upstream_dropped_mid_stream_is_settled_once_at_the_estimate(
     assert (line["settled"], line["status"]) == ("estimate", 200)
 
 
+STREAM_ERROR = (
+    b'event: error\ndata: {"type":"error","error":{"type":"server_error","code":"generation_failed",'
+    b'"message":"The image could not be generated.","param":null}}\n\n'
+)
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["error_only", "partial_then_error"])
+async def test_an_error_event_inside_a_200_stream_is_a_failure(
+    start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis, partial: bool
+) -> None:
+    redis = redis_factory()
+    upstream = ScriptedUpstream(Script(chunks=[PARTIAL, STREAM_ERROR] if partial else [STREAM_ERROR]))
+    gw = await gateway_on(start_server, start_gateway, redis, upstream)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{gw.v1}/images/generations", json={**LOW, "stream": True}, headers=AUTH
+        ) as resp:
+            assert resp.status == 200
+            body = await resp.read()
+        row = await settled_once(session, gw, redis)
+    assert body.endswith(STREAM_ERROR)  # relayed as it came
+    assert gw.metric("gateway_upstream_errors_total", upstream="openai", kind="stream_error") == 1
+    assert row["failed"] == 1
+    if partial:  # an image was under way and no usage came: the estimate stands
+        assert (row["tokens"], row["nano_usd"]) == (LOW_ESTIMATE_TOKENS, LOW_ESTIMATE_NANO_USD)
+    else:  # the upstream failed before generating anything: refunded
+        assert (row["tokens"], row["nano_usd"], row["images"]) == (0, 0, 0)
+
+
 async def test_client_leaving_mid_stream_is_billed_from_the_drained_usage(
     start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis
 ) -> None:
