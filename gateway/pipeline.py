@@ -277,6 +277,9 @@ class Pipeline:
             return Cost(), "refund"  # nothing was generated: only the request itself counts
         reader = outcome.reader
         cost = actual_cost(admitted.decision.body, reader.usage, reader.images, admitted.entry)
+        if cost is not None and outcome.failure is not None and reader.images < admitted.estimate.images:
+            # Cut off between images: those still under way may be billed upstream, unreported.
+            return admitted.estimate, "estimate"
         if cost is not None:
             return cost, "usage"
         if outcome.failure is not None and reader.event_count == 0 and outcome.bytes_sent == 0:

@@ -164,6 +164,27 @@ async def test_upstream_dropped_mid_stream_is_settled_once_at_the_estimate(
     assert (line["settled"], line["status"]) == ("estimate", 200)
 
 
+async def test_a_stream_cut_between_two_images_is_billed_at_the_estimate(
+    start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis
+) -> None:
+    """n=2: the first image's usage came, then the connection dropped. The second image may have
+    been made and billed upstream: the part reported is not the whole, so the estimate stands."""
+    redis = redis_factory()
+    first = sse_event("image_generation.completed", usage=usage_body(text=5, image_in=0, output=272))
+    upstream = ScriptedUpstream(Script(chunks=[first], chunk_delay=0.3, abort_after_chunks=True))
+    gw = await gateway_on(start_server, start_gateway, redis, upstream)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{gw.v1}/images/generations", json={**LOW, "n": 2, "stream": True}, headers=AUTH
+        ) as resp:
+            assert await resp.content.readuntil(b"\n\n") == first
+            reserved = (await tenant_limits(session, gw.url))["tenant.tokens_per_day"]["used"]
+            await resp.read()
+        row = await settled_once(session, gw, redis)
+    assert reserved == 20 + 2 * 272  # the prompt's bytes, and two low 1024x1024 images
+    assert (row["failed"], row["tokens"]) == (1, reserved)
+
+
 STREAM_ERROR = (
     b'event: error\ndata: {"type":"error","error":{"type":"server_error","code":"generation_failed",'
     b'"message":"The image could not be generated.","param":null}}\n\n'
