@@ -1,11 +1,9 @@
 """Read the upstream's reported `usage` (and how many images it sent) from a relayed response body.
 
 Owns the side channel of the relay: every chunk relayed to the client is also fed here, and at the
-end the gateway settles with the real token counts. Bodies are tens of MB of base64, so this never
-buffers the body and never visits its bytes one by one in Python: `JsonScanner` jumps over strings
-with `bytes.find` (memchr) and only the few structural characters outside strings reach Python.
-What it keeps is bounded: the captured top-level values (at most `CAPTURE_CAP` bytes each, beyond
-which a value is given up), a short key, and for a stream a fixed set of running sums.
+end the gateway settles with the real token counts. Bodies are tens of MB of base64, so they are
+scanned as they pass (`gateway.json_scan.JsonScanner`), never buffered beyond `CAPTURE_CAP`; for a
+stream only a fixed set of running sums is kept.
 
 - `JsonUsageReader`: a JSON body; `usage` and the number of objects in the top-level `data` array.
   A body of at most `CAPTURE_CAP` bytes is kept and parsed whole by orjson instead (cheaper).
@@ -30,195 +28,14 @@ text/image split from `input_tokens`). Only dispatched events count, up to `data
 
 from __future__ import annotations
 
-import re
 from typing import Any, Protocol
 
 import orjson
 
+from gateway.json_scan import CAPTURE_CAP, JsonScanner
 from gateway.sse import Data, Dispatch, SSEParser
 
-CAPTURE_CAP = 64 * 1024
-_KEY_CAP = 64  # keys we look for are short; a longer top-level key is skipped, not buffered
-_QUOTE, _BACKSLASH, _COMMA, _COLON = 0x22, 0x5C, 0x2C, 0x3A
-_LBRACE, _RBRACE, _LBRACKET, _RBRACKET = 0x7B, 0x7D, 0x5B, 0x5D
-_STRUCTURAL = re.compile(rb'["{}\[\],:]')
-_NON_SPACE = re.compile(rb"[^ \t\r\n]")
-
-# Where a JsonScanner is in its document.
-_START, _OBJECT, _COMPLETE, _INVALID = 0, 1, 2, 3
-
-
-class JsonScanner:
-    """Streams over one JSON document whose top level is an object, keeping only what was asked for.
-
-    `capture`: top-level keys whose raw values are kept (capped) and parsed once the document is
-    complete. `count`: a top-level key whose array's object elements are counted as they close.
-    A non-validating scanner: it trusts the upstream to send JSON, but never raises on garbage.
-    """
-
-    def __init__(self, capture: frozenset[bytes], count: bytes | None = None) -> None:
-        self._capture = capture
-        self._count_key = count
-        self.count = 0
-        self._state = _START
-        self._depth = 0
-        self._in_string = False
-        self._escaped = False  # the first byte of the string's next segment is escaped
-        self._key_buf: bytearray | None = None  # set while reading a top-level key
-        self._expect_key = False
-        self._key: bytes | None = None  # the top-level key whose value is being read
-        self._count_next = False  # the value starting now belongs to the counted key
-        self._counting = False  # inside the counted array
-        self._cap_key: bytes | None = None
-        self._cap_parts: list[bytes] = []
-        self._cap_len = 0  # -1: the value outgrew CAPTURE_CAP and is given up
-        self._cap_from = 0
-        self._raw: dict[bytes, bytes] = {}
-        self._values: dict[bytes, Any] = {}
-
-    @property
-    def complete(self) -> bool:
-        """The top-level object was closed: captured values are available."""
-        return self._state == _COMPLETE
-
-    def value(self, key: bytes) -> Any:
-        """The parsed value of a captured top-level key; None if absent, too big, or the document is
-        incomplete or malformed."""
-        return self._values.get(key)
-
-    def feed(self, buf: bytes, start: int = 0, end: int | None = None) -> None:
-        """Scan `buf[start:end]`, the next piece of the document."""
-        end = len(buf) if end is None else end
-        if self._state >= _COMPLETE or start >= end:
-            return
-        pos = self._cap_from = start
-        while pos < end and self._state < _COMPLETE:
-            if self._in_string:
-                pos = self._scan_string(buf, pos, end)
-            elif self._state == _START:
-                pos = self._open(buf, pos, end)
-            else:
-                match = _STRUCTURAL.search(buf, pos, end)
-                pos = end if match is None else self._structural(buf, match.start())
-        if self._cap_key is not None:
-            self._capture_piece(buf, self._cap_from, end)
-
-    def _open(self, buf: bytes, pos: int, end: int) -> int:
-        match = _NON_SPACE.search(buf, pos, end)
-        if match is None:
-            return end
-        if buf[match.start()] != _LBRACE:
-            self._state = _INVALID  # not an object (an HTML error page, `[DONE]`, ...): nothing to read
-            return end
-        self._state, self._depth, self._expect_key = _OBJECT, 1, True
-        return match.start() + 1
-
-    def _scan_string(self, buf: bytes, pos: int, end: int) -> int:
-        # memchr to each quote; only a quote preceded by backslashes needs a look back.
-        quote = buf.find(b'"', pos, end)
-        while quote >= 0 and self._is_escaped(buf, pos, quote):
-            quote = buf.find(b'"', quote + 1, end)
-        stop = end if quote < 0 else quote
-        if self._key_buf is not None:
-            self._key_buf += buf[pos : min(stop, pos + _KEY_CAP + 1 - len(self._key_buf))]
-        if quote < 0:
-            self._escaped = self._is_escaped(buf, pos, end)
-            return end
-        self._in_string = False
-        if self._key_buf is not None:
-            self._end_key(self._key_buf)
-        return quote + 1
-
-    def _is_escaped(self, buf: bytes, seg: int, at: int) -> bool:
-        """Whether the byte at `at` is escaped, the string's segment in `buf` starting at `seg`."""
-        first = at
-        while first > seg and buf[first - 1] == _BACKSLASH:
-            first -= 1
-        odd_run = (at - first) % 2 == 1
-        # A segment whose first byte is escaped (the previous chunk ended in an escaping
-        # backslash) shifts the parity of a backslash run that reaches back to it.
-        return odd_run != (first == seg and self._escaped)
-
-    def _end_key(self, raw: bytearray) -> None:
-        self._key_buf = None
-        self._expect_key = False
-        if len(raw) > _KEY_CAP:
-            self._key = None
-        elif _BACKSLASH in raw:  # `"us\u0061ge"` is still `usage`
-            try:
-                self._key = orjson.loads(b'"' + raw + b'"').encode()
-            except (orjson.JSONDecodeError, UnicodeEncodeError):
-                self._key = None
-        else:
-            self._key = bytes(raw)
-
-    def _structural(self, buf: bytes, at: int) -> int:
-        char = buf[at]
-        if char == _QUOTE:
-            self._in_string, self._escaped = True, False
-            self._key_buf = bytearray() if self._depth == 1 and self._expect_key else None
-        elif char in (_LBRACE, _LBRACKET):
-            self._push(char)
-        elif char in (_RBRACE, _RBRACKET):
-            self._pop(buf, at, char)
-        elif self._depth == 1 and char == _COMMA:
-            self._end_member(buf, at)
-            self._expect_key = True
-        elif self._depth == 1 and char == _COLON:
-            self._start_value(at)
-        return at + 1
-
-    def _push(self, char: int) -> None:
-        self._depth += 1
-        if self._depth == 2 and self._count_next and char == _LBRACKET:
-            self._counting, self.count = True, 0  # a repeated key: the last one wins, as in orjson
-        self._count_next = False
-
-    def _pop(self, buf: bytes, at: int, char: int) -> None:
-        if self._depth == 1:
-            self._end_member(buf, at)
-            self._finish()
-            return
-        if self._depth == 3 and self._counting and char == _RBRACE:
-            self.count += 1
-        elif self._depth == 2:
-            self._counting = False
-        self._depth -= 1
-
-    def _start_value(self, at: int) -> None:
-        self._count_next = self._key is not None and self._key == self._count_key
-        if self._key in self._capture:
-            self._cap_key, self._cap_parts, self._cap_len, self._cap_from = self._key, [], 0, at + 1
-
-    def _end_member(self, buf: bytes, at: int) -> None:
-        self._key = None
-        self._count_next = False
-        if self._cap_key is None:
-            return
-        self._capture_piece(buf, self._cap_from, at)
-        if self._cap_len >= 0:
-            self._raw[self._cap_key] = b"".join(self._cap_parts)
-        else:
-            self._raw.pop(self._cap_key, None)
-        self._cap_key, self._cap_parts = None, []
-
-    def _capture_piece(self, buf: bytes, start: int, end: int) -> None:
-        if self._cap_len < 0:
-            return
-        if self._cap_len + end - start > CAPTURE_CAP:
-            self._cap_len, self._cap_parts = -1, []  # give the value up; keep scanning
-            return
-        self._cap_parts.append(buf[start:end])
-        self._cap_len += end - start
-
-    def _finish(self) -> None:
-        self._state, self._depth = _COMPLETE, 0
-        for key, raw in self._raw.items():
-            try:
-                self._values[key] = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue
-        self._raw = {}
+__all__ = ["CAPTURE_CAP", "JsonUsageReader", "SSEUsageReader", "UsageReader", "usage_reader"]
 
 
 class UsageReader(Protocol):
