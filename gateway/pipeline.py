@@ -50,7 +50,9 @@ class Admitted:
     estimate: Cost
     admission: Admission
     reservation: Reservation
-    forwarded: bool = False  # the upstream answered: work may have been done, and must be billed
+    # The upstream may be generating: from sending the body until it answers with an error or
+    # the send fails. Cut off meanwhile (shutdown), the request is billed at the estimate.
+    forwarded: bool = False
 
 
 class Pipeline:
@@ -186,12 +188,18 @@ class Pipeline:
         body = dict(admitted.decision.body)
         body["model"] = route.upstream_model
         forwarded_at = time.perf_counter()
-        response = await upstream.send(
-            self.sessions,
-            route,
-            orjson.dumps(body),
-            upstream.upstream_headers(route, request.headers, record.request_id),
-        )
+        admitted.forwarded = True
+        try:
+            response = await upstream.send(
+                self.sessions,
+                route,
+                orjson.dumps(body),
+                upstream.upstream_headers(route, request.headers, record.request_id),
+            )
+        except GatewayError:
+            admitted.forwarded = False  # unreachable or timed out: nothing generated, refunded
+            raise
+        admitted.forwarded = response.status < 400
         if response.status in (401, 403):
             # The organisation's key was refused: a tenant must neither see its fragments nor
             # think its own key is wrong.
@@ -200,7 +208,6 @@ class Pipeline:
             raise UpstreamAuthFailed(
                 f"The gateway's credentials for upstream {route.upstream_name!r} were refused."
             )
-        admitted.forwarded = response.status < 400
         self.metrics.upstream_ttfb.labels(route.upstream_name).observe(time.perf_counter() - forwarded_at)
         headers = self.response_headers(response, admitted, record)
         if response.status >= 400:
@@ -282,8 +289,8 @@ class Pipeline:
             return admitted.estimate, "estimate"
         if cost is not None:
             return cost, "usage"
-        if outcome.failure is not None and reader.event_count == 0 and outcome.bytes_sent == 0:
-            return Cost(), "refund"
+        if outcome.failure is not None and outcome.streaming and reader.event_count == 0:
+            return Cost(), "refund"  # a stream that broke before its first event; a 2xx JSON was made
         if reader.error is not None and reader.event_count == 1:
             return Cost(), "refund"  # the upstream's only event was its error: nothing was generated
         return admitted.estimate, "estimate"

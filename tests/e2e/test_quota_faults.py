@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -18,6 +19,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
+from gateway.app import create_app
+from gateway.health import STORE
 from gateway.mock_upstream import RECEIVED
 from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.e2e.test_quotas import (
@@ -39,6 +42,7 @@ from tests.e2e.test_quotas import (
     usage_body,
 )
 from tests.support import redis_servers
+from tests.support.config import make_settings
 from tests.support.redis_servers import RedisServer
 from tests.support.scripted_upstream import Script, ScriptedUpstream
 
@@ -240,6 +244,34 @@ async def test_client_leaving_mid_stream_is_billed_from_the_drained_usage(
     assert (line["settled"], line["client_gone"]) == ("usage", True)
 
 
+async def test_a_json_answer_broken_after_the_client_left_is_billed_not_refunded(
+    start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis
+) -> None:
+    """A 200 JSON answer comes once the image is made: broken midway, it cannot tell its usage,
+    but the image was made (and billed upstream). Nothing was sent to the client, who had left."""
+    redis = redis_factory()
+    whole = json_body(usage_body(text=5, image_in=0, output=272))
+    upstream = ScriptedUpstream(
+        Script(
+            content_type="application/json",
+            chunks=[whole[: len(whole) // 2]],
+            delay_before_headers=0.3,
+            abort_after_chunks=True,
+        )
+    )
+    gw = await gateway_on(start_server, start_gateway, redis, upstream)
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as session:
+            request = asyncio.create_task(generate(session, gw.url))
+            await reached_upstream(upstream)
+            request.cancel()  # the client leaves while the image is generated
+            await asyncio.wait_for(upstream.finished.wait(), 5)
+            row = await settled_once(session, gw, redis)
+    assert (row["failed"], row["tokens"], row["nano_usd"]) == (1, LOW_ESTIMATE_TOKENS, LOW_ESTIMATE_NANO_USD)
+    [line] = finished_lines(logs)
+    assert line["settled"] == "estimate"
+
+
 async def test_a_settle_whose_reply_is_lost_is_retried_and_charged_once(
     start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis
 ) -> None:
@@ -362,3 +394,41 @@ async def test_redis_stopped_mid_run_then_restarted_on_the_same_port(
     assert gw.metric("gateway_store_up") == 1
     served = 1 + (4 if mode == "fail_open" else 0) + 3
     assert len(mock_openai.app[RECEIVED]) == served
+
+
+# --- 4. shutdown while the upstream generates -------------------------------------------------------
+
+
+async def test_a_request_cut_off_by_shutdown_while_the_upstream_generates_is_billed(
+    start_server: StartServer,
+) -> None:
+    """A JSON generation answers only when it is done: a request still waiting on it when the
+    gateway stops was accepted by the upstream, which bills it. So must we: at the estimate."""
+    usage = usage_body(text=5, image_in=0, output=272)
+    upstream = ScriptedUpstream(
+        Script(content_type="application/json", chunks=[json_body(usage)], delay_before_headers=5)
+    )
+    server = await start_server(upstream.app())
+    settings = make_settings(base_url(server), limits=LIMITS, server={"shutdown_grace_seconds": 0.2})
+    app = create_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as session:
+            request = asyncio.create_task(generate(session, url))
+            await reached_upstream(upstream)
+            await runner.cleanup()  # what `serve` does on SIGTERM, the grace period long over
+            with pytest.raises(aiohttp.ClientError):
+                await request
+    [line] = finished_lines(logs)
+    assert line["settled"] == "estimate"
+    day = datetime.now(UTC).date()
+    [row] = [r.to_dict() for r in await app[STORE].ledger(day, day, "team")]
+    assert (row["requests"], row["tokens"], row["nano_usd"]) == (
+        1,
+        LOW_ESTIMATE_TOKENS,
+        LOW_ESTIMATE_NANO_USD,
+    )
