@@ -3,24 +3,35 @@
 Each chunk is written as soon as it arrives (aiohttp flushes every write; TCP_NODELAY is on), so
 memory stays flat in the body size and an SSE event reaches the client when the upstream sends it.
 If the client leaves, the upstream is still read to its end, bounded by its read timeout, so the
-generation is billed from the usage it reports. Once headers are sent the status cannot change: an
-SSE stream that fails gets an `error` event and a clean end; a JSON body that fails is cut off
+generation is billed from the usage it reports. A client that stops reading without leaving would
+pin the request (a write waits for the transport to drain): each write gets
+`server.client_write_timeout_seconds`, after which the client is cut off and treated as gone.
+
+Once headers are sent the status cannot change. An SSE stream that fails between two events gets an
+`error` event and a clean end; one that fails inside an event is cut off, since an `error` event
+spliced onto half an event would corrupt it for parsers. A JSON body that fails is cut off too
 (connection closed, no terminating chunk) so the client cannot mistake it for a whole answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 
 from gateway.errors import GatewayError
+from gateway.logs import get_logger
 from gateway.runtime import Route
 from gateway.upstream import translate
 from gateway.usage import UsageReader, usage_reader
+
+log = get_logger("gateway.relay")
+
+DEFAULT_WRITE_TIMEOUT_SECONDS = 30.0  # ServerSettings.client_write_timeout_seconds' default
 
 
 @dataclass(slots=True)
@@ -33,7 +44,7 @@ class RelayOutcome:
     reader: UsageReader
     bytes_sent: int = 0
     first_byte_at: float | None = None  # perf_counter() of the first body bytes written
-    client_gone: bool = False
+    client_gone: bool = False  # left, or stopped reading for longer than the write timeout
     failure: GatewayError | None = None  # upstream failed after headers were sent
 
 
@@ -42,6 +53,7 @@ async def relay(
     upstream: aiohttp.ClientResponse,
     headers: Mapping[str, str],
     route: Route,
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT_SECONDS,
 ) -> RelayOutcome:
     """Send `upstream`'s status, `headers` and body to the client; always consume the upstream body."""
     content_type = upstream.headers.get("Content-Type", "")
@@ -50,58 +62,93 @@ async def relay(
     outcome = RelayOutcome(response, upstream.status, streaming, usage_reader(content_type))
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
+    client = _Client(request, outcome, write_timeout)
+    await client.prepare()
     try:
-        await response.prepare(request)
-    except ConnectionError:
-        outcome.client_gone = True
-    try:
-        await _pump(upstream, response, outcome)
+        await _pump(upstream, client)
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         outcome.failure = translate(exc, route)
         outcome.reader.close()
-        await _end_after_failure(request, response, outcome)
+        await client.end_after_failure(outcome.failure)
     finally:
         upstream.release()
     return outcome
 
 
-async def _pump(
-    upstream: aiohttp.ClientResponse, response: web.StreamResponse, outcome: RelayOutcome
-) -> None:
-    reader = outcome.reader
+async def _pump(upstream: aiohttp.ClientResponse, client: _Client) -> None:
+    reader = client.outcome.reader
     async for chunk in upstream.content.iter_any():
         reader.feed(chunk)
-        if outcome.client_gone:
-            continue  # keep draining so the real usage is known and billed
-        try:
-            await response.write(chunk)
-        except ConnectionError:
-            outcome.client_gone = True
-            continue
+        await client.write(chunk)  # once the client is gone, this keeps draining for the usage
+    reader.close()
+    await client.finish()
+
+
+class _Client:
+    """The client side of one relay: every write bounded in time; where the bytes sent so far end."""
+
+    __slots__ = ("outcome", "request", "tail", "timeout")
+
+    def __init__(self, request: web.Request, outcome: RelayOutcome, timeout: float) -> None:
+        self.request = request
+        self.outcome = outcome
+        self.timeout = timeout
+        self.tail = b""  # the last bytes written: enough to tell whether an SSE event has ended
+
+    async def prepare(self) -> None:
+        await self._send(self.outcome.response.prepare(self.request))
+
+    async def write(self, chunk: bytes) -> None:
+        outcome = self.outcome
+        if outcome.client_gone or not await self._send(outcome.response.write(chunk)):
+            return
         if outcome.first_byte_at is None:
             outcome.first_byte_at = time.perf_counter()
         outcome.bytes_sent += len(chunk)
-    reader.close()
-    if not outcome.client_gone:
+        self.tail = chunk[-4:] if len(chunk) >= 4 else (self.tail + chunk)[-4:]
+
+    async def finish(self) -> None:
+        if not self.outcome.client_gone:
+            await self._send(self.outcome.response.write_eof())
+
+    async def end_after_failure(self, failure: GatewayError) -> None:
+        outcome = self.outcome
+        if outcome.client_gone:
+            return
+        if outcome.streaming and (outcome.bytes_sent == 0 or _ends_event(self.tail)):
+            if await self._send(outcome.response.write(failure.to_sse())):
+                await self._send(outcome.response.write_eof())
+            return
+        # Half an SSE event, or a JSON body: the client must see a truncated response, not a whole
+        # one; drop the connection without a final chunk.
+        self._abort()
+
+    async def _send(self, write: Awaitable[object]) -> bool:
+        """Await one write; False (and the client counted gone) if it left or stopped reading."""
         try:
-            await response.write_eof()
+            async with asyncio.timeout(self.timeout):
+                await write
+        except TimeoutError:
+            log.warning("client_write_timed_out", timeout_seconds=self.timeout)
+            self.outcome.client_gone = True
+            self._abort()
+            return False
         except ConnectionError:
-            outcome.client_gone = True
+            self.outcome.client_gone = True
+            return False
+        return True
+
+    def _abort(self) -> None:
+        if self.request.transport is not None:
+            self.request.transport.abort()
 
 
-async def _end_after_failure(
-    request: web.Request, response: web.StreamResponse, outcome: RelayOutcome
-) -> None:
-    if outcome.client_gone:
-        return
-    if outcome.streaming and outcome.failure is not None:
-        try:
-            await response.write(outcome.failure.to_sse())
-            await response.write_eof()
-            return
-        except ConnectionError:
-            outcome.client_gone = True
-            return
-    # A truncated JSON body must not look complete: drop the connection without a final chunk.
-    if request.transport is not None:
-        request.transport.abort()
+def _ends_event(tail: bytes) -> bool:
+    """Whether bytes ending in `tail` end at an SSE event boundary: a line end, then an empty line.
+
+    Line ends are CRLF, LF or CR, in any mix (`\\n\\n`, `\\r\\n\\r\\n`, `\\r\\r`, `\\r\\n\\n`, ...).
+    """
+    for line_end in (b"\r\n", b"\n", b"\r"):
+        if tail.endswith(line_end):
+            return tail[: -len(line_end)].endswith((b"\n", b"\r"))
+    return False

@@ -56,6 +56,10 @@ def test_secrets_are_not_printed() -> None:
         (BASE + "bogus: 1\n", "bogus: Extra inputs are not permitted"),
         (BASE + "server: {prot: 80}\n", "server.prot: Extra inputs are not permitted"),
         (BASE + "server: {port: 99999}\n", "server.port: Input should be less than or equal to 65535"),
+        (
+            BASE + "server: {client_write_timeout_seconds: 0}\n",
+            "server.client_write_timeout_seconds: Input should be greater than 0",
+        ),
         (BASE + "store: {backend: mongo}\n", "store.backend: Input should be 'memory' or 'redis'"),
         (BASE + "store: {on_unavailable: maybe}\n", "store.on_unavailable:"),
         (BASE.replace('"http://127.0.0.1:1/v1"', "ftp://x"), "upstreams.openai.base_url: must be an http"),
