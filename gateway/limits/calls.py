@@ -106,6 +106,9 @@ class SettleCall:
     ledger_expire_at: int
     settled_ttl_ms: int
     lease_ttl_us: int
+    # Admitted while the store was unreachable: when no reservation record is found (the reserve
+    # never ran), the per-minute limits are left alone (see compile_settle).
+    degraded: bool = False
 
     @property
     def record_key(self) -> str:
@@ -197,20 +200,19 @@ def compile_settle(
     """The settle of a reservation. A `degraded` one (admitted while the store was unreachable,
     nothing charged) charges its actual cost to the calendar budgets after the fact, but not to
     the per-minute limits: that minute is over, and charging it now would throttle the tenant for
-    requests already served."""
+    requests already served. Unless its reserve did run after all (its record is there): then it
+    settles like any other."""
     return SettleCall(
         tenant=tenant,
         reservation_id=reservation_id,
         day=day,
         checks=tuple(checks),
-        actuals=tuple(
-            check.cost if degraded and check.kind.mechanism == "rate" else check.kind.amount(actual)
-            for check in checks
-        ),
+        actuals=tuple(check.kind.amount(actual) for check in checks),
         ledger=tuple(ledger),
         ledger_expire_at=ledger_expire_at(settings, day),
         settled_ttl_ms=settings.lease_ttl_seconds * 1000 + RECORD_GRACE_MS + SETTLED_GRACE_MS,
         lease_ttl_us=settings.lease_ttl_seconds * 1_000_000,
+        degraded=degraded,
     )
 
 

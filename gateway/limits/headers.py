@@ -159,10 +159,12 @@ def parse_duration_us(text: str) -> float | None:
 
 
 def _number(text: str | None) -> Decimal | None:
+    """A finite, non-negative header value, or None (absent, malformed, NaN, Infinity...)."""
     try:
-        return Decimal(text) if text is not None else None
+        value = Decimal(text) if text is not None else None
     except ArithmeticError:
         return None
+    return value if value is not None and value.is_finite() and value >= 0 else None
 
 
 def _merge_category(merged: dict[str, str], upstream: Mapping[str, str], category: str) -> None:

@@ -159,8 +159,9 @@ class LimitStore:
         try:
             return await self._guard("reserve", partial(self._engine.reserve, call))
         except StoreFailure:
-            # fail_open settles the degraded reservation under the same id, which does the same.
-            if self._settings.on_unavailable == "fail_closed":
+            # A degraded reservation (fail_open, or shadow mode) settles under the same id,
+            # which does the same.
+            if self._settings.on_unavailable == "fail_closed" and call.mode != "shadow":
                 self._outbox.add(compile_release(call, self._settings), "release")
             raise
         except asyncio.CancelledError:
@@ -188,7 +189,7 @@ class LimitStore:
         self._metrics.degraded_decisions.labels(mode).inc()
         call = self._compile(plan, cost, reservation_id, model, "peek")
         limit_headers = headers.limits_only(call.checks)
-        if mode == "fail_closed":
+        if mode == "fail_closed" and not plan.shadow:  # shadow mode never refuses a request
             error = StoreUnavailable(_UNAVAILABLE, headers={**limit_headers, "Retry-After": "1"})
             return Admission(False, None, error, limit_headers)
         uncharged = tuple(replace(check, cost=0) for check in call.checks)

@@ -164,7 +164,8 @@ class MemoryEngine:
         record = self._get(call.record_key, now)
         estimates = record if record is not None else tuple(check.cost for check in call.checks)
         for check, estimate, actual in zip(call.checks, estimates, call.actuals, strict=True):
-            self._adjust(check, call, actual - estimate, now)
+            unreserved_rate = check.kind.mechanism == "rate" and call.degraded and record is None
+            self._adjust(check, call, 0 if unreserved_rate else actual - estimate, now)
         self._hincr(call.ledger_key, call.ledger, call.ledger_expire_at, now)
         self._delete(call.record_key)
         self._set(call.settled_key, True, now + call.settled_ttl_ms * 1000, now)

@@ -4,7 +4,8 @@ Redis Cluster (all of a tenant's keys share its `{tenant}` hash tag, hence one s
 The client never retries a command by itself: a reserve whose reply is lost may have been
 applied, and running it again would charge twice. Failures become `StoreFailure` and the
 `LimitStore` decides (on_unavailable for reserve; settle's own retries are safe because settle is
-idempotent). Timeouts are the configured `timeout_ms`, for connecting and for each reply.
+idempotent). Connecting is bounded by `timeout_ms`; a reply may take ten times that (at least
+2 s) before the connection is dropped, though its caller has given up after `timeout_ms`.
 
 Script calls are coalesced per event-loop turn into pipelines (batching.py). At most
 `MAX_IN_FLIGHT` batches or calls run at once, each on its own pooled connection; more wait their
@@ -46,7 +47,10 @@ def connect(settings: StoreSettings) -> Any:
     """A client for `settings.url`: RedisCluster when `cluster: true`, without automatic retries."""
     timeout = settings.timeout_ms / 1000
     options: dict[str, Any] = {
-        "socket_timeout": timeout,
+        # A caller gives up after timeout_ms (LimitStore decides what then), but the connection
+        # waits longer for the reply, so a call that ran late is read to its end instead of
+        # being cut off mid-reply (which would drop the connection and everything batched on it).
+        "socket_timeout": max(2.0, 10 * timeout),
         "socket_connect_timeout": timeout,
         "retry": Retry(NoBackoff(), 0),
         "max_connections": MAX_IN_FLIGHT,  # per node of a cluster
@@ -120,6 +124,7 @@ class RedisEngine:
                 f"{c.kind.mechanism} {c.limit} {c.cost} {actual} {c.expire_at}"
                 for c, actual in zip(call.checks, call.actuals, strict=True)
             ),
+            1 if call.degraded else 0,
         ]
         for name, amount in call.ledger:
             args += [name, amount]

@@ -263,3 +263,47 @@ async def test_an_unreachable_store_at_start_is_not_fatal(cluster: bool) -> None
     assert isinstance(admission.error, StoreUnavailable)
     assert not await store.healthy()
     await store.close()
+
+
+async def test_a_degraded_reservation_whose_reserve_ran_late_settles_like_any_other(
+    redis_server_factory,
+) -> None:
+    """fail_open admitted blind while the reserve sat in a paused Redis; the reserve then ran. Its
+    settle must find the record and replace the estimate, counting the request once."""
+    server = redis_server_factory()
+    metrics = Metrics(CollectorRegistry())
+    settings = StoreSettings(backend="redis", url=server.url, timeout_ms=100, on_unavailable="fail_open")
+    store = create_store(settings, metrics)
+    await store.start()
+    tenant = new_tenant()
+    p = plan(tenant, tenant_settings({**LIMITS, "requests_per_minute": 10}))  # drains 1 per 6 s
+    assert (await store.reserve(p, ESTIMATE, request_id="warm", model="m")).allowed
+    server.cli("CLIENT", "PAUSE", "400", "ALL")
+    blind = await store.reserve(p, ESTIMATE, request_id="blind", model="m")
+    assert blind.reservation is not None and blind.reservation.degraded
+    await asyncio.sleep(0.6)  # the paused reserve has run by now, its reply read and dropped
+    ran = {s.limit: s.used for s in await store.limit_status(p)}
+    assert (ran["requests_per_minute"], ran["tokens_per_day"]) == (2, 2000)
+    await store.settle(blind.reservation, Cost(image_out_tokens=5), outcome="ok")
+    await delivered(metrics)
+    after = {s.limit: s.used for s in await store.limit_status(p)}
+    assert after["requests_per_minute"] == 2  # the request still counts
+    assert after["tokens_per_day"] == 1000 + 5
+    await store.close()
+
+
+async def test_a_shadow_tenant_is_served_when_fail_closed_cannot_reach_the_store() -> None:
+    url = f"redis://127.0.0.1:{free_port()}"
+    store = create_store(
+        StoreSettings(backend="redis", url=url, on_unavailable="fail_closed", timeout_ms=200),
+        Metrics(CollectorRegistry()),
+    )
+    await store.start()
+    tenant = new_tenant()
+    shadow = await store.reserve(
+        plan(tenant, tenant_settings(LIMITS, shadow=True)), ESTIMATE, request_id="s", model="m"
+    )
+    enforced = await store.reserve(plan(tenant, tenant_settings(LIMITS)), ESTIMATE, request_id="e", model="m")
+    assert shadow.allowed and shadow.reservation is not None and shadow.reservation.degraded
+    assert not enforced.allowed and isinstance(enforced.error, StoreUnavailable)
+    await store.close()

@@ -112,3 +112,12 @@ def test_unparseable_upstream_values_never_loosen_ours() -> None:
     merged = merge_upstream_limit_headers(OURS, upstream)
     assert merged["x-ratelimit-remaining-requests"] == "59"
     assert merged["x-ratelimit-reset-requests"] == "1s"
+
+
+@pytest.mark.parametrize("value", ["NaN", "sNaN", "Infinity", "-1", "1e999999999", "garbage"])
+def test_merge_never_trusts_or_trips_on_an_upstream_number_that_is_not_one(value: str) -> None:
+    merged = merge_upstream_limit_headers(
+        OURS, {"x-ratelimit-remaining-requests": value, "x-ratelimit-limit-requests": value}
+    )
+    assert merged["x-ratelimit-remaining-requests"] == "59"
+    assert merged["x-ratelimit-limit-requests"] == OURS["x-ratelimit-limit-requests"]

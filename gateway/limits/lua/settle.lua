@@ -19,7 +19,9 @@ ARGV[3]    ledger EXPIREAT, unix seconds
 ARGV[4]    smooth limiter window, µs
 ARGV[5]    the checks, five space-separated words each: mechanism (rate|day|month|lease), limit,
            estimate, actual, counter EXPIREAT
-ARGV[6..]  pairs of ledger field, increment
+ARGV[6]    1 for a degraded reservation (admitted while the store was unreachable): without a record
+           (its reserve never ran) the per-minute limits are left alone, that minute is over
+ARGV[7..]  pairs of ledger field, increment
 
 Reply: 1 settled from the record, 2 settled from the caller's copy, 0 already settled
 ]]
@@ -30,7 +32,7 @@ end
 
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local rid, window = ARGV[1], tonumber(ARGV[4])
+local rid, window, degraded = ARGV[1], tonumber(ARGV[4]), ARGV[6] == '1'
 
 local function fmt(n)
   return string.format('%.0f', n)
@@ -58,6 +60,7 @@ for i = 1, #KEYS - 3 do
   local estimate = tonumber(spec[at + 3])
   if record then estimate = recorded[i] end
   local diff = tonumber(spec[at + 4]) - estimate
+  if mech == 'rate' and degraded and not record then diff = 0 end
   if mech == 'lease' then
     redis.call('ZREM', key, rid)
   elseif diff ~= 0 and mech == 'rate' then
@@ -83,7 +86,7 @@ for i = 1, #KEYS - 3 do
   end
 end
 
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
 end
 redis.call('EXPIREAT', KEYS[3], ARGV[3])
