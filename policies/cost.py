@@ -164,8 +164,13 @@ def _qualities(value: object, entry: ModelEntry) -> list[str]:
     return [quality] if isinstance(quality, str) and quality in concrete else concrete
 
 
+# No image request comes near a billion tokens: a count above it is a broken upstream, not usage.
+# Bounding it keeps every amount the store adds far inside exact integer range (Lua's doubles).
+MAX_REPORTED_TOKENS = 10**9
+
+
 def _count(value: object) -> int | None:
-    return value if is_int(value) and value >= 0 else None
+    return value if is_int(value) and 0 <= value <= MAX_REPORTED_TOKENS else None
 
 
 def _usage_tokens(usage: object, body: Mapping[str, Any]) -> tuple[int, int, int] | None:
