@@ -233,7 +233,9 @@ def missing_key_problems(raw: dict[str, Any], expanded: dict[str, Any]) -> list[
     routes = expanded.get("routes")
     if not isinstance(upstreams, dict) or not isinstance(routes, dict):
         return []
-    used = {route.get("upstream") for route in routes.values() if isinstance(route, dict)}
+    used = {
+        r["upstream"] for r in routes.values() if isinstance(r, dict) and isinstance(r.get("upstream"), str)
+    }
     problems = []
     for name, entry in upstreams.items():
         if name not in used or not isinstance(entry, dict) or entry.get("api_key"):

@@ -161,6 +161,8 @@ def test_the_default_upstreams_need_keys_too() -> None:
 def test_a_missing_key_is_listed_with_every_other_problem() -> None:
     errors = key_problems(OPENAI + "server: {port: -1}\n", {})
     assert [line.split(":")[0] for line in errors] == ["server.port", "upstreams.openai.api_key"]
+    broken = OPENAI.replace("{upstream: local}", "{upstream: [local]}")  # reported, not a crash
+    assert any(line.startswith("routes.gpt-image-1.upstream:") for line in key_problems(broken, {}))
 
 
 def test_the_example_config_needs_both_upstream_keys_to_serve() -> None:
