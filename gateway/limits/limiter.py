@@ -66,6 +66,7 @@ log = get_logger("gateway.limits")
 T = TypeVar("T")
 
 _MAX_DAY_MISMATCHES = 2
+LEDGER_TIMEOUT_SECONDS = 30.0
 _UNAVAILABLE = "The rate-limit store is unavailable, so the request could not be admitted. Retry shortly."
 
 
@@ -246,9 +247,14 @@ class LimitStore:
         days = days_between(start, end)
         if not days:
             return []
+        # A report, not a request: it may scan the whole keyspace, so it has its own time limit,
+        # and being slow says nothing about whether requests can be admitted.
         try:
-            hashes = await self._guard("ledger", partial(self._engine.ledger, days, tenant))
-        except StoreFailure as exc:
+            async with asyncio.timeout(LEDGER_TIMEOUT_SECONDS):
+                hashes = await self._engine.ledger(days, tenant)
+        except (StoreFailure, TimeoutError) as exc:
+            self._metrics.store_errors.labels("ledger").inc()
+            log.warning("ledger_read_failed", error=str(exc) or type(exc).__name__)
             raise StoreUnavailable(_UNAVAILABLE) from exc
         return sort_rows(row for name, day, counters in hashes for row in rows(name, day, counters))
 

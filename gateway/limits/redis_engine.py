@@ -135,12 +135,15 @@ class RedisEngine:
             wanted = [(tenant, day) for day in days]
         else:
             wanted = await self._scan_ledgers(set(days))
-        found: list[LedgerHash] = []
+        pipe = self._client.pipeline(transaction=False)
         for name, day in wanted:
-            counters = await self._call(self._client.hgetall, ledger_key(name, day))
-            if counters:
-                found.append((name, day, {_text(k): int(v) for k, v in counters.items()}))
-        return found
+            pipe.hgetall(ledger_key(name, day))
+        replies = await self._call(pipe.execute) if wanted else []
+        return [
+            (name, day, {_text(k): int(v) for k, v in counters.items()})
+            for (name, day), counters in zip(wanted, replies, strict=True)
+            if counters
+        ]
 
     async def _scan_ledgers(self, days: set[date]) -> list[tuple[str, date]]:
         """Every tenant's ledger keys for `days` (SCAN visits every primary of a cluster)."""

@@ -104,7 +104,12 @@ async def test_unknown_tenant_is_404(admin: Any) -> None:
     assert response.status == 404
     error = (await response.json())["error"]
     assert (error["code"], error["param"]) == ("unknown_tenant", "tenant")
-    assert (await admin.get("/admin/usage?tenant=nobody", headers=AUTH)).status == 404
+
+
+async def test_the_ledger_answers_for_any_tenant_name_even_one_no_longer_configured(admin: Any) -> None:
+    response = await admin.get("/admin/usage?tenant=nobody", headers=AUTH)
+    assert response.status == 200
+    assert (await response.json())["rows"] == []
 
 
 @pytest.mark.parametrize(
