@@ -38,7 +38,7 @@ def explain(settings: Settings, tenant: str, body: Any) -> dict[str, Any]:
         "violations": [_violation(v.to_dict(), policy) for v in decision.violations],
         "adjustments": [a.to_dict() for a in decision.adjustments],
         "forwarded_body": _forwarded(settings, decision),
-        "estimate": _estimate(decision, policy),
+        "estimate": _estimate(decision),
     }
 
 
@@ -80,10 +80,10 @@ def usd(nano: int) -> str:
     return f"{Decimal(nano) / NANO_PER_USD:.9f}"
 
 
-def _estimate(decision: Decision, policy: Policy) -> dict[str, Any] | None:
+def _estimate(decision: Decision) -> dict[str, Any] | None:
     if decision.entry is None:
         return None
-    cost = estimate(decision.body, decision.entry, policy)
+    cost = estimate(decision.body, decision.entry)
     return {
         "images": cost.images,
         "tokens": {

@@ -160,8 +160,7 @@ class Pipeline:
         self, runtime: Runtime, credential: Credential, decision: Decision, record: RequestRecord
     ) -> Admitted:
         assert decision.model is not None and decision.entry is not None  # allowed decisions name both
-        policy = runtime.policies[credential.tenant]
-        cost = estimate(decision.body, decision.entry, policy)
+        cost = estimate(decision.body, decision.entry)
         tenant_settings = runtime.settings.tenants[credential.tenant]
         user = decision.body.get("user")
         plan = LimitPlan.build(

@@ -34,7 +34,6 @@ from typing import Any
 from policies import sizes
 from policies.capabilities import is_int
 from policies.catalog import AUTO, ModelEntry
-from policies.rules import Policy
 
 NANO_PER_USD = 1_000_000_000
 _NANO_PER_TOKEN = 1000  # nano-USD per token at $1 per 1M tokens
@@ -59,11 +58,11 @@ class Cost:
         return self.nano_usd / NANO_PER_USD
 
 
-def estimate(body: Mapping[str, Any], entry: ModelEntry, policy: Policy | None = None) -> Cost:
+def estimate(body: Mapping[str, Any], entry: ModelEntry) -> Cost:
     """The most this request can cost (body = Decision.body, as forwarded); tolerant of any body.
 
-    `policy` is not consulted: the policy acts on the body (pinning `auto`), never on what the
-    upstream may make of it. It is accepted so that callers passing it keep working.
+    No policy is consulted: the policy acts on the body (pinning `auto`), never on what the
+    upstream may make of it.
     """
     n = _images(body.get("n"), entry)
     if entry.per_image:

@@ -7,6 +7,8 @@
    chains, translating parameter values the replacement names differently, e.g. dall-e-3's
    `quality: hd` -> `high`), `reject` answers `model_deprecated`. Anything else is `model_not_found`.
 2. Capabilities (`policies.capabilities`): the first thing the model would refuse, as `error` (400).
+   A `null` for a parameter the model does not take passes (null means "the default") but is
+   dropped: the upstream would refuse it as unknown.
 3. Tenant policy (`policies.tenant`): every broken rule, as `violations` (403 unless shadow), and
    clamps and `auto` pins (an `auto` quality or size the policy narrows becomes the costliest
    allowed value), as `adjustments`; shadow mode changes nothing.
@@ -107,11 +109,19 @@ def evaluate(
     error = capabilities.check(entry, work.body, model)
     violations: list[Violation] = []
     if error is None:
+        _drop_null_unknown(entry, work)
         violations, clamps = tenant.enforce(policy, entry, model, work.body)
         work.adjustments.extend(clamps)
         if routes[model].flavor == "digitalocean":
             _fill_digitalocean(entry, work)
     return Decision(model, entry, work.body, error, tuple(violations), tuple(work.adjustments), shadow)
+
+
+def _drop_null_unknown(entry: ModelEntry, work: _Work) -> None:
+    """A `null` means "the default" (so it passed the checks), but for a parameter this model
+    does not take, the upstream would refuse it as unknown: it is not forwarded."""
+    for param in [p for p, v in work.body.items() if v is None and p not in entry.accepted_params]:
+        work.set(param, None, "null, and not a parameter of this model")
 
 
 def _resolve_model(

@@ -78,7 +78,7 @@ def test_both_are_pinned_and_the_estimate_is_then_exact() -> None:
         ("size", "1536x1024"),
     ]
     assert decision.entry is not None
-    assert estimate(decision.body, decision.entry, policy).image_out_tokens == 1568  # the table, exactly
+    assert estimate(decision.body, decision.entry).image_out_tokens == 1568  # the table, exactly
 
 
 @pytest.mark.parametrize(

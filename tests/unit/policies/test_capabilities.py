@@ -137,3 +137,15 @@ def test_capabilities_are_checked_before_the_tenant_policy() -> None:
     decision = decide({"model": "gpt-image-1.5", "prompt": "x", "n": 11}, max_n=1, models=["gpt-image-2"])
     assert decision.error is not None and decision.error.param == "n"
     assert decision.violations == ()
+
+
+def test_a_null_the_model_does_not_take_is_dropped_not_forwarded() -> None:
+    """`null` means "the default", so it is no error; but the upstream refuses a parameter it does
+    not know, null or not, so it is not forwarded (and the adjustment says so)."""
+    decision = decide(
+        {"model": "gpt-image-1.5", "prompt": "a cat", "style": None, "extra": None, "user": None}
+    )
+    assert decision.allowed
+    assert "style" not in decision.body and "extra" not in decision.body
+    assert decision.body["user"] is None  # a parameter the model takes: its null is the upstream's to read
+    assert {(a.param, a.after) for a in decision.adjustments} >= {("style", None), ("extra", None)}

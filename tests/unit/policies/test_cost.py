@@ -15,7 +15,7 @@ OPEN = Policy()
 
 
 def cost_of(model: str, policy: Policy = OPEN, **body: Any) -> Cost:
-    return estimate({"model": model, "prompt": "a cat", **body}, CATALOG[model], policy)
+    return estimate({"model": model, "prompt": "a cat", **body}, CATALOG[model])
 
 
 def test_a_known_request_costs_what_the_table_and_prices_say() -> None:
@@ -60,18 +60,14 @@ POLICIES = [
 ]
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-def test_auto_is_estimated_at_the_models_worst_case_whatever_the_policy(policy: Policy) -> None:
-    # The upstream resolves auto by itself, unbound by the policy: the estimate of a body that still
+def test_auto_is_estimated_at_the_models_worst_case() -> None:
+    # The upstream resolves auto by itself, unbound by any policy: the estimate of a body that still
     # says auto covers every size and quality of the model (the engine pins auto where a policy narrows).
-    assert cost_of("gpt-image-1.5", policy).image_out_tokens == 6240  # high, 1024x1536
-    assert cost_of("gpt-image-1.5", policy, quality="auto", size="auto").image_out_tokens == 6240
-    assert cost_of("gpt-image-1.5", policy, size="1024x1024").image_out_tokens == 4160  # high
-    assert cost_of("gpt-image-1.5", policy, quality="low").image_out_tokens == 408  # 1024x1536
-    assert cost_of("gpt-image-2", policy).image_out_tokens == 7482  # the curve at 1536x1024 high
-    assert cost_of("gpt-image-1.5", policy) == estimate(
-        {"model": "gpt-image-1.5", "prompt": "a cat"}, CATALOG["gpt-image-1.5"]
-    )
+    assert cost_of("gpt-image-1.5").image_out_tokens == 6240  # high, 1024x1536
+    assert cost_of("gpt-image-1.5", quality="auto", size="auto").image_out_tokens == 6240
+    assert cost_of("gpt-image-1.5", size="1024x1024").image_out_tokens == 4160  # high
+    assert cost_of("gpt-image-1.5", quality="low").image_out_tokens == 408  # 1024x1536
+    assert cost_of("gpt-image-2").image_out_tokens == 7482  # the curve at 1536x1024 high
 
 
 @pytest.mark.parametrize(
@@ -89,7 +85,7 @@ def test_what_the_engine_forwards_is_estimated_at_what_the_upstream_may_make_of_
 ) -> None:
     decision = decide({"model": "gpt-image-1.5", "prompt": "a cat", **body}, **policy.model_dump())
     assert decision.allowed and decision.entry is not None
-    assert estimate(decision.body, decision.entry, policy).image_out_tokens == tokens
+    assert estimate(decision.body, decision.entry).image_out_tokens == tokens
 
 
 def test_an_enforced_narrowing_policy_no_longer_undershoots_an_upstream_that_picks_high() -> None:
@@ -100,10 +96,10 @@ def test_an_enforced_narrowing_policy_no_longer_undershoots_an_upstream_that_pic
         {"model": "gpt-image-1.5", "prompt": "a cat", "size": "1024x1024"}, qualities=policy.qualities
     )
     assert decision.entry is not None and decision.body["quality"] == "medium"
-    assert estimate(decision.body, decision.entry, policy).image_out_tokens == 1056
+    assert estimate(decision.body, decision.entry).image_out_tokens == 1056
     # and a body that still says auto (not from the engine) is reserved at high
     auto = {**decision.body, "quality": "auto"}
-    assert estimate(auto, decision.entry, policy).image_out_tokens == 4160
+    assert estimate(auto, decision.entry).image_out_tokens == 4160
 
 
 def test_n_and_streamed_partial_images_multiply() -> None:
@@ -139,7 +135,7 @@ def test_dall_e_is_priced_per_image() -> None:
 def test_an_odd_body_is_estimated_at_the_worst_case_without_raising(
     body: dict[str, Any], field: str, expected: int
 ) -> None:
-    assert getattr(estimate({"prompt": "x", **body}, CATALOG["gpt-image-2"], OPEN), field) == expected
+    assert getattr(estimate({"prompt": "x", **body}, CATALOG["gpt-image-2"]), field) == expected
 
 
 FULL_USAGE = {
@@ -209,7 +205,7 @@ def test_estimate_and_actual_agree_to_the_nano_dollar_when_the_tokens_do() -> No
         "n": 2,
     }
     entry = CATALOG["gpt-image-2"]
-    reserved = estimate(body, entry, OPEN)
+    reserved = estimate(body, entry)
     usage = {
         "input_tokens": reserved.text_in_tokens,
         "input_tokens_details": {"text_tokens": reserved.text_in_tokens, "image_tokens": 0},

@@ -173,7 +173,7 @@ def test_the_estimate_is_never_below_the_token_table(policy: Policy, body: dict[
     if decision is None or decision.entry is None:
         return
     entry, forwarded = decision.entry, decision.body
-    cost = estimate(forwarded, entry, policy)
+    cost = estimate(forwarded, entry)
     n = entry.effective(forwarded, "n")
     partials = entry.effective(forwarded, "partial_images") if forwarded.get("stream") is True else 0
     for size, quality in resolutions(decision):
@@ -215,7 +215,7 @@ def test_a_concrete_size_and_quality_are_estimated_exactly(policy: Policy, body:
     n = entry.effective(forwarded, "n")
     partials = entry.effective(forwarded, "partial_images") if forwarded.get("stream") is True else 0
     expected = n * ((entry.output_tokens(size, quality) or 0) + partials * entry.partial_image_tokens)
-    assert estimate(forwarded, entry, policy).image_out_tokens == expected
+    assert estimate(forwarded, entry).image_out_tokens == expected
 
 
 @SETTINGS
@@ -243,6 +243,6 @@ def test_the_mock_upstream_accepts_what_is_allowed_and_reports_no_more_than_the_
         prompt=gen.prompt,
         partial_images=gen.partial_images,
     )
-    cost = estimate(decision.body, decision.entry, policy)
+    cost = estimate(decision.body, decision.entry)
     assert cost.text_in_tokens >= reported["input_tokens_details"]["text_tokens"]
     assert cost.image_out_tokens >= reported["output_tokens"]
