@@ -215,7 +215,9 @@ class Pipeline:
         if streaming:
             self.metrics.open_streams.inc()
         try:
-            outcome = await relay(request, response, headers, route)
+            outcome = await relay(
+                request, response, headers, route, runtime.settings.server.client_write_timeout_seconds
+            )
         finally:
             if streaming:
                 self.metrics.open_streams.dec()

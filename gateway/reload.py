@@ -35,7 +35,7 @@ class Reloader:
         if self.config_path is None:
             raise ConfigError("<none>", ["this gateway was not started from a configuration file"])
         try:
-            runtime = Runtime.build(load_settings(self.config_path))
+            runtime = Runtime.build(load_settings(self.config_path, require_upstream_keys=True))
         except ConfigError as exc:
             log.error("config_reload_failed", file=str(self.config_path), errors=exc.errors)
             raise ConfigError(str(self.config_path), exc.errors) from None

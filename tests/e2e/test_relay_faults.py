@@ -98,10 +98,6 @@ async def connection_closed(sock: socket.socket, seconds: float = 5.0) -> None:
     raise AssertionError("the gateway kept the connection open")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline.forward_and_relay does not pass server.client_write_timeout_seconds to relay() yet",
-)
 async def test_a_client_that_stops_reading_is_cut_off_and_billed_from_the_usage(
     start_server: StartServer, start_gateway: StartGateway
 ) -> None:
