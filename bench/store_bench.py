@@ -37,7 +37,7 @@ TENANT = TenantSettings(
         tokens_per_minute=10**8,
         tokens_per_day=10**12,
         usd_per_day=10**6,
-        usd_per_month=10**7,
+        usd_per_month=8 * 10**6,
         concurrent_requests=10**6,
     ),
     user_limits=Limits(requests_per_minute=10**6, tokens_per_day=10**12),

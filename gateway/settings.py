@@ -101,16 +101,23 @@ class RouteSettings(_Frozen):
     catalog: str | None = None
 
 
+# The store does its arithmetic in Lua numbers (doubles): every amount stays below 2^53 to be exact.
+# A per-minute level is the limit times 60e6 µs; USD is counted in nano-USD.
+MAX_PER_MINUTE = 150_000_000
+MAX_TOKENS_PER_DAY = 10**15
+MAX_USD = Decimal(8_000_000)
+
+
 class Limits(_Frozen):
     """Per-scope limits. Per-minute limits are smooth (a limit of N admits a burst of N)."""
 
-    requests_per_minute: int | None = Field(default=None, ge=0)
-    images_per_minute: int | None = Field(default=None, ge=0)
-    tokens_per_minute: int | None = Field(default=None, ge=0)
-    tokens_per_day: int | None = Field(default=None, ge=0)
-    usd_per_day: Decimal | None = Field(default=None, ge=0)
-    usd_per_month: Decimal | None = Field(default=None, ge=0)
-    concurrent_requests: int | None = Field(default=None, ge=0)
+    requests_per_minute: int | None = Field(default=None, ge=0, le=MAX_PER_MINUTE)
+    images_per_minute: int | None = Field(default=None, ge=0, le=MAX_PER_MINUTE)
+    tokens_per_minute: int | None = Field(default=None, ge=0, le=MAX_PER_MINUTE)
+    tokens_per_day: int | None = Field(default=None, ge=0, le=MAX_TOKENS_PER_DAY)
+    usd_per_day: Decimal | None = Field(default=None, ge=0, le=MAX_USD)
+    usd_per_month: Decimal | None = Field(default=None, ge=0, le=MAX_USD)
+    concurrent_requests: int | None = Field(default=None, ge=0, le=1_000_000)
 
 
 class KeySettings(_Frozen):

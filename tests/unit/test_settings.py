@@ -81,6 +81,14 @@ def test_secrets_are_not_printed() -> None:
             BASE.replace("policy: p,", "policy: p, limits: {requests_per_minute: -1},"),
             "tenants.t.limits.requests_per_minute",
         ),
+        (  # beyond what the store's Lua arithmetic keeps exact
+            BASE.replace("policy: p,", "policy: p, limits: {tokens_per_minute: 150000001},"),
+            "tenants.t.limits.tokens_per_minute: Input should be less than or equal to 150000000",
+        ),
+        (
+            BASE.replace("policy: p,", "policy: p, limits: {usd_per_month: 9007199.254740993},"),
+            "tenants.t.limits.usd_per_month: Input should be less than or equal to 8000000",
+        ),
         (
             BASE.replace("policy: p,", "policy: p, policy_overrides: {max_n: 0},"),
             "tenants.t.policy_overrides.max_n",
