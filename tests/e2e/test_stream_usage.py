@@ -105,12 +105,12 @@ def assert_billed(row: dict[str, Any], usages: list[dict[str, Any]], images: int
     assert row["nano_usd"] == nano_usd(summed) == sum(nano_usd(u) for u in usages)
 
 
-async def test_streamed_n2_through_the_sdk_is_billed_the_sum_of_both_completed_events(
-    start_server: StartServer, redis_factory: MakeRedis, tmp_path: Path
-) -> None:
-    mock_app = create_mock_app(MockOptions(api_key=UPSTREAM_KEY))
-    mock = await start_server(mock_app)
-    config = config_dict(base_url(mock), store=redis_store(redis_factory()), admin={"token": ADMIN_TOKEN})
+async def stream_and_settle(
+    upstream_url: str, redis: RedisServer, tmp_path: Path
+) -> tuple[list[Any], dict[str, Any]]:
+    """A real `gateway serve` on `redis` in front of `upstream_url`: one streamed n=2 through the SDK,
+    then its ledger row; the gateway stopped cleanly (its log stays readable)."""
+    config = config_dict(upstream_url, store=redis_store(redis), admin={"token": ADMIN_TOKEN})
     gateway = GatewayProcess(config, tmp_path)
     try:
         await gateway.start()
@@ -119,6 +119,15 @@ async def test_streamed_n2_through_the_sdk_is_billed_the_sum_of_both_completed_e
     finally:
         code = await asyncio.to_thread(gateway.stop)
     assert code == 0
+    return gateway, events, row
+
+
+async def test_streamed_n2_through_the_sdk_is_billed_the_sum_of_both_completed_events(
+    start_server: StartServer, redis_factory: MakeRedis, tmp_path: Path
+) -> None:
+    mock_app = create_mock_app(MockOptions(api_key=UPSTREAM_KEY))
+    mock = await start_server(mock_app)
+    gateway, events, row = await stream_and_settle(base_url(mock), redis_factory(), tmp_path)
 
     types = [event.type for event in events]
     assert types == ["image_generation.partial_image", "image_generation.completed"] * 2
@@ -180,15 +189,7 @@ async def test_a_relays_summary_event_is_not_billed_on_top_of_the_completed_even
     # Cut every 7 bytes: usage objects, event names and line ends all span relayed chunks.
     upstream = ScriptedUpstream(Script(chunks=[body[i : i + 7] for i in range(0, len(body), 7)]))
     server = await start_server(upstream.app())
-    config = config_dict(base_url(server), store=redis_store(redis_factory()), admin={"token": ADMIN_TOKEN})
-    gateway = GatewayProcess(config, tmp_path)
-    try:
-        await gateway.start()
-        events = await stream_through_sdk(gateway)
-        row = await settled_row(gateway)
-    finally:
-        code = await asyncio.to_thread(gateway.stop)
-    assert code == 0
+    _, events, row = await stream_and_settle(base_url(server), redis_factory(), tmp_path)
 
     usages = [event.usage.model_dump() for event in events if event.type == "image_generation.completed"]
     assert usages == [first, second]
