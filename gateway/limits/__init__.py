@@ -22,7 +22,7 @@ from gateway.limits.ledger import LedgerRow
 from gateway.limits.limiter import LimitStore
 from gateway.limits.memory import MemoryEngine
 from gateway.limits.plan import LimitPlan
-from gateway.limits.redis_engine import RedisEngine, connect
+from gateway.limits.redis_engine import RedisEngine, connect, lean_connection
 from gateway.limits.store import Admission, LimitStatus, Reservation, Store
 from gateway.metrics import Metrics
 from gateway.settings import StoreSettings
@@ -51,5 +51,6 @@ def create_store(
     now = clock or time.time
     if settings.backend == "memory":
         return LimitStore(MemoryEngine(now), settings, metrics, now)
-    client = redis_client if redis_client is not None else connect(settings)
-    return LimitStore(RedisEngine(client), settings, metrics, now)
+    if redis_client is not None:  # the caller's client does everything, script calls included
+        return LimitStore(RedisEngine(redis_client), settings, metrics, now)
+    return LimitStore(RedisEngine(connect(settings), lean_connection(settings)), settings, metrics, now)

@@ -1,11 +1,13 @@
 """Coalescing EVALSHA calls: the scripts asked for during one event-loop turn go to Redis together.
 
-Under load many requests reserve and settle at once. Each redis-py call costs the gateway about
-75 µs of CPU on its own (packing, pool checkout, reply parsing set-up); sent as one pipeline, a
-batch of 16 costs about 30 µs a call. So calls queue for the rest of the current loop turn and
-then go as one non-transactional pipeline: each script is still atomic on its own, and each caller
-gets its own reply or its own error. A lone call is sent as it is, so an idle gateway waits for
-nothing: the batch is flushed on the very next loop iteration, never on a timer.
+Under load many requests reserve and settle at once. Calls queue for the rest of the current loop
+turn and then go as one write: each script is still atomic on its own, and each caller gets its
+own reply or its own error. A lone call is sent as it is, so an idle gateway waits for nothing:
+the batch is flushed on the very next loop iteration, never on a timer.
+
+How a batch is sent: on the lean pipelined connection (`resp.py`) for a plain `redis://` server;
+else on one redis-py pooled connection (TLS, unix sockets); for a cluster, as a redis-py cluster
+pipeline, which routes each call to its slot's node.
 
 A caller that gives up (its timeout) cancels only its own future; the batch is sent regardless,
 and its reply is dropped. `close` waits for batches in flight.
@@ -20,6 +22,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
+from gateway.limits.resp import RespConnection, command
 from gateway.limits.scripts import Script
 
 
@@ -35,9 +38,10 @@ class _Call:
 
 
 class EvalBatcher:
-    def __init__(self, client: Any, in_flight: asyncio.Semaphore) -> None:
+    def __init__(self, client: Any, in_flight: asyncio.Semaphore, lean: RespConnection | None = None) -> None:
         self._client = client
         self._in_flight = in_flight
+        self._lean = lean
         self._queue: list[_Call] = []
         self._sending: set[asyncio.Task[None]] = set()
 
@@ -74,6 +78,8 @@ class EvalBatcher:
                 _settle_future(call.future, result=final)
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
+        if self._lean is not None:
+            return await self._lean.execute(b"".join([_pack_evalsha(call) for call in batch]), len(batch))
         pool = getattr(self._client, "connection_pool", None)
         if pool is not None:
             return await _on_one_connection(pool, batch)
@@ -94,6 +100,8 @@ class EvalBatcher:
     async def close(self) -> None:
         if self._sending:
             await asyncio.gather(*self._sending, return_exceptions=True)
+        if self._lean is not None:
+            await self._lean.close()
 
 
 async def _on_one_connection(pool: Any, batch: list[_Call]) -> list[Any]:
@@ -106,7 +114,7 @@ async def _on_one_connection(pool: Any, batch: list[_Call]) -> list[Any]:
     """
     connection = await pool.get_connection()
     try:
-        await connection.send_packed_command(b"".join(_pack_evalsha(call) for call in batch))
+        await connection.send_packed_command(b"".join([_pack_evalsha(call) for call in batch]))
         replies: list[Any] = []
         for _ in batch:
             try:
@@ -122,10 +130,7 @@ async def _on_one_connection(pool: Any, batch: list[_Call]) -> list[Any]:
 
 
 def _pack_evalsha(call: _Call) -> bytes:
-    """`EVALSHA sha numkeys keys... args...` in RESP: an array of bulk strings."""
-    encoded = [arg.encode() if isinstance(arg, str) else b"%d" % arg for arg in call.argv()]
-    head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (len(encoded) + 1)
-    return head + b"".join([b"$%d\r\n%b\r\n" % (len(data), data) for data in encoded])
+    return command("EVALSHA", *call.argv())
 
 
 def _settle_future(

@@ -32,6 +32,7 @@ from gateway.limits.keys import LEDGER_PATTERN, ledger_key, parse_ledger_key
 from gateway.limits.kinds import RATE_WINDOW_US
 from gateway.limits.meters import Reading
 from gateway.limits.periods import day_index
+from gateway.limits.resp import RespConnection
 from gateway.limits.scripts import ALL, RESERVE, SETTLE, Script
 from gateway.settings import StoreSettings
 
@@ -43,14 +44,18 @@ _FAILURES = (RedisError, RedisClusterException, OSError)
 MAX_IN_FLIGHT = 128
 
 
+def _reply_timeout(settings: StoreSettings) -> float:
+    """A caller gives up after timeout_ms (LimitStore decides what then), but the connection waits
+    longer for the reply, so a call that ran late is read to its end instead of being cut off
+    mid-reply (which would drop the connection and everything batched on it)."""
+    return max(2.0, 10 * settings.timeout_ms / 1000)
+
+
 def connect(settings: StoreSettings) -> Any:
     """A client for `settings.url`: RedisCluster when `cluster: true`, without automatic retries."""
     timeout = settings.timeout_ms / 1000
     options: dict[str, Any] = {
-        # A caller gives up after timeout_ms (LimitStore decides what then), but the connection
-        # waits longer for the reply, so a call that ran late is read to its end instead of
-        # being cut off mid-reply (which would drop the connection and everything batched on it).
-        "socket_timeout": max(2.0, 10 * timeout),
+        "socket_timeout": _reply_timeout(settings),
         "socket_connect_timeout": timeout,
         "retry": Retry(NoBackoff(), 0),
         "max_connections": MAX_IN_FLIGHT,  # per node of a cluster
@@ -60,15 +65,24 @@ def connect(settings: StoreSettings) -> Any:
     return Redis.from_url(settings.url, **options)
 
 
+def lean_connection(settings: StoreSettings) -> RespConnection | None:
+    """The pipelined connection for script calls, where `resp.py` speaks the URL (not a cluster)."""
+    if settings.cluster:
+        return None
+    return RespConnection.for_url(
+        settings.url, connect_timeout=settings.timeout_ms / 1000, reply_timeout=_reply_timeout(settings)
+    )
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisEngine:
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, lean: RespConnection | None = None) -> None:
         self._client = client
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
-        self._batcher = EvalBatcher(client, self._in_flight)
+        self._batcher = EvalBatcher(client, self._in_flight, lean)
 
     async def start(self) -> None:
         for script in ALL:

@@ -1,0 +1,95 @@
+"""The lean pipelined connection (gateway/limits/resp.py) against real Redis servers: credentials and
+db from the URL, replies in order whatever callers give up, error replies, loss and reconnection."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+from gateway.limits.resp import RespConnection, command
+from tests.support.redis_servers import RedisServer
+
+pytestmark = pytest.mark.redis
+
+
+def lean(url: str, reply_timeout: float = 2.0) -> RespConnection:
+    connection = RespConnection.for_url(url, connect_timeout=0.5, reply_timeout=reply_timeout)
+    assert connection is not None
+    return connection
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["rediss://127.0.0.1:6380/0", "unix:///run/redis.sock", "redis://127.0.0.1:6379/0?ssl_cert_reqs=none"],
+)
+def test_only_plain_tcp_urls_are_spoken_here(url: str) -> None:
+    assert RespConnection.for_url(url, connect_timeout=1, reply_timeout=1) is None
+
+
+async def test_user_password_and_db_come_from_the_url(redis_server_factory) -> None:
+    server: RedisServer = redis_server_factory()
+    server.cli("ACL", "SETUSER", "gateway", "on", ">s3cret", "~*", "+@all")
+    server.cli("CONFIG", "SET", "requirepass", "admin-pw")
+    base = f"127.0.0.1:{server.port}"
+    connection = lean(f"redis://gateway:s3cret@{base}/3")
+    assert await connection.execute(command("SET", "k", "v") + command("GET", "k"), 2) == [b"OK", b"v"]
+    on_db3 = server.cli("--user", "gateway", "--pass", "s3cret", "--no-auth-warning", "-n", "3", "GET", "k")
+    assert on_db3.strip() == "v"
+    await connection.close()
+    with pytest.raises(RedisConnectionError, match="refused the connection"):
+        await lean(f"redis://gateway:wrong@{base}/3").execute(command("PING"), 1)
+
+
+async def test_error_replies_are_results_and_noscript_is_recognised(redis_server_factory) -> None:
+    connection = lean(redis_server_factory().url)
+    replies = await connection.execute(
+        command("EVALSHA", "0" * 40, 0) + command("INCR", "k") + command("HSET", "k", "f", "v"), 3
+    )
+    assert isinstance(replies[0], NoScriptError)
+    assert replies[1] == 1
+    assert isinstance(replies[2], ResponseError) and "WRONGTYPE" in str(replies[2])
+    await connection.close()
+
+
+async def test_a_caller_that_gives_up_leaves_the_replies_in_order(redis_server_factory) -> None:
+    server = redis_server_factory()
+    connection = lean(server.url)
+    await connection.execute(command("SET", "a", "1") + command("SET", "b", "2"), 2)
+    server.cli("CLIENT", "PAUSE", "300", "ALL")
+    first = asyncio.create_task(connection.execute(command("GET", "a"), 1))
+    await asyncio.sleep(0.05)
+    first.cancel()  # its reply, when it comes, belongs to nobody
+    assert await connection.execute(command("GET", "b"), 1) == [b"2"]
+    await connection.close()
+
+
+async def test_a_lost_connection_fails_its_calls_and_the_next_call_reconnects(redis_server_factory) -> None:
+    server = redis_server_factory()
+    connection = lean(server.url)
+    assert await connection.execute(command("PING"), 1) == [b"PONG"]
+    server.stop()
+    with pytest.raises(RedisConnectionError):
+        await connection.execute(command("PING"), 1)
+    with pytest.raises(RedisConnectionError, match="cannot connect"):
+        await connection.execute(command("PING"), 1)
+    server.start()
+    assert await connection.execute(command("PING"), 1) == [b"PONG"]
+    await connection.close()
+
+
+async def test_an_overdue_reply_drops_the_connection(redis_server_factory) -> None:
+    server = redis_server_factory()
+    connection = lean(server.url, reply_timeout=0.2)
+    assert await connection.execute(command("PING"), 1) == [b"PONG"]
+    server.cli("CLIENT", "PAUSE", "600", "ALL")
+    started = time.perf_counter()
+    with pytest.raises(RedisConnectionError, match="no reply"):
+        await connection.execute(command("PING"), 1)
+    assert time.perf_counter() - started < 0.5
+    await asyncio.sleep(0.5)
+    assert await connection.execute(command("PING"), 1) == [b"PONG"]  # on a new connection
+    await connection.close()
