@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from gateway.limits import LimitPlan, create_store
 from gateway.limits.limiter import LimitStore
 from gateway.metrics import Metrics
+from gateway.server import run  # uvloop, as the gateway itself runs
 from gateway.settings import KeySettings, Limits, StoreSettings, TenantSettings
 from policies.cost import Cost
 
@@ -180,7 +181,7 @@ def cli() -> None:
     parser.add_argument("-n", type=int, default=2000, help="requests per measurement")
     args = parser.parse_args()
     if args.url:
-        asyncio.run(main(args))
+        run(main(args))
         return
     from tests.support.redis_servers import RedisClusterNodes, RedisServer
 
@@ -188,7 +189,7 @@ def cli() -> None:
     server = RedisClusterNodes(directory).start() if args.cluster else RedisServer(directory).start()
     try:
         args.url = server.url
-        asyncio.run(main(args))
+        run(main(args))
     finally:
         server.stop()
 
