@@ -234,3 +234,8 @@ def compile_release(call: ReserveCall, settings: StoreSettings) -> SettleCall:
 
 class StoreFailure(Exception):
     """The engine could not answer (connection, timeout, server error): on_unavailable decides."""
+
+
+class StoreRejected(StoreFailure):
+    """The store answered, but refused the call for good (a script error, a key of the wrong type):
+    repeating it cannot help, and the store is not down."""

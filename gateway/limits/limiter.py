@@ -47,6 +47,7 @@ from gateway.limits.calls import (
     ReserveReply,
     SettleCall,
     StoreFailure,
+    StoreRejected,
     compile_release,
     compile_reserve,
     compile_settle,
@@ -225,6 +226,9 @@ class LimitStore:
         if self._up:
             try:
                 return await self._apply(call)
+            except StoreRejected:
+                self._outbox.lose(call, "settle", reason="rejected")
+                return False
             except StoreFailure:
                 pass
         self._metrics.settlements_retried.inc()
@@ -269,6 +273,10 @@ class LimitStore:
         try:
             async with asyncio.timeout(self._timeout):
                 result = await call()
+        except StoreRejected as exc:
+            self._metrics.store_errors.labels(operation).inc()
+            log.error("store_rejected", operation=operation, error=str(exc))
+            raise
         except (StoreFailure, TimeoutError) as exc:
             self._metrics.store_errors.labels(operation).inc()
             self._mark_down(operation, exc)

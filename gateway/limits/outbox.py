@@ -8,6 +8,9 @@ whose reply never came (`calls.compile_release`). Repeating a delivery is safe: 
 settled marker makes a second one change nothing, and a reserve refuses an id already settled,
 so a release that overtakes its own late reserve still wins.
 
+A call the store refuses for good (a script error, not an outage: `StoreRejected`) is given up at
+once, as lost, rather than retried forever at the head of the queue.
+
 Bounded: at most `MAX_PENDING` settlements and as many releases wait. Beyond that the oldest is
 dropped and counted in `gateway_settlements_lost_total`; a dropped settlement is also logged as
 `settlement_lost` with its amounts, so spend can be reconciled by hand. A dropped release only
@@ -25,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
-from gateway.limits.calls import SettleCall, StoreFailure
+from gateway.limits.calls import SettleCall, StoreFailure, StoreRejected
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 
@@ -58,7 +61,7 @@ class Outbox:
         """Keep `call` until the store takes it; start delivering if nobody is."""
         queue = self._queues[kind]
         if len(queue) >= self._max:
-            self._lose(queue.pop(next(iter(queue))), kind, reason="outbox_full")
+            self.lose(queue.pop(next(iter(queue))), kind, reason="outbox_full")
         queue[next(self._ids)] = call
         self._metrics.settlements_pending.set(len(self))
         if self._task is None:
@@ -86,14 +89,17 @@ class Outbox:
     async def _deliver_batch(self) -> bool:
         """Deliver up to BATCH calls at once (they share one pipeline); False if any failed."""
         batch = [
-            (queue, key, call)
-            for queue in self._queues.values()
+            (kind, queue, key, call)
+            for kind, queue in self._queues.items()
             for key, call in itertools.islice(queue.items(), BATCH)
         ][:BATCH]
-        results = await asyncio.gather(*(self._deliver(call) for _, _, call in batch), return_exceptions=True)
+        results = await asyncio.gather(*(self._deliver(item[3]) for item in batch), return_exceptions=True)
         delivered = True
-        for (queue, key, _), result in zip(batch, results, strict=True):
-            if isinstance(result, StoreFailure):
+        for (kind, queue, key, call), result in zip(batch, results, strict=True):
+            if isinstance(result, StoreRejected):  # for good: retrying would only block the queue
+                if queue.pop(key, None) is not None:
+                    self.lose(call, kind, reason="rejected")
+            elif isinstance(result, StoreFailure):
                 delivered = False
             elif isinstance(result, BaseException):
                 raise result
@@ -116,11 +122,12 @@ class Outbox:
                 delay = min(delay * 2, MAX_DELAY)
         for kind, queue in self._queues.items():
             for call in queue.values():
-                self._lose(call, kind, reason="shutdown")
+                self.lose(call, kind, reason="shutdown")
             queue.clear()
         self._metrics.settlements_pending.set(0)
 
-    def _lose(self, call: SettleCall, kind: Kind, *, reason: str) -> None:
+    def lose(self, call: SettleCall, kind: Kind, *, reason: str) -> None:
+        """Give `call` up: counted, and a settlement logged with its amounts for reconciliation."""
         self._metrics.settlements_lost.labels(kind).inc()
         if kind == "settle":
             log.error(

@@ -24,10 +24,18 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from gateway.limits.batching import EvalBatcher
-from gateway.limits.calls import LedgerHash, ReserveCall, ReserveReply, SettleCall, Status, StoreFailure
+from gateway.limits.calls import (
+    LedgerHash,
+    ReserveCall,
+    ReserveReply,
+    SettleCall,
+    Status,
+    StoreFailure,
+    StoreRejected,
+)
 from gateway.limits.keys import LEDGER_PATTERN, ledger_key, parse_ledger_key
 from gateway.limits.kinds import RATE_WINDOW_US
 from gateway.limits.meters import Reading
@@ -41,6 +49,18 @@ _READING_FIELDS = 5
 # What "the store did not answer" looks like: RedisClusterException (no reachable node, slots not
 # covered) is not a RedisError.
 _FAILURES = (RedisError, RedisClusterException, OSError)
+# Error replies of a store that is full, starting, failing over or busy: they pass, so a call is
+# tried again (settlements through the outbox). Any other error reply is for good.
+_PASSING_ERRORS = (
+    "OOM",
+    "BUSY",
+    "LOADING",
+    "READONLY",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "NOREPLICAS",
+)
 MAX_IN_FLIGHT = 128
 
 
@@ -105,6 +125,10 @@ class RedisEngine:
     async def _run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         try:
             return await self._batcher.evalsha(script, keys, args)
+        except ResponseError as exc:
+            if str(exc).startswith(_PASSING_ERRORS):
+                raise StoreFailure(f"{script.name}: {exc}") from exc
+            raise StoreRejected(f"{script.name}: {exc}") from exc
         except _FAILURES as exc:
             raise StoreFailure(f"{script.name}: {type(exc).__name__}: {exc}") from exc
 

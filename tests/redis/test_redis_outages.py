@@ -307,3 +307,31 @@ async def test_a_shadow_tenant_is_served_when_fail_closed_cannot_reach_the_store
     assert shadow.allowed and shadow.reservation is not None and shadow.reservation.degraded
     assert not enforced.allowed and isinstance(enforced.error, StoreUnavailable)
     await store.close()
+
+
+async def test_a_settle_the_store_refuses_for_good_is_given_up_not_retried_forever(
+    redis_server_factory,
+) -> None:
+    """A script error is an answer, not an outage: the store stays up, the settlement is logged with
+    its amounts and counted lost at once, and nothing waits in the outbox behind it."""
+    server = redis_server_factory()
+    metrics = Metrics(CollectorRegistry())
+    store = create_store(StoreSettings(backend="redis", url=server.url, timeout_ms=300), metrics)
+    await store.start()
+    tenant = new_tenant()
+    p = plan(tenant, tenant_settings(LIMITS))
+    admission = await store.reserve(p, ESTIMATE, request_id="r", model="m")
+    assert admission.reservation is not None
+    [day_key] = [c.key for c in admission.reservation.checks if c.kind.name == "tokens_per_day"]
+    server.cli("DEL", day_key)
+    server.cli("HSET", day_key, "not", "a counter")  # settle's INCRBY on it fails inside the script
+    with capture_logs() as logs:
+        assert await store.settle(admission.reservation, Cost(image_out_tokens=70), outcome="ok") is False
+    [lost] = [line for line in logs if line["event"] == "settlement_lost"]
+    assert (lost["reason"], lost["reservation"]) == ("rejected", admission.reservation.id)
+    assert lost["ledger"]["image_out_tokens:m"] == 70
+    assert "store_rejected" in [line["event"] for line in logs]
+    assert _value(metrics.settlements_lost.labels("settle")) == 1
+    assert _value(metrics.settlements_pending) == 0
+    assert _value(metrics.store_up) == 1 and await store.healthy()
+    await store.close()
