@@ -30,6 +30,11 @@ qualities|sizes`): quality at the model's worst size, ties to the better quality
 model's worst quality, ties to the first in the model's list. The policy then binds the upstream
 and the estimate is exact. A policy that narrows nothing, or allows no concrete value at all
 (`sizes: [auto]`), leaves `auto` to the upstream; shadow mode never pins.
+
+Omitted values. An omitted quality or size means `auto`. When the policy lists its values without
+`auto`, an omitted one is filled with the costliest allowed value (`policy default: auto is not in
+qualities|sizes`) rather than refused: the client asked for nothing forbidden (SDKs omit both by
+default). An explicit `auto` is judged like any value.
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ def enforce(
     violations: list[Violation] = []
     adjustments: list[Adjustment] = []
     shadow = policy.mode == "shadow"
+    if not shadow:
+        adjustments += _fill_omitted(Request(policy, entry, model, body))
     for rule in RULES:
         found = rule(Request(policy, entry, model, body))
         if found is None:
@@ -119,36 +126,74 @@ def _pin_auto(req: Request, violated: set[str | None]) -> list[Adjustment]:
     return pins
 
 
-def _costliest_quality(req: Request) -> str | None:
-    """The allowed concrete quality dearest at the model's worst size (ties: the better quality), or
-    None when the policy allows every concrete quality or none."""
-    order = req.entry.concrete_qualities
-    allowed = [q for q in order if req.policy.qualities is None or q in req.policy.qualities]
-    if not allowed or len(allowed) == len(order):
-        return None
+def _fill_omitted(req: Request) -> list[Adjustment]:
+    """An omitted quality or size means `auto`; where the policy lists its values without `auto`,
+    the client asked for nothing the policy forbids: it gets the costliest allowed value instead of
+    a violation (recorded as an adjustment). An explicit `auto` is still judged by the rules."""
+    fills = []
+    for param, rule, listed, dearest in (
+        ("quality", "qualities", req.policy.qualities, _dearest_quality),
+        ("size", "sizes", req.policy.sizes, _dearest_size),
+    ):
+        if (
+            req.body.get(param) is not None
+            or listed is None
+            or AUTO in listed
+            or req.effective(param) != AUTO
+        ):
+            continue
+        value = dearest(req)
+        if value is not None:
+            fills.append(Adjustment(param, None, value, f"policy default: auto is not in {rule}"))
+            req.body[param] = value
+    return fills
+
+
+def _dearest_quality(req: Request) -> str | None:
+    """The allowed concrete quality dearest at the model's worst size (ties: the better one)."""
+    allowed = _allowed_qualities(req)
     fixed = req.entry.fixed_sizes
-    return max(reversed(allowed), key=lambda q: req.entry.worst_image_cost(fixed, [q]))
+    return max(reversed(allowed), key=lambda q: req.entry.worst_image_cost(fixed, [q]), default=None)
 
 
-def _costliest_size(req: Request) -> str | None:
-    """When the policy forbids some of the model's fixed sizes (those `auto` picks from): the allowed
-    size (fixed, or listed and made by the model) dearest at the worst quality, ties to the first in
-    the model's list, then the policy's. None when the policy forbids none of them, or allows no size."""
+def _allowed_qualities(req: Request) -> list[str]:
+    return [
+        q for q in req.entry.concrete_qualities if req.policy.qualities is None or q in req.policy.qualities
+    ]
+
+
+def _dearest_size(req: Request) -> str | None:
+    """The allowed size (fixed, or listed and made by the model) dearest at the worst quality, ties
+    to the first in the model's list, then the policy's."""
     policy, entry = req.policy, req.entry
-    fixed = entry.fixed_sizes
-    allowed = [s for s in fixed if size_allowed(policy, entry, s)]
-    if len(allowed) == len(fixed):
-        return None
+    allowed = [s for s in entry.fixed_sizes if size_allowed(policy, entry, s)]
     listed = [
         s
         for s in policy.sizes or []
-        if s not in fixed
+        if s not in entry.fixed_sizes
         and sizes.parse(s)
         and size_problem(entry, s, req.model) is None
         and size_allowed(policy, entry, s)
     ]
     qualities = entry.concrete_qualities
     return max(allowed + listed, key=lambda s: entry.worst_image_cost([s], qualities), default=None)
+
+
+def _costliest_quality(req: Request) -> str | None:
+    """The dearest allowed quality, when the policy narrows the model's concrete qualities; None
+    when it allows every one of them (or none)."""
+    if len(_allowed_qualities(req)) == len(req.entry.concrete_qualities):
+        return None
+    return _dearest_quality(req)
+
+
+def _costliest_size(req: Request) -> str | None:
+    """The dearest allowed size, when the policy forbids some of the model's fixed sizes (those
+    `auto` picks from); None when it forbids none of them (or allows no size)."""
+    fixed = req.entry.fixed_sizes
+    if all(size_allowed(req.policy, req.entry, s) for s in fixed):
+        return None
+    return _dearest_size(req)
 
 
 def _shown(req: Request, param: str, value: Any) -> str:

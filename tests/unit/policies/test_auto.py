@@ -112,14 +112,16 @@ def test_concrete_values_are_never_pinned() -> None:
 
 
 def test_a_disallowed_auto_is_a_violation_or_a_clamp_never_a_pin() -> None:
-    denied = decide(request(size="1024x1024"), qualities=["low", "medium"])
+    denied = decide(request(size="1024x1024", quality="auto"), qualities=["low", "medium"])
     assert [v.rule for v in denied.violations] == ["qualities"] and denied.adjustments == ()
     clamped = decide(
-        request(size="1024x1024"), qualities=["low", "medium"], on_violation={"quality": "clamp"}
+        request(size="1024x1024", quality="auto"),
+        qualities=["low", "medium"],
+        on_violation={"quality": "clamp"},
     )
     assert changes(clamped) == {"quality": ("auto", "medium", "policy clamp: qualities")}
     # a request rejected for another rule still records no pin of the param it broke
-    other = decide(request(n=3), qualities=["low", "auto"], sizes=["1024x1024"], max_n=2)
+    other = decide(request(n=3, size="auto"), qualities=["low", "auto"], sizes=["1024x1024"], max_n=2)
     assert {v.rule for v in other.violations} == {"sizes", "max_n"}
     assert [a.param for a in other.adjustments] == ["quality"]
 

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from tests.unit.policies.world import decide
+from policies.engine import RouteTarget
+from tests.unit.policies.world import ROUTES, decide
 
 # (policy, request fields, rule, param, the clamped value or None when the rule cannot clamp)
 BROKEN: list[tuple[dict[str, Any], dict[str, Any], str, str, Any]] = [
@@ -24,12 +25,12 @@ BROKEN: list[tuple[dict[str, Any], dict[str, Any], str, str, Any]] = [
     ({"sizes": ["1024x1024"]}, {"size": "1536x1024"}, "sizes", "size", "1024x1024"),
     ({"sizes": ["1024x1024", "1024x1536"]}, {"size": "1536x1024"}, "sizes", "size", "1024x1024"),
     ({"sizes": ["1536x1024", "1024x1536"]}, {"size": "auto"}, "sizes", "size", "1536x1024"),
-    ({"sizes": ["1024x1536"]}, {}, "sizes", "size", "1024x1536"),  # omitted means auto
+    ({"sizes": ["1024x1536"]}, {"size": "auto"}, "sizes", "size", "1024x1536"),
     ({"max_pixels": 2_000_000}, {"model": "gpt-image-2", "size": "3840x2160"}, "sizes", "size", "1872x1056"),
     ({"max_edge": 2048}, {"model": "gpt-image-2", "size": "3840x2160"}, "sizes", "size", "2048x1152"),
     ({"max_edge": 1024}, {"size": "1536x1024"}, "sizes", "size", "1024x1024"),
     ({"qualities": ["low", "medium"]}, {"quality": "high"}, "qualities", "quality", "medium"),
-    ({"qualities": ["low", "medium"]}, {}, "qualities", "quality", "medium"),  # omitted means auto
+    ({"qualities": ["low", "medium"]}, {"quality": "auto"}, "qualities", "quality", "medium"),
     ({"qualities": ["medium", "high"]}, {"quality": "low"}, "qualities", "quality", "medium"),
     ({"qualities": ["low", "auto"]}, {"quality": "high"}, "qualities", "quality", "low"),
     ({"max_n": 2}, {"n": 4}, "max_n", "n", 2),
@@ -143,9 +144,33 @@ def test_every_violation_is_listed_and_the_first_names_the_param() -> None:
 
 
 def test_violation_messages_name_the_allowed_values_and_defaults() -> None:
-    [violation] = decide(request({}), qualities=["low"]).violations
-    assert violation.allowed == ["low"]
-    assert "'auto' (the default when omitted)" in violation.message
+    # dall-e-3's default quality is a concrete one: omitted, it is judged as that value
+    routes = {**ROUTES, "dall-e-3": RouteTarget("dall-e-3", "openai")}
+    [violation] = decide({"model": "dall-e-3", "prompt": "a cat"}, routes, qualities=["hd"]).violations
+    assert violation.allowed == ["hd"]
+    assert "'standard' (the default when omitted)" in violation.message
+
+
+@pytest.mark.parametrize(
+    ("policy", "filled"),
+    [
+        ({"qualities": ["low", "medium"]}, {"quality": "medium"}),
+        ({"sizes": ["1024x1024", "1536x1024"]}, {"size": "1536x1024"}),
+        ({"qualities": ["low"], "sizes": ["1024x1024"]}, {"quality": "low", "size": "1024x1024"}),
+    ],
+)
+def test_an_omitted_value_the_policy_lists_without_auto_gets_the_costliest_allowed_one(
+    policy: dict[str, Any], filled: dict[str, str]
+) -> None:
+    """SDKs omit quality and size by default: that asks for nothing the policy forbids."""
+    decision = decide(request({}), **policy)
+    assert decision.allowed and not decision.violations
+    assert {a.param: (a.before, a.after) for a in decision.adjustments} == {
+        param: (None, value) for param, value in filled.items()
+    }
+    assert all(a.reason.startswith("policy default: auto is not in") for a in decision.adjustments)
+    assert all(decision.body[param] == value for param, value in filled.items())
+    assert decide(request({}), mode="shadow", **policy).violations  # shadow changes nothing
 
 
 def test_deny_patterns_do_not_reveal_the_pattern_to_the_client() -> None:
