@@ -41,7 +41,7 @@ _MAX_DAYS = 731  # two years of ledger in one answer is plenty; beyond that, ask
 class _Admin:
     store: Store
     get_settings: Callable[[], Settings]
-    reload: Callable[[], Settings]
+    reload: Callable[[], tuple[Settings, list[str]]]
 
 
 ADMIN = web.AppKey("admin", _Admin)
@@ -49,9 +49,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_admin_app(
-    store: Store, get_settings: Callable[[], Settings], reload: Callable[[], Settings]
+    store: Store,
+    get_settings: Callable[[], Settings],
+    reload: Callable[[], tuple[Settings, list[str]]],
 ) -> web.Application:
-    """`reload` re-reads the configuration and returns it, or raises ConfigError (old one kept)."""
+    """`reload` re-reads the configuration and returns it with the sections that need a restart
+    to apply, or raises ConfigError (the old configuration kept)."""
     app = web.Application(middlewares=[_authorize])
     app[ADMIN] = _Admin(store, get_settings, reload)
     app.router.add_get("/tenants/{tenant}/usage", tenant_usage)
@@ -62,7 +65,7 @@ def create_admin_app(
 
 async def reload_config(request: web.Request) -> web.Response:
     try:
-        settings = request.app[ADMIN].reload()
+        settings, needs_restart = request.app[ADMIN].reload()
     except ConfigError as exc:
         raise InvalidRequest(
             "The configuration file was not reloaded: " + "; ".join(exc.errors),
@@ -70,7 +73,12 @@ async def reload_config(request: web.Request) -> web.Response:
             extra={"errors": exc.errors},
         ) from None
     return web.json_response(
-        {"status": "reloaded", "tenants": sorted(settings.tenants), "routes": sorted(settings.routes)}
+        {
+            "status": "reloaded",
+            "tenants": sorted(settings.tenants),
+            "routes": sorted(settings.routes),
+            "needs_restart": needs_restart,
+        }
     )
 
 

@@ -57,7 +57,9 @@ def create_app(
         app.add_subapp(
             "/admin",
             create_admin_app(
-                app[STORE], lambda: holder.current.settings, lambda: reloader.reload_all().settings
+                app[STORE],
+                lambda: holder.current.settings,
+                lambda: (reloader.reload_all().settings, reloader.needs_restart),
             ),
         )
     return app

@@ -29,18 +29,23 @@ class Reloader:
         self.config_path = config_path
         self.on_reload = on_reload
         self.supervisor_pid: int | None = None  # set in a worker: reloads reach every worker
+        self.needs_restart: list[str] = []  # sections the last reload changed but could not apply
 
     def reload(self) -> Runtime:
         """Re-read the file and swap the runtime; raises ConfigError (old config kept) if unusable."""
         if self.config_path is None:
             raise ConfigError("<none>", ["this gateway was not started from a configuration file"])
         try:
-            runtime = Runtime.build(load_settings(self.config_path, require_upstream_keys=True))
+            settings = load_settings(self.config_path, require_upstream_keys=True)
+            old = self.holder.current.settings
+            ignored = [name for name in _RESTART_ONLY if getattr(old, name) != getattr(settings, name)]
+            # What only a restart applies is kept as it is, so nothing of it half-applies.
+            kept = settings.model_copy(update={name: getattr(old, name) for name in _RESTART_ONLY})
+            runtime = Runtime.build(kept)
         except ConfigError as exc:
             log.error("config_reload_failed", file=str(self.config_path), errors=exc.errors)
             raise ConfigError(str(self.config_path), exc.errors) from None
-        old = self.holder.current.settings
-        ignored = [name for name in _RESTART_ONLY if getattr(old, name) != getattr(runtime.settings, name)]
+        self.needs_restart = ignored
         self.holder.replace(runtime)
         self.on_reload(runtime)
         log.info(

@@ -47,10 +47,10 @@ async def admin(aiohttp_client: Any) -> Any:
     current = {"settings": _settings()}
     app = web.Application(middlewares=[create_request_middleware(metrics)])
 
-    def reload() -> Settings:
+    def reload() -> tuple[Settings, list[str]]:
         if current.get("broken"):
             raise ConfigError("gateway.yaml", ["tenants.team.policy: unknown policy 'nope'"])
-        return current["settings"]
+        return current["settings"], current.get("needs_restart", [])
 
     app.add_subapp("/admin", create_admin_app(store, lambda: current["settings"], reload))
     tenant = current["settings"].tenants["team"]
@@ -150,7 +150,14 @@ async def test_usage_as_json_and_csv(admin: Any) -> None:
 async def test_reload_answers_what_is_in_force(admin: Any) -> None:
     response = await admin.post("/admin/reload", headers=AUTH)
     assert response.status == 200
-    assert await response.json() == {"status": "reloaded", "tenants": ["team"], "routes": []}
+    assert await response.json() == {
+        "status": "reloaded",
+        "tenants": ["team"],
+        "routes": [],
+        "needs_restart": [],
+    }
+    admin.current["needs_restart"] = ["server"]
+    assert (await (await admin.post("/admin/reload", headers=AUTH)).json())["needs_restart"] == ["server"]
 
 
 async def test_reload_of_a_broken_file_is_refused_with_every_problem(admin: Any) -> None:
