@@ -195,8 +195,10 @@ class Pipeline:
                 orjson.dumps(body),
                 upstream.upstream_headers(route, request.headers, record.request_id),
             )
-        except GatewayError:
-            admitted.forwarded = False  # unreachable or timed out: nothing generated, refunded
+        except GatewayError as error:
+            # Refunded only when the upstream was never reached; after the body went out (a read
+            # timeout, a dropped connection) it may have generated, and billed: the estimate stands.
+            admitted.forwarded = not upstream.never_reached(error.__cause__)
             raise
         admitted.forwarded = response.status < 400
         if response.status in (401, 403):
@@ -337,7 +339,11 @@ def _size_label(body: dict[str, Any], entry: ModelEntry) -> str:
 
 
 def _plain(value: Any) -> str:
-    return "unset" if value is None else str(value)
+    """A value for the `x-gateway-adjusted` header: printable ASCII only, whatever a client sent."""
+    text = "unset" if value is None else str(value)
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
 def _violation_message(decision: Decision) -> str:

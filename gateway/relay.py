@@ -63,8 +63,8 @@ async def relay(
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     client = _Client(request, outcome, write_timeout)
-    await client.prepare()
     try:
+        await client.prepare()
         await _pump(upstream, client)
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         outcome.failure = translate(exc, route)

@@ -121,6 +121,13 @@ async def send(
         raise translate(exc, route) from exc
 
 
+def never_reached(exc: BaseException | None) -> bool:
+    """Whether a failure of `send` came before the upstream could have the request (no connection,
+    or none in time): nothing can have been generated. A read timeout or a dropped connection after
+    the body went out cannot say so."""
+    return isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+
+
 def translate(exc: aiohttp.ClientError | asyncio.TimeoutError | OSError, route: Route) -> GatewayError:
     """An aiohttp/OS failure talking to `route`'s upstream as the error a client sees."""
     name = route.upstream_name

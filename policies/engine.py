@@ -8,7 +8,7 @@
    `quality: hd` -> `high`), `reject` answers `model_deprecated`. Anything else is `model_not_found`.
 2. Capabilities (`policies.capabilities`): the first thing the model would refuse, as `error` (400).
    A `null` for a parameter the model does not take passes (null means "the default") but is
-   dropped: the upstream would refuse it as unknown.
+   dropped, unreported (its name is the client's): the upstream would refuse it as unknown.
 3. Tenant policy (`policies.tenant`): every broken rule, as `violations` (403 unless shadow), and
    clamps and `auto` pins (an `auto` quality or size the policy narrows becomes the costliest
    allowed value), as `adjustments`; shadow mode changes nothing.
@@ -119,9 +119,10 @@ def evaluate(
 
 def _drop_null_unknown(entry: ModelEntry, work: _Work) -> None:
     """A `null` means "the default" (so it passed the checks), but for a parameter this model
-    does not take, the upstream would refuse it as unknown: it is not forwarded."""
+    does not take, the upstream would refuse it as unknown: it is not forwarded. Dropped without
+    an adjustment: its name is the client's choice, never echoed into a header or a metric label."""
     for param in [p for p, v in work.body.items() if v is None and p not in entry.accepted_params]:
-        work.set(param, None, "null, and not a parameter of this model")
+        del work.body[param]
 
 
 def _resolve_model(

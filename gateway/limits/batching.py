@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.limits.resp import RespConnection, command
@@ -44,11 +45,15 @@ class EvalBatcher:
         self._lean = lean
         self._queue: list[_Call] = []
         self._sending: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> asyncio.Future[Any]:
         """The reply of `script` on `keys` and `args`, sent with whatever else this loop turn asks."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        if self._closed:
+            future.set_exception(RedisConnectionError("the store is closed"))
+            return future
         self._queue.append(_Call(script, keys, args, future))
         if len(self._queue) == 1:
             loop.call_soon(self._flush)
@@ -98,7 +103,11 @@ class EvalBatcher:
             return exc
 
     async def close(self) -> None:
-        if self._sending:
+        """Refuse new calls, send what is queued, wait for every batch in flight, then close."""
+        self._closed = True
+        if self._queue:
+            self._flush()
+        while self._sending:
             await asyncio.gather(*self._sending, return_exceptions=True)
         if self._lean is not None:
             await self._lean.close()

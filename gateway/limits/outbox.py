@@ -53,12 +53,16 @@ class Outbox:
         self._ids = itertools.count()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._closed = False
 
     def __len__(self) -> int:
         return sum(len(queue) for queue in self._queues.values())
 
     def add(self, call: SettleCall, kind: Kind) -> None:
         """Keep `call` until the store takes it; start delivering if nobody is."""
+        if self._closed:  # nothing will deliver it any more: said now, not lost silently
+            self.lose(call, kind, reason="shutdown")
+            return
         queue = self._queues[kind]
         if len(queue) >= self._max:
             self.lose(queue.pop(next(iter(queue))), kind, reason="outbox_full")
@@ -76,9 +80,12 @@ class Outbox:
         try:
             while len(self):
                 self._wake.clear()
-                if await self._deliver_batch():
-                    delay = FIRST_DELAY
-                    continue
+                try:
+                    if await self._deliver_batch():
+                        delay = FIRST_DELAY
+                        continue
+                except Exception:  # a bug, not an outage: said, and tried again like one
+                    log.exception("outbox_delivery_failed")
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._wake.wait()
@@ -110,7 +117,8 @@ class Outbox:
 
     async def close(self, deadline: float = CLOSE_DEADLINE) -> None:
         """Stop the background task; go on delivering until empty or `deadline` seconds passed;
-        log what is left as lost."""
+        log what is left as lost; anything added afterwards is lost at once."""
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

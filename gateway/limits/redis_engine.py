@@ -50,7 +50,7 @@ _READING_FIELDS = 5
 # covered) is not a RedisError.
 _FAILURES = (RedisError, RedisClusterException, OSError)
 # Error replies of a store that is full, starting, failing over or busy: they pass, so a call is
-# tried again (settlements through the outbox). Any other error reply is for good.
+# tried again (settlements through the outbox).
 _PASSING_ERRORS = (
     "OOM",
     "BUSY",
@@ -62,6 +62,13 @@ _PASSING_ERRORS = (
     "NOREPLICAS",
 )
 MAX_IN_FLIGHT = 128
+
+
+def _refused_for_good(message: str) -> bool:
+    """An error raised while the script ran (Redis names the script in it), other than one of a
+    store that is full or busy: the same call would fail again. Anything else (a refused
+    connection, NOAUTH, NOPERM, too many clients) is about the connection, and passes."""
+    return "script" in message and not message.startswith(_PASSING_ERRORS)
 
 
 def _reply_timeout(settings: StoreSettings) -> float:
@@ -126,9 +133,9 @@ class RedisEngine:
         try:
             return await self._batcher.evalsha(script, keys, args)
         except ResponseError as exc:
-            if str(exc).startswith(_PASSING_ERRORS):
-                raise StoreFailure(f"{script.name}: {exc}") from exc
-            raise StoreRejected(f"{script.name}: {exc}") from exc
+            if _refused_for_good(str(exc)):
+                raise StoreRejected(f"{script.name}: {exc}") from exc
+            raise StoreFailure(f"{script.name}: {exc}") from exc
         except _FAILURES as exc:
             raise StoreFailure(f"{script.name}: {type(exc).__name__}: {exc}") from exc
 

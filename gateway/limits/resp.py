@@ -54,6 +54,9 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._parser.feed(data)
         while (reply := self._parser.gets()) is not False:
+            if not self._waiting:  # nothing was asked (e.g. "max number of clients"): not ours
+                self.abort()
+                return
             waiter = self._waiting.popleft()
             if not waiter.done():  # a caller that gave up still had its place in the queue
                 waiter.set_result(_reply(reply))
@@ -92,15 +95,19 @@ class RespConnection:
         reply_timeout: float,
     ) -> None:
         self._address = (host, port)
+        # Every new connection is proven before it carries a call: a refusal (wrong password, too
+        # many clients) then fails the connection, never a settlement.
         self._hello: list[bytes] = []
         if password:
             self._hello.append(command("AUTH", *([username] if username else []), password))
         if db:
             self._hello.append(command("SELECT", db))
+        self._hello.append(command("PING"))
         self._connect_timeout = connect_timeout
         self._reply_timeout = reply_timeout
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Task[_Protocol] | None = None
+        self._closed = False
 
     @staticmethod
     def for_url(url: str, *, connect_timeout: float, reply_timeout: float) -> RespConnection | None:
@@ -122,6 +129,8 @@ class RespConnection:
 
     async def execute(self, payload: bytes, replies: int) -> list[Any]:
         """Write `payload` (`replies` commands) and return their replies, error replies included."""
+        if self._closed:
+            raise RedisConnectionError("the connection to Redis is closed")
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
             protocol = await self._connect()
@@ -146,20 +155,29 @@ class RespConnection:
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
+        protocol: _Protocol | None = None
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, protocol = await loop.create_connection(_Protocol, *self._address)
-                for command in self._hello:
-                    [reply] = await asyncio.gather(*protocol.send(command, 1))
+                for hello in self._hello:
+                    [reply] = await asyncio.gather(*protocol.send(hello, 1))
                     if isinstance(reply, ResponseError):
-                        protocol.abort()
                         raise RedisConnectionError(f"Redis refused the connection: {reply}")
-        except (OSError, TimeoutError) as exc:
-            raise RedisConnectionError(f"cannot connect to Redis at {self._address}: {exc!r}") from exc
+        except BaseException as exc:
+            if protocol is not None:
+                protocol.abort()  # whatever went wrong, no half-open connection is left behind
+            if isinstance(exc, (OSError, TimeoutError)):
+                raise RedisConnectionError(f"cannot connect to Redis at {self._address}: {exc!r}") from exc
+            raise
+        if self._closed:
+            protocol.abort()
+            raise RedisConnectionError("the connection to Redis is closed")
         self._protocol = protocol
         return protocol
 
     async def close(self) -> None:
+        """Close for good: later calls fail as a store failure."""
+        self._closed = True
         if self._protocol is not None:
             self._protocol.abort()
             self._protocol = None

@@ -43,7 +43,7 @@ from tests.e2e.test_quotas import (
 )
 from tests.support import redis_servers
 from tests.support.config import make_settings
-from tests.support.redis_servers import RedisServer
+from tests.support.redis_servers import RedisServer, free_port
 from tests.support.scripted_upstream import Script, ScriptedUpstream
 
 pytestmark = pytest.mark.redis
@@ -61,6 +61,7 @@ LIMITS = {
 LOW_ESTIMATE_NANO_USD = 20 * 5_000 + 272 * 32_000  # $0.008804
 UPSTREAM_500 = b'{"error":{"message":"boom","type":"server_error","param":null,"code":null}}'
 PARTIAL = sse_event("image_generation.partial_image", partial_image_index=0)
+LOW_USAGE = usage_body(text=5, image_in=0, output=272)
 
 
 async def gateway_on(
@@ -136,6 +137,44 @@ async def test_upstream_500_refunds_tokens_and_usd_but_counts_the_request(
     assert after["tenant.requests_per_minute"]["used"] == 1
     assert after["tenant.requests_per_minute"]["remaining"] == 9
     assert (row["failed"], row["tokens"], row["nano_usd"], row["images"]) == (1, 0, 0, 0)
+
+
+@pytest.mark.parametrize("failure", ["unreachable", "read_timeout"])
+async def test_an_upstream_never_reached_is_refunded_one_that_took_the_body_is_billed(
+    start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis, failure: str
+) -> None:
+    """No connection: nothing can have been made, refunded. The body sent and then silence past
+    the read timeout: the upstream may have generated (and billed), so the estimate stands."""
+    redis = redis_factory()
+    upstream = ScriptedUpstream(
+        Script(content_type="application/json", chunks=[json_body(LOW_USAGE)], delay_before_headers=2)
+    )
+    url = base_url(await start_server(upstream.app()))
+    if failure == "unreachable":
+        url = f"http://127.0.0.1:{free_port()}/v1"
+    gw = await start_gateway(
+        openai_url=url,
+        upstreams={
+            "openai": {"base_url": url, "api_key": "sk-test", "read_timeout_seconds": 0.3},
+            "digitalocean": {"base_url": url, "api_key": "do-test"},
+        },
+        store=redis_store(redis),
+        limits=LIMITS,
+        admin={"token": ADMIN_TOKEN},
+    )
+    async with aiohttp.ClientSession() as session:
+        status, body, _ = await generate(session, gw.url)
+        row = await settled_once(session, gw, redis)
+    if failure == "unreachable":
+        assert (status, body["error"]["code"]) == (502, "upstream_unavailable")
+        assert (row["failed"], row["tokens"], row["nano_usd"]) == (1, 0, 0)
+    else:
+        assert (status, body["error"]["code"]) == (504, "upstream_read_timeout")
+        assert (row["failed"], row["tokens"], row["nano_usd"]) == (
+            1,
+            LOW_ESTIMATE_TOKENS,
+            LOW_ESTIMATE_NANO_USD,
+        )
 
 
 async def test_upstream_dropped_mid_stream_is_settled_once_at_the_estimate(

@@ -93,3 +93,36 @@ async def test_an_overdue_reply_drops_the_connection(redis_server_factory) -> No
     await asyncio.sleep(0.5)
     assert await connection.execute(command("PING"), 1) == [b"PONG"]  # on a new connection
     await connection.close()
+
+
+async def test_a_server_that_never_answers_the_handshake_leaves_no_connection_open() -> None:
+    closed: list[bool] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the gateway gives up and closes
+        closed.append(True)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connection = RespConnection.for_url(f"redis://127.0.0.1:{port}/0", connect_timeout=0.1, reply_timeout=1)
+    assert connection is not None
+    for _ in range(3):
+        with pytest.raises(RedisConnectionError, match="cannot connect"):
+            await connection.execute(command("PING"), 1)
+    await asyncio.sleep(0.1)
+    assert closed == [True, True, True]
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_refused_connection_is_a_connection_failure_not_a_reply(redis_server_factory) -> None:
+    server = redis_server_factory()
+    first = lean(server.url)
+    assert await first.execute(command("PING"), 1) == [b"PONG"]
+    server.cli("CONFIG", "SET", "maxclients", "1")  # `first` holds the only slot
+    with pytest.raises(RedisConnectionError, match=r"refused the connection: .*max number of clients"):
+        await lean(server.url).execute(command("EVALSHA", "0" * 40, 0), 1)
+    await first.close()
+    with pytest.raises(RedisConnectionError, match="closed"):
+        await first.execute(command("PING"), 1)  # closed for good: no reconnection
