@@ -335,3 +335,28 @@ async def test_a_settle_the_store_refuses_for_good_is_given_up_not_retried_forev
     assert _value(metrics.settlements_pending) == 0
     assert _value(metrics.store_up) == 1 and await store.healthy()
     await store.close()
+
+
+async def test_a_client_of_the_callers_own_serves_script_calls_through_redis_py(
+    redis_server: RedisServer,
+) -> None:
+    """TLS and unix-socket URLs (which the lean connection does not speak) and a caller's own client
+    send script calls through redis-py, one pooled connection per batch: same answers."""
+    raw = Redis.from_url(redis_server.url)
+    store = create_store(
+        StoreSettings(backend="redis", url=redis_server.url), Metrics(CollectorRegistry()), redis_client=raw
+    )
+    await store.start()
+    tenant = new_tenant()
+    p = plan(tenant, tenant_settings(LIMITS))
+    first, second = await asyncio.gather(
+        store.reserve(p, ESTIMATE, request_id="a", model="m"),
+        store.reserve(p, ESTIMATE, request_id="b", model="m"),
+    )  # one batch
+    assert first.reservation is not None and second.reservation is not None
+    await raw.script_flush()  # the next call finds no script and loads it again
+    assert await store.settle(first.reservation, Cost(image_out_tokens=10), outcome="ok")
+    assert await store.settle(second.reservation, Cost(image_out_tokens=20), outcome="ok")
+    status = {s.limit: s.used for s in await store.limit_status(p)}
+    assert status["tokens_per_day"] == 30
+    await store.close()
