@@ -92,6 +92,8 @@ class Pipeline:
         """Forward, relay and settle an admitted request; settles exactly once on every path."""
         with _InFlight(self.metrics):
             outcome: RelayOutcome | None = None
+            reservation = admitted.reservation
+            holding = asyncio.create_task(self.store.hold(reservation)) if reservation.holds_leases else None
             try:
                 response, outcome = await self.forward_and_relay(request, runtime, admitted, record)
                 return response
@@ -103,6 +105,8 @@ class Pipeline:
                 log.warning("upstream_failed", error=error.error_code, upstream=admitted.route.upstream_name)
                 raise
             finally:
+                if holding is not None:
+                    holding.cancel()
                 await asyncio.shield(self.settle(credential, admitted, outcome, record))
 
     def _forget(self, task: asyncio.Task[web.StreamResponse]) -> None:

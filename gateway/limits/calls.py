@@ -123,6 +123,21 @@ class SettleCall:
         return keys.ledger_key(self.tenant, self.day)
 
 
+@dataclass(frozen=True, slots=True)
+class RenewCall:
+    """Keep a running request's leases (and its record) alive for another lease TTL."""
+
+    tenant: str
+    reservation_id: str
+    lease_keys: tuple[str, ...]
+    lease_ttl_us: int
+    record_ttl_ms: int
+
+    @property
+    def record_key(self) -> str:
+        return keys.reservation_key(self.tenant, self.reservation_id)
+
+
 LedgerHash = tuple[str, date, dict[str, int]]  # tenant, day, field -> count
 
 
@@ -134,6 +149,7 @@ class Engine(Protocol):
     async def ping(self) -> None: ...
     async def reserve(self, call: ReserveCall) -> ReserveReply: ...
     async def settle(self, call: SettleCall) -> bool: ...
+    async def renew(self, call: RenewCall) -> int: ...
     async def ledger(self, days: Sequence[date], tenant: str | None) -> list[LedgerHash]: ...
 
 
@@ -213,6 +229,22 @@ def compile_settle(
         settled_ttl_ms=settings.lease_ttl_seconds * 1000 + RECORD_GRACE_MS + SETTLED_GRACE_MS,
         lease_ttl_us=settings.lease_ttl_seconds * 1_000_000,
         degraded=degraded,
+    )
+
+
+def compile_renew(
+    tenant: str, reservation_id: str, checks: Sequence[Check], settings: StoreSettings
+) -> RenewCall | None:
+    """The renewal of a reservation's leases; None when it holds none (no concurrency limit)."""
+    leases = tuple(check.key for check in checks if check.kind.mechanism == "lease")
+    if not leases:
+        return None
+    return RenewCall(
+        tenant=tenant,
+        reservation_id=reservation_id,
+        lease_keys=leases,
+        lease_ttl_us=settings.lease_ttl_seconds * 1_000_000,
+        record_ttl_ms=settings.lease_ttl_seconds * 1000 + RECORD_GRACE_MS,
     )
 
 

@@ -49,6 +49,7 @@ from gateway.limits.calls import (
     StoreFailure,
     StoreRejected,
     compile_release,
+    compile_renew,
     compile_reserve,
     compile_settle,
 )
@@ -209,6 +210,18 @@ class LimitStore:
         return Admission(True, reservation, None, limit_headers)
 
     # --- settlement ----------------------------------------------------------------------------
+
+    async def hold(self, reservation: Reservation) -> None:
+        """Keep the reservation's concurrency leases alive while its request runs: renewed every
+        third of `lease_ttl_seconds` until cancelled (at settlement). A failed renewal is retried
+        at the next turn; a reservation without leases, or a degraded one, has nothing to hold."""
+        call = compile_renew(reservation.tenant, reservation.id, reservation.checks, self._settings)
+        if call is None or not reservation.holds_leases:
+            return
+        while True:
+            await asyncio.sleep(self._settings.lease_ttl_seconds / 3)
+            with contextlib.suppress(StoreFailure):
+                await self._guard("renew", partial(self._engine.renew, call))
 
     async def settle(self, reservation: Reservation, actual: Cost, *, outcome: str) -> bool:
         """Replace the reservation's estimate with `actual`: True if done now, False if it was

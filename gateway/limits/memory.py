@@ -16,7 +16,7 @@ from datetime import date
 from typing import Any
 
 from gateway.limits import meters
-from gateway.limits.calls import Check, LedgerHash, ReserveCall, ReserveReply, SettleCall
+from gateway.limits.calls import Check, LedgerHash, RenewCall, ReserveCall, ReserveReply, SettleCall
 from gateway.limits.keys import parse_ledger_key
 from gateway.limits.kinds import RATE_WINDOW_US
 from gateway.limits.ledger import REJECTED_QUOTA, REJECTED_RATE, SHADOW_REJECTED, field
@@ -185,6 +185,22 @@ class MemoryEngine:
         else:
             used = max(0, (self._get(check.key, now) or 0) + diff)
             self._set(check.key, used, check.expire_at * 1_000_000, now)
+
+    # --- renew ---------------------------------------------------------------------------------
+
+    async def renew(self, call: RenewCall) -> int:
+        now = self._now()
+        renewed = 0
+        for key in call.lease_keys:
+            leases: dict[str, int] = self._get(key, now) or {}
+            if leases.get(call.reservation_id, 0) > now:
+                leases[call.reservation_id] = now + call.lease_ttl_us
+                self._set(key, leases, now + call.lease_ttl_us, now)
+                renewed += 1
+        record = self._get(call.record_key, now)
+        if renewed and record is not None:
+            self._set(call.record_key, record, now + call.record_ttl_ms * 1000, now)
+        return renewed
 
     # --- ledger --------------------------------------------------------------------------------
 

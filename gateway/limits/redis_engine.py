@@ -29,6 +29,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from gateway.limits.batching import EvalBatcher
 from gateway.limits.calls import (
     LedgerHash,
+    RenewCall,
     ReserveCall,
     ReserveReply,
     SettleCall,
@@ -41,7 +42,7 @@ from gateway.limits.kinds import RATE_WINDOW_US
 from gateway.limits.meters import Reading
 from gateway.limits.periods import day_index
 from gateway.limits.resp import RespConnection
-from gateway.limits.scripts import ALL, RESERVE, SETTLE, Script
+from gateway.limits.scripts import ALL, RENEW, RESERVE, SETTLE, Script
 from gateway.settings import StoreSettings
 
 _STATUS: dict[int, Status] = {1: "admitted", 0: "rejected", 2: "peeked", -1: "wrong_day", -2: "settled"}
@@ -174,6 +175,10 @@ class RedisEngine:
         for name, amount in call.ledger:
             args += [name, amount]
         return int(await self._run(SETTLE, keys, args)) != 0
+
+    async def renew(self, call: RenewCall) -> int:
+        keys = [call.record_key, *call.lease_keys]
+        return int(await self._run(RENEW, keys, [call.reservation_id, call.lease_ttl_us, call.record_ttl_ms]))
 
     async def ledger(self, days: Sequence[date], tenant: str | None) -> list[LedgerHash]:
         if tenant is not None:

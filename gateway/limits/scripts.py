@@ -26,4 +26,5 @@ def load(name: str) -> Script:
 
 RESERVE = load("reserve")
 SETTLE = load("settle")
-ALL = (RESERVE, SETTLE)
+RENEW = load("renew")
+ALL = (RESERVE, SETTLE, RENEW)

@@ -228,6 +228,33 @@ async def test_a_stream_cut_between_two_images_is_billed_at_the_estimate(
     assert (row["failed"], row["tokens"]) == (1, reserved)
 
 
+async def test_a_stream_longer_than_the_lease_ttl_keeps_its_concurrency_slot(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    """Leases expire so a crashed gateway frees its slots; a running request renews its own."""
+    completed = sse_event("image_generation.completed", usage=LOW_USAGE)
+    upstream = ScriptedUpstream(Script(chunks=[PARTIAL, PARTIAL, PARTIAL, completed], chunk_delay=0.8))
+    server = await start_server(upstream.app())
+    gw = await start_gateway(
+        openai_url=base_url(server),
+        store={"backend": "memory", "lease_ttl_seconds": 1},
+        limits={"concurrent_requests": 1},
+    )
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{gw.v1}/images/generations", json={**LOW, "stream": True}, headers=AUTH
+        ) as resp:
+            assert resp.status == 200
+            await asyncio.sleep(2.0)  # twice the lease TTL into the stream
+            status, body, _ = await generate(session, gw.url)
+            assert (status, body["error"]["code"]) == (429, "rate_limit_exceeded")
+            assert "concurrent_requests" in body["error"]["message"]
+            await resp.read()
+        await asyncio.sleep(0.05)
+        async with session.post(f"{gw.v1}/images/generations", json=LOW, headers=AUTH) as again:
+            assert again.status == 200  # freed at settlement
+
+
 STREAM_ERROR = (
     b'event: error\ndata: {"type":"error","error":{"type":"server_error","code":"generation_failed",'
     b'"message":"The image could not be generated.","param":null}}\n\n'

@@ -13,7 +13,7 @@ import pytest
 
 from gateway.errors import QuotaExceeded, RateLimited
 from gateway.limits import Reservation
-from gateway.limits.calls import compile_release
+from gateway.limits.calls import compile_release, compile_renew
 from gateway.limits.headers import parse_duration_us
 from policies.cost import NANO_PER_USD, Cost
 from tests.redis.conftest import Backend, new_tenant, plan, tenant_settings
@@ -163,6 +163,26 @@ async def test_settle_releases_the_lease_and_expiry_frees_a_lost_one(backend: Ba
     assert not (await reserve(store, p)).allowed
     await backend.advance(1.05)
     assert (await reserve(store, p)).allowed
+
+
+async def test_a_running_request_keeps_its_lease_and_an_expired_one_is_not_taken_back(
+    backend: Backend,
+) -> None:
+    store, tenant = await backend.store(lease_ttl_seconds=1), new_tenant()
+    p = plan(tenant, tenant_settings({"concurrent_requests": 1}))
+    running = await reserve(store, p)
+    assert running.reservation is not None and running.reservation.holds_leases
+    call = compile_renew(tenant, running.reservation.id, running.reservation.checks, store._settings)
+    assert call is not None
+    for _ in range(3):  # well past one lease TTL, renewed every 0.6 s
+        await backend.advance(0.6)
+        assert await store.engine.renew(call) == 1
+        assert not (await reserve(store, p)).allowed
+    await backend.advance(1.05)  # not renewed: expired, as a crashed gateway's would
+    assert await store.engine.renew(call) == 0
+    assert (await reserve(store, p)).allowed
+    keys = await backend.keys(store, tenant)
+    assert all(ttl > 0 for ttl in keys.values()), keys
 
 
 async def test_per_minute_limits_refill_smoothly(backend: Backend) -> None:
