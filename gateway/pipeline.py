@@ -92,8 +92,7 @@ class Pipeline:
         """Forward, relay and settle an admitted request; settles exactly once on every path."""
         with _InFlight(self.metrics):
             outcome: RelayOutcome | None = None
-            reservation = admitted.reservation
-            holding = asyncio.create_task(self.store.hold(reservation)) if reservation.holds_leases else None
+            self.store.hold(admitted.reservation)  # its concurrency leases, renewed until settled
             try:
                 response, outcome = await self.forward_and_relay(request, runtime, admitted, record)
                 return response
@@ -105,8 +104,6 @@ class Pipeline:
                 log.warning("upstream_failed", error=error.error_code, upstream=admitted.route.upstream_name)
                 raise
             finally:
-                if holding is not None:
-                    holding.cancel()
                 await asyncio.shield(self.settle(credential, admitted, outcome, record))
 
     def _forget(self, task: asyncio.Task[web.StreamResponse]) -> None:

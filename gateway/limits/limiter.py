@@ -43,6 +43,7 @@ from gateway.limits import headers
 from gateway.limits.calls import (
     Engine,
     Mode,
+    RenewCall,
     ReserveCall,
     ReserveReply,
     SettleCall,
@@ -85,6 +86,8 @@ class LimitStore:
         self._offset = 0.0  # engine clock minus ours, in seconds
         self._up = True
         self._outbox = Outbox(self._apply, metrics)
+        self._held: dict[str, RenewCall] = {}  # reservation id -> the renewal of its leases
+        self._renewer: asyncio.Task[None] | None = None
 
     @property
     def engine(self) -> Engine:
@@ -98,6 +101,8 @@ class LimitStore:
             await self._guard("start", self._engine.start)
 
     async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
         await self._outbox.close()
         await self._engine.close()
 
@@ -211,21 +216,40 @@ class LimitStore:
 
     # --- settlement ----------------------------------------------------------------------------
 
-    async def hold(self, reservation: Reservation) -> None:
-        """Keep the reservation's concurrency leases alive while its request runs: renewed every
-        third of `lease_ttl_seconds` until cancelled (at settlement). A failed renewal is retried
-        at the next turn; a reservation without leases, or a degraded one, has nothing to hold."""
+    # --- leases of running requests -------------------------------------------------------------
+
+    def hold(self, reservation: Reservation) -> None:
+        """The reservation's request is running here: renew its concurrency leases until it is
+        settled (see `_renew_held`). A process that dies stops renewing, and its leases expire."""
         call = compile_renew(reservation.tenant, reservation.id, reservation.checks, self._settings)
         if call is None or not reservation.holds_leases:
             return
-        while True:
-            await asyncio.sleep(self._settings.lease_ttl_seconds / 3)
-            with contextlib.suppress(StoreFailure):
-                await self._guard("renew", partial(self._engine.renew, call))
+        self._held[reservation.id] = call
+        if self._renewer is None:
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_held())
+
+    async def _renew_held(self) -> None:
+        """Every third of `lease_ttl_seconds`, renew every held lease in one batch, so a request
+        running longer than the TTL keeps its slot. A lease found gone (settled elsewhere,
+        expired) stops being held; a failed renewal is tried again at the next turn."""
+        try:
+            while self._held:
+                await asyncio.sleep(self._settings.lease_ttl_seconds / 3)
+                held = list(self._held.items())
+                renewed = await asyncio.gather(
+                    *(self._guard("renew", partial(self._engine.renew, call)) for _, call in held),
+                    return_exceptions=True,
+                )
+                for (reservation_id, _), count in zip(held, renewed, strict=True):
+                    if count == 0:
+                        self._held.pop(reservation_id, None)
+        finally:
+            self._renewer = None
 
     async def settle(self, reservation: Reservation, actual: Cost, *, outcome: str) -> bool:
         """Replace the reservation's estimate with `actual`: True if done now, False if it was
         settled already or is left to the outbox (the store did not take it)."""
+        self._held.pop(reservation.id, None)
         call = compile_settle(
             reservation.tenant,
             reservation.id,

@@ -360,3 +360,24 @@ async def test_a_client_of_the_callers_own_serves_script_calls_through_redis_py(
     status = {s.limit: s.used for s in await store.limit_status(p)}
     assert status["tokens_per_day"] == 30
     await store.close()
+
+
+async def test_a_held_reservation_keeps_its_lease_past_the_ttl_until_settled(
+    redis_server: RedisServer,
+) -> None:
+    metrics = Metrics(CollectorRegistry())
+    store = create_store(StoreSettings(backend="redis", url=redis_server.url, lease_ttl_seconds=1), metrics)
+    await store.start()
+    p = plan(new_tenant(), tenant_settings({"concurrent_requests": 1}))
+    running = await store.reserve(p, ESTIMATE, request_id="running", model="m")
+    assert running.reservation is not None
+    store.hold(running.reservation)
+    await asyncio.sleep(1.6)  # past the TTL: renewed meanwhile
+    assert not (await store.reserve(p, ESTIMATE, request_id="second", model="m")).allowed
+    assert await store.settle(running.reservation, ESTIMATE, outcome="ok")
+    assert (await store.reserve(p, ESTIMATE, request_id="third", model="m")).allowed
+    renewals = metrics.registry.get_sample_value(
+        "gateway_store_latency_seconds_count", {"operation": "renew"}
+    )
+    assert renewals is not None and renewals >= 3
+    await store.close()
