@@ -1,8 +1,8 @@
 """`LimitStore`: the one implementation of the `Store` protocol, over either engine.
 
 It owns everything the two engines share: compiling plans into calls, turning readings into
-admissions, the clock hint for calendar keys, timeouts, metrics, degraded decisions and settle
-retries. Engines only hold state.
+admissions, the clock hint for calendar keys, timeouts, metrics, degraded decisions, the outbox
+of settlements and the renewal of running requests' leases. Engines only hold state.
 
 Time. The engine's clock decides (Redis `TIME`, shared by every replica). Day and month keys
 are named before the call, from our clock plus the offset learned from the engine's last reply;
@@ -25,6 +25,10 @@ A reserve whose reply never came may still have run, or may yet run: its lease a
 would stay charged. So when nobody will settle it (fail_closed answered 503, or the request was
 cancelled while waiting) its release goes to the outbox; `reserve` refuses an id already
 released, whichever arrives first.
+
+An error the store answers for good (raised inside a script) is `StoreRejected`: counted and
+logged (`store_rejected`), it does not mark the store down, and a settlement it refuses is given
+up at once rather than retried.
 """
 
 from __future__ import annotations

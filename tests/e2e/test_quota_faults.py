@@ -1,7 +1,9 @@
 """Quota faults end to end, through a gateway on a real Redis server each test starts: an upstream
 error refunds, a dropped stream and a departed client are settled exactly once and billed from what is
 known, a settle whose reply is lost is charged once, and a stopped Redis in both `on_unavailable`
-modes, then recovery without restarting the gateway.
+modes, then recovery without restarting the gateway. Also: what is billed when the upstream was
+never reached, timed out, broke a JSON answer or a stream, or was cut off by shutdown; and a stream
+that outlives its lease TTL keeping its concurrency slot.
 """
 
 from __future__ import annotations
@@ -371,7 +373,7 @@ async def test_a_settle_whose_reply_is_lost_is_retried_and_charged_once(
     assert after["tenant.tokens_per_day"]["used"] == usage["total_tokens"]
     assert after["tenant.usd_per_day"]["used"] == nano_usd(usage) / 1e9
     warnings = [line["event"] for line in logs if line["log_level"] == "warning"]
-    assert warnings == ["store_unavailable"]  # no settlement_failed: it was settled
+    assert warnings == ["store_unavailable"]  # and no settlement_lost: the outbox delivered it
 
 
 # --- 3. Redis stopped mid-run, then back ----------------------------------------------------------
