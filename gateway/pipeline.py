@@ -27,7 +27,7 @@ from gateway.errors import (
     UnsupportedMediaType,
     UpstreamAuthFailed,
 )
-from gateway.limits import Admission, LimitPlan, Reservation, Store, merge_upstream_limit_headers
+from gateway.limits import Admission, Reservation, Store, merge_upstream_limit_headers
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.middleware import RECORD, RequestRecord
@@ -162,15 +162,8 @@ class Pipeline:
     ) -> Admitted:
         assert decision.model is not None and decision.entry is not None  # allowed decisions name both
         cost = estimate(decision.body, decision.entry)
-        tenant_settings = runtime.settings.tenants[credential.tenant]
         user = decision.body.get("user")
-        plan = LimitPlan.build(
-            credential.tenant,
-            tenant_settings,
-            credential.key,
-            credential.key_index,
-            user if isinstance(user, str) else None,
-        )
+        plan = runtime.limit_plan(credential, user if isinstance(user, str) else None)
         admission = await self.store.reserve(plan, cost, request_id=record.request_id, model=decision.model)
         if not admission.allowed or admission.reservation is None:
             error = admission.error or InvalidRequest("The request was not admitted.")

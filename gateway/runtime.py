@@ -6,14 +6,17 @@ starts and keeps it to the end, so in-flight requests finish on the configuratio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.auth import Credential
+from gateway.limits.plan import LimitPlan
 from gateway.routing import load_world
 from gateway.settings import RouteSettings, Settings, UpstreamSettings
 from policies.catalog import Catalog
 from policies.engine import RouteTarget
 from policies.rules import Policy
+
+_MAX_PLANS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,23 @@ class Runtime:
     routes: dict[str, Route]
     policies: dict[str, Policy]  # effective policy per tenant (its named policy plus overrides)
     credentials: dict[str, Credential]  # sha256:<hex> -> who
+    # (tenant, key index, end user) -> its limits: built once per configuration, not per request
+    _plans: dict[tuple[str, int, str | None], LimitPlan] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def limit_plan(self, credential: Credential, user: str | None) -> LimitPlan:
+        """The limits for a request by `credential` on behalf of end user `user`."""
+        key = (credential.tenant, credential.key_index, user)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _MAX_PLANS:  # end users are unbounded: start over, rarely
+                self._plans.clear()
+            tenant = self.settings.tenants[credential.tenant]
+            plan = self._plans[key] = LimitPlan.build(
+                credential.tenant, tenant, credential.key, credential.key_index, user
+            )
+        return plan
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:

@@ -9,6 +9,7 @@ is what keeps the two stores' semantics identical without sharing an interpreter
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import date
@@ -153,25 +154,33 @@ class Engine(Protocol):
     async def ledger(self, days: Sequence[date], tenant: str | None) -> list[LedgerHash]: ...
 
 
-def _check(tenant: str, scope: str, planned: PlannedLimit, cost: Cost, periods: dict[str, Period]) -> Check:
+def _check(tenant: str, scope: str, planned: PlannedLimit, periods: dict[str, Period]) -> Check:
+    """The check of one planned limit on `day`, costing nothing yet."""
     kind, limit = planned.kind, planned.value
-    amount = kind.amount(cost)
     if kind.mechanism == "rate":
         key = keys.rate_key(tenant, scope, kind.short)
-        return Check(scope, kind, key, limit, amount, RATE_WINDOW_US // 1_000_000)
+        return Check(scope, kind, key, limit, 0, RATE_WINDOW_US // 1_000_000)
     if kind.mechanism == "lease":
-        return Check(scope, kind, keys.lease_key(tenant, scope), limit, amount, 0)
+        return Check(scope, kind, keys.lease_key(tenant, scope), limit, 0, 0)
     window = periods[kind.mechanism]
     key = keys.window_key(tenant, scope, kind.short, window.label)
-    return Check(scope, kind, key, limit, amount, window.seconds, window.end_s * 1_000_000, window.expire_at)
+    return Check(scope, kind, key, limit, 0, window.seconds, window.end_s * 1_000_000, window.expire_at)
+
+
+@functools.lru_cache(maxsize=4096)
+def _templates(plan: LimitPlan, day: date) -> tuple[Check, ...]:
+    """A plan's checks on `day` without their costs: the same for every request of a (tenant, key,
+    end user) that day, so named once (key strings, period ends) and kept."""
+    periods = {"day": period("day", day), "month": period("month", day)}
+    return tuple(
+        _check(plan.tenant, scope.name, limit, periods) for scope in plan.scopes for limit in scope.limits
+    )
 
 
 def compile_checks(plan: LimitPlan, cost: Cost, day: date) -> tuple[Check, ...]:
-    periods = {"day": period("day", day), "month": period("month", day)}
     return tuple(
-        _check(plan.tenant, scope.name, limit, cost, periods)
-        for scope in plan.scopes
-        for limit in scope.limits
+        Check(t.scope, t.kind, t.key, t.limit, t.kind.amount(cost), t.window_s, t.end_us, t.expire_at)
+        for t in _templates(plan, day)
     )
 
 
