@@ -31,8 +31,6 @@ from gateway.usage import UsageReader, usage_reader
 
 log = get_logger("gateway.relay")
 
-DEFAULT_WRITE_TIMEOUT_SECONDS = 30.0  # ServerSettings.client_write_timeout_seconds' default
-
 
 @dataclass(slots=True)
 class RelayOutcome:
@@ -53,7 +51,7 @@ async def relay(
     upstream: aiohttp.ClientResponse,
     headers: Mapping[str, str],
     route: Route,
-    write_timeout: float = DEFAULT_WRITE_TIMEOUT_SECONDS,
+    write_timeout: float,
 ) -> RelayOutcome:
     """Send `upstream`'s status, `headers` and body to the client; always consume the upstream body."""
     content_type = upstream.headers.get("Content-Type", "")

@@ -63,17 +63,12 @@ class Check:
         return Check(**{**data, "kind": KIND_BY_NAME[data["kind"]]})
 
 
-@dataclass(frozen=True, slots=True)
-class ReserveCall:
+class _ReservationKeys:
+    """The keys of one reservation of one tenant, named here for every call that touches them."""
+
+    __slots__ = ()
     tenant: str
     reservation_id: str
-    model: str
-    day: date  # the UTC day the keys were named for; the engine verifies it against its clock
-    mode: Mode
-    checks: tuple[Check, ...]
-    lease_ttl_us: int
-    record_ttl_ms: int
-    ledger_expire_at: int
 
     @property
     def record_key(self) -> str:
@@ -84,9 +79,29 @@ class ReserveCall:
         """A reservation id already settled (or released) is never charged again."""
         return keys.settled_key(self.tenant, self.reservation_id)
 
+
+class _DayKeys(_ReservationKeys):
+    """... and of the UTC day whose ledger it is recorded in."""
+
+    __slots__ = ()
+    day: date
+
     @property
     def ledger_key(self) -> str:
         return keys.ledger_key(self.tenant, self.day)
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveCall(_DayKeys):
+    tenant: str
+    reservation_id: str
+    model: str
+    day: date  # the UTC day the keys were named for; the engine verifies it against its clock
+    mode: Mode
+    checks: tuple[Check, ...]
+    lease_ttl_us: int
+    record_ttl_ms: int
+    ledger_expire_at: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +112,7 @@ class ReserveReply:
 
 
 @dataclass(frozen=True, slots=True)
-class SettleCall:
+class SettleCall(_DayKeys):
     tenant: str
     reservation_id: str
     day: date
@@ -111,21 +126,9 @@ class SettleCall:
     # never ran), the per-minute limits are left alone (see compile_settle).
     degraded: bool = False
 
-    @property
-    def record_key(self) -> str:
-        return keys.reservation_key(self.tenant, self.reservation_id)
-
-    @property
-    def settled_key(self) -> str:
-        return keys.settled_key(self.tenant, self.reservation_id)
-
-    @property
-    def ledger_key(self) -> str:
-        return keys.ledger_key(self.tenant, self.day)
-
 
 @dataclass(frozen=True, slots=True)
-class RenewCall:
+class RenewCall(_ReservationKeys):
     """Keep a running request's leases (and its record) alive for another lease TTL."""
 
     tenant: str
@@ -133,10 +136,6 @@ class RenewCall:
     lease_keys: tuple[str, ...]
     lease_ttl_us: int
     record_ttl_ms: int
-
-    @property
-    def record_key(self) -> str:
-        return keys.reservation_key(self.tenant, self.reservation_id)
 
 
 LedgerHash = tuple[str, date, dict[str, int]]  # tenant, day, field -> count

@@ -225,8 +225,10 @@ class LimitStore:
     def hold(self, reservation: Reservation) -> None:
         """The reservation's request is running here: renew its concurrency leases until it is
         settled (see `_renew_held`). A process that dies stops renewing, and its leases expire."""
+        if not reservation.holds_leases:  # most requests: nothing to compile
+            return
         call = compile_renew(reservation.tenant, reservation.id, reservation.checks, self._settings)
-        if call is None or not reservation.holds_leases:
+        if call is None:
             return
         self._held[reservation.id] = call
         if self._renewer is None:
