@@ -12,7 +12,6 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway import upstream
 from gateway.admin import create_admin_app
 from gateway.health import DRAINING, METRICS, RUNTIME, STORE, add_health_routes
 from gateway.limits import Store, create_store
@@ -22,6 +21,7 @@ from gateway.pipeline import Pipeline
 from gateway.reload import Reloader
 from gateway.runtime import Runtime, RuntimeHolder
 from gateway.settings import Settings
+from gateway.upstreams import transport as upstream
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
 _LAST_DRAIN_SECONDS = 2.0

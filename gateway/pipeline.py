@@ -17,7 +17,6 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway import upstream
 from gateway.auth import Credential, authenticate
 from gateway.errors import (
     GatewayError,
@@ -33,6 +32,7 @@ from gateway.metrics import Metrics
 from gateway.middleware import RECORD, RequestRecord
 from gateway.relay import RelayOutcome, relay
 from gateway.runtime import Route, Runtime, RuntimeHolder
+from gateway.upstreams import transport as upstream
 from policies.catalog import ModelEntry
 from policies.cost import Cost, actual_cost, estimate
 from policies.engine import Decision, evaluate

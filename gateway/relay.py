@@ -26,7 +26,7 @@ from aiohttp import web
 from gateway.errors import GatewayError
 from gateway.logs import get_logger
 from gateway.runtime import Route
-from gateway.upstream import translate
+from gateway.upstreams.transport import translate
 from gateway.usage import UsageReader, usage_reader
 
 log = get_logger("gateway.relay")

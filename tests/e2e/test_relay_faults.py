@@ -21,10 +21,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
-from gateway import upstream as upstream_module
 from gateway.relay import RelayOutcome, relay
 from gateway.runtime import Route
 from gateway.settings import UpstreamSettings
+from gateway.upstreams import transport as upstream_module
 from tests.e2e.conftest import StartGateway, base_url
 from tests.e2e.test_relay import USAGE
 from tests.support.config import TENANT_KEY
