@@ -21,7 +21,7 @@ from gateway.pipeline import Pipeline
 from gateway.reload import Reloader
 from gateway.runtime import Runtime, RuntimeHolder
 from gateway.settings import Settings
-from gateway.upstreams import transport as upstream
+from gateway.upstreams.pools import Pools
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
 _LAST_DRAIN_SECONDS = 2.0
@@ -68,8 +68,8 @@ def create_app(
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     await store.start()
-    sessions = upstream.Sessions()
-    app[PIPELINE] = Pipeline(app[RUNTIME], sessions, store, app[METRICS])
+    pools = Pools()
+    app[PIPELINE] = Pipeline(app[RUNTIME], pools, store, app[METRICS])
     try:
         yield
     finally:
@@ -77,7 +77,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         # await); what is left here is work whose handler was cancelled: a short last wait, not a
         # second grace period, so shutdown stays within what orchestrators allow.
         await app[PIPELINE].drain(_LAST_DRAIN_SECONDS)
-        await sessions.close()
+        await pools.close()
         await store.close()
 
 

@@ -198,6 +198,32 @@ class Metrics:
             ["upstream", "kind"],
             registry=r,
         )
+        self.upstream_up = Gauge(
+            "gateway_upstream_up",
+            "1 while an upstream is in rotation, 0 while it is ejected after consecutive failures.",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="min",
+        )
+        self.upstream_attempts = Counter(
+            "gateway_upstream_attempts",
+            "Attempts at an upstream by outcome (skipped_* were never sent).",
+            ["upstream", "outcome"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "gateway_failovers",
+            "Requests passed from one upstream to the next after a failure that made no image.",
+            ["route", "from_upstream", "to_upstream"],
+            registry=r,
+        )
+        self.upstream_budget_remaining = Gauge(
+            "gateway_upstream_budget_remaining",
+            "What is left of the organisation's quota at an upstream after the latest reservation.",
+            ["upstream", "limit"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
 
 
 def publish_limits(metrics: Metrics, settings: Settings) -> None:

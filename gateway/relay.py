@@ -25,7 +25,7 @@ from aiohttp import web
 
 from gateway.errors import GatewayError
 from gateway.logs import get_logger
-from gateway.runtime import Route
+from gateway.runtime import Target
 from gateway.upstreams.transport import translate
 from gateway.usage import UsageReader, usage_reader
 
@@ -50,7 +50,7 @@ async def relay(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
     headers: Mapping[str, str],
-    route: Route,
+    target: Target,
     write_timeout: float,
 ) -> RelayOutcome:
     """Send `upstream`'s status, `headers` and body to the client; always consume the upstream body."""
@@ -65,7 +65,7 @@ async def relay(
         await client.prepare()
         await _pump(upstream, client)
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        outcome.failure = translate(exc, route)
+        outcome.failure = translate(exc, target)
         outcome.reader.close()
         await client.end_after_failure(outcome.failure)
     finally:

@@ -30,12 +30,15 @@ def flavor_of(name: str, upstream: UpstreamSettings) -> Flavor:
 
 
 def route_targets(settings: Settings) -> dict[str, RouteTarget]:
+    """What the policy engine sees of each route: its catalog entry, and the flavor of its first
+    target (each other target's flavor is applied when it is tried, see `upstreams.targets`)."""
     return {
         name: RouteTarget(
             catalog=route.catalog or name,
-            flavor=flavor_of(route.upstream, settings.upstreams[route.upstream]),
+            flavor=flavor_of(first.upstream, settings.upstreams[first.upstream]),
         )
         for name, route in settings.routes.items()
+        for first in route.all_targets[:1]
     }
 
 
@@ -51,6 +54,12 @@ def load_world(settings: Settings) -> tuple[Catalog, dict[str, RouteTarget]]:
         f" {target.catalog!r} (add it under catalog:, or name an existing one with catalog:)"
         for name, target in targets.items()
         if target.catalog not in catalog
+    ]
+    errors += [
+        f"routes.{name}.targets.{index}.catalog: no catalog entry {target.catalog!r}"
+        for name, route in settings.routes.items()
+        for index, target in enumerate(route.targets or [])
+        if target.catalog is not None and target.catalog not in catalog
     ]
     for path, policy in _effective_policies(settings):
         errors += policy_problems(path, policy, catalog, targets)

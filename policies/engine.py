@@ -47,7 +47,7 @@ from policies.findings import (
 )
 from policies.rules import Policy
 
-__all__ = ["Adjustment", "Decision", "RouteTarget", "Violation", "evaluate"]
+__all__ = ["Adjustment", "Decision", "RouteTarget", "Violation", "evaluate", "for_flavor"]
 
 Flavor = Literal["openai", "digitalocean"]
 
@@ -183,6 +183,17 @@ def _unavailable(
         f"The model {name!r} does not exist or is not served by this gateway. Available: {quoted(available)}."
     )
     return Violation(MODEL, "model", message, available, MODEL_NOT_FOUND)
+
+
+def for_flavor(
+    entry: ModelEntry, body: Mapping[str, Any], flavor: Flavor
+) -> tuple[dict[str, Any], tuple[Adjustment, ...]]:
+    """An evaluated body as another target of its route needs it (a route whose first target is
+    OpenAI and whose next is DigitalOcean): the same fills as step 4, nothing else."""
+    work = _Work(dict(body))
+    if flavor == "digitalocean":
+        _fill_digitalocean(entry, work)
+    return work.body, tuple(work.adjustments)
 
 
 def _fill_digitalocean(entry: ModelEntry, work: _Work) -> None:

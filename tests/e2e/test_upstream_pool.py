@@ -55,7 +55,9 @@ async def test_max_connections_caps_what_the_upstream_sees_at_once(
 ) -> None:
     upstream = SlowUpstream(delay=0.2)
     url = base_url(await start_server(upstream.app()))
-    gw = await start_gateway(openai_url=url, upstreams=upstreams(url, max_connections=2))
+    gw = await start_gateway(
+        openai_url=url, upstreams=upstreams(url, max_connections=2, max_connections_per_tenant=2)
+    )
     async with aiohttp.ClientSession() as session:
         results = await asyncio.gather(*(generate(session, gw.url) for _ in range(6)))
     assert [status for status, _, _ in results] == [200] * 6
