@@ -54,7 +54,8 @@ class Pools:
         except TimeoutError:
             raise TenantShareBusy(
                 f"Upstream {target.upstream_name!r} had no free connection for this tenant within"
-                f" {target.upstream.connect_timeout_seconds:g} s (its share of {size} connections stayed busy).",
+                f" {target.upstream.connect_timeout_seconds:g} s"
+                f" (its share of {size} connections stayed busy).",
                 code="upstream_connect_timeout",
             ) from None
         try:
