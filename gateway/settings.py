@@ -251,6 +251,11 @@ class Settings(_Frozen):
                     problems.extend(
                         f"tenants.{name}.policy_overrides.{line}" for line in format_validation_error(exc)
                     )
+        problems += [
+            f"tenants.{name}: a tenant name may not start with 'upstream:' (the provider quotas use it)"
+            for name in self.tenants
+            if name.startswith("upstream:")
+        ]
         seen: dict[str, str] = {}
         for name, tenant in self.tenants.items():
             for index, key in enumerate(tenant.keys):

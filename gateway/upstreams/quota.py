@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.limits import Admission, Reservation, Store
+from gateway.limits.keys import PROVIDER_TENANT_PREFIX
 from gateway.limits.kinds import configured
 from gateway.limits.plan import LimitPlan, PlannedLimit, ScopePlan
 from gateway.metrics import Metrics
@@ -25,7 +26,6 @@ from gateway.runtime import Target
 from gateway.settings import Limits, ProviderLimits
 from policies.cost import Cost
 
-PROVIDER_PREFIX = "upstream:"
 _REMAINING = {
     "x-ratelimit-remaining-requests": "requests_per_minute",
     "x-ratelimit-remaining-images": "images_per_minute",
@@ -38,7 +38,7 @@ def provider_plan(name: str, limits: ProviderLimits) -> LimitPlan | None:
     planned = tuple(PlannedLimit(kind, value) for kind, value in configured(Limits(**limits.model_dump())))
     if not planned:
         return None
-    return LimitPlan(PROVIDER_PREFIX + name, (ScopePlan("provider", f"upstream '{name}'", planned),))
+    return LimitPlan(PROVIDER_TENANT_PREFIX + name, (ScopePlan("provider", f"upstream '{name}'", planned),))
 
 
 @dataclass(slots=True)

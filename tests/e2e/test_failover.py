@@ -21,18 +21,20 @@ from tests.support.processes import free_port
 from tests.support.scripted_upstream import Script, ScriptedUpstream
 
 StartServer = Callable[[web.Application], Awaitable[TestServer]]
-ROUTE = "gpt-image-1"
+ROUTE = "gpt-image-1.5"
 PROMPT = "a lighthouse at dusk"
 
 
 def two_targets(**route: Any) -> dict[str, Any]:
-    """gpt-image-1 at OpenAI first, then at DigitalOcean under its own model id."""
+    """gpt-image-1.5 at OpenAI first, then at DigitalOcean under its own model id."""
     return {
         ROUTE: {
-            "targets": [{"upstream": "openai"}, {"upstream": "digitalocean", "model": "openai-gpt-image-1"}],
+            "targets": [
+                {"upstream": "openai"},
+                {"upstream": "digitalocean", "model": "openai-gpt-image-1.5"},
+            ],
             **route,
-        },
-        "gpt-image-1.5": {"upstream": "openai"},
+        }
     }
 
 
@@ -76,7 +78,7 @@ async def test_refused_connection_fails_over_to_the_next_target(
     assert upstream == "digitalocean"
     assert result.data[0].b64_json
     assert generations(do) == 1
-    assert do.app[RECEIVED][-1].body["model"] == "openai-gpt-image-1"
+    assert do.app[RECEIVED][-1].body["model"] == "openai-gpt-image-1.5"
     assert do.app[RECEIVED][-1].body["n"] == 1  # DigitalOcean's required fields, filled for it
     assert (
         gw.metric("gateway_failovers_total", route=ROUTE, from_upstream="openai", to_upstream="digitalocean")
