@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gateway.settings import ConfigError, Settings, UpstreamSettings
+from gateway.settings import ConfigError, Settings, TargetSettings, UpstreamSettings
 from policies.capabilities import size_problem
 from policies.catalog import Catalog, CatalogError, ModelEntry, load_catalog
 from policies.engine import Flavor, RouteTarget
@@ -56,16 +56,35 @@ def load_world(settings: Settings) -> tuple[Catalog, dict[str, RouteTarget]]:
         if target.catalog not in catalog
     ]
     errors += [
-        f"routes.{name}.targets.{index}.catalog: no catalog entry {target.catalog!r}"
+        problem
         for name, route in settings.routes.items()
         for index, target in enumerate(route.targets or [])
-        if target.catalog is not None and target.catalog not in catalog
+        for problem in _target_problems(
+            f"routes.{name}.targets.{index}", target, route.catalog or name, catalog
+        )
     ]
     for path, policy in _effective_policies(settings):
         errors += policy_problems(path, policy, catalog, targets)
     if errors:
         raise ConfigError("<config>", errors)
     return catalog, targets
+
+
+def _target_problems(path: str, target: TargetSettings, route_entry: str, catalog: Catalog) -> list[str]:
+    if target.catalog is not None and target.catalog not in catalog:
+        return [f"{path}.catalog: no catalog entry {target.catalog!r}"]
+    entry = catalog.get(target.catalog or route_entry)
+    if target.prices is not None and entry is not None and entry.prices is None:
+        return [f"{path}.prices: {entry.name!r} is priced per image (image_prices), not per token"]
+    return []
+
+
+def priced_entry(entry: ModelEntry, target: TargetSettings) -> ModelEntry:
+    """`entry` with the target's own token prices, where it gives any."""
+    if target.prices is None or entry.prices is None:
+        return entry
+    changed = target.prices.model_dump(exclude_none=True)
+    return entry.model_copy(update={"prices": entry.prices.model_copy(update=changed)})
 
 
 def _effective_policies(settings: Settings) -> Iterable[tuple[str, Policy]]:

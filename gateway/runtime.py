@@ -11,7 +11,7 @@ from typing import Literal
 
 from gateway.auth import Credential
 from gateway.limits.plan import LimitPlan
-from gateway.routing import flavor_of, load_world
+from gateway.routing import flavor_of, load_world, priced_entry
 from gateway.settings import RouteSettings, Settings, UpstreamSettings
 from policies.catalog import Catalog, ModelEntry
 from policies.engine import Flavor, RouteTarget
@@ -95,7 +95,7 @@ def _route(name: str, route: RouteSettings, settings: Settings, catalog: Catalog
             upstream=settings.upstreams[target.upstream],
             upstream_model=target.model or name,
             flavor=flavor_of(target.upstream, settings.upstreams[target.upstream]),
-            entry=catalog[target.catalog or entry_name],
+            entry=priced_entry(catalog[target.catalog or entry_name], target),
             weight=target.weight,
         )
         for target in route.all_targets

@@ -118,13 +118,22 @@ class UpstreamSettings(_Frozen):
         return value.rstrip("/")
 
 
+class TargetPrices(_Frozen):
+    """USD per 1M tokens at one upstream, where it charges otherwise than the catalog says."""
+
+    text_in: Decimal | None = Field(default=None, ge=0)
+    image_in: Decimal | None = Field(default=None, ge=0)
+    image_out: Decimal | None = Field(default=None, ge=0)
+
+
 class TargetSettings(_Frozen):
-    """One upstream a route may be served by: its model id there and, when they differ, the
-    catalog entry whose prices that upstream charges."""
+    """One upstream a route may be served by: its model id there and, when that upstream charges
+    otherwise, its prices (`prices`, over the route's catalog entry, or a whole `catalog` entry)."""
 
     upstream: str
     model: str | None = None
     catalog: str | None = None
+    prices: TargetPrices | None = None
     weight: int = Field(default=1, ge=1)
 
 

@@ -158,7 +158,7 @@ class Forwarder:
         ejected: list[Target] = []
         yielded = False
         for target in order:
-            state = self.health.admit(target.upstream_name)
+            state = self.health.admit(target.upstream_name, target.upstream)
             if state in ("ejected", "cooling"):
                 self._skipped(attempts, target, state)
                 if state == "ejected":

@@ -35,7 +35,7 @@ class _State:
     failures: int = 0
     ejected_until: float = 0.0
     cooling_until: float = 0.0
-    probing: bool = False
+    probe_until: float = 0.0  # a probe is under way until it reports, or this passes (it was lost)
 
 
 class Health:
@@ -51,16 +51,16 @@ class Health:
             self._metrics.upstream_up.labels(name).set(1)
         return state
 
-    def admit(self, name: str) -> Literal["ok", "probe", "ejected", "cooling"]:
+    def admit(self, name: str, settings: UpstreamSettings) -> Literal["ok", "probe", "ejected", "cooling"]:
         """Whether a request may be sent to `name` now; `probe` takes the one probe slot."""
         state, now = self._state(name), self._clock()
         if now < state.cooling_until:
             return "cooling"
         if state.ejected_until == 0.0:
             return "ok"
-        if now < state.ejected_until or state.probing:
+        if now < state.ejected_until or now < state.probe_until:
             return "ejected"
-        state.probing = True
+        state.probe_until = now + settings.connect_timeout_seconds + settings.read_timeout_seconds
         return "probe"
 
     def record(
@@ -68,7 +68,7 @@ class Health:
     ) -> None:
         """What one attempt at `name` showed."""
         state = self._state(name)
-        state.probing = False
+        state.probe_until = 0.0
         if verdict == "rate_limited":
             state.cooling_until = self._clock() + min(cool_seconds, _MAX_COOL_SECONDS)
         elif verdict == "ok":
@@ -86,7 +86,7 @@ class Health:
 
     def release_probe(self, name: str) -> None:
         """A probe slot taken but never used (the request went elsewhere): free it."""
-        self._state(name).probing = False
+        self._state(name).probe_until = 0.0
 
 
 def cool_down_seconds(headers: Mapping[str, str]) -> float:
