@@ -2,6 +2,8 @@
 
 * `GET /admin/tenants/{tenant}/usage`: every limit of the tenant and of each of its keys, with
   its value, used, remaining and time to reset, read live from the store.
+* `GET /admin/upstreams`: each upstream's provider quota (`upstreams.*.limits`), the organisation's
+  own limits there shared by all tenants, with value, used, remaining and time to reset.
 * `POST /admin/reload`: re-read the configuration file (as SIGHUP does); 200 with what is now in
   force, or 400 `config_invalid` listing every problem while the old configuration stays.
 * `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD[&tenant=]`: the ledger, one row per tenant,
@@ -32,6 +34,7 @@ from gateway.limits import LedgerRow, LimitPlan, LimitStatus, Store
 from gateway.limits.headers import go_duration
 from gateway.limits.ledger import CSV_COLUMNS
 from gateway.settings import ConfigError, Settings, TenantSettings
+from gateway.upstreams.quota import provider_plan
 from policies.cost import NANO_PER_USD
 
 _MAX_DAYS = 731  # two years of ledger in one answer is plenty; beyond that, ask in pieces
@@ -59,6 +62,7 @@ def create_admin_app(
     app[ADMIN] = _Admin(store, get_settings, reload)
     app.router.add_get("/tenants/{tenant}/usage", tenant_usage)
     app.router.add_get("/usage", usage)
+    app.router.add_get("/upstreams", upstreams)
     app.router.add_post("/reload", reload_config)
     return app
 
@@ -114,6 +118,16 @@ def _status_json(status: LimitStatus) -> dict[str, Any]:
         "reset_seconds": round(status.reset_seconds, 3),
         "reset": go_duration(round(status.reset_seconds * 1_000_000)),
     }
+
+
+async def upstreams(request: web.Request) -> web.Response:
+    admin = request.app[ADMIN]
+    found: dict[str, Any] = {}
+    for name, upstream in admin.get_settings().upstreams.items():
+        plan = provider_plan(name, upstream.limits) if upstream.limits is not None else None
+        statuses = await admin.store.limit_status(plan) if plan is not None else []
+        found[name] = {"limits": [_status_json(status) for status in statuses]}
+    return web.json_response({"upstreams": found})
 
 
 async def tenant_usage(request: web.Request) -> web.Response:

@@ -77,6 +77,18 @@ async def test_provider_quota_spills_over_then_refuses_across_two_processes(
             await eventually(settled)
             rows = (await admin_json(session, gateways[0].url, "/usage"))["rows"]
             assert {row["tenant"] for row in rows} == {"team"}  # the provider rows stay out of it
+            quotas = (await admin_json(session, gateways[1].url, "/upstreams"))["upstreams"]
+            openai_rpm = quotas["openai"]["limits"][0]
+            assert (openai_rpm["limit"], openai_rpm["value"], openai_rpm["used"]) == (
+                "requests_per_minute",
+                3,
+                3,
+            )
+            assert [q["limit"] for q in quotas["digitalocean"]["limits"]] == [
+                "requests_per_minute",
+                "tokens_per_minute",
+            ]
+            assert quotas["digitalocean"]["limits"][0]["used"] == 2
         client = Redis.from_url(redis.url)
         try:
             provider_keys = [key async for key in client.scan_iter(match="igw:{upstream:*")]
