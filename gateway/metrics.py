@@ -224,11 +224,24 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        self.upstream_budget_limit = Gauge(
+            "gateway_upstream_budget_limit",
+            "The configured size of each upstream's provider quota (upstreams.*.limits).",
+            ["upstream", "limit"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
 
 
 def publish_limits(metrics: Metrics, settings: Settings) -> None:
-    """Set `gateway_budget_limit` from the configuration (at start and after every reload)."""
+    """Set `gateway_budget_limit` and `gateway_upstream_budget_limit` from the configuration (at
+    start and after every reload)."""
     metrics.budget_limit.clear()
+    metrics.upstream_budget_limit.clear()
+    for upstream, upstream_settings in settings.upstreams.items():
+        if upstream_settings.limits is not None:
+            for limit, value in upstream_settings.limits.model_dump(exclude_none=True).items():
+                metrics.upstream_budget_limit.labels(upstream, limit).set(float(value))
     for tenant, tenant_settings in settings.tenants.items():
         for limit, value in tenant_settings.limits.model_dump(exclude_none=True).items():
             metrics.budget_limit.labels(tenant, limit).set(float(value))
