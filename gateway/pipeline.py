@@ -114,17 +114,6 @@ class Pipeline:
         if not task.cancelled():
             task.exception()  # retrieved here when the handler that awaited it was cancelled
 
-    async def drain(self, grace_seconds: float) -> None:
-        """Wait for admitted requests to finish (shutdown); cancel what is left after the grace period."""
-        if not self.tasks:
-            return
-        log.info("draining_requests", in_flight=len(self.tasks), grace_seconds=grace_seconds)
-        _, pending = await asyncio.wait(set(self.tasks), timeout=grace_seconds)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
-
     def apply_policy(
         self, runtime: Runtime, credential: Credential, body: dict[str, Any], record: RequestRecord
     ) -> Decision:
