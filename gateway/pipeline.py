@@ -278,8 +278,7 @@ class Pipeline:
             return admitted.estimate, "estimate"
         if cost is not None:
             return cost, "usage"
-        if outcome.failure is not None and outcome.streaming and reader.event_count == 0:
-            return Cost(), "refund"  # a stream that broke before its first event; a 2xx JSON was made
+        # A 2xx answer, JSON or a stream however early it broke, means the upstream took the work.
         if reader.error is not None and reader.event_count == 1:
             return Cost(), "refund"  # the upstream's only event was its error: nothing was generated
         return admitted.estimate, "estimate"

@@ -9,6 +9,7 @@ that outlives its lease TTL keeping its concurrency slot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -285,6 +286,30 @@ async def test_an_error_event_inside_a_200_stream_is_a_failure(
         assert (row["tokens"], row["nano_usd"]) == (LOW_ESTIMATE_TOKENS, LOW_ESTIMATE_NANO_USD)
     else:  # the upstream failed before generating anything: refunded
         assert (row["tokens"], row["nano_usd"], row["images"]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("cut", ["before_the_first_event", "inside_the_first_event"])
+async def test_a_200_stream_dropped_before_any_whole_event_is_billed_like_a_json_answer(
+    start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis, cut: str
+) -> None:
+    """The upstream answered 200: it took the work, and may have generated (and billed) the image.
+    A connection dropped then is billed at the estimate, as it is for a JSON answer, never refunded."""
+    redis = redis_factory()
+    chunks = [] if cut == "before_the_first_event" else [PARTIAL[:30]]
+    upstream = ScriptedUpstream(Script(chunks=chunks, abort_after_chunks=True))
+    gw = await gateway_on(start_server, start_gateway, redis, upstream)
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{gw.v1}/images/generations", json={**LOW, "stream": True}, headers=AUTH
+            ) as resp:
+                assert resp.status == 200
+                with contextlib.suppress(aiohttp.ClientPayloadError):
+                    await resp.read()
+            row = await settled_once(session, gw, redis)
+    assert (row["failed"], row["tokens"], row["nano_usd"]) == (1, LOW_ESTIMATE_TOKENS, LOW_ESTIMATE_NANO_USD)
+    [line] = finished_lines(logs)
+    assert line["settled"] == "estimate"
 
 
 async def test_client_leaving_mid_stream_is_billed_from_the_drained_usage(
