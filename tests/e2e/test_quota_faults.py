@@ -9,6 +9,7 @@ that outlives its lease TTL keeping its concurrency slot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -21,9 +22,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
-from gateway.app import create_app
+from gateway.app import PIPELINE, create_app
 from gateway.health import STORE
 from gateway.mock_upstream import RECEIVED
+from gateway.shutdown import drain
 from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.e2e.test_quotas import (
     ADMIN_TOKEN,
@@ -286,6 +288,30 @@ async def test_an_error_event_inside_a_200_stream_is_a_failure(
         assert (row["tokens"], row["nano_usd"], row["images"]) == (0, 0, 0)
 
 
+@pytest.mark.parametrize("cut", ["before_the_first_event", "inside_the_first_event"])
+async def test_a_200_stream_dropped_before_any_whole_event_is_billed_like_a_json_answer(
+    start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis, cut: str
+) -> None:
+    """The upstream answered 200: it took the work, and may have generated (and billed) the image.
+    A connection dropped then is billed at the estimate, as it is for a JSON answer, never refunded."""
+    redis = redis_factory()
+    chunks = [] if cut == "before_the_first_event" else [PARTIAL[:30]]
+    upstream = ScriptedUpstream(Script(chunks=chunks, abort_after_chunks=True))
+    gw = await gateway_on(start_server, start_gateway, redis, upstream)
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{gw.v1}/images/generations", json={**LOW, "stream": True}, headers=AUTH
+            ) as resp:
+                assert resp.status == 200
+                with contextlib.suppress(aiohttp.ClientPayloadError):
+                    await resp.read()
+            row = await settled_once(session, gw, redis)
+    assert (row["failed"], row["tokens"], row["nano_usd"]) == (1, LOW_ESTIMATE_TOKENS, LOW_ESTIMATE_NANO_USD)
+    [line] = finished_lines(logs)
+    assert line["settled"] == "estimate"
+
+
 async def test_client_leaving_mid_stream_is_billed_from_the_drained_usage(
     start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis
 ) -> None:
@@ -359,9 +385,10 @@ async def test_a_settle_whose_reply_is_lost_is_retried_and_charged_once(
         async with aiohttp.ClientSession() as session:
             request = asyncio.create_task(generate(session, gw.url))
             await reached_upstream(upstream)
-            # Redis holds every script call for 0.45 s from just before the upstream answers: the
-            # first settle attempt (and perhaps the second) outlasts timeout_ms, a later one gets through.
-            await asyncio.to_thread(redis.cli, "CLIENT", "PAUSE", "450", "WRITE")
+            # Redis answers nothing for 0.45 s from just before the upstream answers, a health check's
+            # PING included: the first settle attempt (and perhaps the second) is given up after
+            # timeout_ms and the health check's, a later one gets through.
+            await asyncio.to_thread(redis.cli, "CLIENT", "PAUSE", "450", "ALL")
             status, _, _ = await request
             assert status == 200
             await asyncio.sleep(0.5)
@@ -488,7 +515,9 @@ async def test_a_request_cut_off_by_shutdown_while_the_upstream_generates_is_bil
         async with aiohttp.ClientSession() as session:
             request = asyncio.create_task(generate(session, url))
             await reached_upstream(upstream)
-            await runner.cleanup()  # what `serve` does on SIGTERM, the grace period long over
+            # What `serve` does on SIGTERM: the grace period passes and the request is cut off.
+            await drain(app, runner, settings.server, app[PIPELINE].tasks)
+            await runner.cleanup()
             with pytest.raises(aiohttp.ClientError):
                 await request
     [line] = finished_lines(logs)
