@@ -193,6 +193,8 @@ class Pipeline:
             exchange = await self.forwarder.forward(forwarding, admitted.attempts)
         finally:
             record.fields["attempts"] = [attempt.to_dict() for attempt in admitted.attempts.log]
+            tried = [a.upstream for a in admitted.attempts.log if not a.outcome.startswith("skipped_")]
+            record.upstream = tried[-1] if tried else record.upstream  # who gave the answer or error
         admitted.served = exchange
         async with exchange.share:  # the tenant's connection, until the relay is done
             return await self.relay_answer(request, runtime, admitted, exchange, record)

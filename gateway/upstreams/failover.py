@@ -109,48 +109,81 @@ class Forwarder:
             raise self._nothing_to_try(request.route, attempts)
         while True:
             sent, adjustments = body_for(target, request.body)
-            share = contextlib.AsyncExitStack()
             started = time.perf_counter()
             try:
-                await share.enter_async_context(self.pools.share(target, request.tenant))
-                attempts.reached = True
-                response = await transport.send(
-                    self.pools.session(target),
-                    target,
-                    orjson.dumps(sent),
-                    transport.upstream_headers(target, request.headers, request.request_id),
-                )
+                response, share = await self._send(target, sent, request, attempts)
             except GatewayError as error:
-                await share.aclose()
-                reached = not (isinstance(error, TenantShareBusy) or transport.never_reached(error.__cause__))
-                self._record(attempts, target, error.error_code or "error", started, "failure")
-                if reached:
+                if not self._may_fail_over(error, target, started, attempts):
                     raise  # it may be generating: never a second attempt
-                attempts.reached = False
                 following = await anext(candidates, None)
                 if following is None:
                     raise
-                self._failed_over(request.route, target, following)
-                target = following
-                continue
-            status = response.status
-            if status in _RETRYABLE or status in request.route.retry_on:
-                limited = status == 429
-                cool = cool_down_seconds(response.headers) if limited else 0.0
-                verdict: Verdict = "rate_limited" if limited else "failure"
-                self._record(attempts, target, f"http_{status}", started, verdict, cool=cool)
-                following = await anext(candidates, None)
-                if following is not None:
-                    attempts.reached = False  # it answered without an image
+            else:
+                if not self._retryable(response, target, started, attempts, request.route):
+                    return Exchange(response, target, sent, adjustments, started, share)
+                try:
+                    following = await anext(candidates, None)
+                except BaseException:
                     response.release()
                     await share.aclose()
-                    self._failed_over(request.route, target, following)
-                    target = following
-                    continue
-            else:
-                verdict = "failure" if status >= 500 else "neutral" if status in (401, 403) else "ok"
-                self._record(attempts, target, "ok" if status < 400 else f"http_{status}", started, verdict)
-            return Exchange(response, target, sent, adjustments, started, share)
+                    raise
+                if following is None:  # the last failure, relayed as the upstream gave it
+                    return Exchange(response, target, sent, adjustments, started, share)
+                attempts.reached = False  # it answered without an image
+                response.release()
+                await share.aclose()
+            self._failed_over(request.route, target, following)
+            target = following
+
+    async def _send(
+        self, target: Target, sent: dict[str, Any], request: Request, attempts: Attempts
+    ) -> tuple[aiohttp.ClientResponse, contextlib.AsyncExitStack]:
+        """One attempt: the tenant's share of the pool, then the request; the share stays held
+        with the response (given back here on any failure, cancellation included)."""
+        share = contextlib.AsyncExitStack()
+        try:
+            await share.enter_async_context(self.pools.share(target, request.tenant))
+            attempts.reached = True
+            response = await transport.send(
+                self.pools.session(target),
+                target,
+                orjson.dumps(sent),
+                transport.upstream_headers(target, request.headers, request.request_id),
+            )
+        except BaseException:
+            await share.aclose()
+            raise
+        return response, share
+
+    def _may_fail_over(self, error: GatewayError, target: Target, started: float, attempts: Attempts) -> bool:
+        """Whether a failed send never reached the upstream (so no image can exist)."""
+        busy = isinstance(error, TenantShareBusy)  # the tenant's own share: no sign of sickness
+        never = busy or transport.never_reached(error.__cause__)
+        self._record(attempts, target, error.error_code or "error", started, "neutral" if busy else "failure")
+        if never:
+            attempts.reached = False
+        return never
+
+    def _retryable(
+        self,
+        response: aiohttp.ClientResponse,
+        target: Target,
+        started: float,
+        attempts: Attempts,
+        route: Route,
+    ) -> bool:
+        """Whether the upstream's answer is a failure that made no image (429, 502, 503, 504, and
+        500 where the route says so); records what it says of the upstream's health."""
+        status = response.status
+        if status in _RETRYABLE or status in route.retry_on:
+            limited = status == 429
+            cool = cool_down_seconds(response.headers) if limited else 0.0
+            verdict: Verdict = "rate_limited" if limited else "failure"
+            self._record(attempts, target, f"http_{status}", started, verdict, cool=cool)
+            return True
+        verdict = "failure" if status >= 500 else "neutral" if status in (401, 403) else "ok"
+        self._record(attempts, target, "ok" if status < 400 else f"http_{status}", started, verdict)
+        return False
 
     async def _candidates(self, request: Request, attempts: Attempts) -> AsyncIterator[Target]:
         """The targets to try, in order: those in rotation with room in their provider quota."""

@@ -89,9 +89,10 @@ class Health:
         self._state(name).probe_until = 0.0
 
 
-def cool_down_seconds(headers: Mapping[str, str]) -> float:
+def cool_down_seconds(headers: Mapping[str, str], now: float | None = None) -> float:
     """How long a 429 asks to be left alone: `retry-after-ms`, `retry-after` (seconds), else the
-    longest `x-ratelimit-reset-*` (Go durations such as `1s`, `6m0s`, `20ms`); else one second."""
+    longest of OpenAI's `x-ratelimit-reset-*` (Go durations such as `1s`, `6m0s`, `20ms`), else
+    DigitalOcean's `ratelimit-reset` (epoch seconds); else one second."""
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(name)
         if value is not None:
@@ -103,7 +104,12 @@ def cool_down_seconds(headers: Mapping[str, str]) -> float:
         _go_seconds(value) for name, value in headers.items() if name.lower().startswith("x-ratelimit-reset-")
     ]
     found = [r for r in resets if r is not None]
-    return max(found) if found else _DEFAULT_COOL_SECONDS
+    if found:
+        return max(found)
+    epoch = headers.get("ratelimit-reset")
+    if epoch is not None and epoch.strip().isdigit():
+        return max(0.0, int(epoch) - (time.time() if now is None else now))
+    return _DEFAULT_COOL_SECONDS
 
 
 def _go_seconds(text: str) -> float | None:

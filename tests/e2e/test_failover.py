@@ -4,7 +4,8 @@ tried only when no image can have been made, never otherwise (counted at the ups
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -17,7 +18,6 @@ from gateway.mock_upstream import RECEIVED, MockOptions, create_mock_app
 from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.e2e.test_quotas import generate
 from tests.support.config import DO_UPSTREAM_KEY, TENANT_KEY, UPSTREAM_KEY
-from tests.support.processes import free_port
 from tests.support.scripted_upstream import Script, ScriptedUpstream
 
 StartServer = Callable[[web.Application], Awaitable[TestServer]]
@@ -36,6 +36,15 @@ def two_targets(**route: Any) -> dict[str, Any]:
             **route,
         }
     }
+
+
+@pytest.fixture
+def refusing_url() -> Iterator[str]:
+    """An address that refuses connections: a bound socket that never listens (held for the test,
+    so no other process can take the port meanwhile)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
 
 
 def upstream_config(openai_url: str, do_url: str, **openai_settings: Any) -> dict[str, Any]:
@@ -60,17 +69,18 @@ def sdk(gw: Running) -> openai.AsyncOpenAI:
 
 async def sdk_generate(gw: Running) -> tuple[str, Any]:
     """One generation through the SDK: the upstream that answered and the parsed result."""
-    raw = await sdk(gw).images.with_raw_response.generate(
-        model=ROUTE, prompt=PROMPT, size="1024x1024", quality="low"
-    )
+    async with sdk(gw) as client:  # closed each time: unclosed clients pile up connections
+        raw = await client.images.with_raw_response.generate(
+            model=ROUTE, prompt=PROMPT, size="1024x1024", quality="low"
+        )
     return raw.headers["x-gateway-upstream"], raw.parse()
 
 
 async def test_refused_connection_fails_over_to_the_next_target(
-    start_server: StartServer, start_gateway: StartGateway
+    start_server: StartServer, start_gateway: StartGateway, refusing_url: str
 ) -> None:
     do = await mock(start_server, "digitalocean")
-    closed = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    closed = refusing_url
     gw = await start_gateway(
         openai_url=closed, upstreams=upstream_config(closed, base_url(do)), routes=two_targets()
     )
@@ -199,7 +209,7 @@ async def test_a_stream_fails_over_before_its_first_byte_and_is_relayed_byte_exa
 
 
 async def test_every_target_failing_gives_the_last_failure(
-    start_server: StartServer, start_gateway: StartGateway
+    start_server: StartServer, start_gateway: StartGateway, refusing_url: str
 ) -> None:
     first = await mock(start_server, fail_status=503)
     last = await mock(start_server, "digitalocean", fail_status=503)
@@ -215,7 +225,7 @@ async def test_every_target_failing_gives_the_last_failure(
     assert "as asked" in body["message"]  # DigitalOcean's own error body, as it sent it
     assert (generations(first), generations(last)) == (1, 1)
 
-    closed = f"http://127.0.0.1:{free_port()}/v1"
+    closed = refusing_url
     gw = await start_gateway(
         openai_url=closed, upstreams=upstream_config(closed, closed), routes=two_targets()
     )

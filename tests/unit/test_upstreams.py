@@ -181,8 +181,9 @@ def test_a_429_cools_down_without_ejecting() -> None:
         ({"x-ratelimit-reset-requests": "1s", "x-ratelimit-reset-tokens": "6m0s"}, 360.0),
         ({"x-ratelimit-reset-requests": "20ms"}, 0.02),
         ({"x-ratelimit-reset-requests": "soon"}, 1.0),
+        ({"ratelimit-reset": "1000042"}, 42.0),  # DigitalOcean: epoch seconds
         ({}, 1.0),
     ],
 )
 def test_cool_down_from_the_upstreams_headers(headers: dict[str, str], seconds: float) -> None:
-    assert cool_down_seconds(headers) == pytest.approx(seconds)
+    assert cool_down_seconds(headers, now=1_000_000.0) == pytest.approx(seconds)
