@@ -193,8 +193,7 @@ class Pipeline:
             exchange = await self.forwarder.forward(forwarding, admitted.attempts)
         finally:
             record.fields["attempts"] = [attempt.to_dict() for attempt in admitted.attempts.log]
-            tried = [a.upstream for a in admitted.attempts.log if not a.outcome.startswith("skipped_")]
-            record.upstream = tried[-1] if tried else record.upstream  # who gave the answer or error
+            record.upstream = admitted.attempts.last_tried or record.upstream  # who answered or failed
         admitted.served = exchange
         async with exchange.share:  # the tenant's connection, until the relay is done
             return await self.relay_answer(request, runtime, admitted, exchange, record)
@@ -275,7 +274,8 @@ class Pipeline:
         actual, how = self.actual(admitted, outcome)
         label = "ok" if outcome is not None and _succeeded(outcome) else "failed"
         await self.store.settle(admitted.reservation, actual, outcome=label)
-        await self.quota.settle(admitted.attempts.provider, actual, outcome=label)
+        attempts = admitted.attempts
+        await self.quota.settle(attempts.provider, attempts.last_tried, actual, outcome=label)
         tenant, model = credential.tenant, record.model
         self.record_usage(tenant, model, admitted, actual, how)
         record.fields.update(

@@ -65,6 +65,12 @@ class Attempts:
     # send fails before reaching it. Cut off meanwhile (shutdown), the request is billed.
     reached: bool = False
 
+    @property
+    def last_tried(self) -> str | None:
+        """The upstream of the last attempt actually sent (the one that answered, or failed last)."""
+        tried = [a.upstream for a in self.log if not a.outcome.startswith("skipped_")]
+        return tried[-1] if tried else None
+
 
 @dataclass(slots=True)
 class Exchange:

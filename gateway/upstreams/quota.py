@@ -78,11 +78,12 @@ class ProviderQuota:
                 )
         return admission
 
-    async def settle(self, held: list[Held], actual: Cost, *, outcome: str) -> None:
-        """Settle every provider reservation of a request: the last one (the upstream that got the
-        body) at `actual`, the others (attempts that failed before any image) at nothing."""
-        for index, one in enumerate(held):
-            if index == len(held) - 1:
+    async def settle(self, held: list[Held], last: str | None, actual: Cost, *, outcome: str) -> None:
+        """Settle every provider reservation of a request: the one of `last` (the upstream tried
+        last, which got the body) at `actual`, the others (attempts that failed before any image)
+        at nothing."""
+        for one in held:
+            if one.upstream == last:
                 await self._store.settle(one.reservation, actual, outcome=outcome)
             else:
                 await self._store.settle(one.reservation, Cost(), outcome="failed")

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
-from tests.e2e.conftest import base_url
+from tests.e2e.conftest import StartGateway, base_url
 from tests.e2e.test_failover import ROUTE, generations, mock, two_targets, upstream_config
 from tests.e2e.test_quotas import ADMIN_TOKEN, admin_json, eventually, generate, redis_store
 from tests.support import redis_servers
@@ -98,3 +98,26 @@ async def test_provider_quota_spills_over_then_refuses_across_two_processes(
     finally:
         for gateway in gateways:
             await asyncio.to_thread(gateway.stop)
+
+
+async def test_an_attempt_that_made_no_image_is_settled_at_nothing(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    """openai (with a quota) answers 503, digitalocean (without one) serves: openai's quota keeps
+    the request but none of the tokens, which digitalocean spent."""
+    sick = await mock(start_server, fail_status=503)
+    do_mock = await mock(start_server, "digitalocean")
+    upstreams = upstream_config(base_url(sick), base_url(do_mock))
+    upstreams["openai"]["limits"] = {"requests_per_minute": 10, "tokens_per_minute": 100_000}
+    gw = await start_gateway(
+        openai_url=base_url(sick), upstreams=upstreams, routes=two_targets(), admin={"token": ADMIN_TOKEN}
+    )
+    async with aiohttp.ClientSession() as session:
+        status, _, headers = await generate(
+            session, gw.url, {"model": ROUTE, "prompt": "a fox", "quality": "low"}
+        )
+        assert (status, headers["x-gateway-upstream"]) == (200, "digitalocean")
+        quotas = (await admin_json(session, gw.url, "/upstreams"))["upstreams"]
+    used = {q["limit"]: q["used"] for q in quotas["openai"]["limits"]}
+    assert used == {"requests_per_minute": 1, "tokens_per_minute": 0}
+    assert quotas["digitalocean"]["limits"] == []
