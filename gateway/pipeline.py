@@ -273,9 +273,11 @@ class Pipeline:
         """Replace the reservation with what the upstream reported, exactly once, on every path."""
         actual, how = self.actual(admitted, outcome)
         label = "ok" if outcome is not None and _succeeded(outcome) else "failed"
-        await self.store.settle(admitted.reservation, actual, outcome=label)
         attempts = admitted.attempts
-        await self.quota.settle(attempts.provider, attempts.last_tried, actual, outcome=label)
+        await asyncio.gather(  # one pipelined round trip to the store
+            self.store.settle(admitted.reservation, actual, outcome=label),
+            self.quota.settle(attempts.provider, attempts.last_tried, actual, outcome=label),
+        )
         tenant, model = credential.tenant, record.model
         self.record_usage(tenant, model, admitted, actual, how)
         record.fields.update(

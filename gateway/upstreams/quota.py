@@ -15,6 +15,7 @@ what is left in `gateway_upstream_budget_remaining`.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from gateway.limits import Admission, Reservation, Store
@@ -82,8 +83,11 @@ class ProviderQuota:
         """Settle every provider reservation of a request: the one of `last` (the upstream tried
         last, which got the body) at `actual`, the others (attempts that failed before any image)
         at nothing."""
-        for one in held:
-            if one.upstream == last:
-                await self._store.settle(one.reservation, actual, outcome=outcome)
-            else:
-                await self._store.settle(one.reservation, Cost(), outcome="failed")
+        await asyncio.gather(
+            *(
+                self._store.settle(one.reservation, actual, outcome=outcome)
+                if one.upstream == last
+                else self._store.settle(one.reservation, Cost(), outcome="failed")
+                for one in held
+            )
+        )
