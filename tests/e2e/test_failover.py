@@ -263,3 +263,35 @@ async def test_a_sick_upstream_is_ejected_and_probed(
     for _ in range(3):
         assert (await sdk_generate(gw))[0] == "digitalocean"
     assert generations(sick) == 7
+
+
+async def test_weighted_spread_over_1000_requests(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    body = b'{"created":1,"data":[{"b64_json":"AA=="}],"usage":{"input_tokens":5,"input_tokens_details":{"text_tokens":5,"image_tokens":0},"output_tokens":272,"total_tokens":277}}'
+    heavy, light = (
+        ScriptedUpstream(Script(content_type="application/json", chunks=[body])) for _ in range(2)
+    )
+    heavy_url, light_url = [base_url(await start_server(u.app())) for u in (heavy, light)]
+    route = {
+        "strategy": "weighted",
+        "targets": [{"upstream": "openai", "weight": 3}, {"upstream": "second", "model": "gpt-image-1.5"}],
+    }
+    upstreams = {
+        "openai": {"base_url": heavy_url},
+        "second": {"base_url": light_url, "flavor": "openai"},
+        "digitalocean": {"base_url": light_url},
+    }
+    gw = await start_gateway(openai_url=heavy_url, upstreams=upstreams, routes={ROUTE: route})
+    payload = {"model": ROUTE, "prompt": PROMPT, "quality": "low"}
+    statuses: list[int] = []
+    async with aiohttp.ClientSession() as session:
+
+        async def worker(count: int) -> None:
+            for _ in range(count):
+                statuses.append((await generate(session, gw.url, payload))[0])
+
+        await asyncio.gather(*(worker(50) for _ in range(20)))
+    assert statuses == [200] * 1000
+    assert len(heavy.received) + len(light.received) == 1000
+    assert 680 <= len(heavy.received) <= 820  # 750 expected; 820 is more than 5 standard deviations
