@@ -284,20 +284,22 @@ class Pipeline:
         return admitted.estimate, "estimate"
 
     def record_usage(self, tenant: str, model: str, admitted: Admitted, actual: Cost, how: str) -> None:
+        """Count what was charged, as the ledger and the budgets were: from usage or at the estimate."""
         m = self.metrics
         if how == "estimate":
             m.usage_missing.labels(tenant, model).inc()
             log.warning("usage_missing", settled_at="estimate")
-        if how != "usage":
-            return
-        m.tokens.labels(tenant, model, "text_in").inc(actual.text_in_tokens)
-        m.tokens.labels(tenant, model, "image_in").inc(actual.image_in_tokens)
-        m.tokens.labels(tenant, model, "image_out").inc(actual.image_out_tokens)
+        elif how == "usage":
+            m.reservation_drift.labels(tenant, model).observe(admitted.estimate.tokens - actual.tokens)
+        else:
+            return  # refunded: nothing charged
+        m.tokens.labels(tenant, model, "text_in", how).inc(actual.text_in_tokens)
+        m.tokens.labels(tenant, model, "image_in", how).inc(actual.image_in_tokens)
+        m.tokens.labels(tenant, model, "image_out", how).inc(actual.image_out_tokens)
         body = admitted.decision.body
         quality = str(body.get("quality", "auto"))
-        m.images.labels(tenant, model, _size_label(body, admitted.entry), quality).inc(actual.images)
-        m.spend.labels(tenant, model).inc(actual.usd)
-        m.reservation_drift.labels(tenant, model).observe(admitted.estimate.tokens - actual.tokens)
+        m.images.labels(tenant, model, _size_label(body, admitted.entry), quality, how).inc(actual.images)
+        m.spend.add(tenant, model, how, nano_usd=actual.nano_usd)
 
 
 class _InFlight:

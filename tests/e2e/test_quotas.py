@@ -447,7 +447,7 @@ async def test_a_spent_budget_is_insufficient_quota_and_the_sdk_does_not_retry_i
         assert status == 200
         for _ in range(50):  # settled after the last byte: wait until the spend shows
             if upstream.finished.is_set() and gw.metric(
-                "gateway_spend_usd_total", tenant="team", model=MODEL
+                "gateway_spend_usd_total", tenant="team", model=MODEL, settled="usage"
             ):
                 break
             await asyncio.sleep(0.02)
