@@ -52,7 +52,8 @@ class _Frozen(BaseModel):
 class ServerSettings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
-    max_body_bytes: int = Field(default=1_048_576, gt=0)
+    max_body_bytes: int = Field(default=1_048_576, gt=0)  # a JSON body (generations)
+    max_upload_bytes: int = Field(default=64 * 2**20, gt=0)  # a multipart body (edits, variations)
     workers: int = Field(default=1, ge=1)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     # A client that stops reading without closing the connection is cut off after this long.
@@ -86,6 +87,8 @@ class UpstreamSettings(_Frozen):
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
     read_timeout_seconds: float = Field(default=600.0, gt=0)
     max_connections: int = Field(default=256, ge=1)
+    # The image operations the upstream's API has; None: its flavor's (DigitalOcean: generate only)
+    operations: list[Literal["generate", "edit", "variation"]] | None = Field(default=None, min_length=1)
 
     @field_validator("base_url")
     @classmethod

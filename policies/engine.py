@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from policies import capabilities, tenant
+from policies import capabilities, tenant, uploads
 from policies.capabilities import is_int
 from policies.catalog import Catalog, ModelEntry
 from policies.findings import (
@@ -46,18 +46,31 @@ from policies.findings import (
     quoted,
 )
 from policies.rules import Policy
+from policies.uploads import GENERATE, Inputs
 
 __all__ = ["Adjustment", "Decision", "RouteTarget", "Violation", "evaluate"]
 
 Flavor = Literal["openai", "digitalocean"]
+# The operations each flavor's API has: DigitalOcean's image API is generations only (FACTS.md 5)
+FLAVOR_OPERATIONS: Mapping[Flavor, frozenset[str]] = {
+    "openai": frozenset({"generate", "edit", "variation"}),
+    "digitalocean": frozenset({"generate"}),
+}
 
 
 @dataclass(frozen=True, slots=True)
 class RouteTarget:
-    """What the engine needs to know of a route: its catalog entry and its upstream's flavor."""
+    """What the engine needs to know of a route: its catalog entry, its upstream's flavor and the
+    operations the upstream's API has (None: the flavor's, unless the operator declared them)."""
 
     catalog: str
     flavor: Flavor
+    declared_operations: frozenset[str] | None = None
+
+    @property
+    def operations(self) -> frozenset[str]:
+        declared = self.declared_operations
+        return FLAVOR_OPERATIONS[self.flavor] if declared is None else declared
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +104,11 @@ class _Work:
 
 
 def evaluate(
-    policy: Policy, catalog: Catalog, routes: Mapping[str, RouteTarget], body: Mapping[str, Any]
+    policy: Policy,
+    catalog: Catalog,
+    routes: Mapping[str, RouteTarget],
+    body: Mapping[str, Any],
+    inputs: Inputs = GENERATE,
 ) -> Decision:
     """Decide what happens to one request; see the module docstring for the order of the steps."""
     shadow = policy.mode == "shadow"
@@ -106,22 +123,40 @@ def evaluate(
     if isinstance(resolved, Violation):
         return Decision(None, None, work.body, resolved, (), tuple(work.adjustments), shadow)
     model, entry = resolved
-    error = capabilities.check(entry, work.body, model)
+    error = (
+        uploads.unsupported(entry, inputs.operation, model)
+        or _upstream_lacks(routes[model], inputs, model)
+        or capabilities.check(entry, work.body, model, inputs.operation)
+        or uploads.check(entry, inputs, model)
+    )
     violations: list[Violation] = []
     if error is None:
-        _drop_null_unknown(entry, work)
-        violations, clamps = tenant.enforce(policy, entry, model, work.body)
+        _drop_null_unknown(entry, work, inputs)
+        violations, clamps = tenant.enforce(policy, entry, model, work.body, inputs)
         work.adjustments.extend(clamps)
         if routes[model].flavor == "digitalocean":
             _fill_digitalocean(entry, work)
     return Decision(model, entry, work.body, error, tuple(violations), tuple(work.adjustments), shadow)
 
 
-def _drop_null_unknown(entry: ModelEntry, work: _Work) -> None:
+def _upstream_lacks(target: RouteTarget, inputs: Inputs, model: str) -> Violation | None:
+    """400 when the route's upstream has no API for the operation (DigitalOcean has no edits)."""
+    if inputs.operation in target.operations:
+        return None
+    what = uploads.operation_name(inputs.operation)
+    message = (
+        f"The upstream serving {model} ({target.flavor}) has no API for {what}; nothing was sent. "
+        "An operator who knows it does can declare it under upstreams.<name>.operations."
+    )
+    return Violation(CAPABILITY, "model", message, sorted(target.operations), uploads.UNSUPPORTED_OPERATION)
+
+
+def _drop_null_unknown(entry: ModelEntry, work: _Work, inputs: Inputs) -> None:
     """A `null` means "the default" (so it passed the checks), but for a parameter this model
     does not take, the upstream would refuse it as unknown: it is not forwarded. Dropped without
     an adjustment: its name is the client's choice, never echoed into a header or a metric label."""
-    for param in [p for p, v in work.body.items() if v is None and p not in entry.accepted_params]:
+    params = entry.params(inputs.operation)
+    for param in [p for p, v in work.body.items() if v is None and p not in params]:
         del work.body[param]
 
 
