@@ -22,9 +22,7 @@ from gateway.auth import Credential, authenticate
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
-    PayloadTooLarge,
     PolicyViolation,
-    UnsupportedMediaType,
     UpstreamAuthFailed,
 )
 from gateway.limits import Admission, Reservation, Store, merge_upstream_limit_headers
@@ -32,6 +30,7 @@ from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.middleware import RECORD, RequestRecord
 from gateway.relay import RelayOutcome, relay
+from gateway.requests.json_body import parse
 from gateway.runtime import Route, Runtime, RuntimeHolder
 from policies.catalog import ModelEntry
 from policies.cost import Cost, actual_cost, estimate
@@ -343,43 +342,3 @@ def _plain(value: Any) -> str:
 def _violation_message(decision: Decision) -> str:
     parts = [v.message for v in decision.violations]
     return "Request violates the tenant's policy: " + " ".join(parts)
-
-
-async def parse(request: web.Request, max_body_bytes: int) -> dict[str, Any]:
-    """The request body as a JSON object, size-capped, or an OpenAI-style 4xx."""
-    content_type = request.headers.get("Content-Type", "")
-    if content_type.split(";", 1)[0].strip().lower() != "application/json":
-        raise UnsupportedMediaType(
-            f"Content-Type must be application/json, got {content_type or 'none'!r}.",
-            code="invalid_content_type",
-        )
-    raw = await _read_capped(request, max_body_bytes)
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(
-            f"The request body is not valid JSON: {exc.msg} (at byte {exc.pos}).", code="invalid_json"
-        ) from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    prompt = body.get("prompt")
-    if prompt is None:
-        raise InvalidRequest(
-            "Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter"
-        )
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InvalidRequest("'prompt' must be a non-empty string.", param="prompt", code="invalid_value")
-    return body
-
-
-async def _read_capped(request: web.Request, limit: int) -> bytes:
-    too_large = PayloadTooLarge(f"The request body is larger than the gateway's limit of {limit} bytes.")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
