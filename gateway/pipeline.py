@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -30,11 +29,12 @@ from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.middleware import RECORD, RequestRecord
 from gateway.relay import RelayOutcome, relay
-from gateway.requests.json_body import parse
+from gateway.requests.model import PATHS, ClientRequest, read_request
 from gateway.runtime import Route, Runtime, RuntimeHolder
 from policies.catalog import ModelEntry
 from policies.cost import Cost, actual_cost, estimate
 from policies.engine import Decision, evaluate
+from policies.entry import Operation
 
 log = get_logger("gateway.pipeline")
 
@@ -49,6 +49,7 @@ class Admitted:
     estimate: Cost
     admission: Admission
     reservation: Reservation
+    client: ClientRequest
     # The upstream may be generating: from sending the body until it answers with an error or
     # the send fails. Cut off meanwhile (shutdown), the request is billed at the estimate.
     forwarded: bool = False
@@ -64,19 +65,25 @@ class Pipeline:
         self.metrics = metrics
         self.tasks: set[asyncio.Task[web.StreamResponse]] = set()
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request, operation: Operation = "generate") -> web.StreamResponse:
         runtime = self.runtime.current
         record = request[RECORD]
+        record.fields["operation"] = operation
         credential = authenticate(runtime.credentials, request.headers.get("Authorization"))
         record.tenant, record.key = credential.tenant, credential.key_label
-        body = await parse(request, runtime.settings.server.max_body_bytes)
-        decision = self.apply_policy(runtime, credential, body, record)
-        admitted = await self.admit(runtime, credential, decision, record)
+        client = await read_request(request, operation, runtime.settings.server)
+        try:
+            decision = self.apply_policy(runtime, credential, client, record)
+            admitted = await self.admit(runtime, credential, decision, client, record)
+        except BaseException:
+            client.close()  # an upload's spooled files go with the request, on every path
+            raise
         # From here the work is owned by the pipeline, not by the connection: if the handler is
         # cancelled (client gone, shutdown), the upstream is still drained and the request settled.
         work = asyncio.create_task(self.serve(request, runtime, credential, admitted, record))
         self.tasks.add(work)
         work.add_done_callback(self._forget)
+        work.add_done_callback(lambda _: client.close())
         record.pending = work
         return await asyncio.shield(work)
 
@@ -122,9 +129,10 @@ class Pipeline:
             await asyncio.wait(pending)
 
     def apply_policy(
-        self, runtime: Runtime, credential: Credential, body: dict[str, Any], record: RequestRecord
+        self, runtime: Runtime, credential: Credential, client: ClientRequest, record: RequestRecord
     ) -> Decision:
-        decision = evaluate(runtime.policies[credential.tenant], runtime.catalog, runtime.targets, body)
+        policy = runtime.policies[credential.tenant]
+        decision = evaluate(policy, runtime.catalog, runtime.targets, client.body, client.inputs)
         record.stream = decision.body.get("stream") is True
         if decision.model in runtime.routes:
             record.model = decision.model
@@ -157,10 +165,15 @@ class Pipeline:
         return decision
 
     async def admit(
-        self, runtime: Runtime, credential: Credential, decision: Decision, record: RequestRecord
+        self,
+        runtime: Runtime,
+        credential: Credential,
+        decision: Decision,
+        client: ClientRequest,
+        record: RequestRecord,
     ) -> Admitted:
         assert decision.model is not None and decision.entry is not None  # allowed decisions name both
-        cost = estimate(decision.body, decision.entry)
+        cost = estimate(decision.body, decision.entry, client.inputs)
         user = decision.body.get("user")
         plan = runtime.limit_plan(credential, user if isinstance(user, str) else None)
         admission = await self.store.reserve(plan, cost, request_id=record.request_id, model=decision.model)
@@ -169,25 +182,22 @@ class Pipeline:
             error.headers = {**admission.headers, **error.headers}
             raise error
         record.fields["estimate_tokens"] = cost.tokens
-        return Admitted(
-            decision, decision.entry, runtime.routes[decision.model], cost, admission, admission.reservation
-        )
+        route = runtime.routes[decision.model]
+        return Admitted(decision, decision.entry, route, cost, admission, admission.reservation, client)
 
     async def forward_and_relay(
         self, request: web.Request, runtime: Runtime, admitted: Admitted, record: RequestRecord
     ) -> tuple[web.StreamResponse, RelayOutcome]:
         route = admitted.route
-        body = dict(admitted.decision.body)
-        body["model"] = route.upstream_model
+        fields = dict(admitted.decision.body)
+        fields["model"] = route.upstream_model
+        client = admitted.client
+        body = client.upstream_body(fields)
+        sent_headers = upstream.upstream_headers(route, request.headers, record.request_id, body)
         forwarded_at = time.perf_counter()
         admitted.forwarded = True
         try:
-            response = await upstream.send(
-                self.sessions,
-                route,
-                orjson.dumps(body),
-                upstream.upstream_headers(route, request.headers, record.request_id),
-            )
+            response = await upstream.send(self.sessions, route, PATHS[client.operation], body, sent_headers)
         except GatewayError as error:
             # Refunded only when the upstream was never reached; after the body went out (a read
             # timeout, a dropped connection) it may have generated, and billed: the estimate stands.

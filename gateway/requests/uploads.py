@@ -1,0 +1,166 @@
+"""An upload's parts, spooled, and the multipart body that carries them to the upstream.
+
+Owns the parts of a multipart request as received (text fields with their raw bytes, files in
+SpooledTemporaryFiles: in memory up to `SPOOL_BYTES` each, then an anonymous temporary file that
+the system deletes when it is closed, whatever happens), what a file's header says it is (format
+and dimensions via Pillow, which reads the header without decoding pixels), and `UploadBody`: the
+multipart body for the upstream, built from the decided fields and streamed from the spooled files.
+The body can be sent more than once (each send rewinds the files), so a retry to another target
+sends the same bytes. Files go out byte-identical, in their order, under their own
+Content-Disposition and Content-Type; text fields the policy did not change go out as received.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from tempfile import SpooledTemporaryFile
+from typing import IO, Any
+
+from PIL import Image, UnidentifiedImageError
+
+from policies.uploads import InputImage
+
+SPOOL_BYTES = 256 * 1024  # per file part: beyond this it goes to a temporary file
+CHUNK_BYTES = 256 * 1024  # read and sent in pieces of this size
+_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+
+
+@dataclass(slots=True)
+class TextPart:
+    name: str
+    raw: bytes  # the value as received
+    value: Any  # as the policy reads it (typed: ints, booleans; None for an empty value)
+    headers: list[tuple[str, str]]
+
+
+@dataclass(slots=True)
+class FilePart:
+    name: str
+    filename: str
+    content_type: str
+    headers: list[tuple[str, str]]
+    # closed by close(): on every path of the request that owns it
+    file: SpooledTemporaryFile[bytes] = field(default_factory=lambda: SpooledTemporaryFile(SPOOL_BYTES))  # noqa: SIM115
+    size: int = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.file.write(chunk)
+        self.size += len(chunk)
+
+    def describe(self) -> InputImage:
+        """What the file is, from its header; `format` None when Pillow cannot identify it."""
+        self.file.seek(0)
+        try:
+            with Image.open(_Unclosable(self.file)) as image:  # type: ignore[arg-type]
+                kind = _FORMATS.get(str(image.format), str(image.format).lower())
+                width, height = image.size
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            return InputImage(self.name, self.filename, self.content_type, None, 0, 0, self.size)
+        return InputImage(self.name, self.filename, self.content_type, kind, width, height, self.size)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _Unclosable:
+    """A view of a spooled file that Pillow may close without closing the file itself."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class Upload:
+    """Every part of one multipart request, in the order received; close() frees the spooled files."""
+
+    parts: list[TextPart | FilePart] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[FilePart]:
+        return [p for p in self.parts if isinstance(p, FilePart)]
+
+    def close(self) -> None:
+        for part in self.files:
+            part.close()
+
+    def body(self, fields: Mapping[str, Any]) -> UploadBody:
+        """The multipart body for the upstream: `fields` (the decided body) and the files."""
+        boundary = f"gateway-{uuid.uuid4().hex}"
+        pieces: list[bytes | FilePart] = []
+        sent: set[str] = set()
+        for part in self.parts:
+            if isinstance(part, FilePart):
+                pieces += [_head(boundary, part.headers), part, b"\r\n"]
+                continue
+            if part.name not in fields or (fields[part.name] is None and part.value is not None):
+                continue  # removed by the policy (a dropped null is not sent)
+            value = fields[part.name]
+            raw = part.raw if value == part.value and type(value) is type(part.value) else _text(value)
+            pieces += [_head(boundary, part.headers) + raw + b"\r\n"]
+            sent.add(part.name)
+        for name, value in fields.items():
+            if name not in sent and value is not None:
+                disposition = f'form-data; name="{name}"'
+                pieces.append(
+                    _head(boundary, [("Content-Disposition", disposition)]) + _text(value) + b"\r\n"
+                )
+        pieces.append(b"--" + boundary.encode() + b"--\r\n")
+        return UploadBody(f"multipart/form-data; boundary={boundary}", pieces)
+
+
+@dataclass(frozen=True, slots=True)
+class UploadBody:
+    """A multipart body that can be streamed any number of times; `length` is known in advance."""
+
+    content_type: str
+    pieces: list[bytes | FilePart]
+
+    @property
+    def length(self) -> int:
+        return sum(len(p) if isinstance(p, bytes) else p.size for p in self.pieces)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for piece in self.pieces:
+            if isinstance(piece, bytes):
+                yield piece
+                continue
+            piece.file.seek(0)
+            while chunk := piece.file.read(CHUNK_BYTES):
+                yield chunk
+
+
+def _head(boundary: str, headers: list[tuple[str, str]]) -> bytes:
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    return f"--{boundary}\r\n{lines}\r\n".encode("utf-8", "surrogateescape")
+
+
+def _text(value: Any) -> bytes:
+    if value is True or value is False:
+        return b"true" if value else b"false"
+    return str(value).encode()
+
+
+def part_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The headers of a part worth forwarding: its Content-Disposition and Content-Type, as sent."""
+    return [(name, headers[name]) for name in ("Content-Disposition", "Content-Type") if name in headers]
+
+
+def close_quietly(upload: Upload | None) -> None:
+    if upload is not None:
+        with contextlib.suppress(OSError):
+            upload.close()
