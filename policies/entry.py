@@ -108,7 +108,7 @@ class InputImageTokens(Frozen):
     `high_fidelity_square` (square image) or `high_fidelity_other` tokens to each of the first
     `high_fidelity_images` images.
     `patches` (gpt-image-2): magnify up to `max_magnify` times towards a longest side of
-    `magnify_to`, then count `patch`-pixel patches, scaled down to at most `budget`.
+    `magnify_to`, then count `patch`-pixel patches, at most `budget` (a larger image is scaled down).
     """
 
     method: Literal["tiles", "patches"]

@@ -155,8 +155,5 @@ def image_tokens(rule: InputImageTokens, width: int, height: int) -> int:
         return rule.base + rule.per_tile * tiles
     magnify = min(float(rule.max_magnify), max(1.0, rule.magnify_to / max(width, height)))
     w, h = width * magnify, height * magnify
-    patches = math.ceil(w / rule.patch) * math.ceil(h / rule.patch)
-    if patches > rule.budget:
-        shrink = math.sqrt(rule.budget / patches)
-        patches = min(rule.budget, math.ceil(w * shrink / rule.patch) * math.ceil(h * shrink / rule.patch))
-    return patches
+    # an image over the budget is scaled down until it fits: the budget bounds it from above
+    return min(rule.budget, math.ceil(w / rule.patch) * math.ceil(h / rule.patch))
