@@ -68,7 +68,7 @@ class Pipeline:
     async def handle(self, request: web.Request, operation: Operation = "generate") -> web.StreamResponse:
         runtime = self.runtime.current
         record = request[RECORD]
-        record.fields["operation"] = operation
+        record.operation = operation
         credential = authenticate(runtime.credentials, request.headers.get("Authorization"))
         record.tenant, record.key = credential.tenant, credential.key_label
         client = await read_request(request, operation, runtime.settings.server)

@@ -441,6 +441,9 @@ async def test_image_input_tokens_are_settled_and_counted(gateway: Running, mock
     assert image_in == input_image_tokens("gpt-image-1", 1024, 1536) > 0
     labels = {"tenant": "team", "model": "gpt-image-1.5", "bucket": "image_in"}
     assert gateway.metric("gateway_tokens_total", **labels) == image_in
+    by_operation = {"tenant": "team", "model": "gpt-image-1.5", "route": "openai", "status": "200"}
+    assert gateway.metric("gateway_requests_total", **by_operation, operation="edit") == 1
+    assert gateway.metric("gateway_requests_total", **by_operation, operation="generate") == 0
 
 
 async def test_a_client_leaving_mid_upload_leaves_no_spooled_file(
