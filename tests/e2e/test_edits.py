@@ -442,7 +442,11 @@ async def test_image_input_tokens_are_settled_and_counted(gateway: Running, mock
     labels = {"tenant": "team", "model": "gpt-image-1.5", "bucket": "image_in"}
     assert gateway.metric("gateway_tokens_total", **labels) == image_in
     by_operation = {"tenant": "team", "model": "gpt-image-1.5", "route": "openai", "status": "200"}
-    assert gateway.metric("gateway_requests_total", **by_operation, operation="edit") == 1
+
+    async def counted() -> bool:  # recorded once the response is finished, after the client has it
+        return gateway.metric("gateway_requests_total", **by_operation, operation="edit") == 1
+
+    await eventually(counted)
     assert gateway.metric("gateway_requests_total", **by_operation, operation="generate") == 0
 
 
