@@ -46,7 +46,7 @@ class FilePart:
     file: SpooledTemporaryFile[bytes] = field(default_factory=lambda: SpooledTemporaryFile(SPOOL_BYTES))  # noqa: SIM115
     size: int = 0
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         self.file.write(chunk)
         self.size += len(chunk)
 
@@ -156,8 +156,10 @@ def _text(value: Any) -> bytes:
 
 
 def part_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
-    """The headers of a part worth forwarding: its Content-Disposition and Content-Type, as sent."""
-    return [(name, headers[name]) for name in ("Content-Disposition", "Content-Type") if name in headers]
+    """The headers of a part worth forwarding (`headers` keyed in lower case): its
+    Content-Disposition and Content-Type, their values as sent."""
+    names = (("Content-Disposition", "content-disposition"), ("Content-Type", "content-type"))
+    return [(name, headers[key]) for name, key in names if key in headers]
 
 
 def close_quietly(upload: Upload | None) -> None:
