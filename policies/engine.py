@@ -1,4 +1,4 @@
-"""The decision engine: `evaluate(policy, catalog, routes, body) -> Decision`, in a fixed order.
+"""The decision engine: `evaluate(policy, catalog, routes, body, inputs) -> Decision`, in a fixed order.
 
 1. Model. `model` absent or null: the policy's `default_model`, else OpenAI's rule (dall-e-2 unless
    a GPT-image-only parameter is present; data in catalog.yaml). A name with a route is served as
@@ -6,7 +6,10 @@
    route follows its catalog `lifecycle`: `alias` rewrites `model` to the replacement (following
    chains, translating parameter values the replacement names differently, e.g. dall-e-3's
    `quality: hd` -> `high`), `reject` answers `model_deprecated`. Anything else is `model_not_found`.
-2. Capabilities (`policies.capabilities`): the first thing the model would refuse, as `error` (400).
+2. Capabilities: the first thing the model would refuse, as `error` (400): an operation the model
+   has no endpoint for (dall-e-3 edits) or the route's upstream has no API for (DigitalOcean edits,
+   unless declared), `policies.capabilities` on the fields (which differ per operation), then
+   `policies.uploads` on an edit's or variation's files (count, formats, size, mask).
    A `null` for a parameter the model does not take passes (null means "the default") but is
    dropped, unreported (its name is the client's): the upstream would refuse it as unknown.
 3. Tenant policy (`policies.tenant`): every broken rule, as `violations` (403 unless shadow), and
