@@ -17,6 +17,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway import upstream
+from gateway.admission import AdmissionQueue
 from gateway.auth import Credential, authenticate
 from gateway.errors import (
     GatewayError,
@@ -63,21 +64,23 @@ class Pipeline:
         self.sessions = sessions
         self.store = store
         self.metrics = metrics
+        self.admissions = AdmissionQueue(runtime.current.settings.server.max_pending_admissions, metrics)
         self.tasks: set[asyncio.Task[web.StreamResponse]] = set()
 
     async def handle(self, request: web.Request, operation: Operation = "generate") -> web.StreamResponse:
         runtime = self.runtime.current
         record = request[RECORD]
         record.operation = operation
-        credential = authenticate(runtime.credentials, request.headers.get("Authorization"))
-        record.tenant, record.key = credential.tenant, credential.key_label
-        client = await read_request(request, operation, runtime.settings.server)
-        try:
-            decision = self.apply_policy(runtime, credential, client, record)
-            admitted = await self.admit(runtime, credential, decision, client, record)
-        except BaseException:
-            client.close()  # an upload's spooled files go with the request, on every path
-            raise
+        with self.admissions:  # beyond its bound: 503 overloaded, before the body is read
+            credential = authenticate(runtime.credentials, request.headers.get("Authorization"))
+            record.tenant, record.key = credential.tenant, credential.key_label
+            client = await read_request(request, operation, runtime.settings.server)
+            try:
+                decision = self.apply_policy(runtime, credential, client, record)
+                admitted = await self.admit(runtime, credential, decision, client, record)
+            except BaseException:
+                client.close()  # an upload's spooled files go with the request, on every path
+                raise
         # From here the work is owned by the pipeline, not by the connection: if the handler is
         # cancelled (client gone, shutdown), the upstream is still drained and the request settled.
         work = asyncio.create_task(self.serve(request, runtime, credential, admitted, record))

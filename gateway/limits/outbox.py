@@ -1,6 +1,6 @@
 """Settlements the store could not take yet: kept in order, retried in the background, applied once.
 
-A settle that fails (the store is down, or slower than `timeout_ms`) is not lost: it waits here,
+A settle that fails (the store is down, or did not answer within `timeout_ms`) is not lost: it waits here,
 and one background task delivers the oldest first, in batches, backing off from 50 ms to 5 s
 while the store keeps failing, and trying again at once when another call finds the store back
 (`wake`). The request that produced it has long been answered. So do the releases of reserves
