@@ -107,11 +107,13 @@ class LimitStore:
         with contextlib.suppress(StoreFailure):
             await self._guard("start", self._engine.start)
 
-    async def close(self) -> None:
+    async def close(self) -> int:
+        """Deliver what the outbox holds (bounded), then close: the number given up."""
         if self._renewer is not None:
             self._renewer.cancel()
-        await self._outbox.close()
+        lost = await self._outbox.close()
         await self._engine.close()
+        return lost
 
     async def healthy(self) -> bool:
         try:

@@ -439,7 +439,7 @@ async def test_image_input_tokens_are_settled_and_counted(gateway: Running, mock
     assert result.usage is not None
     image_in = result.usage.input_tokens_details.image_tokens
     assert image_in == input_image_tokens("gpt-image-1", 1024, 1536) > 0
-    labels = {"tenant": "team", "model": "gpt-image-1.5", "bucket": "image_in"}
+    labels = {"tenant": "team", "model": "gpt-image-1.5", "bucket": "image_in", "settled": "usage"}
     assert gateway.metric("gateway_tokens_total", **labels) == image_in
     by_operation = {"tenant": "team", "model": "gpt-image-1.5", "route": "openai", "status": "200"}
 
