@@ -8,7 +8,7 @@ prints the same for a human. Denied pattern rules are shown with their pattern, 
 A generation is given as its JSON body. An edit or a variation is given as
 `{"operation": "edit" | "variation", "body": {fields}, "files": [{"field": "image[]" | "image" |
 "mask", "format": "png", "width": 1024, "height": 1024, "bytes": 123456, "filename"?: ...}]}`:
-the fields and what the files' headers say (what the access log's request description holds).
+the fields and what the files' headers say.
 """
 
 from __future__ import annotations

@@ -75,6 +75,7 @@ class Pipeline:
             credential = authenticate(runtime.credentials, request.headers.get("Authorization"))
             record.tenant, record.key = credential.tenant, credential.key_label
             client = await read_request(request, operation, runtime.settings.server)
+            record.fields.update(client.log_fields())
             try:
                 decision = self.apply_policy(runtime, credential, client, record)
                 admitted = await self.admit(runtime, credential, decision, client, record)

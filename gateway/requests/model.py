@@ -46,10 +46,14 @@ class ClientRequest:
         """Free the spooled files (deleting any temporary file); safe to call more than once."""
         close_quietly(self.upload)
 
-    def describe(self) -> dict[str, Any]:
-        """The fields and the files' headers, as `gateway explain` takes them back."""
-        files = [*self.inputs.images, *([self.inputs.mask] if self.inputs.mask else [])]
-        return {"operation": self.operation, "body": self.body, "files": [f.describe() for f in files]}
+    def log_fields(self) -> dict[str, int]:
+        """What the access log says of an upload: how many input images, how many bytes of files."""
+        if self.upload is None:
+            return {}
+        return {
+            "input_images": len(self.inputs.images),
+            "upload_bytes": sum(f.size for f in self.upload.files),
+        }
 
 
 async def read_request(request: web.Request, operation: Operation, server: ServerSettings) -> ClientRequest:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from tempfile import SpooledTemporaryFile
@@ -54,9 +55,11 @@ class FilePart:
         """What the file is, from its header; `format` None when Pillow cannot identify it."""
         self.file.seek(0)
         try:
-            with Image.open(_Unclosable(self.file)) as image:  # type: ignore[arg-type]
-                kind = _FORMATS.get(str(image.format), str(image.format).lower())
-                width, height = image.size
+            with warnings.catch_warnings():  # only the header is read: a huge size is no bomb here
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(_Unclosable(self.file)) as image:  # type: ignore[arg-type]
+                    kind = _FORMATS.get(str(image.format), str(image.format).lower())
+                    width, height = image.size
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
             return InputImage(self.name, self.filename, self.content_type, None, 0, 0, self.size)
         return InputImage(self.name, self.filename, self.content_type, kind, width, height, self.size)

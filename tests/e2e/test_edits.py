@@ -21,6 +21,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestServer
 from PIL import Image
+from structlog.testing import capture_logs
 
 from gateway.mock_upstream import RECEIVED, MockOptions, create_mock_app
 from gateway.mock_upstream.models import input_image_tokens
@@ -507,3 +508,23 @@ async def test_the_ledger_shows_image_input_tokens(
         await eventually(settled)
         [row] = await ledger_rows(session, gw.url)
     assert row["requests"] == 1 and row["image_out_tokens"] == result.usage.output_tokens
+
+
+async def test_the_access_log_names_the_operation_and_the_upload(
+    start_gateway: StartGateway, mock: TestServer
+) -> None:
+    gw = await start(start_gateway, mock)
+    files = [("a.png", image_bytes(64, 64), "image/png"), ("b.png", image_bytes(32, 32), "image/png")]
+    with capture_logs() as logs:
+        client = async_sdk(gw)
+        await client.images.edit(model="gpt-image-1.5", image=files, prompt="p", quality="low")
+        await client.close()
+
+        async def logged() -> bool:
+            return any(line["event"] == "request_finished" for line in logs)
+
+        await eventually(logged)
+    [line] = [line for line in logs if line["event"] == "request_finished"]
+    assert line["operation"] == "edit" and line["input_images"] == 2
+    assert line["upload_bytes"] == sum(len(data) for _, data, _ in files)
+    assert "prompt" not in line and TENANT_KEY not in str(line)
