@@ -1,7 +1,8 @@
 """The decision engine: `evaluate(policy, catalog, routes, body, inputs) -> Decision`, in a fixed order.
 
-1. Model. `model` absent or null: the policy's `default_model`, else OpenAI's rule (dall-e-2 unless
-   a GPT-image-only parameter is present; data in catalog.yaml). A name with a route is served as
+1. Model. `model` absent or null: the policy's `default_model` (when its model has an endpoint for
+   the operation: a variation falls back to OpenAI's rule), else OpenAI's rule (dall-e-2 unless a
+   GPT-image-only parameter is present; data in catalog.yaml). A name with a route is served as
    is, retired or not (the operator knows its upstream still serves it). A retired name without a
    route follows its catalog `lifecycle`: `alias` rewrites `model` to the replacement (following
    chains, translating parameter values the replacement names differently, e.g. dall-e-3's
@@ -38,6 +39,7 @@ from typing import Any, Literal
 from policies import capabilities, tenant, uploads
 from policies.capabilities import is_int
 from policies.catalog import Catalog, ModelEntry
+from policies.entry import Operation
 from policies.findings import (
     CAPABILITY,
     INVALID_VALUE,
@@ -122,12 +124,12 @@ def evaluate(
         )
         return Decision(None, None, {}, not_object, (), (), shadow)
     work = _Work(dict(raw))
-    resolved = _resolve_model(policy, catalog, routes, work)
+    resolved = _resolve_model(policy, catalog, routes, work, inputs.operation)
     if isinstance(resolved, Violation):
         return Decision(None, None, work.body, resolved, (), tuple(work.adjustments), shadow)
     model, entry = resolved
     error = (
-        uploads.unsupported(entry, inputs.operation, model)
+        _unsupported(entry, inputs, model, work)
         or _upstream_lacks(routes[model], inputs, model)
         or capabilities.check(entry, work.body, model, inputs.operation)
         or uploads.check(entry, inputs, model)
@@ -163,13 +165,31 @@ def _drop_null_unknown(entry: ModelEntry, work: _Work, inputs: Inputs) -> None:
         del work.body[param]
 
 
+def _unsupported(entry: ModelEntry, inputs: Inputs, model: str, work: _Work) -> Violation | None:
+    """The model has no endpoint for the operation; the message says how the model was chosen."""
+    found = uploads.unsupported(entry, inputs.operation, model)
+    chosen = [a.reason for a in work.adjustments if a.param == "model"]
+    if found is None or not chosen:
+        return found
+    return Violation(
+        found.rule, found.param, f"{found.message[:-1]} ({'; '.join(chosen)}).", None, found.code
+    )
+
+
 def _resolve_model(
-    policy: Policy, catalog: Catalog, routes: Mapping[str, RouteTarget], work: _Work
+    policy: Policy,
+    catalog: Catalog,
+    routes: Mapping[str, RouteTarget],
+    work: _Work,
+    operation: Operation,
 ) -> tuple[str, ModelEntry] | Violation:
     name = work.body.get("model")
     if name is None:
-        name = policy.default_model or catalog.implicit_model(work.body)
-        reason = "policy default_model" if policy.default_model else "OpenAI's default when model is omitted"
+        default = policy.default_model
+        if default is not None and not _serves(catalog, routes, default, operation):
+            default = None  # a default for generations (say) that has no such endpoint: OpenAI's rule
+        name = default or catalog.implicit_model(work.body)
+        reason = "policy default_model" if default else "OpenAI's default when model is omitted"
         work.set("model", name, reason)
     if not isinstance(name, str):
         return Violation(MODEL, "model", f"'model' must be a string; got {name!r}.", None, INVALID_VALUE)
@@ -187,6 +207,12 @@ def _resolve_model(
         message = f"The model {name!r} is routed but has no catalog entry {routes[name].catalog!r}."
         return Violation(MODEL, "model", message, None, MODEL_NOT_FOUND)
     return name, target_entry
+
+
+def _serves(catalog: Catalog, routes: Mapping[str, RouteTarget], name: str, operation: Operation) -> bool:
+    target = routes.get(name)
+    entry = catalog.get(target.catalog) if target is not None else None
+    return entry is not None and operation in entry.operations
 
 
 def _alias(entry: ModelEntry, name: str, work: _Work) -> str:

@@ -57,7 +57,7 @@ class FilePart:
         try:
             with warnings.catch_warnings():  # only the header is read: a huge size is no bomb here
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(_Unclosable(self.file)) as image:  # type: ignore[arg-type]
+                with Image.open(_Unclosable(self.file)) as image:
                     kind = _FORMATS.get(str(image.format), str(image.format).lower())
                     width, height = image.size
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
@@ -85,6 +85,9 @@ class _Unclosable:
 
     def close(self) -> None:
         pass
+
+    def __getattr__(self, name: str) -> Any:  # readline and the like, for the plugins that use them
+        return getattr(self._file, name)
 
 
 @dataclass(slots=True)

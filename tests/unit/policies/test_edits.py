@@ -168,3 +168,12 @@ def test_catalog_overrides_reach_upload_rules() -> None:
     catalog = load_catalog({"gpt-image-1.5": {"edits": {"max_images": 2}}})
     rule = catalog["gpt-image-1.5"].edits
     assert rule is not None and rule.max_images == 2 and rule.formats == ["png", "webp", "jpeg"]
+
+
+def test_a_variation_without_model_falls_back_to_openais_default_not_a_generation_default() -> None:
+    variation = Inputs("variation", (png(),))
+    served = evaluate(Policy(default_model="gpt-image-1.5"), CATALOG, DALL_E_ROUTES, {}, variation)
+    assert served.allowed and served.model == "dall-e-2"
+    aliased = evaluate(Policy(default_model="gpt-image-1.5"), CATALOG, ROUTES, {}, variation)
+    assert aliased.error is not None and aliased.error.code == "unsupported_operation"
+    assert "dall-e-2 retired" in aliased.error.message  # says how it came to gpt-image-1-mini
