@@ -5,7 +5,8 @@ Starts `gateway mock-upstream` and `gateway serve` as separate processes and rep
   (the upload is spooled and streamed: the figure should not grow with the upload);
 - the peak RSS growth for the same upload at a third and two thirds of the size (flat in size?);
 - the gateway's CPU time per edit (from /proc, user + system) for `--requests` edits of a 1 MB
-  image, and the client's p50 latency, direct and through the gateway.
+  image, the mock's own CPU per edit called directly (for scale), and the client's p50 latency,
+  direct and through the gateway.
 
     .venv/bin/python bench/upload_bench.py [--upload-mb 40] [--requests 200] [--concurrency 4]
 """
@@ -75,14 +76,15 @@ async def load(
     return latencies
 
 
-async def rss_growth(gateway: GatewayProcess, headers: dict[str, str], total: int) -> float:
-    """MiB the gateway's peak RSS grows by for one edit of three images adding up to `total` bytes."""
+async def rss_growth(gateway: GatewayProcess, headers: dict[str, str], total: int) -> tuple[float, float]:
+    """The gateway's peak RSS (MiB) before one edit of three images adding up to `total` bytes, and
+    how much that edit grew it."""
     assert gateway.process is not None
     images = [png(total // 3, variant) for variant in range(3)]
     async with aiohttp.ClientSession() as session:
         baseline = peak_rss_kib(gateway.process.pid)
         await edit(session, f"{gateway.url}/v1/images/edits", headers, images)
-    return (peak_rss_kib(gateway.process.pid) - baseline) / 1024
+    return baseline / 1024, (peak_rss_kib(gateway.process.pid) - baseline) / 1024
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -111,10 +113,15 @@ async def bench(args: argparse.Namespace) -> None:
         total = args.upload_mb * 1_000_000
         for fraction in (3, 2, 1):  # a third, two thirds, all of it: does the growth follow the size?
             size = total * (4 - fraction) // 3
-            growth = await rss_growth(gateway, tenant, size)
-            print(f"upload {size / 1e6:5.1f} MB in 3 images: gateway peak RSS grew by {growth:5.1f} MiB")
+            peak, growth = await rss_growth(gateway, tenant, size)
+            print(
+                f"upload {size / 1e6:5.1f} MB in 3 images: gateway peak RSS {peak:5.1f} MiB before,"
+                f" grew by {growth:5.1f} MiB"
+            )
 
+        mock_before = cpu_seconds(mock.pid)
         direct = await load(direct_url, upstream, one_mb, args.requests, args.concurrency)
+        mock_ms = (cpu_seconds(mock.pid) - mock_before) * 1000 / args.requests
         cpu_before = cpu_seconds(pid)
         through = await load(gateway_url, tenant, one_mb, args.requests, args.concurrency)
         cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / args.requests
@@ -126,6 +133,7 @@ async def bench(args: argparse.Namespace) -> None:
             f"  gateway  p50 {percentile(through, 0.5) * 1000:7.2f} ms   mean {statistics.mean(through) * 1000:7.2f} ms"
         )
         print(f"  gateway CPU per edit: {cpu_ms:.2f} ms (user + system)")
+        print(f"  mock upstream CPU per edit, called directly: {mock_ms:.2f} ms (for scale)")
     finally:
         gateway.stop()
         mock.terminate()
