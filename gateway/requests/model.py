@@ -60,7 +60,7 @@ async def read_request(request: web.Request, operation: Operation, server: Serve
     """The parse stage: the request as one model, or an OpenAI-style 4xx."""
     if operation == "generate":
         return ClientRequest("generate", await parse(request, server.max_body_bytes), GENERATE)
-    upload = await read_multipart(request, server.max_upload_bytes)
+    upload = await read_multipart(request, server.max_upload_bytes, server.upload_dir)
     try:
         return _from_upload(operation, upload)
     except BaseException:

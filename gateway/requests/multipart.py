@@ -45,7 +45,7 @@ def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"The upload is larger than the gateway's limit of {limit} bytes.")
 
 
-async def read_multipart(request: web.Request, limit: int) -> Upload:
+async def read_multipart(request: web.Request, limit: int, spool_dir: str | None = None) -> Upload:
     """Every part of the request, files spooled; raises an OpenAI-style 4xx for a bad body."""
     content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
     if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":
@@ -60,7 +60,8 @@ async def read_multipart(request: web.Request, limit: int) -> Upload:
         raise _too_large(limit)
     upload = Upload()
     try:
-        await _Parser(request.content, limit, (found[1] or found[2]).encode(), upload).run()
+        boundary = (found[1] or found[2]).encode()
+        await _Parser(request.content, limit, boundary, upload, spool_dir).run()
     except BaseException:  # a 4xx, or the client left (connection reset, cancelled)
         close_quietly(upload)
         raise
@@ -70,8 +71,11 @@ async def read_multipart(request: web.Request, limit: int) -> Upload:
 class _Parser:
     """One pass over the body: preamble, then (headers, content) per part, until the close delimiter."""
 
-    def __init__(self, content: StreamReader, limit: int, boundary: bytes, upload: Upload) -> None:
+    def __init__(
+        self, content: StreamReader, limit: int, boundary: bytes, upload: Upload, spool_dir: str | None = None
+    ) -> None:
         self.content = content
+        self.spool_dir = spool_dir
         self.limit = limit
         self.received = 0
         self.buffer = bytearray()
@@ -134,7 +138,7 @@ class _Parser:
             raise _malformed("a part has no name in its Content-Disposition")
         kept = part_headers(headers)
         if "filename" in params:
-            file = FilePart(name, params["filename"], headers.get("content-type", ""), kept)
+            file = FilePart(name, params["filename"], headers.get("content-type", ""), kept, self.spool_dir)
             try:
                 await self.content_into(file.write, None)
             except BaseException:

@@ -16,7 +16,7 @@ import contextlib
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from tempfile import SpooledTemporaryFile
 from typing import IO, Any
 
@@ -43,9 +43,13 @@ class FilePart:
     filename: str
     content_type: str
     headers: list[tuple[str, str]]
-    # closed by close(): on every path of the request that owns it
-    file: SpooledTemporaryFile[bytes] = field(default_factory=lambda: SpooledTemporaryFile(SPOOL_BYTES))  # noqa: SIM115
+    directory: InitVar[str | None] = None  # where it spools beyond SPOOL_BYTES (None: the system's)
+    file: SpooledTemporaryFile[bytes] = field(init=False)
     size: int = 0
+
+    def __post_init__(self, directory: str | None) -> None:
+        # closed by close(): on every path of the request that owns it
+        self.file = SpooledTemporaryFile(SPOOL_BYTES, dir=directory)  # noqa: SIM115
 
     def write(self, chunk: bytes | memoryview) -> None:
         self.file.write(chunk)

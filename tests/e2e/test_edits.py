@@ -14,6 +14,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -53,7 +54,7 @@ def mask_bytes(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
-def open_spooled_files() -> int:
+def open_spooled(directory: str | None = None) -> int:
     """Open descriptors of this process on temporary files (where spooled uploads go)."""
     count = 0
     for fd in os.listdir("/proc/self/fd"):
@@ -61,8 +62,12 @@ def open_spooled_files() -> int:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
-        count += target.startswith(tempfile.gettempdir())
+        count += target.startswith(directory or tempfile.gettempdir())
     return count
+
+
+def open_spooled_files() -> int:
+    return open_spooled()
 
 
 def sdk(gateway: Running) -> openai.OpenAI:
@@ -451,10 +456,16 @@ async def test_image_input_tokens_are_settled_and_counted(gateway: Running, mock
     assert gateway.metric("gateway_requests_total", **by_operation, operation="generate") == 0
 
 
+@pytest.mark.parametrize("own_dir", [False, True], ids=["system-temp", "upload_dir"])
 async def test_a_client_leaving_mid_upload_leaves_no_spooled_file(
-    start_gateway: StartGateway, mock: TestServer
+    start_gateway: StartGateway, mock: TestServer, tmp_path: Path, own_dir: bool
 ) -> None:
-    gw = await start(start_gateway, mock)
+    spool = str(tmp_path) if own_dir else None
+    gw = await start(start_gateway, mock, server={"upload_dir": spool} if own_dir else {})
+
+    def open_spooled_files() -> int:
+        return open_spooled(spool)
+
     before = open_spooled_files()
     body = raw_body("b", [GOOD[0], ('form-data; name="image"; filename="a.png"', PNG + b"\0" * 3_000_000)])
     head = (
