@@ -127,6 +127,7 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
         fail_rate=args.fail_rate,
         retry_after=args.retry_after,
         hang_ms=args.hang_ms,
+        serve_dall_e_2=args.serve_dall_e_2,
     )
     configure_logging("info", "console")
     print(f"mock upstream ({args.flavor}) on http://{args.host}:{args.port}/v1", flush=True)
@@ -161,7 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--tenant", required=True)
     p.add_argument("--json", action="store_true", help="print the decision as JSON")
-    p.add_argument("request", help="a JSON file with the request body")
+    p.add_argument(
+        "request",
+        help='a JSON file with the request body; for an edit or a variation {"operation": "edit",'
+        ' "body": {...}, "files": [{"field": "image[]", "format": "png", "width": 1024, "height": 1024,'
+        ' "bytes": 1}]}',
+    )
 
     add("hash-key", cmd_hash_key, "Print sha256:<hex> of a tenant key read from standard input.")
     add("new-key", cmd_new_key, "Make a random tenant key and print it with its hash.")
@@ -178,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-rate", type=float, default=1.0, help="share of generations that fail (0..1)")
     p.add_argument("--retry-after", type=float, default=None, help="Retry-After seconds sent with a failure")
     p.add_argument("--hang-ms", type=float, default=0.0, help="hold each generation this long")
+    p.add_argument(
+        "--serve-dall-e-2",
+        action="store_true",
+        help="serve dall-e-2 edits and variations (an upstream that still has the retired model)",
+    )
     return parser
 
 

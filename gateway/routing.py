@@ -30,16 +30,21 @@ def flavor_of(name: str, upstream: UpstreamSettings) -> Flavor:
 
 
 def route_targets(settings: Settings) -> dict[str, RouteTarget]:
-    """What the policy engine sees of each route: its catalog entry, and the flavor of its first
-    target (each other target's flavor is applied when it is tried, see `upstreams.targets`)."""
-    return {
-        name: RouteTarget(
-            catalog=route.catalog or name,
-            flavor=flavor_of(first.upstream, settings.upstreams[first.upstream]),
+    """What the policy engine sees of each route: its catalog entry, and the flavor and operations
+    of its first target (the others' are applied when they are tried, see `upstreams.targets`)."""
+    targets = {}
+    for name, route in settings.routes.items():
+        first = route.all_targets[0]
+        upstream = settings.upstreams[first.upstream]
+        targets[name] = RouteTarget(
+            route.catalog or name, flavor_of(first.upstream, upstream), declared_operations(upstream)
         )
-        for name, route in settings.routes.items()
-        for first in route.all_targets[:1]
-    }
+    return targets
+
+
+def declared_operations(upstream: UpstreamSettings) -> frozenset[str] | None:
+    """The operations the operator declared for an upstream (None: its flavor's)."""
+    return frozenset(upstream.operations) if upstream.operations is not None else None
 
 
 def load_world(settings: Settings) -> tuple[Catalog, dict[str, RouteTarget]]:
@@ -119,7 +124,7 @@ def _unknown_values(path: str, policy: Policy, entries: list[ModelEntry]) -> lis
     if not entries:
         return []
     problems = []
-    for field in ("qualities", "moderation", "output_formats", "backgrounds"):  # same names in both
+    for field in ("qualities", "moderation", "output_formats", "backgrounds", "input_fidelities"):
         accepted = sorted({v for e in entries for v in getattr(e, field) or []})
         problems += [
             f"{path}.{field}: {value!r} is not accepted by any of the policy's models"

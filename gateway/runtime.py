@@ -11,7 +11,7 @@ from typing import Literal
 
 from gateway.auth import Credential
 from gateway.limits.plan import LimitPlan
-from gateway.routing import flavor_of, load_world, priced_entry
+from gateway.routing import declared_operations, flavor_of, load_world, priced_entry
 from gateway.settings import RouteSettings, Settings, UpstreamSettings
 from policies.catalog import Catalog, ModelEntry
 from policies.engine import Flavor, RouteTarget
@@ -31,6 +31,7 @@ class Target:
     flavor: Flavor = "openai"
     entry: ModelEntry | None = None  # None only where no price is needed (tests of the relay)
     weight: int = 1
+    operations: frozenset[str] = frozenset({"generate"})  # what its API has (edit, variation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,11 @@ def _route(name: str, route: RouteSettings, settings: Settings, catalog: Catalog
             flavor=flavor_of(target.upstream, settings.upstreams[target.upstream]),
             entry=priced_entry(catalog[target.catalog or entry_name], target),
             weight=target.weight,
+            operations=RouteTarget(
+                entry_name,
+                flavor_of(target.upstream, settings.upstreams[target.upstream]),
+                declared_operations(settings.upstreams[target.upstream]),
+            ).operations,
         )
         for target in route.all_targets
     )

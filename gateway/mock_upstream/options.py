@@ -27,6 +27,7 @@ class MockOptions:
     fail_rate: float = 1.0  # the share of generations that fail with `fail_status`
     retry_after: float | None = None  # the `Retry-After` seconds sent with a forced failure
     hang_ms: float = 0.0  # hold every generation this long after reading it (a read timeout's cause)
+    serve_dall_e_2: bool = False  # an upstream that still serves dall-e-2 edits and variations
 
 
 class Headers(dict[str, str]):
@@ -58,14 +59,26 @@ class Headers(dict[str, str]):
 
 
 @dataclass(frozen=True)
+class ReceivedFile:
+    """A file part of a multipart request, byte for byte."""
+
+    name: str
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
 class ReceivedRequest:
-    """One request as the mock received it. `body` is `{}` when `raw` is not a JSON object."""
+    """One request as the mock received it. `body` is `{}` when `raw` is not a JSON object; for a
+    multipart request it holds the text fields (as strings) and `files` the file parts, in order."""
 
     headers: dict[str, str]
     body: dict[str, Any]
     raw: bytes
     method: str = "POST"
     path: str = ""
+    files: tuple[ReceivedFile, ...] = ()
 
 
 RECEIVED: web.AppKey[list[ReceivedRequest]] = web.AppKey("mock_upstream_received", list)

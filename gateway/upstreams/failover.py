@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import orjson
 
 from gateway.errors import GatewayError, RateLimited, StoreUnavailable
 from gateway.metrics import Metrics
+from gateway.requests.model import PATHS, ClientRequest
 from gateway.runtime import Route, Target
 from gateway.upstreams import transport
 from gateway.upstreams.health import Health, Verdict, cool_down_seconds
@@ -89,6 +89,7 @@ class Request:
     """What every attempt of one request needs."""
 
     route: Route
+    client: ClientRequest  # the operation, and the uploaded files an edit re-sends to each target
     body: Mapping[str, Any]  # as evaluated (public model name)
     estimate: Cost
     tenant: str
@@ -146,15 +147,15 @@ class Forwarder:
     ) -> tuple[aiohttp.ClientResponse, contextlib.AsyncExitStack]:
         """One attempt: the tenant's share of the pool, then the request; the share stays held
         with the response (given back here on any failure, cancellation included)."""
+        client = request.client
+        body = client.upstream_body(sent)
+        headers = transport.upstream_headers(target, request.headers, request.request_id, body)
         share = contextlib.AsyncExitStack()
         try:
             await share.enter_async_context(self.pools.share(target, request.tenant))
             attempts.reached = True
             response = await transport.send(
-                self.pools.session(target),
-                target,
-                orjson.dumps(sent),
-                transport.upstream_headers(target, request.headers, request.request_id),
+                self.pools.session(target), target, PATHS[client.operation], body, headers
             )
         except BaseException:
             await share.aclose()
@@ -197,6 +198,9 @@ class Forwarder:
         ejected: list[Target] = []
         yielded = False
         for target in order:
+            if request.client.operation not in target.operations:
+                self._skipped(attempts, target, "operation")  # e.g. an edit to DigitalOcean: never sent
+                continue
             state = self.health.admit(target.upstream_name, target.upstream)
             if state in ("ejected", "cooling"):
                 self._skipped(attempts, target, state)

@@ -20,6 +20,7 @@ from typing import Any
 from gateway.runtime import Route, Target
 from policies.cost import Cost, estimate
 from policies.engine import Adjustment, for_flavor
+from policies.uploads import GENERATE, Inputs
 
 
 def ordered(route: Route, rng: random.Random) -> list[Target]:
@@ -41,12 +42,17 @@ def body_for(target: Target, body: Mapping[str, Any]) -> tuple[dict[str, Any], t
     return sent, added
 
 
-def covering_estimate(route: Route, body: Mapping[str, Any]) -> Cost:
-    """The estimate at the highest price among `route`'s targets, limit by limit."""
+def covering_estimate(route: Route, body: Mapping[str, Any], inputs: Inputs = GENERATE) -> Cost:
+    """The estimate at the highest price among `route`'s targets that can serve the operation,
+    limit by limit."""
     costs = []
     for target in route.targets:
         assert target.entry is not None
-        costs.append(estimate(body_for(target, body)[0], target.entry))
+        if inputs.operation in target.operations:
+            costs.append(estimate(body_for(target, body)[0], target.entry, inputs))
+    if not costs:  # none can: the request is refused unsent, at whatever the first would cost
+        assert route.targets[0].entry is not None
+        costs.append(estimate(body, route.targets[0].entry, inputs))
     if len(costs) == 1:
         return costs[0]
     return Cost(

@@ -11,7 +11,8 @@ between two reads.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -47,9 +48,26 @@ _DROPPED_RESPONSE_HEADERS = frozenset(
 )
 
 
-def upstream_headers(target: Target, client_headers: Mapping[str, str], request_id: str) -> dict[str, str]:
+class StreamedBody(Protocol):
+    """A body sent in pieces (a multipart upload), of a length known in advance; it can be sent
+    again (each `chunks()` starts from the beginning)."""
+
+    @property
+    def content_type(self) -> str: ...
+    @property
+    def length(self) -> int: ...
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
+def upstream_headers(
+    target: Target, client_headers: Mapping[str, str], request_id: str, body: bytes | StreamedBody
+) -> dict[str, str]:
     headers = {name: client_headers[name] for name in _FORWARDED_REQUEST_HEADERS if name in client_headers}
-    headers["Content-Type"] = "application/json"
+    if isinstance(body, bytes):
+        headers["Content-Type"] = "application/json"
+    else:
+        headers["Content-Type"] = body.content_type
+        headers["Content-Length"] = str(body.length)
     headers["Accept-Encoding"] = "identity"
     headers["X-Request-Id"] = request_id
     key = target.upstream.api_key.get_secret_value()
@@ -70,18 +88,23 @@ def relayable_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 
 async def send(
-    session: aiohttp.ClientSession, target: Target, body: bytes, headers: Mapping[str, str]
+    session: aiohttp.ClientSession,
+    target: Target,
+    path: str,
+    body: bytes | StreamedBody,
+    headers: Mapping[str, str],
 ) -> aiohttp.ClientResponse:
-    """POST the generation to the target's upstream; the response's body is left for the relay."""
+    """POST the request to `path` at the target's upstream; the response's body is left for the relay."""
     settings = target.upstream
     timeout = aiohttp.ClientTimeout(
         total=None,
         connect=settings.connect_timeout_seconds,  # a free pooled connection, or a new one
         sock_read=settings.read_timeout_seconds,
     )
-    url = f"{settings.base_url}/images/generations"
+    url = f"{settings.base_url}{path}"
+    data = body if isinstance(body, bytes) else body.chunks()
     try:
-        return await session.post(url, data=body, headers=headers, timeout=timeout)
+        return await session.post(url, data=data, headers=headers, timeout=timeout)
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise translate(exc, target) from exc
 
