@@ -288,10 +288,12 @@ class Pipeline:
         actual, how = self.actual(admitted, outcome)
         label = "ok" if outcome is not None and _succeeded(outcome) else "failed"
         attempts = admitted.attempts
-        await asyncio.gather(  # one pipelined round trip to the store
-            self.store.settle(admitted.reservation, actual, outcome=label),
-            self.quota.settle(attempts.provider, attempts.last_tried, actual, outcome=label),
-        )
+        settled = self.store.settle(admitted.reservation, actual, outcome=label)
+        if attempts.provider:  # together: one pipelined round trip to the store
+            providers = self.quota.settle(attempts.provider, attempts.last_tried, actual, outcome=label)
+            await asyncio.gather(settled, providers)
+        else:
+            await settled
         tenant, model = credential.tenant, record.model
         self.record_usage(tenant, model, admitted, actual, how)
         record.fields.update(

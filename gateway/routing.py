@@ -10,6 +10,7 @@ accept (a typo such as `qualities: [hight]` would otherwise deny every request).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from gateway.settings import ConfigError, Settings, TargetSettings, UpstreamSettings
 from policies.capabilities import size_problem
@@ -30,15 +31,19 @@ def flavor_of(name: str, upstream: UpstreamSettings) -> Flavor:
 
 
 def route_targets(settings: Settings) -> dict[str, RouteTarget]:
-    """What the policy engine sees of each route: its catalog entry, and the flavor and operations
-    of its first target (the others' are applied when they are tried, see `upstreams.targets`)."""
+    """What the policy engine sees of each route: its catalog entry, the flavor of its first target
+    (each other's is applied when it is tried, see `upstreams.targets`), and the operations any of
+    its targets has (one without the request's operation is skipped when it comes to it)."""
     targets = {}
     for name, route in settings.routes.items():
-        first = route.all_targets[0]
-        upstream = settings.upstreams[first.upstream]
-        targets[name] = RouteTarget(
-            route.catalog or name, flavor_of(first.upstream, upstream), declared_operations(upstream)
-        )
+        each = [
+            RouteTarget(route.catalog or name, flavor_of(t.upstream, up), declared_operations(up))
+            for t in route.all_targets
+            for up in (settings.upstreams[t.upstream],)
+        ]
+        if len(each) > 1:
+            each[0] = replace(each[0], declared_operations=frozenset().union(*(t.operations for t in each)))
+        targets[name] = each[0]
     return targets
 
 

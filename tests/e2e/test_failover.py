@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.mock_upstream import RECEIVED, MockOptions, create_mock_app
 from tests.e2e.conftest import Running, StartGateway, base_url
+from tests.e2e.test_edits import image_bytes
 from tests.e2e.test_quotas import generate
 from tests.support.config import DO_UPSTREAM_KEY, TENANT_KEY, UPSTREAM_KEY
 from tests.support.scripted_upstream import Script, ScriptedUpstream
@@ -295,3 +296,35 @@ async def test_weighted_spread_over_1000_requests(
     assert statuses == [200] * 1000
     assert len(heavy.received) + len(light.received) == 1000
     assert 680 <= len(heavy.received) <= 820  # 750 expected; 820 is more than 5 standard deviations
+
+
+async def test_an_edit_skips_a_target_without_edits_and_fails_over_with_the_upload_resent(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    sick = await mock(start_server, fail_status=503)
+    healthy = await mock(start_server)
+    do = await mock(start_server, "digitalocean")
+    upstreams = upstream_config(base_url(sick), base_url(do))
+    upstreams["second"] = {"base_url": base_url(healthy), "api_key": UPSTREAM_KEY, "flavor": "openai"}
+    route = {
+        "targets": [
+            {"upstream": "digitalocean", "model": "openai-gpt-image-1.5"},
+            {"upstream": "openai"},
+            {"upstream": "second"},
+        ]
+    }
+    gw = await start_gateway(openai_url=base_url(sick), upstreams=upstreams, routes={ROUTE: route})
+    png = image_bytes(256, 256)
+    async with sdk(gw) as client:
+        raw = await client.images.with_raw_response.edit(
+            model=ROUTE, image=("room.png", png, "image/png"), prompt="the same room, in blue", quality="low"
+        )
+    assert raw.headers["x-gateway-upstream"] == "second"
+    assert generations(do) == 0 and len(do.app[RECEIVED]) == 0  # DigitalOcean has no edits: never sent
+    sent = [r for server in (sick, healthy) for r in server.app[RECEIVED]]
+    assert [r.path for r in sent] == ["/v1/images/edits", "/v1/images/edits"]
+    assert all([f.data for f in r.files] == [png] for r in sent)  # the same upload, re-sent whole
+    assert (
+        gw.metric("gateway_upstream_attempts_total", upstream="digitalocean", outcome="skipped_operation")
+        == 1
+    )
