@@ -27,7 +27,7 @@ from pydantic import (
 
 from policies.rules import Policy
 
-_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+_KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -90,7 +90,7 @@ class UpstreamSettings(_Frozen):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
+        if not re.fullmatch(r"https?://[^/\s]+(?:/\S*)?", value):
             raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
         return value.rstrip("/")
 
@@ -130,7 +130,7 @@ class KeySettings(_Frozen):
     @field_validator("hash")
     @classmethod
     def _is_hash(cls, value: str) -> str:
-        if not _KEY_HASH.match(value):
+        if not _KEY_HASH.fullmatch(value):
             raise ValueError(
                 "must be sha256:<64 lowercase hex digits>, never a plaintext key"
                 " (`gateway hash-key` prints it)"

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ClampableRule = Literal["n", "quality", "partial_images", "size"]
-_WXH = re.compile(r"^[1-9][0-9]*x[1-9][0-9]*$")
+_WXH = re.compile(r"[1-9][0-9]*x[1-9][0-9]*")
 
 
 class _Frozen(BaseModel):
@@ -56,7 +56,7 @@ class Policy(_Frozen):
     @classmethod
     def _sizes_are_sizes(cls, values: list[str] | None) -> list[str] | None:
         for size in values or []:
-            if size != "auto" and not _WXH.match(size):
+            if size != "auto" and not _WXH.fullmatch(size):
                 raise ValueError(f"{size!r} is neither auto nor WIDTHxHEIGHT")
         return values
 

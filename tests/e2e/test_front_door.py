@@ -5,6 +5,7 @@ Each test fails without its fix (issue 12): a wrong status, a 500, a leaked byte
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from tests.e2e.conftest import Running, StartGateway, base_url
@@ -49,3 +50,15 @@ async def test_a_valid_key_still_works_over_raw_http(admin_gateway: Running) -> 
         port_of(admin_gateway), request("/v1/images/generations", headers=[JSON, auth], body=GOOD)
     )
     assert response.status == 200
+
+
+@pytest.mark.parametrize("size", ["1024x1024\n", "1024x1536\n", "auto\n"])
+async def test_a_size_with_a_trailing_newline_is_refused(admin_gateway: Running, size: str) -> None:
+    body = orjson.dumps({"model": "gpt-image-2", "prompt": "a cat", "size": size})
+    auth = (b"Authorization", b"Bearer " + TENANT_KEY.encode())
+    response = await exchange(
+        port_of(admin_gateway), request("/v1/images/generations", headers=[JSON, auth], body=body)
+    )
+    assert response.status == 400, response.body
+    assert response.json()["error"]["param"] == "size"  # type: ignore[index]
+    assert "x-upstream-request-id" not in response.headers, "refused by the upstream, not the gateway"
