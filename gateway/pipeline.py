@@ -36,6 +36,7 @@ from gateway.runtime import Route, Runtime, RuntimeHolder
 from policies.catalog import ModelEntry
 from policies.cost import Cost, actual_cost, estimate
 from policies.engine import Decision, evaluate
+from policies.findings import SHOWN_CHARS, shown
 
 log = get_logger("gateway.pipeline")
 
@@ -334,7 +335,8 @@ def _size_label(body: dict[str, Any], entry: ModelEntry) -> str:
 
 def _plain(value: Any) -> str:
     """A value for the `x-gateway-adjusted` header: printable ASCII only, whatever a client sent."""
-    text = "unset" if value is None else str(value)
+    text = "unset" if value is None else value if isinstance(value, str) else shown(value)
+    text = text[:SHOWN_CHARS]
     if text.isascii() and text.isprintable():
         return text
     return "".join(c if " " <= c <= "~" else "?" for c in text)
@@ -350,7 +352,7 @@ async def parse(request: web.Request, max_body_bytes: int) -> dict[str, Any]:
     content_type = request.headers.get("Content-Type", "")
     if content_type.split(";", 1)[0].strip().lower() != "application/json":
         raise UnsupportedMediaType(
-            f"Content-Type must be application/json, got {content_type or 'none'!r}.",
+            f"Content-Type must be application/json, got {shown(content_type) if content_type else 'none'}.",
             code="invalid_content_type",
         )
     raw = await _read_capped(request, max_body_bytes)

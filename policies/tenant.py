@@ -47,7 +47,7 @@ from typing import Any
 from policies import sizes
 from policies.capabilities import is_int, size_problem
 from policies.catalog import AUTO, ModelEntry
-from policies.findings import Adjustment, Violation, quoted
+from policies.findings import Adjustment, Violation, quoted, shown
 from policies.rules import Policy
 
 
@@ -197,7 +197,7 @@ def _costliest_size(req: Request) -> str | None:
 
 
 def _shown(req: Request, param: str, value: Any) -> str:
-    return f"{value!r}" if req.body.get(param) is not None else f"{value!r} (the default when omitted)"
+    return shown(value) if req.body.get(param) is not None else f"{shown(value)} (the default when omitted)"
 
 
 def _one_of(req: Request, rule: str, param: str, allowed: list[Any] | None) -> Finding | None:
@@ -227,7 +227,7 @@ def _models(req: Request) -> Finding | None:
     return Finding(
         "models",
         "model",
-        f"Policy rule 'models' allows {quoted(allowed)}; the request has {req.model!r}.",
+        f"Policy rule 'models' allows {quoted(allowed)}; the request has {shown(req.model)}.",
         allowed,
         req.model,
     )

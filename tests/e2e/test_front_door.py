@@ -62,3 +62,14 @@ async def test_a_size_with_a_trailing_newline_is_refused(admin_gateway: Running,
     assert response.status == 400, response.body
     assert response.json()["error"]["param"] == "size"  # type: ignore[index]
     assert "x-upstream-request-id" not in response.headers, "refused by the upstream, not the gateway"
+
+
+@pytest.mark.parametrize("param", ["size", "model", "n", "extra", "user"])
+async def test_a_990_level_value_is_a_short_400(admin_gateway: Running, param: str) -> None:
+    body = b'{"prompt": "a cat", "' + param.encode() + b'": ' + b"[" * 990 + b"]" * 990 + b"}"
+    auth = (b"Authorization", b"Bearer " + TENANT_KEY.encode())
+    response = await exchange(
+        port_of(admin_gateway), request("/v1/images/generations", headers=[JSON, auth], body=body)
+    )
+    assert response.status == 400, response.body[:300]
+    assert len(response.body) < 1000
