@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from policies import prompts
 
 ClampableRule = Literal["n", "quality", "partial_images", "size"]
 _WXH = re.compile(r"[1-9][0-9]*x[1-9][0-9]*")
@@ -51,6 +53,7 @@ class Policy(_Frozen):
     require_user: bool = False
     deny_prompt_patterns: list[str] = Field(default_factory=list)
     on_violation: dict[ClampableRule, Literal["reject", "clamp"]] = Field(default_factory=dict)
+    _deny: prompts.DenyPatterns = PrivateAttr()
 
     @field_validator("sizes")
     @classmethod
@@ -63,12 +66,20 @@ class Policy(_Frozen):
     @field_validator("deny_prompt_patterns")
     @classmethod
     def _patterns_compile(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
+        for index, pattern in enumerate(patterns):
             try:
-                re.compile(pattern, re.IGNORECASE)
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from exc
+                prompts.check(pattern)
+            except ValueError as exc:
+                raise ValueError(f"pattern #{index} '{pattern}': {exc}") from None
         return patterns
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._deny = prompts.DenyPatterns(self.deny_prompt_patterns)
+
+    @property
+    def deny(self) -> prompts.DenyPatterns:
+        """The deny patterns, compiled once per policy."""
+        return self._deny
 
     def clamps(self, param: str) -> bool:
         """Whether a violation of the rule on `param` is clamped rather than rejected."""

@@ -12,8 +12,9 @@ default when the field is omitted), so leaving a field out never gets around a r
   that take the parameter.
 - `output_compression`: `{min, max}`, judged when the output format is one that is compressed.
 - `stream`, `max_partial_images`, `max_n`, `max_prompt_chars`, `require_user`.
-- `deny_prompt_patterns`: case-insensitive regular expressions; the message names the index of the
-  pattern, never the pattern itself (an admin reads it with `gateway explain`).
+- `deny_prompt_patterns`: RE2 patterns matched case-insensitively on the normalised prompt (see
+  `policies.prompts`); the message names the index of the pattern, never the pattern itself (an
+  admin reads it with `gateway explain`).
 
 `on_violation: {n|quality|partial_images|size: clamp}` replaces the value with the nearest allowed
 one and records an `Adjustment`: n and partial_images to the maximum; quality to the best allowed
@@ -39,7 +40,6 @@ default). An explicit `auto` is judged like any value.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -253,11 +253,11 @@ def _deny_patterns(req: Request) -> Finding | None:
     prompt = req.body.get("prompt")
     if not isinstance(prompt, str):
         return None
-    for index, pattern in enumerate(req.policy.deny_prompt_patterns):
-        if re.search(pattern, prompt, re.IGNORECASE):
-            message = f"Policy rule 'deny_prompt_patterns': the prompt matches pattern #{index}."
-            return Finding("deny_prompt_patterns", "prompt", message)
-    return None
+    index = req.policy.deny.first_match(prompt)
+    if index is None:
+        return None
+    message = f"Policy rule 'deny_prompt_patterns': the prompt matches pattern #{index}."
+    return Finding("deny_prompt_patterns", "prompt", message)
 
 
 def size_allowed(policy: Policy, entry: ModelEntry, size: str) -> bool:

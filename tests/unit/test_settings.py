@@ -95,7 +95,15 @@ def test_secrets_are_not_printed() -> None:
         ),
         (
             BASE.replace("{default_model: gpt-image-1.5}", "{deny_prompt_patterns: ['(']}"),
-            "invalid regular expression",
+            "deny_prompt_patterns: pattern #0 '(': missing ): (",
+        ),
+        (
+            BASE.replace("{default_model: gpt-image-1.5}", "{deny_prompt_patterns: ['ok', '(a)\\1']}"),
+            "deny_prompt_patterns: pattern #1 '(a)\\1': invalid escape sequence: \\1 (patterns are RE2",
+        ),
+        (
+            BASE.replace("{default_model: gpt-image-1.5}", "{deny_prompt_patterns: ['(?!x)y']}"),
+            "pattern #0 '(?!x)y': invalid perl operator: (?!",
         ),
         (
             BASE + "server: {workers: 4}\n",
