@@ -22,17 +22,18 @@ from gateway.auth import Credential, authenticate
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
-    PayloadTooLarge,
     PolicyViolation,
     UnsupportedMediaType,
     UpstreamAuthFailed,
 )
+from gateway.front.body import BodyReader
 from gateway.limits import Admission, Reservation, Store, merge_upstream_limit_headers
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.middleware import RECORD, RequestRecord
 from gateway.relay import RelayOutcome, relay
 from gateway.runtime import Route, Runtime, RuntimeHolder
+from gateway.settings import ServerSettings
 from policies.catalog import ModelEntry
 from policies.cost import Cost, actual_cost, estimate
 from policies.engine import Decision, evaluate
@@ -58,9 +59,15 @@ class Admitted:
 
 class Pipeline:
     def __init__(
-        self, runtime: RuntimeHolder, sessions: upstream.Sessions, store: Store, metrics: Metrics
+        self,
+        runtime: RuntimeHolder,
+        sessions: upstream.Sessions,
+        store: Store,
+        metrics: Metrics,
+        bodies: BodyReader,
     ) -> None:
         self.runtime = runtime
+        self.bodies = bodies
         self.sessions = sessions
         self.store = store
         self.metrics = metrics
@@ -71,7 +78,7 @@ class Pipeline:
         record = request[RECORD]
         credential = authenticate(runtime.credentials, request.headers.get("Authorization"))
         record.tenant, record.key = credential.tenant, credential.key_label
-        body = await parse(request, runtime.settings.server.max_body_bytes)
+        body = await parse(request, self.bodies, runtime.settings.server)
         decision = self.apply_policy(runtime, credential, body, record)
         admitted = await self.admit(runtime, credential, decision, record)
         # From here the work is owned by the pipeline, not by the connection: if the handler is
@@ -347,15 +354,15 @@ def _violation_message(decision: Decision) -> str:
     return "Request violates the tenant's policy: " + " ".join(parts)
 
 
-async def parse(request: web.Request, max_body_bytes: int) -> dict[str, Any]:
-    """The request body as a JSON object, size-capped, or an OpenAI-style 4xx."""
+async def parse(request: web.Request, bodies: BodyReader, server: ServerSettings) -> dict[str, Any]:
+    """The request body as a JSON object, read within the front door's bounds, or an OpenAI-style 4xx."""
     content_type = request.headers.get("Content-Type", "")
     if content_type.split(";", 1)[0].strip().lower() != "application/json":
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, got {shown(content_type) if content_type else 'none'}.",
             code="invalid_content_type",
         )
-    raw = await _read_capped(request, max_body_bytes)
+    raw = await bodies.read(request, server)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -372,16 +379,3 @@ async def parse(request: web.Request, max_body_bytes: int) -> dict[str, Any]:
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidRequest("'prompt' must be a non-empty string.", param="prompt", code="invalid_value")
     return body
-
-
-async def _read_capped(request: web.Request, limit: int) -> bytes:
-    too_large = PayloadTooLarge(f"The request body is larger than the gateway's limit of {limit} bytes.")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)

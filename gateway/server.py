@@ -1,9 +1,10 @@
-"""Running the gateway: event loop, listening socket, signals, workers, graceful shutdown.
+"""Running the gateway: event loop, listening sockets, signals, workers, graceful shutdown.
 
-One process serves with `serve`. With `server.workers: N`, `supervise` starts N worker processes
-that each bind the same port with SO_REUSEPORT (the kernel spreads connections), share one
-Prometheus multiprocess directory (so any worker's /metrics shows the whole gateway), and receive
-the signals the supervisor gets.
+One process serves with `serve`: the tenant port through the front door (`front.connections`) and
+the operations port (`server.ops_port`: /metrics, /healthz, /readyz). With `server.workers: N`,
+`supervise` starts N worker processes that each bind the same ports with SO_REUSEPORT (the kernel
+spreads connections), share one Prometheus multiprocess directory (so any worker's /metrics shows
+the whole gateway), and receive the signals the supervisor gets.
 
 Signals: SIGHUP re-reads the configuration (see reload.py). SIGTERM or SIGINT stops accepting
 connections, marks the gateway not ready, lets in-flight requests and streams finish within
@@ -28,7 +29,8 @@ from typing import Any
 from aiohttp import web
 
 from gateway.app import RELOADER, create_app
-from gateway.health import DRAINING
+from gateway.front.connections import FrontRunner, raise_file_limit
+from gateway.health import DRAINING, create_ops_app
 from gateway.logs import get_logger
 from gateway.settings import ConfigError, Settings
 
@@ -67,7 +69,8 @@ async def serve(
     if reuse_port:  # a worker under `supervise`: admin reloads go through the supervisor
         app[RELOADER].supervisor_pid = os.getppid()
     server = settings.server
-    runner = web.AppRunner(
+    file_limit = raise_file_limit()  # before the front door sizes its connection cap from it
+    runner = FrontRunner(
         app, handle_signals=False, access_log=None, shutdown_timeout=server.shutdown_grace_seconds
     )
     await runner.setup()
@@ -77,10 +80,23 @@ async def serve(
     except OSError as exc:
         await runner.cleanup()  # the store and the upstream session were already opened
         raise ListenError(server.host, server.port, exc) from exc
+    ops_runner = web.AppRunner(create_ops_app(app), handle_signals=False, access_log=None)
+    await ops_runner.setup()
+    ops_host = server.ops_host or server.host
+    ops_site = web.TCPSite(ops_runner, ops_host, server.ops_port, reuse_port=reuse_port or None)
+    try:
+        await ops_site.start()
+    except OSError as exc:
+        await ops_runner.cleanup()
+        await runner.cleanup()
+        raise ListenError(ops_host, server.ops_port, exc) from exc
     url = f"http://{server.host}:{_bound_port(runner) or server.port}"
     log.info(
         "gateway_started",
         url=url,
+        ops_url=f"http://{ops_host}:{_bound_port(ops_runner) or server.ops_port}",
+        max_connections=runner.door.bounds.max_connections,
+        file_limit=file_limit,
         store=settings.store.backend,
         tenants=len(settings.tenants),
         pid=os.getpid(),
@@ -102,6 +118,7 @@ async def serve(
         app[DRAINING][0] = True
         log.info("gateway_stopping", grace_seconds=server.shutdown_grace_seconds)
         await runner.cleanup()
+        await ops_runner.cleanup()  # last: /healthz and /metrics answer while the tenant port drains
         log.info("gateway_stopped")
 
 

@@ -59,6 +59,23 @@ class ServerSettings(_Frozen):
     client_write_timeout_seconds: float = Field(default=30.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
+    # The operations listener: /metrics, /healthz, /readyz (never the tenant API). 0: any free port.
+    ops_host: str | None = None  # None: the same address as `host`
+    ops_port: int = Field(default=9464, ge=0, le=65535)
+    # The front door (gateway/front): how long a client may take and how many connections it may hold.
+    header_timeout_seconds: float = Field(default=10.0, gt=0)  # connect (or a new request) to full headers
+    keepalive_timeout_seconds: float = Field(default=75.0, gt=0)  # an idle keep-alive connection is closed
+    body_timeout_seconds: float = Field(default=60.0, gt=0)  # headers to the last byte of the body
+    max_connections: int | None = Field(default=None, ge=1)  # None: sized from the process's file limit
+    max_buffered_body_bytes: int = Field(default=64 * 1_048_576, gt=0)  # bodies being read at once, in all
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> ServerSettings:
+        if self.ops_port and self.ops_port == self.port and (self.ops_host or self.host) == self.host:
+            raise ValueError("ops_port must differ from port (the tenant port never serves /metrics)")
+        if self.max_buffered_body_bytes < self.max_body_bytes:
+            raise ValueError("max_buffered_body_bytes must be at least max_body_bytes")
+        return self
 
 
 class StoreSettings(_Frozen):
