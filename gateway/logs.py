@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
@@ -69,7 +70,9 @@ def _route_stdlib(stream: Any, renderer: Any, shared: list[Any], level: int) -> 
     root.setLevel(level)
 
 
-def _nothing_of_the_request(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _nothing_of_the_request(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     """A standard-library record, stripped of what may quote a client's bytes."""
     record: logging.LogRecord | None = event.get("_record")
     if record is not None:
