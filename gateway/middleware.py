@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from gateway.auth import bearer_token
 from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
@@ -53,8 +54,13 @@ RECORD = web.RequestKey("record", RequestRecord)
 
 
 def client_request_id(request: web.Request) -> str | None:
+    """A client's own `x-request-id`, if it is sane and not its key (a client that misplaces its key
+    there must not have it logged)."""
     incoming = request.headers.get("x-request-id", "")
-    return incoming if _SAFE_REQUEST_ID.fullmatch(incoming) else None
+    if not _SAFE_REQUEST_ID.fullmatch(incoming):
+        return None
+    key = bearer_token(request.headers.get("Authorization"))
+    return None if key and (key in incoming or incoming in key) else incoming
 
 
 def error_response(error: GatewayError, request: web.Request, request_id: str) -> web.Response:
