@@ -212,6 +212,17 @@ class Metrics:
             ["mode"],
             registry=r,
         )
+        self.load_shed = Counter(
+            "gateway_load_shed",
+            "Requests refused with 503 overloaded: server.max_pending_admissions were being decided.",
+            registry=r,
+        )
+        self.pending_admissions = Gauge(
+            "gateway_pending_admissions",
+            "Requests between arrival and their admission decision.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.upstream_errors = Counter(
             "gateway_upstream_errors",
             "Upstream failures by upstream and kind.",

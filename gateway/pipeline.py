@@ -18,6 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway import upstream
+from gateway.admission import AdmissionQueue
 from gateway.auth import Credential, authenticate
 from gateway.errors import (
     GatewayError,
@@ -71,16 +72,18 @@ class Pipeline:
         self.sessions = sessions
         self.store = store
         self.metrics = metrics
+        self.admissions = AdmissionQueue(runtime.current.settings.server.max_pending_admissions, metrics)
         self.tasks: set[asyncio.Task[web.StreamResponse]] = set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         runtime = self.runtime.current
         record = request[RECORD]
-        credential = authenticate(runtime.credentials, request.headers.get("Authorization"))
-        record.tenant, record.key = credential.tenant, credential.key_label
-        body = await parse(request, self.bodies, runtime.settings.server)
-        decision = self.apply_policy(runtime, credential, body, record)
-        admitted = await self.admit(runtime, credential, decision, record)
+        with self.admissions:  # beyond its bound: 503 overloaded, before the body is read
+            credential = authenticate(runtime.credentials, request.headers.get("Authorization"))
+            record.tenant, record.key = credential.tenant, credential.key_label
+            body = await parse(request, self.bodies, runtime.settings.server)
+            decision = self.apply_policy(runtime, credential, body, record)
+            admitted = await self.admit(runtime, credential, decision, record)
         # From here the work is owned by the pipeline, not by the connection: if the handler is
         # cancelled (client gone, shutdown), the upstream is still drained and the request settled.
         work = asyncio.create_task(self.serve(request, runtime, credential, admitted, record))
@@ -118,17 +121,6 @@ class Pipeline:
         self.tasks.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved here when the handler that awaited it was cancelled
-
-    async def drain(self, grace_seconds: float) -> None:
-        """Wait for admitted requests to finish (shutdown); cancel what is left after the grace period."""
-        if not self.tasks:
-            return
-        log.info("draining_requests", in_flight=len(self.tasks), grace_seconds=grace_seconds)
-        _, pending = await asyncio.wait(set(self.tasks), timeout=grace_seconds)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
 
     def apply_policy(
         self, runtime: Runtime, credential: Credential, body: dict[str, Any], record: RequestRecord

@@ -93,7 +93,8 @@ class BodyReader:
                 await self.budget.take(share)
         except TimeoutError:
             raise ServerBusy(
-                "The gateway is reading too many request bodies at once; retry shortly."
+                "The gateway is reading too many request bodies at once; retry shortly.",
+                headers={"Retry-After": "1"},
             ) from None
         try:
             size = 0

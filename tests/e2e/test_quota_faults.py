@@ -21,9 +21,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
-from gateway.app import create_app
+from gateway.app import PIPELINE, create_app
 from gateway.health import STORE
 from gateway.mock_upstream import RECEIVED
+from gateway.shutdown import drain
 from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.e2e.test_quotas import (
     ADMIN_TOKEN,
@@ -359,9 +360,10 @@ async def test_a_settle_whose_reply_is_lost_is_retried_and_charged_once(
         async with aiohttp.ClientSession() as session:
             request = asyncio.create_task(generate(session, gw.url))
             await reached_upstream(upstream)
-            # Redis holds every script call for 0.45 s from just before the upstream answers: the
-            # first settle attempt (and perhaps the second) outlasts timeout_ms, a later one gets through.
-            await asyncio.to_thread(redis.cli, "CLIENT", "PAUSE", "450", "WRITE")
+            # Redis answers nothing for 0.45 s from just before the upstream answers, a health check's
+            # PING included: the first settle attempt (and perhaps the second) is given up after
+            # timeout_ms and the health check's, a later one gets through.
+            await asyncio.to_thread(redis.cli, "CLIENT", "PAUSE", "450", "ALL")
             status, _, _ = await request
             assert status == 200
             await asyncio.sleep(0.5)
@@ -488,7 +490,9 @@ async def test_a_request_cut_off_by_shutdown_while_the_upstream_generates_is_bil
         async with aiohttp.ClientSession() as session:
             request = asyncio.create_task(generate(session, url))
             await reached_upstream(upstream)
-            await runner.cleanup()  # what `serve` does on SIGTERM, the grace period long over
+            # What `serve` does on SIGTERM: the grace period passes and the request is cut off.
+            await drain(app, runner, settings.server, app[PIPELINE].tasks)
+            await runner.cleanup()
             with pytest.raises(aiohttp.ClientError):
                 await request
     [line] = finished_lines(logs)
