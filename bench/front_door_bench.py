@@ -73,13 +73,11 @@ def summary(latencies: list[float]) -> str:
         return "no samples"
     ordered = sorted(latencies)
     p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-    return (
-        f"n={len(ordered)} p50 {statistics.median(ordered):.1f} ms  p99 {p99:.1f} ms  max {ordered[-1]:.1f} ms"
-    )
+    return f"n={len(ordered)} p50 {statistics.median(ordered):.1f} ms  p99 {p99:.1f} ms  max {ordered[-1]:.1f} ms"
 
 
-async def wait_http(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_http(url: str, within: float = 30) -> None:
+    deadline = time.monotonic() + within
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             try:
@@ -166,7 +164,16 @@ async def bench(args: argparse.Namespace) -> None:
     env = {**os.environ, "PYTHONPATH": str(source)}
     mock_port, port = free_port(), free_port()
     mock = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "mock-upstream", "--port", str(mock_port), "--api-key", UPSTREAM_KEY],
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "mock-upstream",
+            "--port",
+            str(mock_port),
+            "--api-key",
+            UPSTREAM_KEY,
+        ],
         cwd=source,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -256,7 +263,9 @@ async def bench(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--source", default=str(ROOT), help="the source tree whose gateway is measured")
     parser.add_argument("--idle", type=int, default=20000)
     parser.add_argument("--bombs", type=int, default=8)
