@@ -144,15 +144,40 @@ async def cpu_per_request(url: str, pid: int, requests: int, concurrency: int) -
         return (cpu_seconds(pid) - before) * 1000 / requests
 
 
-async def hold_idle(port: int, count: int) -> list[asyncio.StreamWriter]:
+_HOLDER = """
+import asyncio, sys
+async def main(port, count):
     writers = []
     for start in range(0, count, 500):
         batch = await asyncio.gather(
             *(asyncio.open_connection("127.0.0.1", port) for _ in range(min(500, count - start))),
             return_exceptions=True,
         )
-        writers += [w for r in batch if not isinstance(r, BaseException) for w in [r[1]]]
-    return writers
+        writers += [r[1] for r in batch if not isinstance(r, BaseException)]
+    print(len(writers), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
+"""
+
+
+async def hold_idle(
+    port: int, count: int, per_process: int = 8000
+) -> tuple[list[subprocess.Popen[str]], int]:
+    """`count` idle connections, held by child processes (each process has its own file limit)."""
+    holders = [
+        subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, str(port), str(min(per_process, count - start))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for start in range(0, count, per_process)
+    ]
+    opened = 0
+    for holder in holders:
+        assert holder.stdout is not None
+        opened += int(await asyncio.to_thread(holder.stdout.readline))
+    return holders, opened
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -187,7 +212,7 @@ async def bench(args: argparse.Namespace) -> None:
     )
     server: dict[str, Any] = {"port": port, "log_level": "info"}
     if current:  # idle connections stay open for the measurement (default: closed after 10 s)
-        server.update(ops_port=free_port(), header_timeout_seconds=600, max_connections=args.idle + 1000)
+        server.update(ops_port=free_port(), header_timeout_seconds=600)  # max_connections: the default
     config["server"] = server
     config_path = workdir / "gateway.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -220,17 +245,21 @@ async def bench(args: argparse.Namespace) -> None:
 
         rss_before = rss_mib(pid)
         started = time.perf_counter()
-        writers = await hold_idle(port, args.idle)
+        holders, count = await hold_idle(port, args.idle)
         opened = time.perf_counter() - started
         await asyncio.sleep(1)
-        idle_probe, _ = await probe_while(url, asyncio.sleep(3))
         rss_idle = rss_mib(pid)
+        try:
+            idle_probe, _ = await probe_while(url, asyncio.sleep(3))
+            probed = summary(idle_probe)
+        except aiohttp.ClientError as exc:
+            probed = f"FAILED: {exc}"
         print(
-            f"probe with {len(writers)} idle conns: {summary(idle_probe)}   "
+            f"probe with {count} idle conns: {probed}   "
             f"(opened in {opened:.1f} s; gateway RSS {rss_before:.1f} -> {rss_idle:.1f} MiB)"
         )
-        for writer in writers:
-            writer.close()
+        for holder in holders:
+            holder.communicate("")
         await asyncio.sleep(2)
 
         cpu = await cpu_per_request(url, pid, args.requests, 16)
