@@ -95,14 +95,21 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
 
 @pytest.fixture
 async def tight(start_gateway: StartGateway, mock_openai, mock_do) -> Running:  # type: ignore[no-untyped-def]
+    """Short timeouts (each test waits for one to fire, with a wide margin) and a small body budget."""
     server = {
         "header_timeout_seconds": 0.3,
         "keepalive_timeout_seconds": 1.0,
-        "body_timeout_seconds": 0.5,
-        "max_connections": 4,
+        "body_timeout_seconds": 1.0,
         "max_body_bytes": 4096,
         "max_buffered_body_bytes": 8192,
     }
+    return await start_gateway(openai_url=base_url(mock_openai), do_url=base_url(mock_do), server=server)
+
+
+@pytest.fixture
+async def capped(start_gateway: StartGateway, mock_openai, mock_do) -> Running:  # type: ignore[no-untyped-def]
+    """Four connections at most; timeouts too long to interfere."""
+    server = {"max_connections": 4, "header_timeout_seconds": 60, "body_timeout_seconds": 60}
     return await start_gateway(openai_url=base_url(mock_openai), do_url=base_url(mock_do), server=server)
 
 
@@ -142,13 +149,13 @@ async def test_a_body_that_does_not_arrive_in_time_is_408_and_closed(tight: Runn
     writer.close()
 
 
-async def test_at_the_cap_idle_connections_make_room_then_new_ones_get_503(tight: Running) -> None:
-    port = port_of(tight)
+async def test_at_the_cap_idle_connections_make_room_then_new_ones_get_503(capped: Running) -> None:
+    port = port_of(capped)
     idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
     await asyncio.sleep(0.1)
     served = await exchange(port, request("/healthz", method="GET"))  # the oldest idle one made room
     assert served.status == 200
-    assert closes(tight, "idle_evicted") >= 1
+    assert closes(capped, "idle_evicted") >= 1
     # four connections busy reading bodies: none idle, so a fifth is turned away, not failed
     busy = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
     for _, writer in busy:
@@ -157,7 +164,7 @@ async def test_at_the_cap_idle_connections_make_room_then_new_ones_get_503(tight
     refused = await exchange(port, request("/healthz", method="GET"))
     assert refused.status == 503 and refused.closed
     assert refused.json()["error"]["code"] == "server_busy"  # type: ignore[index]
-    assert closes(tight, "refused") >= 1
+    assert closes(capped, "refused") >= 1
     for _, writer in idle + busy:
         writer.close()
 
