@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -24,7 +23,6 @@ from gateway.errors import (
     GatewayError,
     InvalidRequest,
     PolicyViolation,
-    UnsupportedMediaType,
     UpstreamAuthFailed,
 )
 from gateway.front.body import BodyReader
@@ -33,11 +31,12 @@ from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.middleware import RECORD, RequestRecord
 from gateway.relay import RelayOutcome, relay
+from gateway.requests.model import PATHS, ClientRequest, read_request
 from gateway.runtime import Route, Runtime, RuntimeHolder
-from gateway.settings import ServerSettings
 from policies.catalog import ModelEntry
 from policies.cost import Cost, actual_cost, estimate
 from policies.engine import Decision, evaluate
+from policies.entry import Operation
 from policies.findings import SHOWN_CHARS, shown
 
 log = get_logger("gateway.pipeline")
@@ -53,6 +52,7 @@ class Admitted:
     estimate: Cost
     admission: Admission
     reservation: Reservation
+    client: ClientRequest
     # The upstream may be generating: from sending the body until it answers with an error or
     # the send fails. Cut off meanwhile (shutdown), the request is billed at the estimate.
     forwarded: bool = False
@@ -75,20 +75,27 @@ class Pipeline:
         self.admissions = AdmissionQueue(runtime.current.settings.server.max_pending_admissions, metrics)
         self.tasks: set[asyncio.Task[web.StreamResponse]] = set()
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request, operation: Operation = "generate") -> web.StreamResponse:
         runtime = self.runtime.current
         record = request[RECORD]
+        record.operation = operation
         with self.admissions:  # beyond its bound: 503 overloaded, before the body is read
             credential = authenticate(runtime.credentials, request.headers.get("Authorization"))
             record.tenant, record.key = credential.tenant, credential.key_label
-            body = await parse(request, self.bodies, runtime.settings.server)
-            decision = self.apply_policy(runtime, credential, body, record)
-            admitted = await self.admit(runtime, credential, decision, record)
+            client = await read_request(request, operation, runtime.settings.server, self.bodies)
+            record.fields.update(client.log_fields())
+            try:
+                decision = self.apply_policy(runtime, credential, client, record)
+                admitted = await self.admit(runtime, credential, decision, client, record)
+            except BaseException:
+                client.close()  # an upload's spooled files go with the request, on every path
+                raise
         # From here the work is owned by the pipeline, not by the connection: if the handler is
         # cancelled (client gone, shutdown), the upstream is still drained and the request settled.
         work = asyncio.create_task(self.serve(request, runtime, credential, admitted, record))
         self.tasks.add(work)
         work.add_done_callback(self._forget)
+        work.add_done_callback(lambda _: client.close())
         record.pending = work
         return await asyncio.shield(work)
 
@@ -123,9 +130,10 @@ class Pipeline:
             task.exception()  # retrieved here when the handler that awaited it was cancelled
 
     def apply_policy(
-        self, runtime: Runtime, credential: Credential, body: dict[str, Any], record: RequestRecord
+        self, runtime: Runtime, credential: Credential, client: ClientRequest, record: RequestRecord
     ) -> Decision:
-        decision = evaluate(runtime.policies[credential.tenant], runtime.catalog, runtime.targets, body)
+        policy = runtime.policies[credential.tenant]
+        decision = evaluate(policy, runtime.catalog, runtime.targets, client.body, client.inputs)
         record.stream = decision.body.get("stream") is True
         if decision.model in runtime.routes:
             record.model = decision.model
@@ -158,10 +166,15 @@ class Pipeline:
         return decision
 
     async def admit(
-        self, runtime: Runtime, credential: Credential, decision: Decision, record: RequestRecord
+        self,
+        runtime: Runtime,
+        credential: Credential,
+        decision: Decision,
+        client: ClientRequest,
+        record: RequestRecord,
     ) -> Admitted:
         assert decision.model is not None and decision.entry is not None  # allowed decisions name both
-        cost = estimate(decision.body, decision.entry)
+        cost = estimate(decision.body, decision.entry, client.inputs)
         user = decision.body.get("user")
         plan = runtime.limit_plan(credential, user if isinstance(user, str) else None)
         admission = await self.store.reserve(plan, cost, request_id=record.request_id, model=decision.model)
@@ -170,25 +183,22 @@ class Pipeline:
             error.headers = {**admission.headers, **error.headers}
             raise error
         record.fields["estimate_tokens"] = cost.tokens
-        return Admitted(
-            decision, decision.entry, runtime.routes[decision.model], cost, admission, admission.reservation
-        )
+        route = runtime.routes[decision.model]
+        return Admitted(decision, decision.entry, route, cost, admission, admission.reservation, client)
 
     async def forward_and_relay(
         self, request: web.Request, runtime: Runtime, admitted: Admitted, record: RequestRecord
     ) -> tuple[web.StreamResponse, RelayOutcome]:
         route = admitted.route
-        body = dict(admitted.decision.body)
-        body["model"] = route.upstream_model
+        fields = dict(admitted.decision.body)
+        fields["model"] = route.upstream_model
+        client = admitted.client
+        body = client.upstream_body(fields)
+        sent_headers = upstream.upstream_headers(route, request.headers, record.request_id, body)
         forwarded_at = time.perf_counter()
         admitted.forwarded = True
         try:
-            response = await upstream.send(
-                self.sessions,
-                route,
-                orjson.dumps(body),
-                upstream.upstream_headers(route, request.headers, record.request_id),
-            )
+            response = await upstream.send(self.sessions, route, PATHS[client.operation], body, sent_headers)
         except GatewayError as error:
             # Refunded only when the upstream was never reached; after the body went out (a read
             # timeout, a dropped connection) it may have generated, and billed: the estimate stands.
@@ -286,27 +296,28 @@ class Pipeline:
             return admitted.estimate, "estimate"
         if cost is not None:
             return cost, "usage"
-        if outcome.failure is not None and outcome.streaming and reader.event_count == 0:
-            return Cost(), "refund"  # a stream that broke before its first event; a 2xx JSON was made
+        # A 2xx answer, JSON or a stream however early it broke, means the upstream took the work.
         if reader.error is not None and reader.event_count == 1:
             return Cost(), "refund"  # the upstream's only event was its error: nothing was generated
         return admitted.estimate, "estimate"
 
     def record_usage(self, tenant: str, model: str, admitted: Admitted, actual: Cost, how: str) -> None:
+        """Count what was charged, as the ledger and the budgets were: from usage or at the estimate."""
         m = self.metrics
         if how == "estimate":
             m.usage_missing.labels(tenant, model).inc()
             log.warning("usage_missing", settled_at="estimate")
-        if how != "usage":
-            return
-        m.tokens.labels(tenant, model, "text_in").inc(actual.text_in_tokens)
-        m.tokens.labels(tenant, model, "image_in").inc(actual.image_in_tokens)
-        m.tokens.labels(tenant, model, "image_out").inc(actual.image_out_tokens)
+        elif how == "usage":
+            m.reservation_drift.labels(tenant, model).observe(admitted.estimate.tokens - actual.tokens)
+        else:
+            return  # refunded: nothing charged
+        m.tokens.labels(tenant, model, "text_in", how).inc(actual.text_in_tokens)
+        m.tokens.labels(tenant, model, "image_in", how).inc(actual.image_in_tokens)
+        m.tokens.labels(tenant, model, "image_out", how).inc(actual.image_out_tokens)
         body = admitted.decision.body
         quality = str(body.get("quality", "auto"))
-        m.images.labels(tenant, model, _size_label(body, admitted.entry), quality).inc(actual.images)
-        m.spend.labels(tenant, model).inc(actual.usd)
-        m.reservation_drift.labels(tenant, model).observe(admitted.estimate.tokens - actual.tokens)
+        m.images.labels(tenant, model, _size_label(body, admitted.entry), quality, how).inc(actual.images)
+        m.spend.add(tenant, model, how, nano_usd=actual.nano_usd)
 
 
 class _InFlight:
@@ -344,30 +355,3 @@ def _plain(value: Any) -> str:
 def _violation_message(decision: Decision) -> str:
     parts = [v.message for v in decision.violations]
     return "Request violates the tenant's policy: " + " ".join(parts)
-
-
-async def parse(request: web.Request, bodies: BodyReader, server: ServerSettings) -> dict[str, Any]:
-    """The request body as a JSON object, read within the front door's bounds, or an OpenAI-style 4xx."""
-    content_type = request.headers.get("Content-Type", "")
-    if content_type.split(";", 1)[0].strip().lower() != "application/json":
-        raise UnsupportedMediaType(
-            f"Content-Type must be application/json, got {shown(content_type) if content_type else 'none'}.",
-            code="invalid_content_type",
-        )
-    raw = await bodies.read(request, server)
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(
-            f"The request body is not valid JSON: {exc.msg} (at byte {exc.pos}).", code="invalid_json"
-        ) from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    prompt = body.get("prompt")
-    if prompt is None:
-        raise InvalidRequest(
-            "Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter"
-        )
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InvalidRequest("'prompt' must be a non-empty string.", param="prompt", code="invalid_value")
-    return body

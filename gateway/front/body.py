@@ -18,7 +18,6 @@ rest of the body is never drained.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -68,63 +67,120 @@ def check_encoding(request: web.Request) -> None:
 
 
 class BodyReader:
-    """Reads a request's body within the bounds of the settings in force and the shared budget."""
+    """Opens request bodies within the bounds of the settings in force and the shared budget."""
 
     def __init__(self, budget: BodyBudget) -> None:
         self.budget = budget
 
     async def read(self, request: web.Request, server: ServerSettings) -> bytes:
-        """The whole body, or a GatewayError (415, 413, 408, 503, 400, or ClientGone)."""
-        return b"".join([chunk async for chunk in self.chunks(request, server)])
+        """The whole body (at most `server.max_body_bytes`), or a GatewayError (415, 413, 408, 503,
+        400, or ClientGone)."""
+        async with self.open(request, server) as body:
+            return await body.read_all()
 
-    async def chunks(self, request: web.Request, server: ServerSettings) -> AsyncIterator[bytes]:
-        """The body as it arrives, within the same bounds (for readers that stream, like multipart)."""
-        check_encoding(request)
-        limit = server.max_body_bytes
-        too_large = PayloadTooLarge(f"The request body is larger than the gateway's limit of {limit} bytes.")
+    def open(
+        self,
+        request: web.Request,
+        server: ServerSettings,
+        *,
+        limit: int | None = None,
+        share: int | None = None,
+        too_large: PayloadTooLarge | None = None,
+    ) -> BoundedBody:
+        """The body as it arrives, for readers that stream it (multipart). `limit` defaults to
+        `server.max_body_bytes`; `share` is what the reader holds in memory at most, taken from the
+        budget (default: the Content-Length, or the limit); `too_large` the 413 to raise."""
+        limit = server.max_body_bytes if limit is None else limit
+        too_large = too_large or PayloadTooLarge(
+            f"The request body is larger than the gateway's limit of {limit} bytes."
+        )
         length = request.content_length
-        if length is not None and length > limit:
-            raise too_large
-        share = length if length is not None else limit
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + server.body_timeout_seconds
+        if share is None:
+            share = length if length is not None and length <= limit else limit
+        return BoundedBody(
+            self.budget,
+            request,
+            timeout=server.body_timeout_seconds,
+            limit=limit,
+            share=share,
+            too_large=too_large,
+        )
+
+
+class BoundedBody:
+    """One request's body within its bounds: `async with`, then `readany()` until it returns b""."""
+
+    def __init__(
+        self,
+        budget: BodyBudget,
+        request: web.Request,
+        *,
+        timeout: float,
+        limit: int,
+        share: int,
+        too_large: PayloadTooLarge,
+    ) -> None:
+        self.budget = budget
+        self.request = request
+        self.timeout = timeout
+        self.limit = limit
+        self.share = share
+        self.too_large = too_large
+        self.received = 0
+        self.deadline = 0.0
+        self.taken = False
+
+    async def __aenter__(self) -> BoundedBody:
+        check_encoding(self.request)
+        length = self.request.content_length
+        if length is not None and length > self.limit:
+            raise self.too_large
+        self.deadline = asyncio.get_running_loop().time() + self.timeout
         try:
-            async with asyncio.timeout_at(deadline):
-                await self.budget.take(share)
+            async with asyncio.timeout_at(self.deadline):
+                await self.budget.take(self.share)
         except TimeoutError:
             raise ServerBusy(
                 "The gateway is reading too many request bodies at once; retry shortly.",
                 headers={"Retry-After": "1"},
             ) from None
+        self.taken = True
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self.taken:
+            self.taken = False
+            await asyncio.shield(self.budget.give_back(self.share))
+
+    async def readany(self) -> bytes:
+        """The next bytes that arrived (b"" at the end of the body)."""
         try:
-            size = 0
-            async with asyncio.timeout_at(deadline):
-                async for chunk in _arrivals(request):
-                    size += len(chunk)
-                    if size > limit:
-                        raise too_large
-                    yield chunk
+            async with asyncio.timeout_at(self.deadline):
+                chunk = await _arrival(self.request)
         except TimeoutError:
             raise RequestTimeout(
-                f"The request body did not arrive within {server.body_timeout_seconds:g} seconds."
+                f"The request body did not arrive within {self.timeout:g} seconds."
             ) from None
-        finally:
-            await asyncio.shield(self.budget.give_back(share))
+        self.received += len(chunk)
+        if self.received > self.limit:
+            raise self.too_large
+        return chunk
+
+    async def read_all(self) -> bytes:
+        chunks = []
+        while chunk := await self.readany():
+            chunks.append(chunk)
+        return b"".join(chunks)
 
 
-async def _arrivals(request: web.Request) -> AsyncIterator[bytes]:
-    """The body's chunks; a vanished client and broken framing become GatewayErrors."""
-    content = request.content
-    while True:
-        try:
-            chunk = await content.readany()
-        except (ConnectionError, HttpProcessingError) as exc:
-            transport = request.transport
-            if isinstance(exc, ConnectionError) or transport is None or transport.is_closing():
-                raise ClientGone("The client closed the connection before its request arrived.") from None
-            raise InvalidRequest(
-                "The request body's framing is broken (chunk sizes or Content-Length).", code="invalid_body"
-            ) from None
-        if not chunk:
-            return
-        yield chunk
+async def _arrival(request: web.Request) -> bytes:
+    """The next chunk of the body; a vanished client and broken framing become GatewayErrors."""
+    try:
+        return await request.content.readany()
+    except (ConnectionError, HttpProcessingError) as exc:
+        transport = request.transport
+        if isinstance(exc, ConnectionError) or transport is None or transport.is_closing():
+            raise ClientGone("The client closed the connection before its request arrived.") from None
+        raise InvalidRequest(
+            "The request body's framing is broken (chunk sizes or Content-Length).", code="invalid_body"
+        ) from None

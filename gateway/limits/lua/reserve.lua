@@ -22,6 +22,7 @@ ARGV[7]    lease TTL, µs
 ARGV[8]    smooth limiter window, µs
 ARGV[9]    the checks, five space-separated words each: mechanism (rate|day|month|lease), limit,
            cost, period end µs, counter EXPIREAT (one string: far cheaper for the client to send)
+ARGV[10..] pairs of ledger field, increment: the estimate, charged to the ledger with the budgets
 
 Reply, one string of space-separated integers (cheaper to parse than a 50-element array):
 status, now µs, then five per check: code, used, reset µs, wait µs, more µs.
@@ -152,6 +153,10 @@ if charge then
     end
   end
   redis.call('SET', KEYS[1], table.concat(amounts, ' '), 'PX', ARGV[5])
+  for i = 10, #ARGV, 2 do
+    redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
+  end
+  if #ARGV >= 10 then redis.call('EXPIREAT', KEYS[3], ARGV[6]) end
   if refused then count('shadow_rejected') end
 end
 
