@@ -210,3 +210,16 @@ async def test_usage_read_wherever_it_sits(
         )
         == 5
     )
+
+
+@pytest.mark.parametrize("request_id", [TENANT_KEY, f"x{TENANT_KEY}y", "a b", "é" * 3, "x" * 129])
+async def test_a_client_request_id_that_is_a_key_or_insane_is_not_logged(
+    gateway: Running, capsys: pytest.CaptureFixture[str], request_id: str
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        payload = {"model": "gpt-image-1.5", "prompt": "x", "quality": "low"}
+        headers = {**AUTH, "x-request-id": request_id}
+        async with session.post(f"{gateway.v1}/images/generations", json=payload, headers=headers) as resp:
+            assert resp.status == 200
+    out = capsys.readouterr().out
+    assert "request_finished" in out and "client_request_id" not in out and TENANT_KEY not in out
