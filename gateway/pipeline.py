@@ -17,7 +17,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway import upstream
-from gateway.admission import AdmissionQueue
+from gateway.front.admission import AdmissionQueue
 from gateway.auth import Credential, authenticate
 from gateway.errors import (
     GatewayError,
