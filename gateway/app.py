@@ -15,13 +15,13 @@ from prometheus_client import CollectorRegistry
 from gateway import upstream
 from gateway.admin import create_admin_app
 from gateway.health import DRAINING, METRICS, RUNTIME, STORE, add_health_routes
-from gateway.limits import Store, create_store
+from gateway.limits import JournalError, Store, create_store
 from gateway.metrics import Metrics, publish_limits
 from gateway.middleware import create_request_middleware
 from gateway.pipeline import Pipeline
 from gateway.reload import Reloader
 from gateway.runtime import Runtime, RuntimeHolder
-from gateway.settings import Settings
+from gateway.settings import ConfigError, Settings
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
 _LAST_DRAIN_SECONDS = 2.0
@@ -34,8 +34,10 @@ def create_app(
     registry: CollectorRegistry | None = None,
     store: Store | None = None,
     config_path: Path | None = None,
+    worker: int = 0,
 ) -> web.Application:
-    """The gateway as an aiohttp Application; raises ConfigError for an unusable configuration."""
+    """The gateway as an aiohttp Application; raises ConfigError for an unusable configuration.
+    `worker` is this process's index among `server.workers` (its durable outbox file)."""
     holder = RuntimeHolder(Runtime.build(settings))
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     app = web.Application(
@@ -45,7 +47,7 @@ def create_app(
     )
     app[RUNTIME] = holder
     app[METRICS] = metrics
-    app[STORE] = store if store is not None else create_store(settings.store, metrics)
+    app[STORE] = store if store is not None else _store(settings, metrics, worker)
     app[DRAINING] = [False]
     publish_limits(metrics, settings)
     app[RELOADER] = Reloader(holder, config_path, lambda runtime: publish_limits(metrics, runtime.settings))
@@ -63,6 +65,13 @@ def create_app(
             ),
         )
     return app
+
+
+def _store(settings: Settings, metrics: Metrics, worker: int) -> Store:
+    try:
+        return create_store(settings.store, metrics, worker=worker, workers=settings.server.workers)
+    except JournalError as exc:
+        raise ConfigError("store.outbox_path", [str(exc)]) from exc
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

@@ -36,11 +36,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         settings = settings.model_copy(update={"server": server})
     configure_logging(settings.server.log_level, settings.server.log_format)
-    if settings.server.workers > 1 and not args.worker:
-        argv = ["serve", "--config", args.config, "--worker"]
+    if settings.server.workers > 1 and args.worker is None:
+        argv = ["serve", "--config", args.config]
         argv += ["--port", str(settings.server.port), "--host", settings.server.host]
         return supervise(settings, argv)
-    return _serve(serve(settings, config_path=Path(args.config), reuse_port=args.worker))
+    return _serve(serve(settings, config_path=Path(args.config), worker=args.worker))
 
 
 def _serve(main: Coroutine[Any, Any, None]) -> int:
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="path to the YAML configuration")
     p.add_argument("--host", default=None, help="override server.host")
     p.add_argument("--port", type=int, default=None, help="override server.port")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # its index, from supervise
 
     p = add(
         "demo", cmd_demo, "Run the gateway end to end offline: mock upstreams, memory store, a ready tenant."

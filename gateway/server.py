@@ -60,10 +60,12 @@ async def serve(
     *,
     config_path: Path | None = None,
     on_ready: Callable[[str], None] | None = None,
-    reuse_port: bool = False,
+    worker: int | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT; raises ListenError when the address cannot be bound."""
-    app = create_app(settings, config_path=config_path)
+    """Serve until SIGTERM or SIGINT; raises ListenError when the address cannot be bound.
+    `worker`: this process is worker number `worker` under `supervise` (it shares the port)."""
+    app = create_app(settings, config_path=config_path, worker=worker or 0)
+    reuse_port = worker is not None
     if reuse_port:  # a worker under `supervise`: admin reloads go through the supervisor
         app[RELOADER].supervisor_pid = os.getppid()
     server = settings.server
@@ -122,8 +124,8 @@ def supervise(settings: Settings, worker_argv: Sequence[str]) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     workers = [
-        subprocess.Popen([sys.executable, "-m", "gateway", *worker_argv], env=env)
-        for _ in range(settings.server.workers)
+        subprocess.Popen([sys.executable, "-m", "gateway", *worker_argv, "--worker", str(index)], env=env)
+        for index in range(settings.server.workers)
     ]
     log.info("workers_started", workers=len(workers), pids=[w.pid for w in workers])
 

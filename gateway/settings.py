@@ -69,6 +69,9 @@ class StoreSettings(_Frozen):
     timeout_ms: int = Field(default=250, gt=0)
     lease_ttl_seconds: int = Field(default=900, gt=0)
     ledger_retention_days: int = Field(default=400, gt=0)
+    # A directory on local disk for the durable outbox (one SQLite file per process); empty: the
+    # outbox lives in memory only, and a killed process loses what it held.
+    outbox_path: str = ""
 
 
 class AdminSettings(_Frozen):
@@ -196,6 +199,11 @@ class Settings(_Frozen):
                         f"tenants.{name}.keys.{index}: key already belongs to tenant {seen[key.hash]!r}"
                     )
                 seen[key.hash] = name
+        if self.store.outbox_path and self.store.backend != "redis":
+            problems.append(
+                "store.outbox_path: the durable outbox needs store.backend: redis"
+                " (the memory store's counts die with the process)"
+            )
         if self.server.workers > 1 and self.store.backend != "redis":
             problems.append(
                 "server.workers: several worker processes need store.backend: redis"

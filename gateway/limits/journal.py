@@ -1,0 +1,213 @@
+"""The outbox's durable side: what this process still owes the store, on local disk (SQLite).
+
+One row per reservation id, in one of three states: `open` (admitted, not settled yet: the
+request is running), `settle` or `release` (a call the store has not taken yet). A process
+killed at any moment (OOM, `kill -9`, node loss with a persistent volume) leaves these rows
+behind, and the next process to open the journal replays them: settle and release calls as
+they were, open reservations settled at their estimate (the upstream may have generated; no
+usage will ever come). Replaying is exactly once because settle.lua's settled marker makes a
+repeated call change nothing.
+
+Writes never wait on the disk: `put` and `drop` only note the change, and one background task
+writes every change noted so far in one transaction (group commit: one fsync per batch, however
+many requests it holds), in a thread so the event loop never blocks on the disk. What a kill
+can lose is the batch being written: a few milliseconds of admissions, never a settlement
+the store has not taken, since the store took it before the row is dropped.
+
+Files: `outbox-<n>.sqlite3` under `store.outbox_path`, one per process (`n` is the worker
+index; a single process is 0), each locked (flock) while its process lives, so two gateways
+cannot share one by mistake. Worker 0 also adopts the files of workers beyond the configured
+count (the worker count went down since they were written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import sqlite3
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from gateway.limits.calls import Check, SettleCall
+from gateway.limits.store import Reservation
+from gateway.logs import get_logger
+
+log = get_logger("gateway.limits")
+
+State = Literal["open", "settle", "release"]
+_SCHEMA = "CREATE TABLE IF NOT EXISTS owed (id TEXT PRIMARY KEY, state TEXT NOT NULL, body BLOB NOT NULL)"
+
+
+class JournalError(Exception):
+    """The journal cannot be opened: the directory is not writable, or another process holds it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Owed:
+    """One row read back at start-up: a call to deliver, or a reservation nobody settled."""
+
+    id: str
+    state: State
+    call: SettleCall | None
+    reservation: Reservation | None
+
+
+def journal_file(directory: Path, index: int) -> Path:
+    return directory / f"outbox-{index}.sqlite3"
+
+
+class Journal:
+    def __init__(self, directory: Path, index: int = 0, workers: int = 1) -> None:
+        self.path = journal_file(directory, index)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._lock = _lock(self.path.with_suffix(".lock"))
+            self._db = _connect(self.path)
+        except (OSError, sqlite3.Error) as exc:
+            raise JournalError(f"store.outbox_path {str(directory)!r}: {exc}") from exc
+        if index == 0:
+            self._adopt(directory, workers)
+        self._changes: dict[str, tuple[State, bytes] | None] = {}
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # --- start-up ------------------------------------------------------------------------------
+
+    def read(self) -> list[Owed]:
+        """Every row, in the order written: what the last process left undone."""
+        rows = self._db.execute("SELECT id, state, body FROM owed ORDER BY rowid").fetchall()
+        return [_decode(row_id, state, body) for row_id, state, body in rows]
+
+    def _adopt(self, directory: Path, workers: int) -> None:
+        """Take over the rows of journals whose worker no longer exists, then remove them."""
+        for index in range(workers, 1024):
+            other = journal_file(directory, index)
+            if not other.exists():
+                continue
+            with contextlib.closing(sqlite3.connect(other)) as db:
+                db.execute(_SCHEMA)
+                rows = db.execute("SELECT id, state, body FROM owed ORDER BY rowid").fetchall()
+            with self._db:
+                self._db.executemany("INSERT OR REPLACE INTO owed VALUES (?, ?, ?)", rows)
+            for leftover in (other, Path(f"{other}-wal"), Path(f"{other}-shm"), other.with_suffix(".lock")):
+                leftover.unlink(missing_ok=True)
+            log.info("outbox_adopted", file=str(other), rows=len(rows))
+
+    # --- changes -------------------------------------------------------------------------------
+
+    def open(self, reservation: Reservation) -> None:
+        """An admitted request is running: settled at its estimate if this process dies first."""
+        self._note(reservation.id, ("open", orjson.dumps(reservation.to_dict())))
+
+    def put(self, call: SettleCall, state: State) -> None:
+        """`call` waits for the store (replaces the reservation's open row)."""
+        self._note(call.reservation_id, (state, orjson.dumps(_call_dict(call))))
+
+    def drop(self, reservation_id: str) -> None:
+        """Nothing is owed for this reservation any more (the store took it, or it was given up)."""
+        self._note(reservation_id, None)
+
+    def _note(self, reservation_id: str, change: tuple[State, bytes] | None) -> None:
+        if self._closed:
+            return
+        self._changes[reservation_id] = change
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    async def _write_loop(self) -> None:
+        """Write batches until nothing is left; changes noted meanwhile make the next batch."""
+        try:
+            while self._changes:
+                changes, self._changes = self._changes, {}
+                await asyncio.to_thread(self._commit, changes)
+        except Exception:  # a full or failing disk: said; the process goes on as without a journal
+            log.exception("outbox_journal_failed", path=str(self.path))
+            self._closed = True
+        finally:
+            self._writer = None
+
+    def _commit(self, changes: dict[str, tuple[State, bytes] | None]) -> None:
+        puts = [(key, *change) for key, change in changes.items() if change is not None]
+        drops = [(key,) for key, change in changes.items() if change is None]
+        with self._db:  # one transaction, one fsync
+            if drops:
+                self._db.executemany("DELETE FROM owed WHERE id = ?", drops)
+            if puts:
+                self._db.executemany("INSERT OR REPLACE INTO owed VALUES (?, ?, ?)", puts)
+
+    async def flush(self) -> None:
+        """Wait until every change noted so far is on disk."""
+        while self._writer is not None:
+            await asyncio.shield(self._writer)
+
+    async def close(self) -> None:
+        await self.flush()
+        self._closed = True
+        self._db.close()
+        os.close(self._lock)
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM owed").fetchone()[0])
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # The connection is used by one thread at a time (the writer task, or start-up and shutdown).
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")  # a committed batch survives a power cut, not just a kill
+    db.execute(_SCHEMA)
+    db.isolation_level = "DEFERRED"
+    return db
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OSError(f"{path.with_suffix('.sqlite3')} is in use by another running gateway") from None
+    return fd
+
+
+def _call_dict(call: SettleCall) -> dict[str, Any]:
+    return {
+        "tenant": call.tenant,
+        "reservation_id": call.reservation_id,
+        "day": call.day.isoformat(),
+        "checks": [check.to_dict() for check in call.checks],
+        "actuals": list(call.actuals),
+        "ledger": [list(item) for item in call.ledger],
+        "ledger_expire_at": call.ledger_expire_at,
+        "settled_ttl_ms": call.settled_ttl_ms,
+        "lease_ttl_us": call.lease_ttl_us,
+        "degraded": call.degraded,
+    }
+
+
+def _call_from(data: dict[str, Any]) -> SettleCall:
+    return SettleCall(
+        tenant=data["tenant"],
+        reservation_id=data["reservation_id"],
+        day=date.fromisoformat(data["day"]),
+        checks=tuple(Check.from_dict(c) for c in data["checks"]),
+        actuals=tuple(data["actuals"]),
+        ledger=tuple((name, value) for name, value in data["ledger"]),
+        ledger_expire_at=data["ledger_expire_at"],
+        settled_ttl_ms=data["settled_ttl_ms"],
+        lease_ttl_us=data["lease_ttl_us"],
+        degraded=data["degraded"],
+    )
+
+
+def _decode(row_id: str, state: str, body: bytes) -> Owed:
+    data = orjson.loads(body)
+    if state == "open":
+        return Owed(row_id, "open", None, Reservation.from_dict(data))
+    return Owed(row_id, "release" if state == "release" else "settle", _call_from(data), None)
