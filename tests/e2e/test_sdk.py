@@ -9,9 +9,11 @@ from typing import Any
 
 import openai
 import pytest
+from aiohttp.test_utils import TestServer
 from PIL import Image
 
-from tests.e2e.conftest import Running
+from gateway.mock_upstream import RECEIVED
+from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.support.config import TENANT_KEY
 
 
@@ -115,3 +117,29 @@ async def test_pydo_client_through_gateway(gateway: Running) -> None:
     )
     assert decode(payload["data"][0]["b64_json"]).size == (1024, 1024)
     assert payload["usage"]["total_tokens"] > 0
+
+
+async def test_a_plain_sdk_call_under_a_narrow_policy_is_served_with_allowed_values(
+    start_gateway: StartGateway, mock_openai: TestServer
+) -> None:
+    """The SDK omits background, output_format and moderation: a policy that does not allow their
+    defaults fills them with allowed values and says so, instead of answering 403."""
+    policy = {"backgrounds": ["opaque"], "output_formats": ["webp"], "moderation": ["low"]}
+    gw = await start_gateway(openai_url=base_url(mock_openai), policy=policy)
+    client = openai.AsyncOpenAI(base_url=gw.v1, api_key=TENANT_KEY, max_retries=0)
+    raw = await client.images.with_raw_response.generate(model="gpt-image-1.5", prompt="a red fox")
+    await client.close()
+    assert raw.status_code == 200
+    adjusted = raw.headers["x-gateway-adjusted"]
+    for change in (
+        "background=unset->opaque (policy default: auto is not in backgrounds)",
+        "output_format=unset->webp (policy default: png is not in output_formats)",
+        "moderation=unset->low (policy default: auto is not in moderation)",
+    ):
+        assert change in adjusted
+    [sent] = mock_openai.app[RECEIVED]
+    assert (sent.body["background"], sent.body["output_format"], sent.body["moderation"]) == (
+        "opaque",
+        "webp",
+        "low",
+    )
