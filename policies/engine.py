@@ -6,7 +6,10 @@
    route follows its catalog `lifecycle`: `alias` rewrites `model` to the replacement (following
    chains, translating parameter values the replacement names differently, e.g. dall-e-3's
    `quality: hd` -> `high`), `reject` answers `model_deprecated`. Anything else is `model_not_found`.
-2. Capabilities (`policies.capabilities`): the first thing the model would refuse, as `error` (400).
+2. Capabilities (`policies.capabilities`): the first thing the model would refuse, as `error` (400),
+   as the route's upstream serves it: an entry's `flavors` overlay narrows what that flavor's
+   upstream takes (DigitalOcean: n=1, three sizes), and the message says so ("gpt-image-1 on
+   digitalocean").
    A `null` for a parameter the model does not take passes (null means "the default") but is
    dropped, unreported (its name is the client's): the upstream would refuse it as unknown.
 3. Tenant policy (`policies.tenant`): every broken rule, as `violations` (403 unless shadow), and
@@ -105,14 +108,17 @@ def evaluate(
     resolved = _resolve_model(policy, catalog, routes, work)
     if isinstance(resolved, Violation):
         return Decision(None, None, work.body, resolved, (), tuple(work.adjustments), shadow)
-    model, entry = resolved
-    error = capabilities.check(entry, work.body, model)
+    model, base = resolved
+    flavor = routes[model].flavor
+    entry = base.on(flavor)
+    shown = model if entry is base else f"{model} on {flavor}"
+    error = capabilities.check(entry, work.body, shown)
     violations: list[Violation] = []
     if error is None:
         _drop_null_unknown(entry, work)
         violations, clamps = tenant.enforce(policy, entry, model, work.body)
         work.adjustments.extend(clamps)
-        if routes[model].flavor == "digitalocean":
+        if flavor == "digitalocean":
             _fill_digitalocean(entry, work)
     return Decision(model, entry, work.body, error, tuple(violations), tuple(work.adjustments), shadow)
 

@@ -102,10 +102,25 @@ async def test_digitalocean_route_through_openai_sdk(gateway: Running) -> None:
     decode(result.data[0].b64_json)
 
 
+async def test_what_digitalocean_refuses_is_a_400_naming_the_field_before_anything_is_sent(
+    gateway: Running, mock_do: TestServer
+) -> None:
+    """DigitalOcean's gpt-image-1 takes n=1 only and three sizes: the gateway says so itself, in
+    OpenAI's shape, instead of forwarding what DigitalOcean would refuse in its own."""
+    client = openai.AsyncOpenAI(base_url=gateway.v1, api_key=TENANT_KEY, max_retries=0)
+    for extra, param in (({"n": 2}, "n"), ({"size": "1024x1024"}, "size")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.images.generate(model="gpt-image-1", prompt="a kite", **extra)  # type: ignore[arg-type]
+        assert refused.value.code == "invalid_value" and refused.value.param == param
+        assert "on digitalocean" in refused.value.message
+    await client.close()
+    assert mock_do.app[RECEIVED] == []
+
+
 async def test_pydo_client_through_gateway(gateway: Running) -> None:
     pydo_inference = pytest.importorskip("pydo.inference")
     client = pydo_inference.Client(token=TENANT_KEY, inference_endpoint=gateway.url)
-    body = {"model": "gpt-image-1", "prompt": "a sailing boat", "n": 1, "size": "1024x1024"}
+    body = {"model": "gpt-image-1", "prompt": "a sailing boat", "n": 1, "size": "1536x1024"}
     # azure-core refuses bearer tokens over plain http unless told this is a test on loopback
     result = await asyncio.to_thread(client.inference.create_image, body, enforce_https=False)
     payload = (
@@ -115,7 +130,7 @@ async def test_pydo_client_through_gateway(gateway: Running) -> None:
         if hasattr(result, "as_dict")
         else dict(result)
     )
-    assert decode(payload["data"][0]["b64_json"]).size == (1024, 1024)
+    assert decode(payload["data"][0]["b64_json"]).size == (1536, 1024)
     assert payload["usage"]["total_tokens"] > 0
 
 
