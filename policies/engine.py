@@ -6,6 +6,9 @@
    route follows its catalog `lifecycle`: `alias` rewrites `model` to the replacement (following
    chains, translating parameter values the replacement names differently, e.g. dall-e-3's
    `quality: hd` -> `high`), `reject` answers `model_deprecated`. Anything else is `model_not_found`.
+   A request is checked against the model it names before it is aliased: the client wrote it for
+   that model, so what that model would refuse (dall-e-3's `n=2`) is refused, not quietly served by
+   a replacement that happens to accept it; the replacement's own checks follow.
 2. Capabilities (`policies.capabilities`): the first thing the model would refuse, as `error` (400),
    as the route's upstream serves it: an entry's `flavors` overlay narrows what that flavor's
    upstream takes (DigitalOcean: n=1, three sizes), and the message says so ("gpt-image-1 on
@@ -148,6 +151,9 @@ def _resolve_model(
             return _unavailable(policy, routes, name, retired)
         if entry.lifecycle.on_retired == "reject":
             return _deprecated(entry, name)
+        refused = capabilities.check(entry, work.body, name)
+        if refused is not None:  # what the named model itself would refuse stays refused
+            return refused
         retired.append(name)
         name = _alias(entry, name, work)
     target_entry = catalog.get(routes[name].catalog)
