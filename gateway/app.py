@@ -6,8 +6,9 @@ configuration belong to the app, are created here or in `cleanup_ctx`, and are t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -16,7 +17,7 @@ from gateway import upstream
 from gateway.admin import create_admin_app
 from gateway.health import DRAINING, METRICS, RUNTIME, STORE, add_health_routes
 from gateway.limits import JournalError, Store, create_store
-from gateway.metrics import Metrics, publish_limits
+from gateway.metrics import ConfigCollector, Metrics
 from gateway.middleware import create_request_middleware
 from gateway.pipeline import Pipeline
 from gateway.reload import Reloader
@@ -35,9 +36,11 @@ def create_app(
     store: Store | None = None,
     config_path: Path | None = None,
     worker: int = 0,
+    server_overrides: Mapping[str, Any] | None = None,
 ) -> web.Application:
     """The gateway as an aiohttp Application; raises ConfigError for an unusable configuration.
-    `worker` is this process's index among `server.workers` (its durable outbox file)."""
+    `worker` is this process's index among `server.workers` (its durable outbox file);
+    `server_overrides` are the command line's (`--host/--port`), applied again at each reload."""
     holder = RuntimeHolder(Runtime.build(settings))
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     app = web.Application(
@@ -49,8 +52,11 @@ def create_app(
     app[METRICS] = metrics
     app[STORE] = store if store is not None else _store(settings, metrics, worker)
     app[DRAINING] = [False]
-    publish_limits(metrics, settings)
-    app[RELOADER] = Reloader(holder, config_path, lambda runtime: publish_limits(metrics, runtime.settings))
+    metrics.initialise(settings)
+    metrics.registry.register(ConfigCollector(lambda: holder.current.settings))
+    app[RELOADER] = Reloader(
+        holder, config_path, lambda runtime: metrics.initialise(runtime.settings), server_overrides
+    )
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/v1/images/generations", generations)
     add_health_routes(app)
@@ -61,10 +67,15 @@ def create_app(
             create_admin_app(
                 app[STORE],
                 lambda: holder.current.settings,
-                lambda: (reloader.reload_all().settings, reloader.needs_restart),
+                lambda: _reload_all(reloader),
             ),
         )
     return app
+
+
+def _reload_all(reloader: Reloader) -> tuple[Settings, list[str]]:
+    runtime, needs_restart = reloader.reload_all()
+    return runtime.settings, needs_restart
 
 
 def _store(settings: Settings, metrics: Metrics, worker: int) -> Store:

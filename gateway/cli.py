@@ -29,18 +29,16 @@ def _load(path: str, *, serving: bool = True) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.server import serve, supervise
 
-    settings = _load(args.config)
-    if args.port is not None or args.host is not None:
-        server = settings.server.model_copy(
-            update={k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
-        )
-        settings = settings.model_copy(update={"server": server})
+    overrides = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
+    settings = _load(args.config).with_server(overrides)
     configure_logging(settings.server.log_level, settings.server.log_format)
     if settings.server.workers > 1 and args.worker is None:
         argv = ["serve", "--config", args.config]
         argv += ["--port", str(settings.server.port), "--host", settings.server.host]
         return supervise(settings, argv)
-    return _serve(serve(settings, config_path=Path(args.config), worker=args.worker))
+    return _serve(
+        serve(settings, config_path=Path(args.config), worker=args.worker, server_overrides=overrides)
+    )
 
 
 def _serve(main: Coroutine[Any, Any, None]) -> int:

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +61,12 @@ async def serve(
     config_path: Path | None = None,
     on_ready: Callable[[str], None] | None = None,
     worker: int | None = None,
+    server_overrides: Mapping[str, Any] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT; raises ListenError when the address cannot be bound.
-    `worker`: this process is worker number `worker` under `supervise` (it shares the port)."""
-    app = create_app(settings, config_path=config_path, worker=worker or 0)
+    `worker`: this process is worker number `worker` under `supervise` (it shares the port);
+    `server_overrides`: the command line's `--host/--port`, already in `settings`."""
+    app = create_app(settings, config_path=config_path, worker=worker or 0, server_overrides=server_overrides)
     reuse_port = worker is not None
     if reuse_port:  # a worker under `supervise`: admin reloads go through the supervisor
         app[RELOADER].supervisor_pid = os.getppid()

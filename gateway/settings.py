@@ -213,6 +213,12 @@ class Settings(_Frozen):
             raise ValueError("\n".join(problems))
         return self
 
+    def with_server(self, overrides: Mapping[str, Any]) -> Settings:
+        """These settings with single `server` fields replaced (`serve --host/--port`)."""
+        if not overrides:
+            return self
+        return self.model_copy(update={"server": self.server.model_copy(update=dict(overrides))})
+
     def policy_for(self, tenant: str) -> Policy:
         settings = self.tenants[tenant]
         policy = self.policies[settings.policy]

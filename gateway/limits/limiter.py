@@ -74,6 +74,7 @@ log = get_logger("gateway.limits")
 T = TypeVar("T")
 
 _MAX_DAY_MISMATCHES = 2
+_OPERATIONS = ("start", "ping", "reserve", "status", "settle", "renew", "ledger")
 LEDGER_TIMEOUT_SECONDS = 30.0
 _UNAVAILABLE = "The rate-limit store is unavailable, so the request could not be admitted. Retry shortly."
 
@@ -97,6 +98,9 @@ class LimitStore:
         self._up = True
         self._outbox = Outbox(self._apply, metrics, journal=journal)
         self._held: dict[str, RenewCall] = {}  # reservation id -> the renewal of its leases
+        for operation in _OPERATIONS:  # exported at 0 from the start, for rate() and alerts
+            metrics.store_errors.labels(operation)
+        metrics.degraded_decisions.labels(settings.on_unavailable)
         self._renewer: asyncio.Task[None] | None = None
 
     @property

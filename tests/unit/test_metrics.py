@@ -21,10 +21,7 @@ def test_fast_labels_return_the_registered_child_and_follow_clear() -> None:
     labels = {"tenant": "team", "model": "m", "route": "/v1/images/generations", "status": "200"}
     assert registry.get_sample_value("gateway_requests_total", labels) == 2
 
-    metrics.budget_limit.labels("team", "usd_per_day").set(5)
-    metrics.budget_limit.clear()
-    assert (
-        registry.get_sample_value("gateway_budget_limit", {"tenant": "team", "limit": "usd_per_day"}) is None
-    )
-    metrics.budget_limit.labels("team", "usd_per_day").set(7)
-    assert registry.get_sample_value("gateway_budget_limit", {"tenant": "team", "limit": "usd_per_day"}) == 7
+    metrics.requests.clear()
+    assert registry.get_sample_value("gateway_requests_total", labels) is None
+    metrics.requests.labels("team", "m", "/v1/images/generations", "200").inc(7)
+    assert registry.get_sample_value("gateway_requests_total", labels) == 7
