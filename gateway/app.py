@@ -19,6 +19,7 @@ from gateway.health import DRAINING, METRICS, RUNTIME, STORE, add_health_routes
 from gateway.limits import JournalError, Store, create_store
 from gateway.metrics import ConfigCollector, Metrics
 from gateway.middleware import create_request_middleware
+from gateway.model_list import add_model_routes
 from gateway.pipeline import Pipeline
 from gateway.reload import Reloader
 from gateway.runtime import Runtime, RuntimeHolder
@@ -60,6 +61,7 @@ def create_app(
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/v1/images/generations", generations)
     add_health_routes(app)
+    add_model_routes(app)
     if settings.admin.enabled:
         reloader = app[RELOADER]
         app.add_subapp(

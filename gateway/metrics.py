@@ -209,11 +209,9 @@ class Metrics:
             for kind in UPSTREAM_ERROR_KINDS:
                 self.upstream_errors.labels(upstream, kind)
         for tenant in settings.tenants:
-            allowed = settings.policy_for(tenant).models
-            for model in settings.routes:
-                if allowed is None or model in allowed:
-                    self.usage_missing.labels(tenant, model)
-                    self.clients_gone.labels(tenant, model)
+            for model in settings.models_for(tenant):
+                self.usage_missing.labels(tenant, model)
+                self.clients_gone.labels(tenant, model)
 
 
 # The kinds of gateway_upstream_errors_total known in advance (an upstream's error status adds

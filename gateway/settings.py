@@ -219,6 +219,11 @@ class Settings(_Frozen):
             return self
         return self.model_copy(update={"server": self.server.model_copy(update=dict(overrides))})
 
+    def models_for(self, tenant: str) -> list[str]:
+        """The public model names `tenant` may use: routed, and allowed by its policy."""
+        allowed = self.policy_for(tenant).models
+        return [name for name in self.routes if allowed is None or name in allowed]
+
     def policy_for(self, tenant: str) -> Policy:
         settings = self.tenants[tenant]
         policy = self.policies[settings.policy]

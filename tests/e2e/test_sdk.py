@@ -158,3 +158,27 @@ async def test_a_plain_sdk_call_under_a_narrow_policy_is_served_with_allowed_val
         "webp",
         "low",
     )
+
+
+async def test_models_list_and_retrieve_show_what_the_tenant_may_use(
+    start_gateway: StartGateway, mock_openai: TestServer, mock_do: TestServer
+) -> None:
+    """client.models.list() / retrieve(): the routed models the tenant's policy allows, from the
+    configuration alone (no upstream is asked)."""
+    policy = {"models": ["gpt-image-1.5", "gpt-image-1"]}
+    gw = await start_gateway(openai_url=base_url(mock_openai), do_url=base_url(mock_do), policy=policy)
+    client = openai.AsyncOpenAI(base_url=gw.v1, api_key=TENANT_KEY, max_retries=0)
+    listed = [(m.id, m.object, m.owned_by) async for m in client.models.list()]
+    assert sorted(listed) == [("gpt-image-1", "model", "digitalocean"), ("gpt-image-1.5", "model", "openai")]
+    one = await client.models.retrieve("gpt-image-1")
+    assert (one.id, one.owned_by) == ("gpt-image-1", "digitalocean")
+    for hidden in ("gpt-image-2", "dall-e-3", "no-such-model"):  # not allowed, not routed, unknown
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.models.retrieve(hidden)
+        assert missing.value.code == "model_not_found"
+    bad = openai.AsyncOpenAI(base_url=gw.v1, api_key="igw_wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        await bad.models.list()
+    await client.close()
+    await bad.close()
+    assert mock_openai.app[RECEIVED] == [] and mock_do.app[RECEIVED] == []
