@@ -111,8 +111,23 @@ MAX_TOKENS_PER_DAY = 10**15
 MAX_USD = Decimal(8_000_000)
 
 
+LimitName = Literal[
+    "requests_per_minute",
+    "images_per_minute",
+    "tokens_per_minute",
+    "tokens_per_day",
+    "usd_per_day",
+    "usd_per_month",
+    "concurrent_requests",
+]
+
+
 class Limits(_Frozen):
-    """Per-scope limits. Per-minute limits are smooth (a limit of N admits a burst of N)."""
+    """Per-scope limits. Per-minute limits are smooth (a limit of N admits a burst of N).
+
+    A limit is a number, or `{value: N, mode: shadow}` to dark-launch it alone: checked, charged
+    and counted (`shadow`), never rejecting, while the scope's other limits are enforced. `modes`
+    holds what those objects said (it may also be written directly)."""
 
     requests_per_minute: int | None = Field(default=None, ge=0, le=MAX_PER_MINUTE)
     images_per_minute: int | None = Field(default=None, ge=0, le=MAX_PER_MINUTE)
@@ -121,6 +136,32 @@ class Limits(_Frozen):
     usd_per_day: Decimal | None = Field(default=None, ge=0, le=MAX_USD)
     usd_per_month: Decimal | None = Field(default=None, ge=0, le=MAX_USD)
     concurrent_requests: int | None = Field(default=None, ge=0, le=1_000_000)
+    modes: dict[LimitName, Literal["enforce", "shadow"]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _limit_objects(cls, data: Any) -> Any:
+        """`usd_per_day: {value: 50, mode: shadow}` -> `usd_per_day: 50` and `modes.usd_per_day`."""
+        if not isinstance(data, dict):
+            return data
+        data, modes = dict(data), dict(data.get("modes") or {})
+        for name, value in list(data.items()):
+            if name == "modes" or not isinstance(value, dict):
+                continue
+            unknown = set(value) - {"value", "mode"}
+            if unknown or "value" not in value:
+                raise ValueError(
+                    f"{name}: a limit is a number or {{value: N, mode: enforce | shadow}}"
+                    f" (got keys {', '.join(sorted(map(str, value)))})"
+                )
+            data[name] = value["value"]
+            modes[name] = value.get("mode", "enforce")
+        if modes:
+            data["modes"] = modes
+        return data
+
+    def shadowed(self, name: str) -> bool:
+        return self.modes.get(name) == "shadow"  # type: ignore[call-overload,no-any-return]
 
 
 class KeySettings(_Frozen):
