@@ -241,6 +241,7 @@ class ConfigCollector(Collector):
             labels=["tenant", "limit"],
         )
         for tenant, tenant_settings in self._settings().tenants.items():
-            for limit, value in tenant_settings.limits.model_dump(exclude_none=True).items():
+            limits = tenant_settings.limits.model_dump(exclude_none=True, exclude={"modes"})
+            for limit, value in limits.items():
                 family.add_metric([tenant, limit], float(value))
         yield family
