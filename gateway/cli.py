@@ -15,15 +15,11 @@ from gateway.settings import ConfigError, Settings, load_settings
 
 
 def _load(path: str, *, serving: bool = True) -> Settings:
-    """The validated settings; `serving` also requires a key for each upstream that needs one."""
-    from gateway.runtime import Runtime
+    """The validated settings, routes, catalog and policies included (every problem at once);
+    `serving` also requires a key for each upstream that needs one."""
+    from gateway.routing import world_problems
 
-    settings = load_settings(path, require_upstream_keys=serving)
-    try:
-        Runtime.build(settings)  # routes, catalog and policies must resolve too
-    except ConfigError as exc:
-        raise ConfigError(path, exc.errors) from None
-    return settings
+    return load_settings(path, require_upstream_keys=serving, checks=world_problems)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.logs import get_logger
+from gateway.routing import world_problems
 from gateway.runtime import Runtime, RuntimeHolder
 from gateway.settings import ConfigError, load_settings
 
@@ -60,7 +61,7 @@ class Reloader:
         if self.config_path is None:
             raise ConfigError("<none>", ["this gateway was not started from a configuration file"])
         try:
-            settings = load_settings(self.config_path, require_upstream_keys=True)
+            settings = load_settings(self.config_path, require_upstream_keys=True, checks=world_problems)
             settings = settings.with_server(self.server_overrides)
             old = self.holder.current.settings
             ignored = [name for name in _RESTART_ONLY if getattr(old, name) != getattr(settings, name)]
