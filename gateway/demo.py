@@ -95,13 +95,14 @@ def banner(url: str, key: str) -> str:
 
         Python (the project's .venv has the openai package):
         .venv/bin/python - <<'PY'
-        import base64
+        import base64, os, tempfile
         from openai import OpenAI
         client = OpenAI(base_url="{url}/v1", api_key="{key}")
         img = client.images.generate(model="gpt-image-1.5", prompt="a lighthouse at dusk",
                                      size="1024x1024", quality="low")
-        open("lighthouse.png", "wb").write(base64.b64decode(img.data[0].b64_json))
-        print("saved lighthouse.png", img.usage)
+        path = os.path.join(tempfile.gettempdir(), "lighthouse.png")
+        open(path, "wb").write(base64.b64decode(img.data[0].b64_json))
+        print("saved", path, img.usage)
         PY
 
         Metrics: {url}/metrics     Health: {url}/healthz

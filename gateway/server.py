@@ -82,6 +82,7 @@ async def serve(
         await runner.cleanup()  # the store and the upstream session were already opened
         raise ListenError(server.host, server.port, exc) from exc
     url = f"http://{server.host}:{_bound_port(runner) or server.port}"
+    _log_store(settings)
     log.info(
         "gateway_started",
         url=url,
@@ -107,6 +108,20 @@ async def serve(
         log.info("gateway_stopping", grace_seconds=server.shutdown_grace_seconds)
         await runner.cleanup()
         log.info("gateway_stopped")
+
+
+def _log_store(settings: Settings) -> None:
+    """Which store holds the limits, said at every start: the memory store loudly."""
+    store = settings.store
+    if store.backend == "memory":
+        log.warning(
+            "store_in_memory",
+            message="limits, budgets and the ledger live in this process only and start from zero at"
+            " every restart; for Redis set store.backend: redis (GATEWAY_STORE_BACKEND=redis with"
+            " config.example.yaml)",
+        )
+    else:
+        log.info("store_selected", backend=store.backend, url=store.shown_url, cluster=store.cluster)
 
 
 def _reload(app: web.Application) -> None:

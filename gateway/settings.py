@@ -74,6 +74,15 @@ class StoreSettings(_Frozen):
     # outbox lives in memory only, and a killed process loses what it held.
     outbox_path: str = ""
 
+    @property
+    def shown_url(self) -> str:
+        """`url` fit for a log line: without its password."""
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
+        return parts._replace(netloc=netloc + (f":{parts.port}" if parts.port else "")).geturl()
+
     @field_validator("url")
     @classmethod
     def _redis_url(cls, url: str, info: ValidationInfo) -> str:

@@ -34,6 +34,29 @@ def test_example_config_is_valid() -> None:
     assert settings.tenants["design-team"].keys[1].name == "ci-bot"
 
 
+EXAMPLE = Path(__file__).parents[2] / "config.example.yaml"
+
+
+def test_the_example_switches_to_redis_with_one_variable() -> None:
+    assert load_settings(EXAMPLE, environ={}).store.backend == "memory"
+    redis = load_settings(EXAMPLE, environ={"GATEWAY_STORE_BACKEND": "redis", "REDIS_URL": "redis://r:1/2"})
+    assert (redis.store.backend, redis.store.url) == ("redis", "redis://r:1/2")
+
+
+def test_the_example_keys_are_the_published_ones() -> None:
+    from gateway.auth import hash_key
+
+    keys = [key.hash for key in load_settings(EXAMPLE, environ={}).tenants["design-team"].keys]
+    assert keys == [hash_key("igw_example_design_team_key"), hash_key("igw_example_ci_bot_key")]
+
+
+def test_every_route_of_the_example_is_usable_by_a_tenant() -> None:
+    """Start-up demands a key for every routed upstream: each route must be worth it."""
+    settings = load_settings(EXAMPLE, environ={})
+    usable = {model for tenant in settings.tenants for model in settings.models_for(tenant)}
+    assert usable == set(settings.routes)
+
+
 def test_env_expansion_with_defaults_and_types() -> None:
     text = BASE + "server:\n  port: ${PORT:-9000}\n  host: ${HOST}\n"
     settings = parse_settings(text, "ok.yaml", {"HOST": "0.0.0.0"})
