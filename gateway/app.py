@@ -24,9 +24,9 @@ from gateway.pipeline import Pipeline
 from gateway.reload import Reloader
 from gateway.runtime import Runtime, RuntimeHolder
 from gateway.settings import ConfigError, Settings
+from gateway.shutdown import IN_FLIGHT, SETTLEMENTS_LOST, track_handlers
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
-_LAST_DRAIN_SECONDS = 2.0
 RELOADER = web.AppKey("reloader", Reloader)
 
 
@@ -45,7 +45,7 @@ def create_app(
     holder = RuntimeHolder(Runtime.build(settings))
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     app = web.Application(
-        middlewares=[create_request_middleware(metrics)],
+        middlewares=[track_handlers, create_request_middleware(metrics)],
         client_max_size=settings.server.max_body_bytes,
         handler_args={"max_field_size": 16384},
     )
@@ -53,6 +53,8 @@ def create_app(
     app[METRICS] = metrics
     app[STORE] = store if store is not None else _store(settings, metrics, worker)
     app[DRAINING] = [False]
+    app[IN_FLIGHT] = set()
+    app[SETTLEMENTS_LOST] = [0]
     metrics.initialise(settings)
     metrics.registry.register(ConfigCollector(lambda: holder.current.settings))
     app[RELOADER] = Reloader(
@@ -95,12 +97,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        # aiohttp has already waited up to the grace period for handlers (and so for the work they
-        # await); what is left here is work whose handler was cancelled: a short last wait, not a
-        # second grace period, so shutdown stays within what orchestrators allow.
-        await app[PIPELINE].drain(_LAST_DRAIN_SECONDS)
+        # The pipeline's work has finished, or was cut and settled (shutdown.drain): what the
+        # store still holds goes out now, within its own bound.
         await sessions.close()
-        await store.close()
+        app[SETTLEMENTS_LOST][0] = await store.close()
 
 
 async def generations(request: web.Request) -> web.StreamResponse:

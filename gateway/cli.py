@@ -37,15 +37,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
 
-def _serve(main: Coroutine[Any, Any, None]) -> int:
-    """Run a serving coroutine; a socket that cannot be opened is one line on stderr, not a traceback."""
-    from gateway.server import ListenError, run
+def _serve(main: Coroutine[Any, Any, int | None]) -> int:
+    """Run a serving coroutine; a socket that cannot be opened is one line on stderr, not a traceback.
+    Settlements given up at shutdown (the coroutine's count) exit with EXIT_SETTLEMENTS_LOST."""
+    from gateway.server import EXIT_SETTLEMENTS_LOST, ListenError, run
 
     try:
-        run(main)
+        lost = run(main)
     except ListenError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
+    if lost:
+        print(f"gateway: {lost} settlements or releases were given up at shutdown", file=sys.stderr)
+        return EXIT_SETTLEMENTS_LOST
     return 0
 
 

@@ -152,6 +152,14 @@ class StoreUnavailable(GatewayError):
     code = "service_unavailable"
 
 
+class Overloaded(GatewayError):
+    """This process has more requests waiting for a decision than it may hold (load shedding)."""
+
+    status = 503
+    type = "service_unavailable_error"
+    code = "overloaded"
+
+
 class UpstreamTimeout(GatewayError):
     status = 504
     type = "upstream_error"

@@ -43,6 +43,23 @@ class Histogram(_FastLabels, _Histogram):
     pass
 
 
+class ExactUsdCounter:
+    """A USD counter without float drift: each label set's total is kept in integer nano-USD and
+    the exported value set from it (one correctly rounded division), instead of adding floats
+    request after request (0.19800299999999998). Several workers' values are summed at scrape."""
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+        self._nano: dict[tuple[str, ...], int] = {}
+
+    def add(self, *labels: str, nano_usd: int) -> None:
+        total = self._nano.get(labels, 0) + nano_usd
+        self._nano[labels] = total
+        # prometheus_client has no public setter for a counter: its value object (in-process or a
+        # multiprocess mmap) has one.
+        self.counter.labels(*labels)._value.set(total / 1e9)
+
+
 # Generations take seconds to minutes; the gateway's own overhead is measured in milliseconds.
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -106,23 +123,27 @@ class Metrics:
             ["tenant", "limit", "decision"],
             registry=r,
         )
+        # What is charged, as the ledger and budgets charge it: from the upstream's usage, or at
+        # the estimate when the usage cannot be known (`settled`); refunds charge nothing.
         self.tokens = Counter(
             "gateway_tokens",
-            "Settled tokens by tenant, model and price bucket.",
-            ["tenant", "model", "bucket"],
+            "Charged tokens by tenant, model, price bucket and how they were settled.",
+            ["tenant", "model", "bucket", "settled"],
             registry=r,
         )
         self.images = Counter(
             "gateway_images",
-            "Settled images by tenant, model, size and quality.",
-            ["tenant", "model", "size", "quality"],
+            "Charged images by tenant, model, size, quality and how they were settled.",
+            ["tenant", "model", "size", "quality", "settled"],
             registry=r,
         )
-        self.spend = Counter(
-            "gateway_spend_usd",
-            "Settled spend in USD by tenant and model.",
-            ["tenant", "model"],
-            registry=r,
+        self.spend = ExactUsdCounter(
+            Counter(
+                "gateway_spend_usd",
+                "Charged spend in USD by tenant, model and how it was settled.",
+                ["tenant", "model", "settled"],
+                registry=r,
+            )
         )
         self.budget_remaining = Gauge(
             "gateway_budget_remaining",
@@ -187,6 +208,17 @@ class Metrics:
             "Requests decided without the store, by on_unavailable mode.",
             ["mode"],
             registry=r,
+        )
+        self.load_shed = Counter(
+            "gateway_load_shed",
+            "Requests refused with 503 overloaded: server.max_pending_admissions were being decided.",
+            registry=r,
+        )
+        self.pending_admissions = Gauge(
+            "gateway_pending_admissions",
+            "Requests between arrival and their admission decision.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.upstream_errors = Counter(
             "gateway_upstream_errors",

@@ -18,6 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway import upstream
+from gateway.admission import AdmissionQueue
 from gateway.auth import Credential, authenticate
 from gateway.errors import (
     GatewayError,
@@ -63,16 +64,18 @@ class Pipeline:
         self.sessions = sessions
         self.store = store
         self.metrics = metrics
+        self.admissions = AdmissionQueue(runtime.current.settings.server.max_pending_admissions, metrics)
         self.tasks: set[asyncio.Task[web.StreamResponse]] = set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         runtime = self.runtime.current
         record = request[RECORD]
-        credential = authenticate(runtime.credentials, request.headers.get("Authorization"))
-        record.tenant, record.key = credential.tenant, credential.key_label
-        body = await parse(request, runtime.settings.server.max_body_bytes)
-        decision = self.apply_policy(runtime, credential, body, record)
-        admitted = await self.admit(runtime, credential, decision, record)
+        with self.admissions:  # beyond its bound: 503 overloaded, before the body is read
+            credential = authenticate(runtime.credentials, request.headers.get("Authorization"))
+            record.tenant, record.key = credential.tenant, credential.key_label
+            body = await parse(request, runtime.settings.server.max_body_bytes)
+            decision = self.apply_policy(runtime, credential, body, record)
+            admitted = await self.admit(runtime, credential, decision, record)
         # From here the work is owned by the pipeline, not by the connection: if the handler is
         # cancelled (client gone, shutdown), the upstream is still drained and the request settled.
         work = asyncio.create_task(self.serve(request, runtime, credential, admitted, record))
@@ -110,17 +113,6 @@ class Pipeline:
         self.tasks.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved here when the handler that awaited it was cancelled
-
-    async def drain(self, grace_seconds: float) -> None:
-        """Wait for admitted requests to finish (shutdown); cancel what is left after the grace period."""
-        if not self.tasks:
-            return
-        log.info("draining_requests", in_flight=len(self.tasks), grace_seconds=grace_seconds)
-        _, pending = await asyncio.wait(set(self.tasks), timeout=grace_seconds)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
 
     def apply_policy(
         self, runtime: Runtime, credential: Credential, body: dict[str, Any], record: RequestRecord
@@ -288,27 +280,28 @@ class Pipeline:
             return admitted.estimate, "estimate"
         if cost is not None:
             return cost, "usage"
-        if outcome.failure is not None and outcome.streaming and reader.event_count == 0:
-            return Cost(), "refund"  # a stream that broke before its first event; a 2xx JSON was made
+        # A 2xx answer, JSON or a stream however early it broke, means the upstream took the work.
         if reader.error is not None and reader.event_count == 1:
             return Cost(), "refund"  # the upstream's only event was its error: nothing was generated
         return admitted.estimate, "estimate"
 
     def record_usage(self, tenant: str, model: str, admitted: Admitted, actual: Cost, how: str) -> None:
+        """Count what was charged, as the ledger and the budgets were: from usage or at the estimate."""
         m = self.metrics
         if how == "estimate":
             m.usage_missing.labels(tenant, model).inc()
             log.warning("usage_missing", settled_at="estimate")
-        if how != "usage":
-            return
-        m.tokens.labels(tenant, model, "text_in").inc(actual.text_in_tokens)
-        m.tokens.labels(tenant, model, "image_in").inc(actual.image_in_tokens)
-        m.tokens.labels(tenant, model, "image_out").inc(actual.image_out_tokens)
+        elif how == "usage":
+            m.reservation_drift.labels(tenant, model).observe(admitted.estimate.tokens - actual.tokens)
+        else:
+            return  # refunded: nothing charged
+        m.tokens.labels(tenant, model, "text_in", how).inc(actual.text_in_tokens)
+        m.tokens.labels(tenant, model, "image_in", how).inc(actual.image_in_tokens)
+        m.tokens.labels(tenant, model, "image_out", how).inc(actual.image_out_tokens)
         body = admitted.decision.body
         quality = str(body.get("quality", "auto"))
-        m.images.labels(tenant, model, _size_label(body, admitted.entry), quality).inc(actual.images)
-        m.spend.labels(tenant, model).inc(actual.usd)
-        m.reservation_drift.labels(tenant, model).observe(admitted.estimate.tokens - actual.tokens)
+        m.images.labels(tenant, model, _size_label(body, admitted.entry), quality, how).inc(actual.images)
+        m.spend.add(tenant, model, how, nano_usd=actual.nano_usd)
 
 
 class _InFlight:

@@ -5,10 +5,10 @@ that each bind the same port with SO_REUSEPORT (the kernel spreads connections),
 Prometheus multiprocess directory (so any worker's /metrics shows the whole gateway), and receive
 the signals the supervisor gets.
 
-Signals: SIGHUP re-reads the configuration (see reload.py). SIGTERM or SIGINT stops accepting
-connections, marks the gateway not ready, lets in-flight requests and streams finish within
-`server.shutdown_grace_seconds` (each settles its reservation on the way out), closes the store and
-the upstream session, and returns.
+Signals: SIGHUP re-reads the configuration (see reload.py). SIGTERM or SIGINT shuts down within
+a known bound (shutdown.py): not ready at once, listeners closed after `drain_delay_seconds`,
+in-flight work finished within `shutdown_grace_seconds` or cut and settled, the store flushed.
+The exit status is EXIT_SETTLEMENTS_LOST when anything had to be given up.
 """
 
 from __future__ import annotations
@@ -23,16 +23,19 @@ import sys
 import tempfile
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
-from gateway.app import RELOADER, create_app
-from gateway.health import DRAINING
+from gateway.app import PIPELINE, RELOADER, create_app
 from gateway.logs import get_logger
 from gateway.settings import ConfigError, Settings
+from gateway.shutdown import RUNNER_SHUTDOWN_TIMEOUT, SETTLEMENTS_LOST, drain
 
 log = get_logger("gateway.server")
+T = TypeVar("T")
+# `serve` exits with this status when settlements or releases were given up at shutdown.
+EXIT_SETTLEMENTS_LOST = 3
 
 
 class ListenError(Exception):
@@ -45,14 +48,13 @@ class ListenError(Exception):
         super().__init__(f"cannot listen on {host}:{port}: {reason[:1].lower()}{reason[1:]}")
 
 
-def run(main: Coroutine[Any, Any, None]) -> None:
+def run(main: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine on uvloop where it is installed, else on asyncio's default loop."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 async def serve(
@@ -62,8 +64,9 @@ async def serve(
     on_ready: Callable[[str], None] | None = None,
     worker: int | None = None,
     server_overrides: Mapping[str, Any] | None = None,
-) -> None:
-    """Serve until SIGTERM or SIGINT; raises ListenError when the address cannot be bound.
+) -> int:
+    """Serve until SIGTERM or SIGINT, then shut down (shutdown.py); the number of settlements lost
+    at shutdown. Raises ListenError when the address cannot be bound.
     `worker`: this process is worker number `worker` under `supervise` (it shares the port);
     `server_overrides`: the command line's `--host/--port`, already in `settings`."""
     app = create_app(settings, config_path=config_path, worker=worker or 0, server_overrides=server_overrides)
@@ -72,7 +75,7 @@ async def serve(
         app[RELOADER].supervisor_pid = os.getppid()
     server = settings.server
     runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=server.shutdown_grace_seconds
+        app, handle_signals=False, access_log=None, shutdown_timeout=RUNNER_SHUTDOWN_TIMEOUT
     )
     await runner.setup()
     site = web.TCPSite(runner, server.host, server.port, backlog=1024, reuse_port=reuse_port or None)
@@ -104,10 +107,13 @@ async def serve(
         # not kill the process after the loop's handlers are gone: shutdown is already under way.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
-        app[DRAINING][0] = True
-        log.info("gateway_stopping", grace_seconds=server.shutdown_grace_seconds)
+        stopping = loop.time()
+        await drain(app, runner, server, app[PIPELINE].tasks)
         await runner.cleanup()
-        log.info("gateway_stopped")
+        lost = app[SETTLEMENTS_LOST][0]
+        stopped = log.error if lost else log.info
+        stopped("gateway_stopped", seconds=round(loop.time() - stopping, 3), settlements_lost=lost)
+    return lost
 
 
 def _log_store(settings: Settings) -> None:

@@ -56,6 +56,10 @@ class ServerSettings(_Frozen):
     max_body_bytes: int = Field(default=1_048_576, gt=0)
     workers: int = Field(default=1, ge=1)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    # SIGTERM: /readyz says 503 but requests are still taken this long, so load balancers notice.
+    drain_delay_seconds: float = Field(default=0.0, ge=0)
+    # Requests being decided at once (arrived, not yet admitted or refused); beyond: 503 overloaded.
+    max_pending_admissions: int = Field(default=1024, ge=1)
     # A client that stops reading without closing the connection is cut off after this long.
     client_write_timeout_seconds: float = Field(default=30.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -10,7 +10,7 @@ else on one redis-py pooled connection (TLS, unix sockets); for a cluster, as a 
 pipeline, which routes each call to its slot's node.
 
 A caller that gives up (its timeout) cancels only its own future; the batch is sent regardless,
-and its reply is dropped. `close` waits for batches in flight.
+and its reply is dropped. `close` waits (briefly) for batches in flight.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.limits.resp import RespConnection, command
 from gateway.limits.scripts import Script
+
+CLOSE_WAIT = 0.5  # seconds: at shutdown, after the outbox has had its turn
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,15 +104,18 @@ class EvalBatcher:
         except Exception as exc:
             return exc
 
-    async def close(self) -> None:
-        """Refuse new calls, send what is queued, wait for every batch in flight, then close."""
+    async def close(self, wait: float = CLOSE_WAIT) -> None:
+        """Refuse new calls, send what is queued, wait up to `wait` seconds for the batches in
+        flight, then close (what is still unanswered on the lean connection fails at once)."""
         self._closed = True
         if self._queue:
             self._flush()
-        while self._sending:
-            await asyncio.gather(*self._sending, return_exceptions=True)
+        if self._sending:
+            await asyncio.wait(set(self._sending), timeout=wait)
         if self._lean is not None:
             await self._lean.close()
+        while self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
 
 
 async def _on_one_connection(pool: Any, batch: list[_Call]) -> list[Any]:

@@ -9,14 +9,17 @@ are named before the call, from our clock plus the offset learned from the engin
 if the engine finds it is another UTC day, it changes nothing and says so, and the call is
 compiled again for the engine's day.
 
-Unavailability. A call that fails or outlasts `timeout_ms` marks the store down (`store_up` 0,
-one `store_unavailable` warning per outage, `store_errors`). Then `on_unavailable` decides per
-request: `fail_open` admits with a degraded reservation and counts `degraded_decisions`;
-`fail_closed` answers `StoreUnavailable`. There is no per-process fallback counter. The next
-successful call marks it up again (`store_recovered`).
+Unavailability. A call that fails marks the store down (`store_up` 0, one `store_unavailable`
+warning per outage, `store_errors`). What "Redis did not answer within `timeout_ms`" means is the
+engine's to judge where it can (the lean connection times only Redis's part, proof against this
+process's own lag); otherwise each call is bounded here by `timeout_ms`. A busy process is not an
+outage: the pipeline sheds load before admission instead (`gateway/admission.py`). While the
+store is down, `on_unavailable` decides per request: `fail_open` admits with a degraded
+reservation and counts `degraded_decisions`; `fail_closed` answers `StoreUnavailable`. There is
+no per-process fallback counter. The next successful call marks it up again (`store_recovered`).
 
-Settlement is never lost to a store failure. A settle the store does not take at once (failed,
-or slower than `timeout_ms`; while the store is down it is not even tried) goes to the `Outbox`,
+Settlement is never lost to a store failure. A settle the store does not take at once (failed;
+while the store is down it is not even tried) goes to the `Outbox`,
 which retries it in the background until the store is back, so a finishing request never waits
 on an outage. A degraded reservation settles by charging its actual cost after the fact to the
 calendar budgets and the ledger, so money spent while the store was unreachable still counts.
@@ -123,11 +126,13 @@ class LimitStore:
         with contextlib.suppress(StoreFailure):
             await self._guard("start", self._engine.start)
 
-    async def close(self) -> None:
+    async def close(self) -> int:
+        """Deliver what the outbox holds (bounded), then close: the number given up."""
         if self._renewer is not None:
             self._renewer.cancel()
-        await self._outbox.close()
+        lost = await self._outbox.close()
         await self._engine.close()
+        return lost
 
     async def healthy(self) -> bool:
         try:
@@ -340,10 +345,11 @@ class LimitStore:
         return day_of(day_number(self._clock() + self._offset))
 
     async def _guard(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Run one engine call under the timeout, keeping store_up, latency and errors current."""
+        """Run one engine call (under the timeout, unless the engine times its own), keeping
+        store_up, latency and errors current."""
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(None if self._engine.times_its_calls else self._timeout):
                 result = await call()
         except StoreRejected as exc:
             self._metrics.store_errors.labels(operation).inc()

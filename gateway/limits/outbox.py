@@ -1,6 +1,6 @@
 """Settlements the store could not take yet: kept in order, retried in the background, applied once.
 
-A settle that fails (the store is down, or slower than `timeout_ms`) is not lost: it waits here,
+A settle that fails (the store is down, or did not answer within `timeout_ms`) is not lost: it waits here,
 and one background task delivers the oldest first, in batches, backing off from 50 ms to 5 s
 while the store keeps failing, and trying again at once when another call finds the store back
 (`wake`). The request that produced it has long been answered. So do the releases of reserves
@@ -165,31 +165,36 @@ class Outbox:
         self._metrics.settlements_pending.set(len(self))
         return delivered
 
-    async def close(self, deadline: float = CLOSE_DEADLINE) -> None:
-        """Stop the background task; go on delivering until empty or `deadline` seconds passed;
-        leave what is left in the journal for the next start (or, without one, log it as lost);
-        anything added afterwards is lost at once."""
+    async def close(self, deadline: float = CLOSE_DEADLINE) -> int:
+        """Stop the background task; go on delivering until empty or `deadline` seconds passed
+        (a batch still in flight then is not waited for); leave what is left in the journal for
+        the next start, or without one log it as lost; return how many were lost. Anything added
+        afterwards is lost at once."""
         self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         ends, delay = time.monotonic() + deadline, FIRST_DELAY
-        while len(self) and time.monotonic() < ends:
-            if not await self._deliver_batch():
-                await asyncio.sleep(min(delay, max(0.0, ends - time.monotonic())))
-                delay = min(delay * 2, MAX_DELAY)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(deadline):
+                while len(self):
+                    if not await self._deliver_batch():
+                        await asyncio.sleep(min(delay, max(0.0, ends - time.monotonic())))
+                        delay = min(delay * 2, MAX_DELAY)
         if self._journal is not None:
             if len(self):
                 log.warning("settlements_kept", pending=len(self), journal=str(self._journal.path))
             for queue in self._queues.values():
                 queue.clear()
             await self._journal.close()
+        lost = len(self)
         for kind, queue in self._queues.items():
             for call in queue.values():
                 self.lose(call, kind, reason="shutdown")
             queue.clear()
         self._metrics.settlements_pending.set(0)
+        return lost
 
     def lose(self, call: SettleCall, kind: Kind, *, reason: str) -> None:
         """Give `call` up: counted, and a settlement logged with its amounts for reconciliation."""

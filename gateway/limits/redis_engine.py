@@ -4,8 +4,14 @@ Redis Cluster (all of a tenant's keys share its `{tenant}` hash tag, hence one s
 The client never retries a command by itself: a reserve whose reply is lost may have been
 applied, and running it again would charge twice. Failures become `StoreFailure` and the
 `LimitStore` decides (on_unavailable for reserve; settle's own retries are safe because settle is
-idempotent). Connecting is bounded by `timeout_ms`; a reply may take ten times that (at least
-2 s) before the connection is dropped, though its caller has given up after `timeout_ms`.
+idempotent).
+
+Timeouts. On the lean connection (plain `redis://`, the usual case) the connection itself judges
+whether Redis answers: `timeout_ms` of silence with a reply owed, measured from the write and
+proof against the event loop's own lag (resp.py), so the engine `times_its_calls` and a burst
+that keeps this process busy is never mistaken for an outage. Through redis-py (TLS, unix
+sockets, a cluster) the `LimitStore` bounds each call by `timeout_ms`, and a late reply may take
+ten times that (at least 2 s) before its connection is dropped.
 
 Script calls are coalesced per event-loop turn into pipelines (batching.py). At most
 `MAX_IN_FLIGHT` batches or calls run at once, each on its own pooled connection; more wait their
@@ -41,7 +47,7 @@ from gateway.limits.keys import LEDGER_PATTERN, ledger_key, parse_ledger_key
 from gateway.limits.kinds import RATE_WINDOW_US
 from gateway.limits.meters import Reading
 from gateway.limits.periods import day_index
-from gateway.limits.resp import RespConnection
+from gateway.limits.resp import RespConnection, command
 from gateway.limits.scripts import ALL, RENEW, RESERVE, SETTLE, Script
 from gateway.settings import StoreSettings
 
@@ -73,9 +79,9 @@ def _refused_for_good(message: str) -> bool:
 
 
 def _reply_timeout(settings: StoreSettings) -> float:
-    """A caller gives up after timeout_ms (LimitStore decides what then), but the connection waits
-    longer for the reply, so a call that ran late is read to its end instead of being cut off
-    mid-reply (which would drop the connection and everything batched on it)."""
+    """Through redis-py a caller gives up after timeout_ms (LimitStore decides what then), but the
+    connection waits longer for the reply, so a call that ran late is read to its end instead of
+    being cut off mid-reply (which would drop the connection and everything batched on it)."""
     return max(2.0, 10 * settings.timeout_ms / 1000)
 
 
@@ -97,9 +103,8 @@ def lean_connection(settings: StoreSettings) -> RespConnection | None:
     """The pipelined connection for script calls, where `resp.py` speaks the URL (not a cluster)."""
     if settings.cluster:
         return None
-    return RespConnection.for_url(
-        settings.url, connect_timeout=settings.timeout_ms / 1000, reply_timeout=_reply_timeout(settings)
-    )
+    timeout = settings.timeout_ms / 1000
+    return RespConnection.for_url(settings.url, connect_timeout=timeout, reply_timeout=timeout)
 
 
 def _text(value: Any) -> str:
@@ -111,17 +116,34 @@ class RedisEngine:
         self._client = client
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._batcher = EvalBatcher(client, self._in_flight, lean)
+        self._lean = lean
+
+    @property
+    def times_its_calls(self) -> bool:
+        """Whether the engine itself fails a call that Redis does not answer (see the docstring)."""
+        return self._lean is not None
 
     async def start(self) -> None:
         for script in ALL:
             await self._call(self._client.script_load, script.source)
+        # Connected before the first request: a burst at start finds the connection ready.
+        await self.ping()
 
     async def close(self) -> None:
         await self._batcher.close()
         await self._client.aclose()
 
     async def ping(self) -> None:
-        await self._call(self._client.ping)
+        """Readiness: on the connection the script calls use, where there is one."""
+        if self._lean is None:
+            await self._call(self._client.ping)
+            return
+        try:
+            [reply] = await self._lean.execute(command("PING"), 1)
+        except _FAILURES as exc:
+            raise StoreFailure(f"ping: {type(exc).__name__}: {exc}") from exc
+        if isinstance(reply, Exception):
+            raise StoreFailure(f"ping: {reply}")
 
     async def _call(self, method: Any, *args: Any) -> Any:
         try:

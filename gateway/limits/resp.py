@@ -10,15 +10,31 @@ anything else (TLS, unix sockets) and every other command (script loading, the l
 stays with redis-py, as does Redis Cluster.
 
 One connection is opened on first use and again after it is lost. A caller that gives up waiting
-(`LimitStore`'s timeout) leaves its place in the queue, so the replies still line up; a batch
-whose replies are overdue by `reply_timeout` drops the connection (it may be dead without a FIN),
-failing everything queued on it.
+leaves its place in the queue, so the replies still line up.
+
+What counts as "Redis did not answer" is judged here, from what is Redis's alone. Time spent
+before the write (batching, waiting for a turn) is not Redis's, and neither is the event loop's
+own lag: a busy loop reads late what Redis answered on time. So:
+
+- a connection is suspect when its oldest unanswered command was written more than
+  `reply_timeout` ago AND nothing at all has been read from it for that long, checked only after
+  the loop has polled the socket once more (`after_io_turn`: whatever Redis had sent by then
+  has been read);
+- a suspect connection is put to a health check: a new connection, proven with PING. If that
+  fails too, Redis is unreachable: the connection is dropped and everything queued on it fails
+  (the store is down). If it answers, Redis is alive and busy (a long batch, a loaded machine):
+  the calls keep waiting, up to `give_up_after` from their write, after which the connection is
+  dropped all the same (a connection lost in the network while new ones work);
+- connecting is bounded by `connect_timeout`, the handshake's replies like any other reply.
+
+Error replies and a closed or reset connection fail at once, as they come.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -41,41 +57,109 @@ def _reply(value: Any) -> Any:
     return value
 
 
+def after_io_turn(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """Call `callback` once the loop has polled its sockets again and run what they delivered.
+
+    Two hops through the ready queue: asyncio polls before running the callbacks a turn found
+    ready, and uvloop (libuv) runs them before polling; after two turns, both have polled once
+    since this call, whatever called it (a timer or a ready callback)."""
+    loop.call_soon(loop.call_soon, callback)
+
+
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, reply_timeout: float, give_up_after: float) -> None:
         self._parser = hiredis.Reader()
-        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._waiting: deque[tuple[float, asyncio.Future[Any]]] = deque()  # (written at, waiter)
         self._transport: Any = None  # uvloop's transports are not asyncio.Transport subclasses
+        self._loop = asyncio.get_running_loop()
+        self._reply_timeout = reply_timeout
+        self._give_up_after = give_up_after
+        self._last_read = self._loop.time()
+        self._watching = False
+        # Called when the connection turns suspect; None: a suspect connection fails at once.
+        self.on_suspect: Callable[[_Protocol], None] | None = None
+        self._checking = False
         self.lost: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
 
     def data_received(self, data: bytes) -> None:
+        self._last_read = self._loop.time()
         self._parser.feed(data)
         while (reply := self._parser.gets()) is not False:
             if not self._waiting:  # nothing was asked (e.g. "max number of clients"): not ours
                 self.abort()
                 return
-            waiter = self._waiting.popleft()
+            _, waiter = self._waiting.popleft()
             if not waiter.done():  # a caller that gave up still had its place in the queue
                 waiter.set_result(_reply(reply))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = RedisConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}")
+        if self.lost is None:
+            self.lost = RedisConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}")
         while self._waiting:
-            waiter = self._waiting.popleft()
+            _, waiter = self._waiting.popleft()
             if not waiter.done():
                 waiter.set_exception(self.lost)
 
     def send(self, payload: bytes, replies: int) -> list[asyncio.Future[Any]]:
         if self.lost is not None or self._transport is None:
             raise self.lost or RedisConnectionError("not connected to Redis")
-        loop = asyncio.get_running_loop()
-        waiters = [loop.create_future() for _ in range(replies)]
-        self._waiting.extend(waiters)
+        now = self._loop.time()
+        waiters = [self._loop.create_future() for _ in range(replies)]
+        self._waiting.extend((now, waiter) for waiter in waiters)
         self._transport.write(payload)
+        if not self._watching:
+            self._watching = True
+            self._loop.call_at(now + self._reply_timeout, self._watch)
         return waiters
+
+    def _suspect_at(self) -> float | None:
+        """When the connection turns suspect if nothing is read before; None: nothing is owed."""
+        if not self._waiting:
+            return None
+        return max(self._waiting[0][0], self._last_read) + self._reply_timeout
+
+    def _watch(self) -> None:
+        suspect_at = self._suspect_at()
+        if suspect_at is None or self.lost is not None:
+            self._watching = False
+        elif self._loop.time() < suspect_at:
+            self._loop.call_at(suspect_at, self._watch)
+        else:
+            after_io_turn(self._loop, self._confirm)
+
+    def _confirm(self) -> None:
+        """Suspect when last looked: still so once the loop has read what the socket holds?"""
+        suspect_at = self._suspect_at()
+        now = self._loop.time()
+        if suspect_at is None or self.lost is not None or now < suspect_at:
+            self._watch()
+            return
+        give_up_at = self._waiting[0][0] + self._give_up_after
+        if self.on_suspect is None or now >= give_up_at:
+            self.fail(
+                f"no reply from Redis within {min(now - self._waiting[0][0], self._give_up_after):.3g} s"
+            )
+            return
+        if not self._checking:
+            self._checking = True
+            self.on_suspect(self)
+        self._loop.call_at(give_up_at, self._watch)
+
+    def alive(self) -> None:
+        """The health check found Redis answering: the calls queued here keep waiting."""
+        self._checking = False
+        self._last_read = self._loop.time()
+
+    def fail(self, reason: str) -> None:
+        """Drop the connection: it may be dead without having been closed. connection_lost (called
+        soon) fails every waiter with `reason`."""
+        if self.lost is None:
+            self.lost = RedisConnectionError(reason)
+        self._watching = False
+        self.abort()
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -93,6 +177,7 @@ class RespConnection:
         db: int,
         connect_timeout: float,
         reply_timeout: float,
+        give_up_after: float | None = None,
     ) -> None:
         self._address = (host, port)
         # Every new connection is proven before it carries a call: a refusal (wrong password, too
@@ -105,8 +190,10 @@ class RespConnection:
         self._hello.append(command("PING"))
         self._connect_timeout = connect_timeout
         self._reply_timeout = reply_timeout
+        self._give_up_after = give_up_after if give_up_after is not None else max(2.0, 10 * reply_timeout)
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Task[_Protocol] | None = None
+        self._checks: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @staticmethod
@@ -128,19 +215,15 @@ class RespConnection:
         )
 
     async def execute(self, payload: bytes, replies: int) -> list[Any]:
-        """Write `payload` (`replies` commands) and return their replies, error replies included."""
+        """Write `payload` (`replies` commands) and return their replies, error replies included.
+
+        No timer of the caller's: the connection itself fails the call if Redis stops answering."""
         if self._closed:
             raise RedisConnectionError("the connection to Redis is closed")
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
             protocol = await self._connect()
-        waiters = protocol.send(payload, replies)
-        try:
-            async with asyncio.timeout(self._reply_timeout):
-                return [await waiter for waiter in waiters]
-        except TimeoutError:
-            protocol.abort()  # overdue: the connection may be dead without having been closed
-            raise RedisConnectionError(f"no reply from Redis within {self._reply_timeout:g} s") from None
+        return [await waiter for waiter in protocol.send(payload, replies)]
 
     async def _connect(self) -> _Protocol:
         # Callers that find the connection down together share one attempt.
@@ -154,30 +237,73 @@ class RespConnection:
                 self._connecting = None
 
     async def _open(self) -> _Protocol:
-        loop = asyncio.get_running_loop()
-        protocol: _Protocol | None = None
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                _, protocol = await loop.create_connection(_Protocol, *self._address)
-                for hello in self._hello:
-                    [reply] = await asyncio.gather(*protocol.send(hello, 1))
-                    if isinstance(reply, ResponseError):
-                        raise RedisConnectionError(f"Redis refused the connection: {reply}")
-        except BaseException as exc:
-            if protocol is not None:
-                protocol.abort()  # whatever went wrong, no half-open connection is left behind
-            if isinstance(exc, (OSError, TimeoutError)):
-                raise RedisConnectionError(f"cannot connect to Redis at {self._address}: {exc!r}") from exc
-            raise
+        protocol = await self._proven()
         if self._closed:
             protocol.abort()
             raise RedisConnectionError("the connection to Redis is closed")
+        protocol.on_suspect = self._check
         self._protocol = protocol
         return protocol
+
+    async def _proven(self) -> _Protocol:
+        """A new connection that has answered its handshake (AUTH, SELECT, PING)."""
+        loop = asyncio.get_running_loop()
+        opening = asyncio.current_task()
+        assert opening is not None
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            if not opening.done():
+                expired = True
+                opening.cancel()
+
+        deadline = loop.call_later(self._connect_timeout, after_io_turn, loop, expire)
+        try:
+            _, protocol = await loop.create_connection(
+                lambda: _Protocol(self._reply_timeout, self._give_up_after), *self._address
+            )
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            late = f"no answer within {self._connect_timeout:g} s"
+            raise RedisConnectionError(f"cannot connect to Redis at {self._address}: {late}") from None
+        except OSError as exc:
+            raise RedisConnectionError(f"cannot connect to Redis at {self._address}: {exc!r}") from exc
+        finally:
+            deadline.cancel()
+        try:
+            for hello in self._hello:
+                [reply] = await asyncio.gather(*protocol.send(hello, 1))
+                if isinstance(reply, ResponseError):
+                    raise RedisConnectionError(f"Redis refused the connection: {reply}")
+        except BaseException as exc:
+            protocol.abort()  # whatever went wrong, no half-open connection is left behind
+            if isinstance(exc, RedisConnectionError):
+                raise RedisConnectionError(f"cannot connect to Redis at {self._address}: {exc}") from None
+            raise
+        return protocol
+
+    def _check(self, protocol: _Protocol) -> None:
+        """`protocol` is suspect: does Redis answer a new connection?"""
+        task = asyncio.get_running_loop().create_task(self._health_check(protocol))
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def _health_check(self, protocol: _Protocol) -> None:
+        try:
+            probe = await self._proven()
+        except RedisConnectionError as exc:
+            protocol.fail(f"no reply from Redis within {self._reply_timeout:g} s; a new connection: {exc}")
+            return
+        probe.abort()
+        protocol.alive()
 
     async def close(self) -> None:
         """Close for good: later calls fail as a store failure."""
         self._closed = True
+        for check in list(self._checks):
+            check.cancel()
         if self._protocol is not None:
             self._protocol.abort()
             self._protocol = None

@@ -253,10 +253,17 @@ async def test_client_leaving_mid_stream_is_billed_from_drained_usage(
         resp.close()  # the client leaves before the completed event
     await asyncio.wait_for(upstream.finished.wait(), 5)
     for _ in range(50):
-        if gw.metric("gateway_tokens_total", tenant="team", model="gpt-image-1.5", bucket="image_out"):
+        if gw.metric(
+            "gateway_tokens_total", tenant="team", model="gpt-image-1.5", bucket="image_out", settled="usage"
+        ):
             break
         await asyncio.sleep(0.05)
-    assert gw.metric("gateway_tokens_total", tenant="team", model="gpt-image-1.5", bucket="image_out") == 372
+    assert (
+        gw.metric(
+            "gateway_tokens_total", tenant="team", model="gpt-image-1.5", bucket="image_out", settled="usage"
+        )
+        == 372
+    )
 
 
 @pytest.mark.parametrize("status", [401, 403])

@@ -68,7 +68,8 @@ async def test_40mb_response_relays_with_bounded_memory(start_server: StartServe
                 metrics = await resp.text()
         assert growth_mib < 16, f"peak RSS grew by {growth_mib:.1f} MiB relaying {total / 2**20:.0f} MiB"
         assert (
-            'gateway_tokens_total{bucket="image_out",model="gpt-image-1.5",tenant="team"} 5440.0' in metrics
+            'gateway_tokens_total{bucket="image_out",model="gpt-image-1.5",settled="usage",tenant="team"} 5440.0'
+            in metrics
         )
     finally:
         assert gateway.stop() == 0

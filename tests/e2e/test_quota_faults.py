@@ -9,6 +9,7 @@ that outlives its lease TTL keeping its concurrency slot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -21,9 +22,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
-from gateway.app import create_app
+from gateway.app import PIPELINE, create_app
 from gateway.health import STORE
 from gateway.mock_upstream import RECEIVED
+from gateway.shutdown import drain
 from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.e2e.test_quotas import (
     ADMIN_TOKEN,
@@ -31,6 +33,8 @@ from tests.e2e.test_quotas import (
     LOW,
     LOW_ESTIMATE_TOKENS,
     MODEL,
+    NANO_PER_IMAGE_OUT,
+    NANO_PER_TEXT_IN,
     eventually,
     generate,
     held_leases,
@@ -286,6 +290,30 @@ async def test_an_error_event_inside_a_200_stream_is_a_failure(
         assert (row["tokens"], row["nano_usd"], row["images"]) == (0, 0, 0)
 
 
+@pytest.mark.parametrize("cut", ["before_the_first_event", "inside_the_first_event"])
+async def test_a_200_stream_dropped_before_any_whole_event_is_billed_like_a_json_answer(
+    start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis, cut: str
+) -> None:
+    """The upstream answered 200: it took the work, and may have generated (and billed) the image.
+    A connection dropped then is billed at the estimate, as it is for a JSON answer, never refunded."""
+    redis = redis_factory()
+    chunks = [] if cut == "before_the_first_event" else [PARTIAL[:30]]
+    upstream = ScriptedUpstream(Script(chunks=chunks, abort_after_chunks=True))
+    gw = await gateway_on(start_server, start_gateway, redis, upstream)
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{gw.v1}/images/generations", json={**LOW, "stream": True}, headers=AUTH
+            ) as resp:
+                assert resp.status == 200
+                with contextlib.suppress(aiohttp.ClientPayloadError):
+                    await resp.read()
+            row = await settled_once(session, gw, redis)
+    assert (row["failed"], row["tokens"], row["nano_usd"]) == (1, LOW_ESTIMATE_TOKENS, LOW_ESTIMATE_NANO_USD)
+    [line] = finished_lines(logs)
+    assert line["settled"] == "estimate"
+
+
 async def test_client_leaving_mid_stream_is_billed_from_the_drained_usage(
     start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis
 ) -> None:
@@ -359,9 +387,10 @@ async def test_a_settle_whose_reply_is_lost_is_retried_and_charged_once(
         async with aiohttp.ClientSession() as session:
             request = asyncio.create_task(generate(session, gw.url))
             await reached_upstream(upstream)
-            # Redis holds every script call for 0.45 s from just before the upstream answers: the
-            # first settle attempt (and perhaps the second) outlasts timeout_ms, a later one gets through.
-            await asyncio.to_thread(redis.cli, "CLIENT", "PAUSE", "450", "WRITE")
+            # Redis answers nothing for 0.45 s from just before the upstream answers, a health check's
+            # PING included: the first settle attempt (and perhaps the second) is given up after
+            # timeout_ms and the health check's, a later one gets through.
+            await asyncio.to_thread(redis.cli, "CLIENT", "PAUSE", "450", "ALL")
             status, _, _ = await request
             assert status == 200
             await asyncio.sleep(0.5)
@@ -488,7 +517,9 @@ async def test_a_request_cut_off_by_shutdown_while_the_upstream_generates_is_bil
         async with aiohttp.ClientSession() as session:
             request = asyncio.create_task(generate(session, url))
             await reached_upstream(upstream)
-            await runner.cleanup()  # what `serve` does on SIGTERM, the grace period long over
+            # What `serve` does on SIGTERM: the grace period passes and the request is cut off.
+            await drain(app, runner, settings.server, app[PIPELINE].tasks)
+            await runner.cleanup()
             with pytest.raises(aiohttp.ClientError):
                 await request
     [line] = finished_lines(logs)
@@ -500,3 +531,74 @@ async def test_a_request_cut_off_by_shutdown_while_the_upstream_generates_is_bil
         LOW_ESTIMATE_TOKENS,
         LOW_ESTIMATE_NANO_USD,
     )
+
+
+# --- 5. metrics agree with the ledger --------------------------------------------------------------
+
+
+async def test_prometheus_counts_what_the_ledger_charges_dropped_streams_included(
+    start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis
+) -> None:
+    """A mixed run: answers with usage, streams the upstream drops after a partial image (billed at
+    the estimate) and upstream errors (refunded). Tokens, images and USD in Prometheus equal the
+    ledger's, labelled by how they were settled, and USD is exact to the nano-dollar."""
+    redis = redis_factory()
+    usage = usage_body(text=7, image_in=0, output=272)
+    completed = sse_event("image_generation.completed", usage=usage)
+
+    async def images(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        kind = body["prompt"].split()[0]
+        if kind == "fail":
+            return web.Response(status=500, body=UPSTREAM_500, content_type="application/json")
+        if kind == "ok":
+            return web.Response(body=json_body(usage), content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(PARTIAL)
+        if kind == "streamed":
+            await response.write(completed)
+            return response
+        assert request.transport is not None
+        request.transport.abort()  # "drop": the upstream is gone after a partial image
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", images)
+    server = await start_server(app)
+    gw = await start_gateway(
+        openai_url=base_url(server), store=redis_store(redis), limits=LIMITS, admin={"token": ADMIN_TOKEN}
+    )
+    plan = ["ok"] * 3 + ["streamed"] * 2 + ["drop"] * 3 + ["fail"] * 2
+    async with aiohttp.ClientSession() as session:
+        for kind in plan:
+            payload = {**LOW, "prompt": f"{kind} a lighthouse", "stream": kind in ("streamed", "drop")}
+            async with session.post(f"{gw.v1}/images/generations", json=payload, headers=AUTH) as resp:
+                with contextlib.suppress(aiohttp.ClientPayloadError):
+                    await resp.read()
+
+        async def all_settled() -> bool:
+            return len((await store_keys(redis)).get("settled", [])) == len(plan)
+
+        await eventually(all_settled)
+        [row] = await ledger_rows(session, gw.url)
+
+    def total(name: str, **labels: str) -> float:
+        return sum(
+            sample.value
+            for family in gw.registry.collect()
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
+
+    # A dropped request's estimate: its prompt's bytes ("drop a lighthouse") and 272 image tokens.
+    estimate_tokens, estimate_nano = 17 + 272, 17 * NANO_PER_TEXT_IN + 272 * NANO_PER_IMAGE_OUT
+    assert row["requests"] == len(plan) and row["failed"] == 5  # 3 dropped, 2 errors
+    for settled, count in (("usage", 5), ("estimate", 3)):
+        assert total("gateway_images_total", settled=settled) == count
+    assert total("gateway_tokens_total") == row["tokens"] == 5 * usage["total_tokens"] + 3 * estimate_tokens
+    assert total("gateway_tokens_total", settled="estimate") == 3 * estimate_tokens
+    assert row["nano_usd"] == 5 * nano_usd(usage) + 3 * estimate_nano
+    spend = {s: total("gateway_spend_usd_total", settled=s) for s in ("usage", "estimate")}
+    assert spend == {"usage": 5 * nano_usd(usage) / 1e9, "estimate": 3 * estimate_nano / 1e9}
+    assert total("gateway_images_total") == row["images"] == 8

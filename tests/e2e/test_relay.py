@@ -61,7 +61,12 @@ async def test_sse_relayed_byte_for_byte_with_odd_chunks(
             assert "Content-Encoding" not in resp.headers
             received = b"".join([chunk async for chunk in resp.content.iter_any()])
     assert received == body
-    assert gw.metric("gateway_tokens_total", tenant="team", model="gpt-image-1.5", bucket="image_out") == 272
+    assert (
+        gw.metric(
+            "gateway_tokens_total", tenant="team", model="gpt-image-1.5", bucket="image_out", settled="usage"
+        )
+        == 272
+    )
 
 
 async def test_openai_sdk_parses_relayed_crlf_multiline_done_stream(
@@ -186,5 +191,15 @@ async def test_usage_read_wherever_it_sits(
         payload = {"model": "gpt-image-1.5", "prompt": "x", "n": 2}
         async with session.post(f"{gw.v1}/images/generations", json=payload, headers=AUTH) as resp:
             assert await resp.read() == body
-    assert gw.metric("gateway_tokens_total", tenant="team", model="gpt-image-1.5", bucket="image_out") == 272
-    assert gw.metric("gateway_tokens_total", tenant="team", model="gpt-image-1.5", bucket="text_in") == 5
+    assert (
+        gw.metric(
+            "gateway_tokens_total", tenant="team", model="gpt-image-1.5", bucket="image_out", settled="usage"
+        )
+        == 272
+    )
+    assert (
+        gw.metric(
+            "gateway_tokens_total", tenant="team", model="gpt-image-1.5", bucket="text_in", settled="usage"
+        )
+        == 5
+    )

@@ -81,7 +81,12 @@ async def test_waiting_for_a_busy_pool_is_bounded_by_the_connect_timeout(
     assert body["error"]["code"] == "upstream_connect_timeout"
     assert "connections stayed busy" in body["error"]["message"]
     assert upstream.peak == 1
-    assert gw.metric("gateway_tokens_total", tenant="team", model="gpt-image-1.5", bucket="image_out") == 272
+    assert (
+        gw.metric(
+            "gateway_tokens_total", tenant="team", model="gpt-image-1.5", bucket="image_out", settled="usage"
+        )
+        == 272
+    )
 
 
 async def test_free_sizes_share_one_images_label(
@@ -93,7 +98,7 @@ async def test_free_sizes_share_one_images_label(
             payload = {"model": "gpt-image-2", "prompt": "a fox", "size": size, "quality": "low"}
             status, _, _ = await generate(session, gw.url, payload)
             assert status == 200
-    labels = {"tenant": "team", "model": "gpt-image-2", "quality": "low"}
+    labels = {"tenant": "team", "model": "gpt-image-2", "quality": "low", "settled": "usage"}
     assert gw.metric("gateway_images_total", size="custom", **labels) == 2
     assert gw.metric("gateway_images_total", size="1024x1024", **labels) == 1
     assert gw.metric("gateway_images_total", size="1280x720", **labels) == 0

@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import pytest
+import uvloop
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -81,16 +82,16 @@ async def test_a_lost_connection_fails_its_calls_and_the_next_call_reconnects(re
     await connection.close()
 
 
-async def test_an_overdue_reply_drops_the_connection(redis_server_factory) -> None:
+async def test_an_overdue_reply_drops_the_connection_when_redis_answers_nobody(redis_server_factory) -> None:
     server = redis_server_factory()
     connection = lean(server.url, reply_timeout=0.2)
     assert await connection.execute(command("PING"), 1) == [b"PONG"]
-    server.cli("CLIENT", "PAUSE", "600", "ALL")
+    server.cli("CLIENT", "PAUSE", "900", "ALL")  # a new connection's PING gets no answer either
     started = time.perf_counter()
-    with pytest.raises(RedisConnectionError, match="no reply"):
+    with pytest.raises(RedisConnectionError, match=r"no reply from Redis within 0\.2 s; a new connection"):
         await connection.execute(command("PING"), 1)
-    assert time.perf_counter() - started < 0.5
-    await asyncio.sleep(0.5)
+    assert time.perf_counter() - started < 0.8  # the reply timeout, then the health check's
+    await asyncio.sleep(0.9)
     assert await connection.execute(command("PING"), 1) == [b"PONG"]  # on a new connection
     await connection.close()
 
@@ -126,3 +127,68 @@ async def test_a_refused_connection_is_a_connection_failure_not_a_reply(redis_se
     await first.close()
     with pytest.raises(RedisConnectionError, match="closed"):
         await first.execute(command("PING"), 1)  # closed for good: no reconnection
+
+
+async def test_redis_busy_but_answering_keeps_the_calls_waiting(redis_server_factory) -> None:
+    """Writes are held for 0.5 s, far past reply_timeout, but Redis answers a new connection's
+    PING: it is alive, so the call is not failed (a store that answers is not down)."""
+    server = redis_server_factory()
+    connection = lean(server.url, reply_timeout=0.1)
+    assert await connection.execute(command("PING"), 1) == [b"PONG"]
+    server.cli("CLIENT", "PAUSE", "500", "WRITE")
+    started = time.perf_counter()
+    assert await connection.execute(command("SET", "k", "v"), 1) == [b"OK"]
+    assert time.perf_counter() - started > 0.3
+    await connection.close()
+
+
+async def test_a_reply_owed_past_give_up_after_drops_the_connection(redis_server_factory) -> None:
+    server = redis_server_factory()
+    address = ("127.0.0.1", server.port)
+    connection = RespConnection(
+        *address,
+        username=None,
+        password=None,
+        db=0,
+        connect_timeout=0.5,
+        reply_timeout=0.1,
+        give_up_after=0.4,
+    )
+    assert await connection.execute(command("PING"), 1) == [b"PONG"]
+    server.cli("CLIENT", "PAUSE", "1500", "WRITE")
+    started = time.perf_counter()
+    with pytest.raises(RedisConnectionError, match=r"no reply from Redis within 0\.4 s"):
+        await connection.execute(command("SET", "k", "v"), 1)
+    assert 0.35 < time.perf_counter() - started < 1.2
+    await connection.close()
+
+
+async def _blocked_loop_scenario(url: str) -> list[object]:
+    """Replies that arrive on time while this process's loop is blocked for ten reply timeouts (a
+    burst keeping it busy): a call, and a connect with its handshake, both succeed."""
+    connection = lean(url, reply_timeout=0.05)
+    assert await connection.execute(command("PING"), 1) == [b"PONG"]
+    call = asyncio.ensure_future(connection.execute(command("ECHO", "x"), 1))
+    await asyncio.sleep(0)  # the call is written
+    time.sleep(0.5)  # noqa: ASYNC251 (the loop is busy elsewhere: nothing is read meanwhile)
+    replies = await call
+    await connection.close()
+    fresh = RespConnection.for_url(url, connect_timeout=0.05, reply_timeout=0.05)
+    assert fresh is not None
+    connecting = asyncio.ensure_future(fresh.execute(command("ECHO", "y"), 1))
+    await asyncio.sleep(0)  # the connect has begun
+    time.sleep(0.5)  # noqa: ASYNC251
+    replies += await connecting
+    await fresh.close()
+    return replies
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_a_busy_event_loop_is_not_mistaken_for_a_silent_redis(
+    redis_server: RedisServer, loop: str
+) -> None:
+    if loop == "asyncio":
+        replies = await _blocked_loop_scenario(redis_server.url)
+    else:
+        replies = await asyncio.to_thread(uvloop.run, _blocked_loop_scenario(redis_server.url))
+    assert replies == [b"x", b"y"]

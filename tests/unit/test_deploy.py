@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.metrics import Metrics
 from gateway.settings import Settings, load_settings, parse_settings
+from gateway.shutdown import MARGIN_SECONDS
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -178,6 +179,14 @@ def test_compose_config_validates_with_the_mock_defaults() -> None:
     assert settings.server.host == "0.0.0.0"
     assert settings.store.backend == "redis"
     assert settings.tenants and settings.routes
+
+
+def test_compose_stops_the_gateway_no_sooner_than_its_shutdown_bound() -> None:
+    server = load_settings(COMPOSE_CONFIG, environ={}).server
+    stop_grace = compose()["services"]["gateway"]["stop_grace_period"]
+    assert stop_grace.endswith("s")
+    exits_within = server.drain_delay_seconds + server.shutdown_grace_seconds + MARGIN_SECONDS
+    assert float(stop_grace[:-1]) >= exits_within
 
 
 def test_k8s_config_validates_and_reads_secrets_from_the_environment() -> None:
@@ -428,8 +437,10 @@ def test_deployment_security_and_shutdown() -> None:
     assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
     pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
     pre_stop_seconds = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
-    grace = k8s_settings().server.shutdown_grace_seconds
-    assert pod["terminationGracePeriodSeconds"] > grace + pre_stop_seconds
+    server = k8s_settings().server
+    # SIGKILL must not come before the gateway's own bound (gateway/shutdown.py).
+    exits_within = server.drain_delay_seconds + server.shutdown_grace_seconds + MARGIN_SECONDS
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop_seconds + exits_within
 
 
 def test_deployment_secret_references_exist_in_the_example_secret() -> None:

@@ -1,0 +1,208 @@
+"""Shutdown measured from outside: a `gateway serve` process on a real Redis with long streams open
+gets SIGTERM. It exits within drain_delay + grace + the documented margin (gateway/shutdown.py),
+with every reservation settled (no record, no lease left), and keeps serving, not ready, during
+its drain delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.shutdown import MARGIN_SECONDS
+from tests.support import redis_servers
+from tests.support.config import TENANT_KEY, config_dict
+from tests.support.processes import GatewayProcess, free_port
+from tests.support.redis_servers import RedisServer
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+redis_factory = redis_servers.redis_server_factory
+
+LOW = {"model": "gpt-image-1.5", "prompt": "a lighthouse at dusk", "size": "1024x1024", "quality": "low"}
+AUTH = {"Authorization": f"Bearer {TENANT_KEY}"}
+PARTIAL = (
+    b"event: image_generation.partial_image\n"
+    b'data: {"type":"image_generation.partial_image","b64_json":"AA==","partial_image_index":0}\n\n'
+)
+STREAMS = 20
+GRACE = 5.0  # aiohttp's own shutdown took twice this and more: 12 s, past GRACE + MARGIN_SECONDS
+
+
+class EndlessStreams:
+    """An image API whose streams send one partial image, then nothing until the test ends."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self._end = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/images/generations", self._stream)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(PARTIAL)
+        self.open += 1
+        await self._end.wait()
+        return response
+
+    async def stop(self) -> None:
+        self._end.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def store_keys(redis: RedisServer) -> dict[str, int]:
+    keys = (await asyncio.to_thread(redis.cli, "--scan", "--pattern", "igw:*")).split()
+    found: dict[str, int] = {}
+    for key in keys:
+        found[key.split(":")[2]] = found.get(key.split(":")[2], 0) + 1
+    return found
+
+
+async def test_sigterm_with_long_streams_open_exits_within_grace_and_margin_all_settled(
+    redis_factory, tmp_path: Path
+) -> None:
+    redis = redis_factory()
+    upstream = EndlessStreams()
+    await upstream.start()
+    config = config_dict(
+        upstream.url,
+        store={"backend": "redis", "url": redis.url},
+        limits={"concurrent_requests": 1000, "usd_per_day": 100},
+        server={"shutdown_grace_seconds": GRACE},
+    )
+    gateway = GatewayProcess(config, tmp_path)
+    await gateway.start()
+    assert gateway.process is not None
+    payload = {**LOW, "stream": True, "partial_images": 1}
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def stream() -> bytes:
+                async with session.post(
+                    f"{gateway.url}/v1/images/generations", json=payload, headers=AUTH
+                ) as resp:
+                    assert resp.status == 200
+                    body = b""
+                    with pytest.raises(aiohttp.ClientPayloadError):  # cut: no final chunk after the error
+                        async for chunk in resp.content.iter_any():
+                            body += chunk
+                    return body
+
+            streams = [asyncio.create_task(stream()) for _ in range(STREAMS)]
+            while upstream.open < STREAMS:  # noqa: ASYNC110 (a count kept by the upstream)
+                await asyncio.sleep(0.02)
+            assert (await store_keys(redis)).get("rsv") == STREAMS
+            sent = time.monotonic()
+            gateway.process.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(gateway.process.wait, GRACE + MARGIN_SECONDS + 10)
+            took = time.monotonic() - sent
+            bodies = await asyncio.gather(*streams, return_exceptions=True)
+    finally:
+        await asyncio.to_thread(gateway.stop)
+        await upstream.stop()
+    assert code == 0
+    assert GRACE <= took <= GRACE + MARGIN_SECONDS, took
+    for body in bodies:
+        assert isinstance(body, bytes), body
+        assert body.startswith(PARTIAL)
+    keys = await store_keys(redis)
+    assert keys.get("settled") == STREAMS and "rsv" not in keys, keys  # every reservation settled
+    lease_count = await asyncio.to_thread(redis.cli, "ZCARD", "igw:{team}:lease:tenant")
+    assert int(lease_count) == 0
+    events = [json.loads(line) for line in gateway.log_lines() if line.startswith("{")]
+    [stopped] = [e for e in events if e["event"] == "gateway_stopped"]
+    assert stopped["settlements_lost"] == 0
+    finished = [e for e in events if e["event"] == "request_finished"]
+    assert len(finished) == STREAMS and {e["settled"] for e in finished} == {"estimate"}
+
+
+async def test_during_the_drain_delay_readyz_is_503_and_requests_are_still_served(tmp_path: Path) -> None:
+    upstream = EndlessStreams()
+    await upstream.start()
+    upstream._end.set()  # answers at once (an empty stream)
+    config = config_dict(upstream.url, server={"drain_delay_seconds": 1.5, "shutdown_grace_seconds": 1})
+    gateway = GatewayProcess(config, tmp_path)
+    await gateway.start()
+    assert gateway.process is not None
+    try:
+        async with aiohttp.ClientSession() as session:
+            sent = time.monotonic()
+            gateway.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            async with session.get(f"{gateway.url}/readyz") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["status"] == "draining"
+            payload = {**LOW, "stream": True, "partial_images": 1}
+            async with session.post(
+                f"{gateway.url}/v1/images/generations", json=payload, headers=AUTH
+            ) as resp:
+                assert resp.status == 200
+            code = await asyncio.to_thread(gateway.process.wait, 10)
+            took = time.monotonic() - sent
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await session.get(f"{gateway.url}/healthz")
+    finally:
+        await asyncio.to_thread(gateway.stop)
+        await upstream.stop()
+    assert code == 0
+    assert 1.5 <= took <= 1.5 + 1 + MARGIN_SECONDS
+
+
+async def test_settlements_given_up_at_shutdown_make_the_exit_status_say_so(
+    redis_factory, tmp_path: Path
+) -> None:
+    """fail_open serves while Redis is down; their settlements wait in the outbox. Redis never
+    comes back, so SIGTERM must give them up: logged with their amounts, and exit status 3."""
+    redis = redis_factory()
+    upstream = EndlessStreams()
+    await upstream.start()
+    upstream._end.set()
+    config = config_dict(
+        upstream.url,
+        store={"backend": "redis", "url": redis.url, "on_unavailable": "fail_open", "timeout_ms": 100},
+        limits={"usd_per_day": 100},
+        server={"shutdown_grace_seconds": 1},
+    )
+    gateway = GatewayProcess(config, tmp_path)
+    await gateway.start()
+    assert gateway.process is not None
+    try:
+        redis.stop()
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):
+                async with session.post(
+                    f"{gateway.url}/v1/images/generations", json=LOW, headers=AUTH
+                ) as resp:
+                    assert resp.status == 200  # served blind
+        gateway.process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(gateway.process.wait, 1 + MARGIN_SECONDS + 10)
+    finally:
+        await asyncio.to_thread(gateway.stop)
+        await upstream.stop()
+    assert code == 3
+    lines = gateway.log_lines()
+    assert "gateway: 3 settlements or releases were given up at shutdown" in lines
+    events = [json.loads(line) for line in lines if line.startswith("{")]
+    assert len([e for e in events if e["event"] == "settlement_lost"]) == 3
+    [stopped] = [e for e in events if e["event"] == "gateway_stopped"]
+    assert (stopped["level"], stopped["settlements_lost"]) == ("error", 3)
