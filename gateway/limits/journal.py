@@ -27,7 +27,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import date
 from pathlib import Path
 from typing import Any, Literal
@@ -35,8 +35,10 @@ from typing import Any, Literal
 import orjson
 
 from gateway.limits.calls import Check, SettleCall
+from gateway.limits.kinds import KIND_BY_NAME
 from gateway.limits.store import Reservation
 from gateway.logs import get_logger
+from policies.cost import Cost
 
 log = get_logger("gateway.limits")
 
@@ -103,11 +105,11 @@ class Journal:
 
     def open(self, reservation: Reservation) -> None:
         """An admitted request is running: settled at its estimate if this process dies first."""
-        self._note(reservation.id, ("open", orjson.dumps(reservation.to_dict())))
+        self._note(reservation.id, ("open", orjson.dumps(_reservation_row(reservation))))
 
     def put(self, call: SettleCall, state: State) -> None:
         """`call` waits for the store (replaces the reservation's open row)."""
-        self._note(call.reservation_id, (state, orjson.dumps(_call_dict(call))))
+        self._note(call.reservation_id, (state, orjson.dumps(_call_row(call))))
 
     def drop(self, reservation_id: str) -> None:
         """Nothing is owed for this reservation any more (the store took it, or it was given up)."""
@@ -176,38 +178,75 @@ def _lock(path: Path) -> int:
     return fd
 
 
-def _call_dict(call: SettleCall) -> dict[str, Any]:
-    return {
-        "tenant": call.tenant,
-        "reservation_id": call.reservation_id,
-        "day": call.day.isoformat(),
-        "checks": [check.to_dict() for check in call.checks],
-        "actuals": list(call.actuals),
-        "ledger": [list(item) for item in call.ledger],
-        "ledger_expire_at": call.ledger_expire_at,
-        "settled_ttl_ms": call.settled_ttl_ms,
-        "lease_ttl_us": call.lease_ttl_us,
-        "degraded": call.degraded,
-    }
+# Rows are compact JSON arrays of plain values: written for every admitted request, they must be
+# cheap to encode (orjson on tuples, no dataclass walking).
+_COST_FIELDS = tuple(f.name for f in fields(Cost))
 
 
-def _call_from(data: dict[str, Any]) -> SettleCall:
+def _check_row(check: Check) -> tuple[Any, ...]:
+    c = check
+    return (c.scope, c.kind.name, c.key, c.limit, c.cost, c.window_s, c.end_us, c.expire_at, c.shadow)
+
+
+def _check_from(row: list[Any]) -> Check:
+    return Check(row[0], KIND_BY_NAME[row[1]], *row[2:])
+
+
+def _reservation_row(r: Reservation) -> tuple[Any, ...]:
+    estimate = tuple(getattr(r.estimate, name) for name in _COST_FIELDS)
+    checks = [_check_row(check) for check in r.checks]
+    return (r.id, r.request_id, r.tenant, r.model, r.day, estimate, checks, r.shadow, r.degraded)
+
+
+def _reservation_from(row: list[Any]) -> Reservation:
+    rid, request_id, tenant, model, day, estimate, checks, shadow, degraded = row
+    return Reservation(
+        rid,
+        request_id,
+        tenant,
+        model,
+        date.fromisoformat(day),
+        Cost(*estimate),
+        tuple(_check_from(c) for c in checks),
+        shadow,
+        degraded,
+    )
+
+
+def _call_row(c: SettleCall) -> tuple[Any, ...]:
+    checks = [_check_row(check) for check in c.checks]
+    return (
+        c.tenant,
+        c.reservation_id,
+        c.day,
+        checks,
+        c.actuals,
+        c.ledger,
+        c.ledger_expire_at,
+        c.settled_ttl_ms,
+        c.lease_ttl_us,
+        c.degraded,
+    )
+
+
+def _call_from(row: list[Any]) -> SettleCall:
+    tenant, rid, day, checks, actuals, ledger, ledger_expire_at, settled_ttl_ms, lease_ttl_us, degraded = row
     return SettleCall(
-        tenant=data["tenant"],
-        reservation_id=data["reservation_id"],
-        day=date.fromisoformat(data["day"]),
-        checks=tuple(Check.from_dict(c) for c in data["checks"]),
-        actuals=tuple(data["actuals"]),
-        ledger=tuple((name, value) for name, value in data["ledger"]),
-        ledger_expire_at=data["ledger_expire_at"],
-        settled_ttl_ms=data["settled_ttl_ms"],
-        lease_ttl_us=data["lease_ttl_us"],
-        degraded=data["degraded"],
+        tenant=tenant,
+        reservation_id=rid,
+        day=date.fromisoformat(day),
+        checks=tuple(_check_from(c) for c in checks),
+        actuals=tuple(actuals),
+        ledger=tuple((name, value) for name, value in ledger),
+        ledger_expire_at=ledger_expire_at,
+        settled_ttl_ms=settled_ttl_ms,
+        lease_ttl_us=lease_ttl_us,
+        degraded=degraded,
     )
 
 
 def _decode(row_id: str, state: str, body: bytes) -> Owed:
     data = orjson.loads(body)
     if state == "open":
-        return Owed(row_id, "open", None, Reservation.from_dict(data))
+        return Owed(row_id, "open", None, _reservation_from(data))
     return Owed(row_id, "release" if state == "release" else "settle", _call_from(data), None)
