@@ -114,6 +114,7 @@ async def test_served_blind_then_killed_with_sigkill_the_restart_bills_the_upstr
     # Charged to the day's budget after the fact, exactly once.
     assert limits["tenant.tokens_per_day"]["used"] == row["tokens"]
     assert any('"outbox_replayed"' in line for line in second.log_lines())
+    assert any('"store_selected"' in line and redis.url in line for line in second.log_lines())
 
 
 async def test_killed_between_admission_and_settlement_the_restart_settles_at_the_estimate(

@@ -156,6 +156,7 @@ def test_the_demo_snippets_work_as_printed_and_write_nothing_into_the_checkout(t
             if line.startswith("Metrics:"):
                 break
         text = "".join(banner)
+        assert "store_in_memory" in text  # said loudly at start: limits live in this process only
         python = text.split(".venv/bin/python - <<'PY'\n", 1)[1].split("PY\n", 1)[0]
         curl = text.split("curl:\n", 1)[1].split("\n\n", 1)[0]
         before = set(os.listdir(ROOT))

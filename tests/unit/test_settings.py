@@ -205,3 +205,11 @@ def test_the_example_config_needs_both_upstream_keys_to_serve() -> None:
         "upstreams.digitalocean.api_key",
     ]
     load_settings(example, {"OPENAI_API_KEY": "sk", "DO_MODEL_ACCESS_KEY": "do"}, require_upstream_keys=True)
+
+
+def test_the_store_url_is_logged_without_its_password() -> None:
+    from gateway.settings import StoreSettings
+
+    store = StoreSettings(backend="redis", url="rediss://app:s3cret@redis.internal:6380/2")
+    assert store.shown_url == "rediss://app:***@redis.internal:6380/2"
+    assert StoreSettings(backend="redis", url="redis://r:1/0").shown_url == "redis://r:1/0"
