@@ -296,8 +296,10 @@ class Settings(_Frozen):
         return self.model_copy(update={"server": self.server.model_copy(update=dict(overrides))})
 
     def models_for(self, tenant: str) -> list[str]:
-        """The public model names `tenant` may use: routed, and allowed by its policy."""
-        allowed = self.policy_for(tenant).models
+        """The public model names `tenant` may use: routed, and allowed by its policy (every routed
+        one under a shadow policy, which refuses none)."""
+        policy = self.policy_for(tenant)
+        allowed = None if policy.mode == "shadow" else policy.models
         return [name for name in self.routes if allowed is None or name in allowed]
 
     def policy_for(self, tenant: str) -> Policy:

@@ -213,3 +213,14 @@ def test_the_store_url_is_logged_without_its_password() -> None:
     store = StoreSettings(backend="redis", url="rediss://app:s3cret@redis.internal:6380/2")
     assert store.shown_url == "rediss://app:***@redis.internal:6380/2"
     assert StoreSettings(backend="redis", url="redis://r:1/0").shown_url == "redis://r:1/0"
+
+
+def test_the_models_a_tenant_may_use_are_routed_and_allowed_by_its_policy() -> None:
+    text = BASE.replace(
+        "gpt-image-1.5: {upstream: openai}",
+        "gpt-image-1.5: {upstream: openai}\n  gpt-image-2: {upstream: openai}",
+    )
+    narrow = text.replace("p: {default_model: gpt-image-1.5}", "p: {models: [gpt-image-2]}")
+    assert parse_settings(narrow, "s", {}).models_for("t") == ["gpt-image-2"]
+    shadow = text.replace("p: {default_model: gpt-image-1.5}", "p: {models: [gpt-image-2], mode: shadow}")
+    assert parse_settings(shadow, "s", {}).models_for("t") == ["gpt-image-1.5", "gpt-image-2"]  # refuses none
