@@ -8,11 +8,13 @@ they were, open reservations settled at their estimate (the upstream may have ge
 usage will ever come). Replaying is exactly once because settle.lua's settled marker makes a
 repeated call change nothing.
 
-Writes never wait on the disk: `put` and `drop` only note the change, and one background task
-writes every change noted so far in one transaction (group commit: one fsync per batch, however
-many requests it holds), in a thread so the event loop never blocks on the disk. What a kill
-can lose is the batch being written: a few milliseconds of admissions, never a settlement
-the store has not taken, since the store took it before the row is dropped.
+Writes never wait on the disk: `open`, `put` and `drop` only note the change, and one background
+task writes every change noted so far in one transaction (group commit: one fsync per batch,
+however many requests it holds), in a thread so the event loop never blocks on the disk. What a
+kill can miss is the last batch, a few milliseconds: an admission not written yet (its estimate
+then stays charged until its lease expires, as without a journal), or a deferred settlement not
+written yet (its open row is replayed instead: billed at the estimate rather than the usage). A
+row is dropped only after the store took its call, so nothing the store lacks is ever forgotten.
 
 Files: `outbox-<n>.sqlite3` under `store.outbox_path`, one per process (`n` is the worker
 index; a single process is 0), each locked (flock) while its process lives, so two gateways
