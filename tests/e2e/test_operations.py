@@ -152,11 +152,12 @@ async def test_workers_reload_once_each_and_export_only_what_the_configuration_s
     """Two workers: one POST /admin/reload reloads each worker once; a limit the reload removes
     leaves gateway_budget_limit (multiprocess mode cannot clear a gauge's labels, so it is read
     from the configuration at scrape time); no worker prints a non-JSON warning; the documented
-    counters are exported at 0 before they first fire."""
+    counters are exported at 0 before they first fire; each worker journals in its own file."""
     mock = await start_server(create_mock_app(MockOptions(api_key=UPSTREAM_KEY)))
+    outbox = tmp_path / "outbox"
     config = config_dict(
         base_url(mock),
-        store={"backend": "redis", "url": redis_url},
+        store={"backend": "redis", "url": redis_url, "outbox_path": str(outbox)},
         server={"workers": 2},
         admin={"token": "admin-secret"},
         limits={"requests_per_minute": 100, "usd_per_day": 50},
@@ -193,6 +194,7 @@ async def test_workers_reload_once_each_and_export_only_what_the_configuration_s
     finally:
         assert gateway.stop() == 0
     assert len(events("config_reloaded")) == 2  # once per worker
+    assert sorted(p.name for p in outbox.glob("*.sqlite3")) == ["outbox-0.sqlite3", "outbox-1.sqlite3"]
     assert any('limit="usd_per_day"' in line for line in metric_lines(before, "gateway_budget_limit"))
     for text in after:
         assert metric_lines(text, "gateway_budget_limit") == [
