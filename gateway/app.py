@@ -62,6 +62,8 @@ def create_app(
     )
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/v1/images/generations", generations)
+    app.router.add_post("/v1/images/edits", edits)
+    app.router.add_post("/v1/images/variations", variations)
     add_health_routes(app)
     add_model_routes(app)
     if settings.admin.enabled:
@@ -104,4 +106,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 
 async def generations(request: web.Request) -> web.StreamResponse:
-    return await request.app[PIPELINE].handle(request)
+    return await request.app[PIPELINE].handle(request, "generate")
+
+
+async def edits(request: web.Request) -> web.StreamResponse:
+    return await request.app[PIPELINE].handle(request, "edit")
+
+
+async def variations(request: web.Request) -> web.StreamResponse:
+    return await request.app[PIPELINE].handle(request, "variation")

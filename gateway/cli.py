@@ -117,6 +117,7 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
         partial_interval_ms=args.partial_interval_ms,
         api_key=args.api_key,
         image_bytes=args.image_bytes,
+        serve_dall_e_2=args.serve_dall_e_2,
     )
     configure_logging("info", "console")
     print(f"mock upstream ({args.flavor}) on http://{args.host}:{args.port}/v1", flush=True)
@@ -151,7 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--tenant", required=True)
     p.add_argument("--json", action="store_true", help="print the decision as JSON")
-    p.add_argument("request", help="a JSON file with the request body")
+    p.add_argument(
+        "request",
+        help='a JSON file with the request body; for an edit or a variation {"operation": "edit",'
+        ' "body": {...}, "files": [{"field": "image[]", "format": "png", "width": 1024, "height": 1024,'
+        ' "bytes": 1}]}',
+    )
 
     add("hash-key", cmd_hash_key, "Print sha256:<hex> of a tenant key read from standard input.")
     add("new-key", cmd_new_key, "Make a random tenant key and print it with its hash.")
@@ -164,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partial-interval-ms", type=float, default=0.0, help="delay between streamed events")
     p.add_argument("--api-key", default=None, help="require this upstream key from callers")
     p.add_argument("--image-bytes", type=int, default=None, help="make each base64 image about this large")
+    p.add_argument(
+        "--serve-dall-e-2",
+        action="store_true",
+        help="serve dall-e-2 edits and variations (an upstream that still has the retired model)",
+    )
     return parser
 
 

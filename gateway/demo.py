@@ -1,7 +1,8 @@
 """`gateway demo`: the whole gateway offline in one command, on embedded defaults.
 
 Starts two mock upstreams (OpenAI and DigitalOcean flavours) and the gateway with the memory
-store and one ready tenant, then prints the tenant's key and snippets that work as printed.
+store and one ready tenant, then prints the tenant's key and snippets that work as printed: a
+generation and an edit of its result, with curl and with the openai SDK.
 """
 
 from __future__ import annotations
@@ -103,6 +104,21 @@ def banner(url: str, key: str) -> str:
         path = os.path.join(tempfile.gettempdir(), "lighthouse.png")
         open(path, "wb").write(base64.b64decode(img.data[0].b64_json))
         print("saved", path, img.usage)
+        PY
+
+        Edit it (needs lighthouse.png from the Python example), with curl and with Python:
+        curl -s {url}/v1/images/edits -H "Authorization: Bearer {key}" \\
+          -F model=gpt-image-1.5 -F prompt="the same lighthouse at night" -F quality=low \\
+          -F "image[]=@lighthouse.png;type=image/png" | head -c 300; echo
+
+        .venv/bin/python - <<'PY'
+        import base64
+        from openai import OpenAI
+        client = OpenAI(base_url="{url}/v1", api_key="{key}")
+        img = client.images.edit(model="gpt-image-1.5", image=[open("lighthouse.png", "rb")],
+                                 prompt="the same lighthouse at night", quality="low")
+        open("lighthouse-night.png", "wb").write(base64.b64decode(img.data[0].b64_json))
+        print("saved lighthouse-night.png", img.usage)
         PY
 
         Metrics: {url}/metrics     Health: {url}/healthz

@@ -4,6 +4,11 @@ Owns the admin's view of a decision: `explain` returns it as JSON-ready data (th
 status the client would get, the route, each violation and adjustment, the body as it would reach
 the upstream, and the cost estimate with tokens per bucket and USD as decimal strings); `render`
 prints the same for a human. Denied pattern rules are shown with their pattern, which clients never see.
+
+A generation is given as its JSON body. An edit or a variation is given as
+`{"operation": "edit" | "variation", "body": {fields}, "files": [{"field": "image[]" | "image" |
+"mask", "format": "png", "width": 1024, "height": 1024, "bytes": 123456, "filename"?: ...}]}`:
+the fields and what the files' headers say.
 """
 
 from __future__ import annotations
@@ -17,16 +22,20 @@ from policies.cost import NANO_PER_USD, estimate, nano_usd_by_bucket
 from policies.engine import Decision, evaluate
 from policies.findings import POLICY_VIOLATION
 from policies.rules import Policy
+from policies.uploads import GENERATE, InputImage, Inputs
 
 
-def explain(settings: Settings, tenant: str, body: Any) -> dict[str, Any]:
-    """The decision for `body` from `tenant` (which must exist), as plain JSON-ready data."""
+def explain(settings: Settings, tenant: str, request: Any) -> dict[str, Any]:
+    """The decision for `request` from `tenant` (which must exist), as plain JSON-ready data."""
     catalog, targets = load_world(settings)
     policy = settings.policy_for(tenant)
-    decision = evaluate(policy, catalog, targets, body)
+    body, inputs = _request(request)
+    decision = evaluate(policy, catalog, targets, body, inputs)
     status, code = _outcome(decision)
     return {
         "tenant": tenant,
+        "operation": inputs.operation,
+        "files": [image.describe() for image in (*inputs.images, *([inputs.mask] if inputs.mask else []))],
         "policy": settings.tenants[tenant].policy,
         "mode": policy.mode,
         "allowed": decision.allowed,
@@ -38,8 +47,38 @@ def explain(settings: Settings, tenant: str, body: Any) -> dict[str, Any]:
         "violations": [_violation(v.to_dict(), policy) for v in decision.violations],
         "adjustments": [a.to_dict() for a in decision.adjustments],
         "forwarded_body": _forwarded(settings, decision),
-        "estimate": _estimate(decision),
+        "estimate": _estimate(decision, inputs),
     }
+
+
+def _request(request: Any) -> tuple[Any, Inputs]:
+    """The body and the files of an explained request (see the module docstring)."""
+    if not isinstance(request, dict) or request.get("operation") not in ("edit", "variation"):
+        return request, GENERATE
+    files = [f for f in request.get("files") or [] if isinstance(f, dict)]
+    images = tuple(_file(f) for f in files if f.get("field", "image[]") in ("image", "image[]"))
+    masks = [_file(f) for f in files if f.get("field") == "mask"]
+    body = request.get("body")
+    return (body if isinstance(body, dict) else {}), Inputs(
+        request["operation"], images, masks[0] if masks else None
+    )
+
+
+def _file(described: dict[str, Any]) -> InputImage:
+    def number(key: str) -> int:
+        value = described.get(key)
+        return value if isinstance(value, int) and value >= 0 else 0
+
+    kind = described.get("format")
+    return InputImage(
+        str(described.get("field", "image[]")),
+        str(described.get("filename", "")),
+        str(described.get("content_type", "")),
+        kind if isinstance(kind, str) else None,
+        number("width"),
+        number("height"),
+        number("bytes"),
+    )
 
 
 def _outcome(decision: Decision) -> tuple[int, str | None]:
@@ -80,10 +119,10 @@ def usd(nano: int) -> str:
     return f"{Decimal(nano) / NANO_PER_USD:.9f}"
 
 
-def _estimate(decision: Decision) -> dict[str, Any] | None:
+def _estimate(decision: Decision, inputs: Inputs) -> dict[str, Any] | None:
     if decision.entry is None:
         return None
-    cost = estimate(decision.body, decision.entry)
+    cost = estimate(decision.body, decision.entry, inputs)
     return {
         "images": cost.images,
         "tokens": {
@@ -105,9 +144,11 @@ def render(result: dict[str, Any]) -> str:
     code = f" {result['code']}" if result["code"] else ""
     lines = [
         f"tenant {result['tenant']} (policy {result['policy']}, mode {result['mode']})",
+        f"operation: {result['operation']}",
         f"decision: {verdict}, status {result['status']}{code}",
         f"model: {_model_line(result)}",
     ]
+    lines += _section("files", [_file_line(f) for f in result["files"]])
     if result["error"]:
         lines.append(f"error [{result['error']['param']}]: {result['error']['message']}")
     lines += _section("violations", [_violation_line(v) for v in result["violations"]])
@@ -119,6 +160,11 @@ def render(result: dict[str, Any]) -> str:
     if result["estimate"]:
         lines += _section("estimate", _estimate_lines(result["estimate"]))
     return "\n".join(lines)
+
+
+def _file_line(file: dict[str, Any]) -> str:
+    size = f"{file['width']}x{file['height']}"
+    return f"{file['field']} {file['filename']!r}: {file['format']} {size}, {file['bytes']} bytes"
 
 
 def _model_line(result: dict[str, Any]) -> str:

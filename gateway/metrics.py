@@ -74,8 +74,8 @@ class Metrics:
         r = registry
         self.requests = Counter(
             "gateway_requests",
-            "Requests answered, by tenant, model, route and HTTP status.",
-            ["tenant", "model", "route", "status"],
+            "Requests answered, by tenant, model, route, operation (generate|edit|variation), HTTP status.",
+            ["tenant", "model", "route", "operation", "status"],
             registry=r,
         )
         self.request_duration = Histogram(

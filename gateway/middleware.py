@@ -39,6 +39,7 @@ class RequestRecord:
     key: str = ""
     model: str = ""
     upstream: str = ""
+    operation: str = ""  # generate | edit | variation, once the route is known
     stream: bool = False
     status: int = 0
     ttfb_ms: float | None = None
@@ -114,7 +115,9 @@ async def _handle(request: web.Request, handler: Handler, record: RequestRecord)
 def _finish(request: web.Request, record: RequestRecord, metrics: Metrics) -> None:
     duration = time.perf_counter() - record.started
     if request.path.startswith("/v1/"):
-        metrics.requests.labels(record.tenant, record.model, record.upstream, str(record.status)).inc()
+        metrics.requests.labels(
+            record.tenant, record.model, record.upstream, record.operation, str(record.status)
+        ).inc()
         metrics.request_duration.labels(
             record.tenant, record.model, "true" if record.stream else "false"
         ).observe(duration)
@@ -127,6 +130,7 @@ def _finish(request: web.Request, record: RequestRecord, metrics: Metrics) -> No
             key=record.key or None,
             model=record.model or None,
             upstream=record.upstream or None,
+            operation=record.operation or None,
             stream=record.stream,
             duration_ms=round(duration * 1000, 3),
             ttfb_ms=record.ttfb_ms,

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -23,9 +22,7 @@ from gateway.auth import Credential, authenticate
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
-    PayloadTooLarge,
     PolicyViolation,
-    UnsupportedMediaType,
     UpstreamAuthFailed,
 )
 from gateway.limits import Admission, Reservation, Store, merge_upstream_limit_headers
@@ -33,10 +30,12 @@ from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.middleware import RECORD, RequestRecord
 from gateway.relay import RelayOutcome, relay
+from gateway.requests.model import PATHS, ClientRequest, read_request
 from gateway.runtime import Route, Runtime, RuntimeHolder
 from policies.catalog import ModelEntry
 from policies.cost import Cost, actual_cost, estimate
 from policies.engine import Decision, evaluate
+from policies.entry import Operation
 
 log = get_logger("gateway.pipeline")
 
@@ -51,6 +50,7 @@ class Admitted:
     estimate: Cost
     admission: Admission
     reservation: Reservation
+    client: ClientRequest
     # The upstream may be generating: from sending the body until it answers with an error or
     # the send fails. Cut off meanwhile (shutdown), the request is billed at the estimate.
     forwarded: bool = False
@@ -67,20 +67,27 @@ class Pipeline:
         self.admissions = AdmissionQueue(runtime.current.settings.server.max_pending_admissions, metrics)
         self.tasks: set[asyncio.Task[web.StreamResponse]] = set()
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request, operation: Operation = "generate") -> web.StreamResponse:
         runtime = self.runtime.current
         record = request[RECORD]
+        record.operation = operation
         with self.admissions:  # beyond its bound: 503 overloaded, before the body is read
             credential = authenticate(runtime.credentials, request.headers.get("Authorization"))
             record.tenant, record.key = credential.tenant, credential.key_label
-            body = await parse(request, runtime.settings.server.max_body_bytes)
-            decision = self.apply_policy(runtime, credential, body, record)
-            admitted = await self.admit(runtime, credential, decision, record)
+            client = await read_request(request, operation, runtime.settings.server)
+            record.fields.update(client.log_fields())
+            try:
+                decision = self.apply_policy(runtime, credential, client, record)
+                admitted = await self.admit(runtime, credential, decision, client, record)
+            except BaseException:
+                client.close()  # an upload's spooled files go with the request, on every path
+                raise
         # From here the work is owned by the pipeline, not by the connection: if the handler is
         # cancelled (client gone, shutdown), the upstream is still drained and the request settled.
         work = asyncio.create_task(self.serve(request, runtime, credential, admitted, record))
         self.tasks.add(work)
         work.add_done_callback(self._forget)
+        work.add_done_callback(lambda _: client.close())
         record.pending = work
         return await asyncio.shield(work)
 
@@ -115,9 +122,10 @@ class Pipeline:
             task.exception()  # retrieved here when the handler that awaited it was cancelled
 
     def apply_policy(
-        self, runtime: Runtime, credential: Credential, body: dict[str, Any], record: RequestRecord
+        self, runtime: Runtime, credential: Credential, client: ClientRequest, record: RequestRecord
     ) -> Decision:
-        decision = evaluate(runtime.policies[credential.tenant], runtime.catalog, runtime.targets, body)
+        policy = runtime.policies[credential.tenant]
+        decision = evaluate(policy, runtime.catalog, runtime.targets, client.body, client.inputs)
         record.stream = decision.body.get("stream") is True
         if decision.model in runtime.routes:
             record.model = decision.model
@@ -150,10 +158,15 @@ class Pipeline:
         return decision
 
     async def admit(
-        self, runtime: Runtime, credential: Credential, decision: Decision, record: RequestRecord
+        self,
+        runtime: Runtime,
+        credential: Credential,
+        decision: Decision,
+        client: ClientRequest,
+        record: RequestRecord,
     ) -> Admitted:
         assert decision.model is not None and decision.entry is not None  # allowed decisions name both
-        cost = estimate(decision.body, decision.entry)
+        cost = estimate(decision.body, decision.entry, client.inputs)
         user = decision.body.get("user")
         plan = runtime.limit_plan(credential, user if isinstance(user, str) else None)
         admission = await self.store.reserve(plan, cost, request_id=record.request_id, model=decision.model)
@@ -162,25 +175,22 @@ class Pipeline:
             error.headers = {**admission.headers, **error.headers}
             raise error
         record.fields["estimate_tokens"] = cost.tokens
-        return Admitted(
-            decision, decision.entry, runtime.routes[decision.model], cost, admission, admission.reservation
-        )
+        route = runtime.routes[decision.model]
+        return Admitted(decision, decision.entry, route, cost, admission, admission.reservation, client)
 
     async def forward_and_relay(
         self, request: web.Request, runtime: Runtime, admitted: Admitted, record: RequestRecord
     ) -> tuple[web.StreamResponse, RelayOutcome]:
         route = admitted.route
-        body = dict(admitted.decision.body)
-        body["model"] = route.upstream_model
+        fields = dict(admitted.decision.body)
+        fields["model"] = route.upstream_model
+        client = admitted.client
+        body = client.upstream_body(fields)
+        sent_headers = upstream.upstream_headers(route, request.headers, record.request_id, body)
         forwarded_at = time.perf_counter()
         admitted.forwarded = True
         try:
-            response = await upstream.send(
-                self.sessions,
-                route,
-                orjson.dumps(body),
-                upstream.upstream_headers(route, request.headers, record.request_id),
-            )
+            response = await upstream.send(self.sessions, route, PATHS[client.operation], body, sent_headers)
         except GatewayError as error:
             # Refunded only when the upstream was never reached; after the body went out (a read
             # timeout, a dropped connection) it may have generated, and billed: the estimate stands.
@@ -338,43 +348,3 @@ def _plain(value: Any) -> str:
 def _violation_message(decision: Decision) -> str:
     parts = [v.message for v in decision.violations]
     return "Request violates the tenant's policy: " + " ".join(parts)
-
-
-async def parse(request: web.Request, max_body_bytes: int) -> dict[str, Any]:
-    """The request body as a JSON object, size-capped, or an OpenAI-style 4xx."""
-    content_type = request.headers.get("Content-Type", "")
-    if content_type.split(";", 1)[0].strip().lower() != "application/json":
-        raise UnsupportedMediaType(
-            f"Content-Type must be application/json, got {content_type or 'none'!r}.",
-            code="invalid_content_type",
-        )
-    raw = await _read_capped(request, max_body_bytes)
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(
-            f"The request body is not valid JSON: {exc.msg} (at byte {exc.pos}).", code="invalid_json"
-        ) from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    prompt = body.get("prompt")
-    if prompt is None:
-        raise InvalidRequest(
-            "Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter"
-        )
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InvalidRequest("'prompt' must be a non-empty string.", param="prompt", code="invalid_value")
-    return body
-
-
-async def _read_capped(request: web.Request, limit: int) -> bytes:
-    too_large = PayloadTooLarge(f"The request body is larger than the gateway's limit of {limit} bytes.")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)

@@ -30,13 +30,12 @@ def flavor_of(name: str, upstream: UpstreamSettings) -> Flavor:
 
 
 def route_targets(settings: Settings) -> dict[str, RouteTarget]:
-    return {
-        name: RouteTarget(
-            catalog=route.catalog or name,
-            flavor=flavor_of(route.upstream, settings.upstreams[route.upstream]),
-        )
-        for name, route in settings.routes.items()
-    }
+    targets = {}
+    for name, route in settings.routes.items():
+        upstream = settings.upstreams[route.upstream]
+        declared = frozenset(upstream.operations) if upstream.operations is not None else None
+        targets[name] = RouteTarget(route.catalog or name, flavor_of(route.upstream, upstream), declared)
+    return targets
 
 
 def load_world(settings: Settings) -> tuple[Catalog, dict[str, RouteTarget]]:
@@ -105,7 +104,7 @@ def _unknown_values(path: str, policy: Policy, entries: list[ModelEntry]) -> lis
     if not entries:
         return []
     problems = []
-    for field in ("qualities", "moderation", "output_formats", "backgrounds"):  # same names in both
+    for field in ("qualities", "moderation", "output_formats", "backgrounds", "input_fidelities"):
         accepted = sorted({v for e in entries for v in getattr(e, field) or []})
         problems += [
             f"{path}.{field}: {value!r} is not accepted by any of the policy's models"

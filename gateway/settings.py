@@ -53,7 +53,11 @@ class _Frozen(BaseModel):
 class ServerSettings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
-    max_body_bytes: int = Field(default=1_048_576, gt=0)
+    max_body_bytes: int = Field(default=1_048_576, gt=0)  # a JSON body (generations)
+    max_upload_bytes: int = Field(default=64 * 2**20, gt=0)  # a multipart body (edits, variations)
+    # Where uploads beyond 256 KiB a file are spooled (anonymous files, gone when closed); None:
+    # the system's temporary directory ($TMPDIR, else /tmp). On a tmpfs they count as memory.
+    upload_dir: str | None = None
     workers: int = Field(default=1, ge=1)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     # SIGTERM: /readyz says 503 but requests are still taken this long, so load balancers notice.
@@ -64,6 +68,13 @@ class ServerSettings(_Frozen):
     client_write_timeout_seconds: float = Field(default=30.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
+
+    @field_validator("upload_dir")
+    @classmethod
+    def _a_directory(cls, value: str | None) -> str | None:
+        if value is not None and not os.path.isdir(value):
+            raise ValueError(f"{value!r} is not a directory")
+        return value
 
 
 class StoreSettings(_Frozen):
@@ -124,6 +135,8 @@ class UpstreamSettings(_Frozen):
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
     read_timeout_seconds: float = Field(default=600.0, gt=0)
     max_connections: int = Field(default=256, ge=1)
+    # The image operations the upstream's API has; None: its flavor's (DigitalOcean: generate only)
+    operations: list[Literal["generate", "edit", "variation"]] | None = Field(default=None, min_length=1)
 
     @field_validator("base_url")
     @classmethod

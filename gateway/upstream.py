@@ -10,7 +10,8 @@ between two reads.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -44,6 +45,17 @@ _DROPPED_RESPONSE_HEADERS = frozenset(
         "alt-svc",
     }
 )
+
+
+class StreamedBody(Protocol):
+    """A body sent in pieces (a multipart upload), of a length known in advance; it can be sent
+    again (each `chunks()` starts from the beginning)."""
+
+    @property
+    def content_type(self) -> str: ...
+    @property
+    def length(self) -> int: ...
+    def chunks(self) -> AsyncIterator[bytes]: ...
 
 
 class Sessions:
@@ -82,9 +94,15 @@ def _session(max_connections: int) -> aiohttp.ClientSession:
     )
 
 
-def upstream_headers(route: Route, client_headers: Mapping[str, str], request_id: str) -> dict[str, str]:
+def upstream_headers(
+    route: Route, client_headers: Mapping[str, str], request_id: str, body: bytes | StreamedBody
+) -> dict[str, str]:
     headers = {name: client_headers[name] for name in _FORWARDED_REQUEST_HEADERS if name in client_headers}
-    headers["Content-Type"] = "application/json"
+    if isinstance(body, bytes):
+        headers["Content-Type"] = "application/json"
+    else:
+        headers["Content-Type"] = body.content_type
+        headers["Content-Length"] = str(body.length)
     headers["Accept-Encoding"] = "identity"
     headers["X-Request-Id"] = request_id
     key = route.upstream.api_key.get_secret_value()
@@ -105,18 +123,19 @@ def relayable_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 
 async def send(
-    sessions: Sessions, route: Route, body: bytes, headers: Mapping[str, str]
+    sessions: Sessions, route: Route, path: str, body: bytes | StreamedBody, headers: Mapping[str, str]
 ) -> aiohttp.ClientResponse:
-    """POST the generation to the route's upstream; the response's body is left for the relay."""
+    """POST the request to `path` at the route's upstream; the response's body is left for the relay."""
     settings = route.upstream
     timeout = aiohttp.ClientTimeout(
         total=None,
         connect=settings.connect_timeout_seconds,  # a free pooled connection, or a new one
         sock_read=settings.read_timeout_seconds,
     )
-    url = f"{settings.base_url}/images/generations"
+    url = f"{settings.base_url}{path}"
+    data = body if isinstance(body, bytes) else body.chunks()
     try:
-        return await sessions.for_route(route).post(url, data=body, headers=headers, timeout=timeout)
+        return await sessions.for_route(route).post(url, data=data, headers=headers, timeout=timeout)
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise translate(exc, route) from exc
 

@@ -13,6 +13,7 @@ from typing import Any, TypeGuard
 
 from policies import sizes
 from policies.catalog import ModelEntry
+from policies.entry import Operation
 from policies.findings import (
     CAPABILITY,
     INVALID_VALUE,
@@ -30,6 +31,7 @@ ENUMS = {
     "output_format": "output_formats",
     "response_format": "response_formats",
     "style": "styles",
+    "input_fidelity": "input_fidelities",
 }
 RANGES = {"output_compression": "output_compression", "partial_images": "partial_images", "n": "n"}
 
@@ -142,22 +144,31 @@ def _combinations(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Vio
     return None
 
 
-def _unknown(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation | None:
+def _unknown(params: frozenset[str], body: Mapping[str, Any], model: str) -> Violation | None:
     for param, value in body.items():
-        if value is not None and param not in entry.accepted_params:
-            known = sorted(entry.accepted_params)
+        if value is not None and param not in params:
+            known = sorted(params)
             message = f"Unknown parameter: {param!r}. {model} takes {quoted(known)}."
             return Violation(CAPABILITY, str(param), message, known, UNKNOWN_PARAMETER)
     return None
 
 
-CHECKS: tuple[Check, ...] = (_prompt, _ranges, _size, _enums, _stream, _user, _combinations, _unknown)
+CHECKS: tuple[Check, ...] = (_ranges, _size, _enums, _stream, _user, _combinations)
 
 
-def check(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation | None:
-    """The first thing `model` (served as `entry`) cannot do with `body`, or None."""
+def check(
+    entry: ModelEntry, body: Mapping[str, Any], model: str, operation: Operation = "generate"
+) -> Violation | None:
+    """The first thing `model` (served as `entry`) cannot do with `body` in `operation`, or None.
+
+    A variation takes no prompt; fields an operation does not take (an edit's `moderation`, a
+    variation's `quality`) are unknown parameters, as the upstream would answer."""
+    params = entry.params(operation)
+    found = _unknown(params, body, model) if operation != "generate" else None
+    if found is None and operation != "variation":
+        found = _prompt(entry, body, model)
     for each in CHECKS:
-        found = each(entry, body, model)
         if found is not None:
             return found
-    return None
+        found = each(entry, body, model)
+    return found or _unknown(params, body, model)

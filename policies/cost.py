@@ -8,7 +8,11 @@ exactly the estimated tokens the two are equal to the nano-USD.
 The estimate is a conservative upper bound, never below what the token table (or an upstream that
 reports usage from it, like the mock) gives for the same request:
 - input text tokens: the prompt's UTF-8 byte length (at least 1). Byte-level BPE never makes more
-  tokens than bytes, so no tokenizer is needed; generations send no input image.
+  tokens than bytes, so no tokenizer is needed.
+- input image tokens (edits): every uploaded image and the mask, by the catalog's
+  `input_image_tokens` rule from the dimensions in their headers, plus the high-fidelity extra
+  (`policies.uploads.input_tokens`), times n (with n > 1 the inputs may be billed once per
+  image); generations send no input image.
 - output tokens: the larger of the token table and the catalog's monotone token curve (gpt-image-2,
   whose table has gaps) at the size and quality, times n, plus `partial_image_tokens` for each
   partial image when streaming.
@@ -34,6 +38,7 @@ from typing import Any
 from policies import sizes
 from policies.capabilities import is_int
 from policies.catalog import AUTO, ModelEntry
+from policies.uploads import GENERATE, Inputs, input_tokens
 
 NANO_PER_USD = 1_000_000_000
 _NANO_PER_TOKEN = 1000  # nano-USD per token at $1 per 1M tokens
@@ -58,7 +63,7 @@ class Cost:
         return self.nano_usd / NANO_PER_USD
 
 
-def estimate(body: Mapping[str, Any], entry: ModelEntry) -> Cost:
+def estimate(body: Mapping[str, Any], entry: ModelEntry, inputs: Inputs = GENERATE) -> Cost:
     """The most this request can cost (body = Decision.body, as forwarded); tolerant of any body.
 
     No policy is consulted: the policy acts on the body (pinning `auto`), never on what the
@@ -76,7 +81,10 @@ def estimate(body: Mapping[str, Any], entry: ModelEntry) -> Cost:
         default=0,
     )
     partial = _partial_images(body, entry) * entry.partial_image_tokens
-    return priced(entry, n, prompt_tokens(body.get("prompt")), 0, (per_image + partial) * n)
+    fidelity = entry.effective(body, "input_fidelity", inputs.operation)
+    # n > 1 may bill the inputs once per image (measured on gpt-image-2): reserve them n times
+    image_in = input_tokens(entry, inputs, fidelity) * n
+    return priced(entry, n, prompt_tokens(body.get("prompt")), image_in, (per_image + partial) * n)
 
 
 def actual_cost(

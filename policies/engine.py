@@ -1,7 +1,8 @@
-"""The decision engine: `evaluate(policy, catalog, routes, body) -> Decision`, in a fixed order.
+"""The decision engine: `evaluate(policy, catalog, routes, body, inputs) -> Decision`, in a fixed order.
 
-1. Model. `model` absent or null: the policy's `default_model`, else OpenAI's rule (dall-e-2 unless
-   a GPT-image-only parameter is present; data in catalog.yaml). A name with a route is served as
+1. Model. `model` absent or null: the policy's `default_model` (when its model has an endpoint for
+   the operation: a variation falls back to OpenAI's rule), else OpenAI's rule (dall-e-2 unless a
+   GPT-image-only parameter is present; data in catalog.yaml). A name with a route is served as
    is, retired or not (the operator knows its upstream still serves it). A retired name without a
    route follows its catalog `lifecycle`: `alias` rewrites `model` to the replacement (following
    chains, translating parameter values the replacement names differently, e.g. dall-e-3's
@@ -9,8 +10,11 @@
    A request is checked against the model it names before it is aliased: the client wrote it for
    that model, so what that model would refuse (dall-e-3's `n=2`) is refused, not quietly served by
    a replacement that happens to accept it; the replacement's own checks follow.
-2. Capabilities (`policies.capabilities`): the first thing the model would refuse, as `error` (400),
-   as the route's upstream serves it: an entry's `flavors` overlay narrows what that flavor's
+2. Capabilities: the first thing the model would refuse, as `error` (400): an operation the model
+   has no endpoint for (dall-e-3 edits) or the route's upstream has no API for (DigitalOcean edits,
+   unless declared), `policies.capabilities` on the fields (which differ per operation), then
+   `policies.uploads` on an edit's or variation's files (count, formats, size, mask). All as the
+   route's upstream serves the model: an entry's `flavors` overlay narrows what that flavor's
    upstream takes (DigitalOcean: n=1, three sizes), and the message says so ("gpt-image-1 on
    digitalocean").
    A `null` for a parameter the model does not take passes (null means "the default") but is
@@ -38,9 +42,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from policies import capabilities, tenant
+from policies import capabilities, tenant, uploads
 from policies.capabilities import is_int
 from policies.catalog import Catalog, ModelEntry
+from policies.entry import Operation
 from policies.findings import (
     CAPABILITY,
     INVALID_VALUE,
@@ -52,18 +57,31 @@ from policies.findings import (
     quoted,
 )
 from policies.rules import Policy
+from policies.uploads import GENERATE, Inputs
 
 __all__ = ["Adjustment", "Decision", "RouteTarget", "Violation", "evaluate"]
 
 Flavor = Literal["openai", "digitalocean"]
+# The operations each flavor's API has: DigitalOcean's image API is generations only (FACTS.md 5)
+FLAVOR_OPERATIONS: Mapping[Flavor, frozenset[str]] = {
+    "openai": frozenset({"generate", "edit", "variation"}),
+    "digitalocean": frozenset({"generate"}),
+}
 
 
 @dataclass(frozen=True, slots=True)
 class RouteTarget:
-    """What the engine needs to know of a route: its catalog entry and its upstream's flavor."""
+    """What the engine needs to know of a route: its catalog entry, its upstream's flavor and the
+    operations the upstream's API has (None: the flavor's, unless the operator declared them)."""
 
     catalog: str
     flavor: Flavor
+    declared_operations: frozenset[str] | None = None
+
+    @property
+    def operations(self) -> frozenset[str]:
+        declared = self.declared_operations
+        return FLAVOR_OPERATIONS[self.flavor] if declared is None else declared
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +115,11 @@ class _Work:
 
 
 def evaluate(
-    policy: Policy, catalog: Catalog, routes: Mapping[str, RouteTarget], body: Mapping[str, Any]
+    policy: Policy,
+    catalog: Catalog,
+    routes: Mapping[str, RouteTarget],
+    body: Mapping[str, Any],
+    inputs: Inputs = GENERATE,
 ) -> Decision:
     """Decide what happens to one request; see the module docstring for the order of the steps."""
     shadow = policy.mode == "shadow"
@@ -108,39 +130,75 @@ def evaluate(
         )
         return Decision(None, None, {}, not_object, (), (), shadow)
     work = _Work(dict(raw))
-    resolved = _resolve_model(policy, catalog, routes, work)
+    resolved = _resolve_model(policy, catalog, routes, work, inputs.operation)
     if isinstance(resolved, Violation):
         return Decision(None, None, work.body, resolved, (), tuple(work.adjustments), shadow)
     model, base = resolved
     flavor = routes[model].flavor
     entry = base.on(flavor)
     shown = model if entry is base else f"{model} on {flavor}"
-    error = capabilities.check(entry, work.body, shown)
+    error = (
+        _unsupported(entry, inputs, model, work)
+        or _upstream_lacks(routes[model], inputs, model)
+        or capabilities.check(entry, work.body, shown, inputs.operation)
+        or uploads.check(entry, inputs, model)
+    )
     violations: list[Violation] = []
     if error is None:
-        _drop_null_unknown(entry, work)
-        violations, clamps = tenant.enforce(policy, entry, model, work.body)
+        _drop_null_unknown(entry, work, inputs)
+        violations, clamps = tenant.enforce(policy, entry, model, work.body, inputs)
         work.adjustments.extend(clamps)
         if flavor == "digitalocean":
             _fill_digitalocean(entry, work)
     return Decision(model, entry, work.body, error, tuple(violations), tuple(work.adjustments), shadow)
 
 
-def _drop_null_unknown(entry: ModelEntry, work: _Work) -> None:
+def _upstream_lacks(target: RouteTarget, inputs: Inputs, model: str) -> Violation | None:
+    """400 when the route's upstream has no API for the operation (DigitalOcean has no edits)."""
+    if inputs.operation in target.operations:
+        return None
+    what = uploads.operation_name(inputs.operation)
+    message = (
+        f"The upstream serving {model} ({target.flavor}) has no API for {what}; nothing was sent. "
+        "An operator who knows it does can declare it under upstreams.<name>.operations."
+    )
+    return Violation(CAPABILITY, "model", message, sorted(target.operations), uploads.UNSUPPORTED_OPERATION)
+
+
+def _drop_null_unknown(entry: ModelEntry, work: _Work, inputs: Inputs) -> None:
     """A `null` means "the default" (so it passed the checks), but for a parameter this model
     does not take, the upstream would refuse it as unknown: it is not forwarded. Dropped without
     an adjustment: its name is the client's choice, never echoed into a header or a metric label."""
-    for param in [p for p, v in work.body.items() if v is None and p not in entry.accepted_params]:
+    params = entry.params(inputs.operation)
+    for param in [p for p, v in work.body.items() if v is None and p not in params]:
         del work.body[param]
 
 
+def _unsupported(entry: ModelEntry, inputs: Inputs, model: str, work: _Work) -> Violation | None:
+    """The model has no endpoint for the operation; the message says how the model was chosen."""
+    found = uploads.unsupported(entry, inputs.operation, model)
+    chosen = [a.reason for a in work.adjustments if a.param == "model"]
+    if found is None or not chosen:
+        return found
+    return Violation(
+        found.rule, found.param, f"{found.message[:-1]} ({'; '.join(chosen)}).", None, found.code
+    )
+
+
 def _resolve_model(
-    policy: Policy, catalog: Catalog, routes: Mapping[str, RouteTarget], work: _Work
+    policy: Policy,
+    catalog: Catalog,
+    routes: Mapping[str, RouteTarget],
+    work: _Work,
+    operation: Operation,
 ) -> tuple[str, ModelEntry] | Violation:
     name = work.body.get("model")
     if name is None:
-        name = policy.default_model or catalog.implicit_model(work.body)
-        reason = "policy default_model" if policy.default_model else "OpenAI's default when model is omitted"
+        default = policy.default_model
+        if default is not None and not _serves(catalog, routes, default, operation):
+            default = None  # a default for generations (say) that has no such endpoint: OpenAI's rule
+        name = default or catalog.implicit_model(work.body)
+        reason = "policy default_model" if default else "OpenAI's default when model is omitted"
         work.set("model", name, reason)
     if not isinstance(name, str):
         return Violation(MODEL, "model", f"'model' must be a string; got {name!r}.", None, INVALID_VALUE)
@@ -151,7 +209,7 @@ def _resolve_model(
             return _unavailable(policy, routes, name, retired)
         if entry.lifecycle.on_retired == "reject":
             return _deprecated(entry, name)
-        refused = capabilities.check(entry, work.body, name)
+        refused = capabilities.check(entry, work.body, name, operation)
         if refused is not None:  # what the named model itself would refuse stays refused
             return refused
         retired.append(name)
@@ -161,6 +219,12 @@ def _resolve_model(
         message = f"The model {name!r} is routed but has no catalog entry {routes[name].catalog!r}."
         return Violation(MODEL, "model", message, None, MODEL_NOT_FOUND)
     return name, target_entry
+
+
+def _serves(catalog: Catalog, routes: Mapping[str, RouteTarget], name: str, operation: Operation) -> bool:
+    target = routes.get(name)
+    entry = catalog.get(target.catalog) if target is not None else None
+    return entry is not None and operation in entry.operations
 
 
 def _alias(entry: ModelEntry, name: str, work: _Work) -> str:

@@ -93,6 +93,47 @@ class Lifecycle(Frozen):
         return self
 
 
+Operation = Literal["generate", "edit", "variation"]
+OPERATIONS: tuple[Operation, ...] = ("generate", "edit", "variation")
+
+
+class UploadRule(Frozen):
+    """What an edit or a variation takes as input files (OpenAI's API reference, images/createEdit
+    and images/createVariation; sources in catalog.yaml)."""
+
+    max_images: int = Field(ge=1)
+    formats: list[Literal["png", "jpeg", "webp"]] = Field(min_length=1)
+    max_bytes: int = Field(gt=0)  # each file, the mask included
+    square: bool = False  # dall-e-2: square images only
+    mask: bool = False  # whether a mask may be sent (always a png the size of the first image)
+
+
+class InputImageTokens(Frozen):
+    """How one input image is tokenised (catalog.yaml gives the sources and the two methods).
+
+    `tiles` (gpt-image-1 family): fit within `fit` x `fit`, scale the shorter side down to
+    `short_side`, count `tile`-pixel tiles: `base + per_tile * tiles`. `input_fidelity: high` adds
+    `high_fidelity_square` (square image) or `high_fidelity_other` tokens to each of the first
+    `high_fidelity_images` images.
+    `patches` (gpt-image-2): magnify up to `max_magnify` times towards a longest side of
+    `magnify_to`, then count `patch`-pixel patches, at most `budget` (a larger image is scaled down).
+    """
+
+    method: Literal["tiles", "patches"]
+    fit: int = Field(default=2048, gt=0)
+    short_side: int = Field(default=512, gt=0)
+    tile: int = Field(default=512, gt=0)
+    base: int = Field(default=65, ge=0)
+    per_tile: int = Field(default=129, ge=0)
+    high_fidelity_square: int = Field(default=0, ge=0)
+    high_fidelity_other: int = Field(default=0, ge=0)
+    high_fidelity_images: int = Field(default=1, ge=0)
+    patch: int = Field(default=32, gt=0)
+    budget: int = Field(default=1536, gt=0)
+    magnify_to: int = Field(default=1024, gt=0)
+    max_magnify: int = Field(default=2, ge=1)
+
+
 class ModelEntry(Frozen):
     """Everything the gateway knows about one model; `None` means the model does not take the parameter."""
 
@@ -116,6 +157,10 @@ class ModelEntry(Frozen):
     response_formats: list[str] | None = None
     styles: list[str] | None = None
     user_max_chars: int = Field(default=256, ge=1)
+    edits: UploadRule | None = None  # None: no edits endpoint for this model
+    variations: UploadRule | None = None  # None: no variations endpoint for this model
+    input_fidelities: list[str] | None = None  # edits only; None: `input_fidelity` not accepted
+    input_image_tokens: InputImageTokens | None = None  # None: input images are not billed by token
     token_table: dict[str, dict[str, NonNegativeInt]] | None = None
     token_curve: dict[str, _Curve] | None = None
     partial_image_tokens: int = Field(default=0, ge=0)
@@ -154,6 +199,26 @@ class ModelEntry(Frozen):
     def concrete_qualities(self) -> list[str]:
         return [q for q in self.qualities if q != AUTO]
 
+    @property
+    def operations(self) -> tuple[Operation, ...]:
+        """What the model does: every model generates; edits and variations where the catalog says."""
+        rules = {"generate": True, "edit": self.edits is not None, "variation": self.variations is not None}
+        return tuple(op for op in OPERATIONS if rules[op])
+
+    def upload_rule(self, operation: Operation) -> UploadRule | None:
+        return self.edits if operation == "edit" else self.variations if operation == "variation" else None
+
+    def params(self, operation: Operation = "generate") -> frozenset[str]:
+        """The body fields `operation` takes with this model (files excluded): an edit takes what a
+        generation does except `moderation` and `style`, plus `input_fidelity`; a variation only
+        `model`, `n`, `size`, `response_format` and `user`."""
+        if operation == "generate":
+            return self.accepted_params
+        if operation == "variation":
+            return frozenset({"model", "n", "size", "user"} | ({"response_format"} & self.accepted_params))
+        fidelity = {"input_fidelity"} if self.input_fidelities is not None else set()
+        return (self.accepted_params - {"moderation", "style"}) | fidelity
+
     @cached_property
     def accepted_params(self) -> frozenset[str]:
         optional = {
@@ -168,15 +233,17 @@ class ModelEntry(Frozen):
         given = {param for param, spec in optional.items() if spec is not None}
         return frozenset({"prompt", "model", "n", "size", "quality", "user", "stream", *given})
 
-    def effective(self, body: Mapping[str, Any], param: str) -> Any:
-        """The value the upstream will use: the body's unless null or absent, else the model's default."""
+    def effective(self, body: Mapping[str, Any], param: str, operation: Operation = "generate") -> Any:
+        """The value the upstream will use: the body's unless null or absent, else the model's default
+        (None for a parameter `operation` does not take)."""
         value = body.get(param)
-        if value is not None or param not in self.accepted_params:
+        if value is not None or param not in self.params(operation):
             return value
         own = {
             "size": self.default_size,
             "quality": self.default_quality,
             "output_format": self.default_output_format,
+            "input_fidelity": "low",  # OpenAI's default for the models that take it
         }
         return own[param] if param in own else _API_DEFAULTS.get(param)
 

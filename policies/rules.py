@@ -50,6 +50,10 @@ class Policy(_Frozen):
     max_prompt_chars: int | None = Field(default=None, ge=1)
     require_user: bool = False
     deny_prompt_patterns: list[str] = Field(default_factory=list)
+    operations: list[Literal["generate", "edit", "variation"]] | None = None
+    max_input_images: int | None = Field(default=None, ge=1)
+    input_fidelities: list[str] | None = None
+    allow_mask: bool = True
     on_violation: dict[ClampableRule, Literal["reject", "clamp"]] = Field(default_factory=dict)
 
     @field_validator("sizes")

@@ -14,6 +14,9 @@ default when the field is omitted), so leaving a field out never gets around a r
 - `stream`, `max_partial_images`, `max_n`, `max_prompt_chars`, `require_user`.
 - `deny_prompt_patterns`: case-insensitive regular expressions; the message names the index of the
   pattern, never the pattern itself (an admin reads it with `gateway explain`).
+- `operations` (`generate`, `edit`, `variation`; default all), `max_input_images`,
+  `input_fidelities` (judged on the effective value: `low` when omitted), `allow_mask`: edits and
+  variations. Every other rule applies to them as to generations, where the operation takes the field.
 
 `on_violation: {n|quality|partial_images|size: clamp}` replaces the value with the nearest allowed
 one and records an `Adjustment`: n and partial_images to the maximum; quality to the best allowed
@@ -51,6 +54,7 @@ from policies.capabilities import is_int, size_problem
 from policies.catalog import AUTO, ModelEntry
 from policies.findings import Adjustment, Violation, quoted
 from policies.rules import Policy
+from policies.uploads import GENERATE, Inputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,25 +75,26 @@ class Request:
     entry: ModelEntry
     model: str
     body: dict[str, Any]
+    inputs: Inputs = GENERATE
 
     def effective(self, param: str) -> Any:
-        return self.entry.effective(self.body, param)
+        return self.entry.effective(self.body, param, self.inputs.operation)
 
 
 Rule = Callable[[Request], Finding | None]
 
 
 def enforce(
-    policy: Policy, entry: ModelEntry, model: str, body: dict[str, Any]
+    policy: Policy, entry: ModelEntry, model: str, body: dict[str, Any], inputs: Inputs = GENERATE
 ) -> tuple[list[Violation], list[Adjustment]]:
     """Every rule `body` breaks, clamping in place where the policy says so (never in shadow mode)."""
     violations: list[Violation] = []
     adjustments: list[Adjustment] = []
     shadow = policy.mode == "shadow"
     if not shadow:
-        adjustments += _fill_omitted(Request(policy, entry, model, body))
+        adjustments += _fill_omitted(Request(policy, entry, model, body, inputs))
     for rule in RULES:
-        found = rule(Request(policy, entry, model, body))
+        found = rule(Request(policy, entry, model, body, inputs))
         if found is None:
             continue
         clamp = found.clamp is not None and policy.clamps(found.param)
@@ -103,7 +108,7 @@ def enforce(
         violations.append(Violation(found.rule, found.param, message, found.allowed))
     if not shadow:
         violated = {v.param for v in violations}
-        adjustments += _pin_auto(Request(policy, entry, model, body), violated)
+        adjustments += _pin_auto(Request(policy, entry, model, body, inputs), violated)
     return violations, adjustments
 
 
@@ -248,6 +253,28 @@ def _models(req: Request) -> Finding | None:
     )
 
 
+def _operations(req: Request) -> Finding | None:
+    allowed, operation = req.policy.operations, req.inputs.operation
+    if allowed is None or operation in allowed:
+        return None
+    message = f"Policy rule 'operations' allows {quoted(allowed)}; the request is {operation!r}."
+    return Finding("operations", "operation", message, list(allowed), operation)
+
+
+def _input_images(req: Request) -> Finding | None:
+    limit, count = req.policy.max_input_images, len(req.inputs.images)
+    if limit is None or count <= limit:
+        return None
+    message = f"Policy rule 'max_input_images' allows up to {limit} input images; the request has {count}."
+    return Finding("max_input_images", "image", message, [limit], count)
+
+
+def _mask(req: Request) -> Finding | None:
+    if req.policy.allow_mask or req.inputs.mask is None:
+        return None
+    return Finding("allow_mask", "mask", "Policy rule 'allow_mask' does not allow a mask.", [], "mask")
+
+
 def _require_user(req: Request) -> Finding | None:
     if not req.policy.require_user or req.body.get("user"):
         return None
@@ -354,6 +381,7 @@ def _stream(req: Request) -> Finding | None:
 
 
 RULES: tuple[Rule, ...] = (
+    _operations,
     _models,
     _require_user,
     _prompt_chars,
@@ -367,4 +395,7 @@ RULES: tuple[Rule, ...] = (
     _compression,
     _stream,
     lambda req: _at_most(req, "max_partial_images", "partial_images", req.policy.max_partial_images),
+    _input_images,
+    lambda req: _one_of(req, "input_fidelities", "input_fidelity", req.policy.input_fidelities),
+    _mask,
 )

@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 
 from gateway.limits import keys
 from gateway.limits.kinds import KIND_BY_NAME, RATE_WINDOW_US, LimitKind
+from gateway.limits.ledger import charge_fields
 from gateway.limits.meters import Reading
 from gateway.limits.periods import DAY_SECONDS, Period, period
 from gateway.limits.plan import LimitPlan, PlannedLimit
@@ -104,6 +105,7 @@ class ReserveCall(_DayKeys):
     lease_ttl_us: int
     record_ttl_ms: int
     ledger_expire_at: int
+    ledger: tuple[tuple[str, int], ...] = ()  # the estimate, charged to the ledger if admitted
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,13 +122,17 @@ class SettleCall(_DayKeys):
     day: date
     checks: tuple[Check, ...]  # as reserved; `cost` is the estimate charged
     actuals: tuple[int, ...]  # the actual amount for each check
-    ledger: tuple[tuple[str, int], ...]  # ledger hash field -> increment
+    ledger: tuple[tuple[str, int], ...]  # ledger hash field -> increment: the actual cost
     ledger_expire_at: int
     settled_ttl_ms: int
     lease_ttl_us: int
     # Admitted while the store was unreachable: when no reservation record is found (the reserve
     # never ran), the per-minute limits are left alone (see compile_settle).
     degraded: bool = False
+    # What the reserve charged to the ledger (its estimate), taken back here; only if the
+    # reservation record is still there when the reserve may never have run (degraded, release).
+    unledger: tuple[tuple[str, int], ...] = ()
+    unledger_if_recorded: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +223,7 @@ def compile_reserve(
         lease_ttl_us=settings.lease_ttl_seconds * 1_000_000,
         record_ttl_ms=settings.lease_ttl_seconds * 1000 + RECORD_GRACE_MS,
         ledger_expire_at=ledger_expire_at(settings, day),
+        ledger=() if mode == "peek" else charge_fields(model, cost),
     )
 
 
@@ -230,6 +237,8 @@ def compile_settle(
     ledger: Sequence[tuple[str, int]],
     settings: StoreSettings,
     degraded: bool = False,
+    unledger: Sequence[tuple[str, int]] = (),
+    unledger_if_recorded: bool = False,
 ) -> SettleCall:
     """The settle of a reservation. A `degraded` one (admitted while the store was unreachable,
     nothing charged) charges its actual cost to the calendar budgets after the fact, but not to
@@ -247,6 +256,8 @@ def compile_settle(
         settled_ttl_ms=settings.lease_ttl_seconds * 1000 + RECORD_GRACE_MS + SETTLED_GRACE_MS,
         lease_ttl_us=settings.lease_ttl_seconds * 1_000_000,
         degraded=degraded,
+        unledger=tuple(unledger),
+        unledger_if_recorded=unledger_if_recorded or degraded,
     )
 
 
@@ -269,16 +280,24 @@ def compile_renew(
 def compile_release(call: ReserveCall, settings: StoreSettings) -> SettleCall:
     """Undo `call`, whose reply never came: it may or may not have run, and may yet run.
 
-    Settling at nothing with nothing recorded in the ledger: if the reserve ran, the record's
-    amounts are refunded (the request itself still counts, as for any refund) and the lease
-    freed; if it did not, the amounts given here equal the actuals and nothing changes. Either
-    way the settled marker is written, and `reserve` refuses a settled id, so a reserve that
-    arrives after its release charges nothing.
+    Settling at nothing: if the reserve ran, the record's amounts are refunded (the request
+    itself still counts against per-minute limits, as for any refund), the lease freed and the
+    estimate taken out of the ledger again; if it did not, the amounts given here equal the
+    actuals and nothing changes. Either way the settled marker is written, and `reserve` refuses
+    a settled id, so a reserve that arrives after its release charges nothing.
     """
     nothing = Cost()
     checks = tuple(replace(check, cost=check.kind.amount(nothing)) for check in call.checks)
     return compile_settle(
-        call.tenant, call.reservation_id, call.day, checks, actual=nothing, ledger=(), settings=settings
+        call.tenant,
+        call.reservation_id,
+        call.day,
+        checks,
+        actual=nothing,
+        ledger=(),
+        settings=settings,
+        unledger=call.ledger,
+        unledger_if_recorded=True,
     )
 
 

@@ -215,36 +215,27 @@ def _reservation_from(row: list[Any]) -> Reservation:
     )
 
 
-def _call_row(c: SettleCall) -> tuple[Any, ...]:
-    checks = [_check_row(check) for check in c.checks]
-    return (
-        c.tenant,
-        c.reservation_id,
-        c.day,
-        checks,
-        c.actuals,
-        c.ledger,
-        c.ledger_expire_at,
-        c.settled_ttl_ms,
-        c.lease_ttl_us,
-        c.degraded,
+_CALL_FIELDS = tuple(f.name for f in fields(SettleCall))
+
+
+def _call_row(call: SettleCall) -> tuple[Any, ...]:
+    """Every field of the call, in declaration order (a field added later is carried too)."""
+    return tuple(
+        [_check_row(c) for c in call.checks] if name == "checks" else getattr(call, name)
+        for name in _CALL_FIELDS
     )
 
 
 def _call_from(row: list[Any]) -> SettleCall:
-    tenant, rid, day, checks, actuals, ledger, ledger_expire_at, settled_ttl_ms, lease_ttl_us, degraded = row
-    return SettleCall(
-        tenant=tenant,
-        reservation_id=rid,
-        day=date.fromisoformat(day),
-        checks=tuple(_check_from(c) for c in checks),
-        actuals=tuple(actuals),
-        ledger=tuple((name, value) for name, value in ledger),
-        ledger_expire_at=ledger_expire_at,
-        settled_ttl_ms=settled_ttl_ms,
-        lease_ttl_us=lease_ttl_us,
-        degraded=degraded,
-    )
+    values = {name: _tupled(value) for name, value in zip(_CALL_FIELDS, row, strict=True)}
+    values["day"] = date.fromisoformat(values["day"])
+    values["checks"] = tuple(_check_from(list(c)) for c in row[_CALL_FIELDS.index("checks")])
+    return SettleCall(**values)
+
+
+def _tupled(value: Any) -> Any:
+    """JSON arrays back to the tuples the calls hold (`actuals`, ledger pairs)."""
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
 
 
 def _decode(row_id: str, state: str, body: bytes) -> Owed:

@@ -1,8 +1,11 @@
 """The usage ledger: per tenant, per UTC day, per model, what was served and what was refused.
 
 Stored as one hash per tenant and day (`igw:{tenant}:ledger:<YYYY-MM-DD>`) whose fields are
-`<counter>:<model>`; counter names hold no colon, so a model name may. Settle adds the actual
-usage of a request; reserve adds a rejection. The hash lives `ledger_retention_days` past its day.
+`<counter>:<model>`; counter names hold no colon, so a model name may. The ledger charges as the
+budgets do: an admitted request's estimate at reserve (or a rejection), replaced by its actual
+usage at settle, in the same atomic steps. So the ledger and the budgets always agree, a request
+in flight included, and one whose gateway died before settling stays at its estimate in both.
+The hash lives `ledger_retention_days` past its day.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ class LedgerRow:
     day: date
     tenant: str
     model: str
-    requests: int = 0  # settled requests, refunds included
+    requests: int = 0  # admitted requests (refunds included), in flight ones at their estimate
     images: int = 0
     text_in_tokens: int = 0
     image_in_tokens: int = 0
@@ -61,18 +64,19 @@ def field(counter: str, model: str) -> str:
     return f"{counter}:{model}"
 
 
-def settle_fields(model: str, actual: Cost, outcome: str) -> list[tuple[str, int]]:
-    """The increments settle adds for one request (zero counters are left out)."""
+def charge_fields(model: str, cost: Cost, outcome: str = "ok") -> tuple[tuple[str, int], ...]:
+    """The increments that charge one request at `cost` (zero counters are left out): its estimate
+    at reserve, its actual cost at settle."""
     counts = {
         "requests": 1,
-        "images": actual.images,
-        "text_in_tokens": actual.text_in_tokens,
-        "image_in_tokens": actual.image_in_tokens,
-        "image_out_tokens": actual.image_out_tokens,
-        "nano_usd": actual.nano_usd,
+        "images": cost.images,
+        "text_in_tokens": cost.text_in_tokens,
+        "image_in_tokens": cost.image_in_tokens,
+        "image_out_tokens": cost.image_out_tokens,
+        "nano_usd": cost.nano_usd,
         "failed": 0 if outcome == "ok" else 1,
     }
-    return [(field(name, model), value) for name, value in counts.items() if value]
+    return tuple((field(name, model), value) for name, value in counts.items() if value)
 
 
 def rows(tenant: str, day: date, counters: dict[str, int]) -> list[LedgerRow]:

@@ -63,7 +63,7 @@ from gateway.limits.calls import (
 )
 from gateway.limits.decisions import DecisionMetrics, decide
 from gateway.limits.journal import Journal
-from gateway.limits.ledger import LedgerRow, rows, settle_fields, sort_rows
+from gateway.limits.ledger import LedgerRow, charge_fields, rows, sort_rows
 from gateway.limits.outbox import Outbox
 from gateway.limits.periods import day_number, day_of, days_between
 from gateway.limits.plan import LimitPlan
@@ -314,9 +314,10 @@ class LimitStore:
             reservation.day,
             reservation.checks,
             actual=actual,
-            ledger=settle_fields(reservation.model, actual, outcome),
+            ledger=charge_fields(reservation.model, actual, outcome),
             settings=self._settings,
             degraded=reservation.degraded,
+            unledger=charge_fields(reservation.model, reservation.estimate),
         )
 
     async def _apply(self, call: SettleCall) -> bool:

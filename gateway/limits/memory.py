@@ -78,7 +78,12 @@ class MemoryEngine:
         current: dict[str, int] = self._get(key, now) or {}
         for name, amount in counts:
             current[name] = current.get(name, 0) + amount
-        self._set(key, current, expire_at_s * 1_000_000, now)
+            if amount < 0 and current[name] == 0:  # taken back to nothing (settle.lua's HDEL)
+                del current[name]
+        if current:
+            self._set(key, current, expire_at_s * 1_000_000, now)
+        else:
+            self._delete(key)
 
     # --- reserve -------------------------------------------------------------------------------
 
@@ -104,6 +109,7 @@ class MemoryEngine:
             readings.append(self._read(check, call, decision, now))
         record = tuple(check.cost for check in call.checks)
         self._set(call.record_key, record, now + call.record_ttl_ms * 1000, now)
+        self._hincr(call.ledger_key, call.ledger, call.ledger_expire_at, now)
         if refused or shadowed:
             self._hincr(
                 call.ledger_key, [(field(SHADOW_REJECTED, call.model), 1)], call.ledger_expire_at, now
@@ -170,7 +176,10 @@ class MemoryEngine:
         for check, estimate, actual in zip(call.checks, estimates, call.actuals, strict=True):
             unreserved_rate = check.kind.mechanism == "rate" and call.degraded and record is None
             self._adjust(check, call, 0 if unreserved_rate else actual - estimate, now)
-        self._hincr(call.ledger_key, call.ledger, call.ledger_expire_at, now)
+        changes = list(call.ledger)
+        if record is not None or not call.unledger_if_recorded:
+            changes += [(name, -amount) for name, amount in call.unledger]
+        self._hincr(call.ledger_key, changes, call.ledger_expire_at, now)
         self._delete(call.record_key)
         self._set(call.settled_key, True, now + call.settled_ttl_ms * 1000, now)
         return True

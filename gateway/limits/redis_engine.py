@@ -178,6 +178,8 @@ class RedisEngine:
                 for c in call.checks
             ),
         ]
+        for name, amount in call.ledger:
+            args += [name, amount]
         reply = [int(v) for v in (await self._run(RESERVE, keys, args)).split()]
         readings = tuple(
             Reading(*reply[i : i + _READING_FIELDS]) for i in range(2, len(reply), _READING_FIELDS)
@@ -196,8 +198,10 @@ class RedisEngine:
                 for c, actual in zip(call.checks, call.actuals, strict=True)
             ),
             1 if call.degraded else 0,
+            1 if call.unledger_if_recorded else 0,
+            len(call.ledger),
         ]
-        for name, amount in call.ledger:
+        for name, amount in (*call.ledger, *call.unledger):
             args += [name, amount]
         return int(await self._run(SETTLE, keys, args)) != 0
 

@@ -1,4 +1,4 @@
-"""An offline stand-in for OpenAI's and DigitalOcean's `POST /v1/images/generations`.
+"""An offline stand-in for OpenAI's and DigitalOcean's image APIs (generations; OpenAI's edits too).
 
 It owns being a faithful upstream for tests, demos and benchmarks: the same validation and error
 shapes (OpenAI `{"error": {...}}`, DigitalOcean `{"id", "message", "request_id"}`), real images
@@ -8,7 +8,10 @@ carrying that image's own `usage` (the prompt's text tokens on the first image's
 stream's usages add up to the JSON body's `usage` for the same request. Every request is recorded
 under `RECEIVED` in the app.
 
-Routes: `POST /v1/images/generations`, `GET /v1/models`; anything else is a 404 JSON error.
+Routes: `POST /v1/images/generations`, `GET /v1/models`, and in the OpenAI flavour
+`POST /v1/images/edits` and `/v1/images/variations` (multipart; see `edits.py`); anything else is a
+404 JSON error. A multipart request is recorded with its text fields in `body` and its file parts,
+byte for byte, in `files`.
 
 Test-only request headers (values "1"/"true" switch a flag on):
 - `x-mock-latency-ms: X`        this request's latency instead of `MockOptions.latency_ms`

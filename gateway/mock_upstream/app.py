@@ -15,10 +15,18 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.mock_upstream.bodies import Knobs, Reply, write_json, write_sse
+from gateway.mock_upstream.edits import Form, Variation, parse_form, validate_edit, validate_variation
 from gateway.mock_upstream.errors import UpstreamError, forced, not_found, unauthorized
 from gateway.mock_upstream.images import ImageCache, ImageSpec
 from gateway.mock_upstream.models import MODELS, image_usages, usage
-from gateway.mock_upstream.options import OPTIONS, RECEIVED, Headers, MockOptions, ReceivedRequest
+from gateway.mock_upstream.options import (
+    OPTIONS,
+    RECEIVED,
+    Headers,
+    MockOptions,
+    ReceivedFile,
+    ReceivedRequest,
+)
 from gateway.mock_upstream.validation import Generation, validate
 
 log = logging.getLogger(__name__)
@@ -32,11 +40,14 @@ _BAD_JSON = (
 
 def create_mock_app(options: MockOptions = MockOptions()) -> web.Application:  # noqa: B008 - frozen
     """A fresh mock upstream; each app has its own request record and image cache."""
-    app = web.Application(middlewares=[_record, _answer_errors, _authenticate], client_max_size=8 * 2**20)
+    app = web.Application(middlewares=[_record, _answer_errors, _authenticate], client_max_size=256 * 2**20)
     app[OPTIONS] = options
     app[RECEIVED] = []
     app[_IMAGES] = ImageCache()
     app.router.add_post("/v1/images/generations", _generations)
+    if options.flavor == "openai":  # DigitalOcean's image API has generations only
+        app.router.add_post("/v1/images/edits", _edits)
+        app.router.add_post("/v1/images/variations", _variations)
     app.router.add_get("/v1/models", _models)
     app.router.add_route("*", "/{tail:.*}", _not_found)
     app.on_response_prepare.append(_stamp_request_id)
@@ -81,6 +92,13 @@ async def _record(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Keep what arrived, before anything can reject it."""
     raw = await request.read()
     body = _parse(raw)
+    files: tuple[ReceivedFile, ...] = ()
+    if request.content_type == "multipart/form-data":
+        try:
+            form = parse_form(request.headers.get("Content-Type", ""), raw)
+            body, files = dict(form.fields), tuple(form.files)
+        except UpstreamError:
+            pass  # answered by the handler
     received = request.app[RECEIVED]
     if len(received) >= 2 * _RECORD_LIMIT:
         del received[:-_RECORD_LIMIT]
@@ -91,6 +109,7 @@ async def _record(request: web.Request, handler: Handler) -> web.StreamResponse:
             raw=raw,
             method=request.method,
             path=request.path,
+            files=files,
         )
     )
     return await handler(request)
@@ -128,7 +147,8 @@ async def _models(request: web.Request) -> web.StreamResponse:
     return web.json_response({"object": "list", "data": data}, dumps=lambda v: orjson.dumps(v).decode())
 
 
-async def _generations(request: web.Request) -> web.StreamResponse:
+async def _knobs(request: web.Request) -> Knobs:
+    """The test-only switches; waits the latency and raises a forced status."""
     options = request.app[OPTIONS]
     knobs = Knobs.from_headers(request.headers)
     latency_ms = options.latency_ms if knobs.latency_ms is None else knobs.latency_ms
@@ -136,10 +156,50 @@ async def _generations(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(latency_ms / 1000)
     if knobs.status is not None:
         raise forced(knobs.status)
+    return knobs
+
+
+async def _generations(request: web.Request) -> web.StreamResponse:
+    knobs = await _knobs(request)
     body = _parse(await request.read())
     if not isinstance(body, dict):
         raise UpstreamError(400, _BAD_JSON)
-    gen = validate(body, options.flavor)
+    return await _serve(request, validate(body, request.app[OPTIONS].flavor), knobs)
+
+
+async def _form(request: web.Request) -> Form:
+    return parse_form(request.headers.get("Content-Type", ""), await request.read())
+
+
+async def _edits(request: web.Request) -> web.StreamResponse:
+    knobs = await _knobs(request)
+    options = request.app[OPTIONS]
+    edit = validate_edit(await _form(request), options.flavor, options.serve_dall_e_2)
+    if isinstance(edit, Variation):
+        return await _dall_e_2(request, edit)
+    return await _serve(request, edit, knobs)
+
+
+async def _variations(request: web.Request) -> web.StreamResponse:
+    await _knobs(request)
+    return await _dall_e_2(
+        request, validate_variation(await _form(request), request.app[OPTIONS].serve_dall_e_2)
+    )
+
+
+async def _dall_e_2(request: web.Request, variation: Variation) -> web.StreamResponse:
+    """dall-e-2's answer: images only (priced per image, so no `usage`), as URLs or base64."""
+    spec = ImageSpec(variation.side, variation.side, "png", False)
+    if variation.response_format == "b64_json":
+        item = {"b64_json": (await request.app[_IMAGES].b64(spec)).decode()}
+    else:
+        item = {"url": f"https://mock-upstream.invalid/images/{uuid.uuid4().hex}.png"}
+    body = {"created": int(time.time()), "data": [item] * variation.n}
+    return web.json_response(body, dumps=lambda v: orjson.dumps(v).decode())
+
+
+async def _serve(request: web.Request, gen: Generation, knobs: Knobs) -> web.StreamResponse:
+    options = request.app[OPTIONS]
     cache = request.app[_IMAGES]
 
     async def image(variant: int) -> bytes:
@@ -157,7 +217,14 @@ def _usage(gen: Generation) -> dict[str, Any]:
     """The whole request's `usage` (a JSON body's)."""
     partials = gen.partial_images
     return usage(
-        gen.family, gen.width, gen.height, gen.quality, n=gen.n, prompt=gen.prompt, partial_images=partials
+        gen.family,
+        gen.width,
+        gen.height,
+        gen.quality,
+        n=gen.n,
+        prompt=gen.prompt,
+        partial_images=partials,
+        image_in=gen.image_in,
     )
 
 
@@ -165,5 +232,12 @@ def _image_usages(gen: Generation) -> list[dict[str, Any]]:
     """One `usage` per image (a stream's, on each completed event); they add up to `_usage(gen)`."""
     partials = gen.partial_images
     return image_usages(
-        gen.family, gen.width, gen.height, gen.quality, n=gen.n, prompt=gen.prompt, partial_images=partials
+        gen.family,
+        gen.width,
+        gen.height,
+        gen.quality,
+        n=gen.n,
+        prompt=gen.prompt,
+        partial_images=partials,
+        image_in=gen.image_in,
     )

@@ -140,16 +140,17 @@ async def _events(reply: Reply, eol: bytes) -> list[Callable[[], bytes]]:
     for image in range(gen.n):
         for index, b64 in enumerate(partials):
             rest = {"partial_image_index": index, **fields}
-            events.append(functools.partial(_event, "image_generation.partial_image", b64, rest, eol))
+            events.append(functools.partial(_event, f"{gen.events}.partial_image", b64, rest, eol))
         rest = {**fields, "usage": reply.image_usages[image]}
-        events.append(functools.partial(_event, "image_generation.completed", final, rest, eol))
+        events.append(functools.partial(_event, f"{gen.events}.completed", final, rest, eol))
     return events
 
 
 async def write_sse(
     request: web.Request, reply: Reply, knobs: Knobs, interval_s: float
 ) -> web.StreamResponse:
-    """The `image_generation.*` event stream: one completed event per image, each with its own `usage`."""
+    """The `image_generation.*` (`image_edit.*`) event stream: one completed event per image, each
+    with its own `usage`."""
     eol = b"\r\n" if knobs.crlf else b"\n"
     comment = b": keep-alive" + eol + eol if knobs.comments else b""
     events = await _events(reply, eol)

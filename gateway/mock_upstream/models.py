@@ -69,35 +69,65 @@ def text_tokens(prompt: str) -> int:
     return max(1, -(-len(prompt) // 4))
 
 
+def input_image_tokens(family: Family, width: int, height: int) -> int:
+    """Input tokens of one image sent to an edit: gpt-image-1's 512px tiles (the shorter side
+    scaled to 512 after fitting 2048x2048; 65 + 129 per tile), gpt-image-2's 32px patches (magnified
+    up to 2x towards a 1024px longest side, at most 1536)."""
+    if family == "gpt-image-1":
+        fit = min(1.0, 2048 / max(width, height))
+        w, h = width * fit, height * fit
+        short = min(1.0, 512 / min(w, h))
+        tiles = -(-int(w * short) // 512) * -(-int(h * short) // 512)
+        return 65 + 129 * tiles
+    magnify = min(2.0, max(1.0, 1024 / max(width, height)))
+    patches = -(-int(width * magnify) // 32) * -(-int(height * magnify) // 32)
+    return min(patches, 1536)
+
+
+HIGH_FIDELITY_TOKENS = {True: 4160, False: 6240}  # by whether the first image is square (gpt-image-1)
+
+
 def usage(
-    family: Family, width: int, height: int, quality: str, *, n: int, prompt: str, partial_images: int
+    family: Family,
+    width: int,
+    height: int,
+    quality: str,
+    *,
+    n: int,
+    prompt: str,
+    partial_images: int,
+    image_in: int = 0,
 ) -> dict[str, Any]:
-    """The `usage` object for a whole request; `partial_images` counts per image (0 unless streaming)."""
+    """The `usage` object for a whole request; `partial_images` counts per image (0 unless streaming);
+    `image_in` the input image tokens of an edit."""
     per_image = image_tokens(family, width, height, quality) + PARTIAL_IMAGE_TOKENS * partial_images
     output = per_image * n
-    text = text_tokens(prompt)
+    return _usage(text_tokens(prompt), image_in, output)
+
+
+def _usage(text: int, image_in: int, output: int) -> dict[str, Any]:
     return {
-        "input_tokens": text,
-        "input_tokens_details": {"text_tokens": text, "image_tokens": 0},
+        "input_tokens": text + image_in,
+        "input_tokens_details": {"text_tokens": text, "image_tokens": image_in},
         "output_tokens": output,
         "output_tokens_details": {"image_tokens": output, "text_tokens": 0},
-        "total_tokens": text + output,
+        "total_tokens": text + image_in + output,
     }
 
 
 def image_usages(
-    family: Family, width: int, height: int, quality: str, *, n: int, prompt: str, partial_images: int
+    family: Family,
+    width: int,
+    height: int,
+    quality: str,
+    *,
+    n: int,
+    prompt: str,
+    partial_images: int,
+    image_in: int = 0,
 ) -> list[dict[str, Any]]:
-    """One `usage` per image of a streamed request; their sum is `usage(...)` for the same request."""
+    """One `usage` per image of a streamed request; their sum is `usage(...)` for the same request
+    (the inputs, text and images, on the first image's)."""
     output = image_tokens(family, width, height, quality) + PARTIAL_IMAGE_TOKENS * partial_images
     text = text_tokens(prompt)
-    return [
-        {
-            "input_tokens": text if image == 0 else 0,
-            "input_tokens_details": {"text_tokens": text if image == 0 else 0, "image_tokens": 0},
-            "output_tokens": output,
-            "output_tokens_details": {"image_tokens": output, "text_tokens": 0},
-            "total_tokens": (text if image == 0 else 0) + output,
-        }
-        for image in range(n)
-    ]
+    return [_usage(text, image_in, output) if image == 0 else _usage(0, 0, output) for image in range(n)]

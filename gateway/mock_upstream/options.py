@@ -23,6 +23,7 @@ class MockOptions:
     partial_interval_ms: float = 0.0  # delay between streamed events
     api_key: str | None = None  # when set, requests must carry `Authorization: Bearer <api_key>`
     image_bytes: int | None = None  # when set, each b64 payload is padded to about this many bytes
+    serve_dall_e_2: bool = False  # an upstream that still serves dall-e-2 edits and variations
 
 
 class Headers(dict[str, str]):
@@ -54,14 +55,26 @@ class Headers(dict[str, str]):
 
 
 @dataclass(frozen=True)
+class ReceivedFile:
+    """A file part of a multipart request, byte for byte."""
+
+    name: str
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
 class ReceivedRequest:
-    """One request as the mock received it. `body` is `{}` when `raw` is not a JSON object."""
+    """One request as the mock received it. `body` is `{}` when `raw` is not a JSON object; for a
+    multipart request it holds the text fields (as strings) and `files` the file parts, in order."""
 
     headers: dict[str, str]
     body: dict[str, Any]
     raw: bytes
     method: str = "POST"
     path: str = ""
+    files: tuple[ReceivedFile, ...] = ()
 
 
 RECEIVED: web.AppKey[list[ReceivedRequest]] = web.AppKey("mock_upstream_received", list)

@@ -52,15 +52,21 @@ class Generation:
     output_format: str  # png | jpeg | webp
     stream: bool
     partial_images: int
+    events: str = "image_generation"  # the stream's event prefix: image_edit for an edit
+    image_in: int = 0  # input image tokens (edits)
 
     @property
     def size(self) -> str:
         return f"{self.width}x{self.height}"
 
 
-def validate(body: dict[str, Any], flavor: Flavor) -> Generation:
-    """Check `body` as `flavor`'s upstream would; raise `UpstreamError` with its first complaint."""
-    _check_fields(body, flavor)
+EDIT_FIELDS = (_FIELDS - {"moderation"}) | {"input_fidelity"}
+
+
+def validate(body: dict[str, Any], flavor: Flavor, fields: frozenset[str] = _FIELDS) -> Generation:
+    """Check `body` as `flavor`'s upstream would; raise `UpstreamError` with its first complaint.
+    `fields` are those the endpoint takes (an edit's differ from a generation's)."""
+    _check_fields(body, flavor, fields)
     prompt = _prompt(body)
     model, family = _model(body, flavor)
     for name in _DALL_E_ONLY:
@@ -104,9 +110,9 @@ def _missing(name: str) -> UpstreamError:
     return invalid(name, f"Missing required parameter: '{name}'.", "missing_required_parameter")
 
 
-def _check_fields(body: dict[str, Any], flavor: Flavor) -> None:
+def _check_fields(body: dict[str, Any], flavor: Flavor, fields: frozenset[str]) -> None:
     for name in body:
-        if name not in _FIELDS and name not in _DALL_E_ONLY:
+        if name not in fields and name not in _DALL_E_ONLY:
             raise invalid(name, f"Unknown parameter: '{name}'.", "unknown_parameter")
     if flavor == "digitalocean":
         for name in _DO_REQUIRED:

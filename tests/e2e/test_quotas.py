@@ -462,7 +462,14 @@ async def test_a_spent_budget_is_insufficient_quota_and_the_sdk_does_not_retry_i
     assert headers["x-ratelimit-remaining-usd"] == "0"
 
     def refused() -> float:
-        return gw.metric("gateway_requests_total", tenant="team", model=MODEL, route="openai", status="429")
+        return gw.metric(
+            "gateway_requests_total",
+            tenant="team",
+            model=MODEL,
+            route="openai",
+            operation="generate",
+            status="429",
+        )
 
     assert refused() == 1
     client = openai.AsyncOpenAI(base_url=gw.v1, api_key=TENANT_KEY)  # default retries: 2
@@ -498,7 +505,17 @@ async def test_a_request_larger_than_a_tiny_budget_is_insufficient_quota_and_not
     assert error.response.headers["x-should-retry"] == "false"
     assert "retry-after" not in error.response.headers  # no wait makes it fit
     assert error.response.headers["x-ratelimit-limit-usd"] == "0.000001"
-    assert gw.metric("gateway_requests_total", tenant="team", model=MODEL, route="openai", status="429") == 1
+    assert (
+        gw.metric(
+            "gateway_requests_total",
+            tenant="team",
+            model=MODEL,
+            route="openai",
+            operation="generate",
+            status="429",
+        )
+        == 1
+    )
     assert mock_openai.app[RECEIVED] == []
     async with aiohttp.ClientSession() as session:
         [row] = await ledger_rows(session, gw.url)

@@ -14,60 +14,21 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from gateway.shutdown import MARGIN_SECONDS
 from tests.support import redis_servers
+from tests.support.burst import LOW
 from tests.support.config import TENANT_KEY, config_dict
-from tests.support.processes import GatewayProcess, free_port
+from tests.support.held_upstreams import PARTIAL, EndlessStreams
+from tests.support.processes import GatewayProcess
 from tests.support.redis_servers import RedisServer
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 redis_factory = redis_servers.redis_server_factory
 
-LOW = {"model": "gpt-image-1.5", "prompt": "a lighthouse at dusk", "size": "1024x1024", "quality": "low"}
 AUTH = {"Authorization": f"Bearer {TENANT_KEY}"}
-PARTIAL = (
-    b"event: image_generation.partial_image\n"
-    b'data: {"type":"image_generation.partial_image","b64_json":"AA==","partial_image_index":0}\n\n'
-)
 STREAMS = 20
 GRACE = 5.0  # aiohttp's own shutdown took twice this and more: 12 s, past GRACE + MARGIN_SECONDS
-
-
-class EndlessStreams:
-    """An image API whose streams send one partial image, then nothing until the test ends."""
-
-    def __init__(self) -> None:
-        self.open = 0
-        self._end = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self.port = free_port()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/images/generations", self._stream)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def _stream(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(PARTIAL)
-        self.open += 1
-        await self._end.wait()
-        return response
-
-    async def stop(self) -> None:
-        self._end.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
 
 
 async def store_keys(redis: RedisServer) -> dict[str, int]:
@@ -139,7 +100,7 @@ async def test_sigterm_with_long_streams_open_exits_within_grace_and_margin_all_
 async def test_during_the_drain_delay_readyz_is_503_and_requests_are_still_served(tmp_path: Path) -> None:
     upstream = EndlessStreams()
     await upstream.start()
-    upstream._end.set()  # answers at once (an empty stream)
+    upstream.end()  # answers at once (an empty stream)
     config = config_dict(upstream.url, server={"drain_delay_seconds": 1.5, "shutdown_grace_seconds": 1})
     gateway = GatewayProcess(config, tmp_path)
     await gateway.start()
@@ -176,7 +137,7 @@ async def test_settlements_given_up_at_shutdown_make_the_exit_status_say_so(
     redis = redis_factory()
     upstream = EndlessStreams()
     await upstream.start()
-    upstream._end.set()
+    upstream.end()
     config = config_dict(
         upstream.url,
         store={"backend": "redis", "url": redis.url, "on_unavailable": "fail_open", "timeout_ms": 100},

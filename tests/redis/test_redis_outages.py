@@ -79,7 +79,7 @@ async def test_a_tenants_keys_share_one_cluster_slot(redis_cluster: RedisCluster
     admission = await store.reserve(plan(name, settings, user="u"), ESTIMATE, request_id="r", model="m")
     assert admission.allowed and admission.reservation is not None
     keys = list(await backend.keys(store, name))
-    assert len(keys) == 7  # three windows, a lease, two scoped buckets, the reservation
+    assert len(keys) == 8  # three windows, a lease, two scoped buckets, the reservation, the ledger
     slots = {await backend.raw().cluster_keyslot(key) for key in keys}
     assert len(slots) == 1
     assert await store.settle(admission.reservation, ESTIMATE, outcome="ok")

@@ -393,3 +393,40 @@ async def test_a_release_undoes_a_reserve_whichever_arrives_first(backend: Backe
     keys = await backend.keys(store, tenant)
     assert not any(":rsv:" in key or ":lease:" in key or ":ledger:" in key for key in keys), keys
     assert (await reserve(store, p)).allowed
+
+
+async def test_the_ledger_charges_as_the_budgets_do_so_a_dead_gateways_work_stays_at_its_estimate(
+    backend: Backend,
+) -> None:
+    """The ledger takes an admitted request's estimate at reserve and its actual cost at settle,
+    like the budgets. A gateway killed before settling leaves its request at the estimate in
+    both, after its reservation record has expired too: the two always agree."""
+    store, tenant = await backend.store(), new_tenant()
+    p = plan(tenant, tenant_settings({"tokens_per_day": 100_000, "usd_per_day": 100}))
+    settled, orphan = await reserve(store, p), await reserve(store, p)
+    assert settled.reservation is not None and orphan.reservation is not None
+    actual = Cost(images=1, image_out_tokens=700, nano_usd=28_000_000)
+    assert await store.settle(settled.reservation, actual, outcome="ok")
+
+    async def ledger_and_budgets() -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+        day = orphan.reservation.day
+        [row] = await store.ledger(day, day, tenant)
+        statuses = await store.limit_status(p)
+        return (row.requests, row.images, row.tokens, row.nano_usd), (
+            used(statuses, "tenant", "tokens_per_day"),
+            used(statuses, "tenant", "usd_per_day"),
+        )
+
+    in_flight = await ledger_and_budgets()
+    assert in_flight == ((2, 2, 700 + 1000, 68_000_000), (700 + 1000, 68_000_000))
+    # The orphan's gateway is gone: its record expires (here: is removed), nobody settles it.
+    record = orphan.reservation.id
+    record_key = next(key for key in await backend.keys(store, tenant) if key.endswith(f":rsv:{record}"))
+    if backend.is_redis:
+        await backend.raw().delete(record_key)
+    else:
+        store.engine._delete(record_key)  # type: ignore[attr-defined]
+    assert await ledger_and_budgets() == in_flight
+    # A settle that does come late (a request longer than its record) still replaces it once.
+    assert await store.settle(orphan.reservation, actual, outcome="ok")
+    assert await ledger_and_budgets() == ((2, 2, 1400, 56_000_000), (1400, 56_000_000))

@@ -19,18 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from tests.support.config import TENANT_KEY, config_dict
-from tests.support.processes import GatewayProcess, free_port
+from tests.support.held_upstreams import HeldUpstream
+from tests.support.processes import GatewayProcess
 
 LOW = {"model": "gpt-image-1.5", "prompt": "a lighthouse at dusk", "size": "1024x1024", "quality": "low"}
-USAGE = {
-    "input_tokens": 5,
-    "input_tokens_details": {"text_tokens": 5, "image_tokens": 0},
-    "output_tokens": 272,
-    "total_tokens": 277,
-}
 
 
 @dataclass
@@ -48,41 +42,6 @@ class BurstResult:
     def p99_decision(self) -> float:
         ordered = sorted(self.decided)
         return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else 0.0
-
-
-class HeldUpstream:
-    """An image API on a free port (in this process) that answers nothing until `release()`."""
-
-    def __init__(self) -> None:
-        self.holding = 0
-        self._release = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/images/generations", self._generate)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        self.port = free_port()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def _generate(self, request: web.Request) -> web.Response:
-        await request.read()
-        self.holding += 1
-        await self._release.wait()
-        return web.json_response({"created": 1, "data": [{"b64_json": "AA=="}], "usage": USAGE})
-
-    def release(self) -> None:
-        self._release.set()
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
 
 def gateway_config(upstream_url: str, redis_url: str, limits: dict[str, Any], **store: Any) -> dict[str, Any]:

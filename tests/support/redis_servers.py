@@ -62,6 +62,9 @@ class RedisServer:
         self.directory = directory
         self.cluster = cluster
         self.port = port or free_port(cluster_bus=cluster)
+        # A port picked here may be taken by someone else before redis-server binds it (tests
+        # running in parallel): until the first start succeeds, another one is picked.
+        self._may_move = port is None
         self.process: subprocess.Popen[bytes] | None = None
         directory.mkdir(parents=True, exist_ok=True)
 
@@ -97,18 +100,27 @@ class RedisServer:
         return argv
 
     def start(self) -> RedisServer:
-        log = (self.directory / f"redis-{self.port}.log").open("ab")
-        self.process = subprocess.Popen(self._argv(), stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server on port {self.port} exited; see {self.directory}")
-            with contextlib.suppress(OSError):
-                if _command(self.port, "PING").startswith(b"+PONG"):
-                    return self
-            time.sleep(0.02)
-        raise RuntimeError(f"redis-server on port {self.port} did not answer within {_START_TIMEOUT}s")
+        for _ in range(5):
+            log_path = self.directory / f"redis-{self.port}.log"
+            with log_path.open("ab") as log:
+                self.process = subprocess.Popen(self._argv(), stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + _START_TIMEOUT
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    break
+                with contextlib.suppress(OSError):
+                    if _command(self.port, "PING").startswith(b"+PONG"):
+                        self._may_move = False
+                        return self
+                time.sleep(0.02)
+            else:
+                raise RuntimeError(
+                    f"redis-server on port {self.port} did not answer within {_START_TIMEOUT}s"
+                )
+            if not (self._may_move and b"Address already in use" in log_path.read_bytes()):
+                break
+            self.port = free_port(cluster_bus=self.cluster)
+        raise RuntimeError(f"redis-server on port {self.port} exited; see {self.directory}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -33,8 +33,9 @@ class ScriptedUpstream:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=256 * 2**20)  # large uploads (edits)
         app.router.add_post("/v1/images/generations", self.handle)
+        app.router.add_post("/v1/images/edits", self.handle)
         return app
 
     async def handle(self, request: web.Request) -> web.StreamResponse:

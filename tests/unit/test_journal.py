@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.limits.calls import compile_settle
+from gateway.limits.calls import Check, compile_settle
 from gateway.limits.journal import Journal, JournalError
+from gateway.limits.kinds import KIND_BY_NAME
 from gateway.limits.store import Reservation
 from gateway.settings import ConfigError, StoreSettings, parse_settings
 from policies.cost import Cost
@@ -22,8 +23,18 @@ def reservation(rid: str) -> Reservation:
 
 
 def settle(rid: str) -> object:
+    """A call with every field set, so that one the journal did not carry would show."""
+    check = Check("tenant", KIND_BY_NAME["usd_per_day"], "igw:{team}:k", 50, 8_804_000, 86400, 7, 8, True)
     return compile_settle(
-        "team", rid, date(2026, 12, 6), (), actual=COST, ledger=[("requests:m", 1)], settings=StoreSettings()
+        "team",
+        rid,
+        date(2026, 12, 6),
+        (check,),
+        actual=COST,
+        ledger=[("requests:m", 1)],
+        settings=StoreSettings(),
+        degraded=True,
+        unledger=[("requests:m", 1), ("nano_usd:m", 9_000_000)],
     )
 
 

@@ -54,8 +54,9 @@ async def test_day_and_month_windows_roll_over_at_utc_midnight() -> None:
     statuses = await store.limit_status(PLAN)
     assert _used(statuses, "tokens_per_day") == 1000
     assert _used(statuses, "usd_per_month") == 40_000_000
-    [march] = await store.ledger(date(2026, 3, 31), date(2026, 4, 1))
+    [march, april] = await store.ledger(date(2026, 3, 31), date(2026, 4, 1))
     assert (march.day, march.tokens, march.rejected_quota) == (date(2026, 3, 31), 200, 1)
+    assert (april.day, april.requests, april.tokens) == (date(2026, 4, 1), 1, 1000)  # in flight: its estimate
 
 
 async def test_a_gateway_clock_on_another_day_defers_to_the_store_clock() -> None:

@@ -202,7 +202,9 @@ async def test_models_and_unknown_routes(aiohttp_client: MakeClient, flavor: str
     resp = await client.get("/v1/models", headers=AUTH)
     assert resp.status == 200
     assert [m["id"] for m in (await resp.json())["data"]] == ids
-    for method, path in [("GET", "/v1/nothing"), ("GET", PATH), ("POST", "/v1/images/edits")]:
+    # DigitalOcean's image API has generations only: no edits, no variations
+    no_edits = [("POST", "/v1/images/edits"), ("POST", "/v1/images/variations")] if flavor != "openai" else []
+    for method, path in [("GET", "/v1/nothing"), ("GET", PATH), *no_edits]:
         resp = await client.request(method, path, headers=AUTH)
         assert resp.status == 404 and resp.content_type == "application/json"
         answer = await resp.json()
@@ -633,3 +635,81 @@ async def test_run_mock_upstream_serves_until_cancelled() -> None:
     async with aiohttp.ClientSession() as session:
         with pytest.raises(aiohttp.ClientConnectionError):
             await session.get(url)
+
+
+# --- edits and variations -------------------------------------------------------------------------
+
+
+def _png(width: int, height: int, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def _form(fields: dict[str, str], files: list[tuple[str, bytes]]) -> aiohttp.FormData:
+    form = aiohttp.FormData(default_to_multipart=True)
+    for name, value in fields.items():
+        form.add_field(name, value)
+    for name, data in files:
+        form.add_field(name, data, filename="f.png", content_type="image/png")
+    return form
+
+
+EDIT = {"model": "gpt-image-1.5", "prompt": "a hat"}
+EDIT_REFUSED: list[tuple[dict[str, str], list[tuple[str, bytes]], str]] = [
+    ({**EDIT, "moderation": "low"}, [("image", _png(64, 64))], "moderation"),
+    (
+        {**EDIT, "model": "gpt-image-1-mini", "input_fidelity": "high"},
+        [("image", _png(64, 64))],
+        "input_fidelity",
+    ),
+    ({**EDIT, "model": "gpt-image-2", "input_fidelity": "low"}, [("image", _png(64, 64))], "input_fidelity"),
+    (EDIT, [], "image"),
+    (EDIT, [("image[]", _png(64, 64))] * 17, "image"),
+    (EDIT, [("image", b"not an image")], "image"),
+    (EDIT, [("image", _png(64, 64, "GIF"))], "image"),
+    (EDIT, [("image", _png(64, 64)), ("mask", _png(32, 32))], "mask"),
+    (EDIT, [("image", _png(64, 64)), ("mask", _png(64, 64, "JPEG"))], "mask"),
+]
+
+
+@pytest.mark.parametrize(("fields", "files", "param"), EDIT_REFUSED)
+async def test_edits_are_validated_as_the_api_reference_says(
+    aiohttp_client: MakeClient, fields: dict[str, str], files: list[tuple[str, bytes]], param: str
+) -> None:
+    client = await mock(aiohttp_client)
+    resp = await client.post("/v1/images/edits", data=_form(fields, files), headers=AUTH)
+    assert resp.status == 400
+    assert (await resp.json())["error"]["param"] == param
+
+
+async def test_an_edit_bills_its_input_images_and_streams_image_edit_events(
+    aiohttp_client: MakeClient,
+) -> None:
+    client = await mock(aiohttp_client)
+    fields = {**EDIT, "quality": "low", "input_fidelity": "high", "stream": "true", "partial_images": "1"}
+    files = [("image[]", _png(1024, 1024)), ("image[]", _png(1536, 1024))]
+    resp = await client.post("/v1/images/edits", data=_form(fields, files), headers=AUTH)
+    assert resp.status == 200
+    text = (await resp.read()).decode()
+    assert (
+        text.count("event: image_edit.partial_image") == 1 and text.count("event: image_edit.completed") == 1
+    )
+    assert '"image_tokens":' + str(194 + 323 + 4160) in text  # two tiles' worth for 1536x1024 (768x512)
+
+
+async def test_variations_need_dall_e_2(aiohttp_client: MakeClient) -> None:
+    retired = await mock(aiohttp_client)
+    resp = await retired.post(
+        "/v1/images/variations", data=_form({}, [("image", _png(64, 64))]), headers=AUTH
+    )
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "model_not_found"
+    legacy = await mock(aiohttp_client, serve_dall_e_2=True)
+    fields = {"n": "2", "size": "256x256", "response_format": "url"}
+    resp = await legacy.post(
+        "/v1/images/variations", data=_form(fields, [("image", _png(64, 64))]), headers=AUTH
+    )
+    assert resp.status == 200
+    assert [set(item) for item in (await resp.json())["data"]] == [{"url"}, {"url"}]
+    resp = await legacy.post("/v1/images/variations", data=_form({}, [("image", _png(64, 32))]), headers=AUTH)
+    assert resp.status == 400 and (await resp.json())["error"]["param"] == "image"

@@ -128,6 +128,19 @@ def test_secrets_are_not_printed() -> None:
             BASE + "admin:\n  token: ${ADMIN_TOKEN}\n",
             "admin.token: environment variable ADMIN_TOKEN is not set",
         ),
+        (
+            BASE + "server: {upload_dir: /nonexistent/spool}\n",
+            "server.upload_dir: '/nonexistent/spool' is not",
+        ),
+        (BASE + "server: {max_upload_bytes: 0}\n", "server.max_upload_bytes: Input should be greater than 0"),
+        (
+            BASE.replace('"http://127.0.0.1:1/v1"}', '"http://127.0.0.1:1/v1", operations: [paint]}'),
+            "upstreams.openai.operations.0: Input should be 'generate', 'edit' or 'variation'",
+        ),
+        (
+            BASE.replace("{default_model: gpt-image-1.5}", "{operations: [sketch]}"),
+            "policies.p.operations.0: Input should be 'generate', 'edit' or 'variation'",
+        ),
     ],
 )
 def test_each_failure_mode_has_a_clear_message(text: str, expected: str) -> None:

@@ -23,6 +23,7 @@ ARGV[8]    smooth limiter window, µs
 ARGV[9]    the checks, six space-separated words each: mechanism (rate|day|month|lease), limit,
            cost, period end µs, counter EXPIREAT, shadow (1: this limit alone is dark-launched: a
            refusal of it is reported and counted, never rejects) (one string: far cheaper to send)
+ARGV[10..] pairs of ledger field, increment: the estimate, charged to the ledger with the budgets
 
 Reply, one string of space-separated integers (cheaper to parse than a 50-element array):
 status, now µs, then five per check: code, used, reset µs, wait µs, more µs.
@@ -155,6 +156,10 @@ if charge then
     end
   end
   redis.call('SET', KEYS[1], table.concat(amounts, ' '), 'PX', ARGV[5])
+  for i = 10, #ARGV, 2 do
+    redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
+  end
+  if #ARGV >= 10 then redis.call('EXPIREAT', KEYS[3], ARGV[6]) end
   if refused or shadowed then count('shadow_rejected') end
 end
 

@@ -21,7 +21,11 @@ ARGV[5]    the checks, five space-separated words each: mechanism (rate|day|mont
            estimate, actual, counter EXPIREAT
 ARGV[6]    1 for a degraded reservation (admitted while the store was unreachable): without a record
            (its reserve never ran) the per-minute limits are left alone, that minute is over
-ARGV[7..]  pairs of ledger field, increment
+ARGV[7]    1: take the estimate out of the ledger only if the record is here (the reserve may never
+           have run: a degraded reservation, a release); 0: always (the reserve ran)
+ARGV[8]    N, the number of ledger pairs that follow for the actual cost
+ARGV[9..]  N pairs of ledger field, increment (the actual cost), then pairs of ledger field, amount
+           (the estimate the reserve charged to the ledger, taken back)
 
 Reply: 1 settled from the record, 2 settled from the caller's copy, 0 already settled
 ]]
@@ -86,8 +90,17 @@ for i = 1, #KEYS - 3 do
   end
 end
 
-for i = 7, #ARGV, 2 do
+local actual_end = 8 + 2 * tonumber(ARGV[8])
+for i = 9, actual_end, 2 do
   redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
+end
+if record or ARGV[7] == '0' then
+  for i = actual_end + 1, #ARGV, 2 do
+    -- A counter back at zero goes (a release leaves no trace, as before it was charged).
+    if redis.call('HINCRBY', KEYS[3], ARGV[i], '-' .. ARGV[i + 1]) == 0 then
+      redis.call('HDEL', KEYS[3], ARGV[i])
+    end
+  end
 end
 redis.call('EXPIREAT', KEYS[3], ARGV[3])
 redis.call('DEL', KEYS[1])

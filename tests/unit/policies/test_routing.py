@@ -211,3 +211,36 @@ def test_explain_shadow_mode_and_errors() -> None:
     junk: Any
     for junk in (None, [], "x", {"prompt": ["x" * 500]}):
         assert explain(settings(), "team", junk)["status"] == 400
+
+
+def test_explain_takes_an_edit_with_its_files() -> None:
+    request = {
+        "operation": "edit",
+        "body": {"model": "gpt-image-1.5", "prompt": "a kite", "quality": "low", "size": "1024x1024"},
+        "files": [
+            {
+                "field": "image[]",
+                "filename": "a.png",
+                "format": "png",
+                "width": 1024,
+                "height": 1024,
+                "bytes": 9,
+            },
+            {
+                "field": "mask",
+                "filename": "m.png",
+                "format": "png",
+                "width": 1024,
+                "height": 1024,
+                "bytes": 9,
+            },
+        ],
+    }
+    result = explain(settings(), "team", request)
+    assert result["allowed"] and result["operation"] == "edit"
+    assert [f["field"] for f in result["files"]] == ["image[]", "mask"]
+    assert result["estimate"]["tokens"]["image_in"] == 2 * 194  # the image and the mask, one tile each
+    assert "files:" in render(result) and "operation: edit" in render(result)
+    mismatched = {**request, "files": [request["files"][0], {**request["files"][1], "width": 512}]}
+    refused = explain(settings(), "team", mismatched)
+    assert (refused["status"], refused["error"]["param"]) == (400, "mask")

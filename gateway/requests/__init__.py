@@ -1,0 +1,1 @@
+"""What the client sent, as one request model: JSON generations, multipart edits and variations."""

@@ -1,0 +1,232 @@
+"""Reading a multipart/form-data request (edits, variations) as it streams in, into an `Upload`.
+
+A small streaming parser over the request body (RFC 7578 / RFC 2046): each file part goes to its
+spooled file as the bytes arrive (`gateway.requests.uploads`), never whole in memory; text fields
+are kept with their raw bytes. Only the delimiter is searched for, from where the last search
+stopped, so each byte is looked at about once (aiohttp's own reader copies its window and
+re-parses Content-Disposition with fresh regular expressions on every call: several ms per MB).
+
+The whole request is bounded by `server.max_upload_bytes`, counted as the bytes arrive: 413 the
+moment the limit is passed (a declared Content-Length over it is refused before reading anything).
+Fields may come before or after the files; nothing is decided until the last part is read. Every
+malformed body is an OpenAI-style 400 (415 for another content type), and the spooled files are
+closed on every path, including a client that leaves mid-upload.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import unquote
+
+from aiohttp import StreamReader, hdrs, web
+
+from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from gateway.requests.uploads import FilePart, TextPart, Upload, close_quietly, part_headers
+
+IMAGE_FIELDS = ("image", "image[]")
+MASK_FIELD = "mask"
+TEXT_FIELD_BYTES = 256 * 1024  # a 32,000-character prompt is at most 128,000 bytes of UTF-8
+HEAD_BYTES = 16 * 1024  # the headers of one part
+PREAMBLE_BYTES = 64 * 1024  # what may come before the first delimiter
+_INT_FIELDS = frozenset({"n", "partial_images", "output_compression"})
+_BOOL_FIELDS = frozenset({"stream"})
+_BOOLS = {"true": True, "false": False}
+_INTEGER = re.compile(r"-?[0-9]{1,9}")
+_BOUNDARY = re.compile(r';\s*boundary\s*=\s*(?:"([^"]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
+_PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
+
+
+def _malformed(why: str) -> InvalidRequest:
+    return InvalidRequest(f"The multipart body is malformed: {why}.", code="invalid_multipart")
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The upload is larger than the gateway's limit of {limit} bytes.")
+
+
+async def read_multipart(request: web.Request, limit: int, spool_dir: str | None = None) -> Upload:
+    """Every part of the request, files spooled; raises an OpenAI-style 4xx for a bad body."""
+    content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
+    if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":
+        raise UnsupportedMediaType(
+            f"Content-Type must be multipart/form-data, got {content_type or 'none'!r}.",
+            code="invalid_content_type",
+        )
+    found = _BOUNDARY.search(content_type)
+    if found is None:
+        raise _malformed("Content-Type has no boundary")
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    upload = Upload()
+    try:
+        boundary = (found[1] or found[2]).encode()
+        await _Parser(request.content, limit, boundary, upload, spool_dir).run()
+    except BaseException:  # a 4xx, or the client left (connection reset, cancelled)
+        close_quietly(upload)
+        raise
+    return upload
+
+
+class _Parser:
+    """One pass over the body: preamble, then (headers, content) per part, until the close delimiter."""
+
+    def __init__(
+        self, content: StreamReader, limit: int, boundary: bytes, upload: Upload, spool_dir: str | None = None
+    ) -> None:
+        self.content = content
+        self.spool_dir = spool_dir
+        self.limit = limit
+        self.received = 0
+        self.buffer = bytearray()
+        self.delimiter = b"\r\n--" + boundary
+        self.upload = upload
+
+    async def fill(self) -> None:
+        """Read what has arrived; 400 at the end of the body (every caller still needs bytes)."""
+        chunk = await self.content.readany()
+        if not chunk:
+            raise _malformed("the body ended before the closing boundary")
+        self.received += len(chunk)
+        if self.received > self.limit:
+            raise _too_large(self.limit)
+        self.buffer += chunk
+
+    async def run(self) -> None:
+        # The first delimiter may open the body, without the CRLF the others have.
+        self.buffer += b"\r\n"
+        start = await self.find(self.delimiter, PREAMBLE_BYTES, "no opening boundary")
+        del self.buffer[: start + len(self.delimiter)]
+        while await self.after_delimiter():
+            self.upload.parts.append(await self.part())
+        if not self.upload.parts:
+            raise _malformed("no parts")
+
+    async def find(self, needle: bytes, most: int, why: str) -> int:
+        position = 0
+        while (found := self.buffer.find(needle, position)) < 0:
+            if len(self.buffer) > most:
+                raise _malformed(why)
+            position = max(0, len(self.buffer) - len(needle) + 1)
+            await self.fill()
+        return found
+
+    async def after_delimiter(self) -> bool:
+        """After a delimiter: False for the close delimiter (`--`), True when a part follows."""
+        while len(self.buffer) < 2:
+            await self.fill()
+        if self.buffer[:2] == b"--":
+            return False
+        end = await self.find(b"\r\n", 1024, "a boundary line does not end")
+        if self.buffer[:end].strip(b" \t"):  # only transport padding may follow a delimiter
+            raise _malformed("a boundary is followed by other text")
+        del self.buffer[: end + 2]
+        return True
+
+    async def part(self) -> TextPart | FilePart:
+        while len(self.buffer) < 2:
+            await self.fill()
+        if self.buffer[:2] == b"\r\n":
+            head_end, headers = 0, {}  # a part without headers
+        else:
+            head_end = await self.find(b"\r\n\r\n", HEAD_BYTES, "a part's headers are too long") + 2
+            headers = _headers(bytes(self.buffer[:head_end]))
+        del self.buffer[: head_end + 2]
+        params = _disposition(headers.get("content-disposition", ""))
+        name = params.get("name")
+        if not name:
+            raise _malformed("a part has no name in its Content-Disposition")
+        kept = part_headers(headers)
+        if "filename" in params:
+            file = FilePart(name, params["filename"], headers.get("content-type", ""), kept, self.spool_dir)
+            try:
+                await self.content_into(file.write, None)
+            except BaseException:
+                file.close()
+                raise
+            if name == MASK_FIELD and any(p.name == MASK_FIELD for p in self.upload.files):
+                file.close()
+                raise _duplicate(name)
+            return file
+        if any(p.name == name for p in self.upload.parts if isinstance(p, TextPart)):
+            raise _duplicate(name)
+        pieces: list[bytes] = []
+        await self.content_into(lambda view: pieces.append(bytes(view)), name)
+        raw = b"".join(pieces)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequest(f"The field {name!r} is not valid UTF-8.", param=name) from None
+        return TextPart(name, raw, _typed(name, text), kept)
+
+    async def content_into(self, sink: Any, text_field: str | None) -> None:
+        """Pass the part's content to `sink` up to the next delimiter, as it arrives."""
+        delimiter, keep = self.delimiter, len(self.delimiter) - 1
+        size, position = 0, 0
+        while (found := self.buffer.find(delimiter, position)) < 0:
+            ready = len(self.buffer) - keep  # the tail may be the start of the delimiter
+            if ready > 0:
+                size += ready
+                if text_field is not None and size > TEXT_FIELD_BYTES:
+                    message = f"The field {text_field!r} is longer than {TEXT_FIELD_BYTES} bytes."
+                    raise InvalidRequest(message, param=text_field)
+                with memoryview(self.buffer) as view:
+                    sink(view[:ready])  # no copy: a file writes it at once, a text field copies it
+                del self.buffer[:ready]
+            position = 0
+            await self.fill()
+        if text_field is not None and size + found > TEXT_FIELD_BYTES:
+            message = f"The field {text_field!r} is longer than {TEXT_FIELD_BYTES} bytes."
+            raise InvalidRequest(message, param=text_field)
+        if found:
+            with memoryview(self.buffer) as view:
+                sink(view[:found])
+        del self.buffer[: found + len(delimiter)]
+
+
+def _headers(block: bytes) -> dict[str, str]:
+    """A part's headers, names lower-cased; values kept as sent (surrogate-escaped non-UTF-8)."""
+    headers = {}
+    for line in block.decode("utf-8", "surrogateescape").split("\r\n"):
+        if not line:
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip():
+            raise _malformed("a part has a header line without a name")
+        headers[name.strip().lower()] = value.strip()
+    return headers
+
+
+def _disposition(header: str) -> dict[str, str]:
+    """`form-data; name="x"; filename="a.png"` as {name, filename}; `filename*` (RFC 5987) wins."""
+    kind, _, rest = header.partition(";")
+    if kind.strip().lower() != "form-data":
+        return {}
+    params: dict[str, str] = {}
+    for raw_key, raw_value in _PARAM.findall(";" + rest):
+        key = raw_key.lower()
+        value = re.sub(r"\\(.)", r"\1", raw_value[1:-1]) if raw_value.startswith('"') else raw_value
+        if key.endswith("*"):
+            charset, _, encoded = value.partition("'")
+            key, value = key[:-1], unquote(encoded.partition("'")[2], charset or "utf-8", "replace")
+        elif key in params:
+            continue  # a filename* seen earlier wins over a plain filename
+        params[key] = value.strip() if key == "name" else value
+    return params
+
+
+def _duplicate(name: str) -> InvalidRequest:
+    message = f"The field {name!r} is sent more than once."
+    return InvalidRequest(message, param=name, code="duplicate_parameter")
+
+
+def _typed(name: str, text: str) -> Any:
+    """A form value as the policy reads it: integers and booleans where the API has them (a value
+    that is not one stays a string, which the capability checks refuse), an empty value as null."""
+    if text == "":
+        return None
+    if name in _INT_FIELDS and _INTEGER.fullmatch(text):
+        return int(text)
+    if name in _BOOL_FIELDS and text.lower() in _BOOLS:
+        return _BOOLS[text.lower()]
+    return text

@@ -1,0 +1,179 @@
+"""An upload's parts, spooled, and the multipart body that carries them to the upstream.
+
+Owns the parts of a multipart request as received (text fields with their raw bytes, files in
+SpooledTemporaryFiles: in memory up to `SPOOL_BYTES` each, then an anonymous temporary file that
+the system deletes when it is closed, whatever happens), what a file's header says it is (format
+and dimensions via Pillow, which reads the header without decoding pixels), and `UploadBody`: the
+multipart body for the upstream, built from the decided fields and streamed from the spooled files.
+The body can be sent more than once (each send rewinds the files), so a retry to another target
+sends the same bytes. Files go out byte-identical, in their order, under their own
+Content-Disposition and Content-Type; text fields the policy did not change go out as received.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import InitVar, dataclass, field
+from tempfile import SpooledTemporaryFile
+from typing import IO, Any
+
+from PIL import Image
+
+from policies.uploads import InputImage
+
+SPOOL_BYTES = 256 * 1024  # per file part: beyond this it goes to a temporary file
+CHUNK_BYTES = 256 * 1024  # read and sent in pieces of this size
+# the formats Pillow may try (no other plugin ever looks at an upload), and their names for the policy
+_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+
+
+@dataclass(slots=True)
+class TextPart:
+    name: str
+    raw: bytes  # the value as received
+    value: Any  # as the policy reads it (typed: ints, booleans; None for an empty value)
+    headers: list[tuple[str, str]]
+
+
+@dataclass(slots=True)
+class FilePart:
+    name: str
+    filename: str
+    content_type: str
+    headers: list[tuple[str, str]]
+    directory: InitVar[str | None] = None  # where it spools beyond SPOOL_BYTES (None: the system's)
+    file: SpooledTemporaryFile[bytes] = field(init=False)
+    size: int = 0
+
+    def __post_init__(self, directory: str | None) -> None:
+        # closed by close(): on every path of the request that owns it
+        self.file = SpooledTemporaryFile(SPOOL_BYTES, dir=directory)  # noqa: SIM115
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        self.file.write(chunk)
+        self.size += len(chunk)
+
+    def describe(self) -> InputImage:
+        """What the file is, from its header; `format` None when Pillow cannot identify it."""
+        self.file.seek(0)
+        try:
+            with warnings.catch_warnings():  # only the header is read: a huge size is no bomb here
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(_Unclosable(self.file), formats=tuple(_FORMATS)) as image:
+                    kind = _FORMATS.get(str(image.format), str(image.format).lower())
+                    width, height = image.size
+        except Exception:  # whatever a crafted header makes Pillow raise: it is no image we can read
+            return InputImage(self.name, self.filename, self.content_type, None, 0, 0, self.size)
+        return InputImage(self.name, self.filename, self.content_type, kind, width, height, self.size)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _Unclosable:
+    """A view of a spooled file that Pillow may close without closing the file itself."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:  # readline and the like, for the plugins that use them
+        return getattr(self._file, name)
+
+
+@dataclass(slots=True)
+class Upload:
+    """Every part of one multipart request, in the order received; close() frees the spooled files."""
+
+    parts: list[TextPart | FilePart] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[FilePart]:
+        return [p for p in self.parts if isinstance(p, FilePart)]
+
+    def close(self) -> None:
+        for part in self.files:
+            part.close()
+
+    def body(self, fields: Mapping[str, Any]) -> UploadBody:
+        """The multipart body for the upstream: `fields` (the decided body) and the files."""
+        boundary = f"gateway-{uuid.uuid4().hex}"
+        pieces: list[bytes | FilePart] = []
+        sent: set[str] = set()
+        for part in self.parts:
+            if isinstance(part, FilePart):
+                pieces += [_head(boundary, part.headers), part, b"\r\n"]
+                continue
+            if part.name not in fields or (fields[part.name] is None and part.value is not None):
+                continue  # removed by the policy (a dropped null is not sent)
+            value = fields[part.name]
+            raw = part.raw if value == part.value and type(value) is type(part.value) else _text(value)
+            pieces += [_head(boundary, part.headers) + raw + b"\r\n"]
+            sent.add(part.name)
+        for name, value in fields.items():
+            if name not in sent and value is not None:
+                disposition = f'form-data; name="{name}"'
+                pieces.append(
+                    _head(boundary, [("Content-Disposition", disposition)]) + _text(value) + b"\r\n"
+                )
+        pieces.append(b"--" + boundary.encode() + b"--\r\n")
+        return UploadBody(f"multipart/form-data; boundary={boundary}", pieces)
+
+
+@dataclass(frozen=True, slots=True)
+class UploadBody:
+    """A multipart body that can be streamed any number of times; `length` is known in advance."""
+
+    content_type: str
+    pieces: list[bytes | FilePart]
+
+    @property
+    def length(self) -> int:
+        return sum(len(p) if isinstance(p, bytes) else p.size for p in self.pieces)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for piece in self.pieces:
+            if isinstance(piece, bytes):
+                yield piece
+                continue
+            piece.file.seek(0)
+            while chunk := piece.file.read(CHUNK_BYTES):
+                yield chunk
+
+
+def _head(boundary: str, headers: list[tuple[str, str]]) -> bytes:
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    return f"--{boundary}\r\n{lines}\r\n".encode("utf-8", "surrogateescape")
+
+
+def _text(value: Any) -> bytes:
+    if value is True or value is False:
+        return b"true" if value else b"false"
+    return str(value).encode()
+
+
+def part_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The headers of a part worth forwarding (`headers` keyed in lower case): its
+    Content-Disposition and Content-Type, their values as sent."""
+    names = (("Content-Disposition", "content-disposition"), ("Content-Type", "content-type"))
+    return [(name, headers[key]) for name, key in names if key in headers]
+
+
+def close_quietly(upload: Upload | None) -> None:
+    if upload is not None:
+        with contextlib.suppress(OSError):
+            upload.close()

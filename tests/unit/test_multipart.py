@@ -1,0 +1,101 @@
+"""The streaming multipart parser: parts byte for byte whatever the read sizes, and clear 400s/413s."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.errors import InvalidRequest, PayloadTooLarge
+from gateway.requests.multipart import _Parser
+from gateway.requests.uploads import FilePart, TextPart, Upload
+
+
+class Pieces:
+    """A request body arriving in pieces of `size` bytes."""
+
+    def __init__(self, body: bytes, size: int) -> None:
+        self.pieces = [body[i : i + size] for i in range(0, len(body), size)]
+
+    async def readany(self) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
+
+
+async def parse(body: bytes, size: int = 7, limit: int = 10**9, boundary: bytes = b"XyZ") -> Upload:
+    upload = Upload()
+    await _Parser(Pieces(body, size), limit, boundary, upload).run()  # type: ignore[arg-type]
+    return upload
+
+
+def summary(upload: Upload) -> list[Any]:
+    out: list[Any] = []
+    for part in upload.parts:
+        if isinstance(part, FilePart):
+            part.file.seek(0)
+            out.append((part.name, part.filename, part.content_type, part.file.read()))
+        else:
+            assert isinstance(part, TextPart)
+            out.append((part.name, part.raw, part.value))
+    return out
+
+
+BODY = (
+    b"preamble to ignore\r\n"
+    b"--XyZ\r\n"
+    b'Content-Disposition: form-data; name="n"\r\n\r\n'
+    b"2\r\n"
+    b"--XyZ  \r\n"  # transport padding
+    b'Content-Disposition: form-data; name="image[]"; filename="a \\"b\\".png"\r\n'
+    b"Content-Type: image/png\r\n\r\n"
+    b"\x89PNG\r\n--XyNotTheBoundary\r\n\r\n"
+    b"\r\n--XyZ\r\n"
+    b'Content-Disposition: form-data; name="image[]"; filename="x"; filename*=UTF-8\'\'%E2%82%AC.png\r\n\r\n'
+    b"\r\n"
+    b"--XyZ\r\n"
+    b'Content-Disposition: form-data; name="stream"\r\n\r\n'
+    b"true\r\n"
+    b"--XyZ--\r\nepilogue"
+)
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 7, 64, 100_000])
+async def test_parts_come_out_byte_for_byte_whatever_the_read_sizes(size: int) -> None:
+    upload = await parse(BODY, size)
+    assert summary(upload) == [
+        ("n", b"2", 2),
+        ("image[]", 'a "b".png', "image/png", b"\x89PNG\r\n--XyNotTheBoundary\r\n\r\n"),
+        ("image[]", "\u20ac.png", "", b""),
+        ("stream", b"true", True),
+    ]
+    upload.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (BODY[:-20], "ended"),
+        (b"no boundary anywhere", "ended"),
+        (b"--XyZ\r\nContent-Disposition: form-data\r\n\r\nx\r\n--XyZ--", "no name"),
+        (b"--XyZ\r\nContent-Disposition: attachment; name=a\r\n\r\nx\r\n--XyZ--", "no name"),
+        (b"--XyZ\r\nno colon here\r\n\r\nx\r\n--XyZ--", "without a name"),
+        (b"--XyZ garbage\r\n\r\nx\r\n--XyZ--", "other text"),
+        (b"--XyZ--\r\n", "no parts"),
+    ],
+)
+async def test_malformed_bodies_are_400(body: bytes, why: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        await parse(body)
+    assert why in caught.value.message and caught.value.error_code == "invalid_multipart"
+
+
+async def test_a_body_over_the_limit_is_413_once_it_passes() -> None:
+    big = b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="a"\r\n\r\n' + b"\0" * 5000
+    with pytest.raises(PayloadTooLarge):
+        await parse(big + b"\r\n--XyZ--", size=1000, limit=3000)
+
+
+async def test_a_text_field_is_bounded() -> None:
+    body = b'--XyZ\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n' + b"a" * 300_000 + b"\r\n--XyZ--"
+    with pytest.raises(InvalidRequest) as caught:
+        await parse(body, size=65536)
+    assert caught.value.param == "prompt"
