@@ -96,14 +96,13 @@ def banner(url: str, key: str) -> str:
 
         Python (the project's .venv has the openai package):
         .venv/bin/python - <<'PY'
-        import base64, os, tempfile
+        import base64
         from openai import OpenAI
         client = OpenAI(base_url="{url}/v1", api_key="{key}")
         img = client.images.generate(model="gpt-image-1.5", prompt="a lighthouse at dusk",
                                      size="1024x1024", quality="low")
-        path = os.path.join(tempfile.gettempdir(), "lighthouse.png")
-        open(path, "wb").write(base64.b64decode(img.data[0].b64_json))
-        print("saved", path, img.usage)
+        open("lighthouse.png", "wb").write(base64.b64decode(img.data[0].b64_json))
+        print("saved lighthouse.png", img.usage)
         PY
 
         Edit it (needs lighthouse.png from the Python example), with curl and with Python:

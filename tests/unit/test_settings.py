@@ -237,3 +237,20 @@ def test_the_models_a_tenant_may_use_are_routed_and_allowed_by_its_policy() -> N
     assert parse_settings(narrow, "s", {}).models_for("t") == ["gpt-image-2"]
     shadow = text.replace("p: {default_model: gpt-image-1.5}", "p: {models: [gpt-image-2], mode: shadow}")
     assert parse_settings(shadow, "s", {}).models_for("t") == ["gpt-image-1.5", "gpt-image-2"]  # refuses none
+
+
+def test_which_store_holds_the_limits_is_logged_at_start_the_memory_store_loudly() -> None:
+    from structlog.testing import capture_logs
+
+    from gateway.server import _log_store
+
+    memory = parse_settings(BASE, "s", {})
+    redis = parse_settings(BASE + "store: {backend: redis, url: 'redis://u:pw@r:1/0'}\n", "s", {})
+    with capture_logs() as logs:
+        _log_store(memory)
+        _log_store(redis)
+    assert [(line["event"], line["log_level"]) for line in logs] == [
+        ("store_in_memory", "warning"),
+        ("store_selected", "info"),
+    ]
+    assert logs[1]["url"] == "redis://u:***@r:1/0"
