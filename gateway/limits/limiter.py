@@ -172,6 +172,7 @@ class LimitStore:
                 reading.used,
                 max(0, check.limit - reading.used),
                 reading.reset_us / 1e6,
+                "shadow" if check.shadow else "enforce",
             )
             for check, reading in zip(call.checks, reply.readings, strict=True)
         ]
