@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from gateway import upstream
 from gateway.admin import create_admin_app
+from gateway.front.body import BodyBudget, BodyReader
+from gateway.front.connections import server_header
 from gateway.health import DRAINING, METRICS, RUNTIME, STORE, add_health_routes
 from gateway.limits import JournalError, Store, create_store
 from gateway.metrics import ConfigCollector, Metrics
@@ -28,6 +30,7 @@ from gateway.shutdown import IN_FLIGHT, SETTLEMENTS_LOST, track_handlers
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
 RELOADER = web.AppKey("reloader", Reloader)
+BODIES = web.AppKey("bodies", BodyReader)
 
 
 def create_app(
@@ -60,6 +63,8 @@ def create_app(
     app[RELOADER] = Reloader(
         holder, config_path, lambda runtime: metrics.initialise(runtime.settings), server_overrides
     )
+    app[BODIES] = BodyReader(BodyBudget(settings.server.max_buffered_body_bytes, metrics))
+    app.on_response_prepare.append(server_header)
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/v1/images/generations", generations)
     app.router.add_post("/v1/images/edits", edits)
@@ -95,7 +100,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     await store.start()
     sessions = upstream.Sessions()
-    app[PIPELINE] = Pipeline(app[RUNTIME], sessions, store, app[METRICS])
+    app[PIPELINE] = Pipeline(app[RUNTIME], sessions, store, app[METRICS], app[BODIES])
     try:
         yield
     finally:

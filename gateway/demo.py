@@ -24,6 +24,7 @@ DEMO_CONFIG = """
 server:
   host: 127.0.0.1
   port: {port}
+  ops_port: {ops_port}
   log_format: console
 upstreams:
   openai:
@@ -66,9 +67,10 @@ tenants:
 """
 
 
-def demo_settings(port: int, openai_url: str, do_url: str, key: str) -> Settings:
+def demo_settings(port: int, openai_url: str, do_url: str, key: str, ops_port: int = 0) -> Settings:
     text = DEMO_CONFIG.format(
         port=port,
+        ops_port=ops_port,
         openai_url=openai_url,
         do_url=do_url,
         upstream_key=DEMO_UPSTREAM_KEY,
@@ -77,7 +79,7 @@ def demo_settings(port: int, openai_url: str, do_url: str, key: str) -> Settings
     return parse_settings(text, "<demo>", environ={})
 
 
-def banner(url: str, key: str) -> str:
+def banner(url: str, key: str, ops_url: str) -> str:
     """Snippets start at column 0 so that they paste into a shell as printed."""
     return dedent(
         f"""
@@ -120,7 +122,7 @@ def banner(url: str, key: str) -> str:
         print("saved lighthouse-night.png", img.usage)
         PY
 
-        Metrics: {url}/metrics     Health: {url}/healthz
+        Metrics: {ops_url}/metrics     Health: {url}/healthz
         ================================================================
         """
     )
@@ -146,8 +148,12 @@ async def run_demo(port: int) -> None:
     openai_runner, openai_url = await _start_mock("openai")
     do_runner, do_url = await _start_mock("digitalocean")
     key = new_key()
-    settings = demo_settings(port, openai_url, do_url, key)
+    with socket.socket() as sock:  # the operations port: any free one, named in the banner
+        sock.bind(("127.0.0.1", 0))
+        ops_port = int(sock.getsockname()[1])
+    settings = demo_settings(port, openai_url, do_url, key, ops_port)
+    ops_url = f"http://127.0.0.1:{ops_port}"
     try:
-        await serve(settings, on_ready=lambda url: print(banner(url, key), flush=True))
+        await serve(settings, on_ready=lambda url: print(banner(url, key, ops_url), flush=True))
     finally:
         await asyncio.gather(openai_runner.cleanup(), do_runner.cleanup())

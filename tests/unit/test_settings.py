@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import ConfigError, load_settings, parse_settings
+from gateway.settings import ConfigError, KeySettings, load_settings, parse_settings
 
 HASH = "sha256:" + "a" * 64
 BASE = f"""
@@ -118,7 +118,15 @@ def test_secrets_are_not_printed() -> None:
         ),
         (
             BASE.replace("{default_model: gpt-image-1.5}", "{deny_prompt_patterns: ['(']}"),
-            "invalid regular expression",
+            "deny_prompt_patterns: pattern #0 '(': missing ): (",
+        ),
+        (
+            BASE.replace("{default_model: gpt-image-1.5}", "{deny_prompt_patterns: ['ok', '(a)\\1']}"),
+            "deny_prompt_patterns: pattern #1 '(a)\\1': invalid escape sequence: \\1 (patterns are RE2",
+        ),
+        (
+            BASE.replace("{default_model: gpt-image-1.5}", "{deny_prompt_patterns: ['(?!x)y']}"),
+            "pattern #0 '(?!x)y': invalid perl operator: (?!",
         ),
         (
             BASE + "server: {workers: 4}\n",
@@ -254,3 +262,14 @@ def test_which_store_holds_the_limits_is_logged_at_start_the_memory_store_loudly
         ("store_selected", "info"),
     ]
     assert logs[1]["url"] == "redis://u:***@r:1/0"
+
+
+def test_patterns_that_validate_input_match_the_whole_value() -> None:
+    from policies import sizes
+    from policies.rules import Policy
+
+    assert sizes.parse("1024x1024\n") is None and sizes.parse("1024x1024") == (1024, 1024)
+    with pytest.raises(ValueError, match="neither auto nor WIDTHxHEIGHT"):
+        Policy(sizes=["1024x1024\n"])
+    with pytest.raises(ValueError, match="sha256"):
+        KeySettings(hash="sha256:" + "a" * 64 + "\n")
