@@ -178,8 +178,9 @@ async def test_workers_reload_once_each_and_export_only_what_the_configuration_s
                 break
             await asyncio.sleep(0.1)
         before = await scrape()
-        config["tenants"]["team"]["limits"] = {"requests_per_minute": 100}  # usd_per_day removed
-        gateway.config_path.write_text(yaml.safe_dump(config))
+        written = yaml.safe_load(gateway.config_path.read_text())  # with the ports it was given
+        written["tenants"]["team"]["limits"] = {"requests_per_minute": 100}  # usd_per_day removed
+        gateway.config_path.write_text(yaml.safe_dump(written))
         async with aiohttp.ClientSession() as session:
             admin = {"Authorization": "Bearer admin-secret"}
             async with session.post(f"{gateway.url}/admin/reload", headers=admin) as resp:
