@@ -113,6 +113,7 @@ def _status_json(status: LimitStatus) -> dict[str, Any]:
         "remaining": amount(status.remaining),
         "reset_seconds": round(status.reset_seconds, 3),
         "reset": go_duration(round(status.reset_seconds * 1_000_000)),
+        "mode": status.mode,
     }
 
 

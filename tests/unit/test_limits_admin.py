@@ -32,7 +32,11 @@ def _settings(token: str = TOKEN) -> Settings:
                 "team": {
                     "policy": "open",
                     "keys": [{"hash": KEY, "name": "ops", "limits": {"requests_per_minute": 5}}],
-                    "limits": {"requests_per_minute": 60, "usd_per_day": 50, "concurrent_requests": 4},
+                    "limits": {
+                        "requests_per_minute": 60,
+                        "usd_per_day": {"value": 50, "mode": "shadow"},
+                        "concurrent_requests": 4,
+                    },
                 }
             },
         }
@@ -95,6 +99,7 @@ async def test_tenant_usage_shows_every_limit_of_the_tenant_and_its_keys(admin: 
     assert (rpm["value"], rpm["used"], rpm["remaining"], rpm["reset"]) == (60, 2, 58, "2s")
     usd = scopes["tenant"]["usd_per_day"]
     assert (usd["unit"], usd["value"], usd["used"]) == ("usd", 50.0, 0.3)
+    assert (usd["mode"], rpm["mode"]) == ("shadow", "enforce")  # a dark-launched limit says so
     assert scopes["tenant"]["concurrent_requests"]["used"] == 0
     assert scopes["key:ops"]["requests_per_minute"]["remaining"] == 3
 
