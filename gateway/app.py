@@ -23,6 +23,7 @@ from gateway.reload import Reloader
 from gateway.runtime import Runtime, RuntimeHolder
 from gateway.settings import Settings
 from gateway.shutdown import IN_FLIGHT, SETTLEMENTS_LOST, track_handlers
+from gateway.telemetry.activity import Activity
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
 RELOADER = web.AppKey("reloader", Reloader)
@@ -38,8 +39,9 @@ def create_app(
     """The gateway as an aiohttp Application; raises ConfigError for an unusable configuration."""
     holder = RuntimeHolder(Runtime.build(settings))
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    activity = Activity()
     app = web.Application(
-        middlewares=[track_handlers, create_request_middleware(metrics)],
+        middlewares=[track_handlers, create_request_middleware(metrics, activity)],
         client_max_size=settings.server.max_body_bytes,
         handler_args={"max_field_size": 16384},
     )
@@ -64,6 +66,7 @@ def create_app(
                 app[STORE],
                 lambda: holder.current.settings,
                 lambda: (reloader.reload_all().settings, reloader.needs_restart),
+                activity,
             ),
         )
     return app
