@@ -13,7 +13,8 @@
   to `to`. Without `tenant`, rows of every tenant found in the store, including tenants no
   longer configured (their usage is still billable).
 
-Every request needs `Authorization: Bearer <admin token>`,
+The usage page (`GET /admin/ui`, ui.py) is served without the token: it holds no data, and asks
+for the token to call the API. Every other request needs `Authorization: Bearer <admin token>`,
 compared in constant time with the token of the configuration in force (read per request, so a
 reload applies). Errors are `GatewayError`s, rendered by the main app's middleware, which the
 sub-app inherits.
@@ -32,6 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.admin.ui import add_ui_routes, is_public
 from gateway.auth import bearer_token
 from gateway.errors import AdminUnauthorized, InvalidRequest, NotFound
 from gateway.limits import LedgerRow, LimitPlan, LimitStatus, Store
@@ -72,6 +74,7 @@ def create_admin_app(
     app.router.add_get("/activity", activity_minutes)
     app.router.add_get("/usage", usage)
     app.router.add_post("/reload", reload_config)
+    add_ui_routes(app)
     return app
 
 
@@ -96,6 +99,8 @@ async def reload_config(request: web.Request) -> web.Response:
 
 @web.middleware
 async def _authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if is_public(request):
+        return await handler(request)
     expected = request.app[ADMIN].get_settings().admin.token.get_secret_value().encode()
     presented = (bearer_token(request.headers.get("Authorization")) or "").encode()
     # compare_digest on every path (even an empty token) so timing says nothing about the token.

@@ -191,3 +191,29 @@ async def test_activity_needs_the_token_and_answers_the_last_hour(admin: Any) ->
     assert len(body["minutes"]) == 60
     assert body["totals"] == dict.fromkeys(body["decisions"], 0)
     assert isinstance(body["pid"], int)
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "needle"),
+    [
+        ("/admin/ui", "text/html", b"<title>Image gateway usage</title>"),
+        ("/admin/ui/app.js", "text/javascript", b"sessionStorage"),
+        ("/admin/ui/style.css", "text/css", b"meter"),
+    ],
+)
+async def test_the_usage_page_is_served_without_the_token_under_a_strict_policy(
+    admin: Any, path: str, content_type: str, needle: bytes
+) -> None:
+    response = await admin.get(path)
+    assert response.status == 200
+    assert response.content_type == content_type
+    assert needle in await response.read()
+    csp = response.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Referrer-Policy"] == "no-referrer"
+
+
+async def test_only_the_pages_own_files_go_without_the_token(admin: Any) -> None:
+    for path in ("/admin/ui/other.js", "/admin/ui/../usage", "/admin/uix"):
+        assert (await admin.get(path)).status == 401
