@@ -2,12 +2,14 @@
 
 Starts two mock upstreams (OpenAI and DigitalOcean flavours) and the gateway with the memory
 store and one ready tenant, then prints the tenant's key and snippets that work as printed: a
-generation and an edit of its result, with curl and with the openai SDK.
+generation and an edit of its result, with curl and with the openai SDK; and the usage page's
+URL with the admin token to sign in with (both new every run).
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import socket
 from textwrap import dedent
 
@@ -25,6 +27,8 @@ server:
   host: 127.0.0.1
   port: {port}
   log_format: console
+admin:
+  token: "{admin_token}"
 upstreams:
   openai:
     base_url: {openai_url}
@@ -66,9 +70,10 @@ tenants:
 """
 
 
-def demo_settings(port: int, openai_url: str, do_url: str, key: str) -> Settings:
+def demo_settings(port: int, openai_url: str, do_url: str, key: str, admin_token: str) -> Settings:
     text = DEMO_CONFIG.format(
         port=port,
+        admin_token=admin_token,
         openai_url=openai_url,
         do_url=do_url,
         upstream_key=DEMO_UPSTREAM_KEY,
@@ -77,7 +82,7 @@ def demo_settings(port: int, openai_url: str, do_url: str, key: str) -> Settings
     return parse_settings(text, "<demo>", environ={})
 
 
-def banner(url: str, key: str) -> str:
+def banner(url: str, key: str, admin_token: str) -> str:
     """Snippets start at column 0 so that they paste into a shell as printed."""
     return dedent(
         f"""
@@ -120,6 +125,7 @@ def banner(url: str, key: str) -> str:
         print("saved lighthouse-night.png", img.usage)
         PY
 
+        Usage page: {url}/admin/ui    admin token: {admin_token}
         Metrics: {url}/metrics     Health: {url}/healthz
         ================================================================
         """
@@ -145,9 +151,9 @@ async def _start_mock(flavor: str) -> tuple[web.AppRunner, str]:
 async def run_demo(port: int) -> None:
     openai_runner, openai_url = await _start_mock("openai")
     do_runner, do_url = await _start_mock("digitalocean")
-    key = new_key()
-    settings = demo_settings(port, openai_url, do_url, key)
+    key, admin_token = new_key(), secrets.token_urlsafe(24)
+    settings = demo_settings(port, openai_url, do_url, key, admin_token)
     try:
-        await serve(settings, on_ready=lambda url: print(banner(url, key), flush=True))
+        await serve(settings, on_ready=lambda url: print(banner(url, key, admin_token), flush=True))
     finally:
         await asyncio.gather(openai_runner.cleanup(), do_runner.cleanup())
