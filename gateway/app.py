@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry
 
 from gateway import upstream
 from gateway.admin import create_admin_app
+from gateway.front.body import BodyBudget, BodyReader
+from gateway.front.connections import server_header
 from gateway.health import DRAINING, METRICS, RUNTIME, STORE, add_health_routes
 from gateway.limits import Store, create_store
 from gateway.metrics import Metrics, publish_limits
@@ -27,6 +29,7 @@ from gateway.telemetry.activity import Activity
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
 RELOADER = web.AppKey("reloader", Reloader)
+BODIES = web.AppKey("bodies", BodyReader)
 
 
 def create_app(
@@ -53,6 +56,8 @@ def create_app(
     app[SETTLEMENTS_LOST] = [0]
     publish_limits(metrics, settings)
     app[RELOADER] = Reloader(holder, config_path, lambda runtime: publish_limits(metrics, runtime.settings))
+    app[BODIES] = BodyReader(BodyBudget(settings.server.max_buffered_body_bytes, metrics))
+    app.on_response_prepare.append(server_header)
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/v1/images/generations", generations)
     app.router.add_post("/v1/images/edits", edits)
@@ -76,7 +81,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     await store.start()
     sessions = upstream.Sessions()
-    app[PIPELINE] = Pipeline(app[RUNTIME], sessions, store, app[METRICS])
+    app[PIPELINE] = Pipeline(app[RUNTIME], sessions, store, app[METRICS], app[BODIES])
     try:
         yield
     finally:

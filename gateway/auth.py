@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from gateway.errors import InvalidApiKey
 from gateway.settings import KeySettings
 
 KEY_PREFIX = "igw_"
+_TOKEN = re.compile(r"[\x21-\x7e]{1,4096}")
 
 
 def hash_key(key: str) -> str:
@@ -43,16 +45,22 @@ class Credential:
 
 
 def bearer_token(authorization: str | None) -> str | None:
+    """The token of `Bearer <token>`, or None. A token is visible ASCII: anything else (bytes that
+    are not UTF-8 arrive surrogate-escaped) is no key at all, refused before it is hashed."""
     if not authorization:
         return None
     scheme, _, token = authorization.partition(" ")
     token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
+    if scheme.lower() != "bearer" or not _TOKEN.fullmatch(token):
+        return None
+    return token
 
 
 def authenticate(index: Mapping[str, Credential], authorization: str | None) -> Credential:
     """The credential for an `Authorization: Bearer ...` header, or InvalidApiKey."""
     token = bearer_token(authorization)
+    if token is None and authorization and authorization[:7].lower() == "bearer ":
+        raise InvalidApiKey("Incorrect API key provided.")  # a key, but not one that could exist
     if token is None:
         raise InvalidApiKey("You didn't provide an API key. Send it as `Authorization: Bearer <key>`.")
     digest = hash_key(token)

@@ -26,6 +26,7 @@ DEMO_CONFIG = """
 server:
   host: 127.0.0.1
   port: {port}
+  ops_port: {ops_port}
   log_format: console
 admin:
   token: "{admin_token}"
@@ -70,9 +71,12 @@ tenants:
 """
 
 
-def demo_settings(port: int, openai_url: str, do_url: str, key: str, admin_token: str) -> Settings:
+def demo_settings(
+    port: int, openai_url: str, do_url: str, key: str, *, admin_token: str, ops_port: int = 0
+) -> Settings:
     text = DEMO_CONFIG.format(
         port=port,
+        ops_port=ops_port,
         admin_token=admin_token,
         openai_url=openai_url,
         do_url=do_url,
@@ -82,7 +86,7 @@ def demo_settings(port: int, openai_url: str, do_url: str, key: str, admin_token
     return parse_settings(text, "<demo>", environ={})
 
 
-def banner(url: str, key: str, admin_token: str) -> str:
+def banner(url: str, key: str, ops_url: str, admin_token: str) -> str:
     """Snippets start at column 0 so that they paste into a shell as printed."""
     return dedent(
         f"""
@@ -126,7 +130,7 @@ def banner(url: str, key: str, admin_token: str) -> str:
         PY
 
         Usage page: {url}/admin/ui    admin token: {admin_token}
-        Metrics: {url}/metrics     Health: {url}/healthz
+        Metrics: {ops_url}/metrics     Health: {url}/healthz
         ================================================================
         """
     )
@@ -152,8 +156,12 @@ async def run_demo(port: int) -> None:
     openai_runner, openai_url = await _start_mock("openai")
     do_runner, do_url = await _start_mock("digitalocean")
     key, admin_token = new_key(), secrets.token_urlsafe(24)
-    settings = demo_settings(port, openai_url, do_url, key, admin_token)
+    with socket.socket() as sock:  # the operations port: any free one, named in the banner
+        sock.bind(("127.0.0.1", 0))
+        ops_port = int(sock.getsockname()[1])
+    settings = demo_settings(port, openai_url, do_url, key, admin_token=admin_token, ops_port=ops_port)
+    ops_url = f"http://127.0.0.1:{ops_port}"
     try:
-        await serve(settings, on_ready=lambda url: print(banner(url, key, admin_token), flush=True))
+        await serve(settings, on_ready=lambda url: print(banner(url, key, ops_url, admin_token), flush=True))
     finally:
         await asyncio.gather(openai_runner.cleanup(), do_runner.cleanup())

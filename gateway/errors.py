@@ -97,6 +97,23 @@ class MethodNotAllowed(GatewayError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(GatewayError):
+    """The body did not arrive within `server.body_timeout_seconds`."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class ClientGone(GatewayError):
+    """The client closed its connection before its request was read: nothing to answer, nobody to
+    answer. 499 in the access log and metrics (nginx's convention), never an error of the gateway."""
+
+    status = 499
+    type = "client_gone"
+    code = "client_gone"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
@@ -150,6 +167,14 @@ class StoreUnavailable(GatewayError):
     status = 503
     type = "service_unavailable_error"
     code = "service_unavailable"
+
+
+class ServerBusy(GatewayError):
+    """The front door is at a bound it shares between clients (bytes of bodies being read at once)."""
+
+    status = 503
+    type = "service_unavailable_error"
+    code = "server_busy"
 
 
 class Overloaded(GatewayError):

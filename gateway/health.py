@@ -1,8 +1,10 @@
-"""Liveness, readiness and the Prometheus scrape endpoint.
+"""Liveness, readiness and the Prometheus scrape endpoint, and the operations listener's app.
 
 `/healthz` answers while the process serves; `/readyz` says whether new traffic should come here
-(not while shutting down, nor while a fail-closed store is unreachable); `/metrics` exposes the
-app's registry, or every worker's metrics when several processes share a multiprocess directory.
+(not while shutting down, nor while a fail-closed store is unreachable); both are on the tenant port
+and on the operations port. `/metrics` exposes the app's registry, or every worker's metrics when
+several processes share a multiprocess directory, on the operations port only (`server.ops_port`):
+it names every tenant, its spend and budget, which are no tenant's business.
 """
 
 from __future__ import annotations
@@ -51,4 +53,13 @@ async def metrics(request: web.Request) -> web.Response:
 def add_health_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+
+
+def create_ops_app(gateway: web.Application) -> web.Application:
+    """The operations listener's app: /metrics, /healthz and /readyz of `gateway`'s own state."""
+    ops = web.Application()
+    ops[METRICS], ops[STORE] = gateway[METRICS], gateway[STORE]
+    ops[RUNTIME], ops[DRAINING] = gateway[RUNTIME], gateway[DRAINING]
+    add_health_routes(ops)
+    ops.router.add_get("/metrics", metrics)
+    return ops

@@ -2,12 +2,19 @@
 
 Every line of a request carries its request id and tenant through contextvars bound by the
 middleware. Nothing here ever sees a prompt or a key: callers log fields, not payloads.
+
+The standard library's loggers (aiohttp's, asyncio's, any library's) go through the same renderer,
+one line per record, with what they say reduced to what cannot quote a request: the message's
+template (never its arguments, which may be the bytes a client sent), the logger's name, and the
+class of any exception (never its text or traceback: aiohttp's parser errors quote the raw request
+line and headers, keys and prompts included).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
@@ -17,28 +24,71 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
-    """Configure structlog once for the process; safe to call again (reload, tests)."""
+    """Configure structlog and the standard library's root logger once for the process; safe to call
+    again (reload, tests)."""
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
     ]
+    renderer: Any
     if fmt == "console":
-        processors = [*shared, structlog.dev.ConsoleRenderer(colors=False)]
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        processors = [*shared, renderer]
         factory: Any = structlog.PrintLoggerFactory(sys.stderr)
+        stream = sys.stderr
     else:
+        renderer = structlog.processors.JSONRenderer(serializer=lambda v, **_: orjson.dumps(v).decode())
         processors = [
             *shared,
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ]
         factory = structlog.BytesLoggerFactory(sys.stdout.buffer)
+        stream = sys.stdout
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=factory,
         cache_logger_on_first_use=True,  # module-level loggers otherwise rebuild on every call
     )
+    _route_stdlib(stream, renderer, shared, _LEVELS[level])
+
+
+def _route_stdlib(stream: Any, renderer: Any, shared: list[Any], level: int) -> None:
+    handler = _LineHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared[1:], structlog.stdlib.add_logger_name, _nothing_of_the_request],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _LineHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _nothing_of_the_request(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A standard-library record, stripped of what may quote a client's bytes."""
+    record: logging.LogRecord | None = event.get("_record")
+    if record is not None:
+        event["event"] = record.msg if isinstance(record.msg, str) else type(record.msg).__name__
+    exc_info = event.pop("exc_info", None)
+    if isinstance(exc_info, tuple) and exc_info[0] is not None:
+        event["error"] = exc_info[0].__name__
+    event.pop("stack_info", None)
+    return event
+
+
+class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The gateway's handler on the root logger: one record, one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", " ")
 
 
 def get_logger(name: str) -> Any:

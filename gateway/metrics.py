@@ -102,6 +102,26 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.connections_open = Gauge(
+            "gateway_connections_open",
+            "Client connections open on the tenant port now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.connections_closed = Counter(
+            "gateway_connections_closed",
+            "Client connections the front door closed, by reason: header_timeout, keepalive_timeout,"
+            " body_timeout, idle_evicted (to make room at max_connections), refused (at"
+            " max_connections with none idle), malformed (an HTTP parser error).",
+            ["reason"],
+            registry=r,
+        )
+        self.body_bytes_buffered = Gauge(
+            "gateway_body_bytes_buffered",
+            "Bytes of request bodies being read now (bounded by server.max_buffered_body_bytes).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.open_streams = Gauge(
             "gateway_open_streams",
             "SSE streams being relayed now.",

@@ -1,9 +1,12 @@
 """Request id and log context for every request, and the one place errors become responses.
 
-Each request gets an id (a sane incoming `x-request-id` is kept), returned in `x-request-id`
-and bound into every log line. Each request ends in one `request_finished` access-log line and
-the request metrics, whatever the outcome. GatewayErrors render as OpenAI-style JSON; aiohttp's
-own HTTP errors (404, 405) are translated; anything else is a logged 500 with no traceback.
+Each request gets an id of the gateway's own making, returned in `x-request-id`, forwarded upstream
+and bound into every log line. A client's own `x-request-id` is never used for that (it could forge
+or collide with another request's log lines and traces): a sane one is logged as
+`client_request_id`. Each request ends in one `request_finished` access-log line and the request
+metrics, whatever the outcome. GatewayErrors render as OpenAI-style JSON; aiohttp's own HTTP errors
+(404, 405) are translated; anything else is a logged 500 with no traceback. A request answered
+before its body arrived closes its connection.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from gateway.auth import bearer_token
 from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
@@ -26,7 +30,7 @@ from gateway.telemetry.activity import Activity
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 log = get_logger("gateway.access")
 
 
@@ -51,16 +55,25 @@ class RequestRecord:
 RECORD = web.RequestKey("record", RequestRecord)
 
 
-def request_id_for(request: web.Request) -> str:
+def client_request_id(request: web.Request) -> str | None:
+    """A client's own `x-request-id`, if it is sane and not its key (a client that misplaces its key
+    there must not have it logged)."""
     incoming = request.headers.get("x-request-id", "")
-    return incoming if _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    if not _SAFE_REQUEST_ID.fullmatch(incoming):
+        return None
+    key = bearer_token(request.headers.get("Authorization"))
+    return None if key and (key in incoming or incoming in key) else incoming
 
 
-def error_response(error: GatewayError, request_id: str) -> web.Response:
+def error_response(error: GatewayError, request: web.Request, request_id: str) -> web.Response:
     headers = {**error.headers, "x-request-id": request_id}
-    return web.Response(
+    response = web.Response(
         status=error.status, body=error.to_json(), content_type="application/json", headers=headers
     )
+    if not request.content.is_eof():
+        # Answered before its body arrived: close rather than read (and pay for) the rest of it.
+        response.force_close()
+    return response
 
 
 def _as_gateway_error(exc: web.HTTPException, request: web.Request) -> GatewayError:
@@ -80,7 +93,9 @@ def create_request_middleware(metrics: Metrics, activity: Activity | None = None
 
     @web.middleware
     async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        record = RequestRecord(request_id=request_id_for(request), started=time.perf_counter())
+        record = RequestRecord(request_id=uuid.uuid4().hex, started=time.perf_counter())
+        if (client_id := client_request_id(request)) is not None:
+            record.fields["client_request_id"] = client_id
         request[RECORD] = record
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=record.request_id)
@@ -102,14 +117,15 @@ async def _handle(request: web.Request, handler: Handler, record: RequestRecord)
     try:
         response = await handler(request)
     except GatewayError as error:
-        return error_response(error, record.request_id)
+        return error_response(error, request, record.request_id)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(_as_gateway_error(exc, request), record.request_id)
+        return error_response(_as_gateway_error(exc, request), request, record.request_id)
     except Exception:
         log.exception("request_failed", path=request.path)
-        return error_response(InternalError("The gateway failed to handle the request."), record.request_id)
+        failure = InternalError("The gateway failed to handle the request.")
+        return error_response(failure, request, record.request_id)
     if not response.prepared:
         response.headers["x-request-id"] = record.request_id
     return response

@@ -25,6 +25,7 @@ from gateway.errors import (
     PolicyViolation,
     UpstreamAuthFailed,
 )
+from gateway.front.body import BodyReader
 from gateway.limits import Admission, Reservation, Store, merge_upstream_limit_headers
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
@@ -36,6 +37,7 @@ from policies.catalog import ModelEntry
 from policies.cost import Cost, actual_cost, estimate
 from policies.engine import Decision, evaluate
 from policies.entry import Operation
+from policies.findings import SHOWN_CHARS, shown
 
 log = get_logger("gateway.pipeline")
 
@@ -58,9 +60,15 @@ class Admitted:
 
 class Pipeline:
     def __init__(
-        self, runtime: RuntimeHolder, sessions: upstream.Sessions, store: Store, metrics: Metrics
+        self,
+        runtime: RuntimeHolder,
+        sessions: upstream.Sessions,
+        store: Store,
+        metrics: Metrics,
+        bodies: BodyReader,
     ) -> None:
         self.runtime = runtime
+        self.bodies = bodies
         self.sessions = sessions
         self.store = store
         self.metrics = metrics
@@ -74,7 +82,7 @@ class Pipeline:
         with self.admissions:  # beyond its bound: 503 overloaded, before the body is read
             credential = authenticate(runtime.credentials, request.headers.get("Authorization"))
             record.tenant, record.key = credential.tenant, credential.key_label
-            client = await read_request(request, operation, runtime.settings.server)
+            client = await read_request(request, operation, runtime.settings.server, self.bodies)
             record.fields.update(client.log_fields())
             try:
                 decision = self.apply_policy(runtime, credential, client, record)
@@ -337,7 +345,8 @@ def _size_label(body: dict[str, Any], entry: ModelEntry) -> str:
 
 def _plain(value: Any) -> str:
     """A value for the `x-gateway-adjusted` header: printable ASCII only, whatever a client sent."""
-    text = "unset" if value is None else str(value)
+    text = "unset" if value is None else value if isinstance(value, str) else shown(value)
+    text = text[:SHOWN_CHARS]
     if text.isascii() and text.isprintable():
         return text
     return "".join(c if " " <= c <= "~" else "?" for c in text)

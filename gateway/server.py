@@ -1,9 +1,10 @@
-"""Running the gateway: event loop, listening socket, signals, workers, graceful shutdown.
+"""Running the gateway: event loop, listening sockets, signals, workers, graceful shutdown.
 
-One process serves with `serve`. With `server.workers: N`, `supervise` starts N worker processes
-that each bind the same port with SO_REUSEPORT (the kernel spreads connections), share one
-Prometheus multiprocess directory (so any worker's /metrics shows the whole gateway), and receive
-the signals the supervisor gets.
+One process serves with `serve`: the tenant port through the front door (`front.connections`) and
+the operations port (`server.ops_port`: /metrics, /healthz, /readyz). With `server.workers: N`,
+`supervise` starts N worker processes that each bind the same ports with SO_REUSEPORT (the kernel
+spreads connections), share one Prometheus multiprocess directory (so any worker's /metrics shows
+the whole gateway), and receive the signals the supervisor gets.
 
 Signals: SIGHUP re-reads the configuration (see reload.py). SIGTERM or SIGINT shuts down within
 a known bound (shutdown.py): not ready at once, listeners closed after `drain_delay_seconds`,
@@ -28,6 +29,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from gateway.app import PIPELINE, RELOADER, create_app
+from gateway.front.connections import FrontRunner, raise_file_limit
+from gateway.health import create_ops_app
 from gateway.logs import get_logger
 from gateway.settings import ConfigError, Settings
 from gateway.shutdown import RUNNER_SHUTDOWN_TIMEOUT, SETTLEMENTS_LOST, drain
@@ -70,9 +73,8 @@ async def serve(
     if reuse_port:  # a worker under `supervise`: admin reloads go through the supervisor
         app[RELOADER].supervisor_pid = os.getppid()
     server = settings.server
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=RUNNER_SHUTDOWN_TIMEOUT
-    )
+    file_limit = raise_file_limit()  # before the front door sizes its connection cap from it
+    runner = FrontRunner(app, handle_signals=False, access_log=None, shutdown_timeout=RUNNER_SHUTDOWN_TIMEOUT)
     await runner.setup()
     site = web.TCPSite(runner, server.host, server.port, backlog=1024, reuse_port=reuse_port or None)
     try:
@@ -80,10 +82,29 @@ async def serve(
     except OSError as exc:
         await runner.cleanup()  # the store and the upstream session were already opened
         raise ListenError(server.host, server.port, exc) from exc
+    ops_runner = web.AppRunner(  # Prometheus and probes: the keep-alive bound, nothing inflated
+        create_ops_app(app),
+        handle_signals=False,
+        access_log=None,
+        keepalive_timeout=server.keepalive_timeout_seconds,
+        auto_decompress=False,
+    )
+    await ops_runner.setup()
+    ops_host = server.ops_host or server.host
+    ops_site = web.TCPSite(ops_runner, ops_host, server.ops_port, reuse_port=reuse_port or None)
+    try:
+        await ops_site.start()
+    except OSError as exc:
+        await ops_runner.cleanup()
+        await runner.cleanup()
+        raise ListenError(ops_host, server.ops_port, exc) from exc
     url = f"http://{server.host}:{_bound_port(runner) or server.port}"
     log.info(
         "gateway_started",
         url=url,
+        ops_url=f"http://{ops_host}:{_bound_port(ops_runner) or server.ops_port}",
+        max_connections=runner.door.bounds.max_connections,
+        file_limit=file_limit,
         store=settings.store.backend,
         tenants=len(settings.tenants),
         pid=os.getpid(),
@@ -105,6 +126,7 @@ async def serve(
         stopping = loop.time()
         await drain(app, runner, server, app[PIPELINE].tasks)
         await runner.cleanup()
+        await ops_runner.cleanup()  # last: /healthz and /metrics answer while the tenant port drains
         lost = app[SETTLEMENTS_LOST][0]
         stopped = log.error if lost else log.info
         stopped("gateway_stopped", seconds=round(loop.time() - stopping, 3), settlements_lost=lost)

@@ -27,7 +27,7 @@ from pydantic import (
 
 from policies.rules import Policy
 
-_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+_KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -67,6 +67,23 @@ class ServerSettings(_Frozen):
     client_write_timeout_seconds: float = Field(default=30.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
+    # The operations listener: /metrics, /healthz, /readyz (never the tenant API). 0: any free port.
+    ops_host: str | None = None  # None: the same address as `host`
+    ops_port: int = Field(default=9464, ge=0, le=65535)
+    # The front door (gateway/front): how long a client may take and how many connections it may hold.
+    header_timeout_seconds: float = Field(default=10.0, gt=0)  # connect (or a new request) to full headers
+    keepalive_timeout_seconds: float = Field(default=75.0, gt=0)  # an idle keep-alive connection is closed
+    body_timeout_seconds: float = Field(default=60.0, gt=0)  # headers to the last byte of the body
+    max_connections: int | None = Field(default=None, ge=1)  # None: sized from the process's file limit
+    max_buffered_body_bytes: int = Field(default=64 * 1_048_576, gt=0)  # bodies being read at once, in all
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> ServerSettings:
+        if self.ops_port and self.ops_port == self.port and (self.ops_host or self.host) == self.host:
+            raise ValueError("ops_port must differ from port (the tenant port never serves /metrics)")
+        if self.max_buffered_body_bytes < self.max_body_bytes:
+            raise ValueError("max_buffered_body_bytes must be at least max_body_bytes")
+        return self
 
     @field_validator("upload_dir")
     @classmethod
@@ -107,7 +124,7 @@ class UpstreamSettings(_Frozen):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
+        if not re.fullmatch(r"https?://[^/\s]+(?:/\S*)?", value):
             raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
         return value.rstrip("/")
 
@@ -147,7 +164,7 @@ class KeySettings(_Frozen):
     @field_validator("hash")
     @classmethod
     def _is_hash(cls, value: str) -> str:
-        if not _KEY_HASH.match(value):
+        if not _KEY_HASH.fullmatch(value):
             raise ValueError(
                 "must be sha256:<64 lowercase hex digits>, never a plaintext key"
                 " (`gateway hash-key` prints it)"

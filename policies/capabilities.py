@@ -21,6 +21,7 @@ from policies.findings import (
     UNKNOWN_PARAMETER,
     Violation,
     quoted,
+    shown,
 )
 
 # request parameter -> the ModelEntry field listing its values
@@ -75,7 +76,7 @@ def _ranges(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation
         if value not in span:
             allowed = f"{span.min}" if span.min == span.max else f"an integer from {span.min} to {span.max}"
             return _error(
-                param, f"'{param}' must be {allowed} for {model}; got {value!r}.", [span.min, span.max]
+                param, f"'{param}' must be {allowed} for {model}; got {shown(value)}.", [span.min, span.max]
             )
     return None
 
@@ -89,7 +90,9 @@ def _enums(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation 
             return _unsupported(param, model)
         if not isinstance(value, str) or value not in allowed:
             return _error(
-                param, f"Invalid value for '{param}': {value!r}. {model} supports {quoted(allowed)}.", allowed
+                param,
+                f"Invalid value for '{param}': {shown(value)}. {model} supports {quoted(allowed)}.",
+                allowed,
             )
     return None
 
@@ -102,9 +105,9 @@ def size_problem(entry: ModelEntry, size: object, model: str) -> str | None:
     rule = entry.arbitrary_sizes
     if parsed is None or rule is None:
         extra = " or WIDTHxHEIGHT within its size rule" if rule else ""
-        return f"Invalid value for 'size': {size!r}. {model} supports {quoted(entry.sizes)}{extra}."
+        return f"Invalid value for 'size': {shown(size)}. {model} supports {quoted(entry.sizes)}{extra}."
     broken = rule.problems(*parsed)
-    return f"Invalid size {size!r} for {model}: {'; '.join(broken)}." if broken else None
+    return f"Invalid size {shown(size)} for {model}: {'; '.join(broken)}." if broken else None
 
 
 def _size(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation | None:
@@ -118,7 +121,7 @@ def _stream(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation
     if stream is None:
         return None
     if not isinstance(stream, bool):
-        return _error("stream", f"'stream' must be true or false; got {stream!r}.")
+        return _error("stream", f"'stream' must be true or false; got {shown(stream)}.")
     return _unsupported("stream", model) if stream and not entry.stream else None
 
 
@@ -134,12 +137,14 @@ def _combinations(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Vio
     if body.get("output_compression") is not None and fmt not in entry.compression_formats:
         return _error(
             "output_compression",
-            f"'output_compression' needs output_format {quoted(entry.compression_formats)}; got {fmt!r}.",
+            f"'output_compression' needs output_format {quoted(entry.compression_formats)};"
+            f" got {shown(fmt)}.",
         )
     if body.get("background") == "transparent" and fmt not in entry.transparent_formats:
         return _error(
             "background",
-            f"A transparent background needs output_format {quoted(entry.transparent_formats)}; got {fmt!r}.",
+            f"A transparent background needs output_format {quoted(entry.transparent_formats)};"
+            f" got {shown(fmt)}.",
         )
     return None
 
@@ -148,7 +153,7 @@ def _unknown(params: frozenset[str], body: Mapping[str, Any], model: str) -> Vio
     for param, value in body.items():
         if value is not None and param not in params:
             known = sorted(params)
-            message = f"Unknown parameter: {param!r}. {model} takes {quoted(known)}."
+            message = f"Unknown parameter: {shown(param)}. {model} takes {quoted(known)}."
             return Violation(CAPABILITY, str(param), message, known, UNKNOWN_PARAMETER)
     return None
 

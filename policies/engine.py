@@ -49,6 +49,7 @@ from policies.findings import (
     Adjustment,
     Violation,
     quoted,
+    shown,
 )
 from policies.rules import Policy
 from policies.uploads import GENERATE, Inputs
@@ -192,7 +193,7 @@ def _resolve_model(
         reason = "policy default_model" if default else "OpenAI's default when model is omitted"
         work.set("model", name, reason)
     if not isinstance(name, str):
-        return Violation(MODEL, "model", f"'model' must be a string; got {name!r}.", None, INVALID_VALUE)
+        return Violation(MODEL, "model", f"'model' must be a string; got {shown(name)}.", None, INVALID_VALUE)
     retired: list[str] = []
     while name not in routes:
         entry = catalog.get(name)
@@ -239,12 +240,13 @@ def _unavailable(
     available = [r for r in routes if policy.models is None or r in policy.models]
     if retired:
         message = (
-            f"The model {retired[0]!r} is retired and its replacement {name!r} is not served by this"
+            f"The model {retired[0]!r} is retired and its replacement {shown(name)} is not served by this"
             f" gateway. Available: {quoted(available)}."
         )
         return Violation(MODEL, "model", message, available, MODEL_DEPRECATED)
     message = (
-        f"The model {name!r} does not exist or is not served by this gateway. Available: {quoted(available)}."
+        f"The model {shown(name)} does not exist or is not served by this gateway."
+        f" Available: {quoted(available)}."
     )
     return Violation(MODEL, "model", message, available, MODEL_NOT_FOUND)
 

@@ -55,6 +55,27 @@ class Adjustment:
         return {"param": self.param, "before": self.before, "after": self.after, "reason": self.reason}
 
 
+SHOWN_CHARS = 64  # how much of a client's string a message quotes
+
+
+def shown(value: Any) -> str:
+    """A client's value as a message quotes it: bounded whatever its size or depth.
+
+    Strings are quoted and cut at SHOWN_CHARS; containers are described, never rendered (a
+    1,000-level array would exhaust `repr`'s recursion, a 1 MB one the message)."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= SHOWN_CHARS else repr(value[:SHOWN_CHARS]) + "…"
+    if value is None or isinstance(value, bool | float):
+        return repr(value)
+    if isinstance(value, int):
+        return str(value) if value.bit_length() <= 64 else f"{str(value)[:20]}…"
+    if isinstance(value, list):
+        return f"an array of {len(value)} item{'s' if len(value) != 1 else ''}"
+    if isinstance(value, dict):
+        return f"an object of {len(value)} key{'s' if len(value) != 1 else ''}"
+    return f"a value of type {type(value).__name__}"
+
+
 def quoted(values: list[Any] | tuple[Any, ...]) -> str:
     """`'a', 'b', 'c'` for messages that list what is allowed."""
     return ", ".join(repr(v) for v in values) if values else "none"

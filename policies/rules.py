@@ -9,10 +9,12 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from policies import prompts
 
 ClampableRule = Literal["n", "quality", "partial_images", "size"]
-_WXH = re.compile(r"^[1-9][0-9]*x[1-9][0-9]*$")
+_WXH = re.compile(r"[1-9][0-9]*x[1-9][0-9]*")
 
 
 class _Frozen(BaseModel):
@@ -55,24 +57,33 @@ class Policy(_Frozen):
     input_fidelities: list[str] | None = None
     allow_mask: bool = True
     on_violation: dict[ClampableRule, Literal["reject", "clamp"]] = Field(default_factory=dict)
+    _deny: prompts.DenyPatterns = PrivateAttr()
 
     @field_validator("sizes")
     @classmethod
     def _sizes_are_sizes(cls, values: list[str] | None) -> list[str] | None:
         for size in values or []:
-            if size != "auto" and not _WXH.match(size):
+            if size != "auto" and not _WXH.fullmatch(size):
                 raise ValueError(f"{size!r} is neither auto nor WIDTHxHEIGHT")
         return values
 
     @field_validator("deny_prompt_patterns")
     @classmethod
     def _patterns_compile(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
+        for index, pattern in enumerate(patterns):
             try:
-                re.compile(pattern, re.IGNORECASE)
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from exc
+                prompts.check(pattern)
+            except ValueError as exc:
+                raise ValueError(f"pattern #{index} '{pattern}': {exc}") from None
         return patterns
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._deny = prompts.DenyPatterns(self.deny_prompt_patterns)
+
+    @property
+    def deny(self) -> prompts.DenyPatterns:
+        """The deny patterns, compiled once per policy."""
+        return self._deny
 
     def clamps(self, param: str) -> bool:
         """Whether a violation of the rule on `param` is clamped rather than rejected."""

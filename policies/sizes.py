@@ -12,14 +12,14 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-_WXH = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")
+_WXH = re.compile(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})")
 
 
 def parse(size: object) -> tuple[int, int] | None:
     """`(width, height)` of a `WxH` string, or None for anything else (`auto`, junk, non-strings)."""
     if not isinstance(size, str):
         return None
-    match = _WXH.match(size)
+    match = _WXH.fullmatch(size)
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 

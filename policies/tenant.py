@@ -12,8 +12,9 @@ default when the field is omitted), so leaving a field out never gets around a r
   that take the parameter.
 - `output_compression`: `{min, max}`, judged when the output format is one that is compressed.
 - `stream`, `max_partial_images`, `max_n`, `max_prompt_chars`, `require_user`.
-- `deny_prompt_patterns`: case-insensitive regular expressions; the message names the index of the
-  pattern, never the pattern itself (an admin reads it with `gateway explain`).
+- `deny_prompt_patterns`: RE2 patterns matched case-insensitively on the normalised prompt (see
+  `policies.prompts`); the message names the index of the pattern, never the pattern itself (an
+  admin reads it with `gateway explain`).
 - `operations` (`generate`, `edit`, `variation`; default all), `max_input_images`,
   `input_fidelities` (judged on the effective value: `low` when omitted), `allow_mask`: edits and
   variations. Every other rule applies to them as to generations, where the operation takes the field.
@@ -42,7 +43,6 @@ default). An explicit `auto` is judged like any value.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -50,7 +50,7 @@ from typing import Any
 from policies import sizes
 from policies.capabilities import is_int, size_problem
 from policies.catalog import AUTO, ModelEntry
-from policies.findings import Adjustment, Violation, quoted
+from policies.findings import Adjustment, Violation, quoted, shown
 from policies.rules import Policy
 from policies.uploads import GENERATE, Inputs
 
@@ -202,7 +202,7 @@ def _costliest_size(req: Request) -> str | None:
 
 
 def _shown(req: Request, param: str, value: Any) -> str:
-    return f"{value!r}" if req.body.get(param) is not None else f"{value!r} (the default when omitted)"
+    return shown(value) if req.body.get(param) is not None else f"{shown(value)} (the default when omitted)"
 
 
 def _one_of(req: Request, rule: str, param: str, allowed: list[Any] | None) -> Finding | None:
@@ -232,7 +232,7 @@ def _models(req: Request) -> Finding | None:
     return Finding(
         "models",
         "model",
-        f"Policy rule 'models' allows {quoted(allowed)}; the request has {req.model!r}.",
+        f"Policy rule 'models' allows {quoted(allowed)}; the request has {shown(req.model)}.",
         allowed,
         req.model,
     )
@@ -280,11 +280,11 @@ def _deny_patterns(req: Request) -> Finding | None:
     prompt = req.body.get("prompt")
     if not isinstance(prompt, str):
         return None
-    for index, pattern in enumerate(req.policy.deny_prompt_patterns):
-        if re.search(pattern, prompt, re.IGNORECASE):
-            message = f"Policy rule 'deny_prompt_patterns': the prompt matches pattern #{index}."
-            return Finding("deny_prompt_patterns", "prompt", message)
-    return None
+    index = req.policy.deny.first_match(prompt)
+    if index is None:
+        return None
+    message = f"Policy rule 'deny_prompt_patterns': the prompt matches pattern #{index}."
+    return Finding("deny_prompt_patterns", "prompt", message)
 
 
 def size_allowed(policy: Policy, entry: ModelEntry, size: str) -> bool:

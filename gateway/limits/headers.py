@@ -140,7 +140,7 @@ def limits_only(checks: Sequence[Check]) -> dict[str, str]:
 
 # --- merging with an upstream's own headers ------------------------------------------------------
 
-_X_RATELIMIT = re.compile(r"^x-ratelimit-(?:limit|remaining|reset)-(.+)$")
+_X_RATELIMIT = re.compile(r"x-ratelimit-(?:limit|remaining|reset)-(.+)")
 _GO_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
 _GO_UNIT_US = {"h": 3.6e9, "m": 6e7, "s": 1e6, "ms": 1e3, "us": 1.0, "µs": 1.0, "ns": 1e-3}
 
@@ -194,7 +194,9 @@ def merge_upstream_limit_headers(ours: Mapping[str, str], upstream: Mapping[str,
     """
     lowered = {name.lower(): value for name, value in upstream.items()}
     merged = dict(ours)
-    categories = {match.group(1) for name in (*lowered, *ours) if (match := _X_RATELIMIT.match(name.lower()))}
+    categories = {
+        match.group(1) for name in (*lowered, *ours) if (match := _X_RATELIMIT.fullmatch(name.lower()))
+    }
     for category in sorted(categories):
         _merge_category(merged, lowered, category)
     for ietf in ("RateLimit-Policy", "RateLimit"):

@@ -1,4 +1,5 @@
-"""A JSON request body (generations): size-capped, parsed, with the prompt present."""
+"""A JSON request body (generations): read through the front door's bounds, parsed, with the prompt
+present."""
 
 from __future__ import annotations
 
@@ -7,18 +8,21 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import InvalidRequest, UnsupportedMediaType
+from gateway.front.body import BodyReader
+from gateway.settings import ServerSettings
+from policies.findings import shown
 
 
-async def parse(request: web.Request, max_body_bytes: int) -> dict[str, Any]:
-    """The request body as a JSON object, size-capped, or an OpenAI-style 4xx."""
+async def parse(request: web.Request, bodies: BodyReader, server: ServerSettings) -> dict[str, Any]:
+    """The request body as a JSON object (at most `server.max_body_bytes`), or an OpenAI-style 4xx."""
     content_type = request.headers.get("Content-Type", "")
     if content_type.split(";", 1)[0].strip().lower() != "application/json":
         raise UnsupportedMediaType(
-            f"Content-Type must be application/json, got {content_type or 'none'!r}.",
+            f"Content-Type must be application/json, got {shown(content_type) if content_type else 'none'}.",
             code="invalid_content_type",
         )
-    raw = await _read_capped(request, max_body_bytes)
+    raw = await bodies.read(request, server)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -35,16 +39,3 @@ async def parse(request: web.Request, max_body_bytes: int) -> dict[str, Any]:
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidRequest("'prompt' must be a non-empty string.", param="prompt", code="invalid_value")
     return body
-
-
-async def _read_capped(request: web.Request, limit: int) -> bytes:
-    too_large = PayloadTooLarge(f"The request body is larger than the gateway's limit of {limit} bytes.")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)

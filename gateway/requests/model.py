@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.front.body import BodyReader
 from gateway.requests.json_body import parse
 from gateway.requests.multipart import IMAGE_FIELDS, MASK_FIELD, read_multipart
 from gateway.requests.uploads import TextPart, Upload, UploadBody, close_quietly
@@ -56,11 +57,14 @@ class ClientRequest:
         }
 
 
-async def read_request(request: web.Request, operation: Operation, server: ServerSettings) -> ClientRequest:
-    """The parse stage: the request as one model, or an OpenAI-style 4xx."""
+async def read_request(
+    request: web.Request, operation: Operation, server: ServerSettings, bodies: BodyReader
+) -> ClientRequest:
+    """The parse stage: the request as one model, or an OpenAI-style 4xx. The body is read through
+    the front door's bounds (`gateway.front.body`)."""
     if operation == "generate":
-        return ClientRequest("generate", await parse(request, server.max_body_bytes), GENERATE)
-    upload = await read_multipart(request, server.max_upload_bytes, server.upload_dir)
+        return ClientRequest("generate", await parse(request, bodies, server), GENERATE)
+    upload = await read_multipart(request, bodies, server)
     try:
         return _from_upload(operation, upload)
     except BaseException:

@@ -19,10 +19,13 @@ import re
 from typing import Any
 from urllib.parse import unquote
 
-from aiohttp import StreamReader, hdrs, web
+from aiohttp import hdrs, web
 
 from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from gateway.front.body import BodyReader, BoundedBody
 from gateway.requests.uploads import FilePart, TextPart, Upload, close_quietly, part_headers
+from gateway.settings import ServerSettings
+from policies.findings import shown
 
 IMAGE_FIELDS = ("image", "image[]")
 MASK_FIELD = "mask"
@@ -45,12 +48,16 @@ def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"The upload is larger than the gateway's limit of {limit} bytes.")
 
 
-async def read_multipart(request: web.Request, limit: int, spool_dir: str | None = None) -> Upload:
-    """Every part of the request, files spooled; raises an OpenAI-style 4xx for a bad body."""
+async def read_multipart(request: web.Request, bodies: BodyReader, server: ServerSettings) -> Upload:
+    """Every part of the request, files spooled; raises an OpenAI-style 4xx for a bad body. The body
+    is read through the front door's bounds (encoding, time, the shared budget for what the parser
+    holds in memory), up to `server.max_upload_bytes`."""
+    limit, spool_dir = server.max_upload_bytes, server.upload_dir
     content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
     if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":
         raise UnsupportedMediaType(
-            f"Content-Type must be multipart/form-data, got {content_type or 'none'!r}.",
+            "Content-Type must be multipart/form-data,"
+            f" got {shown(content_type) if content_type else 'none'}.",
             code="invalid_content_type",
         )
     found = _BOUNDARY.search(content_type)
@@ -61,7 +68,10 @@ async def read_multipart(request: web.Request, limit: int, spool_dir: str | None
     upload = Upload()
     try:
         boundary = (found[1] or found[2]).encode()
-        await _Parser(request.content, limit, boundary, upload, spool_dir).run()
+        # in memory at most: a text field or a part's headers, and the chunk being read
+        held = min(limit, TEXT_FIELD_BYTES + PREAMBLE_BYTES + (1 << 16))
+        async with bodies.open(request, server, limit=limit, share=held, too_large=_too_large(limit)) as body:
+            await _Parser(body, limit, boundary, upload, spool_dir).run()
     except BaseException:  # a 4xx, or the client left (connection reset, cancelled)
         close_quietly(upload)
         raise
@@ -72,7 +82,7 @@ class _Parser:
     """One pass over the body: preamble, then (headers, content) per part, until the close delimiter."""
 
     def __init__(
-        self, content: StreamReader, limit: int, boundary: bytes, upload: Upload, spool_dir: str | None = None
+        self, content: BoundedBody, limit: int, boundary: bytes, upload: Upload, spool_dir: str | None = None
     ) -> None:
         self.content = content
         self.spool_dir = spool_dir

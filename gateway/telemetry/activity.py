@@ -12,7 +12,8 @@ Decisions, from the status the client got:
 * `policy_denied`: 403 (the tenant's policy refused the request)
 * `rate_limited`: 429 (a per-minute or concurrency limit, or a day or month budget)
 * `failed`: 5xx (the upstream failed or timed out, the store was unavailable, the gateway shed load)
-* `rejected`: any other 4xx (a bad key, a malformed request, a model that cannot do it)
+* `rejected`: any other 4xx (a bad key, a malformed request, a model that cannot do it, a client
+  that left before its body arrived: 499)
 
 The counts belong to this process only: with `server.workers: N` each worker keeps its own, and
 the admin API answers from whichever worker took the connection (its pid is in the answer).

@@ -13,20 +13,30 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
+from gateway.front.connections import FrontRunner
+from gateway.health import create_ops_app
 from gateway.mock_upstream import MockOptions, create_mock_app
 from gateway.settings import Settings
 from tests.support.config import DO_UPSTREAM_KEY, UPSTREAM_KEY, make_settings
 from tests.support.redis_servers import redis_server, redis_url  # noqa: F401
 
 
+class GatewayTestServer(TestServer):
+    """The gateway's app on a real socket, through the front door as `gateway serve` runs it."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return FrontRunner(self.app, **kwargs)
+
+
 @dataclass
 class Running:
-    """A started gateway: its URL, app and metrics registry."""
+    """A started gateway: its URL, app and metrics registry; `ops_url` serves /metrics."""
 
     url: str
     app: web.Application
     registry: CollectorRegistry
     server: TestServer
+    ops_url: str
 
     @property
     def v1(self) -> str:
@@ -41,11 +51,11 @@ StartGateway = Callable[..., Awaitable[Running]]
 
 
 @pytest.fixture
-async def start_server() -> AsyncIterator[Callable[[web.Application], Awaitable[TestServer]]]:
+async def start_server() -> AsyncIterator[Callable[[web.Application | TestServer], Awaitable[TestServer]]]:
     servers: list[TestServer] = []
 
-    async def start(app: web.Application) -> TestServer:
-        server = TestServer(app, host="127.0.0.1")
+    async def start(app: web.Application | TestServer) -> TestServer:
+        server = app if isinstance(app, TestServer) else TestServer(app, host="127.0.0.1")
         await server.start_server()
         servers.append(server)
         return server
@@ -80,8 +90,16 @@ async def start_gateway(
             settings = make_settings(**kwargs)
         registry = CollectorRegistry()
         app = create_app(settings, registry=registry, config_path=config_path)
-        server = await start_server(app)
-        return Running(url=str(server.make_url("")).rstrip("/"), app=app, registry=registry, server=server)
+        server = GatewayTestServer(app, host="127.0.0.1")
+        await start_server(server)
+        ops = await start_server(create_ops_app(app))
+        return Running(
+            url=str(server.make_url("")).rstrip("/"),
+            app=app,
+            registry=registry,
+            server=server,
+            ops_url=str(ops.make_url("")).rstrip("/"),
+        )
 
     return start
 

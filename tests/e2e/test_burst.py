@@ -46,7 +46,7 @@ async def test_a_burst_is_admitted_exactly_and_never_taken_for_a_store_outage(
         async with aiohttp.ClientSession() as session:
             shed = 0.0
             for gateway in gateways:
-                async with session.get(f"{gateway.url}/metrics") as resp:
+                async with session.get(f"{gateway.ops_url}/metrics") as resp:
                     text = await resp.text()
                 assert metric_lines(text, "gateway_store_degraded_decisions_total") == []
                 [line] = metric_lines(text, "gateway_load_shed_total")
@@ -107,7 +107,7 @@ async def test_beyond_max_pending_admissions_a_request_is_shed_at_once(tmp_path:
                         break
                 await asyncio.sleep(0.05)
             assert resp.status == 200
-            async with session.get(f"{gateway.url}/metrics") as resp:
+            async with session.get(f"{gateway.ops_url}/metrics") as resp:
                 [line] = metric_lines(await resp.text(), "gateway_load_shed_total")
             assert float(line.split()[-1]) >= 1
     finally:

@@ -64,7 +64,7 @@ async def test_40mb_response_relays_with_bounded_memory(start_server: StartServe
                     received += len(chunk)
             assert received == total
             growth_mib = (peak_rss_kib(gateway.process.pid) - baseline) / 1024
-            async with session.get(f"{gateway.url}/metrics") as resp:
+            async with session.get(f"{gateway.ops_url}/metrics") as resp:
                 metrics = await resp.text()
         assert growth_mib < 16, f"peak RSS grew by {growth_mib:.1f} MiB relaying {total / 2**20:.0f} MiB"
         assert (

@@ -80,7 +80,7 @@ async def exposition_text(start_gateway: StartGateway, mock_openai: TestServer) 
         for payload, headers in sent:
             async with session.post(url, json=payload, headers=headers) as resp:
                 await resp.read()
-        async with session.get(f"{gateway.url}/metrics") as resp:
+        async with session.get(f"{gateway.ops_url}/metrics") as resp:
             return await resp.text()
 
 

@@ -129,7 +129,7 @@ async def test_workers_share_a_port_and_metrics_add_up(
                     assert (await post(fresh, gateway.url, TENANT_KEY, SMALL))[0] == 200
             assert (await post(session, gateway.url, OTHER_KEY, SMALL))[0] == 200
             for _ in range(10):
-                async with aiohttp.ClientSession() as fresh, fresh.get(f"{gateway.url}/metrics") as resp:
+                async with aiohttp.ClientSession() as fresh, fresh.get(f"{gateway.ops_url}/metrics") as resp:
                     text = await resp.text()
                 total = sum(
                     float(m.group(1))

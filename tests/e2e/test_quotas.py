@@ -243,7 +243,8 @@ async def test_three_gateway_processes_sharing_one_redis_admit_exactly_100_of_50
         event
         for gateway in gateways
         for event in map(json.loads, filter(lambda line: line.startswith("{"), gateway.log_lines()))
-        if event.get("event") == "request_finished" and event["request_id"].startswith(f"burst{attempt}-")
+        if event.get("event") == "request_finished"
+        and event.get("client_request_id", "").startswith(f"burst{attempt}-")
     ]
     assert Counter(event["status"] for event in finished) == {200: admitted, 429: BURST - admitted}
     served = [event for event in finished if event["status"] == 200]

@@ -139,12 +139,19 @@ async def test_digitalocean_route_maps_model_id_and_fills_required_fields(
     assert received.body["n"] == 1 and "size" in received.body and received.body["partial_images"] >= 1
 
 
-async def test_incoming_request_id_is_kept(gateway: Running) -> None:
+async def test_a_client_chosen_request_id_is_logged_never_used(
+    gateway: Running, mock_openai: TestServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A client's x-request-id could forge another request's log lines and traces: the gateway makes
+    its own id (returned, forwarded upstream) and logs the client's as `client_request_id`."""
     async with aiohttp.ClientSession() as session:
         payload = {"model": "gpt-image-1.5", "prompt": "x", "quality": "low"}
         headers = {**AUTH, "x-request-id": "req-abc-123"}
         async with session.post(f"{gateway.v1}/images/generations", json=payload, headers=headers) as resp:
-            assert resp.headers["x-request-id"] == "req-abc-123"
+            ours = resp.headers["x-request-id"]
+    assert ours != "req-abc-123" and len(ours) == 32
+    assert mock_openai.app[RECEIVED][-1].headers["X-Request-Id"] == ours
+    assert "client_request_id=req-abc-123" in capsys.readouterr().out
 
 
 async def test_upstream_rate_limit_headers_pass_through_hop_by_hop_do_not(
@@ -203,3 +210,16 @@ async def test_usage_read_wherever_it_sits(
         )
         == 5
     )
+
+
+@pytest.mark.parametrize("request_id", [TENANT_KEY, f"x{TENANT_KEY}y", "a b", "é" * 3, "x" * 129])
+async def test_a_client_request_id_that_is_a_key_or_insane_is_not_logged(
+    gateway: Running, capsys: pytest.CaptureFixture[str], request_id: str
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        payload = {"model": "gpt-image-1.5", "prompt": "x", "quality": "low"}
+        headers = {**AUTH, "x-request-id": request_id}
+        async with session.post(f"{gateway.v1}/images/generations", json=payload, headers=headers) as resp:
+            assert resp.status == 200
+    out = capsys.readouterr().out
+    assert "request_finished" in out and "client_request_id" not in out and TENANT_KEY not in out

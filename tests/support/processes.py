@@ -34,7 +34,9 @@ class GatewayProcess:
 
     def __init__(self, config: dict[str, Any], directory: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
-        config = {**config, "server": {**config.get("server", {}), "port": self.port}}
+        server = {"ops_port": free_port(), **config.get("server", {}), "port": self.port}
+        self.ops_port = int(server["ops_port"])
+        config = {**config, "server": server}
         self.config_path = directory / f"gateway-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = directory / f"gateway-{self.port}.log"
@@ -44,6 +46,11 @@ class GatewayProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ops_url(self) -> str:
+        """The operations listener: /metrics, /healthz, /readyz."""
+        return f"http://127.0.0.1:{self.ops_port}"
 
     async def start(self, timeout: float = 20.0) -> None:
         log = self.log_path.open("wb")

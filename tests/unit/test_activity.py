@@ -31,6 +31,7 @@ class Clock:
         (400, "rejected"),
         (401, "rejected"),
         (413, "rejected"),
+        (499, "rejected"),  # the client left before its body arrived
         (0, "rejected"),  # the client went away before any answer
     ],
 )

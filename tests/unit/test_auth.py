@@ -20,7 +20,17 @@ def test_new_keys_are_random_and_long() -> None:
 
 @pytest.mark.parametrize(
     ("header", "token"),
-    [("Bearer k", "k"), ("bearer  k ", "k"), ("Basic k", None), ("Bearer", None), ("", None), (None, None)],
+    [
+        ("Bearer k", "k"),
+        ("bearer  k ", "k"),
+        ("Basic k", None),
+        ("Bearer", None),
+        ("", None),
+        (None, None),
+        ("Bearer \udcff\udcfe", None),
+        ("Bearer caf\u00e9", None),
+        ("Bearer a b", None),
+    ],
 )
 def test_bearer_token(header: str | None, token: str | None) -> None:
     assert bearer_token(header) == token

@@ -232,7 +232,7 @@ def test_dockerfile_is_multi_stage_slim_and_non_root() -> None:
     assert len(bases) >= 2 and set(bases) == {"python:3.11-slim"}, bases
     user = [rest for kw, rest in instructions if kw == "USER"][-1]
     assert user.split(":")[0] not in {"0", "root"}
-    assert [rest for kw, rest in instructions if kw == "EXPOSE"] == ["8080"]
+    assert [rest for kw, rest in instructions if kw == "EXPOSE"] == ["8080 9464"]
 
 
 def test_entrypoint_and_cmd_are_the_documented_serve_command() -> None:
@@ -354,8 +354,8 @@ def test_compose_prometheus_and_grafana_wiring() -> None:
     prometheus = yaml_docs(PROMETHEUS / "prometheus.yml")[0]
     job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "gateway")
     targets = [t for c in job["static_configs"] for t in c["targets"]]
-    port = load_settings(COMPOSE_CONFIG, environ={}).server.port
-    assert targets == [f"gateway:{port}"]
+    port = load_settings(COMPOSE_CONFIG, environ={}).server.ops_port
+    assert targets == [f"gateway:{port}"]  # the operations port: /metrics is not on the tenant port
     mounts = dict(v.split(":")[:2] for v in services["prometheus"]["volumes"] if v.startswith("."))
     config_target = Path(mounts["./prometheus/prometheus.yml"])
     for rule_file in prometheus["rule_files"]:  # resolved relative to the config file
@@ -410,8 +410,13 @@ def test_deployment_probes_ports_and_service_agree_with_the_config() -> None:
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == str(settings.server.port)
+    assert annotations["prometheus.io/port"] == str(settings.server.ops_port) != str(settings.server.port)
     assert annotations["prometheus.io/path"] == "/metrics"
+    ops = objects[("Service", "gateway-ops")]
+    assert [port_number(container, p["targetPort"]) for p in ops["spec"]["ports"]] == [
+        settings.server.ops_port
+    ]
+    assert ops["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
 
 
 def test_deployment_mounts_the_configmap_where_the_command_reads_it() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import ConfigError, load_settings, parse_settings
+from gateway.settings import ConfigError, KeySettings, load_settings, parse_settings
 
 HASH = "sha256:" + "a" * 64
 BASE = f"""
@@ -95,7 +95,15 @@ def test_secrets_are_not_printed() -> None:
         ),
         (
             BASE.replace("{default_model: gpt-image-1.5}", "{deny_prompt_patterns: ['(']}"),
-            "invalid regular expression",
+            "deny_prompt_patterns: pattern #0 '(': missing ): (",
+        ),
+        (
+            BASE.replace("{default_model: gpt-image-1.5}", "{deny_prompt_patterns: ['ok', '(a)\\1']}"),
+            "deny_prompt_patterns: pattern #1 '(a)\\1': invalid escape sequence: \\1 (patterns are RE2",
+        ),
+        (
+            BASE.replace("{default_model: gpt-image-1.5}", "{deny_prompt_patterns: ['(?!x)y']}"),
+            "pattern #0 '(?!x)y': invalid perl operator: (?!",
         ),
         (
             BASE + "server: {workers: 4}\n",
@@ -195,3 +203,14 @@ def test_the_example_config_needs_both_upstream_keys_to_serve() -> None:
         "upstreams.digitalocean.api_key",
     ]
     load_settings(example, {"OPENAI_API_KEY": "sk", "DO_MODEL_ACCESS_KEY": "do"}, require_upstream_keys=True)
+
+
+def test_patterns_that_validate_input_match_the_whole_value() -> None:
+    from policies import sizes
+    from policies.rules import Policy
+
+    assert sizes.parse("1024x1024\n") is None and sizes.parse("1024x1024") == (1024, 1024)
+    with pytest.raises(ValueError, match="neither auto nor WIDTHxHEIGHT"):
+        Policy(sizes=["1024x1024\n"])
+    with pytest.raises(ValueError, match="sha256"):
+        KeySettings(hash="sha256:" + "a" * 64 + "\n")

@@ -126,6 +126,40 @@ def test_evaluate_never_raises_on_any_json_value(policy: Policy, body: Any) -> N
     assert isinstance(evaluate(policy, CATALOG, ROUTES, body), Decision)
 
 
+def nested(depth: int, inner: Any, kind: str) -> Any:
+    value = inner
+    for _ in range(depth):
+        value = [value] if kind == "array" else {"k": value}
+    return value
+
+
+# orjson parses up to 1,024 levels: values as deep, as wide and as long as a 1 MiB body can carry
+DEEP = st.builds(nested, st.integers(1, 1023), JSON, st.sampled_from(["array", "object"]))
+WIDE = st.builds(lambda n, item: [item] * n, st.integers(1000, 100_000), JSON) | st.builds(
+    lambda n: {f"k{i}": i for i in range(n)}, st.integers(1000, 20_000)
+)
+LONG = st.builds(
+    lambda n, c: c * n, st.integers(10_000, 1_000_000), st.sampled_from(["a", "é", "\n", "x\u200b"])
+)
+HOSTILE = DEEP | WIDE | LONG
+
+
+@SETTINGS
+@given(policy=POLICIES, param=st.sampled_from([*PARAMS, "prompt"]), value=HOSTILE, base=PLAUSIBLE)
+def test_evaluate_never_raises_on_deep_wide_or_long_values(
+    policy: Policy, param: str, value: Any, base: dict[str, Any]
+) -> None:
+    """Any field (or the body itself) may be 1,000 levels deep, 100,000 items wide or 1 MB long:
+    evaluate decides, and the messages it builds stay short."""
+    for body in ({**base, param: value}, {**base, value if isinstance(value, str) else "extra": 1}, value):
+        decision = evaluate(policy, CATALOG, ROUTES, body)
+        assert isinstance(decision, Decision)
+        messages = [v.message for v in decision.violations]
+        if decision.error is not None:
+            messages.append(decision.error.message)
+        assert all(len(message) < 4000 for message in messages), messages
+
+
 @SETTINGS
 @given(policy=POLICIES, body=BODIES)
 def test_an_allowed_request_passes_the_catalogs_own_checks_and_is_a_fixed_point(

@@ -1,0 +1,2 @@
+"""The front door: everything between a client's socket and tenant code. Connections and the HTTP
+layer's own errors (`connections`), request bodies (`body`)."""

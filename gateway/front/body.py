@@ -1,0 +1,186 @@
+"""Request bodies at the front door: their encoding, size, time to arrive and memory, bounded.
+
+- `Content-Encoding` other than identity is refused with 415 before a byte of the body is read:
+  inflating would cost the gateway what the client saved (a 500 KB gzip bomb is 500 MiB), and
+  the OpenAI API does not take compressed requests either.
+- A body larger than `server.max_body_bytes` is a 413, as soon as its Content-Length or its bytes
+  say so; one that has not fully arrived `server.body_timeout_seconds` after its headers is a 408.
+- All bodies being read at once share `server.max_buffered_body_bytes`: a request waits (within its
+  body timeout) for room before it reads, so a hundred concurrent 1 MiB uploads cannot grow the
+  process by a hundred MiB; one that finds none in time is a 503 `server_busy`.
+- A client that goes away mid-upload is `ClientGone` (499 in the access log, not an error); broken
+  chunked framing is a 400.
+
+A rejection before the whole body arrived closes the connection (see `front.connections`): the
+rest of the body is never drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from gateway.errors import (
+    ClientGone,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServerBusy,
+    UnsupportedMediaType,
+)
+from gateway.metrics import Metrics
+from gateway.settings import ServerSettings
+
+
+class BodyBudget:
+    """Bytes of request bodies being read at once, across every request of the process."""
+
+    def __init__(self, capacity: int, metrics: Metrics) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self.metrics = metrics
+        self._room = asyncio.Condition()
+
+    async def take(self, size: int) -> None:
+        async with self._room:
+            await self._room.wait_for(lambda: self.used + size <= self.capacity)
+            self.used += size
+            self.metrics.body_bytes_buffered.set(self.used)
+
+    async def give_back(self, size: int) -> None:
+        async with self._room:
+            self.used -= size
+            self.metrics.body_bytes_buffered.set(self.used)
+            self._room.notify_all()
+
+
+def check_encoding(request: web.Request) -> None:
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(
+            "Request bodies must not be compressed: send them without Content-Encoding.",
+            param=None,
+            code="unsupported_content_encoding",
+        )
+
+
+class BodyReader:
+    """Opens request bodies within the bounds of the settings in force and the shared budget."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+
+    async def read(self, request: web.Request, server: ServerSettings) -> bytes:
+        """The whole body (at most `server.max_body_bytes`), or a GatewayError (415, 413, 408, 503,
+        400, or ClientGone)."""
+        async with self.open(request, server) as body:
+            return await body.read_all()
+
+    def open(
+        self,
+        request: web.Request,
+        server: ServerSettings,
+        *,
+        limit: int | None = None,
+        share: int | None = None,
+        too_large: PayloadTooLarge | None = None,
+    ) -> BoundedBody:
+        """The body as it arrives, for readers that stream it (multipart). `limit` defaults to
+        `server.max_body_bytes`; `share` is what the reader holds in memory at most, taken from the
+        budget (default: the Content-Length, or the limit); `too_large` the 413 to raise."""
+        limit = server.max_body_bytes if limit is None else limit
+        too_large = too_large or PayloadTooLarge(
+            f"The request body is larger than the gateway's limit of {limit} bytes."
+        )
+        length = request.content_length
+        if share is None:
+            share = length if length is not None and length <= limit else limit
+        return BoundedBody(
+            self.budget,
+            request,
+            timeout=server.body_timeout_seconds,
+            limit=limit,
+            share=share,
+            too_large=too_large,
+        )
+
+
+class BoundedBody:
+    """One request's body within its bounds: `async with`, then `readany()` until it returns b""."""
+
+    def __init__(
+        self,
+        budget: BodyBudget,
+        request: web.Request,
+        *,
+        timeout: float,
+        limit: int,
+        share: int,
+        too_large: PayloadTooLarge,
+    ) -> None:
+        self.budget = budget
+        self.request = request
+        self.timeout = timeout
+        self.limit = limit
+        self.share = share
+        self.too_large = too_large
+        self.received = 0
+        self.deadline = 0.0
+        self.taken = False
+
+    async def __aenter__(self) -> BoundedBody:
+        check_encoding(self.request)
+        length = self.request.content_length
+        if length is not None and length > self.limit:
+            raise self.too_large
+        self.deadline = asyncio.get_running_loop().time() + self.timeout
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                await self.budget.take(self.share)
+        except TimeoutError:
+            raise ServerBusy(
+                "The gateway is reading too many request bodies at once; retry shortly.",
+                headers={"Retry-After": "1"},
+            ) from None
+        self.taken = True
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self.taken:
+            self.taken = False
+            await asyncio.shield(self.budget.give_back(self.share))
+
+    async def readany(self) -> bytes:
+        """The next bytes that arrived (b"" at the end of the body)."""
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                chunk = await _arrival(self.request)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"The request body did not arrive within {self.timeout:g} seconds."
+            ) from None
+        self.received += len(chunk)
+        if self.received > self.limit:
+            raise self.too_large
+        return chunk
+
+    async def read_all(self) -> bytes:
+        chunks = []
+        while chunk := await self.readany():
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+async def _arrival(request: web.Request) -> bytes:
+    """The next chunk of the body; a vanished client and broken framing become GatewayErrors."""
+    try:
+        return await request.content.readany()
+    except (ConnectionError, HttpProcessingError) as exc:
+        transport = request.transport
+        if isinstance(exc, ConnectionError) or transport is None or transport.is_closing():
+            raise ClientGone("The client closed the connection before its request arrived.") from None
+        raise InvalidRequest(
+            "The request body's framing is broken (chunk sizes or Content-Length).", code="invalid_body"
+        ) from None

@@ -1,0 +1,241 @@
+"""The front door's connections: how long a client may take, how many it may hold, and what the HTTP
+layer itself answers.
+
+`FrontRunner` is aiohttp's AppRunner whose server builds a `FrontConnection` (aiohttp's own request
+handler, bounded) per client connection:
+
+- Time to headers: a connection that has not sent a complete request head within
+  `server.header_timeout_seconds` of connecting, or of the first byte of its next request, is closed.
+- Keep-alive: an idle connection is closed after `server.keepalive_timeout_seconds`.
+- A cap, `server.max_connections` (by default sized from the process's file limit, leaving room for
+  upstream and Redis connections). At the cap, the longest-idle connection (no request in progress)
+  is closed to make room; when none is idle the new connection gets a 503 and is closed, so the
+  process never runs out of file descriptors.
+- Request bodies are never inflated (`auto_decompress` off: `front.body` refuses Content-Encoding),
+  and a request answered before its body arrived closes the connection rather than draining it.
+- aiohttp's parser errors (malformed request line, headers or chunking) get an OpenAI-shaped 400
+  that quotes nothing of the request, and a log line that names only the error's class.
+
+Every close is counted in `gateway_connections_closed_total{reason}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web, web_protocol
+from aiohttp.web_request import BaseRequest
+
+from gateway.errors import GatewayError, InternalError, InvalidRequest, ServerBusy
+from gateway.health import METRICS, RUNTIME
+from gateway.logs import get_logger
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+
+log = get_logger("gateway.front")
+
+SERVER_HEADER = "image-gateway"  # not aiohttp's default, which names Python's and aiohttp's versions
+_FILE_RESERVE = 64  # descriptors for everything but clients and upstreams: Redis, logs, the listeners
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    header_timeout: float
+    max_connections: int
+
+
+def default_max_connections(settings: Settings) -> int:
+    """Client connections one process may hold: its file limit less upstream pools and a reserve."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    upstream = sum(u.max_connections for u in settings.upstreams.values())
+    return max(16, soft - upstream - _FILE_RESERVE)
+
+
+def raise_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+        return hard
+    return soft
+
+
+class Door:
+    """The open connections of one listener, oldest first, and the cap on them."""
+
+    def __init__(self, bounds: Bounds, metrics: Metrics) -> None:
+        self.bounds = bounds
+        self.metrics = metrics
+        self.open: dict[FrontConnection, None] = {}  # insertion-ordered: the oldest first
+
+    def admit(self, connection: FrontConnection) -> bool:
+        """Room for a new connection, making it by closing the oldest idle one if need be."""
+        if len(self.open) >= self.bounds.max_connections:
+            idle = next((c for c in self.open if c.idle), None)
+            if idle is None:
+                self.closed_because("refused")
+                return False
+            idle.force_close()
+            self.left(idle)
+            self.closed_because("idle_evicted")
+        self.open[connection] = None
+        self.metrics.connections_open.inc()
+        return True
+
+    def left(self, connection: FrontConnection) -> None:
+        if self.open.pop(connection, 0) is None:
+            self.metrics.connections_open.dec()
+
+    def closed_because(self, reason: str) -> None:
+        self.metrics.connections_closed.labels(reason).inc()
+
+    def __iter__(self) -> Iterator[FrontConnection]:
+        return iter(list(self.open))
+
+
+_BUSY = ServerBusy("The gateway is at its connection limit; retry shortly.")
+_BUSY_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY.to_json()), _BUSY.to_json())
+)
+
+
+class FrontConnection(web_protocol.RequestHandler):
+    """aiohttp's request handler with the front door's bounds on time to headers and on count."""
+
+    __slots__ = ("_door", "_header_timer", "_partial")
+
+    def __init__(self, manager: web.Server, door: Door, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._door = door
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._partial = False  # bytes of a request head have arrived, not all of it
+
+    @property
+    def idle(self) -> bool:
+        """Waiting for a request (none in progress, none queued): safe to close."""
+        return self._waiter is not None and not self._waiter.done() and not self._messages
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if not self._door.admit(self):
+            if self.transport is not None:
+                self.transport.write(_BUSY_RESPONSE)
+            self.force_close()
+            return
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm_header_timer()
+        self._door.left(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        heads = self._request_count
+        super().data_received(data)
+        if self._request_count != heads:
+            self._partial = False
+            self._disarm_header_timer()
+        elif data and self._waiter is not None:
+            # the first bytes of the next request on a kept-alive connection: its head has a deadline
+            self._partial = True
+            if self._header_timer is None:
+                self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._header_timer = loop.call_later(self._door.bounds.header_timeout, self._header_timed_out)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timed_out(self) -> None:
+        self._header_timer = None
+        waiting_for_head = self.idle and (self._partial or self._request_count == 0)
+        if waiting_for_head and not self._force_close:
+            self._door.closed_because("header_timeout")
+            self.force_close()
+
+    def _process_keepalive(self) -> None:
+        was_open = not self._force_close
+        super()._process_keepalive()
+        if was_open and self._force_close:
+            self._door.closed_because("keepalive_timeout")
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's parser errors (and anything that escaped the middleware): OpenAI-shaped, echoing
+        nothing of the request; logged by class name only (the exception's text quotes raw bytes)."""
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response had begun; the connection is closed instead")
+        error: GatewayError
+        if status == 400:
+            self._door.closed_because("malformed")
+            error = InvalidRequest(
+                "The request is not valid HTTP/1.1 (request line, headers or chunked framing).",
+                code="invalid_http",
+            )
+            log.info("http_malformed", error=type(exc).__name__ if exc else None)
+        else:
+            error = InternalError("The gateway failed to handle the request.")
+            log.error("http_failed", status=status, error=type(exc).__name__ if exc else None)
+        response = web.Response(
+            status=error.status,
+            body=error.to_json(),
+            content_type="application/json",
+            headers={"x-request-id": uuid.uuid4().hex, "Server": SERVER_HEADER},
+        )
+        response.force_close()
+        return response
+
+
+class FrontServer(web.Server):
+    """aiohttp's low-level server, building FrontConnections."""
+
+    def __init__(self, plain: web.Server, door: Door) -> None:
+        # the handler arguments the runner gathered (keep-alive, field sizes, ...), kept as they are
+        kwargs: dict[str, Any] = dict(plain._kwargs)
+        super().__init__(plain.request_handler, request_factory=plain.request_factory, **kwargs)
+        self.door = door
+
+    def __call__(self) -> web_protocol.RequestHandler:
+        return FrontConnection(self, self.door, loop=self._loop, **self._kwargs)
+
+
+class FrontRunner(web.AppRunner):
+    """An AppRunner for the gateway's app whose connections pass the front door (see the module)."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        server = app[RUNTIME].current.settings.server
+        kwargs.setdefault("keepalive_timeout", server.keepalive_timeout_seconds)
+        kwargs.setdefault("auto_decompress", False)  # never inflate a body on the event loop
+        kwargs.setdefault("lingering_time", 0)  # never drain a body nobody will read
+        super().__init__(app, **kwargs)
+        settings = app[RUNTIME].current.settings
+        max_connections = server.max_connections or default_max_connections(settings)
+        self.door = Door(Bounds(server.header_timeout_seconds, max_connections), app[METRICS])
+
+    async def _make_server(self) -> web.Server:
+        return FrontServer(await super()._make_server(), self.door)
+
+
+async def server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response names the gateway, not its Python and aiohttp versions."""
+    response.headers["Server"] = SERVER_HEADER

@@ -1,0 +1,337 @@
+"""The front door under hostile HTTP: bytes an HTTP library would refuse to send, through raw sockets.
+
+Each test fails without its fix (issue 12): a wrong status, a 500, a leaked byte, a stalled loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.e2e.conftest import Running, StartGateway, base_url
+from tests.support.config import TENANT_KEY, config_dict
+from tests.support.processes import GatewayProcess
+from tests.support.raw_http import exchange, read_response, request
+
+ADMIN_TOKEN = "admin-token-for-tests"
+JSON = (b"Content-Type", b"application/json")
+GOOD = b'{"model": "gpt-image-1.5", "prompt": "a cat", "quality": "low"}'
+
+
+@pytest.fixture
+async def admin_gateway(start_gateway: StartGateway, mock_openai, mock_do) -> Running:  # type: ignore[no-untyped-def]
+    return await start_gateway(
+        openai_url=base_url(mock_openai), do_url=base_url(mock_do), admin={"token": ADMIN_TOKEN}
+    )
+
+
+def answered(gateway: Running, status: int) -> float:
+    """Requests answered with `status`, whatever their other labels."""
+    return sum(
+        sample.value
+        for family in gateway.registry.collect()
+        if family.name == "gateway_requests"
+        for sample in family.samples
+        if sample.name == "gateway_requests_total" and sample.labels["status"] == str(status)
+    )
+
+
+def port_of(gateway: Running) -> int:
+    port = gateway.server.port
+    assert port is not None
+    return port
+
+
+@pytest.mark.parametrize("path", ["/v1/images/generations", "/admin/usage"])
+@pytest.mark.parametrize("value", [b"Bearer \xff\xfe\xfd", b"Bearer caf\xc3\xa9", b"\xff"])
+async def test_non_ascii_authorization_is_401_invalid_key(
+    admin_gateway: Running, path: str, value: bytes
+) -> None:
+    method = "POST" if path.startswith("/v1") else "GET"
+    raw = request(path, method=method, headers=[JSON, (b"Authorization", value)], body=GOOD)
+    response = await exchange(port_of(admin_gateway), raw)
+    assert response.status == 401, response.body
+    code = "invalid_api_key" if path.startswith("/v1") else "invalid_admin_token"
+    assert response.json()["error"]["code"] == code  # type: ignore[index]
+    assert answered(admin_gateway, 500) == 0
+
+
+async def test_a_valid_key_still_works_over_raw_http(admin_gateway: Running) -> None:
+    auth = (b"Authorization", b"Bearer " + TENANT_KEY.encode())
+    response = await exchange(
+        port_of(admin_gateway), request("/v1/images/generations", headers=[JSON, auth], body=GOOD)
+    )
+    assert response.status == 200
+
+
+@pytest.mark.parametrize("size", ["1024x1024\n", "1024x1536\n", "auto\n"])
+async def test_a_size_with_a_trailing_newline_is_refused(admin_gateway: Running, size: str) -> None:
+    body = orjson.dumps({"model": "gpt-image-2", "prompt": "a cat", "size": size})
+    auth = (b"Authorization", b"Bearer " + TENANT_KEY.encode())
+    response = await exchange(
+        port_of(admin_gateway), request("/v1/images/generations", headers=[JSON, auth], body=body)
+    )
+    assert response.status == 400, response.body
+    assert response.json()["error"]["param"] == "size"  # type: ignore[index]
+    assert "x-upstream-request-id" not in response.headers, "refused by the upstream, not the gateway"
+
+
+@pytest.mark.parametrize("param", ["size", "model", "n", "extra", "user"])
+async def test_a_990_level_value_is_a_short_400(admin_gateway: Running, param: str) -> None:
+    body = b'{"prompt": "a cat", "' + param.encode() + b'": ' + b"[" * 990 + b"]" * 990 + b"}"
+    auth = (b"Authorization", b"Bearer " + TENANT_KEY.encode())
+    response = await exchange(
+        port_of(admin_gateway), request("/v1/images/generations", headers=[JSON, auth], body=body)
+    )
+    assert response.status == 400, response.body[:300]
+    assert len(response.body) < 1000
+
+
+# --- connections: time to headers, keep-alive, body time, the cap ------------------------------------
+
+AUTH = (b"Authorization", b"Bearer " + TENANT_KEY.encode())
+GENERATE = "/v1/images/generations"
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
+    """What the server sent before closing the connection, which it must do within `seconds`."""
+    async with asyncio.timeout(seconds):
+        return await reader.read()
+
+
+@pytest.fixture
+async def tight(start_gateway: StartGateway, mock_openai, mock_do) -> Running:  # type: ignore[no-untyped-def]
+    """Short timeouts (each test waits for one to fire, with a wide margin) and a small body budget."""
+    server = {
+        "header_timeout_seconds": 0.3,
+        "keepalive_timeout_seconds": 1.0,
+        "body_timeout_seconds": 1.0,
+        "max_body_bytes": 4096,
+        "max_buffered_body_bytes": 8192,
+    }
+    return await start_gateway(openai_url=base_url(mock_openai), do_url=base_url(mock_do), server=server)
+
+
+@pytest.fixture
+async def capped(start_gateway: StartGateway, mock_openai, mock_do) -> Running:  # type: ignore[no-untyped-def]
+    """Four connections at most; timeouts too long to interfere."""
+    server = {"max_connections": 4, "header_timeout_seconds": 60, "body_timeout_seconds": 60}
+    return await start_gateway(openai_url=base_url(mock_openai), do_url=base_url(mock_do), server=server)
+
+
+def closes(gateway: Running, reason: str) -> float:
+    return gateway.metric("gateway_connections_closed_total", reason=reason)
+
+
+async def test_a_connection_without_complete_headers_is_closed(tight: Running) -> None:
+    silent = await asyncio.open_connection("127.0.0.1", port_of(tight))
+    slow = await asyncio.open_connection("127.0.0.1", port_of(tight))
+    slow[1].write(b"POST /v1/images/generations HTTP/1.1\r\nHost: gateway\r\nAuthor")
+    assert await closed_within(silent[0], 5) == b""
+    assert await closed_within(slow[0], 5) == b""
+    assert closes(tight, "header_timeout") == 2
+    for _, writer in (silent, slow):
+        writer.close()
+
+
+async def test_an_idle_keep_alive_connection_is_closed(tight: Running) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(tight))
+    writer.write(request("/healthz", method="GET"))
+    response = await read_response(reader)
+    assert response.status == 200 and not response.closed
+    assert await closed_within(reader, 5) == b""
+    assert closes(tight, "keepalive_timeout") == 1
+    writer.close()
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_408_and_closed(tight: Running) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(tight))
+    head = request(GENERATE, headers=[JSON, AUTH, (b"Content-Length", b"100")])
+    writer.write(head + b'{"prompt":')
+    response = await read_response(reader)
+    assert response.status == 408 and response.closed
+    assert response.json()["error"]["code"] == "request_timeout"  # type: ignore[index]
+    assert await closed_within(reader, 5) == b""
+    writer.close()
+
+
+async def test_at_the_cap_idle_connections_make_room_then_new_ones_get_503(capped: Running) -> None:
+    port = port_of(capped)
+    idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+    await asyncio.sleep(0.1)
+    served = await exchange(port, request("/healthz", method="GET"))  # the oldest idle one made room
+    assert served.status == 200
+    assert closes(capped, "idle_evicted") >= 1
+    # four connections busy reading bodies: none idle, so a fifth is turned away, not failed
+    busy = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+    for _, writer in busy:
+        writer.write(request(GENERATE, headers=[JSON, AUTH, (b"Content-Length", b"100")]) + b"{")
+    await asyncio.sleep(0.2)
+    refused = await exchange(port, request("/healthz", method="GET"))
+    assert refused.status == 503 and refused.closed
+    assert refused.json()["error"]["code"] == "server_busy"  # type: ignore[index]
+    assert closes(capped, "refused") >= 1
+    for _, writer in idle + busy:
+        writer.close()
+
+
+# --- bodies: encoding, aborts, framing, the shared budget --------------------------------------------
+
+
+def gzip_bomb(inflated: int) -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
+    zeros = bytes(1 << 20)
+    parts = [compressor.compress(zeros) for _ in range(inflated >> 20)]
+    return b"".join([*parts, compressor.flush()])
+
+
+async def test_a_compressed_body_is_415_before_it_is_read_and_the_connection_closes(gateway: Running) -> None:
+    bomb = gzip_bomb(64 << 20)
+    head = request(GENERATE, headers=[JSON, AUTH, (b"Content-Encoding", b"gzip")], body=bomb)
+    response = await exchange(port_of(gateway), head)
+    assert response.status == 415 and not response.closed  # the whole body is here: keep-alive stays
+    # most of the body still to come: answered at once, and closed rather than drained
+    response = await exchange(port_of(gateway), head[: len(head) - len(bomb) // 2])
+    assert response.status == 415 and response.closed
+    assert response.json()["error"]["code"] == "unsupported_content_encoding"  # type: ignore[index]
+    garbage = request(GENERATE, headers=[JSON, AUTH, (b"Content-Encoding", b"gzip")], body=b"not gzip at all")
+    assert (await exchange(port_of(gateway), garbage)).status == 415  # never inflated, so never a 500
+
+
+async def test_a_client_that_aborts_its_upload_is_499_not_500(gateway: Running) -> None:
+    _, writer = await asyncio.open_connection("127.0.0.1", port_of(gateway))
+    writer.write(request(GENERATE, headers=[JSON, AUTH, (b"Content-Length", b"5000")]) + b'{"prompt": "a')
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.transport.abort()
+    for _ in range(100):
+        if answered(gateway, 499) == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert answered(gateway, 499) == 1 and answered(gateway, 500) == 0
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",  # a chunk size that is no number
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n",  # no CRLF after the chunk
+    ],
+)
+async def test_broken_chunked_framing_is_a_400(gateway: Running, framing: bytes) -> None:
+    head = request(GENERATE, headers=[JSON, AUTH]).removesuffix(b"\r\n")
+    response = await exchange(port_of(gateway), head + framing)
+    assert response.status == 400, response.body
+    assert TENANT_KEY.encode() not in response.body
+
+
+async def test_bodies_read_at_once_share_one_budget(tight: Running) -> None:
+    """8 KiB for all bodies being read: two slow 4,000-byte uploads hold it, so a third body of the
+    same size is not read (not buffered) until one of them is done (here: cut off at its timeout)."""
+    port = port_of(tight)
+    slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+    for _, writer in slow:
+        writer.write(request(GENERATE, headers=[JSON, AUTH, (b"Content-Length", b"4000")]) + b"{")
+    await asyncio.sleep(0.1)
+    assert tight.metric("gateway_body_bytes_buffered") == 8000
+    body = orjson.dumps({"prompt": "a" * 3950, "quality": "low"})
+    started = asyncio.get_running_loop().time()
+    third = await exchange(port, request(GENERATE, headers=[JSON, AUTH], body=body))
+    waited = asyncio.get_running_loop().time() - started
+    assert third.status == 200 and waited > 0.25, waited
+    for _, writer in slow:
+        writer.close()
+    assert tight.metric("gateway_body_bytes_buffered") == 0
+
+
+# --- the operations port, the Server header -------------------------------------------------------------
+
+
+async def test_metrics_are_on_the_operations_port_only(gateway: Running) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{gateway.url}/metrics") as resp:
+            assert resp.status == 404
+        async with session.get(f"{gateway.ops_url}/metrics") as resp:
+            assert resp.status == 200 and "gateway_requests_total" in await resp.text()
+        for url in (gateway.url, gateway.ops_url):
+            for path in ("/healthz", "/readyz"):
+                async with session.get(url + path) as resp:
+                    assert resp.status == 200, (url, path)
+
+
+async def test_no_response_names_python_or_aiohttp(gateway: Running) -> None:
+    for raw in (request("/healthz", method="GET"), request(GENERATE, headers=[JSON]), b"GARBAGE\r\n\r\n"):
+        response = await exchange(port_of(gateway), raw)
+        assert response.headers.get("server") == "image-gateway", response.headers
+
+
+# --- malformed HTTP in a real process: what the client and the log see -----------------------------
+
+PROMPT = b"a secret prompt about the moon"
+KEY = TENANT_KEY.encode()
+MALFORMED = {
+    "space before colon": b"POST /v1/images/generations HTTP/1.1\r\nHost: g\r\nAuthorization : Bearer "
+    + KEY
+    + b"\r\nContent-Length: 2\r\n\r\n{}",
+    "folded header": b"POST /v1/images/generations HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer\r\n "
+    + KEY
+    + b"\r\nContent-Length: 2\r\n\r\n{}",
+    "bad chunk size": b"POST /v1/images/generations HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer "
+    + KEY
+    + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    + PROMPT
+    + b"\r\n"
+    + PROMPT
+    + b"\r\n0\r\n\r\n",
+    "bare LF": b"POST /v1/images/generations HTTP/1.1\nHost: g\nAuthorization: Bearer " + KEY + b"\n\n",
+    "garbage request line": PROMPT + b" " + KEY + b"\r\n\r\n",
+    "NUL in a header": b"GET /healthz HTTP/1.1\r\nHost: g\r\nX-Key: " + KEY + b"\x00" + PROMPT + b"\r\n\r\n",
+}
+
+
+async def test_malformed_http_is_an_openai_400_that_echoes_nothing_and_logs_nothing_of_it(
+    mock_openai,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    gateway = GatewayProcess(config_dict(base_url(mock_openai)), tmp_path)
+    await gateway.start()
+    try:
+        for name, raw in MALFORMED.items():
+            response = await exchange(gateway.port, raw)
+            assert response.status == 400, (name, response.body)
+            assert response.headers["content-type"].startswith("application/json"), name
+            assert response.json()["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+            assert KEY not in response.body and b"moon" not in response.body, name
+    finally:
+        assert gateway.stop() == 0
+    lines = gateway.log_lines()
+    assert lines
+    for line in lines:
+        assert orjson.loads(line), line  # one JSON object per line, no traceback lines between
+        assert KEY.decode() not in line and "moon" not in line and "Traceback" not in line, line
+
+
+@pytest.mark.parametrize("path", ["/v1/images/edits", "/v1/images/variations"])
+async def test_uploads_pass_the_same_front_door(gateway: Running, path: str) -> None:
+    """Multipart bodies are read through the same bounds: never inflated, never a 500 when cut off."""
+    multipart = (b"Content-Type", b"multipart/form-data; boundary=XyZ")
+    body = b'--XyZ\r\nContent-Disposition: form-data; name="prompt"\r\n\r\na cat\r\n--XyZ--\r\n'
+    gzip = (b"Content-Encoding", b"gzip")
+    response = await exchange(port_of(gateway), request(path, headers=[multipart, AUTH, gzip], body=body))
+    assert response.status == 415
+    assert response.json()["error"]["code"] == "unsupported_content_encoding"  # type: ignore[index]
+    _, writer = await asyncio.open_connection("127.0.0.1", port_of(gateway))
+    writer.write(request(path, headers=[multipart, AUTH, (b"Content-Length", b"5000")]) + body[:40])
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.transport.abort()
+    for _ in range(100):
+        if answered(gateway, 499) == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert answered(gateway, 499) == 1 and answered(gateway, 500) == 0
