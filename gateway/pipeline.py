@@ -17,7 +17,6 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway import upstream
-from gateway.admission import AdmissionQueue
 from gateway.auth import Credential, authenticate
 from gateway.errors import (
     GatewayError,
@@ -25,6 +24,7 @@ from gateway.errors import (
     PolicyViolation,
     UpstreamAuthFailed,
 )
+from gateway.front.admission import AdmissionQueue
 from gateway.front.body import BodyReader
 from gateway.limits import Admission, Reservation, Store, merge_upstream_limit_headers
 from gateway.logs import get_logger

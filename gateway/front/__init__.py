@@ -1,2 +1,3 @@
 """The front door: everything between a client's socket and tenant code. Connections and the HTTP
-layer's own errors (`connections`), request bodies (`body`)."""
+layer's own errors (`connections`), request bodies (`body`), load shedding before admission
+(`admission`)."""

@@ -13,7 +13,7 @@ Unavailability. A call that fails marks the store down (`store_up` 0, one `store
 warning per outage, `store_errors`). What "Redis did not answer within `timeout_ms`" means is the
 engine's to judge where it can (the lean connection times only Redis's part, proof against this
 process's own lag); otherwise each call is bounded here by `timeout_ms`. A busy process is not an
-outage: the pipeline sheds load before admission instead (`gateway/admission.py`). While the
+outage: the pipeline sheds load before admission instead (`gateway/front/admission.py`). While the
 store is down, `on_unavailable` decides per request: `fail_open` admits with a degraded
 reservation and counts `degraded_decisions`; `fail_closed` answers `StoreUnavailable`. There is
 no per-process fallback counter. The next successful call marks it up again (`store_recovered`).
