@@ -24,18 +24,24 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/gateway demo --port $(PORT)
 
-# The tests start their own redis-server (standalone and a three-master cluster) on free ports, and
-# check the Prometheus config and alert rules with promtool (Debian's prometheus package).
+# The tests start their own redis-server (standalone and a three-master cluster) on free ports,
+# check the Prometheus config and alert rules with promtool (Debian's prometheus package), and drive
+# the usage page in a headless Chromium (Debian's chromium; without one those tests skip and say so).
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
-	if [ -n "$$missing" ]; then \
-	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	    echo "installing:$$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	  else echo "The tests need:$$missing (Debian: apt-get install$$missing)." >&2; exit 1; fi; \
+	browser=""; \
+	[ -n "$$GATEWAY_TEST_CHROMIUM" ] || command -v chromium >/dev/null || command -v chromium-browser >/dev/null \
+	  || command -v google-chrome >/dev/null || browser="chromium"; \
+	if [ -n "$$missing$$browser" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing:$$missing $$browser"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing $$browser >/dev/null; \
+	elif [ -n "$$missing" ]; then \
+	  echo "The tests need:$$missing (Debian: apt-get install$$missing)." >&2; exit 1; \
+	elif [ -n "$$browser" ]; then \
+	  echo "No Chromium: the usage page's browser tests will skip (Debian: apt-get install chromium)." >&2; \
 	fi
 
 lint: $(STAMP)

@@ -27,6 +27,7 @@ from gateway.reload import Reloader
 from gateway.runtime import Runtime, RuntimeHolder
 from gateway.settings import ConfigError, Settings
 from gateway.shutdown import IN_FLIGHT, SETTLEMENTS_LOST, track_handlers
+from gateway.telemetry.activity import Activity
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
 RELOADER = web.AppKey("reloader", Reloader)
@@ -47,8 +48,9 @@ def create_app(
     `server_overrides` are the command line's (`--host/--port`), applied again at each reload."""
     holder = RuntimeHolder(Runtime.build(settings))
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    activity = Activity()
     app = web.Application(
-        middlewares=[track_handlers, create_request_middleware(metrics)],
+        middlewares=[track_handlers, create_request_middleware(metrics, activity)],
         client_max_size=settings.server.max_body_bytes,
         handler_args={"max_field_size": 16384},
     )
@@ -79,6 +81,7 @@ def create_app(
                 app[STORE],
                 lambda: holder.current.settings,
                 lambda: _reload_all(reloader),
+                activity,
             ),
         )
     return app
