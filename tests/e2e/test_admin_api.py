@@ -38,7 +38,8 @@ async def test_activity_counts_each_decision_and_tenants_show_what_is_left(
                 statuses.append(r.status)
 
         await generate({"model": "gpt-image-1.5", **LOW})  # served
-        await generate({"model": "gpt-image-1", **LOW})  # failed: the upstream is down
+        # failed: the upstream is down (a size DigitalOcean takes: the request is valid there)
+        await generate({"model": "gpt-image-1", **LOW, "size": "1536x1024"})
         await generate({"model": "gpt-image-2", **LOW})  # the policy does not allow the model
         await generate({"model": "gpt-image-1.5", **LOW}, {"Authorization": "Bearer nope"})
         await generate({"model": "gpt-image-1.5", **LOW})  # the third request of the minute
