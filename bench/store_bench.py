@@ -1,12 +1,15 @@
 """Measure the quota store: script calls, client CPU and wall time per reserve and per settle.
 
     .venv/bin/python -m bench.store_bench [--url redis://127.0.0.1:PORT/0] [-n 2000] [--cluster]
+                                          [--outbox DIR]
 
 Without --url it starts a throw-away redis-server (or, with --cluster, a three-master cluster)
 on free ports (never the shared 6379). A
 request carries a realistic plan: seven tenant limits, one key limit, two end-user limits.
 Script calls (one per reserve, one per settle; the client batches those of one loop turn into
-one write) and the server's own cost per call come from INFO commandstats.
+one write) and the server's own cost per call come from INFO commandstats. With --outbox, the
+Redis store is measured a second time with its durable outbox journalled under DIR (what
+`store.outbox_path` costs per request: the CPU of this process, the SQLite writer thread included).
 """
 
 from __future__ import annotations
@@ -170,6 +173,16 @@ async def main(args: argparse.Namespace) -> None:
         print(
             f"  redis server time per EVALSHA (INFO commandstats): {await server_usec_per_call(args.url)} µs"
         )
+    if args.outbox:
+        durable = create_store(
+            settings.model_copy(update={"outbox_path": args.outbox}), Metrics(CollectorRegistry())
+        )
+        assert isinstance(durable, LimitStore)
+        await durable.start()
+        try:
+            report(f"redis store, durable outbox in {args.outbox}", await bench(durable, args.n, None))
+        finally:
+            await durable.close()
 
 
 def cli() -> None:
@@ -179,6 +192,7 @@ def cli() -> None:
     parser.add_argument("--url", help="a Redis to use (default: start one on a free port)")
     parser.add_argument("--cluster", action="store_true", help="--url is a Redis Cluster node")
     parser.add_argument("-n", type=int, default=2000, help="requests per measurement")
+    parser.add_argument("--outbox", help="also measure with the durable outbox journalled in this directory")
     args = parser.parse_args()
     if args.url:
         run(main(args))

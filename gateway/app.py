@@ -6,8 +6,9 @@ configuration belong to the app, are created here or in `cleanup_ctx`, and are t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -16,14 +17,16 @@ from gateway.admin import create_admin_app
 from gateway.front.body import BodyBudget, BodyReader
 from gateway.front.connections import server_header
 from gateway.health import DRAINING, METRICS, RUNTIME, STORE, add_health_routes
-from gateway.limits import Store, create_store
-from gateway.metrics import Metrics, publish_limits
+from gateway.limits import JournalError, Store, create_store
+from gateway.metrics import ConfigCollector, Metrics
 from gateway.middleware import create_request_middleware
+from gateway.model_list import add_model_routes
 from gateway.pipeline import Pipeline
 from gateway.reload import Reloader
 from gateway.runtime import Runtime, RuntimeHolder
-from gateway.settings import Settings
+from gateway.settings import ConfigError, Settings
 from gateway.shutdown import IN_FLIGHT, SETTLEMENTS_LOST, track_handlers
+from gateway.telemetry.activity import Activity
 from gateway.upstreams.pools import Pools
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
@@ -37,23 +40,31 @@ def create_app(
     registry: CollectorRegistry | None = None,
     store: Store | None = None,
     config_path: Path | None = None,
+    worker: int = 0,
+    server_overrides: Mapping[str, Any] | None = None,
 ) -> web.Application:
-    """The gateway as an aiohttp Application; raises ConfigError for an unusable configuration."""
+    """The gateway as an aiohttp Application; raises ConfigError for an unusable configuration.
+    `worker` is this process's index among `server.workers` (its durable outbox file);
+    `server_overrides` are the command line's (`--host/--port`), applied again at each reload."""
     holder = RuntimeHolder(Runtime.build(settings))
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    activity = Activity()
     app = web.Application(
-        middlewares=[track_handlers, create_request_middleware(metrics)],
+        middlewares=[track_handlers, create_request_middleware(metrics, activity)],
         client_max_size=settings.server.max_body_bytes,
         handler_args={"max_field_size": 16384},
     )
     app[RUNTIME] = holder
     app[METRICS] = metrics
-    app[STORE] = store if store is not None else create_store(settings.store, metrics)
+    app[STORE] = store if store is not None else _store(settings, metrics, worker)
     app[DRAINING] = [False]
     app[IN_FLIGHT] = set()
     app[SETTLEMENTS_LOST] = [0]
-    publish_limits(metrics, settings)
-    app[RELOADER] = Reloader(holder, config_path, lambda runtime: publish_limits(metrics, runtime.settings))
+    metrics.initialise(settings)
+    metrics.registry.register(ConfigCollector(lambda: holder.current.settings))
+    app[RELOADER] = Reloader(
+        holder, config_path, lambda runtime: metrics.initialise(runtime.settings), server_overrides
+    )
     app[BODIES] = BodyReader(BodyBudget(settings.server.max_buffered_body_bytes, metrics))
     app.on_response_prepare.append(server_header)
     app.cleanup_ctx.append(_resources)
@@ -61,6 +72,7 @@ def create_app(
     app.router.add_post("/v1/images/edits", edits)
     app.router.add_post("/v1/images/variations", variations)
     add_health_routes(app)
+    add_model_routes(app)
     if settings.admin.enabled:
         reloader = app[RELOADER]
         app.add_subapp(
@@ -68,10 +80,23 @@ def create_app(
             create_admin_app(
                 app[STORE],
                 lambda: holder.current.settings,
-                lambda: (reloader.reload_all().settings, reloader.needs_restart),
+                lambda: _reload_all(reloader),
+                activity,
             ),
         )
     return app
+
+
+def _reload_all(reloader: Reloader) -> tuple[Settings, list[str]]:
+    runtime, needs_restart = reloader.reload_all()
+    return runtime.settings, needs_restart
+
+
+def _store(settings: Settings, metrics: Metrics, worker: int) -> Store:
+    try:
+        return create_store(settings.store, metrics, worker=worker, workers=settings.server.workers)
+    except JournalError as exc:
+        raise ConfigError("store.outbox_path", [str(exc)]) from exc
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

@@ -15,32 +15,26 @@ from gateway.settings import ConfigError, Settings, load_settings
 
 
 def _load(path: str, *, serving: bool = True) -> Settings:
-    """The validated settings; `serving` also requires a key for each upstream that needs one."""
-    from gateway.runtime import Runtime
+    """The validated settings, routes, catalog and policies included (every problem at once);
+    `serving` also requires a key for each upstream that needs one."""
+    from gateway.routing import world_problems
 
-    settings = load_settings(path, require_upstream_keys=serving)
-    try:
-        Runtime.build(settings)  # routes, catalog and policies must resolve too
-    except ConfigError as exc:
-        raise ConfigError(path, exc.errors) from None
-    return settings
+    return load_settings(path, require_upstream_keys=serving, checks=world_problems)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.server import serve, supervise
 
-    settings = _load(args.config)
-    if args.port is not None or args.host is not None:
-        server = settings.server.model_copy(
-            update={k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
-        )
-        settings = settings.model_copy(update={"server": server})
+    overrides = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
+    settings = _load(args.config).with_server(overrides)
     configure_logging(settings.server.log_level, settings.server.log_format)
-    if settings.server.workers > 1 and not args.worker:
-        argv = ["serve", "--config", args.config, "--worker"]
+    if settings.server.workers > 1 and args.worker is None:
+        argv = ["serve", "--config", args.config]
         argv += ["--port", str(settings.server.port), "--host", settings.server.host]
         return supervise(settings, argv)
-    return _serve(serve(settings, config_path=Path(args.config), reuse_port=args.worker))
+    return _serve(
+        serve(settings, config_path=Path(args.config), worker=args.worker, server_overrides=overrides)
+    )
 
 
 def _serve(main: Coroutine[Any, Any, int | None]) -> int:
@@ -148,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="path to the YAML configuration")
     p.add_argument("--host", default=None, help="override server.host")
     p.add_argument("--port", type=int, default=None, help="override server.port")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # its index, from supervise
 
     p = add(
         "demo", cmd_demo, "Run the gateway end to end offline: mock upstreams, memory store, a ready tenant."

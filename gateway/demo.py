@@ -2,12 +2,14 @@
 
 Starts two mock upstreams (OpenAI and DigitalOcean flavours) and the gateway with the memory
 store and one ready tenant, then prints the tenant's key and snippets that work as printed: a
-generation and an edit of its result, with curl and with the openai SDK.
+generation and an edit of its result, with curl and with the openai SDK; and the usage page's
+URL with the admin token to sign in with (both new every run).
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import socket
 from textwrap import dedent
 
@@ -26,6 +28,8 @@ server:
   port: {port}
   ops_port: {ops_port}
   log_format: console
+admin:
+  token: "{admin_token}"
 upstreams:
   openai:
     base_url: {openai_url}
@@ -67,10 +71,13 @@ tenants:
 """
 
 
-def demo_settings(port: int, openai_url: str, do_url: str, key: str, ops_port: int = 0) -> Settings:
+def demo_settings(
+    port: int, openai_url: str, do_url: str, key: str, *, admin_token: str, ops_port: int = 0
+) -> Settings:
     text = DEMO_CONFIG.format(
         port=port,
         ops_port=ops_port,
+        admin_token=admin_token,
         openai_url=openai_url,
         do_url=do_url,
         upstream_key=DEMO_UPSTREAM_KEY,
@@ -79,7 +86,7 @@ def demo_settings(port: int, openai_url: str, do_url: str, key: str, ops_port: i
     return parse_settings(text, "<demo>", environ={})
 
 
-def banner(url: str, key: str, ops_url: str) -> str:
+def banner(url: str, key: str, ops_url: str, admin_token: str) -> str:
     """Snippets start at column 0 so that they paste into a shell as printed."""
     return dedent(
         f"""
@@ -122,6 +129,7 @@ def banner(url: str, key: str, ops_url: str) -> str:
         print("saved lighthouse-night.png", img.usage)
         PY
 
+        Usage page: {url}/admin/ui    admin token: {admin_token}
         Metrics: {ops_url}/metrics     Health: {url}/healthz
         ================================================================
         """
@@ -147,13 +155,13 @@ async def _start_mock(flavor: str) -> tuple[web.AppRunner, str]:
 async def run_demo(port: int) -> None:
     openai_runner, openai_url = await _start_mock("openai")
     do_runner, do_url = await _start_mock("digitalocean")
-    key = new_key()
+    key, admin_token = new_key(), secrets.token_urlsafe(24)
     with socket.socket() as sock:  # the operations port: any free one, named in the banner
         sock.bind(("127.0.0.1", 0))
         ops_port = int(sock.getsockname()[1])
-    settings = demo_settings(port, openai_url, do_url, key, ops_port)
+    settings = demo_settings(port, openai_url, do_url, key, admin_token=admin_token, ops_port=ops_port)
     ops_url = f"http://127.0.0.1:{ops_port}"
     try:
-        await serve(settings, on_ready=lambda url: print(banner(url, key, ops_url), flush=True))
+        await serve(settings, on_ready=lambda url: print(banner(url, key, ops_url, admin_token), flush=True))
     finally:
         await asyncio.gather(openai_runner.cleanup(), do_runner.cleanup())

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.limits import Store
-from gateway.metrics import Metrics
+from gateway.metrics import ConfigCollector, Metrics
 from gateway.runtime import RuntimeHolder
 
 METRICS = web.AppKey("metrics", Metrics)
@@ -46,6 +46,8 @@ async def metrics(request: web.Request) -> web.Response:
     if multiproc_dir:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
+        runtime = request.app[RUNTIME]
+        registry.register(ConfigCollector(lambda: runtime.current.settings))
     body = generate_latest(registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -5,12 +5,15 @@ Labels are bounded: tenant, model, upstream, route, outcome-like enums. Never ke
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as _Counter
 from prometheus_client import Gauge as _Gauge
 from prometheus_client import Histogram as _Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from gateway.settings import Settings
 
@@ -169,13 +172,6 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
-        self.budget_limit = Gauge(
-            "gateway_budget_limit",
-            "The configured size of each tenant limit (USD for usd_* limits).",
-            ["tenant", "limit"],
-            registry=r,
-            multiprocess_mode="mostrecent",
-        )
         self.reservation_drift = Histogram(
             "gateway_reservation_drift_tokens",
             "Estimated minus actual tokens per settled request.",
@@ -276,24 +272,64 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
-        self.upstream_budget_limit = Gauge(
-            "gateway_upstream_budget_limit",
-            "The configured size of each upstream's provider quota (upstreams.*.limits).",
-            ["upstream", "limit"],
+        self.clients_gone = Counter(
+            "gateway_clients_gone",
+            "Requests whose client left, or stopped reading, before the end of the response.",
+            ["tenant", "model"],
             registry=r,
-            multiprocess_mode="mostrecent",
         )
 
+    def initialise(self, settings: Settings) -> None:
+        """Export at 0 the counters dashboards and alerts take `rate()` of, for every label set the
+        configuration names (at start and after a reload), so they read 0 instead of "no data"
+        until they first fire. The store's own are initialised by the store."""
+        for upstream in settings.upstreams:
+            for kind in UPSTREAM_ERROR_KINDS:
+                self.upstream_errors.labels(upstream, kind)
+        for tenant in settings.tenants:
+            for model in settings.models_for(tenant):
+                self.usage_missing.labels(tenant, model)
+                self.clients_gone.labels(tenant, model)
 
-def publish_limits(metrics: Metrics, settings: Settings) -> None:
-    """Set `gateway_budget_limit` and `gateway_upstream_budget_limit` from the configuration (at
-    start and after every reload)."""
-    metrics.budget_limit.clear()
-    metrics.upstream_budget_limit.clear()
-    for upstream, upstream_settings in settings.upstreams.items():
-        if upstream_settings.limits is not None:
-            for limit, value in upstream_settings.limits.model_dump(exclude_none=True).items():
-                metrics.upstream_budget_limit.labels(upstream, limit).set(float(value))
-    for tenant, tenant_settings in settings.tenants.items():
-        for limit, value in tenant_settings.limits.model_dump(exclude_none=True).items():
-            metrics.budget_limit.labels(tenant, limit).set(float(value))
+
+# The kinds of gateway_upstream_errors_total known in advance (an upstream's error status adds
+# `http_<status>` when it first happens).
+UPSTREAM_ERROR_KINDS = (
+    "upstream_unavailable",
+    "upstream_connect_timeout",
+    "upstream_read_timeout",
+    "upstream_auth_failed",
+    "stream_error",
+)
+
+
+class ConfigCollector(Collector):
+    """Series that describe the configuration, read from it at every scrape: `gateway_budget_limit`.
+
+    Not a gauge: in multiprocess mode (workers) a gauge's labels cannot be cleared, so a limit
+    removed by a reload would be exported for ever; read at scrape time it simply goes away."""
+
+    def __init__(self, settings: Callable[[], Settings]) -> None:
+        self._settings = settings
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "gateway_budget_limit",
+            "The configured size of each tenant limit (USD for usd_* limits).",
+            labels=["tenant", "limit"],
+        )
+        for tenant, tenant_settings in self._settings().tenants.items():
+            limits = tenant_settings.limits.model_dump(exclude_none=True, exclude={"modes"})
+            for limit, value in limits.items():
+                family.add_metric([tenant, limit], float(value))
+        yield family
+        upstreams = GaugeMetricFamily(
+            "gateway_upstream_budget_limit",
+            "The configured size of each upstream's provider quota (upstreams.*.limits).",
+            labels=["upstream", "limit"],
+        )
+        for upstream, upstream_settings in self._settings().upstreams.items():
+            if upstream_settings.limits is not None:
+                for limit, value in upstream_settings.limits.model_dump(exclude_none=True).items():
+                    upstreams.add_metric([upstream, limit], float(value))
+        yield upstreams

@@ -26,6 +26,7 @@ from gateway.auth import bearer_token
 from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
+from gateway.telemetry.activity import Activity
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -87,7 +88,9 @@ def _as_gateway_error(exc: web.HTTPException, request: web.Request) -> GatewayEr
     return InternalError(exc.reason)
 
 
-def create_request_middleware(metrics: Metrics) -> Any:
+def create_request_middleware(metrics: Metrics, activity: Activity | None = None) -> Any:
+    """`activity`, when given, counts each finished `/v1/` request by decision (the usage page)."""
+
     @web.middleware
     async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         record = RequestRecord(request_id=uuid.uuid4().hex, started=time.perf_counter())
@@ -103,9 +106,9 @@ def create_request_middleware(metrics: Metrics) -> Any:
         finally:
             if record.pending is not None and not record.pending.done():
                 # The handler was cancelled while the pipeline still works: log when it is done.
-                record.pending.add_done_callback(lambda _: _finish(request, record, metrics))
+                record.pending.add_done_callback(lambda _: _finish(request, record, metrics, activity))
             else:
-                _finish(request, record, metrics)
+                _finish(request, record, metrics, activity)
 
     return request_middleware
 
@@ -128,9 +131,11 @@ async def _handle(request: web.Request, handler: Handler, record: RequestRecord)
     return response
 
 
-def _finish(request: web.Request, record: RequestRecord, metrics: Metrics) -> None:
+def _finish(request: web.Request, record: RequestRecord, metrics: Metrics, activity: Activity | None) -> None:
     duration = time.perf_counter() - record.started
     if request.path.startswith("/v1/"):
+        if activity is not None:
+            activity.count(record.status)
         metrics.requests.labels(
             record.tenant, record.model, record.upstream, record.operation, str(record.status)
         ).inc()

@@ -301,6 +301,8 @@ class Pipeline:
             await settled
         tenant, model = credential.tenant, record.model
         self.record_usage(tenant, model, admitted, actual, how)
+        if outcome is not None and outcome.client_gone:
+            self.metrics.clients_gone.labels(tenant, model).inc()
         record.fields.update(
             settled=how,
             images=actual.images,

@@ -42,7 +42,9 @@ class RelayOutcome:
     reader: UsageReader
     bytes_sent: int = 0
     first_byte_at: float | None = None  # perf_counter() of the first body bytes written
-    client_gone: bool = False  # left, or stopped reading for longer than the write timeout
+    # left before the end, or stopped reading for longer than the write timeout; a client that
+    # closes after `data: [DONE]` (openai-python does) read everything and is not gone
+    client_gone: bool = False
     failure: GatewayError | None = None  # upstream failed after headers were sent
 
 
@@ -85,33 +87,36 @@ async def _pump(upstream: aiohttp.ClientResponse, client: _Client) -> None:
 class _Client:
     """The client side of one relay: every write bounded in time; where the bytes sent so far end."""
 
-    __slots__ = ("outcome", "request", "tail", "timeout")
+    __slots__ = ("closed", "outcome", "read_to_end", "request", "tail", "timeout")
 
     def __init__(self, request: web.Request, outcome: RelayOutcome, timeout: float) -> None:
         self.request = request
         self.outcome = outcome
         self.timeout = timeout
         self.tail = b""  # the last bytes written: enough to tell whether an SSE event has ended
+        self.closed = False  # no more writes: the connection is gone
+        self.read_to_end = False  # what was written includes the stream's `data: [DONE]`
 
     async def prepare(self) -> None:
         await self._send(self.outcome.response.prepare(self.request))
 
     async def write(self, chunk: bytes) -> None:
         outcome = self.outcome
-        if outcome.client_gone or not await self._send(outcome.response.write(chunk)):
+        if self.closed or not await self._send(outcome.response.write(chunk)):
             return
         if outcome.first_byte_at is None:
             outcome.first_byte_at = time.perf_counter()
         outcome.bytes_sent += len(chunk)
         self.tail = chunk[-4:] if len(chunk) >= 4 else (self.tail + chunk)[-4:]
+        self.read_to_end = outcome.reader.done
 
     async def finish(self) -> None:
-        if not self.outcome.client_gone:
+        if not self.closed:
             await self._send(self.outcome.response.write_eof())
 
     async def end_after_failure(self, failure: GatewayError) -> None:
         outcome = self.outcome
-        if outcome.client_gone:
+        if self.closed:
             return
         if outcome.streaming and (outcome.bytes_sent == 0 or _ends_event(self.tail)):
             if await self._send(outcome.response.write(failure.to_sse())):
@@ -128,13 +133,17 @@ class _Client:
                 await write
         except TimeoutError:
             log.warning("client_write_timed_out", timeout_seconds=self.timeout)
-            self.outcome.client_gone = True
+            self._gone()
             self._abort()
             return False
         except ConnectionError:
-            self.outcome.client_gone = True
+            self._gone()
             return False
         return True
+
+    def _gone(self) -> None:
+        self.closed = True
+        self.outcome.client_gone = not self.read_to_end
 
     def _abort(self) -> None:
         if self.request.transport is not None:

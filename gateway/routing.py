@@ -54,27 +54,7 @@ def declared_operations(upstream: UpstreamSettings) -> frozenset[str] | None:
 
 def load_world(settings: Settings) -> tuple[Catalog, dict[str, RouteTarget]]:
     """The validated catalog and route targets; raises ConfigError listing every problem."""
-    targets = route_targets(settings)
-    try:
-        catalog = load_catalog(settings.catalog)
-    except CatalogError as exc:
-        raise ConfigError("<config>", exc.errors) from None
-    errors = [
-        f"routes.{name}{'.catalog' if settings.routes[name].catalog else ''}: no catalog entry"
-        f" {target.catalog!r} (add it under catalog:, or name an existing one with catalog:)"
-        for name, target in targets.items()
-        if target.catalog not in catalog
-    ]
-    errors += [
-        problem
-        for name, route in settings.routes.items()
-        for index, target in enumerate(route.targets or [])
-        for problem in _target_problems(
-            f"routes.{name}.targets.{index}", target, route.catalog or name, catalog
-        )
-    ]
-    for path, policy in _effective_policies(settings):
-        errors += policy_problems(path, policy, catalog, targets)
+    catalog, targets, errors = _world(settings)
     if errors:
         raise ConfigError("<config>", errors)
     return catalog, targets
@@ -95,6 +75,40 @@ def priced_entry(entry: ModelEntry, target: TargetSettings) -> ModelEntry:
         return entry
     changed = target.prices.model_dump(exclude_none=True)
     return entry.model_copy(update={"prices": entry.prices.model_copy(update=changed)})
+
+
+def world_problems(settings: Settings) -> list[str]:
+    """Every problem `load_world` would raise, as a list (check-config prints them with the rest)."""
+    return _world(settings)[2]
+
+
+def _world(settings: Settings) -> tuple[Catalog, dict[str, RouteTarget], list[str]]:
+    targets = route_targets(settings)
+    errors: list[str] = []
+    try:
+        catalog = load_catalog(settings.catalog)
+    except CatalogError as exc:
+        # Routes and policies are still checked, against the shipped catalog; a model the broken
+        # overrides define is not reported missing on top.
+        errors += exc.errors
+        catalog = load_catalog()
+    errors += [
+        f"routes.{name}{'.catalog' if settings.routes[name].catalog else ''}: no catalog entry"
+        f" {target.catalog!r} (add it under catalog:, or name an existing one with catalog:)"
+        for name, target in targets.items()
+        if target.catalog not in catalog and target.catalog not in settings.catalog
+    ]
+    errors += [
+        problem
+        for name, route in settings.routes.items()
+        for index, target in enumerate(route.targets or [])
+        for problem in _target_problems(
+            f"routes.{name}.targets.{index}", target, route.catalog or name, catalog
+        )
+    ]
+    for path, policy in _effective_policies(settings):
+        errors += policy_problems(path, policy, catalog, targets)
+    return catalog, targets, errors
 
 
 def _effective_policies(settings: Settings) -> Iterable[tuple[str, Policy]]:

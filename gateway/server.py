@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,11 +65,15 @@ async def serve(
     *,
     config_path: Path | None = None,
     on_ready: Callable[[str], None] | None = None,
-    reuse_port: bool = False,
+    worker: int | None = None,
+    server_overrides: Mapping[str, Any] | None = None,
 ) -> int:
     """Serve until SIGTERM or SIGINT, then shut down (shutdown.py); the number of settlements lost
-    at shutdown. Raises ListenError when the address cannot be bound."""
-    app = create_app(settings, config_path=config_path)
+    at shutdown. Raises ListenError when the address cannot be bound.
+    `worker`: this process is worker number `worker` under `supervise` (it shares the port);
+    `server_overrides`: the command line's `--host/--port`, already in `settings`."""
+    app = create_app(settings, config_path=config_path, worker=worker or 0, server_overrides=server_overrides)
+    reuse_port = worker is not None
     if reuse_port:  # a worker under `supervise`: admin reloads go through the supervisor
         app[RELOADER].supervisor_pid = os.getppid()
     server = settings.server
@@ -99,6 +103,7 @@ async def serve(
         await runner.cleanup()
         raise ListenError(ops_host, server.ops_port, exc) from exc
     url = f"http://{server.host}:{_bound_port(runner) or server.port}"
+    _log_store(settings)
     log.info(
         "gateway_started",
         url=url,
@@ -133,6 +138,20 @@ async def serve(
     return lost
 
 
+def _log_store(settings: Settings) -> None:
+    """Which store holds the limits, said at every start: the memory store loudly."""
+    store = settings.store
+    if store.backend == "memory":
+        log.warning(
+            "store_in_memory",
+            message="limits, budgets and the ledger live in this process only and start from zero at"
+            " every restart; for Redis set store.backend: redis (GATEWAY_STORE_BACKEND=redis with"
+            " config.example.yaml)",
+        )
+    else:
+        log.info("store_selected", backend=store.backend, url=store.shown_url, cluster=store.cluster)
+
+
 def _reload(app: web.Application) -> None:
     with contextlib.suppress(ConfigError):  # logged by the reloader; the old configuration stays
         app[RELOADER].reload()
@@ -150,8 +169,8 @@ def supervise(settings: Settings, worker_argv: Sequence[str]) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     workers = [
-        subprocess.Popen([sys.executable, "-m", "gateway", *worker_argv], env=env)
-        for _ in range(settings.server.workers)
+        subprocess.Popen([sys.executable, "-m", "gateway", *worker_argv, "--worker", str(index)], env=env)
+        for index in range(settings.server.workers)
     ]
     log.info("workers_started", workers=len(workers), pids=[w.pid for w in workers])
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -101,6 +102,39 @@ class StoreSettings(_Frozen):
     timeout_ms: int = Field(default=250, gt=0)
     lease_ttl_seconds: int = Field(default=900, gt=0)
     ledger_retention_days: int = Field(default=400, gt=0)
+    # A directory on local disk for the durable outbox (one SQLite file per process); empty: the
+    # outbox lives in memory only, and a killed process loses what it held.
+    outbox_path: str = ""
+
+    @property
+    def shown_url(self) -> str:
+        """`url` fit for a log line: without its password."""
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
+        return parts._replace(netloc=netloc + (f":{parts.port}" if parts.port else "")).geturl()
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, url: str, info: ValidationInfo) -> str:
+        if info.data.get("backend") == "redis" and (problem := redis_url_problem(url)):
+            raise ValueError(problem)
+        return url
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why `url` is not a Redis URL the store can connect with, or None."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
+    except ValueError as exc:
+        return f"{url!r} is not a URL ({exc})"
+    if parts.scheme in ("redis", "rediss"):
+        return None if parts.hostname else f"{url!r} names no host (redis://HOST:PORT/DB)"
+    if parts.scheme == "unix":
+        return None if parts.path else f"{url!r} names no socket path (unix:///path/to/redis.sock)"
+    return f"{url!r} must be a redis://, rediss:// or unix:// URL"
 
 
 class AdminSettings(_Frozen):
@@ -210,8 +244,23 @@ MAX_TOKENS_PER_DAY = 10**15
 MAX_USD = Decimal(8_000_000)
 
 
+LimitName = Literal[
+    "requests_per_minute",
+    "images_per_minute",
+    "tokens_per_minute",
+    "tokens_per_day",
+    "usd_per_day",
+    "usd_per_month",
+    "concurrent_requests",
+]
+
+
 class Limits(_Frozen):
-    """Per-scope limits. Per-minute limits are smooth (a limit of N admits a burst of N)."""
+    """Per-scope limits. Per-minute limits are smooth (a limit of N admits a burst of N).
+
+    A limit is a number, or `{value: N, mode: shadow}` to dark-launch it alone: checked, charged
+    and counted (`shadow`), never rejecting, while the scope's other limits are enforced. `modes`
+    holds what those objects said (it may also be written directly)."""
 
     requests_per_minute: int | None = Field(default=None, ge=0, le=MAX_PER_MINUTE)
     images_per_minute: int | None = Field(default=None, ge=0, le=MAX_PER_MINUTE)
@@ -220,6 +269,32 @@ class Limits(_Frozen):
     usd_per_day: Decimal | None = Field(default=None, ge=0, le=MAX_USD)
     usd_per_month: Decimal | None = Field(default=None, ge=0, le=MAX_USD)
     concurrent_requests: int | None = Field(default=None, ge=0, le=1_000_000)
+    modes: dict[LimitName, Literal["enforce", "shadow"]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _limit_objects(cls, data: Any) -> Any:
+        """`usd_per_day: {value: 50, mode: shadow}` -> `usd_per_day: 50` and `modes.usd_per_day`."""
+        if not isinstance(data, dict):
+            return data
+        data, modes = dict(data), dict(data.get("modes") or {})
+        for name, value in list(data.items()):
+            if name == "modes" or not isinstance(value, dict):
+                continue
+            unknown = set(value) - {"value", "mode"}
+            if unknown or "value" not in value:
+                raise ValueError(
+                    f"{name}: a limit is a number or {{value: N, mode: enforce | shadow}}"
+                    f" (got keys {', '.join(sorted(map(str, value)))})"
+                )
+            data[name] = value["value"]
+            modes[name] = value.get("mode", "enforce")
+        if modes:
+            data["modes"] = modes
+        return data
+
+    def shadowed(self, name: str) -> bool:
+        return self.modes.get(name) == "shadow"  # type: ignore[call-overload,no-any-return]
 
 
 class KeySettings(_Frozen):
@@ -307,6 +382,11 @@ class Settings(_Frozen):
                         f"tenants.{name}.keys.{index}: key already belongs to tenant {seen[key.hash]!r}"
                     )
                 seen[key.hash] = name
+        if self.store.outbox_path and self.store.backend != "redis":
+            problems.append(
+                "store.outbox_path: the durable outbox needs store.backend: redis"
+                " (the memory store's counts die with the process)"
+            )
         if self.server.workers > 1 and self.store.backend != "redis":
             problems.append(
                 "server.workers: several worker processes need store.backend: redis"
@@ -315,6 +395,19 @@ class Settings(_Frozen):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def with_server(self, overrides: Mapping[str, Any]) -> Settings:
+        """These settings with single `server` fields replaced (`serve --host/--port`)."""
+        if not overrides:
+            return self
+        return self.model_copy(update={"server": self.server.model_copy(update=dict(overrides))})
+
+    def models_for(self, tenant: str) -> list[str]:
+        """The public model names `tenant` may use: routed, and allowed by its policy (every routed
+        one under a shadow policy, which refuses none)."""
+        policy = self.policy_for(tenant)
+        allowed = None if policy.mode == "shadow" else policy.models
+        return [name for name in self.routes if allowed is None or name in allowed]
 
     def policy_for(self, tenant: str) -> Policy:
         settings = self.tenants[tenant]
@@ -422,12 +515,16 @@ def format_validation_error(exc: ValidationError) -> list[str]:
     return lines
 
 
-def expand_env(node: Any, environ: Mapping[str, str], path: str = "") -> Any:
-    """Replace `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree."""
+def expand_env(node: Any, environ: Mapping[str, str], missing: list[str], path: str = "") -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree; a bare `${VAR}`
+    that is not set becomes "" and is listed in `missing` (`key.path: ...`), so every other problem
+    of the file can still be reported with it."""
     if isinstance(node, dict):
-        return {k: expand_env(v, environ, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+        return {
+            k: expand_env(v, environ, missing, f"{path}.{k}" if path else str(k)) for k, v in node.items()
+        }
     if isinstance(node, list):
-        return [expand_env(v, environ, f"{path}.{i}") for i, v in enumerate(node)]
+        return [expand_env(v, environ, missing, f"{path}.{i}") for i, v in enumerate(node)]
     if not isinstance(node, str) or "${" not in node:
         return node
 
@@ -437,11 +534,18 @@ def expand_env(node: Any, environ: Mapping[str, str], path: str = "") -> Any:
             return environ[name]
         if default is not None:
             return default
-        raise ConfigError("", [f"{path}: environment variable {name} is not set"])
+        missing.append(f"{path}: environment variable {name} is not set")
+        return ""
 
     # The value stays a string (a secret is never re-parsed as YAML); pydantic converts
     # `port: ${PORT:-8080}` to a number where the field is one.
     return _ENV_REF.sub(substitute, node)
+
+
+# Sections nothing else in the file refers to: when only they fail, the rest is checked on without them.
+_STANDALONE = frozenset({"server", "store", "admin"})
+
+Checks = Callable[["Settings"], list[str]]
 
 
 def parse_settings(
@@ -450,11 +554,16 @@ def parse_settings(
     environ: Mapping[str, str] | None = None,
     *,
     require_upstream_keys: bool = False,
+    checks: Checks | None = None,
 ) -> Settings:
     """Parse YAML text into Settings, or raise ConfigError naming `source` and each key path.
 
-    `require_upstream_keys` (serving and check-config) adds `missing_key_problems`: a file can be
-    well formed and still unable to serve because a secret was not exported.
+    Every problem is reported at once, as far as one depends on another: unset variables, the
+    schema (types, unknown keys, references between sections), `require_upstream_keys` (serving
+    and check-config: `missing_key_problems`, a well-formed file that cannot serve because a secret
+    was not exported), then `checks` of the validated settings (routes, catalog and policies
+    together; see gateway.routing). Those need valid `upstreams`, `routes`, `catalog`, `policies`
+    and `tenants` sections: a broken `server`, `store` or `admin` section does not hide them.
     """
     try:
         raw = yaml.safe_load(text)
@@ -464,28 +573,50 @@ def parse_settings(
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(source, ["the top level must be a mapping of sections"])
-    try:
-        expanded = expand_env(raw, os.environ if environ is None else environ)
-    except ConfigError as exc:
-        raise ConfigError(source, exc.errors) from None
+    missing: list[str] = []
+    expanded = expand_env(raw, os.environ if environ is None else environ, missing)
+    unset = tuple(line.split(": ", 1)[0] for line in missing)
     problems = missing_key_problems(raw, expanded) if require_upstream_keys else []
     try:
-        settings = Settings.model_validate(expanded)
+        settings: Settings | None = Settings.model_validate(expanded)
+        errors: list[str] = []
     except ValidationError as exc:
         errors = format_validation_error(exc)
         errors += [line for line in _raw_reference_problems(expanded) if line not in errors]
-        raise ConfigError(source, errors + problems) from None
-    if problems:
-        raise ConfigError(source, problems)
+        settings = _without_standalone_sections(expanded, exc)
+    later = checks(settings) if checks is not None and settings is not None else []
+    # A value left empty by an unset variable is reported once, as unset.
+    reported = [line for line in errors + problems + later if not line.startswith(unset)] if unset else None
+    everything = missing + (reported if reported is not None else errors + problems + later)
+    if everything:
+        raise ConfigError(source, everything)
+    assert settings is not None  # no errors: it validated
     return settings
 
 
+def _without_standalone_sections(expanded: dict[str, Any], exc: ValidationError) -> Settings | None:
+    """The settings with the failing sections at their defaults, when only standalone ones failed."""
+    failing = {str(error["loc"][0]) if error["loc"] else "" for error in exc.errors()}
+    if not failing <= _STANDALONE:
+        return None
+    try:
+        return Settings.model_validate({k: v for k, v in expanded.items() if k not in failing})
+    except ValidationError:
+        return None
+
+
 def load_settings(
-    path: str | Path, environ: Mapping[str, str] | None = None, *, require_upstream_keys: bool = False
+    path: str | Path,
+    environ: Mapping[str, str] | None = None,
+    *,
+    require_upstream_keys: bool = False,
+    checks: Checks | None = None,
 ) -> Settings:
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(file), [f"cannot read the file: {exc.strerror}"]) from exc
-    return parse_settings(text, str(file), environ, require_upstream_keys=require_upstream_keys)
+    return parse_settings(
+        text, str(file), environ, require_upstream_keys=require_upstream_keys, checks=checks
+    )

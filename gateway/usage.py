@@ -64,6 +64,10 @@ class UsageReader(Protocol):
     def event_count(self) -> int:
         """SSE: events dispatched. JSON: 0."""
 
+    @property
+    def done(self) -> bool:
+        """SSE: `data: [DONE]` was read, where openai-python stops reading and closes. JSON: False."""
+
 
 class JsonUsageReader:
     """A JSON body: the top-level `usage` object and the number of objects in the top-level `data`.
@@ -76,6 +80,7 @@ class JsonUsageReader:
 
     error: dict[str, Any] | None = None
     event_count = 0
+    done = False
 
     def __init__(self, small_body: int = CAPTURE_CAP) -> None:
         self._small_body = small_body
@@ -207,6 +212,10 @@ class SSEUsageReader:
         self.images = 0
         self.error: dict[str, Any] | None = None
         self.event_count = 0
+
+    @property
+    def done(self) -> bool:
+        return self._done
 
     @property
     def usage(self) -> dict[str, Any] | None:

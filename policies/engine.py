@@ -7,10 +7,16 @@
    route follows its catalog `lifecycle`: `alias` rewrites `model` to the replacement (following
    chains, translating parameter values the replacement names differently, e.g. dall-e-3's
    `quality: hd` -> `high`), `reject` answers `model_deprecated`. Anything else is `model_not_found`.
+   A request is checked against the model it names before it is aliased: the client wrote it for
+   that model, so what that model would refuse (dall-e-3's `n=2`) is refused, not quietly served by
+   a replacement that happens to accept it; the replacement's own checks follow.
 2. Capabilities: the first thing the model would refuse, as `error` (400): an operation the model
    has no endpoint for (dall-e-3 edits) or the route's upstream has no API for (DigitalOcean edits,
    unless declared), `policies.capabilities` on the fields (which differ per operation), then
-   `policies.uploads` on an edit's or variation's files (count, formats, size, mask).
+   `policies.uploads` on an edit's or variation's files (count, formats, size, mask). All as the
+   route's upstream serves the model: an entry's `flavors` overlay narrows what that flavor's
+   upstream takes (DigitalOcean: n=1, three sizes), and the message says so ("gpt-image-1 on
+   digitalocean").
    A `null` for a parameter the model does not take passes (null means "the default") but is
    dropped, unreported (its name is the client's): the upstream would refuse it as unknown.
 3. Tenant policy (`policies.tenant`): every broken rule, as `violations` (403 unless shadow), and
@@ -128,11 +134,14 @@ def evaluate(
     resolved = _resolve_model(policy, catalog, routes, work, inputs.operation)
     if isinstance(resolved, Violation):
         return Decision(None, None, work.body, resolved, (), tuple(work.adjustments), shadow)
-    model, entry = resolved
+    model, base = resolved
+    flavor = routes[model].flavor
+    entry = base.on(flavor)
+    shown = model if entry is base else f"{model} on {flavor}"
     error = (
         _unsupported(entry, inputs, model, work)
         or _upstream_lacks(routes[model], inputs, model)
-        or capabilities.check(entry, work.body, model, inputs.operation)
+        or capabilities.check(entry, work.body, shown, inputs.operation)
         or uploads.check(entry, inputs, model)
     )
     violations: list[Violation] = []
@@ -140,7 +149,7 @@ def evaluate(
         _drop_null_unknown(entry, work, inputs)
         violations, clamps = tenant.enforce(policy, entry, model, work.body, inputs)
         work.adjustments.extend(clamps)
-        if routes[model].flavor == "digitalocean":
+        if flavor == "digitalocean":
             _fill_digitalocean(entry, work)
     return Decision(model, entry, work.body, error, tuple(violations), tuple(work.adjustments), shadow)
 
@@ -201,6 +210,9 @@ def _resolve_model(
             return _unavailable(policy, routes, name, retired)
         if entry.lifecycle.on_retired == "reject":
             return _deprecated(entry, name)
+        refused = capabilities.check(entry, work.body, name, operation)
+        if refused is not None:  # what the named model itself would refuse stays refused
+            return refused
         retired.append(name)
         name = _alias(entry, name, work)
     target_entry = catalog.get(routes[name].catalog)

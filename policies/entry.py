@@ -17,7 +17,15 @@ from itertools import pairwise
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from policies import sizes
 from policies.sizes import SizeRule
@@ -159,6 +167,20 @@ class ModelEntry(Frozen):
     prices: Prices | None = None
     image_prices: dict[str, dict[str, Annotated[Decimal, Field(ge=0)]]] | None = None
     lifecycle: Lifecycle = Lifecycle()
+    # upstream flavor -> fields that differ when this model is served there (DigitalOcean's n and
+    # sizes): checked before sending, like the model's own
+    flavors: dict[Literal["openai", "digitalocean"], dict[str, Any]] = Field(default_factory=dict)
+
+    def on(self, flavor: str) -> ModelEntry:
+        """This model as `flavor`'s upstream serves it: the entry with that flavor's overlay applied."""
+        return self._flavored.get(flavor, self)
+
+    @cached_property
+    def _flavored(self) -> dict[str, ModelEntry]:
+        base = self.model_dump(exclude={"flavors"})
+        return {
+            flavor: ModelEntry.model_validate({**base, **overlay}) for flavor, overlay in self.flavors.items()
+        }
 
     @property
     def retired(self) -> bool:
@@ -255,6 +277,14 @@ class ModelEntry(Frozen):
         problems = [*self._default_problems(), *(_curve_problems(self) or self._pricing_problems())]
         if self.partial_images is not None and not self.stream:
             problems.append("partial_images: needs stream: true")
+        for flavor, overlay in self.flavors.items():
+            try:
+                ModelEntry.model_validate({**self.model_dump(exclude={"flavors"}), **overlay})
+            except ValidationError as exc:
+                problems += [
+                    f"flavors.{flavor}.{'.'.join(map(str, e['loc']))}: {e['msg']}".replace(".: ", ": ")
+                    for e in exc.errors()
+                ]
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -35,10 +35,12 @@ model's worst quality, ties to the first in the model's list. The policy then bi
 and the estimate is exact. A policy that narrows nothing, or allows no concrete value at all
 (`sizes: [auto]`), leaves `auto` to the upstream; shadow mode never pins.
 
-Omitted values. An omitted quality or size means `auto`. When the policy lists its values without
-`auto`, an omitted one is filled with the costliest allowed value (`policy default: auto is not in
-qualities|sizes`) rather than refused: the client asked for nothing forbidden (SDKs omit both by
-default). An explicit `auto` is judged like any value.
+Omitted values. An omitted field means the model's default (`auto` for quality and size). When the
+policy does not allow that default, the omitted field is filled with an allowed value (`policy
+default: <default> is not in <rule>`) rather than refused: the client asked for nothing forbidden
+(SDKs omit these fields). Quality and size get the costliest allowed value; moderation,
+output_format and background the first value of the policy's list the model can serve with the
+rest of the request. An explicit value (`auto` included) is judged like any value.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from policies import sizes
+from policies import capabilities, sizes
 from policies.capabilities import is_int, size_problem
 from policies.catalog import AUTO, ModelEntry
 from policies.findings import Adjustment, Violation, quoted, shown
@@ -132,26 +134,39 @@ def _pin_auto(req: Request, violated: set[str | None]) -> list[Adjustment]:
 
 
 def _fill_omitted(req: Request) -> list[Adjustment]:
-    """An omitted quality or size means `auto`; where the policy lists its values without `auto`,
-    the client asked for nothing the policy forbids: it gets the costliest allowed value instead of
-    a violation (recorded as an adjustment). An explicit `auto` is still judged by the rules."""
+    """An omitted field means the model's default; where the policy does not allow that default,
+    the client asked for nothing the policy forbids (SDKs omit these fields): it gets an allowed
+    value instead of a violation, recorded as an adjustment. Quality and size get the costliest
+    allowed value (the reservation then covers anything); moderation, output format and background
+    the first value in the policy's list that the model can serve with the rest of the request.
+    An explicit value, `auto` included, is still judged by the rules."""
     fills = []
-    for param, rule, listed, dearest in (
-        ("quality", "qualities", req.policy.qualities, _dearest_quality),
-        ("size", "sizes", req.policy.sizes, _dearest_size),
+    policy = req.policy
+    for param, rule, listed in (
+        ("quality", "qualities", policy.qualities),
+        ("size", "sizes", policy.sizes),
+        ("moderation", "moderation", policy.moderation),
+        ("output_format", "output_formats", policy.output_formats),
+        ("background", "backgrounds", policy.backgrounds),
     ):
-        if (
-            req.body.get(param) is not None
-            or listed is None
-            or AUTO in listed
-            or req.effective(param) != AUTO
-        ):
+        default = req.effective(param)
+        if req.body.get(param) is not None or listed is None or default is None or default in listed:
             continue
-        value = dearest(req)
+        dearest = {"quality": _dearest_quality, "size": _dearest_size}.get(param)
+        value = dearest(req) if dearest else _first_allowed(req, param, listed)
         if value is not None:
-            fills.append(Adjustment(param, None, value, f"policy default: auto is not in {rule}"))
+            fills.append(Adjustment(param, None, value, f"policy default: {default} is not in {rule}"))
             req.body[param] = value
     return fills
+
+
+def _first_allowed(req: Request, param: str, listed: list[str]) -> str | None:
+    """The first value of the policy's list the model accepts here (a transparent background only
+    with a format that has one, and so on), or None."""
+    for value in listed:
+        if capabilities.check(req.entry, {**req.body, param: value}, req.model) is None:
+            return value
+    return None
 
 
 def _dearest_quality(req: Request) -> str | None:

@@ -46,6 +46,7 @@ class Check:
     window_s: int  # the policy window advertised in RateLimit-Policy (0: none)
     end_us: int = 0  # calendar windows: when the period ends
     expire_at: int = 0  # calendar windows: when the counter may be dropped (unix seconds)
+    shadow: bool = False  # dark-launched: its refusal is counted, never rejects the request
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +58,7 @@ class Check:
             "window_s": self.window_s,
             "end_us": self.end_us,
             "expire_at": self.expire_at,
+            "shadow": self.shadow,
         }
 
     @staticmethod
@@ -166,15 +168,16 @@ class Engine(Protocol):
 
 def _check(tenant: str, scope: str, planned: PlannedLimit, periods: dict[str, Period]) -> Check:
     """The check of one planned limit on `day`, costing nothing yet."""
-    kind, limit = planned.kind, planned.value
+    kind, limit, shadow = planned.kind, planned.value, planned.shadow
     if kind.mechanism == "rate":
         key = keys.rate_key(tenant, scope, kind.short)
-        return Check(scope, kind, key, limit, 0, RATE_WINDOW_US // 1_000_000)
+        return Check(scope, kind, key, limit, 0, RATE_WINDOW_US // 1_000_000, shadow=shadow)
     if kind.mechanism == "lease":
-        return Check(scope, kind, keys.lease_key(tenant, scope), limit, 0, 0)
+        return Check(scope, kind, keys.lease_key(tenant, scope), limit, 0, 0, shadow=shadow)
     window = periods[kind.mechanism]
     key = keys.window_key(tenant, scope, kind.short, window.label)
-    return Check(scope, kind, key, limit, 0, window.seconds, window.end_s * 1_000_000, window.expire_at)
+    end_us = window.end_s * 1_000_000
+    return Check(scope, kind, key, limit, 0, window.seconds, end_us, window.expire_at, shadow)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -189,7 +192,9 @@ def _templates(plan: LimitPlan, day: date) -> tuple[Check, ...]:
 
 def compile_checks(plan: LimitPlan, cost: Cost, day: date) -> tuple[Check, ...]:
     return tuple(
-        Check(t.scope, t.kind, t.key, t.limit, t.kind.amount(cost), t.window_s, t.end_us, t.expire_at)
+        Check(
+            t.scope, t.kind, t.key, t.limit, t.kind.amount(cost), t.window_s, t.end_us, t.expire_at, t.shadow
+        )
         for t in _templates(plan, day)
     )
 

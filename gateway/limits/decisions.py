@@ -86,7 +86,7 @@ class DecisionMetrics:
         decisions, remaining = self._metrics.ratelimit_decisions, self._metrics.budget_remaining
         for check, reading in observed:
             if reading.code != OK:
-                outcome = refused
+                outcome = "shadow" if check.shadow else refused
             elif check.limit and reading.used >= NEAR_LIMIT * check.limit:
                 outcome = "near_limit"
             else:
@@ -110,14 +110,15 @@ def decide(
 ) -> Admission:
     """The admission for an engine's answer to `call` (admitted, or rejected with nothing charged)."""
     observed = list(zip(call.checks, reply.readings, strict=True))
-    refusing = [o for o in observed if o[1].code != OK]
     labels = {scope.name: scope.label for scope in plan.scopes}
     if reply.status == "admitted":
         metrics.record(plan.tenant, observed, "shadow")
-        shadow = [f"{check.scope}.{check.kind.name}" for check, _ in refusing]
+        shadow = [f"{check.scope}.{check.kind.name}" for check, reading in observed if reading.code != OK]
         return Admission(
             True, reservation, None, headers.render(observed, rejected=False, retry_after_us=None), shadow
         )
+    # Rejected by the enforced limits; a shadowed limit that would refuse too is only counted.
+    refusing = [o for o in observed if o[1].code != OK and not o[0].shadow]
     metrics.record(plan.tenant, observed, "over_limit")
     header_map = headers.render(observed, rejected=True, retry_after_us=_retry_after_us(refusing))
     return Admission(False, None, _error(refusing, labels, header_map), header_map)

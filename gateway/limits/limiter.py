@@ -62,6 +62,7 @@ from gateway.limits.calls import (
     compile_settle,
 )
 from gateway.limits.decisions import DecisionMetrics, decide
+from gateway.limits.journal import Journal
 from gateway.limits.keys import PROVIDER_TENANT_PREFIX
 from gateway.limits.ledger import LedgerRow, charge_fields, rows, sort_rows
 from gateway.limits.outbox import Outbox
@@ -77,13 +78,19 @@ log = get_logger("gateway.limits")
 T = TypeVar("T")
 
 _MAX_DAY_MISMATCHES = 2
+_OPERATIONS = ("start", "ping", "reserve", "status", "settle", "renew", "ledger")
 LEDGER_TIMEOUT_SECONDS = 30.0
 _UNAVAILABLE = "The rate-limit store is unavailable, so the request could not be admitted. Retry shortly."
 
 
 class LimitStore:
     def __init__(
-        self, engine: Engine, settings: StoreSettings, metrics: Metrics, clock: Callable[[], float]
+        self,
+        engine: Engine,
+        settings: StoreSettings,
+        metrics: Metrics,
+        clock: Callable[[], float],
+        journal: Journal | None = None,
     ) -> None:
         self._engine = engine
         self._settings = settings
@@ -93,8 +100,11 @@ class LimitStore:
         self._timeout = settings.timeout_ms / 1000
         self._offset = 0.0  # engine clock minus ours, in seconds
         self._up = True
-        self._outbox = Outbox(self._apply, metrics)
+        self._outbox = Outbox(self._apply, metrics, journal=journal)
         self._held: dict[str, RenewCall] = {}  # reservation id -> the renewal of its leases
+        for operation in _OPERATIONS:  # exported at 0 from the start, for rate() and alerts
+            metrics.store_errors.labels(operation)
+        metrics.degraded_decisions.labels(settings.on_unavailable)
         self._renewer: asyncio.Task[None] | None = None
 
     @property
@@ -104,6 +114,15 @@ class LimitStore:
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # What a previous process left owed goes out first, as soon as the store answers.
+        for reservation in self._outbox.replay():
+            log.warning(
+                "reservation_interrupted",
+                tenant=reservation.tenant,
+                reservation=reservation.id,
+                settled_at="estimate",
+            )
+            self._outbox.add(self._settle_call(reservation, reservation.estimate, "interrupted"), "settle")
         # A failure is already logged; every later call retries, on_unavailable decides meanwhile.
         with contextlib.suppress(StoreFailure):
             await self._guard("start", self._engine.start)
@@ -135,7 +154,10 @@ class LimitStore:
         reservation = Reservation(
             reservation_id, request_id, plan.tenant, model, call.day, cost, call.checks, plan.shadow
         )
-        return decide(plan, call, reply, reservation, self._decision_metrics)
+        admission = decide(plan, call, reply, reservation, self._decision_metrics)
+        if admission.reservation is not None:
+            self._outbox.track(admission.reservation)
+        return admission
 
     async def limit_status(self, plan: LimitPlan) -> list[LimitStatus]:
         try:
@@ -151,6 +173,7 @@ class LimitStore:
                 reading.used,
                 max(0, check.limit - reading.used),
                 reading.reset_us / 1e6,
+                "shadow" if check.shadow else "enforce",
             )
             for check, reading in zip(call.checks, reply.readings, strict=True)
         ]
@@ -222,6 +245,7 @@ class LimitStore:
             plan.shadow,
             degraded=True,
         )
+        self._outbox.track(reservation)
         return Admission(True, reservation, None, limit_headers)
 
     # --- settlement ----------------------------------------------------------------------------
@@ -262,25 +286,18 @@ class LimitStore:
         """Replace the reservation's estimate with `actual`: True if done now, False if it was
         settled already or is left to the outbox (the store did not take it)."""
         self._held.pop(reservation.id, None)
-        call = compile_settle(
-            reservation.tenant,
-            reservation.id,
-            reservation.day,
-            reservation.checks,
-            actual=actual,
-            ledger=charge_fields(reservation.model, actual, outcome),
-            settings=self._settings,
-            degraded=reservation.degraded,
-            unledger=charge_fields(reservation.model, reservation.estimate),
-        )
+        call = self._settle_call(reservation, actual, outcome)
         if self._up:
             try:
-                return await self._apply(call)
+                done = await self._apply(call)
             except StoreRejected:
                 self._outbox.lose(call, "settle", reason="rejected")
                 return False
             except StoreFailure:
                 pass
+            else:
+                self._outbox.untrack(reservation.id)
+                return done
         self._metrics.settlements_retried.inc()
         log.info(
             "settlement_deferred",
@@ -291,6 +308,19 @@ class LimitStore:
         )
         self._outbox.add(call, "settle")
         return False
+
+    def _settle_call(self, reservation: Reservation, actual: Cost, outcome: str) -> SettleCall:
+        return compile_settle(
+            reservation.tenant,
+            reservation.id,
+            reservation.day,
+            reservation.checks,
+            actual=actual,
+            ledger=charge_fields(reservation.model, actual, outcome),
+            settings=self._settings,
+            degraded=reservation.degraded,
+            unledger=charge_fields(reservation.model, reservation.estimate),
+        )
 
     async def _apply(self, call: SettleCall) -> bool:
         return await self._guard("settle", partial(self._engine.settle, call))

@@ -94,7 +94,9 @@ class MemoryEngine:
         if call.mode != "peek" and self._get(call.settled_key, now) is not None:
             return ReserveReply("settled", now)
         decisions = [self._decide(check, call, now) for check in call.checks]
-        refused = [code for code, _ in decisions if code != OK]
+        codes = [(code, check.shadow) for (code, _), check in zip(decisions, call.checks, strict=True)]
+        refused = [code for code, shadow in codes if code != OK and not shadow]
+        shadowed = any(code != OK and shadow for code, shadow in codes)
         if call.mode == "peek" or (refused and call.mode == "enforce"):
             if call.mode == "enforce":
                 counter = REJECTED_QUOTA if set(refused) & set(_REFUSED_FOR_QUOTA) else REJECTED_RATE
@@ -108,7 +110,7 @@ class MemoryEngine:
         record = tuple(check.cost for check in call.checks)
         self._set(call.record_key, record, now + call.record_ttl_ms * 1000, now)
         self._hincr(call.ledger_key, call.ledger, call.ledger_expire_at, now)
-        if refused:
+        if refused or shadowed:
             self._hincr(
                 call.ledger_key, [(field(SHADOW_REJECTED, call.model), 1)], call.ledger_expire_at, now
             )

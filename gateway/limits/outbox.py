@@ -14,9 +14,14 @@ once, as lost, rather than retried forever at the head of the queue.
 Bounded: at most `MAX_PENDING` settlements and as many releases wait. Beyond that the oldest is
 dropped and counted in `gateway_settlements_lost_total`; a dropped settlement is also logged as
 `settlement_lost` with its amounts, so spend can be reconciled by hand. A dropped release only
-leaves a lease to expire and an estimate charged: the conservative side. The queue lives in
-this process: `close` keeps delivering for a few seconds, then logs each settlement it could not
-deliver the same way.
+leaves a lease to expire and an estimate charged: the conservative side.
+
+Durable with a `Journal` (`store.outbox_path`): every call waiting here, and every admitted
+reservation not settled yet (`track` / `untrack`), is also on local disk, so a process killed
+at any moment leaves nothing unaccounted: the next one `replay`s it at start-up, and `close`
+leaves what it could not deliver on disk (`settlements_kept`) instead of losing it. Without a
+journal the queue lives in this process only: `close` keeps delivering for a few seconds, then
+logs each settlement it could not deliver as lost.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from gateway.limits.calls import SettleCall, StoreFailure, StoreRejected
+from gateway.limits.journal import Journal
+from gateway.limits.store import Reservation
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 
@@ -44,8 +51,15 @@ CLOSE_DEADLINE = 3.0
 
 
 class Outbox:
-    def __init__(self, deliver: Deliver, metrics: Metrics, max_pending: int = MAX_PENDING) -> None:
+    def __init__(
+        self,
+        deliver: Deliver,
+        metrics: Metrics,
+        max_pending: int = MAX_PENDING,
+        journal: Journal | None = None,
+    ) -> None:
         self._deliver = deliver
+        self._journal = journal
         self._metrics = metrics
         self._max = max_pending
         # Settlements (money) go before releases (leases and estimates), oldest first.
@@ -58,11 +72,47 @@ class Outbox:
     def __len__(self) -> int:
         return sum(len(queue) for queue in self._queues.values())
 
+    @property
+    def durable(self) -> bool:
+        return self._journal is not None
+
+    def replay(self) -> list[Reservation]:
+        """Start-up: queue the calls a previous process left in the journal; return the
+        reservations it admitted and never settled (the caller settles them at their estimate)."""
+        if self._journal is None:
+            return []
+        orphans = []
+        for owed in self._journal.read():
+            if owed.call is not None:
+                kind: Kind = "release" if owed.state == "release" else "settle"
+                self._queue(owed.call, kind)
+            elif owed.reservation is not None:
+                orphans.append(owed.reservation)
+        if len(self) or orphans:
+            log.warning("outbox_replayed", calls=len(self), interrupted=len(orphans))
+        return orphans
+
+    def track(self, reservation: Reservation) -> None:
+        """An admitted request is running: journalled, so a process killed before its settlement
+        still settles it (at the estimate) from the next one."""
+        if self._journal is not None:
+            self._journal.open(reservation)
+
+    def untrack(self, reservation_id: str) -> None:
+        """The store took the reservation's settlement: nothing is owed for it any more."""
+        if self._journal is not None:
+            self._journal.drop(reservation_id)
+
     def add(self, call: SettleCall, kind: Kind) -> None:
         """Keep `call` until the store takes it; start delivering if nobody is."""
         if self._closed:  # nothing will deliver it any more: said now, not lost silently
             self.lose(call, kind, reason="shutdown")
             return
+        if self._journal is not None:
+            self._journal.put(call, kind)
+        self._queue(call, kind)
+
+    def _queue(self, call: SettleCall, kind: Kind) -> None:
         queue = self._queues[kind]
         if len(queue) >= self._max:
             self.lose(queue.pop(next(iter(queue))), kind, reason="outbox_full")
@@ -110,15 +160,16 @@ class Outbox:
                 delivered = False
             elif isinstance(result, BaseException):
                 raise result
-            else:
-                queue.pop(key, None)
+            elif queue.pop(key, None) is not None:
+                self.untrack(call.reservation_id)
         self._metrics.settlements_pending.set(len(self))
         return delivered
 
     async def close(self, deadline: float = CLOSE_DEADLINE) -> int:
         """Stop the background task; go on delivering until empty or `deadline` seconds passed
-        (a batch still in flight then is not waited for); log what is left as lost, and return
-        how many; anything added afterwards is lost at once."""
+        (a batch still in flight then is not waited for); leave what is left in the journal for
+        the next start, or without one log it as lost; return how many were lost. Anything added
+        afterwards is lost at once."""
         self._closed = True
         if self._task is not None:
             self._task.cancel()
@@ -131,6 +182,12 @@ class Outbox:
                     if not await self._deliver_batch():
                         await asyncio.sleep(min(delay, max(0.0, ends - time.monotonic())))
                         delay = min(delay * 2, MAX_DELAY)
+        if self._journal is not None:
+            if len(self):
+                log.warning("settlements_kept", pending=len(self), journal=str(self._journal.path))
+            for queue in self._queues.values():
+                queue.clear()
+            await self._journal.close()
         lost = len(self)
         for kind, queue in self._queues.items():
             for call in queue.values():
@@ -141,6 +198,7 @@ class Outbox:
 
     def lose(self, call: SettleCall, kind: Kind, *, reason: str) -> None:
         """Give `call` up: counted, and a settlement logged with its amounts for reconciliation."""
+        self.untrack(call.reservation_id)
         self._metrics.settlements_lost.labels(kind).inc()
         if kind == "settle":
             log.error(

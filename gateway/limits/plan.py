@@ -9,6 +9,7 @@ A request is checked against up to three scopes, all charged in the same atomic 
   collide in practice, and the raw id (often an e-mail address) never reaches Redis.
 
 `shadow` mirrors `limits_mode: shadow`: everything is checked and charged, nothing is rejected.
+A single limit may be shadowed too (`{value: N, mode: shadow}`): `PlannedLimit.shadow`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ _USER_DIGEST_CHARS = 24
 class PlannedLimit:
     kind: LimitKind
     value: int  # in the kind's unit (nano-USD for USD limits)
+    shadow: bool = False  # this limit alone is dark-launched: counted, never rejecting
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +43,10 @@ class ScopePlan:
 
 
 def _scope(name: str, label: str, limits: Limits | None) -> ScopePlan | None:
-    planned = tuple(PlannedLimit(kind, value) for kind, value in configured(limits or Limits()))
+    limits = limits or Limits()
+    planned = tuple(
+        PlannedLimit(kind, value, limits.shadowed(kind.name)) for kind, value in configured(limits)
+    )
     return ScopePlan(name, label, planned) if planned else None
 
 

@@ -173,7 +173,10 @@ class RedisEngine:
             call.ledger_expire_at,
             call.lease_ttl_us,
             RATE_WINDOW_US,
-            " ".join(f"{c.kind.mechanism} {c.limit} {c.cost} {c.end_us} {c.expire_at}" for c in call.checks),
+            " ".join(
+                f"{c.kind.mechanism} {c.limit} {c.cost} {c.end_us} {c.expire_at} {1 if c.shadow else 0}"
+                for c in call.checks
+            ),
         ]
         for name, amount in call.ledger:
             args += [name, amount]

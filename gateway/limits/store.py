@@ -87,6 +87,7 @@ class LimitStatus:
     used: int
     remaining: int
     reset_seconds: float  # until fully replenished (0 when nothing is used)
+    mode: str = "enforce"  # shadow: this limit alone is dark-launched (counted, never rejecting)
 
 
 class Store(Protocol):

@@ -31,6 +31,7 @@ _GPT_IMAGE_ONLY = (
 )
 _DO_REQUIRED = ("prompt", "model", "n", "size")
 STANDARD_SIZES = ("1024x1024", "1024x1536", "1536x1024")
+DO_SIZES = ("auto", "1536x1024", "1024x1536")
 _SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
 _MIN_PIXELS, _MAX_PIXELS, _MAX_EDGE = 655_360, 8_294_400, 3840
 MAX_PROMPT_CHARS = 32_000
@@ -71,7 +72,9 @@ def validate(body: dict[str, Any], flavor: Flavor, fields: frozenset[str] = _FIE
     for name in _DALL_E_ONLY:
         if _given(body, name):
             raise invalid(name, f"Unknown parameter: '{name}'.", "unknown_parameter")
-    n = _int(body, "n", 1, 1, 10)
+    n = _int(body, "n", 1, 1, 1 if flavor == "digitalocean" else 10)
+    if flavor == "digitalocean":  # its API reference lists these three, and n=1 only
+        _choice(body, "size", DO_SIZES, "auto")
     width, height = _size(_str(body, "size", "auto"), family)
     quality = _choice(body, "quality", ("low", "medium", "high", "auto"), "auto")
     background = _choice(body, "background", ("transparent", "opaque", "auto"), "auto")

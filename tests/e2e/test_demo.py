@@ -1,4 +1,5 @@
-"""`gateway demo` prints snippets that work as printed: a generation, then an edit of its result."""
+"""`gateway demo` prints snippets that work as printed: a generation, then an edit of its result;
+and the usage page's URL with an admin token that opens the admin API."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,17 @@ def test_the_demo_snippets_work_as_printed(tmp_path: Path) -> None:
         assert '"data"' in run(edit_curl)
         assert "saved lighthouse-night.png" in run(edit_py)
         assert (tmp_path / "lighthouse-night.png").stat().st_size > 0
+
+        page = re.search(r"^Usage page: (http://\S+/admin/ui) +admin token: (\S+)$", text, re.M)
+        assert page is not None, text
+        url, token = page.groups()
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert b"<title>Image gateway usage</title>" in response.read()
+        ask = urllib.request.Request(
+            url.replace("/ui", "/tenants"), headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(ask, timeout=30) as response:
+            assert b'"demo-team"' in response.read()
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -296,3 +296,34 @@ async def test_compressed_upstream_body_keeps_its_content_encoding(
             assert resp.status == 200
             assert resp.headers["Content-Encoding"] == "gzip"
             assert (await resp.json())["data"][0]["b64_json"] == "AA=="
+
+
+async def test_limit_headers_come_with_what_reached_the_limiter_only(
+    start_gateway: StartGateway, mock_openai: TestServer
+) -> None:
+    """As the README says: an admitted request and a 429 carry the limit headers; a request refused
+    before the limiter (403 policy, 400 capability, 401) consumed nothing and carries none."""
+    gw = await start_gateway(
+        openai_url=base_url(mock_openai), policy={"max_n": 1}, limits={"requests_per_minute": 1}
+    )
+    ok = {"model": "gpt-image-1.5", "prompt": "x", "quality": "low", "size": "1024x1024"}
+    auth = {"Authorization": f"Bearer {TENANT_KEY}"}
+    url = f"{gw.v1}/images/generations"
+    seen = {}
+    async with aiohttp.ClientSession() as session:
+        for name, body, headers in (
+            ("policy", {**ok, "n": 2}, auth),
+            ("capability", {**ok, "size": "7x7"}, auth),
+            ("key", ok, {}),
+            ("admitted", ok, auth),
+            ("rate", ok, auth),
+        ):
+            async with session.post(url, json=body, headers=headers) as resp:
+                seen[name] = (resp.status, "x-ratelimit-limit-requests" in resp.headers)
+    assert seen == {
+        "policy": (403, False),
+        "capability": (400, False),
+        "key": (401, False),
+        "admitted": (200, True),
+        "rate": (429, True),
+    }

@@ -142,6 +142,76 @@ async def test_workers_share_a_port_and_metrics_add_up(
         assert gateway.stop() == 0
 
 
+def metric_lines(text: str, name: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(name + "{")]
+
+
+async def test_workers_reload_once_each_and_export_only_what_the_configuration_says(
+    start_server: StartServer, tmp_path: Path, redis_url: str
+) -> None:
+    """Two workers: one POST /admin/reload reloads each worker once; a limit the reload removes
+    leaves gateway_budget_limit (multiprocess mode cannot clear a gauge's labels, so it is read
+    from the configuration at scrape time); no worker prints a non-JSON warning; the documented
+    counters are exported at 0 before they first fire; each worker journals in its own file."""
+    mock = await start_server(create_mock_app(MockOptions(api_key=UPSTREAM_KEY)))
+    outbox = tmp_path / "outbox"
+    config = config_dict(
+        base_url(mock),
+        store={"backend": "redis", "url": redis_url, "outbox_path": str(outbox)},
+        server={"workers": 2},
+        admin={"token": "admin-secret"},
+        limits={"requests_per_minute": 100, "usd_per_day": 50},
+    )
+    gateway = GatewayProcess(config, tmp_path)
+    await gateway.start()
+
+    def events(name: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in gateway.log_lines() if f'"event":"{name}"' in line]
+
+    async def scrape() -> str:
+        async with aiohttp.ClientSession() as fresh, fresh.get(f"{gateway.ops_url}/metrics") as resp:
+            return await resp.text()
+
+    try:
+        for _ in range(200):
+            if len(events("gateway_started")) == 2:
+                break
+            await asyncio.sleep(0.1)
+        before = await scrape()
+        written = yaml.safe_load(gateway.config_path.read_text())  # with the ports it was given
+        written["tenants"]["team"]["limits"] = {"requests_per_minute": 100}  # usd_per_day removed
+        gateway.config_path.write_text(yaml.safe_dump(written))
+        async with aiohttp.ClientSession() as session:
+            admin = {"Authorization": "Bearer admin-secret"}
+            async with session.post(f"{gateway.url}/admin/reload", headers=admin) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["needs_restart"] == []
+        for _ in range(100):
+            if len(events("config_reloaded")) >= 2:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # time for a third reload, if one were coming
+        after = [await scrape() for _ in range(6)]  # fresh connections: both workers answer
+    finally:
+        assert gateway.stop() == 0
+    assert len(events("config_reloaded")) == 2  # once per worker
+    assert sorted(p.name for p in outbox.glob("*.sqlite3")) == ["outbox-0.sqlite3", "outbox-1.sqlite3"]
+    assert any('limit="usd_per_day"' in line for line in metric_lines(before, "gateway_budget_limit"))
+    for text in after:
+        assert metric_lines(text, "gateway_budget_limit") == [
+            'gateway_budget_limit{limit="requests_per_minute",tenant="team"} 100.0'
+        ]
+    assert not [line for line in gateway.log_lines() if not line.startswith("{")]  # JSON only
+    for name, labels in (
+        ("gateway_upstream_errors_total", 'kind="upstream_unavailable",upstream="openai"'),
+        ("gateway_usage_missing_total", 'model="gpt-image-1.5",tenant="team"'),
+        ("gateway_clients_gone_total", 'model="gpt-image-1.5",tenant="team"'),
+        ("gateway_store_errors_total", 'operation="settle"'),
+        ("gateway_store_degraded_decisions_total", 'mode="fail_closed"'),
+    ):
+        assert f"{name}{{{labels}}} 0.0" in before, name
+
+
 async def test_admin_reload_applies_a_new_key_and_refuses_a_broken_file(
     start_gateway: StartGateway, mock_openai: TestServer, tmp_path: Path
 ) -> None:

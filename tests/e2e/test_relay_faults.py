@@ -229,3 +229,26 @@ async def test_the_sdk_sees_a_stream_cut_inside_an_event_as_a_broken_connection(
             events.append(event)
     await client.close()
     assert [event.type for event in events] == ["image_generation.partial_image"]
+
+
+async def test_a_stream_read_to_its_done_is_not_a_client_gone(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    """openai-python closes the connection at `data: [DONE]`: it read the whole stream. What the
+    gateway writes after that (here the upstream's trailing comment, then the end of the chunked
+    body) fails, but the client is not counted gone, in the access log or the metric."""
+    upstream = ScriptedUpstream(
+        Script(chunks=[COMPLETED, b"data: [DONE]\n\n", b": upstream closing\n\n"], chunk_delay=0.3)
+    )
+    server = await start_server(upstream.app())
+    gw = await start_gateway(openai_url=base_url(server))
+    client = openai.AsyncOpenAI(base_url=gw.v1, api_key=TENANT_KEY, max_retries=0)
+    with capture_logs() as logs:
+        stream = await client.images.generate(**STREAM)
+        events = [event.type async for event in stream]
+        await until(lambda: any(line["event"] == "request_finished" for line in logs), 10)
+    await client.close()
+    assert events == ["image_generation.completed"]
+    [line] = [line for line in logs if line["event"] == "request_finished"]
+    assert (line["client_gone"], line["settled"], line["status"]) == (False, "usage", 200)
+    assert gw.metric("gateway_clients_gone_total", tenant="team", model="gpt-image-1.5") == 0

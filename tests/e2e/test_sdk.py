@@ -9,9 +9,11 @@ from typing import Any
 
 import openai
 import pytest
+from aiohttp.test_utils import TestServer
 from PIL import Image
 
-from tests.e2e.conftest import Running
+from gateway.mock_upstream import RECEIVED
+from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.support.config import TENANT_KEY
 
 
@@ -100,10 +102,25 @@ async def test_digitalocean_route_through_openai_sdk(gateway: Running) -> None:
     decode(result.data[0].b64_json)
 
 
+async def test_what_digitalocean_refuses_is_a_400_naming_the_field_before_anything_is_sent(
+    gateway: Running, mock_do: TestServer
+) -> None:
+    """DigitalOcean's gpt-image-1 takes n=1 only and three sizes: the gateway says so itself, in
+    OpenAI's shape, instead of forwarding what DigitalOcean would refuse in its own."""
+    client = openai.AsyncOpenAI(base_url=gateway.v1, api_key=TENANT_KEY, max_retries=0)
+    for extra, param in (({"n": 2}, "n"), ({"size": "1024x1024"}, "size")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.images.generate(model="gpt-image-1", prompt="a kite", **extra)  # type: ignore[arg-type]
+        assert refused.value.code == "invalid_value" and refused.value.param == param
+        assert "on digitalocean" in refused.value.message
+    await client.close()
+    assert mock_do.app[RECEIVED] == []
+
+
 async def test_pydo_client_through_gateway(gateway: Running) -> None:
     pydo_inference = pytest.importorskip("pydo.inference")
     client = pydo_inference.Client(token=TENANT_KEY, inference_endpoint=gateway.url)
-    body = {"model": "gpt-image-1", "prompt": "a sailing boat", "n": 1, "size": "1024x1024"}
+    body = {"model": "gpt-image-1", "prompt": "a sailing boat", "n": 1, "size": "1536x1024"}
     # azure-core refuses bearer tokens over plain http unless told this is a test on loopback
     result = await asyncio.to_thread(client.inference.create_image, body, enforce_https=False)
     payload = (
@@ -113,5 +130,55 @@ async def test_pydo_client_through_gateway(gateway: Running) -> None:
         if hasattr(result, "as_dict")
         else dict(result)
     )
-    assert decode(payload["data"][0]["b64_json"]).size == (1024, 1024)
+    assert decode(payload["data"][0]["b64_json"]).size == (1536, 1024)
     assert payload["usage"]["total_tokens"] > 0
+
+
+async def test_a_plain_sdk_call_under_a_narrow_policy_is_served_with_allowed_values(
+    start_gateway: StartGateway, mock_openai: TestServer
+) -> None:
+    """The SDK omits background, output_format and moderation: a policy that does not allow their
+    defaults fills them with allowed values and says so, instead of answering 403."""
+    policy = {"backgrounds": ["opaque"], "output_formats": ["webp"], "moderation": ["low"]}
+    gw = await start_gateway(openai_url=base_url(mock_openai), policy=policy)
+    client = openai.AsyncOpenAI(base_url=gw.v1, api_key=TENANT_KEY, max_retries=0)
+    raw = await client.images.with_raw_response.generate(model="gpt-image-1.5", prompt="a red fox")
+    await client.close()
+    assert raw.status_code == 200
+    adjusted = raw.headers["x-gateway-adjusted"]
+    for change in (
+        "background=unset->opaque (policy default: auto is not in backgrounds)",
+        "output_format=unset->webp (policy default: png is not in output_formats)",
+        "moderation=unset->low (policy default: auto is not in moderation)",
+    ):
+        assert change in adjusted
+    [sent] = mock_openai.app[RECEIVED]
+    assert (sent.body["background"], sent.body["output_format"], sent.body["moderation"]) == (
+        "opaque",
+        "webp",
+        "low",
+    )
+
+
+async def test_models_list_and_retrieve_show_what_the_tenant_may_use(
+    start_gateway: StartGateway, mock_openai: TestServer, mock_do: TestServer
+) -> None:
+    """client.models.list() / retrieve(): the routed models the tenant's policy allows, from the
+    configuration alone (no upstream is asked)."""
+    policy = {"models": ["gpt-image-1.5", "gpt-image-1"]}
+    gw = await start_gateway(openai_url=base_url(mock_openai), do_url=base_url(mock_do), policy=policy)
+    client = openai.AsyncOpenAI(base_url=gw.v1, api_key=TENANT_KEY, max_retries=0)
+    listed = [(m.id, m.object, m.owned_by) async for m in client.models.list()]
+    assert sorted(listed) == [("gpt-image-1", "model", "digitalocean"), ("gpt-image-1.5", "model", "openai")]
+    one = await client.models.retrieve("gpt-image-1")
+    assert (one.id, one.owned_by) == ("gpt-image-1", "digitalocean")
+    for hidden in ("gpt-image-2", "dall-e-3", "no-such-model"):  # not allowed, not routed, unknown
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.models.retrieve(hidden)
+        assert missing.value.code == "model_not_found"
+    bad = openai.AsyncOpenAI(base_url=gw.v1, api_key="igw_wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        await bad.models.list()
+    await client.close()
+    await bad.close()
+    assert mock_openai.app[RECEIVED] == [] and mock_do.app[RECEIVED] == []

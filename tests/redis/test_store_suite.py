@@ -239,6 +239,26 @@ async def test_shadow_mode_serves_counts_and_charges(backend: Backend) -> None:
     assert decisions._value.get() == 1
 
 
+async def test_one_shadowed_limit_is_counted_while_the_others_are_enforced(backend: Backend) -> None:
+    """`usd_per_day: {value, mode: shadow}` dark-launches that budget alone (as envoyproxy/ratelimit
+    does per rule): over it, requests are served and counted; the enforced limit still rejects."""
+    store, tenant = await backend.store(), new_tenant()
+    limits = {"requests_per_minute": 3, "usd_per_day": {"value": 0.05, "mode": "shadow"}}
+    p = plan(tenant, tenant_settings(limits))
+    first, second, third = [await reserve(store, p) for _ in range(3)]
+    assert first.allowed and first.shadow_rejections == []
+    assert second.allowed and second.shadow_rejections == ["tenant.usd_per_day"]  # over $0.05: served
+    assert third.allowed and third.shadow_rejections == ["tenant.usd_per_day"]
+    fourth = await reserve(store, p)  # the enforced per-minute limit still binds
+    assert isinstance(fourth.error, RateLimited) and "requests_per_minute" in fourth.error.message
+    assert first.reservation is not None
+    [row] = await store.ledger(first.reservation.day, first.reservation.day, tenant)
+    assert (row.shadow_rejected, row.rejected_rate, row.rejected_quota) == (2, 1, 0)
+    labels = backend.metrics.ratelimit_decisions.labels
+    assert labels(tenant, "usd_per_day", "shadow")._value.get() == 3  # the fourth's reading too
+    assert labels(tenant, "requests_per_minute", "over_limit")._value.get() == 1
+
+
 async def test_headers_on_every_answer_name_every_policy(backend: Backend) -> None:
     store, tenant = await backend.store(), new_tenant()
     limits = {

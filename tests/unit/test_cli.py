@@ -68,6 +68,52 @@ def test_check_config_lists_every_problem_with_its_path(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+ALL_AT_ONCE = """\
+server: {port: -1}
+store: {backend: redis, url: notaurl}
+admin: {token: "${ADMIN_TOKEN_NOT_SET}"}
+upstreams:
+  openai: {base_url: "http://127.0.0.1:1/v1"}
+routes:
+  gpt-image-1.5: {upstream: openai}
+  house: {upstream: openai, catalog: no-such-entry}
+catalog:
+  gpt-image-1.5: {prices: {image_out: -1}}
+policies:
+  p: {models: [gpt-image-1.5, not-routed], qualities: [hight]}
+tenants:
+  t: {policy: p, keys: ["sha256:%s"]}
+""" % ("a" * 64)
+
+
+def test_check_config_prints_every_stage_of_problems_at_once(tmp_path: Path) -> None:
+    """An unset variable, schema errors, a store URL that is no URL, a route to no catalog entry,
+    a catalog override that does not validate and policy values no model takes: one run, every
+    problem (they used to come one stage per run)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(ALL_AT_ONCE)
+    result = gateway("check-config", str(bad))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    for expected in (
+        "admin.token: environment variable ADMIN_TOKEN_NOT_SET is not set",
+        "server.port: Input should be greater than or equal to 0",
+        "store.url: 'notaurl' must be a redis://, rediss:// or unix:// URL",
+        "catalog.gpt-image-1.5.prices.image_out",
+        "routes.house.catalog: no catalog entry 'no-such-entry'",
+        "policies.p.models: 'not-routed' has no route",
+        "policies.p.qualities: 'hight' is not accepted",
+    ):
+        assert expected in result.stderr, (expected, result.stderr)
+
+
+def test_serve_refuses_a_store_url_that_is_no_url_without_a_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("store: {backend: redis, url: notaurl}\n")
+    result = gateway("serve", "--port", "0", "--config", str(bad))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "store.url: 'notaurl' must be a redis://, rediss:// or unix:// URL" in result.stderr
+
+
 def test_hash_key_reads_stdin() -> None:
     result = gateway("hash-key", stdin="abc\n")
     assert result.stdout.strip() == "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
@@ -88,3 +134,10 @@ def test_a_taken_port_is_one_clear_line_and_status_1(command: list[str]) -> None
         result = gateway(*command, "--port", str(port), env=UPSTREAM_KEYS)
     assert result.returncode == 1
     assert result.stderr == f"gateway: cannot listen on 127.0.0.1:{port}: address already in use\n"
+
+
+def test_the_demo_snippets_files_are_ignored_by_git() -> None:
+    """The demo's snippets write their images where they run, often the checkout itself."""
+    names = ["lighthouse.png", "lighthouse-night.png"]
+    result = subprocess.run(["git", "check-ignore", *names], cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.split() == names

@@ -635,3 +635,20 @@ def test_dashboard_filters_every_tenant_labelled_metric_by_the_tenant_variable()
             if name in tenant_metrics or match.group(1) in tenant_metrics:
                 assert 'tenant=~"$tenant"' in (match.group(2) or ""), f"{title}: {match.group(0)}"
                 assert "tenant" in _MATCHER.findall(match.group(2) or "")
+
+
+def test_the_durable_outbox_has_a_writable_volume_where_the_shipped_configurations_put_it() -> None:
+    """store.outbox_path under a read-only root: Kubernetes mounts an emptyDir there (it survives
+    a container restart in the pod), compose a named volume; the image creates the directory."""
+    path = k8s_settings().store.outbox_path
+    assert path
+    mounts = {m["mountPath"]: m["name"] for m in gateway_container()["volumeMounts"]}
+    pod = k8s_objects()[("Deployment", "gateway")]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts[path]]
+    compose_config = load_settings(COMPOSE_CONFIG, environ={})
+    assert compose_config.store.outbox_path == path
+    gateway_volumes = [v.split(":") for v in compose()["services"]["gateway"]["volumes"]]
+    [named] = [v for v in gateway_volumes if v[1] == path]
+    assert named[0] in compose()["volumes"]
+    assert any(kw == "RUN" and f"mkdir -p {path}" in rest for kw, rest in dockerfile())

@@ -17,6 +17,7 @@ from gateway.limits import LimitPlan, create_store
 from gateway.metrics import Metrics
 from gateway.middleware import create_request_middleware
 from gateway.settings import ConfigError, Settings
+from gateway.telemetry.activity import Activity
 from policies.cost import Cost
 
 TOKEN = "admin-secret-token"
@@ -32,7 +33,11 @@ def _settings(token: str = TOKEN) -> Settings:
                 "team": {
                     "policy": "open",
                     "keys": [{"hash": KEY, "name": "ops", "limits": {"requests_per_minute": 5}}],
-                    "limits": {"requests_per_minute": 60, "usd_per_day": 50, "concurrent_requests": 4},
+                    "limits": {
+                        "requests_per_minute": 60,
+                        "usd_per_day": {"value": 50, "mode": "shadow"},
+                        "concurrent_requests": 4,
+                    },
                 }
             },
         }
@@ -52,7 +57,7 @@ async def admin(aiohttp_client: Any) -> Any:
             raise ConfigError("gateway.yaml", ["tenants.team.policy: unknown policy 'nope'"])
         return current["settings"], current.get("needs_restart", [])
 
-    app.add_subapp("/admin", create_admin_app(store, lambda: current["settings"], reload))
+    app.add_subapp("/admin", create_admin_app(store, lambda: current["settings"], reload, Activity()))
     tenant = current["settings"].tenants["team"]
     plan = LimitPlan.build("team", tenant, tenant.keys[0], 0, None)
     for model in ("gpt-image-1.5", "gpt-image-2"):
@@ -95,6 +100,7 @@ async def test_tenant_usage_shows_every_limit_of_the_tenant_and_its_keys(admin: 
     assert (rpm["value"], rpm["used"], rpm["remaining"], rpm["reset"]) == (60, 2, 58, "2s")
     usd = scopes["tenant"]["usd_per_day"]
     assert (usd["unit"], usd["value"], usd["used"]) == ("usd", 50.0, 0.3)
+    assert (usd["mode"], rpm["mode"]) == ("shadow", "enforce")  # a dark-launched limit says so
     assert scopes["tenant"]["concurrent_requests"]["used"] == 0
     assert scopes["key:ops"]["requests_per_minute"]["remaining"] == 3
 
@@ -171,3 +177,48 @@ async def test_reload_of_a_broken_file_is_refused_with_every_problem(admin: Any)
 
 async def test_reload_needs_the_admin_token(admin: Any) -> None:
     assert (await admin.post("/admin/reload")).status == 401
+
+
+async def test_tenants_lists_every_configured_tenant_with_its_limits(admin: Any) -> None:
+    response = await admin.get("/admin/tenants", headers=AUTH)
+    assert response.status == 200
+    (team,) = (await response.json())["tenants"]
+    assert (team["tenant"], team["policy"], team["limits_mode"]) == ("team", "open", "enforce")
+    one = (await (await admin.get("/admin/tenants/team/usage", headers=AUTH)).json())["scopes"]
+    assert team["scopes"] == one
+    assert (await admin.get("/admin/tenants")).status == 401
+
+
+async def test_activity_needs_the_token_and_answers_the_last_hour(admin: Any) -> None:
+    assert (await admin.get("/admin/activity")).status == 401
+    body = await (await admin.get("/admin/activity", headers=AUTH)).json()
+    assert body["decisions"] == ["served", "policy_denied", "rate_limited", "failed", "rejected"]
+    assert len(body["minutes"]) == 60
+    assert body["totals"] == dict.fromkeys(body["decisions"], 0)
+    assert isinstance(body["pid"], int)
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "needle"),
+    [
+        ("/admin/ui", "text/html", b"<title>Image gateway usage</title>"),
+        ("/admin/ui/app.js", "text/javascript", b"sessionStorage"),
+        ("/admin/ui/style.css", "text/css", b"meter"),
+    ],
+)
+async def test_the_usage_page_is_served_without_the_token_under_a_strict_policy(
+    admin: Any, path: str, content_type: str, needle: bytes
+) -> None:
+    response = await admin.get(path)
+    assert response.status == 200
+    assert response.content_type == content_type
+    assert needle in await response.read()
+    csp = response.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Referrer-Policy"] == "no-referrer"
+
+
+async def test_only_the_pages_own_files_go_without_the_token(admin: Any) -> None:
+    for path in ("/admin/ui/other.js", "/admin/ui/../usage", "/admin/uix"):
+        assert (await admin.get(path)).status == 401

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from gateway.metrics import Metrics
+from gateway.metrics import ConfigCollector, Metrics
+from tests.support.config import make_settings
 
 
 def test_fast_labels_return_the_registered_child_and_follow_clear() -> None:
@@ -21,10 +22,16 @@ def test_fast_labels_return_the_registered_child_and_follow_clear() -> None:
     labels = {"tenant": "team", "model": "m", "route": "openai", "operation": "generate", "status": "200"}
     assert registry.get_sample_value("gateway_requests_total", labels) == 2
 
-    metrics.budget_limit.labels("team", "usd_per_day").set(5)
-    metrics.budget_limit.clear()
-    assert (
-        registry.get_sample_value("gateway_budget_limit", {"tenant": "team", "limit": "usd_per_day"}) is None
-    )
-    metrics.budget_limit.labels("team", "usd_per_day").set(7)
-    assert registry.get_sample_value("gateway_budget_limit", {"tenant": "team", "limit": "usd_per_day"}) == 7
+    metrics.requests.clear()
+    assert registry.get_sample_value("gateway_requests_total", labels) is None
+    metrics.requests.labels("team", "m", "openai", "generate", "200").inc(7)
+    assert registry.get_sample_value("gateway_requests_total", labels) == 7
+
+
+def test_budget_limits_are_read_from_the_configuration_shadowed_ones_included() -> None:
+    limits = {"requests_per_minute": 60, "usd_per_day": {"value": 50, "mode": "shadow"}}
+    settings = make_settings("http://127.0.0.1:1/v1", limits=limits)
+    registry = CollectorRegistry()
+    registry.register(ConfigCollector(lambda: settings))
+    for limit, value in (("requests_per_minute", 60), ("usd_per_day", 50)):
+        assert registry.get_sample_value("gateway_budget_limit", {"tenant": "team", "limit": limit}) == value

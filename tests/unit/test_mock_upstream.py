@@ -29,7 +29,7 @@ PATH = "/v1/images/generations"
 KEY = "sk-upstream"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 OK = {"model": "gpt-image-1.5", "prompt": "a cat"}
-DO_OK = {"model": "openai-gpt-image-1", "prompt": "a cat", "n": 1, "size": "1024x1024"}
+DO_OK = {"model": "openai-gpt-image-1", "prompt": "a cat", "n": 1, "size": "1536x1024"}
 
 
 async def mock(aiohttp_client: MakeClient, **options: Any) -> Client:
@@ -140,6 +140,10 @@ DO_CASES: list[tuple[str, dict[str, Any], int, str]] = [
     ("unknown field", {**DO_OK, "colour": "red"}, 400, "colour"),
     ("transparent jpeg", {**DO_OK, "background": "transparent", "output_format": "jpeg"}, 400, "ransparent"),
     ("n eleven", {**DO_OK, "n": 11}, 400, "'n'"),
+    # its API reference: "GPT-IMAGE-1 only supports n=1", sizes auto, 1536x1024 and 1024x1536
+    ("n two", {**DO_OK, "n": 2}, 400, "'n'"),
+    ("size 1024x1024", {**DO_OK, "size": "1024x1024"}, 400, "1024x1024"),
+    ("size auto", {**DO_OK, "size": "auto"}, 200, ""),
 ]
 
 
@@ -277,7 +281,7 @@ async def test_digitalocean_usage_uses_the_gpt_image_1_table(aiohttp_client: Mak
         await mock(aiohttp_client, flavor="digitalocean"), {**DO_OK, "quality": "high"}
     )
     assert status == 200
-    assert answer["usage"]["output_tokens"] == 4160
+    assert answer["usage"]["output_tokens"] == 6208  # 1536x1024 high
 
 
 def test_gpt_image_2_tokens_never_exceed_the_readings() -> None:

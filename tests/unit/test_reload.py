@@ -36,3 +36,15 @@ def test_server_and_store_changes_wait_for_a_restart_while_the_rest_applies(tmp_
     path.write_text(yaml.safe_dump({**config, "server": {"port": 8080, "client_write_timeout_seconds": 30}}))
     reloader.reload()
     assert reloader.needs_restart == ["store"]
+
+
+def test_a_command_line_host_or_port_is_not_a_change_of_the_file(tmp_path: Path) -> None:
+    """`serve --port P --host H`: the file never changes, and a reload must say nothing needs a restart."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config_dict("http://127.0.0.1:1/v1", server={"port": 8080})))
+    overrides = {"port": 18080, "host": "0.0.0.0"}
+    holder = RuntimeHolder(Runtime.build(load_settings(path).with_server(overrides)))
+    reloader = Reloader(holder, path, lambda _: None, overrides)
+    runtime = reloader.reload()
+    assert reloader.needs_restart == []
+    assert (runtime.settings.server.port, runtime.settings.server.host) == (18080, "0.0.0.0")

@@ -34,6 +34,29 @@ def test_example_config_is_valid() -> None:
     assert settings.tenants["design-team"].keys[1].name == "ci-bot"
 
 
+EXAMPLE = Path(__file__).parents[2] / "config.example.yaml"
+
+
+def test_the_example_switches_to_redis_with_one_variable() -> None:
+    assert load_settings(EXAMPLE, environ={}).store.backend == "memory"
+    redis = load_settings(EXAMPLE, environ={"GATEWAY_STORE_BACKEND": "redis", "REDIS_URL": "redis://r:1/2"})
+    assert (redis.store.backend, redis.store.url) == ("redis", "redis://r:1/2")
+
+
+def test_the_example_keys_are_the_published_ones() -> None:
+    from gateway.auth import hash_key
+
+    keys = [key.hash for key in load_settings(EXAMPLE, environ={}).tenants["design-team"].keys]
+    assert keys == [hash_key("igw_example_design_team_key"), hash_key("igw_example_ci_bot_key")]
+
+
+def test_every_route_of_the_example_is_usable_by_a_tenant() -> None:
+    """Start-up demands a key for every routed upstream: each route must be worth it."""
+    settings = load_settings(EXAMPLE, environ={})
+    usable = {model for tenant in settings.tenants for model in settings.models_for(tenant)}
+    assert usable == set(settings.routes)
+
+
 def test_env_expansion_with_defaults_and_types() -> None:
     text = BASE + "server:\n  port: ${PORT:-9000}\n  host: ${HOST}\n"
     settings = parse_settings(text, "ok.yaml", {"HOST": "0.0.0.0"})
@@ -203,6 +226,42 @@ def test_the_example_config_needs_both_upstream_keys_to_serve() -> None:
         "upstreams.digitalocean.api_key",
     ]
     load_settings(example, {"OPENAI_API_KEY": "sk", "DO_MODEL_ACCESS_KEY": "do"}, require_upstream_keys=True)
+
+
+def test_the_store_url_is_logged_without_its_password() -> None:
+    from gateway.settings import StoreSettings
+
+    store = StoreSettings(backend="redis", url="rediss://app:s3cret@redis.internal:6380/2")
+    assert store.shown_url == "rediss://app:***@redis.internal:6380/2"
+    assert StoreSettings(backend="redis", url="redis://r:1/0").shown_url == "redis://r:1/0"
+
+
+def test_the_models_a_tenant_may_use_are_routed_and_allowed_by_its_policy() -> None:
+    text = BASE.replace(
+        "gpt-image-1.5: {upstream: openai}",
+        "gpt-image-1.5: {upstream: openai}\n  gpt-image-2: {upstream: openai}",
+    )
+    narrow = text.replace("p: {default_model: gpt-image-1.5}", "p: {models: [gpt-image-2]}")
+    assert parse_settings(narrow, "s", {}).models_for("t") == ["gpt-image-2"]
+    shadow = text.replace("p: {default_model: gpt-image-1.5}", "p: {models: [gpt-image-2], mode: shadow}")
+    assert parse_settings(shadow, "s", {}).models_for("t") == ["gpt-image-1.5", "gpt-image-2"]  # refuses none
+
+
+def test_which_store_holds_the_limits_is_logged_at_start_the_memory_store_loudly() -> None:
+    from structlog.testing import capture_logs
+
+    from gateway.server import _log_store
+
+    memory = parse_settings(BASE, "s", {})
+    redis = parse_settings(BASE + "store: {backend: redis, url: 'redis://u:pw@r:1/0'}\n", "s", {})
+    with capture_logs() as logs:
+        _log_store(memory)
+        _log_store(redis)
+    assert [(line["event"], line["log_level"]) for line in logs] == [
+        ("store_in_memory", "warning"),
+        ("store_selected", "info"),
+    ]
+    assert logs[1]["url"] == "redis://u:***@r:1/0"
 
 
 def test_patterns_that_validate_input_match_the_whole_value() -> None:

@@ -20,8 +20,9 @@ ARGV[5]    record TTL, ms
 ARGV[6]    ledger EXPIREAT, unix seconds
 ARGV[7]    lease TTL, µs
 ARGV[8]    smooth limiter window, µs
-ARGV[9]    the checks, five space-separated words each: mechanism (rate|day|month|lease), limit,
-           cost, period end µs, counter EXPIREAT (one string: far cheaper for the client to send)
+ARGV[9]    the checks, six space-separated words each: mechanism (rate|day|month|lease), limit,
+           cost, period end µs, counter EXPIREAT, shadow (1: this limit alone is dark-launched: a
+           refusal of it is reported and counted, never rejects) (one string: far cheaper to send)
 ARGV[10..] pairs of ledger field, increment: the estimate, charged to the ledger with the budgets
 
 Reply, one string of space-separated integers (cheaper to parse than a 50-element array):
@@ -75,12 +76,12 @@ local spec = {}
 for word in string.gmatch(ARGV[9], '%S+') do spec[#spec + 1] = word end
 
 -- Pass 1: read every limit and decide, changing nothing but expired leases.
-local checks, refused, quota = {}, false, false
+local checks, refused, quota, shadowed = {}, false, false, false
 for i = 1, #KEYS - 3 do
-  local base = (i - 1) * 5
+  local base = (i - 1) * 6
   local c = {key = KEYS[i + 3], mech = spec[base + 1], limit = tonumber(spec[base + 2]),
              cost = tonumber(spec[base + 3]), finish = tonumber(spec[base + 4]), expire = spec[base + 5],
-             code = OK, wait = 0}
+             shadow = spec[base + 6] == '1', code = OK, wait = 0}
   if c.mech == 'rate' then
     c.level = rate_level(c.key, c.limit)
     local capacity, need = c.limit * window, c.cost * window
@@ -114,7 +115,9 @@ for i = 1, #KEYS - 3 do
       c.code, c.wait = EXHAUSTED, c.finish - now
     end
   end
-  if c.code ~= OK then
+  if c.code ~= OK and c.shadow then
+    shadowed = true
+  elseif c.code ~= OK then
     refused = true
     if c.code == EXHAUSTED or c.code == TOO_LARGE then quota = true end
   end
@@ -157,7 +160,7 @@ if charge then
     redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
   end
   if #ARGV >= 10 then redis.call('EXPIREAT', KEYS[3], ARGV[6]) end
-  if refused then count('shadow_rejected') end
+  if refused or shadowed then count('shadow_rejected') end
 end
 
 -- Readings, after the decision.

@@ -141,11 +141,11 @@ def test_ties_go_to_the_first_size_of_the_model_and_the_better_quality() -> None
 
 def test_digitalocean_gets_the_pinned_size_instead_of_its_auto_fill() -> None:
     decision = decide(
-        {"model": "gpt-image-1", "prompt": "x"}, sizes=["1024x1024", "auto"], qualities=["low", "auto"]
+        {"model": "gpt-image-1", "prompt": "x"}, sizes=["1536x1024", "auto"], qualities=["low", "auto"]
     )
     assert changes(decision) == {
         "quality": (None, "low", QUALITY_PIN),
-        "size": (None, "1024x1024", SIZE_PIN),
+        "size": (None, "1536x1024", SIZE_PIN),
         "n": (None, 1, "digitalocean requires n"),
     }
     open_sizes = decide({"model": "gpt-image-1", "prompt": "x"}, qualities=["low", "auto"])

@@ -38,13 +38,41 @@ def test_an_explicit_zero_partial_images_is_raised_when_streaming() -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        {"n": 2, "size": "1024x1024"},
+        {"n": 1, "size": "1024x1536"},
         {"n": 1, "size": "1536x1024", "stream": True, "partial_images": 2},
         {"n": 1, "size": "auto", "stream": False},
     ],
 )
 def test_what_the_client_sent_is_kept(body: dict[str, Any]) -> None:
     assert fills(body) == {}
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        ({"n": 2}, "n", "'n' must be 1 for gpt-image-1 on digitalocean; got 2."),
+        (
+            {"size": "1024x1024"},
+            "size",
+            "gpt-image-1 on digitalocean supports 'auto', '1536x1024', '1024x1536'",
+        ),
+    ],
+)
+def test_what_digitalocean_refuses_is_refused_before_sending(
+    body: dict[str, Any], param: str, says: str
+) -> None:
+    """Its API reference: gpt-image-1 takes n=1 only, and sizes auto, 1536x1024 and 1024x1536."""
+    decision = decide({"model": "gpt-image-1", "prompt": "x", **body})
+    assert decision.error is not None and decision.error.param == param
+    assert says in decision.error.message
+
+
+def test_a_request_valid_on_both_flavors_is_served_by_both() -> None:
+    body = {"prompt": "x", "n": 1, "size": "1536x1024", "quality": "low"}
+    for model in ("gpt-image-1", "gpt-image-1.5"):
+        assert decide({**body, "model": model}).allowed
+    # the flavor's overlay applies to its routes only: OpenAI's gpt-image-1.5 still takes n=2
+    assert decide({**body, "n": 2, "size": "1024x1024", "model": "gpt-image-1.5"}).allowed
 
 
 def test_openai_routes_are_never_filled() -> None:

@@ -71,6 +71,17 @@ def test_a_retired_name_without_a_route_is_aliased_and_its_values_translated() -
     assert "retired on 2026-05-12" in decision.adjustments[0].reason
 
 
+def test_a_request_the_retired_model_itself_would_refuse_is_refused_before_aliasing() -> None:
+    """dall-e-3 takes n=1 only: its replacement takes n=2, but the client wrote for dall-e-3."""
+    decision = decide({"model": "dall-e-3", "prompt": "x", "n": 2})
+    assert decision.error is not None and (decision.error.param, decision.error.code) == (
+        "n",
+        "invalid_value",
+    )
+    assert decision.error.message == "'n' must be 1 for dall-e-3; got 2."
+    assert decide({"model": "dall-e-3", "prompt": "x", "n": 1}).allowed
+
+
 def test_an_aliased_request_the_replacement_cannot_serve_is_a_capability_error() -> None:
     decision = decide({"model": "dall-e-2", "prompt": "x", "response_format": "url"})
     assert decision.error is not None and decision.error.param == "response_format"

@@ -150,7 +150,7 @@ def test_arbitrary_sizes_in_a_policy_are_fine_for_gpt_image_2() -> None:
 
 
 def test_explain_an_allowed_request() -> None:
-    result = explain(settings(), "team", {"model": "gpt-image-1", "prompt": "a kite", "n": 2, "stream": True})
+    result = explain(settings(), "team", {"model": "gpt-image-1", "prompt": "a kite", "n": 1, "stream": True})
     assert result["allowed"] and result["status"] == 200 and result["code"] is None
     assert result["route"] == {
         "upstream": "digitalocean",
@@ -165,25 +165,25 @@ def test_explain_an_allowed_request() -> None:
         ("partial_images", 1),
     ]
     assert "quality: unset -> medium (policy pin: auto within qualities)" in render(result)
-    assert result["estimate"]["images"] == 2
+    assert result["estimate"]["images"] == 1
     assert result["estimate"]["tokens"] == {
         "text_in": 6,
         "image_in": 0,
-        "image_out": 2 * (1584 + 100),
-        "total": 3374,
+        "image_out": 1584 + 100,
+        "total": 1690,
     }
-    assert result["estimate"]["usd"] == "0.134750000"  # gpt-image-1: $5 and $40 per 1M tokens
+    assert result["estimate"]["usd"] == "0.067390000"  # gpt-image-1: $5 and $40 per 1M tokens
     assert result["estimate"]["usd_by_bucket"] == {
         "text_in": "0.000030000",
         "image_in": "0.000000000",
-        "image_out": "0.134720000",
+        "image_out": "0.067360000",
     }
     orjson.dumps(result)  # JSON-ready as it is
     text = render(result)
     assert (
         "decision: ALLOWED, status 200" in text
         and "openai-gpt-image-1" in text
-        and "usd: $0.134750000" in text
+        and "usd: $0.067390000" in text
     )
 
 

@@ -144,10 +144,13 @@ def test_every_violation_is_listed_and_the_first_names_the_param() -> None:
 
 
 def test_violation_messages_name_the_allowed_values_and_defaults() -> None:
-    # dall-e-3's default quality is a concrete one: omitted, it is judged as that value
+    # dall-e-3's default quality is a concrete one: omitted, it is filled with an allowed one if the
+    # model has any, else judged as that default
     routes = {**ROUTES, "dall-e-3": RouteTarget("dall-e-3", "openai")}
-    [violation] = decide({"model": "dall-e-3", "prompt": "a cat"}, routes, qualities=["hd"]).violations
-    assert violation.allowed == ["hd"]
+    filled = decide({"model": "dall-e-3", "prompt": "a cat"}, routes, qualities=["hd"])
+    assert filled.allowed and filled.body["quality"] == "hd"
+    [violation] = decide({"model": "dall-e-3", "prompt": "a cat"}, routes, qualities=["low"]).violations
+    assert violation.allowed == ["low"]
     assert "'standard' (the default when omitted)" in violation.message
 
 
@@ -171,6 +174,38 @@ def test_an_omitted_value_the_policy_lists_without_auto_gets_the_costliest_allow
     assert all(a.reason.startswith("policy default: auto is not in") for a in decision.adjustments)
     assert all(decision.body[param] == value for param, value in filled.items())
     assert decide(request({}), mode="shadow", **policy).violations  # shadow changes nothing
+
+
+@pytest.mark.parametrize(
+    ("policy", "body", "filled"),
+    [
+        ({"backgrounds": ["opaque"]}, {}, {"background": "opaque"}),
+        ({"output_formats": ["webp", "jpeg"]}, {}, {"output_format": "webp"}),
+        ({"moderation": ["low"]}, {}, {"moderation": "low"}),
+        # the first listed value the rest of the request allows: jpeg has no transparent background
+        ({"backgrounds": ["transparent", "opaque"]}, {"output_format": "jpeg"}, {"background": "opaque"}),
+        # and a transparent background needs a format that has one
+        ({"output_formats": ["jpeg", "webp"]}, {"background": "transparent"}, {"output_format": "webp"}),
+    ],
+)
+def test_an_omitted_enum_the_policy_does_not_allow_by_default_gets_an_allowed_value(
+    policy: dict[str, Any], body: dict[str, Any], filled: dict[str, str]
+) -> None:
+    """Every omitted field is treated alike: a plain SDK call under `backgrounds: [opaque]` is served
+    with an opaque background, announced, instead of refused for the default it never asked for."""
+    decision = decide(request(body), **policy)
+    assert decision.allowed and not decision.violations
+    assert {a.param: (a.before, a.after) for a in decision.adjustments} == {
+        param: (None, value) for param, value in filled.items()
+    }
+    assert all(a.reason.startswith("policy default: ") for a in decision.adjustments)
+    assert all(decision.body[param] == value for param, value in filled.items())
+    assert decide(request(body), mode="shadow", **policy).violations  # shadow changes nothing
+
+
+def test_an_explicit_value_is_still_judged() -> None:
+    [violation] = decide(request({"background": "auto"}), backgrounds=["opaque"]).violations
+    assert violation.rule == "backgrounds"
 
 
 def test_deny_patterns_do_not_reveal_the_pattern_to_the_client() -> None:
