@@ -72,7 +72,7 @@ async def sdk_generate(gw: Running) -> tuple[str, Any]:
     """One generation through the SDK: the upstream that answered and the parsed result."""
     async with sdk(gw) as client:  # closed each time: unclosed clients pile up connections
         raw = await client.images.with_raw_response.generate(
-            model=ROUTE, prompt=PROMPT, size="1024x1024", quality="low"
+            model=ROUTE, prompt=PROMPT, size="1536x1024", quality="low"
         )
     return raw.headers["x-gateway-upstream"], raw.parse()
 
