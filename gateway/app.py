@@ -13,7 +13,6 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway import upstream
 from gateway.admin import create_admin_app
 from gateway.front.body import BodyBudget, BodyReader
 from gateway.front.connections import server_header
@@ -28,6 +27,7 @@ from gateway.runtime import Runtime, RuntimeHolder
 from gateway.settings import ConfigError, Settings
 from gateway.shutdown import IN_FLIGHT, SETTLEMENTS_LOST, track_handlers
 from gateway.telemetry.activity import Activity
+from gateway.upstreams.pools import Pools
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
 RELOADER = web.AppKey("reloader", Reloader)
@@ -102,14 +102,14 @@ def _store(settings: Settings, metrics: Metrics, worker: int) -> Store:
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     await store.start()
-    sessions = upstream.Sessions()
-    app[PIPELINE] = Pipeline(app[RUNTIME], sessions, store, app[METRICS], app[BODIES])
+    pools = Pools()
+    app[PIPELINE] = Pipeline(app[RUNTIME], pools, store, app[METRICS], app[BODIES])
     try:
         yield
     finally:
         # The pipeline's work has finished, or was cut and settled (shutdown.drain): what the
         # store still holds goes out now, within its own bound.
-        await sessions.close()
+        await pools.close()
         app[SETTLEMENTS_LOST][0] = await store.close()
 
 

@@ -117,6 +117,10 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
         partial_interval_ms=args.partial_interval_ms,
         api_key=args.api_key,
         image_bytes=args.image_bytes,
+        fail_status=args.fail_status,
+        fail_rate=args.fail_rate,
+        retry_after=args.retry_after,
+        hang_ms=args.hang_ms,
         serve_dall_e_2=args.serve_dall_e_2,
     )
     configure_logging("info", "console")
@@ -170,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partial-interval-ms", type=float, default=0.0, help="delay between streamed events")
     p.add_argument("--api-key", default=None, help="require this upstream key from callers")
     p.add_argument("--image-bytes", type=int, default=None, help="make each base64 image about this large")
+    p.add_argument("--fail-status", type=int, default=None, help="answer generations with this error status")
+    p.add_argument("--fail-rate", type=float, default=1.0, help="share of generations that fail (0..1)")
+    p.add_argument("--retry-after", type=float, default=None, help="Retry-After seconds sent with a failure")
+    p.add_argument("--hang-ms", type=float, default=0.0, help="hold each generation this long")
     p.add_argument(
         "--serve-dall-e-2",
         action="store_true",

@@ -92,10 +92,10 @@ def _outcome(decision: Decision) -> tuple[int, str | None]:
 def _route(settings: Settings, decision: Decision) -> dict[str, Any] | None:
     if decision.model is None or decision.model not in settings.routes or decision.entry is None:
         return None
-    route = settings.routes[decision.model]
+    first = settings.routes[decision.model].all_targets[0]
     return {
-        "upstream": route.upstream,
-        "upstream_model": route.model or decision.model,
+        "upstream": first.upstream,
+        "upstream_model": first.model or decision.model,
         "catalog": decision.entry.name,
     }
 
@@ -110,8 +110,8 @@ def _forwarded(settings: Settings, decision: Decision) -> dict[str, Any] | None:
     """The body as the upstream would receive it (its own model id), or None when nothing is sent."""
     if not decision.allowed or decision.model is None:
         return None
-    route = settings.routes[decision.model]
-    return {**decision.body, "model": route.model or decision.model}
+    first = settings.routes[decision.model].all_targets[0]
+    return {**decision.body, "model": first.model or decision.model}
 
 
 def usd(nano: int) -> str:

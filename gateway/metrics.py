@@ -246,6 +246,32 @@ class Metrics:
             ["upstream", "kind"],
             registry=r,
         )
+        self.upstream_up = Gauge(
+            "gateway_upstream_up",
+            "1 while an upstream is in rotation, 0 while it is ejected after consecutive failures.",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="min",
+        )
+        self.upstream_attempts = Counter(
+            "gateway_upstream_attempts",
+            "Attempts at an upstream by outcome (skipped_* were never sent).",
+            ["upstream", "outcome"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "gateway_failovers",
+            "Requests passed from one upstream to the next after a failure that made no image.",
+            ["route", "from_upstream", "to_upstream"],
+            registry=r,
+        )
+        self.upstream_budget_remaining = Gauge(
+            "gateway_upstream_budget_remaining",
+            "What is left of the organisation's quota at an upstream after the latest reservation.",
+            ["upstream", "limit"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.clients_gone = Counter(
             "gateway_clients_gone",
             "Requests whose client left, or stopped reading, before the end of the response.",
@@ -297,3 +323,13 @@ class ConfigCollector(Collector):
             for limit, value in limits.items():
                 family.add_metric([tenant, limit], float(value))
         yield family
+        upstreams = GaugeMetricFamily(
+            "gateway_upstream_budget_limit",
+            "The configured size of each upstream's provider quota (upstreams.*.limits).",
+            labels=["upstream", "limit"],
+        )
+        for upstream, upstream_settings in self._settings().upstreams.items():
+            if upstream_settings.limits is not None:
+                for limit, value in upstream_settings.limits.model_dump(exclude_none=True).items():
+                    upstreams.add_metric([upstream, limit], float(value))
+        yield upstreams

@@ -21,7 +21,12 @@ from gateway.runtime import Runtime
 
 
 def _model(runtime: Runtime, name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": runtime.routes[name].upstream_name}
+    return {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": runtime.routes[name].targets[0].upstream_name,
+    }
 
 
 def _tenant_models(request: web.Request) -> tuple[Runtime, list[str]]:

@@ -8,15 +8,15 @@ settled exactly once, whatever happens after admission (upstream error, client g
 from __future__ import annotations
 
 import asyncio
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway import upstream
 from gateway.auth import Credential, authenticate
 from gateway.errors import (
     GatewayError,
@@ -31,10 +31,16 @@ from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.middleware import RECORD, RequestRecord
 from gateway.relay import RelayOutcome, relay
-from gateway.requests.model import PATHS, ClientRequest, read_request
-from gateway.runtime import Route, Runtime, RuntimeHolder
+from gateway.requests.model import ClientRequest, read_request
+from gateway.runtime import Route, Runtime, RuntimeHolder, Target
+from gateway.upstreams import transport as upstream
+from gateway.upstreams.failover import Attempts, Exchange, Forwarder, Request
+from gateway.upstreams.health import Health
+from gateway.upstreams.pools import Pools
+from gateway.upstreams.quota import ProviderQuota
+from gateway.upstreams.targets import covering_estimate
 from policies.catalog import ModelEntry
-from policies.cost import Cost, actual_cost, estimate
+from policies.cost import Cost, actual_cost
 from policies.engine import Decision, evaluate
 from policies.entry import Operation
 from policies.findings import SHOWN_CHARS, shown
@@ -47,32 +53,38 @@ class Admitted:
     """An admitted request: what must be settled, and against what estimate."""
 
     decision: Decision
-    entry: ModelEntry
     route: Route
     estimate: Cost
     admission: Admission
     reservation: Reservation
     client: ClientRequest
-    # The upstream may be generating: from sending the body until it answers with an error or
-    # the send fails. Cut off meanwhile (shutdown), the request is billed at the estimate.
-    forwarded: bool = False
+    attempts: Attempts = field(default_factory=Attempts)
+    served: Exchange | None = None  # the answer relayed, once one was chosen
+
+    @property
+    def entry(self) -> ModelEntry:
+        """The catalog entry of the prices charged: the serving target's, else the route's."""
+        target: Target = self.served.target if self.served is not None else self.route.targets[0]
+        assert target.entry is not None
+        return target.entry
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The body as the serving upstream got it (what its usage is priced on)."""
+        return self.served.body if self.served is not None else self.decision.body
 
 
 class Pipeline:
     def __init__(
-        self,
-        runtime: RuntimeHolder,
-        sessions: upstream.Sessions,
-        store: Store,
-        metrics: Metrics,
-        bodies: BodyReader,
+        self, runtime: RuntimeHolder, pools: Pools, store: Store, metrics: Metrics, bodies: BodyReader
     ) -> None:
         self.runtime = runtime
         self.bodies = bodies
-        self.sessions = sessions
         self.store = store
         self.metrics = metrics
         self.admissions = AdmissionQueue(runtime.current.settings.server.max_pending_admissions, metrics)
+        self.quota = ProviderQuota(store, metrics)
+        self.forwarder = Forwarder(pools, Health(metrics), self.quota, metrics, random.Random())
         self.tasks: set[asyncio.Task[web.StreamResponse]] = set()
 
     async def handle(self, request: web.Request, operation: Operation = "generate") -> web.StreamResponse:
@@ -116,10 +128,8 @@ class Pipeline:
                 return response
             except GatewayError as error:
                 error.headers.update(admitted.admission.headers)
-                self.metrics.upstream_errors.labels(
-                    admitted.route.upstream_name, error.error_code or "error"
-                ).inc()
-                log.warning("upstream_failed", error=error.error_code, upstream=admitted.route.upstream_name)
+                self.metrics.upstream_errors.labels(record.upstream, error.error_code or "error").inc()
+                log.warning("upstream_failed", error=error.error_code, upstream=record.upstream)
                 raise
             finally:
                 await asyncio.shield(self.settle(credential, admitted, outcome, record))
@@ -137,7 +147,7 @@ class Pipeline:
         record.stream = decision.body.get("stream") is True
         if decision.model in runtime.routes:
             record.model = decision.model
-            record.upstream = runtime.routes[decision.model].upstream_name
+            record.upstream = runtime.routes[decision.model].targets[0].upstream_name
         if decision.error is not None:
             raise InvalidRequest(
                 decision.error.message,
@@ -174,7 +184,8 @@ class Pipeline:
         record: RequestRecord,
     ) -> Admitted:
         assert decision.model is not None and decision.entry is not None  # allowed decisions name both
-        cost = estimate(decision.body, decision.entry, client.inputs)
+        route = runtime.routes[decision.model]
+        cost = covering_estimate(route, decision.body, client.inputs)
         user = decision.body.get("user")
         plan = runtime.limit_plan(credential, user if isinstance(user, str) else None)
         admission = await self.store.reserve(plan, cost, request_id=record.request_id, model=decision.model)
@@ -183,46 +194,56 @@ class Pipeline:
             error.headers = {**admission.headers, **error.headers}
             raise error
         record.fields["estimate_tokens"] = cost.tokens
-        route = runtime.routes[decision.model]
-        return Admitted(decision, decision.entry, route, cost, admission, admission.reservation, client)
+        return Admitted(decision, route, cost, admission, admission.reservation, client)
 
     async def forward_and_relay(
         self, request: web.Request, runtime: Runtime, admitted: Admitted, record: RequestRecord
     ) -> tuple[web.StreamResponse, RelayOutcome]:
-        route = admitted.route
-        fields = dict(admitted.decision.body)
-        fields["model"] = route.upstream_model
-        client = admitted.client
-        body = client.upstream_body(fields)
-        sent_headers = upstream.upstream_headers(route, request.headers, record.request_id, body)
-        forwarded_at = time.perf_counter()
-        admitted.forwarded = True
+        forwarding = Request(
+            admitted.route,
+            admitted.client,
+            admitted.decision.body,
+            admitted.estimate,
+            record.tenant,
+            record.request_id,
+            request.headers,
+        )
         try:
-            response = await upstream.send(self.sessions, route, PATHS[client.operation], body, sent_headers)
-        except GatewayError as error:
-            # Refunded only when the upstream was never reached; after the body went out (a read
-            # timeout, a dropped connection) it may have generated, and billed: the estimate stands.
-            admitted.forwarded = not upstream.never_reached(error.__cause__)
-            raise
-        admitted.forwarded = response.status < 400
+            exchange = await self.forwarder.forward(forwarding, admitted.attempts)
+        finally:
+            record.fields["attempts"] = [attempt.to_dict() for attempt in admitted.attempts.log]
+            record.upstream = admitted.attempts.last_tried or record.upstream  # who answered or failed
+        admitted.served = exchange
+        async with exchange.share:  # the tenant's connection, until the relay is done
+            return await self.relay_answer(request, runtime, admitted, exchange, record)
+
+    async def relay_answer(
+        self,
+        request: web.Request,
+        runtime: Runtime,
+        admitted: Admitted,
+        exchange: Exchange,
+        record: RequestRecord,
+    ) -> tuple[web.StreamResponse, RelayOutcome]:
+        response, target = exchange.response, exchange.target
+        name = record.upstream = target.upstream_name
+        admitted.attempts.reached = response.status < 400
         if response.status in (401, 403):
             # The organisation's key was refused: a tenant must neither see its fragments nor
             # think its own key is wrong.
             response.release()
-            log.error("upstream_auth_failed", upstream=route.upstream_name, status=response.status)
-            raise UpstreamAuthFailed(
-                f"The gateway's credentials for upstream {route.upstream_name!r} were refused."
-            )
-        self.metrics.upstream_ttfb.labels(route.upstream_name).observe(time.perf_counter() - forwarded_at)
+            log.error("upstream_auth_failed", upstream=name, status=response.status)
+            raise UpstreamAuthFailed(f"The gateway's credentials for upstream {name!r} were refused.")
+        self.metrics.upstream_ttfb.labels(name).observe(time.perf_counter() - exchange.forwarded_at)
         headers = self.response_headers(response, admitted, record)
         if response.status >= 400:
-            self.metrics.upstream_errors.labels(route.upstream_name, f"http_{response.status}").inc()
+            self.metrics.upstream_errors.labels(name, f"http_{response.status}").inc()
         streaming = response.headers.get("Content-Type", "").startswith("text/event-stream")
         if streaming:
             self.metrics.open_streams.inc()
         try:
             outcome = await relay(
-                request, response, headers, route, runtime.settings.server.client_write_timeout_seconds
+                request, response, headers, target, runtime.settings.server.client_write_timeout_seconds
             )
         finally:
             if streaming:
@@ -235,9 +256,7 @@ class Pipeline:
                     outcome.first_byte_at - record.started
                 )
         if outcome.failure is not None:
-            self.metrics.upstream_errors.labels(
-                route.upstream_name, outcome.failure.error_code or "failure"
-            ).inc()
+            self.metrics.upstream_errors.labels(name, outcome.failure.error_code or "failure").inc()
             log.warning(
                 "upstream_failed_mid_response",
                 error=outcome.failure.error_code,
@@ -245,7 +264,7 @@ class Pipeline:
             )
         elif (stream_error := outcome.reader.error) is not None:
             # The upstream reported a failure inside a 200 stream: relayed as it is, counted as one.
-            self.metrics.upstream_errors.labels(route.upstream_name, "stream_error").inc()
+            self.metrics.upstream_errors.labels(name, "stream_error").inc()
             log.warning("upstream_stream_error", error=stream_error.get("code") or stream_error.get("type"))
         return outcome.response, outcome
 
@@ -256,10 +275,13 @@ class Pipeline:
         merged = merge_upstream_limit_headers(admitted.admission.headers, headers)
         for name, value in merged.items():
             headers[name] = value
-        if admitted.decision.adjustments:
+        adjustments = admitted.decision.adjustments
+        if admitted.served is not None:
+            adjustments += admitted.served.adjustments
+            headers["x-gateway-upstream"] = admitted.served.target.upstream_name
+        if adjustments:
             headers["x-gateway-adjusted"] = "; ".join(
-                f"{a.param}={_plain(a.before)}->{_plain(a.after)} ({a.reason})"
-                for a in admitted.decision.adjustments
+                f"{a.param}={_plain(a.before)}->{_plain(a.after)} ({a.reason})" for a in adjustments
             )
         headers["x-request-id"] = record.request_id
         return headers
@@ -270,7 +292,13 @@ class Pipeline:
         """Replace the reservation with what the upstream reported, exactly once, on every path."""
         actual, how = self.actual(admitted, outcome)
         label = "ok" if outcome is not None and _succeeded(outcome) else "failed"
-        await self.store.settle(admitted.reservation, actual, outcome=label)
+        attempts = admitted.attempts
+        settled = self.store.settle(admitted.reservation, actual, outcome=label)
+        if attempts.provider:  # together: one pipelined round trip to the store
+            providers = self.quota.settle(attempts.provider, attempts.last_tried, actual, outcome=label)
+            await asyncio.gather(settled, providers)
+        else:
+            await settled
         tenant, model = credential.tenant, record.model
         self.record_usage(tenant, model, admitted, actual, how)
         if outcome is not None and outcome.client_gone:
@@ -287,12 +315,12 @@ class Pipeline:
 
     def actual(self, admitted: Admitted, outcome: RelayOutcome | None) -> tuple[Cost, str]:
         """The cost to settle at, and how it was known: usage, refund or estimate."""
-        if outcome is None and admitted.forwarded:
+        if outcome is None and admitted.attempts.reached:
             return admitted.estimate, "estimate"  # cut off after the upstream accepted the work
         if outcome is None or outcome.status >= 400:
             return Cost(), "refund"  # nothing was generated: only the request itself counts
         reader = outcome.reader
-        cost = actual_cost(admitted.decision.body, reader.usage, reader.images, admitted.entry)
+        cost = actual_cost(admitted.body, reader.usage, reader.images, admitted.entry)
         if cost is not None and outcome.failure is not None and reader.images < admitted.estimate.images:
             # Cut off between images: those still under way may be billed upstream, unreported.
             return admitted.estimate, "estimate"
@@ -316,7 +344,7 @@ class Pipeline:
         m.tokens.labels(tenant, model, "text_in", how).inc(actual.text_in_tokens)
         m.tokens.labels(tenant, model, "image_in", how).inc(actual.image_in_tokens)
         m.tokens.labels(tenant, model, "image_out", how).inc(actual.image_out_tokens)
-        body = admitted.decision.body
+        body = admitted.body
         quality = str(body.get("quality", "auto"))
         m.images.labels(tenant, model, _size_label(body, admitted.entry), quality, how).inc(actual.images)
         m.spend.add(tenant, model, how, nano_usd=actual.nano_usd)

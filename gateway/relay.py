@@ -25,8 +25,8 @@ from aiohttp import web
 
 from gateway.errors import GatewayError
 from gateway.logs import get_logger
-from gateway.runtime import Route
-from gateway.upstream import translate
+from gateway.runtime import Target
+from gateway.upstreams.transport import translate
 from gateway.usage import UsageReader, usage_reader
 
 log = get_logger("gateway.relay")
@@ -52,7 +52,7 @@ async def relay(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
     headers: Mapping[str, str],
-    route: Route,
+    target: Target,
     write_timeout: float,
 ) -> RelayOutcome:
     """Send `upstream`'s status, `headers` and body to the client; always consume the upstream body."""
@@ -67,7 +67,7 @@ async def relay(
         await client.prepare()
         await _pump(upstream, client)
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        outcome.failure = translate(exc, route)
+        outcome.failure = translate(exc, target)
         outcome.reader.close()
         await client.end_after_failure(outcome.failure)
     finally:

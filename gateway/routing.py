@@ -10,8 +10,9 @@ accept (a typo such as `qualities: [hight]` would otherwise deny every request).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
-from gateway.settings import ConfigError, Settings, UpstreamSettings
+from gateway.settings import ConfigError, Settings, TargetSettings, UpstreamSettings
 from policies.capabilities import size_problem
 from policies.catalog import Catalog, CatalogError, ModelEntry, load_catalog
 from policies.engine import Flavor, RouteTarget
@@ -30,12 +31,25 @@ def flavor_of(name: str, upstream: UpstreamSettings) -> Flavor:
 
 
 def route_targets(settings: Settings) -> dict[str, RouteTarget]:
+    """What the policy engine sees of each route: its catalog entry, the flavor of its first target
+    (each other's is applied when it is tried, see `upstreams.targets`), and the operations any of
+    its targets has (one without the request's operation is skipped when it comes to it)."""
     targets = {}
     for name, route in settings.routes.items():
-        upstream = settings.upstreams[route.upstream]
-        declared = frozenset(upstream.operations) if upstream.operations is not None else None
-        targets[name] = RouteTarget(route.catalog or name, flavor_of(route.upstream, upstream), declared)
+        each = [
+            RouteTarget(route.catalog or name, flavor_of(t.upstream, up), declared_operations(up))
+            for t in route.all_targets
+            for up in (settings.upstreams[t.upstream],)
+        ]
+        if len(each) > 1:
+            each[0] = replace(each[0], declared_operations=frozenset().union(*(t.operations for t in each)))
+        targets[name] = each[0]
     return targets
+
+
+def declared_operations(upstream: UpstreamSettings) -> frozenset[str] | None:
+    """The operations the operator declared for an upstream (None: its flavor's)."""
+    return frozenset(upstream.operations) if upstream.operations is not None else None
 
 
 def load_world(settings: Settings) -> tuple[Catalog, dict[str, RouteTarget]]:
@@ -44,6 +58,23 @@ def load_world(settings: Settings) -> tuple[Catalog, dict[str, RouteTarget]]:
     if errors:
         raise ConfigError("<config>", errors)
     return catalog, targets
+
+
+def _target_problems(path: str, target: TargetSettings, route_entry: str, catalog: Catalog) -> list[str]:
+    if target.catalog is not None and target.catalog not in catalog:
+        return [f"{path}.catalog: no catalog entry {target.catalog!r}"]
+    entry = catalog.get(target.catalog or route_entry)
+    if target.prices is not None and entry is not None and entry.prices is None:
+        return [f"{path}.prices: {entry.name!r} is priced per image (image_prices), not per token"]
+    return []
+
+
+def priced_entry(entry: ModelEntry, target: TargetSettings) -> ModelEntry:
+    """`entry` with the target's own token prices, where it gives any."""
+    if target.prices is None or entry.prices is None:
+        return entry
+    changed = target.prices.model_dump(exclude_none=True)
+    return entry.model_copy(update={"prices": entry.prices.model_copy(update=changed)})
 
 
 def world_problems(settings: Settings) -> list[str]:
@@ -66,6 +97,14 @@ def _world(settings: Settings) -> tuple[Catalog, dict[str, RouteTarget], list[st
         f" {target.catalog!r} (add it under catalog:, or name an existing one with catalog:)"
         for name, target in targets.items()
         if target.catalog not in catalog and target.catalog not in settings.catalog
+    ]
+    errors += [
+        problem
+        for name, route in settings.routes.items()
+        for index, target in enumerate(route.targets or [])
+        for problem in _target_problems(
+            f"routes.{name}.targets.{index}", target, route.catalog or name, catalog
+        )
     ]
     for path, policy in _effective_policies(settings):
         errors += policy_problems(path, policy, catalog, targets)

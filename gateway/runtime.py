@@ -7,26 +7,41 @@ starts and keeps it to the end, so in-flight requests finish on the configuratio
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from gateway.auth import Credential
 from gateway.limits.plan import LimitPlan
-from gateway.routing import load_world
+from gateway.routing import declared_operations, flavor_of, load_world, priced_entry
 from gateway.settings import RouteSettings, Settings, UpstreamSettings
-from policies.catalog import Catalog
-from policies.engine import RouteTarget
+from policies.catalog import Catalog, ModelEntry
+from policies.engine import Flavor, RouteTarget
 from policies.rules import Policy
 
 _MAX_PLANS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
-class Route:
-    """Where a public model name goes: the upstream's settings and the upstream's model id."""
+class Target:
+    """One upstream that may serve a route: its settings, its model id there, its flavor, and the
+    catalog entry of the prices it charges."""
 
-    name: str
     upstream_name: str
     upstream: UpstreamSettings
     upstream_model: str
+    flavor: Flavor = "openai"
+    entry: ModelEntry | None = None  # None only where no price is needed (tests of the relay)
+    weight: int = 1
+    operations: frozenset[str] = frozenset({"generate"})  # what its API has (edit, variation)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a public model name goes: its targets, in order, and how to pick among them."""
+
+    name: str
+    targets: tuple[Target, ...]
+    strategy: Literal["failover", "weighted"] = "failover"
+    retry_on: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +78,7 @@ class Runtime:
             settings=settings,
             catalog=catalog,
             targets=targets,
-            routes={name: _route(name, r, settings) for name, r in settings.routes.items()},
+            routes={name: _route(name, r, settings, catalog) for name, r in settings.routes.items()},
             policies={name: settings.policy_for(name) for name in settings.tenants},
             credentials={
                 key.hash: Credential(tenant=name, key=key, key_index=index)
@@ -73,13 +88,25 @@ class Runtime:
         )
 
 
-def _route(name: str, route: RouteSettings, settings: Settings) -> Route:
-    return Route(
-        name=name,
-        upstream_name=route.upstream,
-        upstream=settings.upstreams[route.upstream],
-        upstream_model=route.model or name,
+def _route(name: str, route: RouteSettings, settings: Settings, catalog: Catalog) -> Route:
+    entry_name = route.catalog or name
+    targets = tuple(
+        Target(
+            upstream_name=target.upstream,
+            upstream=settings.upstreams[target.upstream],
+            upstream_model=target.model or name,
+            flavor=flavor_of(target.upstream, settings.upstreams[target.upstream]),
+            entry=priced_entry(catalog[target.catalog or entry_name], target),
+            weight=target.weight,
+            operations=RouteTarget(
+                entry_name,
+                flavor_of(target.upstream, settings.upstreams[target.upstream]),
+                declared_operations(settings.upstreams[target.upstream]),
+            ).operations,
+        )
+        for target in route.all_targets
     )
+    return Route(name, targets, route.strategy, frozenset(route.retry_on))
 
 
 class RuntimeHolder:

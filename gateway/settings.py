@@ -145,15 +145,38 @@ class AdminSettings(_Frozen):
         return bool(self.token.get_secret_value())
 
 
+class ProviderLimits(_Frozen):
+    """The organisation's own quota at one upstream (its per-minute limits there), shared by every
+    tenant and every gateway process: a target whose quota is spent is skipped."""
+
+    requests_per_minute: int | None = Field(default=None, ge=0, le=150_000_000)
+    images_per_minute: int | None = Field(default=None, ge=0, le=150_000_000)
+    tokens_per_minute: int | None = Field(default=None, ge=0, le=150_000_000)
+
+
 class UpstreamSettings(_Frozen):
     base_url: str
     api_key: SecretStr = SecretStr("")
     flavor: Literal["openai", "digitalocean"] | None = None
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
     read_timeout_seconds: float = Field(default=600.0, gt=0)
-    max_connections: int = Field(default=256, ge=1)
+    # Sized for the open streams expected at once across every tenant; each tenant may hold at
+    # most `max_connections_per_tenant` of them (default: a quarter of the pool), so one tenant's
+    # long streams cannot make another tenant wait.
+    max_connections: int = Field(default=1024, ge=1)
+    max_connections_per_tenant: int | None = Field(default=None, ge=1)
+    limits: ProviderLimits | None = None
+    eject_after_failures: int = Field(default=3, ge=1)
+    eject_seconds: float = Field(default=30.0, gt=0)
     # The image operations the upstream's API has; None: its flavor's (DigitalOcean: generate only)
     operations: list[Literal["generate", "edit", "variation"]] | None = Field(default=None, min_length=1)
+
+    @property
+    def tenant_connections(self) -> int:
+        """How many of the pool's connections one tenant may hold at once."""
+        if self.max_connections_per_tenant is not None:
+            return min(self.max_connections_per_tenant, self.max_connections)
+        return max(1, self.max_connections // 4)
 
     @field_validator("base_url")
     @classmethod
@@ -163,10 +186,55 @@ class UpstreamSettings(_Frozen):
         return value.rstrip("/")
 
 
-class RouteSettings(_Frozen):
+class TargetPrices(_Frozen):
+    """USD per 1M tokens at one upstream, where it charges otherwise than the catalog says."""
+
+    text_in: Decimal | None = Field(default=None, ge=0)
+    image_in: Decimal | None = Field(default=None, ge=0)
+    image_out: Decimal | None = Field(default=None, ge=0)
+
+
+class TargetSettings(_Frozen):
+    """One upstream a route may be served by: its model id there and, when that upstream charges
+    otherwise, its prices (`prices`, over the route's catalog entry, or a whole `catalog` entry)."""
+
     upstream: str
     model: str | None = None
     catalog: str | None = None
+    prices: TargetPrices | None = None
+    weight: int = Field(default=1, ge=1)
+
+
+class RouteSettings(_Frozen):
+    """A public model name: one upstream (`upstream`, `model`), or several `targets` tried by
+    `strategy`. `retry_on: [500]` lets a 500 fail over too (off by default: it may have billed)."""
+
+    upstream: str | None = None
+    model: str | None = None
+    catalog: str | None = None
+    targets: list[TargetSettings] | None = None
+    strategy: Literal["failover", "weighted"] = "failover"
+    retry_on: list[Literal[500]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> RouteSettings:
+        if self.targets is None and self.upstream is None:
+            raise ValueError("give `upstream` (one target) or `targets` (a list)")
+        if self.targets is not None and (self.upstream is not None or self.model is not None):
+            raise ValueError("give either `upstream`/`model` or `targets`, not both")
+        if self.targets is not None and not self.targets:
+            raise ValueError("targets: the list is empty")
+        if self.strategy != "weighted" and any(t.weight != 1 for t in self.targets or []):
+            raise ValueError("a target `weight` needs `strategy: weighted`")
+        return self
+
+    @property
+    def all_targets(self) -> tuple[TargetSettings, ...]:
+        """The targets in their configured order (the one-upstream form is a single target)."""
+        if self.targets is not None:
+            return tuple(self.targets)
+        assert self.upstream is not None  # _one_form
+        return (TargetSettings(upstream=self.upstream, model=self.model),)
 
 
 # The store does its arithmetic in Lua numbers (doubles): every amount stays below 2^53 to be exact.
@@ -285,7 +353,11 @@ class Settings(_Frozen):
     def _references_resolve(self) -> Settings:
         problems = reference_problems(
             upstreams=set(self.upstreams),
-            routes={name: route.upstream for name, route in self.routes.items()},
+            routes={
+                f"{name}{'.targets.' + str(i) if route.targets is not None else ''}": target.upstream
+                for name, route in self.routes.items()
+                for i, target in enumerate(route.all_targets)
+            },
             policies=set(self.policies),
             tenants={name: tenant.policy for name, tenant in self.tenants.items()},
         )
@@ -297,6 +369,11 @@ class Settings(_Frozen):
                     problems.extend(
                         f"tenants.{name}.policy_overrides.{line}" for line in format_validation_error(exc)
                     )
+        problems += [
+            f"tenants.{name}: a tenant name may not start with 'upstream:' (the provider quotas use it)"
+            for name in self.tenants
+            if name.startswith("upstream:")
+        ]
         seen: dict[str, str] = {}
         for name, tenant in self.tenants.items():
             for index, key in enumerate(tenant.keys):
@@ -367,9 +444,7 @@ def missing_key_problems(raw: dict[str, Any], expanded: dict[str, Any]) -> list[
     routes = expanded.get("routes")
     if not isinstance(upstreams, dict) or not isinstance(routes, dict):
         return []
-    used = {
-        r["upstream"] for r in routes.values() if isinstance(r, dict) and isinstance(r.get("upstream"), str)
-    }
+    used = {u for u in _raw_route_upstreams(routes).values() if isinstance(u, str)}
     problems = []
     for name, entry in upstreams.items():
         if name not in used or not isinstance(entry, dict) or entry.get("api_key"):
@@ -392,6 +467,21 @@ def _host(url: Any) -> str | None:
         return None
 
 
+def _raw_route_upstreams(routes: dict[str, Any]) -> dict[str, Any]:
+    """`<route>` or `<route>.targets.<i>` -> the upstream it names, in a file not yet validated."""
+    found: dict[str, Any] = {}
+    for name, route in routes.items():
+        if not isinstance(route, dict):
+            continue
+        targets = route.get("targets")
+        if isinstance(targets, list):
+            for i, target in enumerate(targets):
+                found[f"{name}.targets.{i}"] = target.get("upstream") if isinstance(target, dict) else None
+        else:
+            found[name] = route.get("upstream")
+    return found
+
+
 def _raw_reference_problems(raw: dict[str, Any]) -> list[str]:
     """The same reference checks on a file whose fields did not validate, so all errors show at once."""
 
@@ -405,7 +495,7 @@ def _raw_reference_problems(raw: dict[str, Any]) -> list[str]:
     upstreams = set(section("upstreams")) if "upstreams" in raw else set(_default_upstreams())
     return reference_problems(
         upstreams=upstreams,
-        routes={name: field(route, "upstream") for name, route in section("routes").items()},
+        routes=_raw_route_upstreams(section("routes")),
         policies=set(section("policies")),
         tenants={name: field(tenant, "policy") for name, tenant in section("tenants").items()},
     )

@@ -60,7 +60,7 @@ from policies.findings import (
 from policies.rules import Policy
 from policies.uploads import GENERATE, Inputs
 
-__all__ = ["Adjustment", "Decision", "RouteTarget", "Violation", "evaluate"]
+__all__ = ["Adjustment", "Decision", "RouteTarget", "Violation", "evaluate", "for_flavor"]
 
 Flavor = Literal["openai", "digitalocean"]
 # The operations each flavor's API has: DigitalOcean's image API is generations only (FACTS.md 5)
@@ -261,6 +261,17 @@ def _unavailable(
         f" Available: {quoted(available)}."
     )
     return Violation(MODEL, "model", message, available, MODEL_NOT_FOUND)
+
+
+def for_flavor(
+    entry: ModelEntry, body: Mapping[str, Any], flavor: Flavor
+) -> tuple[dict[str, Any], tuple[Adjustment, ...]]:
+    """An evaluated body as another target of its route needs it (a route whose first target is
+    OpenAI and whose next is DigitalOcean): the same fills as step 4, nothing else."""
+    work = _Work(dict(body))
+    if flavor == "digitalocean":
+        _fill_digitalocean(entry, work)
+    return work.body, tuple(work.adjustments)
 
 
 def _fill_digitalocean(entry: ModelEntry, work: _Work) -> None:

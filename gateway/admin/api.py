@@ -4,6 +4,8 @@
   the tenant and of each of its keys (as below), for the usage page in one round trip.
 * `GET /admin/tenants/{tenant}/usage`: every limit of the tenant and of each of its keys, with
   its value, used, remaining and time to reset, read live from the store.
+* `GET /admin/upstreams`: each upstream's provider quota (`upstreams.*.limits`), the organisation's
+  own limits there shared by all tenants, with value, used, remaining and time to reset.
 * `GET /admin/activity`: requests by decision per minute over the last hour, counted by the
   process that answers (see gateway/telemetry/activity.py).
 * `POST /admin/reload`: re-read the configuration file (as SIGHUP does); 200 with what is now in
@@ -42,6 +44,7 @@ from gateway.limits.headers import go_duration
 from gateway.limits.ledger import CSV_COLUMNS
 from gateway.settings import ConfigError, Settings, TenantSettings
 from gateway.telemetry.activity import DECISIONS, Activity
+from gateway.upstreams.quota import provider_plan
 from policies.cost import NANO_PER_USD
 
 _MAX_DAYS = 731  # two years of ledger in one answer is plenty; beyond that, ask in pieces
@@ -74,6 +77,7 @@ def create_admin_app(
     app.router.add_get("/tenants/{tenant}/usage", tenant_usage)
     app.router.add_get("/activity", activity_minutes)
     app.router.add_get("/usage", usage)
+    app.router.add_get("/upstreams", upstreams)
     app.router.add_post("/reload", reload_config)
     add_ui_routes(app)
     return app
@@ -133,6 +137,16 @@ def _status_json(status: LimitStatus) -> dict[str, Any]:
         "reset": go_duration(round(status.reset_seconds * 1_000_000)),
         "mode": status.mode,
     }
+
+
+async def upstreams(request: web.Request) -> web.Response:
+    admin = request.app[ADMIN]
+    found: dict[str, Any] = {}
+    for name, upstream in admin.get_settings().upstreams.items():
+        plan = provider_plan(name, upstream.limits) if upstream.limits is not None else None
+        statuses = await admin.store.limit_status(plan) if plan is not None else []
+        found[name] = {"limits": [_status_json(status) for status in statuses]}
+    return web.json_response({"upstreams": found})
 
 
 async def _tenant_json(store: Store, name: str, tenant: TenantSettings) -> dict[str, Any]:

@@ -48,6 +48,9 @@ def ledger_key(tenant: str, day: date) -> str:
 
 
 LEDGER_PATTERN = f"{PREFIX}*:ledger:*"
+# The provider quota of upstream X is kept as the pseudo-tenant `upstream:X` (gateway.upstreams.quota);
+# no tenant may be named so, and the tenants' ledger report leaves those rows out.
+PROVIDER_TENANT_PREFIX = "upstream:"
 
 
 def parse_ledger_key(key: str) -> tuple[str, date] | None:

@@ -63,6 +63,7 @@ from gateway.limits.calls import (
 )
 from gateway.limits.decisions import DecisionMetrics, decide
 from gateway.limits.journal import Journal
+from gateway.limits.keys import PROVIDER_TENANT_PREFIX
 from gateway.limits.ledger import LedgerRow, charge_fields, rows, sort_rows
 from gateway.limits.outbox import Outbox
 from gateway.limits.periods import day_number, day_of, days_between
@@ -339,7 +340,12 @@ class LimitStore:
             self._metrics.store_errors.labels("ledger").inc()
             log.warning("ledger_read_failed", error=str(exc) or type(exc).__name__)
             raise StoreUnavailable(_UNAVAILABLE) from exc
-        return sort_rows(row for name, day, counters in hashes for row in rows(name, day, counters))
+        return sort_rows(
+            row
+            for name, day, counters in hashes
+            if not name.startswith(PROVIDER_TENANT_PREFIX)  # the provider quotas' own accounting
+            for row in rows(name, day, counters)
+        )
 
     # --- plumbing ------------------------------------------------------------------------------
 

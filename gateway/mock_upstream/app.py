@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,6 +32,7 @@ from gateway.mock_upstream.validation import Generation, validate
 
 log = logging.getLogger(__name__)
 _IMAGES: web.AppKey[ImageCache] = web.AppKey("mock_upstream_images", ImageCache)
+_FAILURES: web.AppKey[random.Random] = web.AppKey("mock_upstream_failures", random.Random)
 _RECORD_LIMIT = 10_000  # a long benchmark keeps only the most recent requests, so memory stays flat
 _BAD_JSON = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
@@ -44,6 +46,7 @@ def create_mock_app(options: MockOptions = MockOptions()) -> web.Application:  #
     app[OPTIONS] = options
     app[RECEIVED] = []
     app[_IMAGES] = ImageCache()
+    app[_FAILURES] = random.Random()
     app.router.add_post("/v1/images/generations", _generations)
     if options.flavor == "openai":  # DigitalOcean's image API has generations only
         app.router.add_post("/v1/images/edits", _edits)
@@ -156,6 +159,13 @@ async def _knobs(request: web.Request) -> Knobs:
         await asyncio.sleep(latency_ms / 1000)
     if knobs.status is not None:
         raise forced(knobs.status)
+    if options.hang_ms > 0:
+        await asyncio.sleep(options.hang_ms / 1000)
+    if options.fail_status is not None and request.app[_FAILURES].random() < options.fail_rate:
+        error = forced(options.fail_status)
+        if options.retry_after is not None:
+            error.headers["Retry-After"] = f"{options.retry_after:g}"
+        raise error
     return knobs
 
 

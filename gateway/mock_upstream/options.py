@@ -23,6 +23,10 @@ class MockOptions:
     partial_interval_ms: float = 0.0  # delay between streamed events
     api_key: str | None = None  # when set, requests must carry `Authorization: Bearer <api_key>`
     image_bytes: int | None = None  # when set, each b64 payload is padded to about this many bytes
+    fail_status: int | None = None  # answer generations with this error status (503, 429, ...)
+    fail_rate: float = 1.0  # the share of generations that fail with `fail_status`
+    retry_after: float | None = None  # the `Retry-After` seconds sent with a forced failure
+    hang_ms: float = 0.0  # hold every generation this long after reading it (a read timeout's cause)
     serve_dall_e_2: bool = False  # an upstream that still serves dall-e-2 edits and variations
 
 

@@ -21,10 +21,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
-from gateway import upstream as upstream_module
 from gateway.relay import RelayOutcome, relay
-from gateway.runtime import Route
+from gateway.runtime import Target
 from gateway.settings import UpstreamSettings
+from gateway.upstreams import transport as upstream_module
 from tests.e2e.conftest import StartGateway, base_url
 from tests.e2e.test_relay import USAGE
 from tests.support.config import TENANT_KEY
@@ -127,14 +127,14 @@ async def test_relay_cuts_off_a_client_that_stops_reading_and_drains_the_upstrea
     """relay() itself, between a real upstream and a real client socket that never reads."""
     upstream_server = await start_server(ScriptedUpstream(FLOOD).app())
     upstream_url = base_url(upstream_server)
-    route = Route("gpt-image-1.5", "openai", UpstreamSettings(base_url=upstream_url), "gpt-image-1.5")
+    target = Target("openai", UpstreamSettings(base_url=upstream_url), "gpt-image-1.5")
     relays: list[asyncio.Task[RelayOutcome]] = []
 
     async def relay_upstream(request: web.Request) -> RelayOutcome:
         async with aiohttp.ClientSession() as session:
             response = await session.post(f"{upstream_url}/images/generations", json={})
             headers = upstream_module.relayable_headers(response.headers)
-            return await relay(request, response, headers, route, write_timeout=0.5)
+            return await relay(request, response, headers, target, write_timeout=0.5)
 
     async def handler(request: web.Request) -> web.StreamResponse:
         # As the pipeline does: the work outlives the handler, which the test server cancels when

@@ -1,7 +1,8 @@
-"""Talking to upstreams: one pooled ClientSession, the organisation's key, and error translation.
+"""One HTTP exchange with one upstream: the organisation's key, the headers that pass each way,
+and error translation.
 
 The tenant's key never leaves the gateway: the upstream gets the organisation's key for the
-route. Network failures become GatewayErrors here (502 unreachable, 504 timeout), so no other
+target. Network failures become GatewayErrors here (502 unreachable, 504 timeout), so no other
 module handles aiohttp's exception family. A generation can take minutes, so there is no total
 timeout: the connect timeout bounds reaching the upstream and the read timeout bounds the silence
 between two reads.
@@ -17,7 +18,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
-from gateway.runtime import Route
+from gateway.runtime import Target
 
 # Request headers a client may send that the upstream should see; everything else (its key, its
 # organisation and project headers, cookies, hop-by-hop headers) stays at the gateway.
@@ -58,44 +59,8 @@ class StreamedBody(Protocol):
     def chunks(self) -> AsyncIterator[bytes]: ...
 
 
-class Sessions:
-    """One pooled ClientSession per upstream, holding at most its `max_connections` connections.
-
-    A request beyond that waits for a free connection, within the upstream's connect timeout. A
-    reload that changes `max_connections` gets a new pool; the old one serves what it started and
-    closes with the gateway. Bodies are relayed as received, so nothing is decompressed.
-    """
-
-    def __init__(self) -> None:
-        self._sessions: dict[tuple[str, int], aiohttp.ClientSession] = {}
-
-    def for_route(self, route: Route) -> aiohttp.ClientSession:
-        key = (route.upstream_name, route.upstream.max_connections)
-        session = self._sessions.get(key)
-        if session is None:
-            session = self._sessions[key] = _session(route.upstream.max_connections)
-        return session
-
-    async def close(self) -> None:
-        for session in self._sessions.values():
-            await session.close()
-        self._sessions.clear()
-
-
-def _session(max_connections: int) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
-        limit=max_connections, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Accept-Encoding"),
-        timeout=aiohttp.ClientTimeout(total=None),
-    )
-
-
 def upstream_headers(
-    route: Route, client_headers: Mapping[str, str], request_id: str, body: bytes | StreamedBody
+    target: Target, client_headers: Mapping[str, str], request_id: str, body: bytes | StreamedBody
 ) -> dict[str, str]:
     headers = {name: client_headers[name] for name in _FORWARDED_REQUEST_HEADERS if name in client_headers}
     if isinstance(body, bytes):
@@ -105,7 +70,7 @@ def upstream_headers(
         headers["Content-Length"] = str(body.length)
     headers["Accept-Encoding"] = "identity"
     headers["X-Request-Id"] = request_id
-    key = route.upstream.api_key.get_secret_value()
+    key = target.upstream.api_key.get_secret_value()
     if key:
         headers["Authorization"] = f"Bearer {key}"
     return headers
@@ -123,10 +88,14 @@ def relayable_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 
 async def send(
-    sessions: Sessions, route: Route, path: str, body: bytes | StreamedBody, headers: Mapping[str, str]
+    session: aiohttp.ClientSession,
+    target: Target,
+    path: str,
+    body: bytes | StreamedBody,
+    headers: Mapping[str, str],
 ) -> aiohttp.ClientResponse:
-    """POST the request to `path` at the route's upstream; the response's body is left for the relay."""
-    settings = route.upstream
+    """POST the request to `path` at the target's upstream; the response's body is left for the relay."""
+    settings = target.upstream
     timeout = aiohttp.ClientTimeout(
         total=None,
         connect=settings.connect_timeout_seconds,  # a free pooled connection, or a new one
@@ -135,9 +104,9 @@ async def send(
     url = f"{settings.base_url}{path}"
     data = body if isinstance(body, bytes) else body.chunks()
     try:
-        return await sessions.for_route(route).post(url, data=data, headers=headers, timeout=timeout)
+        return await session.post(url, data=data, headers=headers, timeout=timeout)
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise translate(exc, route) from exc
+        raise translate(exc, target) from exc
 
 
 def never_reached(exc: BaseException | None) -> bool:
@@ -147,19 +116,19 @@ def never_reached(exc: BaseException | None) -> bool:
     return isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
 
 
-def translate(exc: aiohttp.ClientError | asyncio.TimeoutError | OSError, route: Route) -> GatewayError:
-    """An aiohttp/OS failure talking to `route`'s upstream as the error a client sees."""
-    name = route.upstream_name
+def translate(exc: aiohttp.ClientError | asyncio.TimeoutError | OSError, target: Target) -> GatewayError:
+    """An aiohttp/OS failure talking to `target`'s upstream as the error a client sees."""
+    name = target.upstream_name
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return UpstreamTimeout(
             f"Upstream {name!r} did not accept a connection within "
-            f"{route.upstream.connect_timeout_seconds:g} s (or all {route.upstream.max_connections} "
+            f"{target.upstream.connect_timeout_seconds:g} s (or all {target.upstream.max_connections} "
             "of its connections stayed busy).",
             code="upstream_connect_timeout",
         )
     if isinstance(exc, (aiohttp.SocketTimeoutError, asyncio.TimeoutError)):
         return UpstreamTimeout(
-            f"Upstream {name!r} sent nothing for {route.upstream.read_timeout_seconds:g} s.",
+            f"Upstream {name!r} sent nothing for {target.upstream.read_timeout_seconds:g} s.",
             code="upstream_read_timeout",
         )
     if isinstance(exc, aiohttp.ClientConnectorError):

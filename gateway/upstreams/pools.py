@@ -1,0 +1,81 @@
+"""Connection pools toward the upstreams, and each tenant's share of them.
+
+One pooled ClientSession per upstream holds at most its `max_connections` connections. A tenant
+may hold at most `tenant_connections` of them at once (`max_connections_per_tenant`, by default a
+quarter of the pool): its request beyond that waits for one of its own to end, within the
+upstream's connect timeout, so one tenant's long streams exhaust only its own slice and another
+tenant's fast request still finds a connection. The share is held from sending the request until
+the response has been relayed (that is when the connection goes back to the pool).
+
+A reload that changes `max_connections` gets a new pool; the old one serves what it started and
+closes with the gateway. Bodies are relayed as received, so nothing is decompressed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from gateway.errors import UpstreamTimeout
+from gateway.runtime import Target
+
+
+class TenantShareBusy(UpstreamTimeout):
+    """Every connection of the tenant's share of an upstream stayed busy for the connect timeout.
+    Nothing was sent: the next target may be tried."""
+
+
+class Pools:
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[str, int], aiohttp.ClientSession] = {}
+        self._shares: dict[tuple[str, str, int], asyncio.Semaphore] = {}
+
+    def session(self, target: Target) -> aiohttp.ClientSession:
+        key = (target.upstream_name, target.upstream.max_connections)
+        session = self._sessions.get(key)
+        if session is None:
+            session = self._sessions[key] = _session(target.upstream.max_connections)
+        return session
+
+    @contextlib.asynccontextmanager
+    async def share(self, target: Target, tenant: str) -> AsyncIterator[None]:
+        """Hold one connection of `tenant`'s share of `target`'s upstream while the body runs."""
+        size = target.upstream.tenant_connections
+        key = (target.upstream_name, tenant, size)
+        slots = self._shares.get(key)
+        if slots is None:
+            slots = self._shares[key] = asyncio.Semaphore(size)
+        try:
+            async with asyncio.timeout(target.upstream.connect_timeout_seconds):
+                await slots.acquire()
+        except TimeoutError:
+            raise TenantShareBusy(
+                f"Upstream {target.upstream_name!r} had no free connection for this tenant within"
+                f" {target.upstream.connect_timeout_seconds:g} s"
+                f" (its share of {size} connections stayed busy).",
+                code="upstream_connect_timeout",
+            ) from None
+        try:
+            yield
+        finally:
+            slots.release()
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+
+
+def _session(max_connections: int) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=max_connections, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
