@@ -37,7 +37,7 @@ from gateway.upstreams import transport
 from gateway.upstreams.health import Health, Verdict, cool_down_seconds
 from gateway.upstreams.pools import Pools, TenantShareBusy
 from gateway.upstreams.quota import Held, ProviderQuota
-from gateway.upstreams.targets import body_for, ordered
+from gateway.upstreams.targets import body_for, ordered, refuses
 from policies.cost import Cost
 from policies.engine import Adjustment
 
@@ -200,6 +200,9 @@ class Forwarder:
         for target in order:
             if request.client.operation not in target.operations:
                 self._skipped(attempts, target, "operation")  # e.g. an edit to DigitalOcean: never sent
+                continue
+            if len(order) > 1 and refuses(target, request.body, request.client.operation):
+                self._skipped(attempts, target, "flavor")  # e.g. a size DigitalOcean does not take
                 continue
             state = self.health.admit(target.upstream_name, target.upstream)
             if state in ("ejected", "cooling"):

@@ -7,6 +7,8 @@ each one is sent, and the estimate that covers whichever of them serves.
 
 Each target gets the evaluated body with its own model id and its flavor's required fields
 (DigitalOcean: `n`, `size`, `partial_images` when streaming), exactly as a one-target route does.
+A target whose flavor cannot take the request (gpt-image-1 at DigitalOcean takes fewer sizes and
+only n=1: the catalog's `flavors` overlay) is skipped unsent (`refuses`).
 The tenant's reservation is made once, before the first attempt, so it covers the costliest target
 (each of images, tokens and USD at its highest), and is never below what is billed.
 """
@@ -18,8 +20,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway.runtime import Route, Target
+from policies import capabilities
 from policies.cost import Cost, estimate
 from policies.engine import Adjustment, for_flavor
+from policies.entry import Operation
 from policies.uploads import GENERATE, Inputs
 
 
@@ -40,6 +44,14 @@ def body_for(target: Target, body: Mapping[str, Any]) -> tuple[dict[str, Any], t
     sent, added = for_flavor(target.entry, body, target.flavor)
     sent["model"] = target.upstream_model
     return sent, added
+
+
+def refuses(target: Target, body: Mapping[str, Any], operation: Operation) -> bool:
+    """Whether `target`'s flavor of the model cannot take `body` (it would answer 400): then it is
+    skipped, never sent. The route's first flavor was judged by the policy engine already."""
+    assert target.entry is not None
+    entry = target.entry.on(target.flavor)
+    return capabilities.check(entry, body_for(target, body)[0], target.upstream_model, operation) is not None
 
 
 def covering_estimate(route: Route, body: Mapping[str, Any], inputs: Inputs = GENERATE) -> Cost:

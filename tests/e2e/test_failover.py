@@ -237,6 +237,37 @@ async def test_every_target_failing_gives_the_last_failure(
     assert UPSTREAM_KEY not in str(body) and DO_UPSTREAM_KEY not in str(body)
 
 
+async def test_a_target_whose_flavor_cannot_take_the_request_is_skipped_unsent(
+    start_server: StartServer, start_gateway: StartGateway, refusing_url: str
+) -> None:
+    """gpt-image-1 at DigitalOcean takes neither 1024x1024 nor n=2 (the catalog's flavor overlay):
+    when OpenAI cannot be reached, such a request is not sent there to be refused, and the client
+    gets OpenAI's failure; a request DigitalOcean does take fails over as usual."""
+    do = await mock(start_server, "digitalocean")
+    closed = refusing_url
+    routes = {
+        "gpt-image-1": {
+            "targets": [{"upstream": "openai"}, {"upstream": "digitalocean", "model": "openai-gpt-image-1"}]
+        },
+        **two_targets(),
+    }
+    gw = await start_gateway(
+        openai_url=closed, upstreams=upstream_config(closed, base_url(do)), routes=routes
+    )
+    request = {"model": "gpt-image-1", "prompt": PROMPT, "quality": "low"}
+    async with aiohttp.ClientSession() as session:
+        status, body, _ = await generate(session, gw.url, {**request, "size": "1024x1024"})
+        assert (status, body["error"]["code"]) == (502, "upstream_unavailable")
+        assert generations(do) == 0
+        assert (
+            gw.metric("gateway_upstream_attempts_total", upstream="digitalocean", outcome="skipped_flavor")
+            == 1
+        )
+        status, _, headers = await generate(session, gw.url, {**request, "size": "1536x1024"})
+    assert (status, headers["x-gateway-upstream"]) == (200, "digitalocean")
+    assert generations(do) == 1
+
+
 async def test_a_sick_upstream_is_ejected_and_probed(
     start_server: StartServer, start_gateway: StartGateway
 ) -> None:
