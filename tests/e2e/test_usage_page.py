@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import openai
 import pytest
 from aiohttp.test_utils import TestServer
+from playwright.async_api import expect
 
 from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.support.browser import headless_chromium
@@ -96,9 +98,9 @@ async def test_sign_in_see_the_budget_change_after_a_request_and_download_the_cs
     await client.close()
 
     await page.click("#refresh")
-    await page.wait_for_function(
-        "el => !el.textContent.startsWith('$50.00 left')", arg=await budget.element_handle()
-    )
+    # The locator is queried again until it holds: a refresh replaces the element, so a handle
+    # taken before that refresh finished would never change (a race that failed once in CI).
+    await expect(budget).not_to_have_text(re.compile(r"^\$50\.00 left"), timeout=20_000)
     left = await budget.inner_text()
     spent = 50 - float(left.split(" left", 1)[0].lstrip("$"))
     assert 0 < spent < 1
