@@ -3,9 +3,10 @@
     t = 0                      /readyz answers 503 (draining); requests are still accepted
     t = drain_delay            the listeners close, idle keep-alive connections are closed
     ... until drain_delay + grace: in-flight requests and streams finish on their own
-    at drain_delay + grace     what is still running is cut off (a stream gets its SSE `error`
-                               event), and settles on the way out (at the estimate once its body
-                               reached the upstream), for at most CUT_SETTLE_SECONDS
+    at drain_delay + grace     what is still running is cut off (its connection closes without
+                               a final chunk: a truncated answer), and settles on the way out (at
+                               the estimate once its body reached the upstream), for at most
+                               CUT_SETTLE_SECONDS
     then                       the upstream session and the store close: the outbox delivers
                                what it holds for at most outbox.CLOSE_DEADLINE seconds and logs
                                what it must give up (`settlement_lost`); calls still unanswered
