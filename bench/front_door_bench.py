@@ -37,19 +37,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.gateway_bench import cpu_seconds, wait_http  # noqa: E402
 from tests.support.config import TENANT_KEY, UPSTREAM_KEY, config_dict  # noqa: E402
 from tests.support.http_fuzz import cases, gzip_bomb, run  # noqa: E402
 from tests.support.processes import free_port  # noqa: E402
 
-TICKS = os.sysconf("SC_CLK_TCK")
 AUTH = {"Authorization": f"Bearer {TENANT_KEY}"}
 PAYLOAD = {"model": "gpt-image-1.5", "prompt": "a quiet harbour at dawn, watercolour", "quality": "low"}
 DENY = [r"\bnuclear\b", r"\bweapons?\b", "(a+)+$", r"credit\s*card", r"\bssn\b"]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def rss_mib(pid: int) -> float:
@@ -74,20 +69,6 @@ def summary(latencies: list[float]) -> str:
     ordered = sorted(latencies)
     p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
     return f"n={len(ordered)} p50 {statistics.median(ordered):.1f} ms  p99 {p99:.1f} ms  max {ordered[-1]:.1f} ms"
-
-
-async def wait_http(url: str, within: float = 30) -> None:
-    deadline = time.monotonic() + within
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            try:
-                async with session.get(url) as resp:
-                    if resp.status < 500:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
 
 
 async def probe_while(url: str, work: Any) -> tuple[list[float], Any]:
@@ -226,8 +207,8 @@ async def bench(args: argparse.Namespace) -> None:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        await wait_http(f"http://127.0.0.1:{mock_port}/v1/models")
-        await wait_http(f"{url}/healthz")
+        await wait_http(f"http://127.0.0.1:{mock_port}/v1/models", within=30)
+        await wait_http(f"{url}/healthz", within=30)
         pid = gateway.pid
 
         alone, _ = await probe_while(url, asyncio.sleep(3))

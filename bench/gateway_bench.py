@@ -45,9 +45,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def wait_http(url: str) -> None:
+async def wait_http(url: str, within: float = 10) -> None:
     async with aiohttp.ClientSession() as session:
-        for _ in range(200):
+        for _ in range(int(within / 0.05)):
             try:
                 async with session.get(url) as resp:
                     if resp.status < 500:

@@ -225,29 +225,22 @@ async def _serve(request: web.Request, gen: Generation, knobs: Knobs) -> web.Str
 
 def _usage(gen: Generation) -> dict[str, Any]:
     """The whole request's `usage` (a JSON body's)."""
-    partials = gen.partial_images
-    return usage(
-        gen.family,
-        gen.width,
-        gen.height,
-        gen.quality,
-        n=gen.n,
-        prompt=gen.prompt,
-        partial_images=partials,
-        image_in=gen.image_in,
-    )
+    return usage(**_usage_inputs(gen))
 
 
 def _image_usages(gen: Generation) -> list[dict[str, Any]]:
     """One `usage` per image (a stream's, on each completed event); they add up to `_usage(gen)`."""
-    partials = gen.partial_images
-    return image_usages(
-        gen.family,
-        gen.width,
-        gen.height,
-        gen.quality,
-        n=gen.n,
-        prompt=gen.prompt,
-        partial_images=partials,
-        image_in=gen.image_in,
-    )
+    return image_usages(**_usage_inputs(gen))
+
+
+def _usage_inputs(gen: Generation) -> dict[str, Any]:
+    return {
+        "family": gen.family,
+        "width": gen.width,
+        "height": gen.height,
+        "quality": gen.quality,
+        "n": gen.n,
+        "prompt": gen.prompt,
+        "partial_images": gen.partial_images,
+        "image_in": gen.image_in,
+    }
