@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.telemetry.config import TelemetrySettings, with_environment
 from policies.rules import Policy
 
 _KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -348,6 +349,7 @@ class Settings(_Frozen):
     catalog: dict[str, dict[str, Any]] = Field(default_factory=dict)
     policies: dict[str, Policy] = Field(default_factory=dict)
     tenants: dict[str, TenantSettings] = Field(default_factory=dict)
+    telemetry: TelemetrySettings = TelemetrySettings()  # tracing; completed from OTEL_* variables
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
@@ -543,7 +545,7 @@ def expand_env(node: Any, environ: Mapping[str, str], missing: list[str], path: 
 
 
 # Sections nothing else in the file refers to: when only they fail, the rest is checked on without them.
-_STANDALONE = frozenset({"server", "store", "admin"})
+_STANDALONE = frozenset({"server", "store", "admin", "telemetry"})
 
 Checks = Callable[["Settings"], list[str]]
 
@@ -574,9 +576,10 @@ def parse_settings(
     if not isinstance(raw, dict):
         raise ConfigError(source, ["the top level must be a mapping of sections"])
     missing: list[str] = []
-    expanded = expand_env(raw, os.environ if environ is None else environ, missing)
+    environ = os.environ if environ is None else environ
+    expanded, problems = with_environment(expand_env(raw, environ, missing), environ)
     unset = tuple(line.split(": ", 1)[0] for line in missing)
-    problems = missing_key_problems(raw, expanded) if require_upstream_keys else []
+    problems += missing_key_problems(raw, expanded) if require_upstream_keys else []
     try:
         settings: Settings | None = Settings.model_validate(expanded)
         errors: list[str] = []

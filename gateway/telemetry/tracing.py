@@ -1,0 +1,283 @@
+"""One OpenTelemetry trace per request: the facade the request path calls, off by default.
+
+`Tracing.request` gives each request a `RequestTrace`. While tracing is off (no endpoint
+configured, see `telemetry.config`) that is `OFF`, whose every method does nothing, so the request
+path pays a few attribute lookups. While it is on, the request's SERVER span continues the
+client's W3C `traceparent`/`tracestate` (or starts a trace) and gets child spans:
+
+* `policy` and `admission` (the store round trip), `relay`, `settlement`: INTERNAL spans, one each;
+* one CLIENT span per upstream attempt (a failover shows as several), whose context is sent to the
+  upstream in `traceparent` (the same trace id);
+* events: `gateway.upstream.skipped` (a target not sent: ejected, cooling, quota, ...) and, on a
+  stream, `gateway.stream.first_event` when its first event went to the client.
+
+Attributes follow the OpenTelemetry GenAI conventions where they fit (`gen_ai.operation.name`,
+`gen_ai.request.model`, `gen_ai.response.model`, `gen_ai.provider.name`, `gen_ai.usage.*`) plus the
+gateway's own `gateway.*`. They are chosen field by field: never a prompt, a key or a user id in
+clear (the user is hashed as the store's per-user limits hash it). Spans are exported by a batch
+processor on its own thread (`telemetry.export`): a collector that is down or slow costs a request
+nothing; what cannot be queued or sent is counted in `gateway_trace_spans_dropped_total`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, MutableMapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from gateway.limits.plan import user_scope_name
+from gateway.metrics import Metrics
+from gateway.telemetry.activity import decision
+from gateway.telemetry.config import TelemetrySettings
+
+if TYPE_CHECKING:
+    from gateway.middleware import RequestRecord
+    from gateway.runtime import Target
+    from gateway.telemetry.export import Exporting
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+# OpenTelemetry has no well-known gen_ai.operation.name for images: these are the gateway's own.
+OPERATIONS = {"generate": "image_generation", "edit": "image_edit", "variation": "image_variation"}
+
+
+class _Stage:
+    """A child span as a context manager: ended on exit, marked as an error if the stage raised."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, span: trace.Span) -> None:
+        self.span = span
+
+    def __enter__(self) -> _Stage:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None:
+            _failed(self.span, exc)
+        self.span.end()
+
+
+class _NoStage:
+    __slots__ = ()
+
+    def __enter__(self) -> _NoStage:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+
+_NO_STAGE = _NoStage()
+
+
+class AttemptTrace:
+    """One upstream attempt's span; this base form (tracing off) does nothing."""
+
+    __slots__ = ()
+
+    def answered(self, status: int) -> None:
+        """The upstream answered with `status`."""
+
+    def end(self, outcome: str) -> None:
+        """The attempt's outcome, as the access log's `attempts` says it (ok, http_503, ...)."""
+
+
+NO_ATTEMPT = AttemptTrace()
+
+
+class _Attempt(AttemptTrace):
+    __slots__ = ("span",)
+
+    def __init__(self, span: trace.Span) -> None:
+        self.span = span
+
+    def answered(self, status: int) -> None:
+        self.span.set_attribute("http.response.status_code", status)
+
+    def end(self, outcome: str) -> None:
+        self.span.set_attribute("gateway.attempt.outcome", outcome)
+        if outcome != "ok" and not outcome.startswith("http_4"):
+            self.span.set_status(Status(StatusCode.ERROR))
+            self.span.set_attribute("error.type", outcome)
+        self.span.end()
+
+
+class RequestTrace:
+    """What the request path tells its trace; this base form (tracing off) does nothing."""
+
+    __slots__ = ()
+
+    def stage(self, name: str) -> _Stage | _NoStage:
+        """A child span around one stage: `with trace.stage("policy"): ...`."""
+        return _NO_STAGE
+
+    def attempt(self, target: Target, path: str, headers: MutableMapping[str, str]) -> AttemptTrace:
+        """Open the span of an attempt at `target`, and put its `traceparent` in `headers`."""
+        return NO_ATTEMPT
+
+    def skipped(self, upstream: str, why: str) -> None:
+        """A target left out without being sent."""
+
+    def describe(self, body: Mapping[str, Any]) -> None:
+        """What was asked for: the image parameters of the request the policy passed."""
+
+    def served(self, target: Target) -> None:
+        """Which upstream's answer the client gets."""
+
+    def first_event(self, at: float) -> None:
+        """The first event of a stream reached the client at `at` (time.perf_counter())."""
+
+    def finish(self, record: RequestRecord) -> None:
+        """End the request's span with what the access log says of it."""
+
+
+OFF = RequestTrace()
+
+
+class _Live(RequestTrace):
+    __slots__ = ("context", "span", "tracer")
+
+    def __init__(self, tracer: trace.Tracer, span: trace.Span) -> None:
+        self.tracer = tracer
+        self.span = span
+        self.context = trace.set_span_in_context(span)
+
+    def stage(self, name: str) -> _Stage:
+        return _Stage(self.tracer.start_span(name, self.context))
+
+    def attempt(self, target: Target, path: str, headers: MutableMapping[str, str]) -> AttemptTrace:
+        url = urlsplit(f"{target.upstream.base_url}{path}")
+        span = self.tracer.start_span(
+            f"POST {target.upstream_name}",
+            self.context,
+            SpanKind.CLIENT,
+            attributes={
+                "gateway.upstream": target.upstream_name,
+                "gen_ai.provider.name": target.flavor,
+                "gen_ai.request.model": target.upstream_model,
+                "http.request.method": "POST",
+                "server.address": url.hostname or "",
+                "server.port": url.port or (443 if url.scheme == "https" else 80),
+                "url.full": f"{url.scheme}://{url.netloc.rpartition('@')[2]}{url.path}",
+            },
+        )
+        _PROPAGATOR.inject(headers, trace.set_span_in_context(span))
+        return _Attempt(span)
+
+    def skipped(self, upstream: str, why: str) -> None:
+        self.span.add_event("gateway.upstream.skipped", {"gateway.upstream": upstream, "gateway.reason": why})
+
+    def describe(self, body: Mapping[str, Any]) -> None:
+        span = self.span
+        span.set_attribute("gen_ai.output.type", "image")
+        for field in ("size", "quality", "background", "output_format"):
+            if isinstance(value := body.get(field), str):
+                span.set_attribute(f"gateway.image.{field}", value)
+        n = body.get("n", 1)
+        span.set_attribute("gateway.image.n", n if isinstance(n, int) else 1)
+        span.set_attribute("gateway.stream", body.get("stream") is True)
+        if isinstance(user := body.get("user"), str):
+            span.set_attribute("gateway.user", user_scope_name(user).removeprefix("user:"))
+
+    def served(self, target: Target) -> None:
+        self.span.set_attribute("gen_ai.provider.name", target.flavor)
+        self.span.set_attribute("gen_ai.response.model", target.upstream_model)
+
+    def first_event(self, at: float) -> None:
+        when = time.time_ns() - int((time.perf_counter() - at) * 1e9)
+        self.span.add_event("gateway.stream.first_event", timestamp=when)
+
+    def finish(self, record: RequestRecord) -> None:
+        span, fields = self.span, record.fields
+        attributes: dict[str, Any] = {
+            "http.response.status_code": record.status,
+            "gateway.request_id": record.request_id,
+            "gateway.decision": decision(record.status),
+        }
+        if record.operation:
+            attributes["gen_ai.operation.name"] = OPERATIONS.get(record.operation, record.operation)
+        for name, value in (
+            ("gateway.tenant", record.tenant),
+            ("gateway.key_name", record.key),
+            ("gen_ai.request.model", record.model),
+            ("gateway.upstream", record.upstream),
+        ):
+            if value:
+                attributes[name] = value
+        if "settled" in fields:
+            attributes["gateway.settled"] = fields["settled"]
+            attributes["gateway.cost_usd"] = float(fields["usd"])
+            attributes["gateway.images"] = fields["images"]
+            attributes["gen_ai.usage.input_tokens"] = fields["tokens_text_in"] + fields["tokens_image_in"]
+            attributes["gen_ai.usage.output_tokens"] = fields["tokens_image_out"]
+        if "attempts" in fields:
+            sent = [a for a in fields["attempts"] if not a["outcome"].startswith("skipped_")]
+            attributes["gateway.attempts"] = len(sent)
+        if fields.get("client_gone"):
+            attributes["gateway.client_gone"] = True
+        span.set_attributes(attributes)
+        if record.status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+            span.set_attribute("error.type", str(record.status))
+        span.end()
+
+
+def _failed(span: trace.Span, exc: BaseException) -> None:
+    """Mark a span failed by `exc`: its error code, never its message (which may quote the request)."""
+    code = getattr(exc, "error_code", None)
+    if isinstance(exc, asyncio.CancelledError):
+        code = "cancelled"
+    span.set_attribute("error.type", code or type(exc).__name__)
+    span.set_status(Status(StatusCode.ERROR))
+
+
+class Tracing:
+    """The app's tracing: off until `start` finds an endpoint configured; then one provider, with
+    its batch processor, built in this process (each worker builds its own) and closed with the app."""
+
+    def __init__(self, settings: TelemetrySettings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.exporting: Exporting | None = None
+        self.tracer: trace.Tracer | None = None
+
+    def start(self) -> None:
+        if not self.settings.active:
+            return
+        from gateway.telemetry.export import Exporting  # the SDK, loaded only where it is used
+
+        self.exporting = Exporting(self.settings, self.metrics.trace_spans_dropped)
+        self.tracer = self.exporting.provider.get_tracer("gateway")
+
+    async def close(self) -> None:
+        """Flush what is queued, within the exporter's bound, off the event loop."""
+        if self.exporting is not None:
+            exporting, self.exporting, self.tracer = self.exporting, None, None
+            await asyncio.to_thread(exporting.shutdown)
+
+    def request(self, request: web.Request) -> RequestTrace:
+        tracer = self.tracer
+        if tracer is None:
+            return OFF
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else None
+        attributes: dict[str, Any] = {"http.request.method": request.method, "url.path": request.path}
+        if route is not None:
+            attributes["http.route"] = route
+        span = tracer.start_span(
+            f"{request.method} {route}" if route else request.method,
+            _PROPAGATOR.extract(request.headers),
+            SpanKind.SERVER,
+            attributes=attributes,
+        )
+        return _Live(tracer, span)
