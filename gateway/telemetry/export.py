@@ -128,7 +128,10 @@ class _CountingBatchProcessor(SpanProcessor):
 
     The SDK logs a drop but exposes no count, so this looks at the processor's queue (the SDK's
     `BatchProcessor`: a deque bounded by `max_queue_size`, appended to from the left, the oldest
-    span falling off the right); tests/unit/test_tracing_export.py holds it to that."""
+    span falling off the right); tests/unit/test_tracing_export.py holds it to that. Like the
+    SDK's own check, it looks without a lock (taking the processor's would make the request path
+    wait for an export): a span ended just as the export thread takes a batch from a full queue
+    may be counted though it found room."""
 
     def __init__(self, exporter: SpanExporter, dropped: Counter, **options: float) -> None:
         self.inner = BatchSpanProcessor(exporter, **options)  # type: ignore[arg-type]
