@@ -178,20 +178,23 @@ class _Live(RequestTrace):
         self.span.add_event("gateway.upstream.skipped", {"gateway.upstream": upstream, "gateway.reason": why})
 
     def describe(self, body: Mapping[str, Any]) -> None:
-        span = self.span
-        span.set_attribute("gen_ai.output.type", "image")
+        n = body.get("n", 1)
+        attributes: dict[str, Any] = {
+            "gen_ai.output.type": "image",
+            "gateway.image.n": n if isinstance(n, int) else 1,
+            "gateway.stream": body.get("stream") is True,
+        }
         for field in ("size", "quality", "background", "output_format"):
             if isinstance(value := body.get(field), str):
-                span.set_attribute(f"gateway.image.{field}", value)
-        n = body.get("n", 1)
-        span.set_attribute("gateway.image.n", n if isinstance(n, int) else 1)
-        span.set_attribute("gateway.stream", body.get("stream") is True)
+                attributes[f"gateway.image.{field}"] = value
         if isinstance(user := body.get("user"), str):
-            span.set_attribute("gateway.user", user_scope_name(user).removeprefix("user:"))
+            attributes["gateway.user"] = user_scope_name(user).removeprefix("user:")
+        self.span.set_attributes(attributes)
 
     def served(self, target: Target) -> None:
-        self.span.set_attribute("gen_ai.provider.name", target.flavor)
-        self.span.set_attribute("gen_ai.response.model", target.upstream_model)
+        self.span.set_attributes(
+            {"gen_ai.provider.name": target.flavor, "gen_ai.response.model": target.upstream_model}
+        )
 
     def first_event(self, at: float) -> None:
         when = time.time_ns() - int((time.perf_counter() - at) * 1e9)
