@@ -123,6 +123,6 @@ def with_environment(config: dict[str, Any], environ: Mapping[str, str]) -> tupl
             problems.append(f"{variable}: {message} (for telemetry.{name}, got {value!r})")
             continue
         merged[name] = value
-    if merged == written:
+    if not merged and "telemetry" not in config:
         return config, problems
-    return {**config, "telemetry": merged}, problems
+    return {**config, "telemetry": merged}, problems  # a section of comments only is {}

@@ -97,3 +97,13 @@ def test_grpc_needs_its_exporter_package() -> None:
 
 def test_every_variable_names_a_field() -> None:
     assert set(ENVIRONMENT) <= set(Settings.model_fields["telemetry"].annotation.model_fields)  # type: ignore[union-attr]
+
+
+def test_a_section_of_comments_only_leaves_the_environment_in_charge() -> None:
+    text = "telemetry:\n  # endpoint: http://127.0.0.1:4318\n"
+    environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+    assert (
+        parse_settings(text, "gateway.yaml", environ=environ).telemetry.url
+        == "http://collector:4318/v1/traces"
+    )
+    assert not parse_settings(text, "gateway.yaml", environ={}).telemetry.active
