@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import secrets
 import socket
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,9 +22,11 @@ from aiohttp.test_utils import TestServer
 from gateway.mock_upstream import RECEIVED
 from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.e2e.test_failover import mock, two_targets, upstream_config
+from tests.e2e.test_operations import SMALL, post
 from tests.e2e.test_quotas import eventually
-from tests.support.config import DO_UPSTREAM_KEY, TENANT_KEY, UPSTREAM_KEY
+from tests.support.config import DO_UPSTREAM_KEY, TENANT_KEY, UPSTREAM_KEY, config_dict
 from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.support.processes import GatewayProcess
 
 StartServer = Callable[[web.Application], Awaitable[TestServer]]
 PROMPT = "a secret lighthouse painted by marker-7f3a9c"
@@ -244,6 +248,45 @@ async def test_tracing_off_sends_no_traceparent_upstream(gateway: Running, mock_
         await client.images.generate(model="gpt-image-1.5", prompt="a kite", quality="low")
     assert "traceparent" not in mock_openai.app[RECEIVED][-1].headers
     assert gateway.metric("gateway_trace_spans_dropped_total", reason="queue_full") == 0
+
+
+@pytest.mark.slow
+async def test_each_worker_exports_its_own_spans_configured_by_the_environment(
+    mock_openai: TestServer, receiver: tuple[OtlpReceiver, str], tmp_path: Path, redis_url: str
+) -> None:
+    """`gateway serve` with two workers, tracing set by OTEL_* variables only: each worker builds
+    its own batch processor (its pid in `service.instance.id`); spans still queued at SIGTERM (the
+    schedule delay is a minute) go out at shutdown."""
+    collector, endpoint = receiver
+    config = config_dict(
+        base_url(mock_openai), store={"backend": "redis", "url": redis_url}, server={"workers": 2}
+    )
+    environ = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_SERVICE_NAME": "gateway-under-test",
+        "OTEL_BSP_SCHEDULE_DELAY": "60000",
+    }
+    gateway = GatewayProcess(config, tmp_path, environ)
+    await gateway.start()
+    try:
+        async with asyncio.timeout(20):
+            while len(workers := _worker_pids(gateway)) < 2:  # noqa: ASYNC110 (read from the log)
+                await asyncio.sleep(0.1)
+        for _ in range(30):
+            async with aiohttp.ClientSession() as fresh:  # new connections spread over workers
+                assert (await post(fresh, gateway.url, TENANT_KEY, SMALL))[0] == 200
+        assert not collector.spans  # held in each worker's queue: the batch is not due yet
+    finally:
+        # In a thread: the receiver runs on this loop, and the workers export to it as they stop.
+        assert await asyncio.to_thread(gateway.stop) == 0
+    await collector.wait_for(lambda spans: sum(s.kind == "SERVER" for s in spans) == 30)
+    instances = {s.resource["service.instance.id"] for s in collector.spans}
+    assert {int(instance.rsplit("/", 1)[1]) for instance in instances} == workers
+    assert {s.resource["service.name"] for s in collector.spans} == {"gateway-under-test"}
+
+
+def _worker_pids(gateway: GatewayProcess) -> set[int]:
+    return {json.loads(line)["pid"] for line in gateway.log_lines() if '"gateway_started"' in line}
 
 
 def _nothing_secret(collector: OtlpReceiver) -> None:
