@@ -144,6 +144,20 @@ class RequestTrace:
 OFF = RequestTrace()
 
 
+class _Unsampled(RequestTrace):
+    """A request the sampler left out: no spans, but the upstream still gets the trace's context
+    (its `traceparent` says "not sampled"), so the trace stays one across services."""
+
+    __slots__ = ("context",)
+
+    def __init__(self, span: trace.Span) -> None:
+        self.context = trace.set_span_in_context(span)
+
+    def attempt(self, target: Target, path: str, headers: MutableMapping[str, str]) -> AttemptTrace:
+        _PROPAGATOR.inject(headers, self.context)
+        return NO_ATTEMPT
+
+
 class _Live(RequestTrace):
     __slots__ = ("context", "span", "tracer")
 
@@ -283,4 +297,4 @@ class Tracing:
             SpanKind.SERVER,
             attributes=attributes,
         )
-        return _Live(tracer, span)
+        return _Live(tracer, span) if span.is_recording() else _Unsampled(span)

@@ -207,6 +207,23 @@ async def test_a_refused_request_is_traced_without_its_prompt(
     _nothing_secret(collector)
 
 
+async def test_an_unsampled_request_exports_nothing_but_passes_its_trace_on(
+    start_gateway: StartGateway, mock_openai: TestServer, receiver: tuple[OtlpReceiver, str]
+) -> None:
+    collector, endpoint = receiver
+    gw = await start_gateway(openai_url=base_url(mock_openai), telemetry=telemetry(endpoint))
+    trace_id, parent_id, _ = client_trace()
+    async with sdk(gw, {"traceparent": f"00-{trace_id}-{parent_id}-00"}) as client:  # not sampled
+        await client.images.generate(model="gpt-image-1.5", prompt="a kite", quality="low")
+    sampled_id, _, headers = client_trace()
+    async with sdk(gw, headers) as client:  # then a sampled one, to know the export has happened
+        await client.images.generate(model="gpt-image-1.5", prompt="a kite", quality="low")
+    await collector.wait_for(ended(sampled_id))
+    assert not of_trace(collector.spans, trace_id)
+    sent = mock_openai.app[RECEIVED][-2].headers["traceparent"]
+    assert sent.startswith(f"00-{trace_id}-") and sent.endswith("-00")
+
+
 @pytest.fixture
 def refusing_url() -> Iterator[str]:
     """A collector that is down: a bound socket that never listens."""
