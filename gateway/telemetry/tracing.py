@@ -106,7 +106,7 @@ class _Attempt(AttemptTrace):
 
     def end(self, outcome: str) -> None:
         self.span.set_attribute("gateway.attempt.outcome", outcome)
-        if outcome != "ok" and not outcome.startswith("http_4"):
+        if outcome != "ok":  # a client span's 4xx is an error too (HTTP semantic conventions)
             self.span.set_status(Status(StatusCode.ERROR))
             self.span.set_attribute("error.type", outcome)
         self.span.end()
