@@ -11,6 +11,8 @@ client's W3C `traceparent`/`tracestate` (or starts a trace) and gets child spans
 * events: `gateway.upstream.skipped` (a target not sent: ejected, cooling, quota, ...) and, on a
   stream, `gateway.stream.first_event` when its first event went to the client.
 
+A request the sampler leaves out gets no spans; its upstream still gets its (unsampled) context.
+
 Attributes follow the OpenTelemetry GenAI conventions where they fit (`gen_ai.operation.name`,
 `gen_ai.request.model`, `gen_ai.response.model`, `gen_ai.provider.name`, `gen_ai.usage.*`) plus the
 gateway's own `gateway.*`. They are chosen field by field: never a prompt, a key or a user id in
