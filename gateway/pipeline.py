@@ -264,6 +264,7 @@ class Pipeline:
                     outcome.first_byte_at - record.started
                 )
         if outcome.failure is not None:
+            record.trace.failed(outcome.failure.error_code or "failure")
             self.metrics.upstream_errors.labels(name, outcome.failure.error_code or "failure").inc()
             log.warning(
                 "upstream_failed_mid_response",
@@ -272,6 +273,7 @@ class Pipeline:
             )
         elif (stream_error := outcome.reader.error) is not None:
             # The upstream reported a failure inside a 200 stream: relayed as it is, counted as one.
+            record.trace.failed("stream_error")
             self.metrics.upstream_errors.labels(name, "stream_error").inc()
             log.warning("upstream_stream_error", error=stream_error.get("code") or stream_error.get("type"))
         return outcome.response, outcome

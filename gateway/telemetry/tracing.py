@@ -65,7 +65,7 @@ class _Stage:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if exc is not None:
-            _failed(self.span, exc)
+            _failed(self.span, "cancelled" if isinstance(exc, asyncio.CancelledError) else _code(exc))
         self.span.end()
 
 
@@ -138,6 +138,9 @@ class RequestTrace:
 
     def first_event(self, at: float) -> None:
         """The first event of a stream reached the client at `at` (time.perf_counter())."""
+
+    def failed(self, code: str) -> None:
+        """The answer failed after its status was sent (a stream cut, or its `error` event)."""
 
     def finish(self, record: RequestRecord) -> None:
         """End the request's span with what the access log says of it."""
@@ -216,6 +219,9 @@ class _Live(RequestTrace):
         when = time.time_ns() - int((time.perf_counter() - at) * 1e9)
         self.span.add_event("gateway.stream.first_event", timestamp=when)
 
+    def failed(self, code: str) -> None:
+        _failed(self.span, code)
+
     def finish(self, record: RequestRecord) -> None:
         span, fields = self.span, record.fields
         attributes: dict[str, Any] = {
@@ -251,12 +257,14 @@ class _Live(RequestTrace):
         span.end()
 
 
-def _failed(span: trace.Span, exc: BaseException) -> None:
-    """Mark a span failed by `exc`: its error code, never its message (which may quote the request)."""
-    code = getattr(exc, "error_code", None)
-    if isinstance(exc, asyncio.CancelledError):
-        code = "cancelled"
-    span.set_attribute("error.type", code or type(exc).__name__)
+def _code(exc: BaseException) -> str:
+    """What an exception is called on a span: the gateway's error code, else its class; never its
+    message (which may quote the request)."""
+    return getattr(exc, "error_code", None) or type(exc).__name__
+
+
+def _failed(span: trace.Span, code: str) -> None:
+    span.set_attribute("error.type", code)
     span.set_status(Status(StatusCode.ERROR))
 
 

@@ -24,9 +24,11 @@ from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.e2e.test_failover import mock, two_targets, upstream_config
 from tests.e2e.test_operations import SMALL, post
 from tests.e2e.test_quotas import eventually
+from tests.e2e.test_relay_faults import partial
 from tests.support.config import DO_UPSTREAM_KEY, TENANT_KEY, UPSTREAM_KEY, config_dict
 from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.support.processes import GatewayProcess
+from tests.support.scripted_upstream import Script, ScriptedUpstream
 
 StartServer = Callable[[web.Application], Awaitable[TestServer]]
 PROMPT = "a secret lighthouse painted by marker-7f3a9c"
@@ -149,6 +151,24 @@ async def test_a_stream_has_its_first_event_on_the_span(
     assert server.attributes["gateway.stream"] is True
     assert server.attributes["gateway.settled"] == "usage"
     _nothing_secret(collector)
+
+
+async def test_a_stream_cut_by_the_upstream_marks_the_request_failed(
+    start_server: StartServer, start_gateway: StartGateway, receiver: tuple[OtlpReceiver, str]
+) -> None:
+    collector, endpoint = receiver
+    script = Script(chunks=[partial("\n")], chunk_delay=0.1, abort_after_chunks=True)
+    upstream = await start_server(ScriptedUpstream(script).app())
+    gw = await start_gateway(openai_url=base_url(upstream), telemetry=telemetry(endpoint))
+    trace_id, _, headers = client_trace()
+    async with sdk(gw, headers) as client:
+        stream = await client.images.generate(model="gpt-image-1.5", prompt=PROMPT, stream=True)
+        with pytest.raises(openai.APIError):
+            [event async for event in stream]
+    await collector.wait_for(ended(trace_id))
+    (server,) = [s for s in of_trace(collector.spans, trace_id) if s.kind == "SERVER"]
+    assert server.attributes["http.response.status_code"] == 200  # sent before the cut
+    assert (server.status, server.attributes["error.type"]) == (2, "upstream_unavailable")
 
 
 async def test_failover_shows_one_span_per_attempt(
