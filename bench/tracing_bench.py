@@ -24,14 +24,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from aiohttp import web
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.gateway_bench import SMALL, cpu_seconds, load, percentile, start_mock, wait_http  # noqa: E402
 from tests.support.config import TENANT_KEY, config_dict  # noqa: E402
-from tests.support.otlp_receiver import OtlpReceiver  # noqa: E402
+from tests.support.otlp_receiver import OtlpReceiver, serve  # noqa: E402
 from tests.support.processes import GatewayProcess, free_port  # noqa: E402
 
 LIMITS = {"requests_per_minute": 10**8, "tokens_per_minute": 10**8, "concurrent_requests": 10**6}
@@ -52,15 +50,12 @@ async def measure(gateway: GatewayProcess, requests: int, concurrency: int) -> t
 async def bench(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="tracing-bench-"))
     receiver = OtlpReceiver()
-    runner = web.AppRunner(receiver.app(), access_log=None)
-    await runner.setup()
-    receiver_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", receiver_port).start()
+    runner, endpoint = await serve(receiver)
     mock_port = free_port()
     mock = start_mock(mock_port)
     base = config_dict(f"http://127.0.0.1:{mock_port}/v1", limits=LIMITS)
     base["server"] = {"log_level": args.log_level}
-    tracing = {"endpoint": f"http://127.0.0.1:{receiver_port}", "schedule_delay_ms": EXPORT_DELAY_MS}
+    tracing = {"endpoint": endpoint, "schedule_delay_ms": EXPORT_DELAY_MS}
     here = {"PYTHONPATH": str(ROOT)}
     gateways = {
         "off": GatewayProcess(base, workdir, here),

@@ -67,6 +67,17 @@ class OtlpReceiver:
                 await self.arrived.wait()
 
 
+async def serve(receiver: OtlpReceiver) -> tuple[web.AppRunner, str]:
+    """`receiver` on a free loopback port (for benchmarks; tests use their server fixture): its
+    runner, to clean up, and the endpoint to configure (`telemetry.endpoint`)."""
+    runner = web.AppRunner(receiver.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
 def decode(body: bytes) -> list[ReceivedSpan]:
     request = ExportTraceServiceRequest()
     request.ParseFromString(body)
