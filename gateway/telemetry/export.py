@@ -8,7 +8,8 @@ nothing: while it is, the queue fills and further spans are dropped, counted in
 its own retries, within `export_timeout_seconds`) is counted with `reason="export_failed"`.
 
 Built per process, after the workers are started (each worker builds its own), and never made
-OpenTelemetry's global provider: the app owns it and shuts it down (shutdown.py bounds the wait).
+OpenTelemetry's global provider: the app owns it and shuts it down, giving the last spans at
+most SHUTDOWN_MILLIS to go out.
 """
 
 from __future__ import annotations
@@ -124,14 +125,14 @@ class _CountingExporter(SpanExporter):
 
 
 class _CountingBatchProcessor(SpanProcessor):
-    """The SDK's BatchSpanProcessor, counting the spans its full queue drops.
+    """The SDK's BatchSpanProcessor, behind a check of its queue: a span that finds it full is
+    dropped here and counted (the SDK would push out the oldest instead, with a log line for each,
+    and expose no count).
 
-    The SDK logs a drop but exposes no count, so this looks at the processor's queue (the SDK's
-    `BatchProcessor`: a deque bounded by `max_queue_size`, appended to from the left, the oldest
-    span falling off the right); tests/unit/test_tracing_export.py holds it to that. Like the
-    SDK's own check, it looks without a lock (taking the processor's would make the request path
-    wait for an export): a span ended just as the export thread takes a batch from a full queue
-    may be counted though it found room."""
+    This reads the SDK's `BatchProcessor` queue (a deque bounded by `max_queue_size`);
+    tests/unit/test_tracing_export.py holds it to that. The count is exact: spans end on the event
+    loop's thread only, so nothing else fills the queue between the check and the append (the
+    export thread only empties it)."""
 
     def __init__(self, exporter: SpanExporter, dropped: Counter, **options: float) -> None:
         self.inner = BatchSpanProcessor(exporter, **options)  # type: ignore[arg-type]
@@ -146,6 +147,7 @@ class _CountingBatchProcessor(SpanProcessor):
             return
         if len(self.batches._queue) >= self.batches._max_queue_size:
             self.queue_full.inc()
+            return
         self.inner.on_end(span)
 
     def shutdown(self) -> None:
