@@ -6,6 +6,7 @@ configuration belong to the app, are created here or in `cleanup_ctx`, and are t
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         # The pipeline's work has finished, or was cut and settled (shutdown.drain): what the
         # store still holds goes out now, within its own bound.
         await pools.close()
-        app[SETTLEMENTS_LOST][0] = await store.close()
-        await app[TRACING].close()  # the last spans, settlements' included
+        # The last spans go out meanwhile (within their own bound, on a thread): no added wait.
+        app[SETTLEMENTS_LOST][0], _ = await asyncio.gather(store.close(), app[TRACING].close())
 
 
 async def generations(request: web.Request) -> web.StreamResponse:
