@@ -45,7 +45,8 @@ from redis.exceptions import NoScriptError, ResponseError
 
 def command(*args: str | int) -> bytes:
     """One command in RESP: an array of bulk strings (hiredis encodes it, in C)."""
-    packed: bytes = hiredis.pack_command(args)
+    # hiredis's stub says a one-element tuple where it takes any length
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]
     return packed
 
 
