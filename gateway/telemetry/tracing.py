@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, MutableMapping
+from functools import lru_cache
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -175,20 +176,13 @@ class _Live(RequestTrace):
         return _Stage(self.tracer.start_span(name, self.context))
 
     def attempt(self, target: Target, path: str, headers: MutableMapping[str, str]) -> AttemptTrace:
-        url = urlsplit(f"{target.upstream.base_url}{path}")
         span = self.tracer.start_span(
             f"POST {target.upstream_name}",
             self.context,
             SpanKind.CLIENT,
-            attributes={
-                "gateway.upstream": target.upstream_name,
-                "gen_ai.provider.name": target.flavor,
-                "gen_ai.request.model": target.upstream_model,
-                "http.request.method": "POST",
-                "server.address": url.hostname or "",
-                "server.port": url.port or (443 if url.scheme == "https" else 80),
-                "url.full": f"{url.scheme}://{url.netloc.rpartition('@')[2]}{url.path}",
-            },
+            attributes=_attempt_attributes(
+                target.upstream_name, target.flavor, target.upstream_model, target.upstream.base_url + path
+            ),
         )
         _PROPAGATOR.inject(headers, trace.set_span_in_context(span))
         return _Attempt(span)
@@ -255,6 +249,20 @@ class _Live(RequestTrace):
             span.set_status(Status(StatusCode.ERROR))
             span.set_attribute("error.type", str(record.status))
         span.end()
+
+
+@lru_cache(maxsize=256)  # the same for every attempt at a target (the SDK copies it)
+def _attempt_attributes(upstream: str, flavor: str, model: str, target_url: str) -> dict[str, Any]:
+    url = urlsplit(target_url)
+    return {
+        "gateway.upstream": upstream,
+        "gen_ai.provider.name": flavor,
+        "gen_ai.request.model": model,
+        "http.request.method": "POST",
+        "server.address": url.hostname or "",
+        "server.port": url.port or (443 if url.scheme == "https" else 80),
+        "url.full": f"{url.scheme}://{url.netloc.rpartition('@')[2]}{url.path}",  # never credentials
+    }
 
 
 def _code(exc: BaseException) -> str:
