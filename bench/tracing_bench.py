@@ -68,6 +68,7 @@ async def bench(args: argparse.Namespace) -> None:
     }
     if args.baseline:
         gateways["main"] = GatewayProcess(base, workdir, {"PYTHONPATH": str(Path(args.baseline).resolve())})
+    gateways = {name: gateway for name, gateway in gateways.items() if name in args.only or name == "off"}
     os.chdir(workdir)  # `python -m gateway` imports from PYTHONPATH, not from the current directory
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in gateways}
     try:
@@ -114,6 +115,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--log-level", choices=["info", "warning"], default="info")
     parser.add_argument("--baseline", help="another checkout (e.g. ../main) whose gateway runs as `main`")
+    parser.add_argument(
+        "--only", type=lambda text: text.split(","), default=["on", "on-10%", "main"], help="e.g. main,on"
+    )
     asyncio.run(bench(parser.parse_args()))
 
 
