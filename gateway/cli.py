@@ -10,8 +10,8 @@ from typing import Any
 
 import orjson
 
+from gateway.config import ConfigError, Settings, load_settings
 from gateway.logs import configure_logging
-from gateway.settings import ConfigError, Settings, load_settings
 
 
 def _load(path: str, *, serving: bool = True) -> Settings:

@@ -15,7 +15,7 @@ from prometheus_client import Histogram as _Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.settings import Settings
+from gateway.config import Settings
 
 
 class _FastLabels:

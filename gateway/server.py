@@ -29,10 +29,10 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from gateway.app import PIPELINE, RELOADER, create_app
+from gateway.config import ConfigError, Settings
 from gateway.front.connections import FrontRunner, raise_file_limit
 from gateway.health import create_ops_app
 from gateway.logs import get_logger
-from gateway.settings import ConfigError, Settings
 from gateway.shutdown import RUNNER_SHUTDOWN_TIMEOUT, SETTLEMENTS_LOST, drain
 
 log = get_logger("gateway.server")

@@ -31,11 +31,11 @@ from typing import Any
 from aiohttp import web, web_protocol
 from aiohttp.web_request import BaseRequest
 
+from gateway.config import Settings
 from gateway.errors import GatewayError, InternalError, InvalidRequest, ServerBusy
 from gateway.health import METRICS, RUNTIME
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
-from gateway.settings import Settings
 
 log = get_logger("gateway.front")
 

@@ -13,10 +13,10 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
+from gateway.config import Settings
 from gateway.front.connections import FrontRunner
 from gateway.health import create_ops_app
 from gateway.mock_upstream import MockOptions, create_mock_app
-from gateway.settings import Settings
 from tests.support.config import DO_UPSTREAM_KEY, UPSTREAM_KEY, make_settings
 from tests.support.redis_servers import redis_server, redis_url  # noqa: F401
 

@@ -572,7 +572,7 @@ async def test_admin_api_shows_every_limit_and_the_ledger_as_json_and_csv(
     config["tenants"]["team"]["keys"] = [
         {"hash": hash_key(TENANT_KEY), "name": "ops", "limits": {"requests_per_minute": 7}}
     ]
-    from gateway.settings import Settings
+    from gateway.config import Settings
 
     gw: Running = await start_gateway(Settings.model_validate(config))
     async with aiohttp.ClientSession() as session:

@@ -7,7 +7,7 @@ from typing import Any
 import yaml
 
 from gateway.auth import hash_key
-from gateway.settings import Settings, parse_settings
+from gateway.config import Settings, parse_settings
 
 TENANT_KEY = "igw_test_tenant_key_0123456789"
 OTHER_KEY = "igw_test_other_key_9876543210"

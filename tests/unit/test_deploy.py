@@ -23,8 +23,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from gateway.config import Settings, load_settings, parse_settings
 from gateway.metrics import Metrics
-from gateway.settings import Settings, load_settings, parse_settings
 from gateway.shutdown import MARGIN_SECONDS
 
 ROOT = Path(__file__).resolve().parents[2]
