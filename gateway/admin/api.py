@@ -37,9 +37,9 @@ from typing import Any
 from aiohttp import web
 
 from gateway.admin.ui import add_ui_routes, is_public
-from gateway.auth import bearer_token
 from gateway.config import ConfigError, Settings, TenantSettings
 from gateway.errors import AdminUnauthorized, InvalidRequest, NotFound
+from gateway.front.auth import bearer_token
 from gateway.limits import LedgerRow, LimitPlan, LimitStatus, Store
 from gateway.limits.headers import go_duration
 from gateway.limits.ledger import CSV_COLUMNS

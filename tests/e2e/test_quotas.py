@@ -28,7 +28,7 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDictProxy
 from redis.asyncio import Redis
 
-from gateway.auth import hash_key
+from gateway.front.auth import hash_key
 from gateway.limits.headers import parse_duration_us
 from gateway.limits.ledger import CSV_COLUMNS
 from gateway.mock_upstream import RECEIVED, MockOptions, create_mock_app

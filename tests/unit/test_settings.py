@@ -44,7 +44,7 @@ def test_the_example_switches_to_redis_with_one_variable() -> None:
 
 
 def test_the_example_keys_are_the_published_ones() -> None:
-    from gateway.auth import hash_key
+    from gateway.front.auth import hash_key
 
     keys = [key.hash for key in load_settings(EXAMPLE, environ={}).tenants["design-team"].keys]
     assert keys == [hash_key("igw_example_design_team_key"), hash_key("igw_example_ci_bot_key")]
