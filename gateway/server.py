@@ -86,13 +86,8 @@ async def serve(
     except OSError as exc:
         await runner.cleanup()  # the store and the upstream session were already opened
         raise ListenError(server.host, server.port, exc) from exc
-    ops_runner = web.AppRunner(  # Prometheus and probes: the keep-alive bound, nothing inflated
-        create_ops_app(app),
-        handle_signals=False,
-        access_log=None,
-        keepalive_timeout=server.keepalive_timeout_seconds,
-        auto_decompress=False,
-    )
+    # Prometheus and probes pass the same front door, with a cap of their own
+    ops_runner = FrontRunner(create_ops_app(app), listener="ops", handle_signals=False, access_log=None)
     await ops_runner.setup()
     ops_host = server.ops_host or server.host
     ops_site = web.TCPSite(ops_runner, ops_host, server.ops_port, reuse_port=reuse_port or None)

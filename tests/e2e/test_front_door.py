@@ -125,7 +125,7 @@ async def capped(start_gateway: StartGateway, mock_openai, mock_do) -> Running: 
 
 
 def closes(gateway: Running, reason: str) -> float:
-    return gateway.metric("gateway_connections_closed_total", reason=reason)
+    return gateway.metric("gateway_connections_closed_total", listener="tenant", reason=reason)
 
 
 async def test_a_connection_without_complete_headers_is_closed(tight: Running) -> None:
@@ -262,6 +262,31 @@ async def test_metrics_are_on_the_operations_port_only(gateway: Running) -> None
             for path in ("/healthz", "/readyz"):
                 async with session.get(url + path) as resp:
                     assert resp.status == 200, (url, path)
+
+
+async def test_the_operations_port_passes_the_same_front_door(mock_openai, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`gateway serve`'s operations listener: a connection that sends no headers is closed, and it
+    holds at most `server.ops_max_connections` (the oldest idle one makes room)."""
+    server = {"header_timeout_seconds": 0.3, "keepalive_timeout_seconds": 60, "ops_max_connections": 2}
+    gateway = GatewayProcess(config_dict(base_url(mock_openai), server=server), tmp_path)
+    await gateway.start()
+    try:
+        silent, _ = await asyncio.open_connection("127.0.0.1", gateway.ops_port)
+        assert await closed_within(silent, 5) == b""
+        kept = [await asyncio.open_connection("127.0.0.1", gateway.ops_port) for _ in range(2)]
+        for reader, writer in kept:
+            writer.write(request("/healthz", method="GET"))
+            assert (await read_response(reader)).status == 200
+        scrape = await exchange(gateway.ops_port, request("/metrics", method="GET"))  # a third: at the cap
+        assert scrape.status == 200
+        assert await closed_within(kept[0][0], 5) == b""
+        text = scrape.body.decode()
+        assert 'gateway_connections_closed_total{listener="ops",reason="header_timeout"} 1.0' in text
+        assert 'gateway_connections_closed_total{listener="ops",reason="idle_evicted"} 1.0' in text
+        for _, writer in kept:
+            writer.close()
+    finally:
+        assert gateway.stop() == 0
 
 
 async def test_no_response_names_python_or_aiohttp(gateway: Running) -> None:
