@@ -7,6 +7,8 @@ port (`listener="ops"`: /metrics, /healthz, /readyz), with a cap of its own.
 
 - Time to headers: a connection that has not sent a complete request head within
   `server.header_timeout_seconds` of connecting, or of the first byte of its next request, is closed.
+  A head pipelined behind a request still being handled is closed at the first check (one each
+  header timeout from its first byte) that finds that request answered and the head incomplete.
 - Keep-alive: an idle connection is closed after `server.keepalive_timeout_seconds`.
 - A cap, `server.max_connections` (by default sized from the process's file limit, leaving room for
   upstream and Redis connections and the operations listener's `server.ops_max_connections`). At
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from aiohttp import web, web_protocol
+from aiohttp.streams import StreamReader
 from aiohttp.web_request import BaseRequest
 
 from gateway.config import Settings
@@ -125,13 +128,14 @@ _BUSY_RESPONSE = (
 class FrontConnection(web_protocol.RequestHandler):
     """aiohttp's request handler with the front door's bounds on time to headers and on count."""
 
-    __slots__ = ("_door", "_header_timer", "_partial")
+    __slots__ = ("_door", "_header_timer", "_last_body", "_partial")
 
     def __init__(self, manager: web.Server, door: Door, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._door = door
         self._header_timer: asyncio.TimerHandle | None = None
         self._partial = False  # bytes of a request head have arrived, not all of it
+        self._last_body: StreamReader | None = None  # the body of the latest request parsed
 
     @property
     def idle(self) -> bool:
@@ -149,18 +153,23 @@ class FrontConnection(web_protocol.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm_header_timer()
+        self._last_body = None
         self._door.left(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         heads = self._request_count
+        # bytes after the latest request's whole body are the next request's head (kept alive, or
+        # pipelined behind a request still being handled), not more of that body
+        next_head = self._last_body is None or self._last_body.is_eof()
         super().data_received(data)
         if self._request_count != heads:
             self._partial = False
             self._disarm_header_timer()
-        elif data and self._waiter is not None:
-            # the first bytes of the next request on a kept-alive connection: its head has a deadline
-            self._partial = True
+            if self._messages:
+                self._last_body = self._messages[-1][1]
+        elif data and next_head:
+            self._partial = True  # the next request's head has begun: it has a deadline
             if self._header_timer is None:
                 self._arm_header_timer()
 
@@ -175,10 +184,14 @@ class FrontConnection(web_protocol.RequestHandler):
 
     def _header_timed_out(self) -> None:
         self._header_timer = None
-        waiting_for_head = self.idle and (self._partial or self._request_count == 0)
-        if waiting_for_head and not self._force_close:
+        if self._force_close:
+            return
+        if self.idle and (self._partial or self._request_count == 0):
             self._door.closed_because("header_timeout")
             self.force_close()
+        elif self._partial:
+            # pipelined behind a request still being handled: not closed under it, checked again
+            self._arm_header_timer()
 
     def _process_keepalive(self) -> None:
         was_open = not self._force_close

@@ -13,8 +13,9 @@ import aiohttp
 import orjson
 import pytest
 
+from gateway.mock_upstream import MockOptions, create_mock_app
 from tests.e2e.conftest import Running, StartGateway, base_url
-from tests.support.config import TENANT_KEY, config_dict
+from tests.support.config import TENANT_KEY, UPSTREAM_KEY, config_dict
 from tests.support.processes import GatewayProcess
 from tests.support.raw_http import exchange, read_response, request
 
@@ -137,6 +138,29 @@ async def test_a_connection_without_complete_headers_is_closed(tight: Running) -
     assert closes(tight, "header_timeout") == 2
     for _, writer in (silent, slow):
         writer.close()
+
+
+async def test_a_head_pipelined_behind_a_request_being_handled_has_the_header_deadline(
+    start_gateway: StartGateway,
+    start_server,  # type: ignore[no-untyped-def]
+    mock_do,
+) -> None:
+    """Its first bytes arrive while the upstream takes a second: the connection is closed for want of
+    the rest once the request is answered, not kept until the (here 60 s) keep-alive timeout."""
+    slow = await start_server(
+        create_mock_app(MockOptions(flavor="openai", api_key=UPSTREAM_KEY, latency_ms=1000))
+    )
+    server = {"header_timeout_seconds": 0.3, "keepalive_timeout_seconds": 60}
+    gateway = await start_gateway(openai_url=base_url(slow), do_url=base_url(mock_do), server=server)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gateway))
+    writer.write(request(GENERATE, headers=[JSON, AUTH], body=GOOD))
+    await asyncio.sleep(0.2)  # being handled
+    writer.write(b"POST /v1/images/generations HTTP/1.1\r\nHost: gateway\r\nAuthor")
+    response = await read_response(reader)
+    assert response.status == 200 and not response.closed
+    assert await closed_within(reader, 3) == b""
+    assert closes(gateway, "header_timeout") == 1
+    writer.close()
 
 
 async def test_an_idle_keep_alive_connection_is_closed(tight: Running) -> None:
