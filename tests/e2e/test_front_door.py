@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from gateway.mock_upstream import MockOptions, create_mock_app
 from tests.e2e.conftest import Running, StartGateway, base_url
@@ -142,8 +145,8 @@ async def test_a_connection_without_complete_headers_is_closed(tight: Running) -
 
 async def test_a_head_pipelined_behind_a_request_being_handled_has_the_header_deadline(
     start_gateway: StartGateway,
-    start_server,  # type: ignore[no-untyped-def]
-    mock_do,
+    start_server: Callable[[web.Application], Awaitable[TestServer]],
+    mock_do: TestServer,
 ) -> None:
     """Its first bytes arrive while the upstream takes a second: the connection is closed for want of
     the rest once the request is answered, not kept until the (here 60 s) keep-alive timeout."""
@@ -288,19 +291,23 @@ async def test_metrics_are_on_the_operations_port_only(gateway: Running) -> None
                     assert resp.status == 200, (url, path)
 
 
-async def test_the_operations_port_passes_the_same_front_door(mock_openai, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_the_operations_port_passes_the_same_front_door(
+    mock_openai: TestServer, tmp_path: Path
+) -> None:
     """`gateway serve`'s operations listener: a connection that sends no headers is closed, and it
     holds at most `server.ops_max_connections` (the oldest idle one makes room)."""
-    server = {"header_timeout_seconds": 0.3, "keepalive_timeout_seconds": 60, "ops_max_connections": 2}
+    server = {"header_timeout_seconds": 0.5, "keepalive_timeout_seconds": 60, "ops_max_connections": 2}
     gateway = GatewayProcess(config_dict(base_url(mock_openai), server=server), tmp_path)
     await gateway.start()
     try:
         silent, _ = await asyncio.open_connection("127.0.0.1", gateway.ops_port)
         assert await closed_within(silent, 5) == b""
-        kept = [await asyncio.open_connection("127.0.0.1", gateway.ops_port) for _ in range(2)]
-        for reader, writer in kept:
+        kept = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.ops_port)
             writer.write(request("/healthz", method="GET"))
             assert (await read_response(reader)).status == 200
+            kept.append((reader, writer))
         scrape = await exchange(gateway.ops_port, request("/metrics", method="GET"))  # a third: at the cap
         assert scrape.status == 200
         assert await closed_within(kept[0][0], 5) == b""
