@@ -58,7 +58,8 @@ async def relay(
     """Send `upstream`'s status, `headers` and body to the client; always consume the upstream body."""
     content_type = upstream.headers.get("Content-Type", "")
     streaming = content_type.startswith("text/event-stream")
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    answer = web.StreamResponse if streaming else _HeadersWithBody
+    response = answer(status=upstream.status, reason=upstream.reason, headers=headers)
     outcome = RelayOutcome(response, upstream.status, streaming, usage_reader(content_type))
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
@@ -82,6 +83,14 @@ async def _pump(upstream: aiohttp.ClientResponse, client: _Client) -> None:
         await client.write(chunk)  # once the client is gone, this keeps draining for the usage
     reader.close()
     await client.finish()
+
+
+class _HeadersWithBody(web.StreamResponse):
+    """A JSON answer: its headers go out with its first body bytes, in one write (as aiohttp's own
+    `web.Response` does), instead of a write of their own. An SSE answer's go at once: a client
+    waits on them before the first event."""
+
+    _send_headers_immediately = False
 
 
 class _Client:
