@@ -22,6 +22,7 @@ import asyncio
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from gateway.config import ServerSettings
 from gateway.errors import (
     ClientGone,
     InvalidRequest,
@@ -31,7 +32,6 @@ from gateway.errors import (
     UnsupportedMediaType,
 )
 from gateway.metrics import Metrics
-from gateway.settings import ServerSettings
 
 
 class BodyBudget:

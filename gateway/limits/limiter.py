@@ -45,6 +45,7 @@ from datetime import date
 from functools import partial
 from typing import TypeVar
 
+from gateway.config import StoreSettings
 from gateway.errors import StoreUnavailable
 from gateway.limits import headers
 from gateway.limits.calls import (
@@ -71,7 +72,6 @@ from gateway.limits.plan import LimitPlan
 from gateway.limits.store import Admission, LimitStatus, Reservation, new_reservation_id
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
-from gateway.settings import StoreSettings
 from policies.cost import Cost
 
 log = get_logger("gateway.limits")
