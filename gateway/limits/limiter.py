@@ -357,8 +357,11 @@ class LimitStore:
         store_up, latency and errors current."""
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(None if self._engine.times_its_calls else self._timeout):
+            if self._engine.times_its_calls:
                 result = await call()
+            else:
+                async with asyncio.timeout(self._timeout):
+                    result = await call()
         except StoreRejected as exc:
             self._metrics.store_errors.labels(operation).inc()
             log.error("store_rejected", operation=operation, error=str(exc))

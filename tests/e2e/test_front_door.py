@@ -259,7 +259,8 @@ async def test_broken_chunked_framing_is_a_400(gateway: Running, framing: bytes)
 
 async def test_bodies_read_at_once_share_one_budget(tight: Running) -> None:
     """8 KiB for all bodies being read: two slow 4,000-byte uploads hold it, so a third body of the
-    same size is not read (not buffered) until one of them is done (here: cut off at its timeout)."""
+    same size, still arriving, is not read (not buffered) until one of them is done (here: cut off
+    at its timeout). A body that came whole with its head is in memory already: it takes no share."""
     port = port_of(tight)
     slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
     for _, writer in slow:
@@ -267,8 +268,16 @@ async def test_bodies_read_at_once_share_one_budget(tight: Running) -> None:
     await asyncio.sleep(0.1)
     assert tight.metric("gateway_body_bytes_buffered") == 8000
     body = orjson.dumps({"prompt": "a" * 3950, "quality": "low"})
+    whole = await exchange(port, request(GENERATE, headers=[JSON, AUTH], body=body))
+    assert whole.status == 200
     started = asyncio.get_running_loop().time()
-    third = await exchange(port, request(GENERATE, headers=[JSON, AUTH], body=body))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    raw = request(GENERATE, headers=[JSON, AUTH], body=body)
+    writer.write(raw[:-1])  # the head and all but the last byte: a body still arriving
+    await asyncio.sleep(0.05)
+    writer.write(raw[-1:])
+    third = await read_response(reader, 10)
+    writer.close()
     waited = asyncio.get_running_loop().time() - started
     assert third.status == 200 and waited > 0.25, waited
     for _, writer in slow:
