@@ -107,7 +107,8 @@ class _Client:
         self.read_to_end = False  # what was written includes the stream's `data: [DONE]`
 
     async def prepare(self) -> None:
-        await self._send(self.outcome.response.prepare(self.request))
+        # Headers are only queued on the transport (never waiting on the client): no timer needed.
+        await self._send(self.outcome.response.prepare(self.request), timed=False)
 
     async def write(self, chunk: bytes) -> None:
         outcome = self.outcome
@@ -135,10 +136,10 @@ class _Client:
         # one; drop the connection without a final chunk.
         self._abort()
 
-    async def _send(self, write: Awaitable[object]) -> bool:
+    async def _send(self, write: Awaitable[object], *, timed: bool = True) -> bool:
         """Await one write; False (and the client counted gone) if it left or stopped reading."""
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout if timed else None):
                 await write
         except TimeoutError:
             log.warning("client_write_timed_out", timeout_seconds=self.timeout)

@@ -31,8 +31,8 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 
+from gateway.config.telemetry import TelemetrySettings
 from gateway.metrics import Counter
-from gateway.telemetry.config import TelemetrySettings
 
 # The longest the shutdown waits for the last spans to go out.
 SHUTDOWN_MILLIS = 2000

@@ -1,7 +1,7 @@
 """One OpenTelemetry trace per request: the facade the request path calls, off by default.
 
 `Tracing.request` gives each request a `RequestTrace`. While tracing is off (no endpoint
-configured, see `telemetry.config`) that is `OFF`, whose every method does nothing, so the request
+configured, see `gateway.config.telemetry`) that is `OFF`, whose every method does nothing, so the request
 path pays a few attribute lookups. While it is on, the request's SERVER span continues the
 client's W3C `traceparent`/`tracestate` (or starts a trace) and gets child spans:
 
@@ -36,13 +36,13 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from gateway.config.telemetry import TelemetrySettings
 from gateway.limits.plan import user_scope_name
 from gateway.metrics import Metrics
 from gateway.telemetry.activity import decision
-from gateway.telemetry.config import TelemetrySettings
 
 if TYPE_CHECKING:
-    from gateway.middleware import RequestRecord
+    from gateway.front.access_log import RequestRecord
     from gateway.runtime import Target
     from gateway.telemetry.export import Exporting
 

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.settings import ConfigError, Settings, parse_settings
-from gateway.telemetry.config import ENVIRONMENT
+from gateway.config import ConfigError, Settings, parse_settings
+from gateway.config.telemetry import ENVIRONMENT
 
 
 def parse(telemetry: dict[str, Any] | None = None, **environ: str) -> Settings:

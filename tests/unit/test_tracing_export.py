@@ -13,8 +13,8 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from prometheus_client import CollectorRegistry
 
+from gateway.config.telemetry import TelemetrySettings
 from gateway.metrics import Metrics
-from gateway.telemetry.config import TelemetrySettings
 from gateway.telemetry.export import _CountingBatchProcessor, _CountingExporter, sampler
 
 

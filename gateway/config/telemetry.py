@@ -5,7 +5,7 @@ the value written in the `telemetry:` section, else its OpenTelemetry environmen
 signal-specific `OTEL_EXPORTER_OTLP_TRACES_*` before the generic `OTEL_EXPORTER_OTLP_*`), else
 the OpenTelemetry default. `with_environment` does that before the file is validated, so a bad
 value from either source is reported by `check-config` like any other, naming where it came from.
-The environment is passed in by `gateway.settings` (the one reader of `os.environ`).
+The environment is passed in by `gateway.config.loader` (the one reader of `os.environ`).
 
 A few exporter details are left to the OpenTelemetry exporter, which reads their variables
 itself: TLS (`OTEL_EXPORTER_OTLP_CERTIFICATE`, `..._CLIENT_KEY`, `..._CLIENT_CERTIFICATE`),
@@ -19,7 +19,9 @@ import importlib.util
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
+
+from gateway.config.frozen import Frozen
 
 Sampler = Literal[
     "always_on",
@@ -46,10 +48,8 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
 _ENDPOINTS = ("endpoint", "traces_endpoint")
 
 
-class TelemetrySettings(BaseModel):
+class TelemetrySettings(Frozen):
     """Tracing: one OpenTelemetry trace per request, exported over OTLP by a batch processor."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     # false: no tracing even where an endpoint is set (also OTEL_SDK_DISABLED=true)
     enabled: bool = True
