@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,19 @@ def peak_rss_kib(pid: int) -> int:
 class GatewayProcess:
     """`gateway serve --config FILE` on a free port; stopped with SIGTERM."""
 
-    def __init__(self, config: dict[str, Any], directory: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        directory: Path,
+        env: dict[str, str] | None = None,
+        *,
+        checkout: Path | None = None,
+        wrapper: Sequence[str] = (),
+    ) -> None:
+        """`checkout`: another checkout of the project, run with its own .venv (an A/B bench);
+        `wrapper`: a command the gateway runs under (valgrind, for a count of its instructions)."""
+        self.checkout, self.wrapper = checkout, tuple(wrapper)
+        self.python = str(checkout / ".venv/bin/python") if checkout else sys.executable
         self.port = free_port()
         server = {"ops_port": free_port(), **config.get("server", {}), "port": self.port}
         self.ops_port = int(server["ops_port"])
@@ -55,10 +68,11 @@ class GatewayProcess:
     async def start(self, timeout: float = 20.0) -> None:
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path)],
+            [*self.wrapper, self.python, "-m", "gateway", "serve", "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env,
+            cwd=self.checkout,  # `-m gateway` imports from the working directory first
         )
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as session:
