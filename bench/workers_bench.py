@@ -10,7 +10,9 @@ own Prometheus multiprocess file), and its CPU time per request (user + system, 
 
 The trap it looks for: workers sharing one accepting socket, where whichever process wakes first
 takes most connections; with SO_REUSEPORT the kernel spreads connections over the workers' own
-sockets by a hash of the client's address and port.
+sockets by a hash of the client's address and port, so a few connections often share one worker.
+Since issue 14 the supervisor accepts and deals connections to the workers in turn (handoff.py);
+`--source DIR` runs another checkout's gateway (e.g. main before that) for a before/after.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Trial:
     held: dict[int, int] = field(default_factory=dict)  # worker pid -> client connections
     answered: dict[int, float] = field(default_factory=dict)  # worker pid -> requests
     cpu: dict[int, float] = field(default_factory=dict)  # worker pid -> CPU seconds
+    supervisor_cpu: float = 0.0  # seconds: accepting and handing connections over (workers > 1)
     rps: float = 0.0
 
     def line(self) -> str:
@@ -70,10 +73,10 @@ class Trial:
             f" {self.cpu[pid] * 1000 / max(self.answered[pid], 1):.3f} ms CPU/req"
             for pid in sorted(self.answered)
         ]
-        overall = sum(self.cpu.values()) * 1000 / total
+        overall = (sum(self.cpu.values()) + self.supervisor_cpu) * 1000 / total
         return (
             f"workers={self.workers} conns={self.connections:<3} {self.rps:6.0f} req/s  CPU/req {overall:.3f} ms"
-            f"  per worker: {' | '.join(parts)}"
+            f" (supervisor {self.supervisor_cpu * 1000:.0f} ms in all)  per worker: {' | '.join(parts)}"
         )
 
 
@@ -86,6 +89,7 @@ async def trial(gateway: GatewayProcess, workers: int, connections: int, request
         return requests_answered(pid) if workers > 1 else 0.0
 
     before = {pid: (cpu_seconds(pid), counted(pid)) for pid in pids}
+    supervisor = cpu_seconds(gateway.process.pid) if workers > 1 else 0.0
     connector = aiohttp.TCPConnector(limit=connections)
     async with aiohttp.ClientSession(connector=connector) as session:
         queue = iter(range(requests))
@@ -103,6 +107,7 @@ async def trial(gateway: GatewayProcess, workers: int, connections: int, request
         await asyncio.gather(*(client() for _ in range(connections)))
         result.rps = requests / (time.perf_counter() - started)
         held = connections_by_pid(pids, gateway.port)  # before the session closes them
+    result.supervisor_cpu = cpu_seconds(gateway.process.pid) - supervisor if workers > 1 else 0.0
     for pid in pids:
         cpu, answered = before[pid]
         result.cpu[pid] = cpu_seconds(pid) - cpu
@@ -127,6 +132,7 @@ async def bench(args: argparse.Namespace) -> None:
                 server={"workers": workers, "log_level": args.log_level},
             ),
             workdir,
+            source=Path(args.source).resolve(),
         )
         for workers in (1, 2)
     }
@@ -146,7 +152,9 @@ async def bench(args: argparse.Namespace) -> None:
                     print(done.line(), flush=True)
         print("\nmedians over trials:")
         for (workers, connections), trials in results.items():
-            cpu = statistics.median(sum(t.cpu.values()) * 1000 / args.requests for t in trials)
+            cpu = statistics.median(
+                (sum(t.cpu.values()) + t.supervisor_cpu) * 1000 / args.requests for t in trials
+            )
             worst = statistics.median(max(t.answered.values()) / args.requests for t in trials)
             rps = statistics.median(t.rps for t in trials)
             print(
@@ -171,6 +179,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, nargs="+", default=[2, 4, 16, 64])
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--source", default=str(ROOT), help="the source tree whose gateway is measured")
     parser.add_argument("--log-level", choices=["info", "warning"], default="info")
     asyncio.run(bench(parser.parse_args()))
 

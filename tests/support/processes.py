@@ -32,7 +32,14 @@ def peak_rss_kib(pid: int) -> int:
 class GatewayProcess:
     """`gateway serve --config FILE` on a free port; stopped with SIGTERM."""
 
-    def __init__(self, config: dict[str, Any], directory: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        directory: Path,
+        env: dict[str, str] | None = None,
+        source: Path | None = None,
+    ) -> None:
+        """`source`: run the gateway of another checkout (benches' before/after)."""
         self.port = free_port()
         server = {"ops_port": free_port(), **config.get("server", {}), "port": self.port}
         self.ops_port = int(server["ops_port"])
@@ -41,6 +48,9 @@ class GatewayProcess:
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = directory / f"gateway-{self.port}.log"
         self.env = {**os.environ, **(env or {})}
+        self.source = source
+        if source is not None:
+            self.env["PYTHONPATH"] = str(source)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -59,6 +69,7 @@ class GatewayProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env,
+            cwd=self.source,
         )
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as session:
