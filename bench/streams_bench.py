@@ -93,9 +93,10 @@ async def upstream_main(port: int) -> None:
 # --- the clients (processes of their own) --------------------------------------------------------
 
 
-async def clients_main(url: str, count: int) -> None:
+async def clients_main(url: str, count: int, prompt_chars: int) -> None:
     """Open `count` streams; print `open K` as they get their first event, then `done OK BAD`."""
     opened = ok = 0
+    payload = {**STREAM, "prompt": _prompt(prompt_chars)}
     gate = asyncio.Semaphore(OPENING)
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=60)
@@ -104,7 +105,7 @@ async def clients_main(url: str, count: int) -> None:
         async def one() -> None:
             nonlocal opened, ok
             async with gate:
-                resp = await session.post(f"{url}/v1/images/generations", json=STREAM, headers=AUTH)
+                resp = await session.post(f"{url}/v1/images/generations", json=payload, headers=AUTH)
                 first = await resp.content.readuntil(b"\n\n") if resp.status == 200 else b""
             opened += 1
             if opened % 500 == 0 or opened == count:
@@ -168,6 +169,11 @@ async def gauges(ops_url: str) -> dict[str, float]:
     return found
 
 
+def _prompt(chars: int) -> str:
+    """A prompt of `chars` characters (the default payload's when 0)."""
+    return str(PAYLOAD["prompt"]) if not chars else ("a lighthouse on a cliff at dusk, " * chars)[:chars]
+
+
 def spawn(role: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, __file__, "--role", role, *args], stdout=subprocess.PIPE, text=True, env=env
@@ -228,7 +234,9 @@ async def bench(args: argparse.Namespace) -> None:
         await warm_up(url)
         alone = await probe(url, ops_url, 3)
         rss_0 = rss_mib(pid)
-        print(f"source {source}, file limit {limit}, streams {args.streams}")
+        print(
+            f"source {source}, file limit {limit}, streams {args.streams}, prompt {len(_prompt(args.prompt_chars))} chars"
+        )
         print(f"probe, nothing open:         {summary(alone)}   gateway RSS_0 {rss_0:.1f} MiB")
 
         started = time.perf_counter()
@@ -236,7 +244,10 @@ async def bench(args: argparse.Namespace) -> None:
             min(PER_CLIENT_PROCESS, args.streams - first)
             for first in range(0, args.streams, PER_CLIENT_PROCESS)
         ]
-        clients += [spawn("clients", "--url", url, "--count", str(count)) for count in counts]
+        clients += [
+            spawn("clients", "--url", url, "--count", str(count), "--prompt-chars", str(args.prompt_chars))
+            for count in counts
+        ]
         opening = asyncio.ensure_future(asyncio.gather(*map(_until_open, clients, counts)))
         during_opening = []
         while not opening.done():
@@ -299,6 +310,7 @@ def main() -> None:
     parser.add_argument(
         "--role", choices=["bench", "upstream", "clients"], default="bench", help=argparse.SUPPRESS
     )
+    parser.add_argument("--prompt-chars", type=int, default=0, help="each stream's prompt length (0: short)")
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
@@ -306,7 +318,7 @@ def main() -> None:
     if args.role == "upstream":
         asyncio.run(upstream_main(args.port))
     elif args.role == "clients":
-        asyncio.run(clients_main(args.url, args.count))
+        asyncio.run(clients_main(args.url, args.count, args.prompt_chars))
     else:
         asyncio.run(bench(args))
 
