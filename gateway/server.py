@@ -200,7 +200,9 @@ def supervise(settings: Settings, worker_argv: Sequence[str]) -> int:
             if worker.poll() is None:
                 worker.send_signal(signum)
         if signum != signal.SIGHUP:  # the workers close their sites after the drain delay: so do we
-            threading.Timer(server.drain_delay_seconds, dealer.stop).start()
+            stopping = threading.Timer(server.drain_delay_seconds, dealer.stop)
+            stopping.daemon = True  # the workers' exit ends the supervisor, drain delay or not
+            stopping.start()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
