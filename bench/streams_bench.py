@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -34,16 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.front_door_bench import PAYLOAD, raise_file_limit, rss_mib, summary  # noqa: E402
-from bench.gateway_bench import cpu_seconds, wait_http  # noqa: E402
+from bench.gateway_bench import UNBOUND, cpu_seconds  # noqa: E402
 from tests.support.config import TENANT_KEY, config_dict  # noqa: E402
 from tests.support.held_upstreams import PARTIAL, USAGE  # noqa: E402
-from tests.support.processes import free_port  # noqa: E402
+from tests.support.processes import GatewayProcess, free_port  # noqa: E402
 from tests.support.redis_servers import RedisServer  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {TENANT_KEY}"}
@@ -185,21 +183,12 @@ async def line(process: subprocess.Popen[str]) -> str:
     return (await asyncio.to_thread(process.stdout.readline)).strip()
 
 
-def gateway_config(
-    upstream_url: str, redis_url: str, streams: int, ops_port: int, port: int
-) -> dict[str, Any]:
-    limits = {
-        "requests_per_minute": 10**8,
-        "tokens_per_minute": 10**8,
-        "tokens_per_day": 10**15,
-        "usd_per_day": 8 * 10**6,
-        "concurrent_requests": 10**6,
-    }
-    config = config_dict(upstream_url, store={"backend": "redis", "url": redis_url}, limits=limits)
+def gateway_config(upstream_url: str, redis_url: str, streams: int) -> dict[str, Any]:
+    config = config_dict(upstream_url, store={"backend": "redis", "url": redis_url}, limits=UNBOUND)
     for upstream in config["upstreams"].values():
         # room for every stream in the pool and in the one tenant's share of it
         upstream.update(max_connections=streams + 256, max_connections_per_tenant=streams + 256)
-    config["server"] = {"port": port, "ops_port": ops_port, "log_level": "info"}
+    config["server"] = {"log_level": "info"}
     return config
 
 
@@ -212,25 +201,17 @@ async def bench(args: argparse.Namespace) -> None:
         args.streams = room
     workdir = Path(tempfile.mkdtemp(prefix="streams-bench-"))
     redis = RedisServer(workdir).start()
-    upstream_port, port, ops_port = free_port(), free_port(), free_port()
+    upstream_port = free_port()
     upstream = spawn("upstream", "--port", str(upstream_port))
     assert await line(upstream) == "ready"
-    config = gateway_config(f"http://127.0.0.1:{upstream_port}/v1", redis.url, args.streams, ops_port, port)
-    config_path = workdir / "gateway.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    log = (workdir / "gateway.log").open("wb")
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config_path)],
-        cwd=source,
-        env={**os.environ, "PYTHONPATH": str(source)},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url, ops_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{ops_port}"
+    config = gateway_config(f"http://127.0.0.1:{upstream_port}/v1", redis.url, args.streams)
+    gateway = GatewayProcess(config, workdir, source=source)
+    url, ops_url = gateway.url, gateway.ops_url
     clients: list[subprocess.Popen[str]] = []
     try:
-        await wait_http(f"{url}/healthz", within=30)
-        pid = gateway.pid
+        await gateway.start(timeout=30)
+        assert gateway.process is not None
+        pid = gateway.process.pid
         await warm_up(url)
         alone = await probe(url, ops_url, 3)
         rss_0 = rss_mib(pid)
@@ -281,13 +262,11 @@ async def bench(args: argparse.Namespace) -> None:
     finally:
         for client in clients:
             client.kill()
-        gateway.terminate()
-        gateway.wait(60)
+        gateway.stop(60)
         upstream.terminate()
         upstream.wait(10)
         redis.stop()
-        log.close()
-    lines = (workdir / "gateway.log").read_text(errors="replace").splitlines()
+    lines = gateway.log_lines()
     bad = [entry for entry in lines if TENANT_KEY in entry or "Traceback" in entry]
     print(f"gateway log: {len(lines)} lines, {len(bad)} with a key or a traceback")
 

@@ -23,17 +23,15 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 from prometheus_client.multiprocess import MultiProcessCollector
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.gateway_bench import SMALL, cpu_seconds, start_mock, wait_http  # noqa: E402
+from bench.gateway_bench import SMALL, UNBOUND, cpu_seconds, load, start_mock, wait_http  # noqa: E402
 from tests.support.config import TENANT_KEY, config_dict  # noqa: E402
 from tests.support.processes import GatewayProcess, free_port  # noqa: E402
 from tests.support.redis_servers import RedisServer  # noqa: E402
@@ -90,23 +88,17 @@ async def trial(gateway: GatewayProcess, workers: int, connections: int, request
 
     before = {pid: (cpu_seconds(pid), counted(pid)) for pid in pids}
     supervisor = cpu_seconds(gateway.process.pid) if workers > 1 else 0.0
-    connector = aiohttp.TCPConnector(limit=connections)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        queue = iter(range(requests))
-
-        async def client() -> None:
-            for _ in queue:
-                async with session.post(
-                    f"{gateway.url}/v1/images/generations", json=SMALL, headers=AUTH
-                ) as resp:
-                    await resp.read()
-                    if resp.status != 200:
-                        raise RuntimeError(f"{resp.status}: {(await resp.text())[:200]}")
-
-        started = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(connections)))
-        result.rps = requests / (time.perf_counter() - started)
-        held = connections_by_pid(pids, gateway.port)  # before the session closes them
+    held: dict[int, int] = {}
+    url = f"{gateway.url}/v1/images/generations"
+    _, elapsed = await load(
+        url,
+        AUTH,
+        SMALL,
+        requests,
+        connections,
+        before_close=lambda: held.update(connections_by_pid(pids, gateway.port)),
+    )
+    result.rps = requests / elapsed
     result.supervisor_cpu = cpu_seconds(gateway.process.pid) - supervisor if workers > 1 else 0.0
     for pid in pids:
         cpu, answered = before[pid]
@@ -121,14 +113,13 @@ async def bench(args: argparse.Namespace) -> None:
     redis = RedisServer(workdir).start()
     mock_port = free_port()
     mock = start_mock(mock_port)
-    limits = {"requests_per_minute": 10**8, "tokens_per_minute": 10**8, "concurrent_requests": 10**6}
     store = {"backend": "redis", "url": redis.url}
     gateways = {
         workers: GatewayProcess(
             config_dict(
                 f"http://127.0.0.1:{mock_port}/v1",
                 store=store,
-                limits=limits,
+                limits=UNBOUND,
                 server={"workers": workers, "log_level": args.log_level},
             ),
             workdir,
