@@ -156,13 +156,14 @@ async def gauges(ops_url: str) -> dict[str, float]:
         "gateway_connections_open",
         "gateway_connections_closed_total",
         "gateway_load_shed_total",
+        "gateway_store_errors_total",
     )
     async with aiohttp.ClientSession() as session, session.get(f"{ops_url}/metrics") as resp:
         text = await resp.text()
     found: dict[str, float] = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if name.split("{")[0] in names:
+        if name.split("{")[0] in names and (float(value) or "errors" not in name):  # errors: when any
             found[name] = found.get(name, 0) + float(value)
     return found
 
@@ -183,8 +184,11 @@ async def line(process: subprocess.Popen[str]) -> str:
     return (await asyncio.to_thread(process.stdout.readline)).strip()
 
 
-def gateway_config(upstream_url: str, redis_url: str, streams: int) -> dict[str, Any]:
-    config = config_dict(upstream_url, store={"backend": "redis", "url": redis_url}, limits=UNBOUND)
+def gateway_config(upstream_url: str, redis_url: str, streams: int, lease_ttl: int | None) -> dict[str, Any]:
+    store: dict[str, Any] = {"backend": "redis", "url": redis_url}
+    if lease_ttl is not None:
+        store["lease_ttl_seconds"] = lease_ttl
+    config = config_dict(upstream_url, store=store, limits=UNBOUND)
     for upstream in config["upstreams"].values():
         # room for every stream in the pool and in the one tenant's share of it
         upstream.update(max_connections=streams + 256, max_connections_per_tenant=streams + 256)
@@ -204,7 +208,7 @@ async def bench(args: argparse.Namespace) -> None:
     upstream_port = free_port()
     upstream = spawn("upstream", "--port", str(upstream_port))
     assert await line(upstream) == "ready"
-    config = gateway_config(f"http://127.0.0.1:{upstream_port}/v1", redis.url, args.streams)
+    config = gateway_config(f"http://127.0.0.1:{upstream_port}/v1", redis.url, args.streams, args.lease_ttl)
     gateway = GatewayProcess(config, workdir, source=source)
     url, ops_url = gateway.url, gateway.ops_url
     clients: list[subprocess.Popen[str]] = []
@@ -290,6 +294,12 @@ def main() -> None:
         "--role", choices=["bench", "upstream", "clients"], default="bench", help=argparse.SUPPRESS
     )
     parser.add_argument("--prompt-chars", type=int, default=0, help="each stream's prompt length (0: short)")
+    parser.add_argument(
+        "--lease-ttl",
+        type=int,
+        default=None,
+        help="store.lease_ttl_seconds (15: the held streams' concurrency leases are renewed every 5 s)",
+    )
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
