@@ -24,8 +24,8 @@ import aiohttp
 from aiohttp import web
 
 from gateway.app import create_app
+from gateway.config import Settings
 from gateway.server import run  # uvloop, as the gateway itself runs
-from gateway.settings import Settings
 from gateway.telemetry.activity import Activity
 
 TOKEN = "bench-admin-token"

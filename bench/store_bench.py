@@ -24,11 +24,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
+from gateway.config import KeySettings, Limits, StoreSettings, TenantSettings
 from gateway.limits import LimitPlan, create_store
 from gateway.limits.limiter import LimitStore
 from gateway.metrics import Metrics
 from gateway.server import run  # uvloop, as the gateway itself runs
-from gateway.settings import KeySettings, Limits, StoreSettings, TenantSettings
 from policies.cost import Cost
 
 TENANT = TenantSettings(

@@ -14,17 +14,17 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.admin import create_admin_app
+from gateway.config import ConfigError, Settings
+from gateway.front.access_log import create_request_middleware
 from gateway.front.body import BodyBudget, BodyReader
 from gateway.front.connections import server_header
 from gateway.health import DRAINING, METRICS, RUNTIME, STORE, add_health_routes
 from gateway.limits import JournalError, Store, create_store
 from gateway.metrics import ConfigCollector, Metrics
-from gateway.middleware import create_request_middleware
 from gateway.model_list import add_model_routes
 from gateway.pipeline import Pipeline
 from gateway.reload import Reloader
 from gateway.runtime import Runtime, RuntimeHolder
-from gateway.settings import ConfigError, Settings
 from gateway.shutdown import IN_FLIGHT, SETTLEMENTS_LOST, track_handlers
 from gateway.telemetry.activity import Activity
 from gateway.upstreams.pools import Pools

@@ -10,8 +10,8 @@ from typing import Any
 
 import orjson
 
+from gateway.config import ConfigError, Settings, load_settings
 from gateway.logs import configure_logging
-from gateway.settings import ConfigError, Settings, load_settings
 
 
 def _load(path: str, *, serving: bool = True) -> Settings:
@@ -97,7 +97,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:
-    from gateway.auth import hash_key
+    from gateway.front.auth import hash_key
 
     key = sys.stdin.readline().strip()
     if not key:
@@ -108,7 +108,7 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
 
 
 def cmd_new_key(args: argparse.Namespace) -> int:
-    from gateway.auth import hash_key, new_key
+    from gateway.front.auth import hash_key, new_key
 
     key = new_key()
     print(f"key:  {key}\nhash: {hash_key(key)}")

@@ -15,10 +15,10 @@ from textwrap import dedent
 
 from aiohttp import web
 
-from gateway.auth import hash_key, new_key
+from gateway.config import Settings, parse_settings
+from gateway.front.auth import hash_key, new_key
 from gateway.mock_upstream import MockOptions, create_mock_app
 from gateway.server import serve
-from gateway.settings import Settings, parse_settings
 
 DEMO_UPSTREAM_KEY = "sk-demo-organisation-key"
 

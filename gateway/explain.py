@@ -16,8 +16,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+from gateway.config import Settings
 from gateway.routing import load_world
-from gateway.settings import Settings
 from policies.cost import NANO_PER_USD, estimate, nano_usd_by_bucket
 from policies.engine import Decision, evaluate
 from policies.findings import POLICY_VIOLATION

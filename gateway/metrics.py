@@ -15,7 +15,7 @@ from prometheus_client import Histogram as _Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.settings import Settings
+from gateway.config import Settings
 
 
 class _FastLabels:
@@ -107,16 +107,18 @@ class Metrics:
         )
         self.connections_open = Gauge(
             "gateway_connections_open",
-            "Client connections open on the tenant port now.",
+            "Client connections open now, by listener: tenant (the API port), ops (server.ops_port).",
+            ["listener"],
             registry=r,
             multiprocess_mode="livesum",
         )
         self.connections_closed = Counter(
             "gateway_connections_closed",
-            "Client connections the front door closed, by reason: header_timeout, keepalive_timeout,"
-            " body_timeout, idle_evicted (to make room at max_connections), refused (at"
-            " max_connections with none idle), malformed (an HTTP parser error).",
-            ["reason"],
+            "Client connections the front door closed, by listener (tenant, ops) and reason:"
+            " header_timeout, keepalive_timeout, body_timeout, idle_evicted (to make room at the"
+            " listener's connection cap), refused (at the cap with none idle), malformed (an HTTP"
+            " parser error).",
+            ["listener", "reason"],
             registry=r,
         )
         self.body_bytes_buffered = Gauge(

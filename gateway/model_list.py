@@ -13,10 +13,10 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.auth import authenticate
 from gateway.errors import NotFound
+from gateway.front.access_log import RECORD
+from gateway.front.auth import authenticate
 from gateway.health import RUNTIME
-from gateway.middleware import RECORD
 from gateway.runtime import Runtime
 
 

@@ -17,19 +17,19 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.auth import Credential, authenticate
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
     PolicyViolation,
     UpstreamAuthFailed,
 )
+from gateway.front.access_log import RECORD, RequestRecord
 from gateway.front.admission import AdmissionQueue
+from gateway.front.auth import Credential, authenticate
 from gateway.front.body import BodyReader
 from gateway.limits import Admission, Reservation, Store, merge_upstream_limit_headers
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
-from gateway.middleware import RECORD, RequestRecord
 from gateway.relay import RelayOutcome, relay
 from gateway.requests.model import ClientRequest, read_request
 from gateway.runtime import Route, Runtime, RuntimeHolder, Target

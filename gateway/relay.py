@@ -58,7 +58,8 @@ async def relay(
     """Send `upstream`'s status, `headers` and body to the client; always consume the upstream body."""
     content_type = upstream.headers.get("Content-Type", "")
     streaming = content_type.startswith("text/event-stream")
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    answer = web.StreamResponse if streaming else _HeadersWithBody
+    response = answer(status=upstream.status, reason=upstream.reason, headers=headers)
     outcome = RelayOutcome(response, upstream.status, streaming, usage_reader(content_type))
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
@@ -84,6 +85,14 @@ async def _pump(upstream: aiohttp.ClientResponse, client: _Client) -> None:
     await client.finish()
 
 
+class _HeadersWithBody(web.StreamResponse):
+    """A JSON answer: its headers go out with its first body bytes, in one write (as aiohttp's own
+    `web.Response` does), instead of a write of their own. An SSE answer's go at once: a client
+    waits on them before the first event."""
+
+    _send_headers_immediately = False
+
+
 class _Client:
     """The client side of one relay: every write bounded in time; where the bytes sent so far end."""
 
@@ -98,7 +107,8 @@ class _Client:
         self.read_to_end = False  # what was written includes the stream's `data: [DONE]`
 
     async def prepare(self) -> None:
-        await self._send(self.outcome.response.prepare(self.request))
+        # Headers are only queued on the transport (never waiting on the client): no timer needed.
+        await self._send(self.outcome.response.prepare(self.request), timed=False)
 
     async def write(self, chunk: bytes) -> None:
         outcome = self.outcome
@@ -126,10 +136,10 @@ class _Client:
         # one; drop the connection without a final chunk.
         self._abort()
 
-    async def _send(self, write: Awaitable[object]) -> bool:
+    async def _send(self, write: Awaitable[object], *, timed: bool = True) -> bool:
         """Await one write; False (and the client counted gone) if it left or stopped reading."""
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout if timed else None):
                 await write
         except TimeoutError:
             log.warning("client_write_timed_out", timeout_seconds=self.timeout)

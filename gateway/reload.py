@@ -13,10 +13,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from gateway.config import ConfigError, load_settings
 from gateway.logs import get_logger
 from gateway.routing import world_problems
 from gateway.runtime import Runtime, RuntimeHolder
-from gateway.settings import ConfigError, load_settings
 
 log = get_logger("gateway.reload")
 

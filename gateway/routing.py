@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import replace
 
-from gateway.settings import ConfigError, Settings, TargetSettings, UpstreamSettings
+from gateway.config import ConfigError, Settings, TargetSettings, UpstreamSettings
 from policies.capabilities import size_problem
 from policies.catalog import Catalog, CatalogError, ModelEntry, load_catalog
 from policies.engine import Flavor, RouteTarget

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gateway.auth import Credential
+from gateway.config import RouteSettings, Settings, UpstreamSettings
+from gateway.front.auth import Credential
 from gateway.limits.plan import LimitPlan
 from gateway.routing import declared_operations, flavor_of, load_world, priced_entry
-from gateway.settings import RouteSettings, Settings, UpstreamSettings
 from policies.catalog import Catalog, ModelEntry
 from policies.engine import Flavor, RouteTarget
 from policies.rules import Policy

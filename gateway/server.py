@@ -32,11 +32,11 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from gateway.app import PIPELINE, RELOADER, create_app
+from gateway.config import ConfigError, Settings
 from gateway.front.connections import FrontRunner, raise_file_limit
 from gateway.handoff import Dealer, HandedSite
 from gateway.health import create_ops_app
 from gateway.logs import get_logger
-from gateway.settings import ConfigError, Settings
 from gateway.shutdown import RUNNER_SHUTDOWN_TIMEOUT, SETTLEMENTS_LOST, drain
 
 log = get_logger("gateway.server")
@@ -96,13 +96,8 @@ async def serve(
     except OSError as exc:
         await runner.cleanup()  # the store and the upstream session were already opened
         raise ListenError(server.host, server.port, exc) from exc
-    ops_runner = web.AppRunner(  # Prometheus and probes: the keep-alive bound, nothing inflated
-        create_ops_app(app),
-        handle_signals=False,
-        access_log=None,
-        keepalive_timeout=server.keepalive_timeout_seconds,
-        auto_decompress=False,
-    )
+    # Prometheus and probes pass the same front door, with a cap of their own
+    ops_runner = FrontRunner(create_ops_app(app), listener="ops", handle_signals=False, access_log=None)
     await ops_runner.setup()
     ops_host = server.ops_host or server.host
     ops_site = web.TCPSite(ops_runner, ops_host, server.ops_port, reuse_port=reuse_port or None)

@@ -27,11 +27,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from gateway.config import ServerSettings
 from gateway.health import DRAINING
 from gateway.limits.batching import CLOSE_WAIT
 from gateway.limits.outbox import CLOSE_DEADLINE
 from gateway.logs import get_logger
-from gateway.settings import ServerSettings
 
 log = get_logger("gateway.server")
 

@@ -32,6 +32,8 @@ from policies.sizes import SizeRule
 
 AUTO = "auto"
 # OpenAI's defaults for an omitted parameter that the catalog gives no model-specific default for
+_MEMO_CAP = 1024  # sizes and qualities remembered per model
+
 _API_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {
         "n": 1,
@@ -239,16 +241,35 @@ class ModelEntry(Frozen):
         value = body.get(param)
         if value is not None or param not in self.params(operation):
             return value
-        own = {
+        return self._defaults.get(param)
+
+    @cached_property
+    def _defaults(self) -> Mapping[str, Any]:
+        """What the upstream uses for an omitted parameter: the model's own defaults, else the API's."""
+        return {
+            **_API_DEFAULTS,
             "size": self.default_size,
             "quality": self.default_quality,
             "output_format": self.default_output_format,
             "input_fidelity": "low",  # OpenAI's default for the models that take it
         }
-        return own[param] if param in own else _API_DEFAULTS.get(param)
 
     def output_tokens(self, size: str, quality: str) -> int | None:
         """Output tokens of one image at a concrete size and quality: the larger of table and curve."""
+        memo = self._output_tokens_memo
+        key = (size, quality)
+        if key in memo:
+            return memo[key]
+        tokens = self._output_tokens(size, quality)
+        if len(memo) < _MEMO_CAP:  # gpt-image-2 takes any size: keep the memo bounded
+            memo[key] = tokens
+        return tokens
+
+    @cached_property
+    def _output_tokens_memo(self) -> dict[tuple[str, str], int | None]:
+        return {}
+
+    def _output_tokens(self, size: str, quality: str) -> int | None:
         readings = []
         if self.token_table and quality in self.token_table.get(size, {}):
             readings.append(self.token_table[size][quality])

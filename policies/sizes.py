@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,8 +18,11 @@ _WXH = re.compile(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})")
 
 def parse(size: object) -> tuple[int, int] | None:
     """`(width, height)` of a `WxH` string, or None for anything else (`auto`, junk, non-strings)."""
-    if not isinstance(size, str):
-        return None
+    return _parse(size) if isinstance(size, str) else None
+
+
+@lru_cache(maxsize=4096)  # a request asks about a handful of sizes a dozen times over
+def _parse(size: str) -> tuple[int, int] | None:
     match = _WXH.fullmatch(size)
     return (int(match.group(1)), int(match.group(2))) if match else None
 

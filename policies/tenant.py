@@ -91,10 +91,11 @@ def enforce(
     violations: list[Violation] = []
     adjustments: list[Adjustment] = []
     shadow = policy.mode == "shadow"
+    req = Request(policy, entry, model, body, inputs)  # clamps change `body`, which `req` reads
     if not shadow:
-        adjustments += _fill_omitted(Request(policy, entry, model, body, inputs))
+        adjustments += _fill_omitted(req)
     for rule in RULES:
-        found = rule(Request(policy, entry, model, body, inputs))
+        found = rule(req)
         if found is None:
             continue
         clamp = found.clamp is not None and policy.clamps(found.param)
@@ -108,7 +109,7 @@ def enforce(
         violations.append(Violation(found.rule, found.param, message, found.allowed))
     if not shadow:
         violated = {v.param for v in violations}
-        adjustments += _pin_auto(Request(policy, entry, model, body, inputs), violated)
+        adjustments += _pin_auto(req, violated)
     return violations, adjustments
 
 

@@ -37,12 +37,12 @@ from typing import Any
 from aiohttp import web
 
 from gateway.admin.ui import add_ui_routes, is_public
-from gateway.auth import bearer_token
+from gateway.config import ConfigError, Settings, TenantSettings
 from gateway.errors import AdminUnauthorized, InvalidRequest, NotFound
+from gateway.front.auth import bearer_token
 from gateway.limits import LedgerRow, LimitPlan, LimitStatus, Store
 from gateway.limits.headers import go_duration
 from gateway.limits.ledger import CSV_COLUMNS
-from gateway.settings import ConfigError, Settings, TenantSettings
 from gateway.telemetry.activity import DECISIONS, Activity
 from gateway.upstreams.quota import provider_plan
 from policies.cost import NANO_PER_USD

@@ -22,6 +22,7 @@ import asyncio
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from gateway.config import ServerSettings
 from gateway.errors import (
     ClientGone,
     InvalidRequest,
@@ -31,7 +32,6 @@ from gateway.errors import (
     UnsupportedMediaType,
 )
 from gateway.metrics import Metrics
-from gateway.settings import ServerSettings
 
 
 class BodyBudget:
@@ -75,8 +75,16 @@ class BodyReader:
     async def read(self, request: web.Request, server: ServerSettings) -> bytes:
         """The whole body (at most `server.max_body_bytes`), or a GatewayError (415, 413, 408, 503,
         400, or ClientGone)."""
-        async with self.open(request, server) as body:
-            return await body.read_all()
+        if request.content.is_eof():
+            # All of it came with the head (the usual small JSON body): it is in memory already and
+            # there is nothing to wait for, so no share of the budget and no deadline.
+            check_encoding(request)
+            body = request.content.read_nowait()
+            if len(body) > server.max_body_bytes:
+                raise _too_large(server.max_body_bytes)
+            return body
+        async with self.open(request, server) as bounded:
+            return await bounded.read_all()
 
     def open(
         self,
@@ -91,9 +99,7 @@ class BodyReader:
         `server.max_body_bytes`; `share` is what the reader holds in memory at most, taken from the
         budget (default: the Content-Length, or the limit); `too_large` the 413 to raise."""
         limit = server.max_body_bytes if limit is None else limit
-        too_large = too_large or PayloadTooLarge(
-            f"The request body is larger than the gateway's limit of {limit} bytes."
-        )
+        too_large = too_large or _too_large(limit)
         length = request.content_length
         if share is None:
             share = length if length is not None and length <= limit else limit
@@ -171,6 +177,10 @@ class BoundedBody:
         while chunk := await self.readany():
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than the gateway's limit of {limit} bytes.")
 
 
 async def _arrival(request: web.Request) -> bytes:

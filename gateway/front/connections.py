@@ -2,21 +2,24 @@
 layer itself answers.
 
 `FrontRunner` is aiohttp's AppRunner whose server builds a `FrontConnection` (aiohttp's own request
-handler, bounded) per client connection:
+handler, bounded) per client connection. Both listeners pass it: the tenant port, and the operations
+port (`listener="ops"`: /metrics, /healthz, /readyz), with a cap of its own.
 
 - Time to headers: a connection that has not sent a complete request head within
   `server.header_timeout_seconds` of connecting, or of the first byte of its next request, is closed.
+  A head pipelined behind a request still being handled is closed at the first check (one each
+  header timeout from its first byte) that finds that request answered and the head incomplete.
 - Keep-alive: an idle connection is closed after `server.keepalive_timeout_seconds`.
 - A cap, `server.max_connections` (by default sized from the process's file limit, leaving room for
-  upstream and Redis connections). At the cap, the longest-idle connection (no request in progress)
-  is closed to make room; when none is idle the new connection gets a 503 and is closed, so the
-  process never runs out of file descriptors.
+  upstream and Redis connections and the operations listener's `server.ops_max_connections`). At
+  the cap, the longest-idle connection (no request in progress) is closed to make room; when none is
+  idle the new connection gets a 503 and is closed, so the process never runs out of file descriptors.
 - Request bodies are never inflated (`auto_decompress` off: `front.body` refuses Content-Encoding),
   and a request answered before its body arrived closes the connection rather than draining it.
 - aiohttp's parser errors (malformed request line, headers or chunking) get an OpenAI-shaped 400
   that quotes nothing of the request, and a log line that names only the error's class.
 
-Every close is counted in `gateway_connections_closed_total{reason}`.
+Every close is counted in `gateway_connections_closed_total{listener,reason}`.
 """
 
 from __future__ import annotations
@@ -26,21 +29,24 @@ import resource
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web, web_protocol
+from aiohttp.streams import StreamReader
 from aiohttp.web_request import BaseRequest
 
+from gateway.config import Settings
 from gateway.errors import GatewayError, InternalError, InvalidRequest, ServerBusy
 from gateway.health import METRICS, RUNTIME
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
-from gateway.settings import Settings
 
 log = get_logger("gateway.front")
 
 SERVER_HEADER = "image-gateway"  # not aiohttp's default, which names Python's and aiohttp's versions
 _FILE_RESERVE = 64  # descriptors for everything but clients and upstreams: Redis, logs, the listeners
+
+Listener = Literal["tenant", "ops"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,16 +56,24 @@ class Bounds:
 
 
 def default_max_connections(settings: Settings) -> int:
-    """Client connections one process may hold: its file limit less a reserve and the upstream
-    connections they can use. A client connection holds at most one upstream connection at a time,
-    so pools larger than half the descriptors (sized for many open streams) reserve half: the cap
-    never collapses below what those pools could be filled by."""
+    """Client connections one process may hold: its file limit less a reserve, the operations
+    listener's cap and the upstream connections they can use. A client connection holds at most
+    one upstream connection at a time, so pools larger than half the descriptors (sized for many
+    open streams) reserve half: the cap never collapses below what those pools could be filled by."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
-    files = soft - _FILE_RESERVE
+    files = soft - settings.server.ops_max_connections - _FILE_RESERVE
     upstream = sum(u.max_connections for u in settings.upstreams.values())
     return max(16, files - min(upstream, files // 2))
+
+
+def connection_cap(settings: Settings, listener: Listener) -> int:
+    """The most connections `listener` may hold at once."""
+    server = settings.server
+    if listener == "ops":
+        return server.ops_max_connections
+    return server.max_connections or default_max_connections(settings)
 
 
 def raise_file_limit() -> int:
@@ -77,8 +91,9 @@ def raise_file_limit() -> int:
 class Door:
     """The open connections of one listener, oldest first, and the cap on them."""
 
-    def __init__(self, bounds: Bounds, metrics: Metrics) -> None:
+    def __init__(self, bounds: Bounds, metrics: Metrics, listener: Listener) -> None:
         self.bounds = bounds
+        self.listener = listener
         self.metrics = metrics
         self.open: dict[FrontConnection, None] = {}  # insertion-ordered: the oldest first
 
@@ -93,15 +108,15 @@ class Door:
             self.left(idle)
             self.closed_because("idle_evicted")
         self.open[connection] = None
-        self.metrics.connections_open.inc()
+        self.metrics.connections_open.labels(self.listener).inc()
         return True
 
     def left(self, connection: FrontConnection) -> None:
         if self.open.pop(connection, 0) is None:
-            self.metrics.connections_open.dec()
+            self.metrics.connections_open.labels(self.listener).dec()
 
     def closed_because(self, reason: str) -> None:
-        self.metrics.connections_closed.labels(reason).inc()
+        self.metrics.connections_closed.labels(self.listener, reason).inc()
 
     def __iter__(self) -> Iterator[FrontConnection]:
         return iter(list(self.open))
@@ -117,13 +132,14 @@ _BUSY_RESPONSE = (
 class FrontConnection(web_protocol.RequestHandler):
     """aiohttp's request handler with the front door's bounds on time to headers and on count."""
 
-    __slots__ = ("_door", "_header_timer", "_partial")
+    __slots__ = ("_door", "_header_timer", "_last_body", "_partial")
 
     def __init__(self, manager: web.Server, door: Door, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._door = door
         self._header_timer: asyncio.TimerHandle | None = None
         self._partial = False  # bytes of a request head have arrived, not all of it
+        self._last_body: StreamReader | None = None  # the body of the latest request parsed
 
     @property
     def idle(self) -> bool:
@@ -141,18 +157,23 @@ class FrontConnection(web_protocol.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm_header_timer()
+        self._last_body = None
         self._door.left(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         heads = self._request_count
+        # bytes after the latest request's whole body are the next request's head (kept alive, or
+        # pipelined behind a request still being handled), not more of that body
+        next_head = self._last_body is None or self._last_body.is_eof()
         super().data_received(data)
         if self._request_count != heads:
             self._partial = False
             self._disarm_header_timer()
-        elif data and self._waiter is not None:
-            # the first bytes of the next request on a kept-alive connection: its head has a deadline
-            self._partial = True
+            if self._messages:
+                self._last_body = self._messages[-1][1]
+        elif data and next_head:
+            self._partial = True  # the next request's head has begun: it has a deadline
             if self._header_timer is None:
                 self._arm_header_timer()
 
@@ -167,10 +188,14 @@ class FrontConnection(web_protocol.RequestHandler):
 
     def _header_timed_out(self) -> None:
         self._header_timer = None
-        waiting_for_head = self.idle and (self._partial or self._request_count == 0)
-        if waiting_for_head and not self._force_close:
+        if self._force_close:
+            return
+        if self.idle and (self._partial or self._request_count == 0):
             self._door.closed_because("header_timeout")
             self.force_close()
+        elif self._partial:
+            # pipelined behind a request still being handled: not closed under it, checked again
+            self._arm_header_timer()
 
     def _process_keepalive(self) -> None:
         was_open = not self._force_close
@@ -224,17 +249,18 @@ class FrontServer(web.Server):
 
 
 class FrontRunner(web.AppRunner):
-    """An AppRunner for the gateway's app whose connections pass the front door (see the module)."""
+    """An AppRunner for one of the gateway's listeners (the tenant app, or the operations app) whose
+    connections pass the front door (see the module)."""
 
-    def __init__(self, app: web.Application, **kwargs: Any) -> None:
-        server = app[RUNTIME].current.settings.server
+    def __init__(self, app: web.Application, *, listener: Listener = "tenant", **kwargs: Any) -> None:
+        settings = app[RUNTIME].current.settings
+        server = settings.server
         kwargs.setdefault("keepalive_timeout", server.keepalive_timeout_seconds)
         kwargs.setdefault("auto_decompress", False)  # never inflate a body on the event loop
         kwargs.setdefault("lingering_time", 0)  # never drain a body nobody will read
         super().__init__(app, **kwargs)
-        settings = app[RUNTIME].current.settings
-        max_connections = server.max_connections or default_max_connections(settings)
-        self.door = Door(Bounds(server.header_timeout_seconds, max_connections), app[METRICS])
+        bounds = Bounds(server.header_timeout_seconds, connection_cap(settings, listener))
+        self.door = Door(bounds, app[METRICS], listener)
 
     async def _make_server(self) -> web.Server:
         return FrontServer(await super()._make_server(), self.door)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gateway.config import StoreSettings
 from gateway.limits.headers import merge_upstream_limit_headers
 from gateway.limits.journal import Journal, JournalError
 from gateway.limits.ledger import LedgerRow
@@ -28,7 +29,6 @@ from gateway.limits.plan import LimitPlan
 from gateway.limits.redis_engine import RedisEngine, connect, lean_connection
 from gateway.limits.store import Admission, LimitStatus, Reservation, Store
 from gateway.metrics import Metrics
-from gateway.settings import StoreSettings
 
 __all__ = [
     "Admission",

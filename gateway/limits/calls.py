@@ -15,13 +15,13 @@ from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any, Literal, Protocol
 
+from gateway.config import StoreSettings
 from gateway.limits import keys
 from gateway.limits.kinds import KIND_BY_NAME, RATE_WINDOW_US, LimitKind
 from gateway.limits.ledger import charge_fields
 from gateway.limits.meters import Reading
 from gateway.limits.periods import DAY_SECONDS, Period, period
 from gateway.limits.plan import LimitPlan, PlannedLimit
-from gateway.settings import StoreSettings
 from policies.cost import Cost
 
 Mode = Literal["enforce", "shadow", "peek"]

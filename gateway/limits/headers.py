@@ -195,7 +195,9 @@ def merge_upstream_limit_headers(ours: Mapping[str, str], upstream: Mapping[str,
     lowered = {name.lower(): value for name, value in upstream.items()}
     merged = dict(ours)
     categories = {
-        match.group(1) for name in (*lowered, *ours) if (match := _X_RATELIMIT.fullmatch(name.lower()))
+        match.group(1)
+        for name in (*lowered, *map(str.lower, ours))
+        if name.startswith("x-ratelimit-") and (match := _X_RATELIMIT.fullmatch(name))
     }
     for category in sorted(categories):
         _merge_category(merged, lowered, category)

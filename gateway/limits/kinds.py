@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
 
-from gateway.settings import Limits
+from gateway.config import Limits
 from policies.cost import NANO_PER_USD, Cost
 
 Mechanism = Literal["rate", "day", "month", "lease"]

@@ -45,6 +45,7 @@ from datetime import date
 from functools import partial
 from typing import TypeVar
 
+from gateway.config import StoreSettings
 from gateway.errors import StoreUnavailable
 from gateway.limits import headers
 from gateway.limits.calls import (
@@ -71,7 +72,6 @@ from gateway.limits.plan import LimitPlan
 from gateway.limits.store import Admission, LimitStatus, Reservation, new_reservation_id
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
-from gateway.settings import StoreSettings
 from policies.cost import Cost
 
 log = get_logger("gateway.limits")
@@ -366,8 +366,11 @@ class LimitStore:
         store_up, latency and errors current."""
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(None if self._engine.times_its_calls else self._timeout):
+            if self._engine.times_its_calls:
                 result = await call()
+            else:
+                async with asyncio.timeout(self._timeout):
+                    result = await call()
         except StoreRejected as exc:
             self._metrics.store_errors.labels(operation).inc()
             log.error("store_rejected", operation=operation, error=str(exc))

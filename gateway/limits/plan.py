@@ -17,8 +17,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from gateway.config import KeySettings, Limits, TenantSettings
 from gateway.limits.kinds import LimitKind, configured
-from gateway.settings import KeySettings, Limits, TenantSettings
 
 _USER_DIGEST_CHARS = 24
 

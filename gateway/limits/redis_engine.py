@@ -32,6 +32,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
+from gateway.config import StoreSettings
 from gateway.limits.batching import EvalBatcher
 from gateway.limits.calls import (
     LedgerHash,
@@ -49,7 +50,6 @@ from gateway.limits.meters import Reading
 from gateway.limits.periods import day_index
 from gateway.limits.resp import RespConnection, command
 from gateway.limits.scripts import ALL, RENEW, RESERVE, SETTLE, Script
-from gateway.settings import StoreSettings
 
 _STATUS: dict[int, Status] = {1: "admitted", 0: "rejected", 2: "peeked", -1: "wrong_day", -2: "settled"}
 _READING_FIELDS = 5

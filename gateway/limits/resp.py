@@ -44,9 +44,10 @@ from redis.exceptions import NoScriptError, ResponseError
 
 
 def command(*args: str | int) -> bytes:
-    """One command in RESP: an array of bulk strings."""
-    encoded = [arg.encode() if isinstance(arg, str) else b"%d" % arg for arg in args]
-    return b"*%d\r\n" % len(encoded) + b"".join([b"$%d\r\n%b\r\n" % (len(e), e) for e in encoded])
+    """One command in RESP: an array of bulk strings (hiredis encodes it, in C)."""
+    # hiredis's stub says a one-element tuple where it takes any length
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]
+    return packed
 
 
 def _reply(value: Any) -> Any:

@@ -8,9 +8,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.config import ServerSettings
 from gateway.errors import InvalidRequest, UnsupportedMediaType
 from gateway.front.body import BodyReader
-from gateway.settings import ServerSettings
 from policies.findings import shown
 
 

@@ -14,11 +14,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.config import ServerSettings
 from gateway.front.body import BodyReader
 from gateway.requests.json_body import parse
 from gateway.requests.multipart import IMAGE_FIELDS, MASK_FIELD, read_multipart
 from gateway.requests.uploads import TextPart, Upload, UploadBody, close_quietly
-from gateway.settings import ServerSettings
 from policies.entry import Operation
 from policies.uploads import GENERATE, Inputs
 

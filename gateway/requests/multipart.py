@@ -21,10 +21,10 @@ from urllib.parse import unquote
 
 from aiohttp import hdrs, web
 
+from gateway.config import ServerSettings
 from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from gateway.front.body import BodyReader, BoundedBody
 from gateway.requests.uploads import FilePart, TextPart, Upload, close_quietly, part_headers
-from gateway.settings import ServerSettings
 from policies.findings import shown
 
 IMAGE_FIELDS = ("image", "image[]")

@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from gateway.config import UpstreamSettings
 from gateway.metrics import Metrics
-from gateway.settings import UpstreamSettings
 
 Verdict = Literal["ok", "failure", "rate_limited", "neutral"]
 

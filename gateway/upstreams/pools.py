@@ -77,5 +77,6 @@ def _session(max_connections: int) -> aiohttp.ClientSession:
         connector=connector,
         auto_decompress=False,
         skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        cookie_jar=aiohttp.DummyCookieJar(),  # an upstream's cookies are nobody's: never sent back
         timeout=aiohttp.ClientTimeout(total=None),
     )

@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from gateway.config import Limits, ProviderLimits
 from gateway.limits import Admission, Reservation, Store
 from gateway.limits.keys import PROVIDER_TENANT_PREFIX
 from gateway.limits.kinds import configured
 from gateway.limits.plan import LimitPlan, PlannedLimit, ScopePlan
 from gateway.metrics import Metrics
 from gateway.runtime import Target
-from gateway.settings import Limits, ProviderLimits
 from policies.cost import Cost
 
 _REMAINING = {

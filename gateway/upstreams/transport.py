@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
+from functools import lru_cache
 from typing import Protocol
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.runtime import Target
@@ -96,17 +98,23 @@ async def send(
 ) -> aiohttp.ClientResponse:
     """POST the request to `path` at the target's upstream; the response's body is left for the relay."""
     settings = target.upstream
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        connect=settings.connect_timeout_seconds,  # a free pooled connection, or a new one
-        sock_read=settings.read_timeout_seconds,
-    )
-    url = f"{settings.base_url}{path}"
+    timeout = _timeout(settings.connect_timeout_seconds, settings.read_timeout_seconds)
     data = body if isinstance(body, bytes) else body.chunks()
     try:
-        return await session.post(url, data=data, headers=headers, timeout=timeout)
+        return await session.post(_url(settings.base_url, path), data=data, headers=headers, timeout=timeout)
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise translate(exc, target) from exc
+
+
+@lru_cache(maxsize=256)  # parsed once per upstream and operation, not per request
+def _url(base_url: str, path: str) -> URL:
+    return URL(f"{base_url}{path}")
+
+
+@lru_cache(maxsize=256)
+def _timeout(connect: float, read: float) -> aiohttp.ClientTimeout:
+    # connect: a free pooled connection, or a new one; read: the silence between two reads
+    return aiohttp.ClientTimeout(total=None, connect=connect, sock_read=read)
 
 
 def never_reached(exc: BaseException | None) -> bool:

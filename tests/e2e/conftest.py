@@ -13,19 +13,24 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
-from gateway.front.connections import FrontRunner
+from gateway.config import Settings
+from gateway.front.connections import FrontRunner, Listener
 from gateway.health import create_ops_app
 from gateway.mock_upstream import MockOptions, create_mock_app
-from gateway.settings import Settings
 from tests.support.config import DO_UPSTREAM_KEY, UPSTREAM_KEY, make_settings
 from tests.support.redis_servers import redis_server, redis_url  # noqa: F401
 
 
 class GatewayTestServer(TestServer):
-    """The gateway's app on a real socket, through the front door as `gateway serve` runs it."""
+    """One of the gateway's listeners on a real socket, through the front door as `gateway serve`
+    runs it: the tenant app, or the operations app (`listener="ops"`)."""
+
+    def __init__(self, app: web.Application, *, listener: Listener = "tenant", **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.listener: Listener = listener
 
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
-        return FrontRunner(self.app, **kwargs)
+        return FrontRunner(self.app, listener=self.listener, **kwargs)
 
 
 @dataclass
@@ -92,7 +97,7 @@ async def start_gateway(
         app = create_app(settings, registry=registry, config_path=config_path)
         server = GatewayTestServer(app, host="127.0.0.1")
         await start_server(server)
-        ops = await start_server(create_ops_app(app))
+        ops = await start_server(GatewayTestServer(create_ops_app(app), listener="ops", host="127.0.0.1"))
         return Running(
             url=str(server.make_url("")).rstrip("/"),
             app=app,

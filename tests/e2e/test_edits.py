@@ -24,9 +24,9 @@ from aiohttp.test_utils import TestServer
 from PIL import Image
 from structlog.testing import capture_logs
 
+from gateway.config import Settings
 from gateway.mock_upstream import RECEIVED, MockOptions, create_mock_app
 from gateway.mock_upstream.models import input_image_tokens
-from gateway.settings import Settings
 from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.e2e.test_quotas import ADMIN_TOKEN, eventually, ledger_rows, redis_store
 from tests.e2e.test_relay import StartServer, odd_chunks, scripted

@@ -167,7 +167,7 @@ async def test_connect_timeout_is_504(start_gateway: StartGateway, full_backlog:
     url = f"http://127.0.0.1:{full_backlog}/v1"
     config = config_dict(url)
     config["upstreams"]["openai"]["connect_timeout_seconds"] = 0.3
-    from gateway.settings import Settings
+    from gateway.config import Settings
 
     gw = await start_gateway(Settings.model_validate(config))
     status, body, _ = await call(gw.url, json=GOOD, headers=AUTH)
@@ -182,7 +182,7 @@ async def test_read_timeout_is_504(start_server: StartServer, start_gateway: Sta
     server = await start_server(upstream.app())
     config = config_dict(base_url(server))
     config["upstreams"]["openai"]["read_timeout_seconds"] = 0.3
-    from gateway.settings import Settings
+    from gateway.config import Settings
 
     gw = await start_gateway(Settings.model_validate(config))
     status, body, _ = await call(gw.url, json=GOOD, headers=AUTH)

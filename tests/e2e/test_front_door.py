@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
+from gateway.mock_upstream import MockOptions, create_mock_app
 from tests.e2e.conftest import Running, StartGateway, base_url
-from tests.support.config import TENANT_KEY, config_dict
+from tests.support.config import TENANT_KEY, UPSTREAM_KEY, config_dict
 from tests.support.processes import GatewayProcess
 from tests.support.raw_http import exchange, read_response, request
 
@@ -125,7 +129,7 @@ async def capped(start_gateway: StartGateway, mock_openai, mock_do) -> Running: 
 
 
 def closes(gateway: Running, reason: str) -> float:
-    return gateway.metric("gateway_connections_closed_total", reason=reason)
+    return gateway.metric("gateway_connections_closed_total", listener="tenant", reason=reason)
 
 
 async def test_a_connection_without_complete_headers_is_closed(tight: Running) -> None:
@@ -137,6 +141,29 @@ async def test_a_connection_without_complete_headers_is_closed(tight: Running) -
     assert closes(tight, "header_timeout") == 2
     for _, writer in (silent, slow):
         writer.close()
+
+
+async def test_a_head_pipelined_behind_a_request_being_handled_has_the_header_deadline(
+    start_gateway: StartGateway,
+    start_server: Callable[[web.Application], Awaitable[TestServer]],
+    mock_do: TestServer,
+) -> None:
+    """Its first bytes arrive while the upstream takes a second: the connection is closed for want of
+    the rest once the request is answered, not kept until the (here 60 s) keep-alive timeout."""
+    slow = await start_server(
+        create_mock_app(MockOptions(flavor="openai", api_key=UPSTREAM_KEY, latency_ms=1000))
+    )
+    server = {"header_timeout_seconds": 0.3, "keepalive_timeout_seconds": 60}
+    gateway = await start_gateway(openai_url=base_url(slow), do_url=base_url(mock_do), server=server)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gateway))
+    writer.write(request(GENERATE, headers=[JSON, AUTH], body=GOOD))
+    await asyncio.sleep(0.2)  # being handled
+    writer.write(b"POST /v1/images/generations HTTP/1.1\r\nHost: gateway\r\nAuthor")
+    response = await read_response(reader)
+    assert response.status == 200 and not response.closed
+    assert await closed_within(reader, 3) == b""
+    assert closes(gateway, "header_timeout") == 1
+    writer.close()
 
 
 async def test_an_idle_keep_alive_connection_is_closed(tight: Running) -> None:
@@ -232,7 +259,8 @@ async def test_broken_chunked_framing_is_a_400(gateway: Running, framing: bytes)
 
 async def test_bodies_read_at_once_share_one_budget(tight: Running) -> None:
     """8 KiB for all bodies being read: two slow 4,000-byte uploads hold it, so a third body of the
-    same size is not read (not buffered) until one of them is done (here: cut off at its timeout)."""
+    same size, still arriving, is not read (not buffered) until one of them is done (here: cut off
+    at its timeout). A body that came whole with its head is in memory already: it takes no share."""
     port = port_of(tight)
     slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
     for _, writer in slow:
@@ -240,8 +268,16 @@ async def test_bodies_read_at_once_share_one_budget(tight: Running) -> None:
     await asyncio.sleep(0.1)
     assert tight.metric("gateway_body_bytes_buffered") == 8000
     body = orjson.dumps({"prompt": "a" * 3950, "quality": "low"})
+    whole = await exchange(port, request(GENERATE, headers=[JSON, AUTH], body=body))
+    assert whole.status == 200
     started = asyncio.get_running_loop().time()
-    third = await exchange(port, request(GENERATE, headers=[JSON, AUTH], body=body))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    raw = request(GENERATE, headers=[JSON, AUTH], body=body)
+    writer.write(raw[:-1])  # the head and all but the last byte: a body still arriving
+    await asyncio.sleep(0.05)
+    writer.write(raw[-1:])
+    third = await read_response(reader, 10)
+    writer.close()
     waited = asyncio.get_running_loop().time() - started
     assert third.status == 200 and waited > 0.25, waited
     for _, writer in slow:
@@ -262,6 +298,35 @@ async def test_metrics_are_on_the_operations_port_only(gateway: Running) -> None
             for path in ("/healthz", "/readyz"):
                 async with session.get(url + path) as resp:
                     assert resp.status == 200, (url, path)
+
+
+async def test_the_operations_port_passes_the_same_front_door(
+    mock_openai: TestServer, tmp_path: Path
+) -> None:
+    """`gateway serve`'s operations listener: a connection that sends no headers is closed, and it
+    holds at most `server.ops_max_connections` (the oldest idle one makes room)."""
+    server = {"header_timeout_seconds": 0.5, "keepalive_timeout_seconds": 60, "ops_max_connections": 2}
+    gateway = GatewayProcess(config_dict(base_url(mock_openai), server=server), tmp_path)
+    await gateway.start()
+    try:
+        silent, _ = await asyncio.open_connection("127.0.0.1", gateway.ops_port)
+        assert await closed_within(silent, 5) == b""
+        kept = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.ops_port)
+            writer.write(request("/healthz", method="GET"))
+            assert (await read_response(reader)).status == 200
+            kept.append((reader, writer))
+        scrape = await exchange(gateway.ops_port, request("/metrics", method="GET"))  # a third: at the cap
+        assert scrape.status == 200
+        assert await closed_within(kept[0][0], 5) == b""
+        text = scrape.body.decode()
+        assert 'gateway_connections_closed_total{listener="ops",reason="header_timeout"} 1.0' in text
+        assert 'gateway_connections_closed_total{listener="ops",reason="idle_evicted"} 1.0' in text
+        for _, writer in kept:
+            writer.close()
+    finally:
+        assert gateway.stop() == 0
 
 
 async def test_no_response_names_python_or_aiohttp(gateway: Running) -> None:

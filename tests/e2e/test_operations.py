@@ -16,9 +16,9 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.auth import hash_key
+from gateway.config import load_settings
+from gateway.front.auth import hash_key
 from gateway.mock_upstream import MockOptions, create_mock_app
-from gateway.settings import load_settings
 from tests.e2e.conftest import StartGateway, base_url
 from tests.support.config import OTHER_KEY, TENANT_KEY, UPSTREAM_KEY, config_dict
 from tests.support.processes import GatewayProcess

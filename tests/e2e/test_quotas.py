@@ -28,7 +28,7 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDictProxy
 from redis.asyncio import Redis
 
-from gateway.auth import hash_key
+from gateway.front.auth import hash_key
 from gateway.limits.headers import parse_duration_us
 from gateway.limits.ledger import CSV_COLUMNS
 from gateway.mock_upstream import RECEIVED, MockOptions, create_mock_app
@@ -572,7 +572,7 @@ async def test_admin_api_shows_every_limit_and_the_ledger_as_json_and_csv(
     config["tenants"]["team"]["keys"] = [
         {"hash": hash_key(TENANT_KEY), "name": "ops", "limits": {"requests_per_minute": 7}}
     ]
-    from gateway.settings import Settings
+    from gateway.config import Settings
 
     gw: Running = await start_gateway(Settings.model_validate(config))
     async with aiohttp.ClientSession() as session:

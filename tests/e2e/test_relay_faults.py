@@ -21,9 +21,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
+from gateway.config import UpstreamSettings
 from gateway.relay import RelayOutcome, relay
 from gateway.runtime import Target
-from gateway.settings import UpstreamSettings
 from gateway.upstreams import transport as upstream_module
 from tests.e2e.conftest import StartGateway, base_url
 from tests.e2e.test_relay import USAGE

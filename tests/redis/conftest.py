@@ -15,10 +15,10 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from gateway.config import KeySettings, Limits, StoreSettings, TenantSettings
 from gateway.limits import LimitPlan, create_store
 from gateway.limits.limiter import LimitStore
 from gateway.metrics import Metrics
-from gateway.settings import KeySettings, Limits, StoreSettings, TenantSettings
 from tests.support.redis_servers import redis_cluster, redis_server, redis_server_factory  # noqa: F401
 
 KEY_HASH = "sha256:" + "ab" * 32

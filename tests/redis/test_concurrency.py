@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from gateway.config import StoreSettings
 from gateway.limits import Reservation, create_store
 from gateway.metrics import Metrics
-from gateway.settings import StoreSettings
 from policies.cost import Cost
 from tests.redis.conftest import Backend, new_tenant, plan, tenant_settings
 from tests.support.redis_servers import RedisServer

@@ -12,11 +12,11 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
+from gateway.config import StoreSettings
 from gateway.errors import StoreUnavailable
 from gateway.limits import create_store, limiter
 from gateway.limits.calls import RenewCall
 from gateway.metrics import Metrics
-from gateway.settings import StoreSettings
 from policies.cost import Cost
 from tests.redis.conftest import Backend, new_tenant, plan, tenant_settings
 from tests.support.redis_servers import RedisClusterNodes, RedisServer, free_port

@@ -6,8 +6,8 @@ from typing import Any
 
 import yaml
 
-from gateway.auth import hash_key
-from gateway.settings import Settings, parse_settings
+from gateway.config import Settings, parse_settings
+from gateway.front.auth import hash_key
 
 TENANT_KEY = "igw_test_tenant_key_0123456789"
 OTHER_KEY = "igw_test_other_key_9876543210"

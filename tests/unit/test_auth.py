@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.auth import Credential, authenticate, bearer_token, hash_key, new_key
+from gateway.config import KeySettings
 from gateway.errors import InvalidApiKey
-from gateway.settings import KeySettings
+from gateway.front.auth import Credential, authenticate, bearer_token, hash_key, new_key
 
 
 def test_hash_is_sha256_hex_of_the_key() -> None:

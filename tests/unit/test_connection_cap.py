@@ -1,5 +1,6 @@
 """The front door's default connection cap (`server.max_connections` unset), sized from the file
-limit: upstream pools sized for many open streams must not collapse it."""
+limit less a reserve of 64 and the operations listener's 64: upstream pools sized for many open
+streams must not collapse it."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import resource
 
 import pytest
 
+from gateway.config import Settings
 from gateway.front.connections import default_max_connections
-from gateway.settings import Settings
 from tests.support.config import make_settings
 
 
@@ -23,10 +24,10 @@ def settings_with_pools(size: int) -> Settings:
 @pytest.mark.parametrize(
     ("files", "pools", "cap"),
     [
-        (20_000, 1024, 20_000 - 64 - 2 * 1024),  # small pools: the file limit less the pools
-        (20_000, 10_256, (20_000 - 64) // 2),  # pools for 10k streams: half the descriptors each way
-        (1_048_576, 10_256, 1_048_576 - 64 - 2 * 10_256),
-        (256, 1024, 96),
+        (20_000, 1024, 20_000 - 128 - 2 * 1024),  # small pools: the file limit less the pools
+        (20_000, 10_256, (20_000 - 128) // 2),  # pools for 10k streams: half the descriptors each way
+        (1_048_576, 10_256, 1_048_576 - 128 - 2 * 10_256),
+        (256, 1024, 64),
     ],
 )
 def test_the_cap_leaves_room_for_the_upstream_connections_clients_can_use(

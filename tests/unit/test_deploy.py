@@ -23,8 +23,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from gateway.config import Settings, load_settings, parse_settings
 from gateway.metrics import Metrics
-from gateway.settings import Settings, load_settings, parse_settings
 from gateway.shutdown import MARGIN_SECONDS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -204,6 +204,30 @@ def test_shipped_configs_build_a_runtime(which: str) -> None:
         pytest.skip(f"gateway.runtime is not importable yet ({exc}): routes and catalog not validated")
     settings = load_settings(COMPOSE_CONFIG, environ={}) if which == "compose" else k8s_settings()
     Runtime.build(settings)
+
+
+@pytest.mark.parametrize("which", ["compose", "k8s"])
+def test_each_tenants_share_of_a_pool_holds_its_concurrent_requests(which: str) -> None:
+    """An admitted request never waits for its tenant's share of a pool (the share is per process,
+    concurrent_requests counts across them all), and each pool holds every tenant's at once."""
+    settings = load_settings(COMPOSE_CONFIG, environ={}) if which == "compose" else k8s_settings()
+    held: dict[str, int] = dict.fromkeys(settings.upstreams, 0)
+    for tenant, tenant_settings in settings.tenants.items():
+        concurrent = tenant_settings.limits.concurrent_requests
+        assert concurrent is not None, f"{tenant}: a shipped tenant has a concurrent_requests limit"
+        upstreams = {
+            target.upstream
+            for model in settings.models_for(tenant)
+            for target in settings.routes[model].all_targets
+        }
+        for name in upstreams:
+            share = settings.upstreams[name].tenant_connections
+            assert share >= concurrent, (
+                f"{tenant} at {name}: a share of {share} < concurrent_requests {concurrent}"
+            )
+            held[name] += concurrent
+    for name, upstream in settings.upstreams.items():
+        assert upstream.max_connections >= held[name], name
 
 
 def test_every_required_variable_of_the_k8s_config_is_set_by_the_deployment() -> None:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from gateway.config import ConfigError, StoreSettings, parse_settings
 from gateway.limits.calls import Check, compile_settle
 from gateway.limits.journal import Journal, JournalError
 from gateway.limits.kinds import KIND_BY_NAME
 from gateway.limits.store import Reservation
-from gateway.settings import ConfigError, StoreSettings, parse_settings
 from policies.cost import Cost
 
 COST = Cost(images=1, text_in_tokens=20, image_out_tokens=272, nano_usd=8_804_000)

@@ -13,10 +13,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.admin import create_admin_app
+from gateway.config import ConfigError, Settings
+from gateway.front.access_log import create_request_middleware
 from gateway.limits import LimitPlan, create_store
 from gateway.metrics import Metrics
-from gateway.middleware import create_request_middleware
-from gateway.settings import ConfigError, Settings
 from gateway.telemetry.activity import Activity
 from policies.cost import Cost
 

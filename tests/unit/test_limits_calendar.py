@@ -6,12 +6,12 @@ from datetime import UTC, date, datetime
 
 from prometheus_client import CollectorRegistry
 
+from gateway.config import KeySettings, Limits, StoreSettings, TenantSettings
 from gateway.errors import QuotaExceeded
 from gateway.limits import LimitPlan, create_store
 from gateway.limits.limiter import LimitStore
 from gateway.limits.memory import MemoryEngine
 from gateway.metrics import Metrics
-from gateway.settings import KeySettings, Limits, StoreSettings, TenantSettings
 from policies.cost import Cost
 
 TENANT = TenantSettings(

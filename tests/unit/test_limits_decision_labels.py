@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
+from gateway.config import KeySettings, Limits, StoreSettings, TenantSettings
 from gateway.limits import LimitPlan, create_store
 from gateway.metrics import Metrics
-from gateway.settings import KeySettings, Limits, StoreSettings, TenantSettings
 from policies.cost import Cost
 
 KEY = KeySettings(hash="sha256:" + "ef" * 32)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 from datetime import date
 
+from gateway.config import KeySettings, Limits, TenantSettings
 from gateway.limits import LimitPlan
 from gateway.limits.calls import compile_checks
 from gateway.limits.keys import ledger_key, parse_ledger_key
-from gateway.settings import KeySettings, Limits, TenantSettings
 from policies.cost import Cost
 
 HASH = "sha256:" + "0" * 64

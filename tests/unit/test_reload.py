@@ -6,10 +6,10 @@ from pathlib import Path
 
 import yaml
 
-from gateway.auth import hash_key
+from gateway.config import load_settings
+from gateway.front.auth import hash_key
 from gateway.reload import Reloader
 from gateway.runtime import Runtime, RuntimeHolder
-from gateway.settings import load_settings
 from tests.support.config import OTHER_KEY, config_dict
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import ConfigError, KeySettings, load_settings, parse_settings
+from gateway.config import ConfigError, KeySettings, load_settings, parse_settings
 
 HASH = "sha256:" + "a" * 64
 BASE = f"""
@@ -44,7 +44,7 @@ def test_the_example_switches_to_redis_with_one_variable() -> None:
 
 
 def test_the_example_keys_are_the_published_ones() -> None:
-    from gateway.auth import hash_key
+    from gateway.front.auth import hash_key
 
     keys = [key.hash for key in load_settings(EXAMPLE, environ={}).tenants["design-team"].keys]
     assert keys == [hash_key("igw_example_design_team_key"), hash_key("igw_example_ci_bot_key")]
@@ -229,7 +229,7 @@ def test_the_example_config_needs_both_upstream_keys_to_serve() -> None:
 
 
 def test_the_store_url_is_logged_without_its_password() -> None:
-    from gateway.settings import StoreSettings
+    from gateway.config import StoreSettings
 
     store = StoreSettings(backend="redis", url="rediss://app:s3cret@redis.internal:6380/2")
     assert store.shown_url == "rediss://app:***@redis.internal:6380/2"

@@ -8,9 +8,9 @@ import random
 import pytest
 from prometheus_client import CollectorRegistry
 
+from gateway.config import ConfigError, UpstreamSettings, parse_settings
 from gateway.metrics import Metrics
 from gateway.runtime import Runtime
-from gateway.settings import ConfigError, UpstreamSettings, parse_settings
 from gateway.upstreams.health import Health, cool_down_seconds
 from gateway.upstreams.targets import covering_estimate, ordered
 from policies.cost import estimate

@@ -9,9 +9,9 @@ import orjson
 import pytest
 import yaml
 
+from gateway.config import ConfigError, Settings, load_settings, parse_settings
 from gateway.explain import explain, render
 from gateway.routing import load_world, route_targets
-from gateway.settings import ConfigError, Settings, load_settings, parse_settings
 from policies.engine import RouteTarget
 
 HASH = "sha256:" + "ab" * 32

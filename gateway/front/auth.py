@@ -14,8 +14,8 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from gateway.config import KeySettings
 from gateway.errors import InvalidApiKey
-from gateway.settings import KeySettings
 
 KEY_PREFIX = "igw_"
 _TOKEN = re.compile(r"[\x21-\x7e]{1,4096}")

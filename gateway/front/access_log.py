@@ -1,4 +1,5 @@
-"""Request id and log context for every request, and the one place errors become responses.
+"""Each request's id and log context, its access-log line and metrics, and the one place errors
+become responses.
 
 Each request gets an id of the gateway's own making, returned in `x-request-id`, forwarded upstream
 and bound into every log line. A client's own `x-request-id` is never used for that (it could forge
@@ -22,8 +23,8 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gateway.auth import bearer_token
 from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound
+from gateway.front.auth import bearer_token
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.telemetry.activity import Activity
