@@ -12,9 +12,9 @@ streams through the gateway (each reads its first event, then waits for the end)
 - after the upstream finishes them: how many streams ended whole (completed event and usage
   received), and the gateway's own count of in-flight requests and streams (both back to 0).
 
-    .venv/bin/python bench/streams_bench.py [--streams 10000] [--source DIR]
+    .venv/bin/python bench/streams_bench.py [--streams 10000] [--checkout DIR]
 
-`--source DIR` runs the gateway from another checkout (e.g. a worktree of main) to compare before
+`--checkout DIR` runs the gateway of another checkout (with its own .venv) to compare before
 and after with the same clients and upstream. The process raises its file limit (as root, the hard
 limit too), which the gateway and client processes inherit.
 """
@@ -197,7 +197,7 @@ def gateway_config(upstream_url: str, redis_url: str, streams: int, lease_ttl: i
 
 
 async def bench(args: argparse.Namespace) -> None:
-    source = Path(args.source).resolve()
+    checkout = Path(args.checkout).resolve() if args.checkout else None
     limit = raise_file_limit(3 * args.streams + 4096)
     room = (limit - 64) // 2 - 100  # a client and an upstream descriptor a stream; probes, Redis
     if args.streams > room:
@@ -209,7 +209,7 @@ async def bench(args: argparse.Namespace) -> None:
     upstream = spawn("upstream", "--port", str(upstream_port))
     assert await line(upstream) == "ready"
     config = gateway_config(f"http://127.0.0.1:{upstream_port}/v1", redis.url, args.streams, args.lease_ttl)
-    gateway = GatewayProcess(config, workdir, source=source)
+    gateway = GatewayProcess(config, workdir, checkout=checkout)
     url, ops_url = gateway.url, gateway.ops_url
     clients: list[subprocess.Popen[str]] = []
     try:
@@ -220,7 +220,7 @@ async def bench(args: argparse.Namespace) -> None:
         alone = await probe(url, ops_url, 3)
         rss_0 = rss_mib(pid)
         print(
-            f"source {source}, file limit {limit}, streams {args.streams}, prompt {len(_prompt(args.prompt_chars))} chars"
+            f"checkout {checkout or ROOT}, file limit {limit}, streams {args.streams}, prompt {len(_prompt(args.prompt_chars))} chars"
         )
         print(f"probe, nothing open:         {summary(alone)}   gateway RSS_0 {rss_0:.1f} MiB")
 
@@ -289,7 +289,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--streams", type=int, default=10_000)
-    parser.add_argument("--source", default=str(ROOT), help="the source tree whose gateway is measured")
+    parser.add_argument(
+        "--checkout", default=None, help="another checkout (with its .venv) whose gateway runs"
+    )
     parser.add_argument(
         "--role", choices=["bench", "upstream", "clients"], default="bench", help=argparse.SUPPRESS
     )

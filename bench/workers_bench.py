@@ -12,7 +12,7 @@ The trap it looks for: workers sharing one accepting socket, where whichever pro
 takes most connections; with SO_REUSEPORT the kernel spreads connections over the workers' own
 sockets by a hash of the client's address and port, so a few connections often share one worker.
 Since issue 14 the supervisor accepts and deals connections to the workers in turn (handoff.py);
-`--source DIR` runs another checkout's gateway (e.g. main before that) for a before/after.
+`--checkout DIR` runs another checkout's gateway (with its own .venv) for a before/after.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ async def bench(args: argparse.Namespace) -> None:
                 server={"workers": workers, "log_level": args.log_level},
             ),
             workdir,
-            source=Path(args.source).resolve(),
+            checkout=Path(args.checkout).resolve() if args.checkout else None,
         )
         for workers in (1, 2)
     }
@@ -170,7 +170,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, nargs="+", default=[2, 4, 16, 64])
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--source", default=str(ROOT), help="the source tree whose gateway is measured")
+    parser.add_argument(
+        "--checkout", default=None, help="another checkout (with its .venv) whose gateway runs"
+    )
     parser.add_argument("--log-level", choices=["info", "warning"], default="info")
     asyncio.run(bench(parser.parse_args()))
 

@@ -79,12 +79,12 @@ class BodyReader:
             # All of it came with the head (the usual small JSON body): it is in memory already and
             # there is nothing to wait for, so no share of the budget and no deadline.
             check_encoding(request)
-            body = request.content.read_nowait()
-            if len(body) > server.max_body_bytes:
+            whole = request.content.read_nowait()
+            if len(whole) > server.max_body_bytes:
                 raise _too_large(server.max_body_bytes)
-            return body
-        async with self.open(request, server) as bounded:
-            return await bounded.read_all()
+            return whole
+        async with self.open(request, server) as body:
+            return await body.read_all()
 
     def open(
         self,

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,14 @@ class GatewayProcess:
         config: dict[str, Any],
         directory: Path,
         env: dict[str, str] | None = None,
-        source: Path | None = None,
+        *,
+        checkout: Path | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
-        """`source`: run the gateway of another checkout (benches' before/after)."""
+        """`checkout`: another checkout of the project, run with its own .venv (an A/B bench);
+        `wrapper`: a command the gateway runs under (valgrind, for a count of its instructions)."""
+        self.checkout, self.wrapper = checkout, tuple(wrapper)
+        self.python = str(checkout / ".venv/bin/python") if checkout else sys.executable
         self.port = free_port()
         server = {"ops_port": free_port(), **config.get("server", {}), "port": self.port}
         self.ops_port = int(server["ops_port"])
@@ -48,9 +54,6 @@ class GatewayProcess:
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = directory / f"gateway-{self.port}.log"
         self.env = {**os.environ, **(env or {})}
-        self.source = source
-        if source is not None:
-            self.env["PYTHONPATH"] = str(source)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -65,11 +68,11 @@ class GatewayProcess:
     async def start(self, timeout: float = 20.0) -> None:
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path)],
+            [*self.wrapper, self.python, "-m", "gateway", "serve", "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env,
-            cwd=self.source,
+            cwd=self.checkout,  # `-m gateway` imports from the working directory first
         )
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as session:
