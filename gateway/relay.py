@@ -72,6 +72,7 @@ async def relay(
         outcome.reader.close()
         await client.end_after_failure(outcome.failure)
     finally:
+        client.stop_watching()
         upstream.release()
     return outcome
 
@@ -94,9 +95,22 @@ class _HeadersWithBody(web.StreamResponse):
 
 
 class _Client:
-    """The client side of one relay: every write bounded in time; where the bytes sent so far end."""
+    """The client side of one relay: every write bounded in time; where the bytes sent so far end.
 
-    __slots__ = ("closed", "outcome", "read_to_end", "request", "tail", "timeout")
+    One watchdog per relay bounds the writes, not a timer per write: it looks every
+    `timeout` seconds whether the write under way (if any) began longer ago than that."""
+
+    __slots__ = (
+        "closed",
+        "loop",
+        "outcome",
+        "read_to_end",
+        "request",
+        "tail",
+        "timeout",
+        "watchdog",
+        "writing_since",
+    )
 
     def __init__(self, request: web.Request, outcome: RelayOutcome, timeout: float) -> None:
         self.request = request
@@ -105,10 +119,12 @@ class _Client:
         self.tail = b""  # the last bytes written: enough to tell whether an SSE event has ended
         self.closed = False  # no more writes: the connection is gone
         self.read_to_end = False  # what was written includes the stream's `data: [DONE]`
+        self.loop = asyncio.get_running_loop()
+        self.writing_since: float | None = None  # when the write under way began
+        self.watchdog: asyncio.TimerHandle | None = None
 
     async def prepare(self) -> None:
-        # Headers are only queued on the transport (never waiting on the client): no timer needed.
-        await self._send(self.outcome.response.prepare(self.request), timed=False)
+        await self._send(self.outcome.response.prepare(self.request))
 
     async def write(self, chunk: bytes) -> None:
         outcome = self.outcome
@@ -136,20 +152,34 @@ class _Client:
         # one; drop the connection without a final chunk.
         self._abort()
 
-    async def _send(self, write: Awaitable[object], *, timed: bool = True) -> bool:
+    def stop_watching(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
+
+    async def _send(self, write: Awaitable[object]) -> bool:
         """Await one write; False (and the client counted gone) if it left or stopped reading."""
+        if self.watchdog is None:
+            self.watchdog = self.loop.call_later(self.timeout, self._watch)
+        self.writing_since = self.loop.time()
         try:
-            async with asyncio.timeout(self.timeout if timed else None):
-                await write
-        except TimeoutError:
+            await write
+        except ConnectionError:  # it left, or the watchdog cut it off
+            self._gone()
+            return False
+        finally:
+            self.writing_since = None
+        return not self.closed
+
+    def _watch(self) -> None:
+        now, since = self.loop.time(), self.writing_since
+        if since is not None and now - since >= self.timeout:
             log.warning("client_write_timed_out", timeout_seconds=self.timeout)
+            self.watchdog = None
             self._gone()
-            self._abort()
-            return False
-        except ConnectionError:
-            self._gone()
-            return False
-        return True
+            self._abort()  # the write under way fails with ConnectionResetError
+            return
+        self.watchdog = self.loop.call_at((now if since is None else since) + self.timeout, self._watch)
 
     def _gone(self) -> None:
         self.closed = True
