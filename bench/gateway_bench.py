@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -37,6 +38,13 @@ from tests.support.processes import GatewayProcess, free_port, peak_rss_kib  # n
 
 SMALL = {"model": "gpt-image-1.5", "prompt": "a small red square", "size": "1024x1024", "quality": "low"}
 TICKS = os.sysconf("SC_CLK_TCK")
+UNBOUND = {  # limits high enough never to bind, within what the store keeps exact (settings.Limits)
+    "requests_per_minute": 10**8,
+    "tokens_per_minute": 10**8,
+    "tokens_per_day": 10**15,
+    "usd_per_day": 8 * 10**6,
+    "concurrent_requests": 10**6,
+}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -81,8 +89,16 @@ def start_mock(port: int, *extra: str) -> subprocess.Popen[bytes]:
 
 
 async def load(
-    url: str, headers: dict[str, str], payload: dict[str, object], requests: int, concurrency: int
+    url: str,
+    headers: dict[str, str],
+    payload: dict[str, object],
+    requests: int,
+    concurrency: int,
+    *,
+    before_close: Callable[[], object] | None = None,
 ) -> tuple[list[float], float]:
+    """`requests` POSTs over `concurrency` keep-alive connections; `before_close` runs while they
+    are still open."""
     latencies: list[float] = []
     queue = iter(range(requests))
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -99,7 +115,10 @@ async def load(
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return latencies, time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        if before_close is not None:
+            before_close()
+        return latencies, elapsed
 
 
 async def first_event(url: str, headers: dict[str, str], samples: int) -> list[float]:
@@ -150,16 +169,8 @@ async def bench(args: argparse.Namespace) -> None:
             stdout=subprocess.DEVNULL,
         )
         store = {"backend": "redis", "url": f"redis://127.0.0.1:{redis_port}/0"}
-    limits = {
-        # High enough never to bind, within what the store keeps exact (settings.Limits).
-        "requests_per_minute": 10**8,
-        "tokens_per_minute": 10**8,
-        "tokens_per_day": 10**15,
-        "usd_per_day": 8 * 10**6,
-        "concurrent_requests": 10**6,
-    }
     config = config_dict(
-        f"http://127.0.0.1:{mock_port}/v1", f"http://127.0.0.1:{big_port}/v1", store=store, limits=limits
+        f"http://127.0.0.1:{mock_port}/v1", f"http://127.0.0.1:{big_port}/v1", store=store, limits=UNBOUND
     )
     config["routes"]["big"] = {
         "upstream": "digitalocean",

@@ -23,6 +23,7 @@ def _load(path: str, *, serving: bool = True) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.handoff import inherit
     from gateway.server import serve, supervise
 
     overrides = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
@@ -32,8 +33,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         argv = ["serve", "--config", args.config]
         argv += ["--port", str(settings.server.port), "--host", settings.server.host]
         return supervise(settings, argv)
+    channel = inherit(args.channel_fd) if args.channel_fd is not None else None
     return _serve(
-        serve(settings, config_path=Path(args.config), worker=args.worker, server_overrides=overrides)
+        serve(
+            settings,
+            config_path=Path(args.config),
+            worker=args.worker,
+            channel=channel,
+            server_overrides=overrides,
+        )
     )
 
 
@@ -144,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="override server.host")
     p.add_argument("--port", type=int, default=None, help="override server.port")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # its index, from supervise
+    p.add_argument(
+        "--channel-fd", type=int, default=None, help=argparse.SUPPRESS
+    )  # handoff.py, from supervise
 
     p = add(
         "demo", cmd_demo, "Run the gateway end to end offline: mock upstreams, memory store, a ready tenant."

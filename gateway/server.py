@@ -2,9 +2,10 @@
 
 One process serves with `serve`: the tenant port through the front door (`front.connections`) and
 the operations port (`server.ops_port`: /metrics, /healthz, /readyz). With `server.workers: N`,
-`supervise` starts N worker processes that each bind the same ports with SO_REUSEPORT (the kernel
-spreads connections), share one Prometheus multiprocess directory (so any worker's /metrics shows
-the whole gateway), and receive the signals the supervisor gets.
+`supervise` listens on the tenant port itself and starts N worker processes; it deals them its
+connections in turn (handoff.py: evenly, however few), while they share the operations port with
+SO_REUSEPORT and one Prometheus multiprocess directory (so any worker's /metrics shows the whole
+gateway), and receive the signals the supervisor gets.
 
 Signals: SIGHUP re-reads the configuration (see reload.py). SIGTERM or SIGINT shuts down within
 a known bound (shutdown.py): not ready at once, listeners closed after `drain_delay_seconds`,
@@ -19,9 +20,11 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +34,7 @@ from aiohttp import web
 from gateway.app import PIPELINE, RELOADER, create_app
 from gateway.config import ConfigError, Settings
 from gateway.front.connections import FrontRunner, raise_file_limit
+from gateway.handoff import Dealer, HandedSite
 from gateway.health import create_ops_app
 from gateway.logs import get_logger
 from gateway.shutdown import RUNNER_SHUTDOWN_TIMEOUT, SETTLEMENTS_LOST, drain
@@ -66,21 +70,27 @@ async def serve(
     config_path: Path | None = None,
     on_ready: Callable[[str], None] | None = None,
     worker: int | None = None,
+    channel: socket.socket | None = None,
     server_overrides: Mapping[str, Any] | None = None,
 ) -> int:
     """Serve until SIGTERM or SIGINT, then shut down (shutdown.py); the number of settlements lost
     at shutdown. Raises ListenError when the address cannot be bound.
-    `worker`: this process is worker number `worker` under `supervise` (it shares the port);
-    `server_overrides`: the command line's `--host/--port`, already in `settings`."""
+    `worker`: this process is worker number `worker` under `supervise`, which hands it tenant
+    connections over `channel` (handoff.py); `server_overrides`: the command line's
+    `--host/--port`, already in `settings`."""
     app = create_app(settings, config_path=config_path, worker=worker or 0, server_overrides=server_overrides)
-    reuse_port = worker is not None
+    reuse_port = worker is not None  # the workers share the operations port
     if reuse_port:  # a worker under `supervise`: admin reloads go through the supervisor
         app[RELOADER].supervisor_pid = os.getppid()
     server = settings.server
     file_limit = raise_file_limit()  # before the front door sizes its connection cap from it
     runner = FrontRunner(app, handle_signals=False, access_log=None, shutdown_timeout=RUNNER_SHUTDOWN_TIMEOUT)
     await runner.setup()
-    site = web.TCPSite(runner, server.host, server.port, backlog=1024, reuse_port=reuse_port or None)
+    site: web.BaseSite
+    if channel is not None:
+        site = HandedSite(runner, channel)
+    else:
+        site = web.TCPSite(runner, server.host, server.port, backlog=1024)
     try:
         await site.start()
     except OSError as exc:
@@ -160,25 +170,41 @@ def _bound_port(runner: web.AppRunner) -> int | None:
 
 
 def supervise(settings: Settings, worker_argv: Sequence[str]) -> int:
-    """Run `settings.server.workers` worker processes on one port; forward signals; wait for all."""
+    """Run `settings.server.workers` worker processes on one port, dealing them its connections in
+    turn (handoff.py); forward signals; wait for all."""
+    server = settings.server
+    try:
+        dealer = Dealer(server.host, server.port, server.workers)
+    except OSError as exc:
+        print(f"gateway: {ListenError(server.host, server.port, exc)}", file=sys.stderr)
+        return 1
     metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
-    workers = [
-        subprocess.Popen([sys.executable, "-m", "gateway", *worker_argv, "--worker", str(index)], env=env)
-        for index in range(settings.server.workers)
-    ]
-    log.info("workers_started", workers=len(workers), pids=[w.pid for w in workers])
+    workers = []
+    for index, channel in enumerate(dealer.worker_ends):
+        argv = [*worker_argv, "--port", str(dealer.port), "--worker", str(index)]
+        argv += ["--channel-fd", str(channel.fileno())]
+        workers.append(
+            subprocess.Popen([sys.executable, "-m", "gateway", *argv], env=env, pass_fds=[channel.fileno()])
+        )
+    dealer.start()
+    log.info("workers_started", workers=len(workers), pids=[w.pid for w in workers], port=dealer.port)
 
     def forward(signum: int, _frame: object) -> None:
         for worker in workers:
             if worker.poll() is None:
                 worker.send_signal(signum)
+        if signum != signal.SIGHUP:  # the workers close their sites after the drain delay: so do we
+            stopping = threading.Timer(server.drain_delay_seconds, dealer.stop)
+            stopping.daemon = True  # the workers' exit ends the supervisor, drain delay or not
+            stopping.start()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     try:
         codes = [worker.wait() for worker in workers]
     finally:
+        dealer.stop()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("workers_stopped", exit_codes=codes)
     return max((abs(code) for code in codes), default=0)

@@ -56,12 +56,16 @@ class Bounds:
 
 
 def default_max_connections(settings: Settings) -> int:
-    """Client connections one process may hold: its file limit less upstream pools and a reserve."""
+    """Client connections one process may hold: its file limit less a reserve, the operations
+    listener's cap and the upstream connections they can use. A client connection holds at most
+    one upstream connection at a time, so pools larger than half the descriptors (sized for many
+    open streams) reserve half: the cap never collapses below what those pools could be filled by."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
+    files = soft - settings.server.ops_max_connections - _FILE_RESERVE
     upstream = sum(u.max_connections for u in settings.upstreams.values())
-    return max(16, soft - upstream - settings.server.ops_max_connections - _FILE_RESERVE)
+    return max(16, files - min(upstream, files // 2))
 
 
 def connection_cap(settings: Settings, listener: Listener) -> int:

@@ -14,7 +14,8 @@ from structlog.testing import capture_logs
 
 from gateway.config import StoreSettings
 from gateway.errors import StoreUnavailable
-from gateway.limits import create_store
+from gateway.limits import create_store, limiter
+from gateway.limits.calls import RenewCall
 from gateway.metrics import Metrics
 from policies.cost import Cost
 from tests.redis.conftest import Backend, new_tenant, plan, tenant_settings
@@ -388,4 +389,45 @@ async def test_a_held_reservation_keeps_its_lease_past_the_ttl_until_settled(
         "gateway_store_latency_seconds_count", {"operation": "renew"}
     )
     assert renewals is not None and renewals >= 3
+    await store.close()
+
+
+async def test_held_leases_are_renewed_a_batch_at_a_time(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With many streams open, a renewal round goes to Redis in batches of RENEW_BATCH, so the event
+    loop serves other requests between two batches; every lease is still renewed."""
+    monkeypatch.setattr(limiter, "RENEW_BATCH", 2)
+    metrics = Metrics(CollectorRegistry())
+    store = create_store(StoreSettings(backend="redis", url=redis_server.url, lease_ttl_seconds=1), metrics)
+    await store.start()
+    engine = store.engine  # type: ignore[attr-defined]
+    renew = engine.renew
+    in_flight, most = 0, 0
+
+    async def counted(call: RenewCall) -> int:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            return int(await renew(call))
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(engine, "renew", counted)
+    p = plan(new_tenant(), tenant_settings({"concurrent_requests": 5}))
+    running = [await store.reserve(p, ESTIMATE, request_id=f"r{i}", model="m") for i in range(5)]
+    for admission in running:
+        assert admission.reservation is not None
+        store.hold(admission.reservation)
+    await asyncio.sleep(1.6)  # past the TTL: every lease renewed meanwhile, two at a time
+    assert not (await store.reserve(p, ESTIMATE, request_id="sixth", model="m")).allowed
+    assert most == 2
+    renewals = metrics.registry.get_sample_value(
+        "gateway_store_latency_seconds_count", {"operation": "renew"}
+    )
+    assert renewals is not None and renewals >= 10
+    for admission in running:
+        assert admission.reservation is not None
+        assert await store.settle(admission.reservation, ESTIMATE, outcome="ok")
     await store.close()

@@ -1,0 +1,174 @@
+"""Spreading the tenant port's connections evenly over worker processes (`server.workers: N`).
+
+The supervisor listens on the tenant port and hands each accepted connection to the next worker
+in turn (`Dealer`), passing the socket itself over a Unix socket pair (SCM_RIGHTS); a worker serves
+what it is handed (`HandedSite`) exactly as if it had accepted it. So N connections land on the N
+workers one each, however few they are. Workers that each accept on their own socket cannot
+promise that: with SO_REUSEPORT the kernel places a connection by a hash of the client's address
+and port, and a client holding two keep-alive connections has them on the same worker half of the
+time (with one shared socket, whichever worker wakes first tends to take most of them). Only the
+accept passes through the supervisor: requests go straight to the worker that holds the connection.
+
+A worker that stops taking connections (draining, or gone) is skipped; a connection no worker takes
+is closed. On SIGTERM the supervisor stops accepting after `server.drain_delay_seconds`, when the
+workers close their sites too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import selectors
+import socket
+import threading
+
+from aiohttp import web
+
+from gateway.logs import get_logger
+
+log = get_logger("gateway.server")
+
+_BACKLOG = 1024
+
+
+class Dealer:
+    """The supervisor's side: listens on (host, port) and deals connections to workers in turn."""
+
+    def __init__(self, host: str, port: int, workers: int) -> None:
+        """Binds the port (OSError when it cannot) and makes one channel per worker."""
+        self.listeners = _listen(host, port)
+        # SOCK_SEQPACKET: one message, one connection; never two merged or one split.
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(workers)]
+        self._ends = [ours for ours, _ in pairs]
+        self.worker_ends = [theirs for _, theirs in pairs]  # each worker inherits its own
+        for end in self._ends:
+            end.setblocking(False)  # a worker that stops reading is skipped, not waited for
+        self._wake, self._woken = socket.socketpair()
+        self._thread = threading.Thread(target=self._deal, name="dealer", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.listeners[0].getsockname()[1])
+
+    def start(self) -> None:
+        for end in self.worker_ends:  # the workers have their copies now
+            end.close()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop accepting: the listeners close (a connection still in their queue is refused)."""
+        with contextlib.suppress(OSError):
+            self._wake.send(b"x")
+        self._thread.join(timeout=5)
+
+    def _deal(self) -> None:
+        turns = itertools.cycle(range(len(self._ends)))
+        with selectors.DefaultSelector() as selector:
+            for listener in self.listeners:
+                selector.register(listener, selectors.EVENT_READ)
+            selector.register(self._woken, selectors.EVENT_READ)
+            while True:
+                for key, _ in selector.select():
+                    if key.fileobj is self._woken:
+                        self._close()
+                        return
+                    self._accept(key.fileobj, turns)  # type: ignore[arg-type]
+
+    def _accept(self, listener: socket.socket, turns: itertools.cycle[int]) -> None:
+        try:
+            connection, _ = listener.accept()
+        except OSError:  # gone before it was accepted, or out of descriptors for a moment
+            return
+        with connection:  # our copy closes once a worker has its own
+            for _ in range(len(self._ends)):
+                try:
+                    socket.send_fds(self._ends[next(turns)], [b"c"], [connection.fileno()])
+                    return
+                except OSError:  # that worker is draining, gone, or not keeping up: the next one
+                    continue
+            log.warning("connection_not_handed", reason="no worker took it")
+
+    def _close(self) -> None:
+        for sock in (*self.listeners, *self._ends, self._wake, self._woken):
+            sock.close()
+
+
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address `host` resolves to (as aiohttp's TCPSite binds them)."""
+    listeners: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            sock = socket.socket(family, kind, proto)
+            listeners.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(_BACKLOG)
+            sock.setblocking(False)
+            port = port or int(sock.getsockname()[1])  # port 0: every address on the same port
+    except OSError:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
+
+
+class HandedSite(web.BaseSite):
+    """A worker's site: serves the connections the supervisor's `Dealer` hands it over `channel`."""
+
+    __slots__ = ("_channel",)
+
+    def __init__(self, runner: web.BaseRunner, channel: socket.socket) -> None:
+        super().__init__(runner)
+        self._channel = channel
+
+    @property
+    def name(self) -> str:
+        return "handed connections"
+
+    async def start(self) -> None:
+        await super().start()
+        self._channel.setblocking(False)
+        asyncio.get_running_loop().add_reader(self._channel.fileno(), self._receive)
+
+    async def stop(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._channel.fileno())
+        self._channel.close()  # the dealer's next hand-off to this worker fails: it skips it
+        await super().stop()
+
+    def _receive(self) -> None:
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        while True:
+            try:
+                message, fds, _, _ = socket.recv_fds(self._channel, 1, 1)
+            except BlockingIOError:
+                return
+            except OSError:
+                message, fds = b"", []
+            if not message:  # the supervisor is gone: nothing more will come
+                loop.remove_reader(self._channel.fileno())
+                return
+            for fd in fds:
+                connection = socket.socket(fileno=fd)
+                connection.setblocking(False)
+                task = loop.create_task(loop.connect_accepted_socket(server, connection))
+                task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Task[object]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("handed_connection_failed", error=type(task.exception()).__name__)
+
+
+def inherit(fd: int) -> socket.socket:
+    """A worker's end of its channel, from the descriptor it inherited."""
+    channel = socket.socket(fileno=fd)
+    os.set_inheritable(fd, False)
+    return channel
