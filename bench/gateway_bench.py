@@ -8,6 +8,9 @@ drives both with the same aiohttp load at a given concurrency, and reports:
 - the gateway's peak RSS before and after relaying large bodies (n=10 multi-MB images).
 
     .venv/bin/python bench/gateway_bench.py [--requests 2000] [--concurrency 16] [--store memory|redis]
+        [--trace]   # every request traced, its spans exported to a local OTLP receiver
+
+(bench/tracing_bench.py compares tracing off and on in the same run.)
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support.config import TENANT_KEY, UPSTREAM_KEY, config_dict  # noqa: E402
+from tests.support.otlp_receiver import OtlpReceiver, serve  # noqa: E402
 from tests.support.processes import GatewayProcess, free_port, peak_rss_kib  # noqa: E402
 
 SMALL = {"model": "gpt-image-1.5", "prompt": "a small red square", "size": "1024x1024", "quality": "low"}
@@ -178,6 +182,11 @@ async def bench(args: argparse.Namespace) -> None:
     config["server"] = {
         "log_level": args.log_level
     }  # info: one access-log line per request, as in production
+    receiver = OtlpReceiver()
+    collector = None
+    if args.trace:
+        collector, endpoint = await serve(receiver)
+        config["telemetry"] = {"endpoint": endpoint, "sampler": "always_on"}
     gateway = GatewayProcess(config, workdir)
     try:
         await wait_http(f"http://127.0.0.1:{mock_port}/v1/models")
@@ -189,7 +198,8 @@ async def bench(args: argparse.Namespace) -> None:
         gateway_url = f"{gateway.url}/v1/images/generations"
         upstream_auth = {"Authorization": f"Bearer {UPSTREAM_KEY}"}
         tenant_auth = {"Authorization": f"Bearer {TENANT_KEY}"}
-        print(f"store={args.store} requests={args.requests} concurrency={args.concurrency}")
+        tracing = "tracing on (every request)" if args.trace else "tracing off"
+        print(f"store={args.store} requests={args.requests} concurrency={args.concurrency} {tracing}")
 
         await load(gateway_url, tenant_auth, SMALL, 200, args.concurrency)  # warm up both paths
         await load(direct_url, upstream_auth, SMALL, 200, args.concurrency)
@@ -227,6 +237,9 @@ async def bench(args: argparse.Namespace) -> None:
         for process in [*mocks, *([redis] if redis else [])]:
             process.terminate()
             process.wait()
+        if collector is not None:
+            print(f"spans received: {len(receiver.spans)}")
+            await collector.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -241,6 +254,7 @@ def main() -> None:
     parser.add_argument("--big-requests", type=int, default=4)
     parser.add_argument("--image-mb", type=int, default=3, help="raw MB per image before base64")
     parser.add_argument("--log-level", choices=["info", "warning"], default="info")
+    parser.add_argument("--trace", action="store_true", help="trace every request (OTLP to a local receiver)")
     asyncio.run(bench(parser.parse_args()))
 
 

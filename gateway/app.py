@@ -6,6 +6,7 @@ configuration belong to the app, are created here or in `cleanup_ctx`, and are t
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,13 @@ from gateway.reload import Reloader
 from gateway.runtime import Runtime, RuntimeHolder
 from gateway.shutdown import IN_FLIGHT, SETTLEMENTS_LOST, track_handlers
 from gateway.telemetry.activity import Activity
+from gateway.telemetry.tracing import Tracing
 from gateway.upstreams.pools import Pools
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
 RELOADER = web.AppKey("reloader", Reloader)
 BODIES = web.AppKey("bodies", BodyReader)
+TRACING = web.AppKey("tracing", Tracing)
 
 
 def create_app(
@@ -49,8 +52,9 @@ def create_app(
     holder = RuntimeHolder(Runtime.build(settings))
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     activity = Activity()
+    tracing = Tracing(settings.telemetry, metrics)
     app = web.Application(
-        middlewares=[track_handlers, create_request_middleware(metrics, activity)],
+        middlewares=[track_handlers, create_request_middleware(metrics, activity, tracing)],
         client_max_size=settings.server.max_body_bytes,
         handler_args={"max_field_size": 16384},
     )
@@ -60,6 +64,7 @@ def create_app(
     app[DRAINING] = [False]
     app[IN_FLIGHT] = set()
     app[SETTLEMENTS_LOST] = [0]
+    app[TRACING] = tracing
     metrics.initialise(settings)
     metrics.registry.register(ConfigCollector(lambda: holder.current.settings))
     app[RELOADER] = Reloader(
@@ -102,6 +107,7 @@ def _store(settings: Settings, metrics: Metrics, worker: int) -> Store:
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     await store.start()
+    app[TRACING].start()  # here, in the serving process: its export thread is this process's
     pools = Pools()
     app[PIPELINE] = Pipeline(app[RUNTIME], pools, store, app[METRICS], app[BODIES])
     try:
@@ -110,7 +116,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         # The pipeline's work has finished, or was cut and settled (shutdown.drain): what the
         # store still holds goes out now, within its own bound.
         await pools.close()
-        app[SETTLEMENTS_LOST][0] = await store.close()
+        # The last spans go out meanwhile (within their own bound, on a thread): no added wait.
+        app[SETTLEMENTS_LOST][0], _ = await asyncio.gather(store.close(), app[TRACING].close())
 
 
 async def generations(request: web.Request) -> web.StreamResponse:

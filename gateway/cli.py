@@ -70,9 +70,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load(args.config)
+    tracing = f"tracing to {settings.telemetry.url}" if settings.telemetry.active else "tracing off"
     print(
         f"{args.config}: OK ({len(settings.tenants)} tenants, {len(settings.routes)} routes, "
-        f"{len(settings.policies)} policies, store {settings.store.backend})"
+        f"{len(settings.policies)} policies, store {settings.store.backend}, {tracing})"
     )
     return 0
 

@@ -280,6 +280,14 @@ class Metrics:
             ["tenant", "model"],
             registry=r,
         )
+        self.trace_spans_dropped = Counter(
+            "gateway_trace_spans_dropped",
+            "Finished spans never exported: the export queue was full, or the collector refused them.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("queue_full", "export_failed"):
+            self.trace_spans_dropped.labels(reason)  # exported at 0 from the start, for alerts
 
     def initialise(self, settings: Settings) -> None:
         """Export at 0 the counters dashboards and alerts take `rate()` of, for every label set the

@@ -97,8 +97,11 @@ class Pipeline:
             client = await read_request(request, operation, runtime.settings.server, self.bodies)
             record.fields.update(client.log_fields())
             try:
-                decision = self.apply_policy(runtime, credential, client, record)
-                admitted = await self.admit(runtime, credential, decision, client, record)
+                with record.trace.stage("policy"):
+                    decision = self.apply_policy(runtime, credential, client, record)
+                record.trace.describe(decision.body)
+                with record.trace.stage("admission"):
+                    admitted = await self.admit(runtime, credential, decision, client, record)
             except BaseException:
                 client.close()  # an upload's spooled files go with the request, on every path
                 raise
@@ -132,7 +135,8 @@ class Pipeline:
                 log.warning("upstream_failed", error=error.error_code, upstream=record.upstream)
                 raise
             finally:
-                await asyncio.shield(self.settle(credential, admitted, outcome, record))
+                with record.trace.stage("settlement"):
+                    await asyncio.shield(self.settle(credential, admitted, outcome, record))
 
     def _forget(self, task: asyncio.Task[web.StreamResponse]) -> None:
         self.tasks.discard(task)
@@ -194,7 +198,8 @@ class Pipeline:
             error.headers = {**admission.headers, **error.headers}
             raise error
         record.fields["estimate_tokens"] = cost.tokens
-        return Admitted(decision, route, cost, admission, admission.reservation, client)
+        attempts = Attempts(trace=record.trace)
+        return Admitted(decision, route, cost, admission, admission.reservation, client, attempts)
 
     async def forward_and_relay(
         self, request: web.Request, runtime: Runtime, admitted: Admitted, record: RequestRecord
@@ -241,10 +246,12 @@ class Pipeline:
         streaming = response.headers.get("Content-Type", "").startswith("text/event-stream")
         if streaming:
             self.metrics.open_streams.inc()
+        record.trace.served(target)
         try:
-            outcome = await relay(
-                request, response, headers, target, runtime.settings.server.client_write_timeout_seconds
-            )
+            with record.trace.stage("relay"):
+                outcome = await relay(
+                    request, response, headers, target, runtime.settings.server.client_write_timeout_seconds
+                )
         finally:
             if streaming:
                 self.metrics.open_streams.dec()
@@ -252,10 +259,12 @@ class Pipeline:
         if outcome.first_byte_at is not None:
             record.ttfb_ms = round((outcome.first_byte_at - record.started) * 1000, 3)
             if outcome.streaming:
+                record.trace.first_event(outcome.first_byte_at)
                 self.metrics.first_event.labels(record.tenant, record.model).observe(
                     outcome.first_byte_at - record.started
                 )
         if outcome.failure is not None:
+            record.trace.failed(outcome.failure.error_code or "failure")
             self.metrics.upstream_errors.labels(name, outcome.failure.error_code or "failure").inc()
             log.warning(
                 "upstream_failed_mid_response",
@@ -264,6 +273,7 @@ class Pipeline:
             )
         elif (stream_error := outcome.reader.error) is not None:
             # The upstream reported a failure inside a 200 stream: relayed as it is, counted as one.
+            record.trace.failed("stream_error")
             self.metrics.upstream_errors.labels(name, "stream_error").inc()
             log.warning("upstream_stream_error", error=stream_error.get("code") or stream_error.get("type"))
         return outcome.response, outcome

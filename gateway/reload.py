@@ -20,7 +20,7 @@ from gateway.runtime import Runtime, RuntimeHolder
 
 log = get_logger("gateway.reload")
 
-_RESTART_ONLY = ("server", "store")
+_RESTART_ONLY = ("server", "store", "telemetry")
 
 
 class Reloader:

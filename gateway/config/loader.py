@@ -17,9 +17,10 @@ from gateway.config.env import expand_env
 from gateway.config.errors import ConfigError, format_validation_error
 from gateway.config.references import missing_key_problems, raw_reference_problems
 from gateway.config.settings import Settings
+from gateway.config.telemetry import with_environment
 
 # Sections nothing else in the file refers to: when only they fail, the rest is checked on without them.
-_STANDALONE = frozenset({"server", "store", "admin"})
+_STANDALONE = frozenset({"server", "store", "admin", "telemetry"})
 
 Checks = Callable[[Settings], list[str]]
 
@@ -39,7 +40,8 @@ def parse_settings(
     and check-config: `missing_key_problems`, a well-formed file that cannot serve because a secret
     was not exported), then `checks` of the validated settings (routes, catalog and policies
     together; see gateway.routing). Those need valid `upstreams`, `routes`, `catalog`, `policies`
-    and `tenants` sections: a broken `server`, `store` or `admin` section does not hide them.
+    and `tenants` sections: a broken `server`, `store`, `admin` or `telemetry` section does not hide
+    them.
     """
     try:
         raw = yaml.safe_load(text)
@@ -50,9 +52,11 @@ def parse_settings(
     if not isinstance(raw, dict):
         raise ConfigError(source, ["the top level must be a mapping of sections"])
     missing: list[str] = []
-    expanded = expand_env(raw, os.environ if environ is None else environ, missing)
+    environ = os.environ if environ is None else environ
+    # The `telemetry:` section completed from the OTEL_* variables (gateway.config.telemetry).
+    expanded, problems = with_environment(expand_env(raw, environ, missing), environ)
     unset = tuple(line.split(": ", 1)[0] for line in missing)
-    problems = missing_key_problems(raw, expanded) if require_upstream_keys else []
+    problems += missing_key_problems(raw, expanded) if require_upstream_keys else []
     try:
         settings: Settings | None = Settings.model_validate(expanded)
         errors: list[str] = []

@@ -11,6 +11,7 @@ from gateway.config.errors import format_validation_error
 from gateway.config.frozen import Frozen
 from gateway.config.references import reference_problems
 from gateway.config.service import AdminSettings, ServerSettings, StoreSettings
+from gateway.config.telemetry import TelemetrySettings
 from gateway.config.tenants import TenantSettings
 from gateway.config.upstreams import RouteSettings, UpstreamSettings, default_upstreams
 from policies.rules import Policy
@@ -25,6 +26,7 @@ class Settings(Frozen):
     catalog: dict[str, dict[str, Any]] = Field(default_factory=dict)
     policies: dict[str, Policy] = Field(default_factory=dict)
     tenants: dict[str, TenantSettings] = Field(default_factory=dict)
+    telemetry: TelemetrySettings = TelemetrySettings()  # tracing; completed from OTEL_* variables
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:

@@ -28,6 +28,7 @@ from gateway.front.auth import bearer_token
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.telemetry.activity import Activity
+from gateway.telemetry.tracing import OFF, RequestTrace, Tracing
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -51,6 +52,7 @@ class RequestRecord:
     ttfb_ms: float | None = None
     fields: dict[str, Any] = field(default_factory=dict)
     pending: asyncio.Future[Any] | None = None  # work that outlives a cancelled handler
+    trace: RequestTrace = OFF  # the request's spans (telemetry.tracing), when tracing is on
 
 
 RECORD = web.RequestKey("record", RequestRecord)
@@ -89,8 +91,11 @@ def _as_gateway_error(exc: web.HTTPException, request: web.Request) -> GatewayEr
     return InternalError(exc.reason)
 
 
-def create_request_middleware(metrics: Metrics, activity: Activity | None = None) -> Any:
-    """`activity`, when given, counts each finished `/v1/` request by decision (the usage page)."""
+def create_request_middleware(
+    metrics: Metrics, activity: Activity | None = None, tracing: Tracing | None = None
+) -> Any:
+    """`activity`, when given, counts each finished `/v1/` request by decision (the usage page);
+    `tracing`, when given, gives each `/v1/` request its trace."""
 
     @web.middleware
     async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -98,6 +103,8 @@ def create_request_middleware(metrics: Metrics, activity: Activity | None = None
         if (client_id := client_request_id(request)) is not None:
             record.fields["client_request_id"] = client_id
         request[RECORD] = record
+        if tracing is not None and request.path.startswith("/v1/"):
+            record.trace = tracing.request(request)
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=record.request_id)
         try:
@@ -158,4 +165,5 @@ def _finish(request: web.Request, record: RequestRecord, metrics: Metrics, activ
             ttfb_ms=record.ttfb_ms,
             **record.fields,
         )
+        record.trace.finish(record)
     structlog.contextvars.clear_contextvars()

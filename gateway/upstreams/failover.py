@@ -33,6 +33,7 @@ from gateway.errors import GatewayError, RateLimited, StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.requests.model import PATHS, ClientRequest
 from gateway.runtime import Route, Target
+from gateway.telemetry.tracing import NO_ATTEMPT, OFF, AttemptTrace, RequestTrace
 from gateway.upstreams import transport
 from gateway.upstreams.health import Health, Verdict, cool_down_seconds
 from gateway.upstreams.pools import Pools, TenantShareBusy
@@ -64,6 +65,8 @@ class Attempts:
     # The upstream may be generating: from sending the body until it answers with an error or the
     # send fails before reaching it. Cut off meanwhile (shutdown), the request is billed.
     reached: bool = False
+    trace: RequestTrace = OFF  # the request's trace: a span per attempt, an event per skip
+    sending: AttemptTrace = NO_ATTEMPT  # the span of the attempt under way
 
     @property
     def last_tried(self) -> str | None:
@@ -150,16 +153,17 @@ class Forwarder:
         client = request.client
         body = client.upstream_body(sent)
         headers = transport.upstream_headers(target, request.headers, request.request_id, body)
+        path = PATHS[client.operation]
+        attempts.sending = attempts.trace.attempt(target, path, headers)  # and its traceparent
         share = contextlib.AsyncExitStack()
         try:
             await share.enter_async_context(self.pools.share(target, request.tenant))
             attempts.reached = True
-            response = await transport.send(
-                self.pools.session(target), target, PATHS[client.operation], body, headers
-            )
+            response = await transport.send(self.pools.session(target), target, path, body, headers)
         except BaseException:
             await share.aclose()
             raise
+        attempts.sending.answered(response.status)
         return response, share
 
     def _may_fail_over(self, error: GatewayError, target: Target, started: float, attempts: Attempts) -> bool:
@@ -241,6 +245,7 @@ class Forwarder:
 
     def _skipped(self, attempts: Attempts, target: Target, why: str) -> None:
         attempts.log.append(Attempt(target.upstream_name, f"skipped_{why}"))
+        attempts.trace.skipped(target.upstream_name, why)
         self.metrics.upstream_attempts.labels(target.upstream_name, f"skipped_{why}").inc()
 
     def _record(
@@ -255,6 +260,7 @@ class Forwarder:
     ) -> None:
         elapsed = round((time.perf_counter() - started) * 1000, 3)
         attempts.log.append(Attempt(target.upstream_name, outcome, elapsed))
+        attempts.sending.end(outcome)
         self.metrics.upstream_attempts.labels(target.upstream_name, outcome).inc()
         self.health.record(target.upstream_name, target.upstream, verdict, cool)
 

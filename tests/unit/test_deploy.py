@@ -349,6 +349,7 @@ def test_compose_services_and_the_files_they_reference() -> None:
                 assert source in doc.get("volumes", {}), f"{name}: undeclared volume {source}"
         is_mock = name.startswith("mock-upstream")
         assert (service.get("profiles") == ["mock"]) is is_mock, name
+        assert (service.get("profiles") == ["tracing"]) is (name == "jaeger"), name
     assert services["mock-upstream"]["command"] == ["mock-upstream", "--host", "0.0.0.0", "--port", "9090"]
 
 
@@ -393,6 +394,21 @@ def test_compose_prometheus_and_grafana_wiring() -> None:
     assert mounts["./grafana/dashboards"] == provider["options"]["path"]
     datasource = yaml_docs(DEPLOY / "grafana/provisioning/datasources/prometheus.yaml")[0]["datasources"][0]
     assert urlparse(datasource["url"]).hostname in services
+
+
+def test_compose_tracing_profile_receives_what_the_documented_endpoint_sends() -> None:
+    doc = compose()
+    jaeger, gateway = doc["services"]["jaeger"], doc["services"]["gateway"]
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" in gateway["environment"]  # passed through when set
+    usage = "OTEL_EXPORTER_OTLP_ENDPOINT=http://jaeger:4318"
+    assert usage in (DEPLOY / "compose.yaml").read_text(encoding="utf-8")
+    settings = load_settings(COMPOSE_CONFIG, environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger:4318"})
+    url = urlparse(settings.telemetry.url)
+    assert (url.hostname, url.path) == ("jaeger", "/v1/traces")
+    assert str(url.port) in jaeger["expose"]
+    assert f"receivers.otlp.protocols.http.endpoint=0.0.0.0:{url.port}" in jaeger["command"]
+    assert "127.0.0.1:16686:16686" in jaeger["ports"]  # the UI, on loopback only
+    assert not load_settings(COMPOSE_CONFIG, environ={}).telemetry.active  # off by default
 
 
 def test_compose_file_matches_the_compose_specification() -> None:

@@ -1,4 +1,4 @@
-"""Reload: what a restart alone can apply (`server`, `store`) is kept as it is and reported, never half-applied."""
+"""Reload: what a restart alone can apply (`server`, `store`, `telemetry`) is kept as it is and reported, never half-applied."""
 
 from __future__ import annotations
 
@@ -48,3 +48,15 @@ def test_a_command_line_host_or_port_is_not_a_change_of_the_file(tmp_path: Path)
     runtime = reloader.reload()
     assert reloader.needs_restart == []
     assert (runtime.settings.server.port, runtime.settings.server.host) == (18080, "0.0.0.0")
+
+
+def test_a_telemetry_change_waits_for_a_restart(tmp_path: Path) -> None:
+    """The tracer provider and its export thread are built once per process."""
+    path = tmp_path / "gateway.yaml"
+    config = config_dict("http://127.0.0.1:1/v1")
+    path.write_text(yaml.safe_dump(config))
+    reloader = Reloader(RuntimeHolder(Runtime.build(load_settings(path))), path, lambda _: None)
+    path.write_text(yaml.safe_dump({**config, "telemetry": {"endpoint": "http://collector:4318"}}))
+    runtime = reloader.reload()
+    assert reloader.needs_restart == ["telemetry"]
+    assert not runtime.settings.telemetry.active
