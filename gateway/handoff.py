@@ -20,9 +20,12 @@ import asyncio
 import contextlib
 import itertools
 import os
+import select
 import selectors
+import signal
 import socket
 import threading
+import time
 
 from aiohttp import web
 
@@ -31,6 +34,8 @@ from gateway.logs import get_logger
 log = get_logger("gateway.server")
 
 _BACKLOG = 1024
+_HAND_WAIT = 10.0  # seconds a connection waits for a worker with room before it is dropped
+_ACCEPT_BACKOFF = 0.05  # seconds without accepting after accept() ran out of descriptors
 
 
 class Dealer:
@@ -45,6 +50,7 @@ class Dealer:
         self.worker_ends = [theirs for _, theirs in pairs]  # each worker inherits its own
         for end in self._ends:
             end.setblocking(False)  # a worker that stops reading is skipped, not waited for
+        self._closed: set[int] = set()  # the workers whose channel is closed (draining or gone)
         self._wake, self._woken = socket.socketpair()
         self._thread = threading.Thread(target=self._deal, name="dealer", daemon=True)
 
@@ -79,16 +85,45 @@ class Dealer:
     def _accept(self, listener: socket.socket, turns: itertools.cycle[int]) -> None:
         try:
             connection, _ = listener.accept()
-        except OSError:  # gone before it was accepted, or out of descriptors for a moment
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # gone before it was accepted
+        except OSError as exc:  # out of descriptors or buffers: let some go before trying again
+            log.warning("accept_failed", error=exc.strerror)
+            time.sleep(_ACCEPT_BACKOFF)
             return
         with connection:  # our copy closes once a worker has its own
-            for _ in range(len(self._ends)):
-                try:
-                    socket.send_fds(self._ends[next(turns)], [b"c"], [connection.fileno()])
-                    return
-                except OSError:  # that worker is draining, gone, or not keeping up: the next one
-                    continue
-            log.warning("connection_not_handed", reason="no worker took it")
+            deadline = time.monotonic() + _HAND_WAIT
+            while (handed := self._hand(connection, turns)) == "full" and time.monotonic() < deadline:
+                # Every live worker's channel is full (all busy, or stalled by a collection): wait
+                # for room without accepting more, so new connections queue in the kernel's
+                # backlog, as they would without the supervisor, instead of being dropped.
+                if not self._wait_for_room(deadline):
+                    return  # stopping
+            if handed != "handed":
+                log.warning("connection_not_handed", reason="no worker took it")
+
+    def _hand(self, connection: socket.socket, turns: itertools.cycle[int]) -> str:
+        """Pass `connection` to the next worker that takes it: handed, full (some channel has no
+        room now), or none (every worker is draining or gone)."""
+        full = False
+        for _ in range(len(self._ends)):
+            turn = next(turns)
+            if turn in self._closed:
+                continue
+            try:
+                socket.send_fds(self._ends[turn], [b"c"], [connection.fileno()])
+                return "handed"
+            except BlockingIOError:
+                full = True  # that worker is not keeping up: the next one
+            except OSError:
+                self._closed.add(turn)  # that worker is draining or gone: for good
+        return "full" if full else "none"
+
+    def _wait_for_room(self, deadline: float) -> bool:
+        """Until a channel may take one more or `deadline`; False when the dealer is stopping."""
+        live = [end for turn, end in enumerate(self._ends) if turn not in self._closed]
+        readable, _, _ = select.select([self._woken], live, [], max(0.0, deadline - time.monotonic()))
+        return not readable
 
     def _close(self) -> None:
         for sock in (*self.listeners, *self._ends, self._wake, self._woken):
@@ -137,8 +172,9 @@ class HandedSite(web.BaseSite):
         asyncio.get_running_loop().add_reader(self._channel.fileno(), self._receive)
 
     async def stop(self) -> None:
-        asyncio.get_running_loop().remove_reader(self._channel.fileno())
-        self._channel.close()  # the dealer's next hand-off to this worker fails: it skips it
+        if self._channel.fileno() != -1:  # else the supervisor closed it first
+            asyncio.get_running_loop().remove_reader(self._channel.fileno())
+            self._channel.close()  # the dealer's next hand-off to this worker fails: it skips it
         await super().stop()
 
     def _receive(self) -> None:
@@ -147,13 +183,19 @@ class HandedSite(web.BaseSite):
         assert server is not None
         while True:
             try:
-                message, fds, _, _ = socket.recv_fds(self._channel, 1, 1)
+                message, fds, _, _ = socket.recv_fds(self._channel, 1, 1, socket.MSG_CMSG_CLOEXEC)
             except BlockingIOError:
                 return
             except OSError:
                 message, fds = b"", []
-            if not message:  # the supervisor is gone: nothing more will come
+            if not message:
+                # The supervisor is gone (killed, or closing at shutdown): nothing more will come,
+                # and an orphan must not keep the ops port answering ready. Shut down as on SIGTERM
+                # (ignored when shutdown is under way already).
                 loop.remove_reader(self._channel.fileno())
+                self._channel.close()
+                log.info("supervisor_channel_closed")
+                os.kill(os.getpid(), signal.SIGTERM)
                 return
             for fd in fds:
                 connection = socket.socket(fileno=fd)

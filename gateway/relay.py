@@ -164,7 +164,7 @@ class _Client:
         self.writing_since = self.loop.time()
         try:
             await write
-        except ConnectionError:  # it left, or the watchdog cut it off
+        except ConnectionError:  # it left (or the watchdog cut it off mid-write)
             self._gone()
             return False
         finally:
@@ -177,7 +177,7 @@ class _Client:
             log.warning("client_write_timed_out", timeout_seconds=self.timeout)
             self.watchdog = None
             self._gone()
-            self._abort()  # the write under way fails with ConnectionResetError
+            self._abort()  # the write under way ends (with or without an error): `closed` says gone
             return
         self.watchdog = self.loop.call_at((now if since is None else since) + self.timeout, self._watch)
 

@@ -14,11 +14,13 @@ from functools import lru_cache
 from pydantic import BaseModel, ConfigDict, Field
 
 _WXH = re.compile(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})")
+_MAX_SIZE_CHARS = 13
 
 
 def parse(size: object) -> tuple[int, int] | None:
     """`(width, height)` of a `WxH` string, or None for anything else (`auto`, junk, non-strings)."""
-    return _parse(size) if isinstance(size, str) else None
+    # the longest size `_WXH` takes is 13 characters: a longer string is no size, and is not cached
+    return _parse(size) if isinstance(size, str) and len(size) <= _MAX_SIZE_CHARS else None
 
 
 @lru_cache(maxsize=4096)  # a request asks about a handful of sizes a dozen times over

@@ -25,6 +25,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from gateway.config import ServerSettings
 from gateway.errors import (
     ClientGone,
+    GatewayError,
     InvalidRequest,
     PayloadTooLarge,
     RequestTimeout,
@@ -79,7 +80,7 @@ class BodyReader:
             # All of it came with the head (the usual small JSON body): it is in memory already and
             # there is nothing to wait for, so no share of the budget and no deadline.
             check_encoding(request)
-            whole = request.content.read_nowait()
+            whole = _arrived(request)
             if len(whole) > server.max_body_bytes:
                 raise _too_large(server.max_body_bytes)
             return whole
@@ -188,9 +189,22 @@ async def _arrival(request: web.Request) -> bytes:
     try:
         return await request.content.readany()
     except (ConnectionError, HttpProcessingError) as exc:
-        transport = request.transport
-        if isinstance(exc, ConnectionError) or transport is None or transport.is_closing():
-            raise ClientGone("The client closed the connection before its request arrived.") from None
-        raise InvalidRequest(
-            "The request body's framing is broken (chunk sizes or Content-Length).", code="invalid_body"
-        ) from None
+        raise _body_error(request, exc) from None
+
+
+def _arrived(request: web.Request) -> bytes:
+    """The whole body, which has arrived (the stream keeps an error that came after it: a client
+    gone before its request was handled)."""
+    try:
+        return request.content.read_nowait()
+    except (ConnectionError, HttpProcessingError) as exc:
+        raise _body_error(request, exc) from None
+
+
+def _body_error(request: web.Request, exc: ConnectionError | HttpProcessingError) -> GatewayError:
+    transport = request.transport
+    if isinstance(exc, ConnectionError) or transport is None or transport.is_closing():
+        return ClientGone("The client closed the connection before its request arrived.")
+    return InvalidRequest(
+        "The request body's framing is broken (chunk sizes or Content-Length).", code="invalid_body"
+    )

@@ -21,7 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
@@ -36,6 +36,7 @@ from gateway.metrics import Counter
 
 # The longest the shutdown waits for the last spans to go out.
 SHUTDOWN_MILLIS = 2000
+MAX_ATTRIBUTE_CHARS = 256  # longer attribute values are cut by the SDK
 
 
 class Exporting:
@@ -51,7 +52,11 @@ class Exporting:
             export_timeout_millis=settings.export_timeout_seconds * 1000,
         )
         self.provider = TracerProvider(
-            sampler=sampler(settings), resource=_resource(settings), shutdown_on_exit=False
+            sampler=sampler(settings),
+            resource=_resource(settings),
+            shutdown_on_exit=False,
+            # a value a client chose (a size, a quality in shadow mode) cannot bloat a batch
+            span_limits=SpanLimits(max_attribute_length=MAX_ATTRIBUTE_CHARS),
         )
         self.provider.add_span_processor(self.processor)
 

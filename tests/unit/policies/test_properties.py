@@ -280,3 +280,12 @@ def test_the_mock_upstream_accepts_what_is_allowed_and_reports_no_more_than_the_
     cost = estimate(decision.body, decision.entry)
     assert cost.text_in_tokens >= reported["input_tokens_details"]["text_tokens"]
     assert cost.image_out_tokens >= reported["output_tokens"]
+
+
+def test_a_string_too_long_to_be_a_size_is_not_parsed_nor_remembered() -> None:
+    from policies import sizes
+
+    before = sizes._parse.cache_info().currsize
+    assert sizes.parse("1" * 14) is None and sizes.parse("9" * 100_000 + "x1") is None
+    assert sizes._parse.cache_info().currsize == before  # a client's junk cannot fill the cache
+    assert sizes.parse("999999x999999") == (999999, 999999)
