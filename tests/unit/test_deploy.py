@@ -692,3 +692,17 @@ def test_the_durable_outbox_has_a_writable_volume_where_the_shipped_configuratio
     [named] = [v for v in gateway_volumes if v[1] == path]
     assert named[0] in compose()["volumes"]
     assert any(kw == "RUN" and f"mkdir -p {path}" in rest for kw, rest in dockerfile())
+
+
+def test_tracing_on_kubernetes_is_turned_on_by_an_optional_configmap_of_otel_variables() -> None:
+    """Off by default (the ConfigMap is optional and not shipped); its OTEL_* variables, once
+    created, reach the gateway's environment, which the config loader reads."""
+    [source] = [s for s in gateway_container().get("envFrom", []) if "configMapRef" in s]
+    assert source["configMapRef"] == {"name": "gateway-tracing", "optional": True}
+    assert ("ConfigMap", "gateway-tracing") not in k8s_objects()
+    assert not k8s_settings().telemetry.active
+    environ = {**dict.fromkeys(deployment_env(), "test-value"), "REDIS_URL": "redis://redis:6379/0"}
+    environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://otel-collector.observability:4318"
+    traced = parse_settings(k8s_config_text(), "deploy/k8s/configmap.yaml", environ=environ)
+    assert traced.telemetry.active
+    assert traced.telemetry.url == "http://otel-collector.observability:4318/v1/traces"
