@@ -183,7 +183,7 @@ class HandedSite(web.BaseSite):
         assert server is not None
         while True:
             try:
-                message, fds, _, _ = socket.recv_fds(self._channel, 1, 1, socket.MSG_CMSG_CLOEXEC)
+                message, fds, _, _ = socket.recv_fds(self._channel, 1, 1)
             except BlockingIOError:
                 return
             except OSError:
@@ -198,6 +198,7 @@ class HandedSite(web.BaseSite):
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
             for fd in fds:
+                os.set_inheritable(fd, False)  # received descriptors come without close-on-exec
                 connection = socket.socket(fileno=fd)
                 connection.setblocking(False)
                 task = loop.create_task(loop.connect_accepted_socket(server, connection))
