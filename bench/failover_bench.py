@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from bench.gateway_bench import SMALL, cpu_seconds, load, report, start_mock, wait_http  # noqa: E402
 from tests.support.config import TENANT_KEY, UPSTREAM_KEY, config_dict  # noqa: E402
 from tests.support.processes import GatewayProcess, free_port  # noqa: E402
+from tests.support.redis_servers import RedisServer  # noqa: E402
 
 NEVER_BINDING = {"requests_per_minute": 10**8, "tokens_per_minute": 10**8, "images_per_minute": 10**8}
 
@@ -56,25 +56,11 @@ async def bench(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="failover-bench-"))
     mock_port = free_port()
     mock = start_mock(mock_port)
-    redis = None
+    redis: RedisServer | None = None
     store: dict[str, object] = {"backend": "memory"}
     if args.store == "redis":
-        redis_port = free_port()
-        redis = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(redis_port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        store = {"backend": "redis", "url": f"redis://127.0.0.1:{redis_port}/0"}
+        redis = RedisServer(workdir).start()
+        store = {"backend": "redis", "url": redis.url}
     url = f"http://127.0.0.1:{mock_port}/v1"
     extra = {"limits": NEVER_BINDING} if args.provider_limits else {}
     upstreams = {
@@ -125,9 +111,11 @@ async def bench(args: argparse.Namespace) -> None:
             )
     finally:
         gateway.stop()
-        for process in [mock, *([redis] if redis else [])]:
+        for process in [mock]:
             process.terminate()
             process.wait()
+        if redis is not None:
+            redis.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from tests.support.config import TENANT_KEY, UPSTREAM_KEY, config_dict  # noqa: E402
 from tests.support.otlp_receiver import OtlpReceiver, serve  # noqa: E402
 from tests.support.processes import GatewayProcess, free_port, peak_rss_kib  # noqa: E402
+from tests.support.redis_servers import RedisServer  # noqa: E402
 
 SMALL = {"model": "gpt-image-1.5", "prompt": "a small red square", "size": "1024x1024", "quality": "low"}
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -150,25 +151,11 @@ async def bench(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     mock_port, big_port = free_port(), free_port()
     mocks = [start_mock(mock_port), start_mock(big_port, "--image-bytes", str(args.image_mb * 1024 * 1024))]
-    redis = None
+    redis: RedisServer | None = None
     store: dict[str, object] = {"backend": "memory"}
     if args.store == "redis":
-        redis_port = free_port()
-        redis = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(redis_port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        store = {"backend": "redis", "url": f"redis://127.0.0.1:{redis_port}/0"}
+        redis = RedisServer(workdir).start()
+        store = {"backend": "redis", "url": redis.url}
     config = config_dict(
         f"http://127.0.0.1:{mock_port}/v1", f"http://127.0.0.1:{big_port}/v1", store=store, limits=UNBOUND
     )
@@ -234,9 +221,11 @@ async def bench(args: argparse.Namespace) -> None:
         )
     finally:
         gateway.stop()
-        for process in [*mocks, *([redis] if redis else [])]:
+        for process in [*mocks]:
             process.terminate()
             process.wait()
+        if redis is not None:
+            redis.stop()
         if collector is not None:
             print(f"spans received: {len(receiver.spans)}")
             await collector.cleanup()

@@ -30,9 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.gateway_bench import SMALL, load, start_mock, wait_http  # noqa: E402
+from bench.gateway_bench import SMALL, UNBOUND, load, start_mock, wait_http  # noqa: E402
 from tests.support.config import TENANT_KEY, config_dict  # noqa: E402
 from tests.support.processes import GatewayProcess, free_port  # noqa: E402
+from tests.support.redis_servers import RedisServer  # noqa: E402
 
 KINDS = {
     "json": SMALL,
@@ -52,14 +53,7 @@ def callgrind_total(out_dir: Path) -> int:
 
 async def count(checkout: Path, kind: str, requests: int, redis_url: str, mock_url: str) -> float:
     workdir = Path(tempfile.mkdtemp(prefix="instructions-bench-"))
-    limits = {
-        "requests_per_minute": 10**8,
-        "tokens_per_minute": 10**8,
-        "tokens_per_day": 10**15,
-        "usd_per_day": 8 * 10**6,
-        "concurrent_requests": 10**6,
-    }
-    config = config_dict(mock_url, mock_url, store={"backend": "redis", "url": redis_url}, limits=limits)
+    config = config_dict(mock_url, mock_url, store={"backend": "redis", "url": redis_url}, limits=UNBOUND)
     config["server"] = {"log_level": "info"}
     wrapper = [
         "valgrind",
@@ -91,12 +85,10 @@ async def bench(args: argparse.Namespace) -> None:
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
     checkouts = [ROOT, *(Path(c).resolve() for c in args.checkout)]
-    mock_port, redis_port = free_port(), free_port()
+    mock_port = free_port()
     mock = start_mock(mock_port)
-    redis = subprocess.Popen(
-        ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
+    redis_dir = Path(tempfile.mkdtemp(prefix="instructions-bench-redis-"))
+    redis = RedisServer(redis_dir).start()
     try:
         await wait_http(f"http://127.0.0.1:{mock_port}/v1/models")
         for rep in range(1, args.reps + 1):
@@ -106,16 +98,17 @@ async def bench(args: argparse.Namespace) -> None:
                         checkout,
                         kind,
                         args.requests,
-                        f"redis://127.0.0.1:{redis_port}/0",
+                        redis.url,
                         f"http://127.0.0.1:{mock_port}/v1",
                     )
                     print(
                         f"rep {rep}  {kind:<4}  {per_request / 1e6:6.3f} M instructions/request  {checkout}"
                     )
     finally:
-        for process in (mock, redis):
-            process.terminate()
-            process.wait()
+        mock.terminate()
+        mock.wait()
+        redis.stop()
+        shutil.rmtree(redis_dir, ignore_errors=True)
 
 
 def main() -> None:
