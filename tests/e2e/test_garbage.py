@@ -1,5 +1,6 @@
 """A finished request leaves no reference cycle of the gateway's own, whichever way it ended, so
-reference counting frees it at once, and no full garbage collection is needed to free it."""
+reference counting frees it at once and garbage.py may freeze long-lived objects; `gateway serve`
+exports how long its garbage collections stop it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import gc
 import types
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -16,8 +18,8 @@ from aiohttp.test_utils import TestServer
 from gateway.app import PIPELINE
 from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.e2e.test_relay_faults import COMPLETED, partial
-from tests.support.config import TENANT_KEY
-from tests.support.processes import free_port
+from tests.support.config import TENANT_KEY, config_dict
+from tests.support.processes import GatewayProcess, free_port
 from tests.support.scripted_upstream import Script, ScriptedUpstream
 
 StartServer = Callable[[web.Application], Awaitable[TestServer]]
@@ -113,3 +115,26 @@ async def test_an_unreachable_upstream_and_a_refused_key_leave_no_cycle(start_ga
 
     assert await cyclic_garbage(gw, unreachable) == []
     assert await cyclic_garbage(gw, refused) == []
+
+
+async def test_serve_exports_its_garbage_collection_pauses(mock_openai: TestServer, tmp_path: Path) -> None:
+    gateway = GatewayProcess(config_dict(base_url(mock_openai)), tmp_path)
+    await gateway.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(30):
+                async with session.post(
+                    f"{gateway.url}/v1/images/generations", json=JSON, headers=AUTH
+                ) as resp:
+                    assert resp.status == 200
+            async with session.get(f"{gateway.ops_url}/metrics") as resp:
+                metrics = await resp.text()
+    finally:
+        gateway.stop()
+    counts = {
+        line.split('"')[1]: float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("gateway_gc_pause_seconds_count{")
+    }
+    assert set(counts) == {"0", "1", "2"}
+    assert counts["0"] > 0  # thirty requests allocate enough for young collections
