@@ -11,7 +11,8 @@ connection each, every 20 ms), their latency p50/p99/max printed:
 - held: N streams open; also the gateway's RSS idle (RSS_0, warmed up) and with N open (RSS_N),
   the memory per open stream, (RSS_N - RSS_0) / N, and its CPU while only holding them;
 - turnover: the upstream ends the oldest streams, `--turnover-rate` a second, and the clients open
-  new ones in their place, for `--turnovers` times N streams; the gateway's RSS after each turnover;
+  new ones in their place, for `--turnovers` times N streams; the gateway's CPU meanwhile and its RSS
+  after each turnover;
 - the end: the upstream finishes every stream; how many ended whole (completed event and usage
   received), and the gateway's own count of in-flight requests and streams (both back to 0).
 
@@ -345,12 +346,14 @@ async def bench(args: argparse.Namespace) -> None:
         if args.turnovers:
             upstream.send_signal(signal.SIGUSR2)  # the oldest streams end, the clients open new ones
             during_turnover, rss_after = [], []
+            cpu_before, turnover_from = cpu_seconds(pid), time.perf_counter()
             for _ in range(args.turnovers):
                 during_turnover += await probe(url, ops_url, args.streams / args.turnover_rate)
                 rss_after.append(f"{rss_mib(pid):.1f}")
+            turnover_cpu = (cpu_seconds(pid) - cpu_before) / (time.perf_counter() - turnover_from)
             print(
                 f"probe, turnover ({args.turnover_rate} streams/s, {args.turnovers} x {args.streams}):"
-                f" {summary(during_turnover)}; {gc_log.phase()}"
+                f" {summary(during_turnover)}; {gc_log.phase()}; gateway CPU {turnover_cpu * 100:.0f}% of a core"
             )
             print(f"gateway RSS after each turnover: {', '.join(rss_after)} MiB (RSS_N {rss_n:.1f})")
 
