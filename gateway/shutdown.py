@@ -63,7 +63,7 @@ async def drain(
     app: web.Application,
     runner: web.AppRunner,
     server: ServerSettings,
-    admitted: set[asyncio.Task[web.StreamResponse]],
+    admitted: set[asyncio.Task[None]],
 ) -> None:
     """Everything before the resources close: readiness off, listeners closed, work finished or
     cut. `admitted` is the pipeline's work, which must settle before the store closes."""
@@ -100,7 +100,5 @@ async def drain(
         leftover.cancel()
 
 
-def _running(
-    app: web.Application, admitted: set[asyncio.Task[web.StreamResponse]]
-) -> set[asyncio.Task[object]]:
+def _running(app: web.Application, admitted: set[asyncio.Task[None]]) -> set[asyncio.Task[object]]:
     return {task for task in (*app[IN_FLIGHT], *admitted) if not task.done()}

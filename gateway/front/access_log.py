@@ -50,8 +50,9 @@ class RequestRecord:
     stream: bool = False
     status: int = 0
     ttfb_ms: float | None = None
+    answered: float | None = None  # perf_counter() when the handler returned its answer
     fields: dict[str, Any] = field(default_factory=dict)
-    pending: asyncio.Future[Any] | None = None  # work that outlives a cancelled handler
+    pending: asyncio.Future[Any] | None = None  # work that outlives the handler (the settlement)
     trace: RequestTrace = OFF  # the request's spans (telemetry.tracing), when tracing is on
 
 
@@ -110,13 +111,15 @@ def create_request_middleware(
         try:
             response = await _handle(request, handler, record)
             record.status = response.status
+            record.answered = time.perf_counter()
             return response
         finally:
             # The record lets go of the work: the work's result or traceback holds the request and
             # so the record, a cycle that only a full garbage collection would free (garbage.py).
             pending, record.pending = record.pending, None
             if pending is not None and not pending.done():
-                # The handler was cancelled while the pipeline still works: log when it is done.
+                # The pipeline still works (settling, or relaying for a handler that was
+                # cancelled): log when it is done.
                 pending.add_done_callback(lambda _: _finish(request, record, metrics, activity))
             else:
                 _finish(request, record, metrics, activity)
@@ -144,7 +147,7 @@ async def _handle(request: web.Request, handler: Handler, record: RequestRecord)
 
 
 def _finish(request: web.Request, record: RequestRecord, metrics: Metrics, activity: Activity | None) -> None:
-    duration = time.perf_counter() - record.started
+    duration = (record.answered or time.perf_counter()) - record.started
     if request.path.startswith("/v1/"):
         if activity is not None:
             activity.count(record.status)
