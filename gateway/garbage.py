@@ -3,11 +3,11 @@ and what each collection costs (`gateway_gc_pause_seconds{generation}`).
 
 CPython (3.11) collects its old generation once the objects promoted into it since the last full
 collection reach a quarter of those that survived it, and a full collection scans every tracked
-object of the process. An open stream holds about 180 of them (its connections, tasks, parsers and
-records), so with thousands open each full collection stopped the process for as long as they took
-to scan (0.46 s with 3,000 streams open, 0.84 s with 5,000), and they came as streams opened and as
-they ended and new ones started. Scanning them finds nothing to free: a request's objects are freed
-by reference counting the moment it ends, since its paths leave no reference cycles
+object of the process (about 0.55 us each). An open stream holds about 180 of them (connections,
+tasks, parsers, records), so with thousands open each full collection stopped the process for as
+long as they took to scan (1.1-1.4 s of CPU with 9,868 open), and they came as streams opened, and
+as they ended and new ones started. Scanning them finds nothing to free: a request's objects are
+freed by reference counting the moment it ends, since its paths leave no reference cycles
 (tests/e2e/test_garbage.py: a stream that ends whole, a client that leaves, an upstream that dies
 mid-stream or cannot be reached, a refused key).
 
@@ -24,7 +24,8 @@ collection. The gateway's own paths make none; for anything else (a library's cy
 process has been idle (no request in flight) for IDLE_SECONDS, and at most every
 RECLAIM_INTERVAL_SECONDS, it counts its frozen objects, and if they have grown by more than
 RECLAIM_GROWTH since the last time, unfreezes and collects everything: a pass over the idle
-process only (tens of milliseconds), never while requests are in flight.
+process only (50 ms of CPU for a freshly started one's 89,000 objects), never while requests are
+in flight.
 """
 
 from __future__ import annotations
