@@ -2,7 +2,8 @@
 
 Starts a Redis server, a slow upstream (a process of its own: every stream sends its first partial
 image, then waits until it is told to finish with a completed event carrying usage; JSON answers
-come at once), a `gateway serve` process with the Redis store, and client processes that keep
+come at once; the probes below have one of their own, so its queue is not counted as the
+gateway's), a `gateway serve` process with the Redis store, and client processes that keep
 `--streams` streams open through the gateway (each reads its first event, then waits for the end,
 and opens a new stream when one ends). The phases, each probed with new JSON requests (a new
 connection each, every 20 ms), their latency p50/p99/max printed:
@@ -59,6 +60,7 @@ from tests.support.redis_servers import RedisServer  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {TENANT_KEY}"}
 STREAM = {**PAYLOAD, "stream": True, "partial_images": 1}
+PROBE = {**PAYLOAD, "model": "gpt-image-2"}  # routed to an upstream of its own (gateway_config)
 COMPLETED = (
     b"event: image_generation.completed\n"
     b'data: {"type":"image_generation.completed","b64_json":"AA==","usage":'
@@ -182,7 +184,7 @@ async def probe(url: str, ops_url: str, seconds: float) -> list[float]:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
             started = time.perf_counter()
             try:
-                async with session.post(f"{url}/v1/images/generations", json=PAYLOAD, headers=AUTH) as resp:
+                async with session.post(f"{url}/v1/images/generations", json=PROBE, headers=AUTH) as resp:
                     await resp.read()
                     if resp.status != 200:
                         raise RuntimeError(f"probe answered {resp.status}: {(await resp.text())[:200]}")
@@ -201,7 +203,7 @@ async def warm_up(url: str) -> None:
             async with session.post(f"{url}/v1/images/generations", json=payload, headers=AUTH) as resp:
                 await resp.read()
 
-        await asyncio.gather(*(one(PAYLOAD) for _ in range(200)))
+        await asyncio.gather(*(one(payload) for payload in [PAYLOAD, PROBE] * 100))
 
 
 GAUGES = (
@@ -264,11 +266,17 @@ async def line(process: subprocess.Popen[str]) -> str:
     return (await asyncio.to_thread(process.stdout.readline)).strip()
 
 
-def gateway_config(upstream_url: str, redis_url: str, streams: int, lease_ttl: int | None) -> dict[str, Any]:
+def gateway_config(
+    upstream_url: str, probes_url: str, redis_url: str, streams: int, lease_ttl: int | None
+) -> dict[str, Any]:
+    """The streams go to the slow upstream; the probes (model gpt-image-2) to one of their own, so
+    that their latency is the gateway's, not that of the slow upstream's queue."""
     store: dict[str, Any] = {"backend": "redis", "url": redis_url}
     if lease_ttl is not None:
         store["lease_ttl_seconds"] = lease_ttl
     config = config_dict(upstream_url, store=store, limits=UNBOUND)
+    config["upstreams"]["probes"] = {**config["upstreams"]["openai"], "base_url": probes_url}
+    config["routes"]["gpt-image-2"] = {"upstream": "probes"}
     for upstream in config["upstreams"].values():
         # room for every stream in the pool and in the one tenant's share of it
         upstream.update(max_connections=streams + 256, max_connections_per_tenant=streams + 256)
@@ -285,10 +293,16 @@ async def bench(args: argparse.Namespace) -> None:
         args.streams = room
     workdir = Path(tempfile.mkdtemp(prefix="streams-bench-"))
     redis = RedisServer(workdir).start()
-    upstream_port = free_port()
+    upstream_port, probes_port = free_port(), free_port()
     upstream = spawn("upstream", "--port", str(upstream_port), "--turnover-rate", str(args.turnover_rate))
-    assert await line(upstream) == "ready"
-    config = gateway_config(f"http://127.0.0.1:{upstream_port}/v1", redis.url, args.streams, args.lease_ttl)
+    probes_upstream = spawn("upstream", "--port", str(probes_port), "--turnover-rate", "0")
+    assert await line(upstream) == "ready" and await line(probes_upstream) == "ready"
+    config = gateway_config(
+        *(f"http://127.0.0.1:{port}/v1" for port in (upstream_port, probes_port)),
+        redis.url,
+        args.streams,
+        args.lease_ttl,
+    )
     gc_log = GcLog(workdir / "gc.log")
     python_path = os.pathsep.join(filter(None, [str(GC_WATCH), os.environ.get("PYTHONPATH")]))
     env = {"PYTHONPATH": python_path, "STREAMS_BENCH_GC_LOG": str(gc_log.path)}
@@ -375,8 +389,9 @@ async def bench(args: argparse.Namespace) -> None:
         for client in clients:
             client.kill()
         gateway.stop(60)
-        upstream.terminate()
-        upstream.wait(10)
+        for process in (upstream, probes_upstream):
+            process.terminate()
+            process.wait(10)
         redis.stop()
     lines = gateway.log_lines()
     bad_lines = [entry for entry in lines if TENANT_KEY in entry or "Traceback" in entry]
