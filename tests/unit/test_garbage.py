@@ -111,34 +111,31 @@ async def eventually(condition: Callable[[], bool]) -> bool:
 
 
 @pytest.fixture
-def short_intervals(monkeypatch: pytest.MonkeyPatch) -> None:
+async def busy(
+    collection: tuple[GarbageCollection, CollectorRegistry, Idle], monkeypatch: pytest.MonkeyPatch
+) -> tuple[GarbageCollection, Idle]:
+    """The policy restarted with short intervals, the process busy (not idle) until told."""
     monkeypatch.setattr(garbage, "FREEZE_EVERY_SECONDS", 0.01)
     monkeypatch.setattr(garbage, "IDLE_SECONDS", 0.02)
     monkeypatch.setattr(garbage, "RECLAIM_INTERVAL_SECONDS", 0)
     monkeypatch.setattr(garbage, "RECLAIM_GROWTH", 0)
-
-
-@pytest.mark.usefixtures("short_intervals")
-async def test_what_lives_on_is_frozen_by_the_regular_collection(
-    collection: tuple[GarbageCollection, CollectorRegistry, Idle],
-) -> None:
-    """No automatic collection needs to come: the policy's own, every FREEZE_EVERY_SECONDS, does."""
-    policy, _, idle = collection
-    idle.now = False
-    await policy.close()  # restarted with the short intervals
-    policy.start()
-    kept = Node()
-    assert await eventually(lambda: not tracked(kept))
-
-
-@pytest.mark.usefixtures("short_intervals")
-async def test_the_reclaim_waits_for_the_process_to_be_idle(
-    collection: tuple[GarbageCollection, CollectorRegistry, Idle],
-) -> None:
     policy, _, idle = collection
     idle.now = False
     await policy.close()
     policy.start()
+    return policy, idle
+
+
+async def test_what_lives_on_is_frozen_by_the_regular_collection(
+    busy: tuple[GarbageCollection, Idle],
+) -> None:
+    """No automatic collection needs to come: the policy's own, every FREEZE_EVERY_SECONDS, does."""
+    kept = Node()
+    assert await eventually(lambda: not tracked(kept))
+
+
+async def test_the_reclaim_waits_for_the_process_to_be_idle(busy: tuple[GarbageCollection, Idle]) -> None:
+    _, idle = busy
     ref = frozen_cycle()
     await asyncio.sleep(0.2)  # twenty collections, never idle
     assert ref() is not None
