@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
 from gateway.app import PIPELINE, create_app
+from gateway.front.connections import FrontRunner
 from gateway.health import STORE
 from gateway.mock_upstream import RECEIVED
 from gateway.shutdown import drain
@@ -508,7 +509,7 @@ async def test_a_request_cut_off_by_shutdown_while_the_upstream_generates_is_bil
     server = await start_server(upstream.app())
     settings = make_settings(base_url(server), limits=LIMITS, server={"shutdown_grace_seconds": 0.2})
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.2)
+    runner = FrontRunner(app, handle_signals=False, shutdown_timeout=0.2)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
