@@ -97,13 +97,20 @@ async def test_sigterm_with_long_streams_open_exits_within_grace_and_margin_all_
     assert len(finished) == STREAMS and {e["settled"] for e in finished} == {"estimate"}
 
 
-async def test_during_the_drain_delay_readyz_is_503_and_requests_are_still_served(tmp_path: Path) -> None:
+async def answering_gateway(tmp_path: Path, **server: float) -> tuple[EndlessStreams, GatewayProcess]:
+    """A started gateway with `server` settings, before an upstream that answers at once (an empty
+    stream)."""
     upstream = EndlessStreams()
     await upstream.start()
-    upstream.end()  # answers at once (an empty stream)
-    config = config_dict(upstream.url, server={"drain_delay_seconds": 1.5, "shutdown_grace_seconds": 1})
-    gateway = GatewayProcess(config, tmp_path)
+    upstream.end()
+    gateway = GatewayProcess(config_dict(upstream.url, server=server), tmp_path)
     await gateway.start()
+    assert gateway.process is not None
+    return upstream, gateway
+
+
+async def test_during_the_drain_delay_readyz_is_503_and_requests_are_still_served(tmp_path: Path) -> None:
+    upstream, gateway = await answering_gateway(tmp_path, drain_delay_seconds=1.5, shutdown_grace_seconds=1)
     assert gateway.process is not None
     try:
         async with aiohttp.ClientSession() as session:
@@ -174,12 +181,7 @@ async def test_a_request_arriving_as_shutdown_begins_is_answered(tmp_path: Path,
     """A request whose first bytes arrived before SIGTERM and the rest after (a client mid-send
     when the listeners close) is answered, then its connection closes: it is not closed as idle
     (the rest of its head) nor starved of the rest of its body."""
-    upstream = EndlessStreams()
-    await upstream.start()
-    upstream.end()
-    config = config_dict(upstream.url, server={"shutdown_grace_seconds": 5})
-    gateway = GatewayProcess(config, tmp_path)
-    await gateway.start()
+    upstream, gateway = await answering_gateway(tmp_path, shutdown_grace_seconds=5)
     assert gateway.process is not None
     body = json.dumps(LOW).encode()
     headers = [(b"Authorization", AUTH["Authorization"].encode()), (b"Content-Type", b"application/json")]
