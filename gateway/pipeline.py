@@ -85,7 +85,7 @@ class Pipeline:
         self.admissions = AdmissionQueue(runtime.current.settings.server.max_pending_admissions, metrics)
         self.quota = ProviderQuota(store, metrics)
         self.forwarder = Forwarder(pools, Health(metrics), self.quota, metrics, random.Random())
-        self.tasks: set[asyncio.Task[web.StreamResponse]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
 
     async def handle(self, request: web.Request, operation: Operation = "generate") -> web.StreamResponse:
         runtime = self.runtime.current
@@ -107,12 +107,16 @@ class Pipeline:
                 raise
         # From here the work is owned by the pipeline, not by the connection: if the handler is
         # cancelled (client gone, shutdown), the upstream is still drained and the request settled.
-        work = asyncio.create_task(self.serve(request, runtime, credential, admitted, record))
+        answered: asyncio.Future[web.StreamResponse] = asyncio.get_running_loop().create_future()
+        answered.add_done_callback(_retrieve)
+        work = asyncio.create_task(
+            self.serve(request, runtime, credential, admitted, record, answered=answered)
+        )
         self.tasks.add(work)
         work.add_done_callback(self._forget)
         work.add_done_callback(lambda _: client.close())
-        record.pending = work
-        return await asyncio.shield(work)
+        record.pending = work  # the access-log line waits for the settlement
+        return await asyncio.shield(answered)
 
     async def serve(
         self,
@@ -121,27 +125,41 @@ class Pipeline:
         credential: Credential,
         admitted: Admitted,
         record: RequestRecord,
-    ) -> web.StreamResponse:
-        """Forward, relay and settle an admitted request; settles exactly once on every path."""
+        *,
+        answered: asyncio.Future[web.StreamResponse],
+    ) -> None:
+        """Forward, relay and settle an admitted request; settles exactly once on every path.
+
+        `answered` gets the response (or the error to answer with) once the relay is done, and the
+        settlement goes on after it: the client's connection takes its next request meanwhile,
+        instead of waiting a store round trip. The settlement's store call is sent first, so a next
+        request on the connection reaches the store after it (one connection to Redis, in order):
+        a sequential client never finds its own finished request holding a concurrency slot."""
         with _InFlight(self.metrics):
             outcome: RelayOutcome | None = None
+            answer: web.StreamResponse | BaseException
             self.store.hold(admitted.reservation)  # its concurrency leases, renewed until settled
             try:
-                response, outcome = await self.forward_and_relay(request, runtime, admitted, record)
-                return response
+                answer, outcome = await self.forward_and_relay(request, runtime, admitted, record)
             except GatewayError as error:
                 error.headers.update(admitted.admission.headers)
                 self.metrics.upstream_errors.labels(record.upstream, error.error_code or "error").inc()
                 log.warning("upstream_failed", error=error.error_code, upstream=record.upstream)
-                raise
-            finally:
-                with record.trace.stage("settlement"):
-                    await asyncio.shield(self.settle(credential, admitted, outcome, record))
+                answer = error
+            except BaseException as exc:  # cancelled (shutdown cut it), or a bug: settled all the same
+                answer = exc
+            with record.trace.stage("settlement"):
+                settling = asyncio.ensure_future(self.settle(credential, admitted, outcome, record))
+                await asyncio.sleep(0)  # one turn: its store call is queued before the answer goes
+                _answer(answered, answer)
+                await asyncio.shield(settling)
+            if isinstance(answer, asyncio.CancelledError):
+                raise answer
 
-    def _forget(self, task: asyncio.Task[web.StreamResponse]) -> None:
+    def _forget(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
         if not task.cancelled():
-            task.exception()  # retrieved here when the handler that awaited it was cancelled
+            task.exception()  # a settlement that failed: retrieved, it was logged where it failed
 
     def apply_policy(
         self, runtime: Runtime, credential: Credential, client: ClientRequest, record: RequestRecord
@@ -359,6 +377,23 @@ class Pipeline:
         quality = str(body.get("quality", "auto"))
         m.images.labels(tenant, model, _size_label(body, admitted.entry), quality, how).inc(actual.images)
         m.spend.add(tenant, model, how, nano_usd=actual.nano_usd)
+
+
+def _answer(answered: asyncio.Future[web.StreamResponse], result: web.StreamResponse | BaseException) -> None:
+    if answered.done():  # pragma: no cover (only `serve` answers, once)
+        return
+    if isinstance(result, asyncio.CancelledError):
+        answered.cancel()
+    elif isinstance(result, BaseException):
+        answered.set_exception(result)
+    else:
+        answered.set_result(result)
+
+
+def _retrieve(answered: asyncio.Future[web.StreamResponse]) -> None:
+    """An answer whose handler was cancelled (the client left) is never awaited: retrieved here."""
+    if not answered.cancelled():
+        answered.exception()
 
 
 class _InFlight:

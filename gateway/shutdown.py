@@ -71,7 +71,7 @@ async def drain(
     app: web.Application,
     runner: FrontRunner,
     server: ServerSettings,
-    admitted: set[asyncio.Task[web.StreamResponse]],
+    admitted: set[asyncio.Task[None]],
 ) -> None:
     """Everything before the resources close: readiness off, listeners closed, work finished or
     cut. `admitted` is the pipeline's work, which must settle before the store closes."""
@@ -110,8 +110,6 @@ async def drain(
 
 
 def _running(
-    app: web.Application,
-    admitted: set[asyncio.Task[web.StreamResponse]],
-    arriving: set[asyncio.Task[None]],
+    app: web.Application, admitted: set[asyncio.Task[None]], arriving: set[asyncio.Task[None]]
 ) -> set[asyncio.Task[Any]]:
     return {task for task in (*app[IN_FLIGHT], *admitted, *arriving) if not task.done()}

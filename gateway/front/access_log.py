@@ -50,8 +50,9 @@ class RequestRecord:
     stream: bool = False
     status: int = 0
     ttfb_ms: float | None = None
+    answered: float | None = None  # perf_counter() when the handler returned its answer
     fields: dict[str, Any] = field(default_factory=dict)
-    pending: asyncio.Future[Any] | None = None  # work that outlives a cancelled handler
+    pending: asyncio.Future[Any] | None = None  # work that outlives the handler (the settlement)
     trace: RequestTrace = OFF  # the request's spans (telemetry.tracing), when tracing is on
 
 
@@ -110,10 +111,12 @@ def create_request_middleware(
         try:
             response = await _handle(request, handler, record)
             record.status = response.status
+            record.answered = time.perf_counter()
             return response
         finally:
             if record.pending is not None and not record.pending.done():
-                # The handler was cancelled while the pipeline still works: log when it is done.
+                # The pipeline still works (settling, or relaying for a handler that was
+                # cancelled): log when it is done.
                 record.pending.add_done_callback(lambda _: _finish(request, record, metrics, activity))
             else:
                 _finish(request, record, metrics, activity)
@@ -140,7 +143,7 @@ async def _handle(request: web.Request, handler: Handler, record: RequestRecord)
 
 
 def _finish(request: web.Request, record: RequestRecord, metrics: Metrics, activity: Activity | None) -> None:
-    duration = time.perf_counter() - record.started
+    duration = (record.answered or time.perf_counter()) - record.started
     if request.path.startswith("/v1/"):
         if activity is not None:
             activity.count(record.status)

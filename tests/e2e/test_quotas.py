@@ -433,6 +433,31 @@ async def test_openai_sdk_rate_limit_error_carries_the_limiter_headers(
     assert headers["ratelimit-policy"] == '"rpm";q=1;w=60'
 
 
+async def test_a_sequential_client_under_a_concurrency_limit_of_one_is_never_refused(
+    start_gateway: StartGateway, mock_openai: TestServer, redis_factory: MakeRedis
+) -> None:
+    """The connection takes its next request while the last one settles, but the settlement's store
+    call goes first: a client that waits for each answer never finds its own finished request still
+    holding the one slot (JSON and streamed answers, one keep-alive connection)."""
+    redis = redis_factory()
+    gw = await start_gateway(
+        openai_url=base_url(mock_openai),
+        store=redis_store(redis),
+        limits={"concurrent_requests": 1},
+        admin={"token": ADMIN_TOKEN},
+    )
+    stream = {**LOW, "stream": True, "partial_images": 1}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+        for i in range(40):
+            payload = stream if i % 4 == 3 else LOW
+            async with session.post(f"{gw.url}/v1/images/generations", json=payload, headers=AUTH) as resp:
+                body = await resp.read()
+                assert resp.status == 200, body[:300]
+        limits = await tenant_limits(session, gw.url)
+    assert limits["tenant.concurrent_requests"]["used"] == 0
+    assert await held_leases(redis) == 0
+
+
 async def test_a_spent_budget_is_insufficient_quota_and_the_sdk_does_not_retry_it(
     start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis
 ) -> None:
