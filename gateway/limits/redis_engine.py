@@ -180,7 +180,7 @@ class RedisEngine:
         ]
         for name, amount in call.ledger:
             args += [name, amount]
-        reply = [int(v) for v in (await self._run(RESERVE, keys, args)).split()]
+        reply: list[int] = await self._run(RESERVE, keys, args)
         readings = tuple(
             Reading(*reply[i : i + _READING_FIELDS]) for i in range(2, len(reply), _READING_FIELDS)
         )

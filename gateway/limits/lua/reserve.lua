@@ -25,7 +25,7 @@ ARGV[9]    the checks, six space-separated words each: mechanism (rate|day|month
            refusal of it is reported and counted, never rejects) (one string: far cheaper to send)
 ARGV[10..] pairs of ledger field, increment: the estimate, charged to the ledger with the budgets
 
-Reply, one string of space-separated integers (cheaper to parse than a 50-element array):
+Reply, an array of integers (Lua numbers, exact below 2^53; cheaper than formatting each one):
 status, now µs, then five per check: code, used, reset µs, wait µs, more µs.
 status 1 admitted (charged), 0 rejected (nothing charged), 2 peeked, -1 another UTC day (nothing done),
 -2 already settled (nothing done: this reserve arrived after its own release)
@@ -37,10 +37,10 @@ local LEASE_RETRY_US = 1000000
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 if math.floor(tonumber(clock[1]) / 86400) ~= tonumber(ARGV[2]) then
-  return string.format('-1 %.0f', now)
+  return {-1, now}
 end
 if ARGV[3] ~= 'peek' and redis.call('EXISTS', KEYS[2]) == 1 then
-  return string.format('-2 %.0f', now)
+  return {-2, now}
 end
 
 local rid, mode, model = ARGV[1], ARGV[3], ARGV[4]
@@ -152,7 +152,9 @@ if charge then
       c.count = c.count + 1
     elseif c.cost > 0 then
       c.used = redis.call('INCRBY', c.key, fmt(c.cost))
-      redis.call('EXPIREAT', c.key, c.expire)
+      -- Its expiry is the same instant for every charge to this period's key: set once, when the
+      -- key is new (settle.lua sets it again whenever it writes the key).
+      if c.used == c.cost then redis.call('EXPIREAT', c.key, c.expire) end
     end
   end
   redis.call('SET', KEYS[1], table.concat(amounts, ' '), 'PX', ARGV[5])
@@ -166,7 +168,7 @@ end
 -- Readings, after the decision.
 local status = 2
 if mode ~= 'peek' then status = charge and 1 or 0 end
-local reply = {status, fmt(now)}
+local reply = {status, now}
 for _, c in ipairs(checks) do
   local used, reset, more = 0, 0, 0
   if c.mech == 'rate' then
@@ -185,6 +187,7 @@ for _, c in ipairs(checks) do
     used = c.used
     if used > 0 then reset, more = c.finish - now, c.finish - now end
   end
-  for _, v in ipairs({c.code, used, reset, c.wait, more}) do reply[#reply + 1] = fmt(v) end
+  local n = #reply
+  reply[n + 1], reply[n + 2], reply[n + 3], reply[n + 4], reply[n + 5] = c.code, used, reset, c.wait, more
 end
-return table.concat(reply, ' ')
+return reply
