@@ -10,8 +10,12 @@ time (with one shared socket, whichever worker wakes first tends to take most of
 accept passes through the supervisor: requests go straight to the worker that holds the connection.
 
 A worker that stops taking connections (draining, or gone) is skipped; a connection no worker takes
-is closed. On SIGTERM the supervisor stops accepting after `server.drain_delay_seconds`, when the
-workers close their sites too.
+is closed. On SIGTERM the supervisor stops accepting after `server.drain_delay_seconds`: it closes
+its listeners, then its ends of the channels. A worker closes its site at the same moment, but
+first serves every connection handed to it: it reads its channel to the end that the supervisor's
+close makes (waiting at most SUPERVISOR_WAIT for it; if the supervisor is still dealing, because
+this worker alone was told to stop, it shuts the channel for reading, which makes the dealer skip
+it, and reads what was queued before).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ log = get_logger("gateway.server")
 _BACKLOG = 1024
 _HAND_WAIT = 10.0  # seconds a connection waits for a worker with room before it is dropped
 _ACCEPT_BACKOFF = 0.05  # seconds without accepting after accept() ran out of descriptors
+# seconds a stopping worker waits for the supervisor to stop dealing (it stops at the same moment)
+SUPERVISOR_WAIT = 1.0
 
 
 class Dealer:
@@ -64,7 +70,8 @@ class Dealer:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop accepting: the listeners close (a connection still in their queue is refused)."""
+        """Stop accepting: the listeners close (a connection still in their queue is refused), then
+        the channels (each worker reads what its own still holds, then the end)."""
         with contextlib.suppress(OSError):
             self._wake.send(b"x")
         self._thread.join(timeout=5)
@@ -156,11 +163,16 @@ def _listen(host: str, port: int) -> list[socket.socket]:
 class HandedSite(web.BaseSite):
     """A worker's site: serves the connections the supervisor's `Dealer` hands it over `channel`."""
 
-    __slots__ = ("_channel",)
+    __slots__ = ("_channel", "_ended", "_handing", "_stopping", "_supervisor_wait")
 
-    def __init__(self, runner: web.BaseRunner, channel: socket.socket) -> None:
+    def __init__(self, runner: web.BaseRunner, channel: socket.socket, *, supervisor_wait: float) -> None:
+        """`supervisor_wait`: how long `stop` waits for the supervisor to stop dealing."""
         super().__init__(runner)
         self._channel = channel
+        self._supervisor_wait = supervisor_wait
+        self._ended: asyncio.Future[None] | None = None  # done at the channel's end
+        self._handing: set[asyncio.Task[object]] = set()  # connections received, not yet set up
+        self._stopping = False
 
     @property
     def name(self) -> str:
@@ -168,13 +180,23 @@ class HandedSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
+        loop = asyncio.get_running_loop()
+        self._ended = loop.create_future()
         self._channel.setblocking(False)
-        asyncio.get_running_loop().add_reader(self._channel.fileno(), self._receive)
+        loop.add_reader(self._channel.fileno(), self._receive)
 
     async def stop(self) -> None:
-        if self._channel.fileno() != -1:  # else the supervisor closed it first
-            asyncio.get_running_loop().remove_reader(self._channel.fileno())
-            self._channel.close()  # the dealer's next hand-off to this worker fails: it skips it
+        """Serve every connection handed over before the channel closes (see the module)."""
+        self._stopping = True
+        assert self._ended is not None
+        if not self._ended.done():  # the supervisor closes its end once it has stopped dealing
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._ended), self._supervisor_wait)
+        if not self._ended.done():  # still dealing: refuse more (the dealer skips us), take the rest
+            self._channel.shutdown(socket.SHUT_RD)
+            await self._ended
+        if self._handing:
+            await asyncio.wait(self._handing)
         await super().stop()
 
     def _receive(self) -> None:
@@ -189,25 +211,30 @@ class HandedSite(web.BaseSite):
             except OSError:
                 message, fds = b"", []
             if not message:
-                # The supervisor is gone (killed, or closing at shutdown): nothing more will come,
-                # and an orphan must not keep the ops port answering ready. Shut down as on SIGTERM
-                # (ignored when shutdown is under way already).
+                # The end: every connection handed over has been read. Unless this worker is
+                # stopping, the supervisor is gone (killed): nothing more will come, and an orphan
+                # must not keep the ops port answering ready. Shut down as on SIGTERM (ignored when
+                # shutdown is under way already).
                 loop.remove_reader(self._channel.fileno())
                 self._channel.close()
-                log.info("supervisor_channel_closed")
-                os.kill(os.getpid(), signal.SIGTERM)
+                assert self._ended is not None
+                self._ended.set_result(None)
+                if not self._stopping:
+                    log.info("supervisor_channel_closed")
+                    os.kill(os.getpid(), signal.SIGTERM)
                 return
             for fd in fds:
                 os.set_inheritable(fd, False)  # received descriptors come without close-on-exec
                 connection = socket.socket(fileno=fd)
                 connection.setblocking(False)
                 task = loop.create_task(loop.connect_accepted_socket(server, connection))
-                task.add_done_callback(_log_failure)
+                self._handing.add(task)
+                task.add_done_callback(self._set_up)
 
-
-def _log_failure(task: asyncio.Task[object]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("handed_connection_failed", error=type(task.exception()).__name__)
+    def _set_up(self, task: asyncio.Task[object]) -> None:
+        self._handing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("handed_connection_failed", error=type(task.exception()).__name__)
 
 
 def inherit(fd: int) -> socket.socket:

@@ -283,8 +283,9 @@ class Pipeline:
                     outcome.first_byte_at - record.started
                 )
         if outcome.failure is not None:
-            record.trace.failed(outcome.failure.error_code or "failure")
-            self.metrics.upstream_errors.labels(name, outcome.failure.error_code or "failure").inc()
+            code = record.fields["upstream_failure"] = outcome.failure.error_code or "failure"
+            record.trace.failed(code)
+            self.metrics.upstream_errors.labels(name, code).inc()
             log.warning(
                 "upstream_failed_mid_response",
                 error=outcome.failure.error_code,

@@ -10,7 +10,10 @@ pin the request (a write waits for the transport to drain): each write gets
 Once headers are sent the status cannot change. An SSE stream that fails between two events gets an
 `error` event and a clean end; one that fails inside an event is cut off, since an `error` event
 spliced onto half an event would corrupt it for parsers. A JSON body that fails is cut off too
-(connection closed, no terminating chunk) so the client cannot mistake it for a whole answer.
+(connection closed, no terminating chunk) so the client cannot mistake it for a whole answer. A
+JSON answer's headers go out with its first body bytes: one that fails before them has sent nothing,
+so `relay` raises the failure and the client gets it as an error answer, as when the upstream fails
+before its headers.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ async def relay(
     target: Target,
     write_timeout: float,
 ) -> RelayOutcome:
-    """Send `upstream`'s status, `headers` and body to the client; always consume the upstream body."""
+    """Send `upstream`'s status, `headers` and body to the client; always consume the upstream body.
+    Raises the upstream's failure (a GatewayError) when nothing was sent yet."""
     content_type = upstream.headers.get("Content-Type", "")
     streaming = content_type.startswith("text/event-stream")
     answer = web.StreamResponse if streaming else _HeadersWithBody
@@ -65,12 +69,16 @@ async def relay(
         response.content_length = upstream.content_length
     client = _Client(request, outcome, write_timeout)
     try:
-        await client.prepare()
+        if streaming:  # a JSON answer's are prepared with its first body bytes (`_Client.write`)
+            await client.prepare()
         await _pump(upstream, client)
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        outcome.failure = translate(exc, target)
+        failure = translate(exc, target)
+        if not response.prepared:
+            raise failure from exc
+        outcome.failure = failure
         outcome.reader.close()
-        await client.end_after_failure(outcome.failure)
+        await client.end_after_failure(failure)
     finally:
         client.stop_watching()
         upstream.release()
@@ -133,6 +141,8 @@ class _Client:
 
     async def write(self, chunk: bytes) -> None:
         outcome = self.outcome
+        if not outcome.response.prepared:
+            await self.prepare()
         if self.closed or not await self._send(outcome.response.write(chunk)):
             return
         if outcome.first_byte_at is None:
@@ -142,6 +152,8 @@ class _Client:
         self.read_to_end = outcome.reader.done
 
     async def finish(self) -> None:
+        if not self.outcome.response.prepared:
+            await self.prepare()  # an empty body
         if not self.closed:
             await self._send(self.outcome.response.write_eof())
 

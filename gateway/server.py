@@ -33,10 +33,10 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from gateway.app import PIPELINE, RELOADER, create_app
-from gateway.config import ConfigError, Settings
+from gateway.config import ConfigError, ServerSettings, Settings
 from gateway.front.connections import FrontRunner, raise_file_limit
 from gateway.garbage import GarbageCollection
-from gateway.handoff import Dealer, HandedSite
+from gateway.handoff import SUPERVISOR_WAIT, Dealer, HandedSite
 from gateway.health import METRICS, create_ops_app
 from gateway.logs import get_logger
 from gateway.shutdown import IN_FLIGHT, RUNNER_SHUTDOWN_TIMEOUT, SETTLEMENTS_LOST, drain
@@ -88,11 +88,7 @@ async def serve(
     file_limit = raise_file_limit()  # before the front door sizes its connection cap from it
     runner = FrontRunner(app, handle_signals=False, access_log=None, shutdown_timeout=RUNNER_SHUTDOWN_TIMEOUT)
     await runner.setup()
-    site: web.BaseSite
-    if channel is not None:
-        site = HandedSite(runner, channel)
-    else:
-        site = web.TCPSite(runner, server.host, server.port, backlog=1024)
+    site = _tenant_site(runner, server, channel)
     try:
         await site.start()
     except OSError as exc:
@@ -145,6 +141,14 @@ async def serve(
         stopped = log.error if lost else log.info
         stopped("gateway_stopped", seconds=round(time.monotonic() - stopping, 3), settlements_lost=lost)
     return lost
+
+
+def _tenant_site(runner: FrontRunner, server: ServerSettings, channel: socket.socket | None) -> web.BaseSite:
+    """The tenant port's listener, or under `supervise` the connections handed over `channel`."""
+    if channel is None:
+        return web.TCPSite(runner, server.host, server.port, backlog=1024)
+    wait = min(SUPERVISOR_WAIT, server.shutdown_grace_seconds)  # part of the grace
+    return HandedSite(runner, channel, supervisor_wait=wait)
 
 
 def _log_store(settings: Settings) -> None:

@@ -1,7 +1,10 @@
 """Graceful shutdown inside a known bound: what SIGTERM (or SIGINT) sets off, step by step.
 
     t = 0                      /readyz answers 503 (draining); requests are still accepted
-    t = drain_delay            the listeners close, idle keep-alive connections are closed
+    t = drain_delay            the listeners close (a worker's after it took every connection
+                               the supervisor handed it), idle keep-alive connections are closed
+                               (not those whose next request has begun to arrive: they close
+                               once it is answered)
     ... until drain_delay + grace: in-flight requests and streams finish on their own
     at drain_delay + grace     what is still running is cut off (its connection closes without
                                a final chunk: a truncated answer), and settles on the way out (at
@@ -16,6 +19,9 @@ So the process exits within `drain_delay_seconds + shutdown_grace_seconds + MARG
 orchestrators must allow that (Kubernetes: `terminationGracePeriodSeconds`). aiohttp's own
 shutdown is not used for the waiting: it waits its timeout, cancels, then waits it again.
 
+The grace counts from t = drain_delay: a worker's wait there for the supervisor to stop dealing it
+connections (at most handoff.SUPERVISOR_WAIT) is part of it.
+
 `track_handlers` keeps every running handler in `IN_FLIGHT`, so requests not yet admitted (still
 uploading, waiting for their admission) are waited for and cut like admitted ones.
 """
@@ -24,10 +30,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
 from gateway.config import ServerSettings
+from gateway.front.connections import FrontRunner
 from gateway.health import DRAINING
 from gateway.limits.batching import CLOSE_WAIT
 from gateway.limits.outbox import CLOSE_DEADLINE
@@ -61,7 +69,7 @@ async def track_handlers(request: web.Request, handler: Handler) -> web.StreamRe
 
 async def drain(
     app: web.Application,
-    runner: web.AppRunner,
+    runner: FrontRunner,
     server: ServerSettings,
     admitted: set[asyncio.Task[None]],
 ) -> None:
@@ -77,17 +85,18 @@ async def drain(
     )
     if server.drain_delay_seconds:
         await asyncio.sleep(server.drain_delay_seconds)  # load balancers see /readyz 503 meanwhile
-    for site in list(runner.sites):
-        await site.stop()
-    if runner.server is not None:
-        runner.server.pre_shutdown()  # idle keep-alive connections; busy ones close after their answer
     deadline = loop.time() + server.shutdown_grace_seconds
-    running = _running(app, admitted)
+    for site in list(runner.sites):
+        await site.stop()  # a worker's first takes every connection already handed to it (handoff.py)
+    # idle keep-alive connections close; busy ones after their answer, as do those whose next
+    # request has begun to arrive (`arriving`: their tasks end once it is answered)
+    arriving = runner.door.close_all()
+    running = _running(app, admitted, arriving)
     if running:
         log.info("draining_requests", in_flight=len(running), grace_seconds=server.shutdown_grace_seconds)
     while running and loop.time() < deadline:
         await asyncio.wait(running, timeout=deadline - loop.time())
-        running = _running(app, admitted)
+        running = _running(app, admitted, arriving)
     if not running:
         return
     cut = set(admitted)
@@ -96,9 +105,11 @@ async def drain(
         task.cancel()
     if cut:
         await asyncio.wait(cut, timeout=CUT_SETTLE_SECONDS)
-    for leftover in _running(app, admitted):  # not admitted yet: nothing to settle
+    for leftover in _running(app, admitted, arriving):  # not admitted yet: nothing to settle
         leftover.cancel()
 
 
-def _running(app: web.Application, admitted: set[asyncio.Task[None]]) -> set[asyncio.Task[object]]:
-    return {task for task in (*app[IN_FLIGHT], *admitted) if not task.done()}
+def _running(
+    app: web.Application, admitted: set[asyncio.Task[None]], arriving: set[asyncio.Task[None]]
+) -> set[asyncio.Task[Any]]:
+    return {task for task in (*app[IN_FLIGHT], *admitted, *arriving) if not task.done()}

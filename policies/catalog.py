@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from policies.entry import AUTO, Frozen, IntRange, Lifecycle, ModelEntry, Prices
+from policies.entry import AUTO, IntRange, Lifecycle, ModelEntry, Prices
+from policies.frozen import Frozen
 
 __all__ = [
     "AUTO",

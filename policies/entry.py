@@ -18,8 +18,6 @@ from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     NonNegativeInt,
     PositiveInt,
@@ -28,6 +26,7 @@ from pydantic import (
 )
 
 from policies import sizes
+from policies.frozen import Frozen
 from policies.sizes import SizeRule
 
 AUTO = "auto"
@@ -48,12 +47,6 @@ _API_DEFAULTS: Mapping[str, Any] = MappingProxyType(
 
 # [[pixels, tokens], ...] of a monotone upper envelope (see catalog.yaml)
 _Curve = Annotated[list[tuple[PositiveInt, NonNegativeInt]], Field(min_length=1)]
-
-
-class Frozen(BaseModel):
-    """Immutable, and unknown keys are errors (a typo in the catalog fails loudly)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class IntRange(Frozen):

@@ -7,21 +7,19 @@ request against it is `policies.tenant`; the meaning of each field is documented
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from policies import prompts
+from policies.frozen import Frozen
 
 ClampableRule = Literal["n", "quality", "partial_images", "size"]
 _WXH = re.compile(r"[1-9][0-9]*x[1-9][0-9]*")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class CompressionRange(_Frozen):
+class CompressionRange(Frozen):
     min: int = Field(default=0, ge=0, le=100)
     max: int = Field(default=100, ge=0, le=100)
 
@@ -32,7 +30,7 @@ class CompressionRange(_Frozen):
         return self
 
 
-class Policy(_Frozen):
+class Policy(Frozen):
     """One named policy from the `policies:` section. `None` means "no rule of the policy's own"."""
 
     mode: Literal["enforce", "shadow"] = "enforce"
@@ -57,7 +55,6 @@ class Policy(_Frozen):
     input_fidelities: list[str] | None = None
     allow_mask: bool = True
     on_violation: dict[ClampableRule, Literal["reject", "clamp"]] = Field(default_factory=dict)
-    _deny: prompts.DenyPatterns = PrivateAttr()
 
     @field_validator("sizes")
     @classmethod
@@ -77,13 +74,10 @@ class Policy(_Frozen):
                 raise ValueError(f"pattern #{index} '{pattern}': {exc}") from None
         return patterns
 
-    def model_post_init(self, context: Any, /) -> None:
-        self._deny = prompts.DenyPatterns(self.deny_prompt_patterns)
-
-    @property
+    @cached_property
     def deny(self) -> prompts.DenyPatterns:
         """The deny patterns, compiled once per policy."""
-        return self._deny
+        return prompts.DenyPatterns(self.deny_prompt_patterns)
 
     def clamps(self, param: str) -> bool:
         """Whether a violation of the rule on `param` is clamped rather than rejected."""

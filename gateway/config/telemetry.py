@@ -64,6 +64,14 @@ class TelemetrySettings(Frozen):
     max_queue_size: int = Field(default=2048, ge=1)  # spans waiting for export; beyond: dropped
     max_export_batch_size: int = Field(default=512, ge=1)
     schedule_delay_ms: int = Field(default=5000, ge=1)  # the longest a span waits for its batch
+    # the key of the HMAC-SHA-256 that the request's `user` is hashed with for `gateway.user`;
+    # unset or empty: the attribute is left out (an unkeyed hash of a user id is reversible)
+    user_hash_key: SecretStr | None = None
+
+    @field_validator("user_hash_key")
+    @classmethod
+    def _empty_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None
 
     @field_validator("endpoint", "traces_endpoint")
     @classmethod

@@ -18,6 +18,11 @@ port (`listener="ops"`: /metrics, /healthz, /readyz), with a cap of its own.
   and a request answered before its body arrived closes the connection rather than draining it.
 - aiohttp's parser errors (malformed request line, headers or chunking) get an OpenAI-shaped 400
   that quotes nothing of the request, and a log line that names only the error's class.
+- At shutdown (`Door.close_all`) a connection closes after the request it is handling, an idle one at
+  once, unless a request has begun to arrive on it (part of its head read, or bytes waiting in the
+  kernel's buffer, as on a connection accepted a moment ago): that request is answered first. A
+  request body still arriving is read to its end. A client that sent a request gets an answer, not
+  a reset.
 
 Every close is counted in `gateway_connections_closed_total{listener,reason}`.
 """
@@ -25,7 +30,10 @@ Every close is counted in `gateway_connections_closed_total{listener,reason}`.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import resource
+import struct
+import termios
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -121,6 +129,13 @@ class Door:
     def __iter__(self) -> Iterator[FrontConnection]:
         return iter(list(self.open))
 
+    def close_all(self) -> set[asyncio.Task[None]]:
+        """At shutdown: every connection closes after the request it is handling, or at once when
+        idle; the tasks of those whose next request has begun to arrive, which end once it is
+        answered (the drain waits for them as for the handlers)."""
+        arriving = (connection.close_when_answered() for connection in self)
+        return {task for task in arriving if task is not None}
+
 
 _BUSY = ServerBusy("The gateway is at its connection limit; retry shortly.")
 _BUSY_RESPONSE = (
@@ -132,7 +147,7 @@ _BUSY_RESPONSE = (
 class FrontConnection(web_protocol.RequestHandler):
     """aiohttp's request handler with the front door's bounds on time to headers and on count."""
 
-    __slots__ = ("_door", "_header_timer", "_last_body", "_partial")
+    __slots__ = ("_closing", "_door", "_header_timer", "_last_body", "_partial")
 
     def __init__(self, manager: web.Server, door: Door, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -140,6 +155,7 @@ class FrontConnection(web_protocol.RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         self._partial = False  # bytes of a request head have arrived, not all of it
         self._last_body: StreamReader | None = None  # the body of the latest request parsed
+        self._closing = False  # shutting down: close once the request arriving is answered
 
     @property
     def idle(self) -> bool:
@@ -172,10 +188,27 @@ class FrontConnection(web_protocol.RequestHandler):
             self._disarm_header_timer()
             if self._messages:
                 self._last_body = self._messages[-1][1]
+                if self._closing:
+                    self._last_body.on_eof(self.close)  # at once if it has none
         elif data and next_head:
             self._partial = True  # the next request's head has begun: it has a deadline
             if self._header_timer is None:
                 self._arm_header_timer()
+
+    def close_when_answered(self) -> asyncio.Task[None] | None:
+        """Shutting down: close after the request being handled, or now when idle; but not before a
+        request arriving is in: when idle with the next one arriving, close once it is answered,
+        and return the task that ends then."""
+        if self._force_close:
+            return None
+        if self._last_body is not None and not self._last_body.is_eof():
+            self._last_body.on_eof(self.close)  # aiohttp reads nothing once closing: not even a body
+        elif self.idle and (self._partial or _unread(self.transport)):
+            self._closing = True
+            return self._task_handler
+        else:
+            self.close()
+        return None
 
     def _arm_header_timer(self) -> None:
         loop = asyncio.get_running_loop()
@@ -233,6 +266,18 @@ class FrontConnection(web_protocol.RequestHandler):
         )
         response.force_close()
         return response
+
+
+def _unread(transport: asyncio.BaseTransport | None) -> int:
+    """Bytes received on the transport's socket that it has not read yet."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return 0
+    try:
+        count = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:  # closed meanwhile
+        return 0
+    return int(struct.unpack("i", count)[0])
 
 
 class FrontServer(web.Server):

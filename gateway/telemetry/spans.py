@@ -4,6 +4,7 @@ API (loaded only when tracing is on). What each span and attribute is: `telemetr
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from collections.abc import Mapping, MutableMapping
 from functools import lru_cache
@@ -16,7 +17,6 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from gateway.limits.plan import user_scope_name
 from gateway.telemetry.activity import decision
 from gateway.telemetry.tracing import NO_ATTEMPT, AttemptTrace, RequestTrace
 
@@ -27,13 +27,16 @@ if TYPE_CHECKING:
 _PROPAGATOR = TraceContextTextMapPropagator()
 # OpenTelemetry has no well-known gen_ai.operation.name for images: these are the gateway's own.
 OPERATIONS = {"generate": "image_generation", "edit": "image_edit", "variation": "image_variation"}
+_USER_HASH_CHARS = 32  # 128 bits of the HMAC: enough to tell users apart, no more to carry
 
 
 class Spans:
-    """Opens each request's SERVER span, continuing the client's trace."""
+    """Opens each request's SERVER span, continuing the client's trace. `user_hash_key`: the key of
+    the HMAC that `gateway.user` is made with; None: no `gateway.user`."""
 
-    def __init__(self, tracer: trace.Tracer) -> None:
+    def __init__(self, tracer: trace.Tracer, user_hash_key: bytes | None = None) -> None:
         self.tracer = tracer
+        self.user_hash_key = user_hash_key
 
     def request(self, request: web.Request) -> RequestTrace:
         resource = request.match_info.route.resource
@@ -47,7 +50,7 @@ class Spans:
             SpanKind.SERVER,
             attributes=attributes,
         )
-        return _Live(self.tracer, span) if span.is_recording() else _Unsampled(span)
+        return _Live(self.tracer, span, self.user_hash_key) if span.is_recording() else _Unsampled(span)
 
 
 class _Stage:
@@ -101,12 +104,13 @@ class _Unsampled(RequestTrace):
 
 
 class _Live(RequestTrace):
-    __slots__ = ("context", "span", "tracer")
+    __slots__ = ("context", "span", "tracer", "user_hash_key")
 
-    def __init__(self, tracer: trace.Tracer, span: trace.Span) -> None:
+    def __init__(self, tracer: trace.Tracer, span: trace.Span, user_hash_key: bytes | None) -> None:
         self.tracer = tracer
         self.span = span
         self.context = trace.set_span_in_context(span)
+        self.user_hash_key = user_hash_key
 
     def stage(self, name: str) -> _Stage:
         return _Stage(self.tracer.start_span(name, self.context))
@@ -136,8 +140,9 @@ class _Live(RequestTrace):
         for field in ("size", "quality", "background", "output_format"):
             if isinstance(value := body.get(field), str):
                 attributes[f"gateway.image.{field}"] = value
-        if isinstance(user := body.get("user"), str):
-            attributes["gateway.user"] = user_scope_name(user).removeprefix("user:")
+        if self.user_hash_key is not None and isinstance(user := body.get("user"), str):
+            digest = hmac.digest(self.user_hash_key, user.encode("utf-8"), "sha256")
+            attributes["gateway.user"] = digest.hex()[:_USER_HASH_CHARS]
         self.span.set_attributes(attributes)
 
     def served(self, target: Target) -> None:

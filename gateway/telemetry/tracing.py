@@ -18,7 +18,9 @@ This module is the facade and its off form, and imports nothing of OpenTelemetry
 Attributes follow the OpenTelemetry GenAI conventions where they fit (`gen_ai.operation.name`,
 `gen_ai.request.model`, `gen_ai.response.model`, `gen_ai.provider.name`, `gen_ai.usage.*`) plus the
 gateway's own `gateway.*`. They are chosen field by field: never a prompt, a key or a user id in
-clear (the user is hashed as the store's per-user limits hash it). Spans are exported by a batch
+clear. The user (`gateway.user`) is an HMAC-SHA-256 keyed with `telemetry.user_hash_key`, and left
+out without one: an unkeyed hash, as the store's key names hold, is reversed by hashing a list of
+user ids. Spans are exported by a batch
 processor on its own thread (`telemetry.export`): a collector that is down or slow costs a request
 nothing; what cannot be queued or sent is counted in `gateway_trace_spans_dropped_total`.
 """
@@ -125,7 +127,11 @@ class Tracing:
         from gateway.telemetry.spans import Spans
 
         self.exporting = Exporting(self.settings, self.metrics.trace_spans_dropped)
-        self.spans = Spans(self.exporting.provider.get_tracer("gateway"))
+        key = self.settings.user_hash_key
+        self.spans = Spans(
+            self.exporting.provider.get_tracer("gateway"),
+            user_hash_key=key.get_secret_value().encode("utf-8") if key is not None else None,
+        )
 
     async def close(self) -> None:
         """Flush what is queued, within the exporter's bound, off the event loop."""

@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
 from gateway.app import PIPELINE, create_app
+from gateway.front.connections import FrontRunner
 from gateway.health import STORE
 from gateway.mock_upstream import RECEIVED
 from gateway.shutdown import drain
@@ -368,6 +369,63 @@ async def test_a_json_answer_broken_after_the_client_left_is_billed_not_refunded
     assert line["settled"] == "estimate"
 
 
+async def test_a_json_answer_broken_before_its_first_body_byte_is_a_502_billed_at_the_estimate(
+    start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis
+) -> None:
+    """The upstream sent a 200 head, then dropped the connection before any body byte. A JSON
+    answer's head goes out with its first body bytes, so nothing was sent yet: the client gets a
+    502 as for any dropped upstream, not a reset, and the access log and metrics say 502. The 200
+    meant the image was made (and billed upstream): settled once, at the estimate."""
+    redis = redis_factory()
+    upstream = ScriptedUpstream(Script(content_type="application/json", chunks=[], abort_after_chunks=True))
+    gw = await gateway_on(start_server, start_gateway, redis, upstream)
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as session:
+            status, body, headers = await generate(session, gw.url)
+            row = await settled_once(session, gw, redis)
+    assert (status, body["error"]["type"], body["error"]["code"]) == (
+        502,
+        "upstream_error",
+        "upstream_unavailable",
+    )
+    assert headers["x-ratelimit-remaining-requests"] == "9"  # as on the other upstream failures
+    assert (row["failed"], row["tokens"], row["nano_usd"]) == (1, LOW_ESTIMATE_TOKENS, LOW_ESTIMATE_NANO_USD)
+    [line] = finished_lines(logs)
+    assert (line["status"], line["settled"]) == (502, "estimate")
+    labels = {"tenant": "team", "model": MODEL, "route": "openai", "operation": "generate"}
+    assert gw.metric("gateway_requests_total", **labels, status="502") == 1
+    assert gw.metric("gateway_requests_total", **labels, status="200") == 0
+    assert gw.metric("gateway_upstream_errors_total", upstream="openai", kind="upstream_unavailable") == 1
+
+
+async def test_a_json_answer_broken_inside_its_body_is_cut_off_and_logged_as_failed(
+    start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis
+) -> None:
+    """Once body bytes were relayed the status cannot change: the client's connection is cut (no
+    final chunk), and the access log says so beside the 200 that was sent (`upstream_failure`), as
+    for a stream the upstream cut."""
+    redis = redis_factory()
+    whole = json_body(LOW_USAGE)
+    upstream = ScriptedUpstream(
+        Script(content_type="application/json", chunks=[whole[: len(whole) // 2]], abort_after_chunks=True)
+    )
+    gw = await gateway_on(start_server, start_gateway, redis, upstream)
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{gw.v1}/images/generations", json=LOW, headers=AUTH) as resp:
+                assert resp.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await resp.read()
+            row = await settled_once(session, gw, redis)
+    assert (row["failed"], row["tokens"], row["nano_usd"]) == (1, LOW_ESTIMATE_TOKENS, LOW_ESTIMATE_NANO_USD)
+    [line] = finished_lines(logs)
+    assert (line["status"], line["upstream_failure"], line["settled"]) == (
+        200,
+        "upstream_unavailable",
+        "estimate",
+    )
+
+
 async def test_a_settle_whose_reply_is_lost_is_retried_and_charged_once(
     start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis
 ) -> None:
@@ -508,7 +566,7 @@ async def test_a_request_cut_off_by_shutdown_while_the_upstream_generates_is_bil
     server = await start_server(upstream.app())
     settings = make_settings(base_url(server), limits=LIMITS, server={"shutdown_grace_seconds": 0.2})
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.2)
+    runner = FrontRunner(app, handle_signals=False, shutdown_timeout=0.2)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from gateway.shutdown import MARGIN_SECONDS
-from tests.support import redis_servers
+from tests.support import raw_http, redis_servers
 from tests.support.burst import LOW
 from tests.support.config import TENANT_KEY, config_dict
 from tests.support.held_upstreams import PARTIAL, EndlessStreams
@@ -97,13 +97,20 @@ async def test_sigterm_with_long_streams_open_exits_within_grace_and_margin_all_
     assert len(finished) == STREAMS and {e["settled"] for e in finished} == {"estimate"}
 
 
-async def test_during_the_drain_delay_readyz_is_503_and_requests_are_still_served(tmp_path: Path) -> None:
+async def answering_gateway(tmp_path: Path, **server: float) -> tuple[EndlessStreams, GatewayProcess]:
+    """A started gateway with `server` settings, before an upstream that answers at once (an empty
+    stream)."""
     upstream = EndlessStreams()
     await upstream.start()
-    upstream.end()  # answers at once (an empty stream)
-    config = config_dict(upstream.url, server={"drain_delay_seconds": 1.5, "shutdown_grace_seconds": 1})
-    gateway = GatewayProcess(config, tmp_path)
+    upstream.end()
+    gateway = GatewayProcess(config_dict(upstream.url, server=server), tmp_path)
     await gateway.start()
+    assert gateway.process is not None
+    return upstream, gateway
+
+
+async def test_during_the_drain_delay_readyz_is_503_and_requests_are_still_served(tmp_path: Path) -> None:
+    upstream, gateway = await answering_gateway(tmp_path, drain_delay_seconds=1.5, shutdown_grace_seconds=1)
     assert gateway.process is not None
     try:
         async with aiohttp.ClientSession() as session:
@@ -167,3 +174,33 @@ async def test_settlements_given_up_at_shutdown_make_the_exit_status_say_so(
     assert len([e for e in events if e["event"] == "settlement_lost"]) == 3
     [stopped] = [e for e in events if e["event"] == "gateway_stopped"]
     assert (stopped["level"], stopped["settlements_lost"]) == ("error", 3)
+
+
+@pytest.mark.parametrize("sent_before", ["head_in_part", "head_and_body_in_part"])
+async def test_a_request_arriving_as_shutdown_begins_is_answered(tmp_path: Path, sent_before: str) -> None:
+    """A request whose first bytes arrived before SIGTERM and the rest after (a client mid-send
+    when the listeners close) is answered, then its connection closes: it is not closed as idle
+    (the rest of its head) nor starved of the rest of its body."""
+    upstream, gateway = await answering_gateway(tmp_path, shutdown_grace_seconds=5)
+    assert gateway.process is not None
+    body = json.dumps(LOW).encode()
+    headers = [(b"Authorization", AUTH["Authorization"].encode()), (b"Content-Type", b"application/json")]
+    data = raw_http.request("/v1/images/generations", headers=headers, body=body)
+    split = data.index(b"\r\n") + 2 if sent_before == "head_in_part" else len(data) - len(body) // 2
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(data[:split])
+        await writer.drain()
+        await asyncio.sleep(0.3)  # read by the gateway
+        gateway.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)  # the listener closes and idle connections with it (drain delay 0)
+        writer.write(data[split:])
+        answer = await raw_http.read_response(reader)
+        rest = await reader.read()  # then the connection closes
+        writer.close()
+        code = await asyncio.to_thread(gateway.process.wait, 10)
+    finally:
+        await asyncio.to_thread(gateway.stop)
+        await upstream.stop()
+    assert (answer.status, rest) == (200, b"")
+    assert code == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import secrets
 import socket
@@ -33,6 +34,7 @@ from tests.support.scripted_upstream import Script, ScriptedUpstream
 StartServer = Callable[[web.Application], Awaitable[TestServer]]
 PROMPT = "a secret lighthouse painted by marker-7f3a9c"
 USER = "alice@example.com"
+USER_HASH_KEY = "trace-user-key-4e1d0b"
 STAGES = {"policy", "admission", "relay", "settlement"}
 
 
@@ -73,7 +75,9 @@ async def test_a_request_continues_the_client_trace_with_genai_attributes(
 ) -> None:
     collector, endpoint = receiver
     gw = await start_gateway(
-        openai_url=base_url(mock_openai), do_url=base_url(mock_do), telemetry=telemetry(endpoint)
+        openai_url=base_url(mock_openai),
+        do_url=base_url(mock_do),
+        telemetry=telemetry(endpoint, user_hash_key=USER_HASH_KEY),
     )
     trace_id, parent_id, headers = client_trace()
     async with sdk(gw, headers) as client:
@@ -119,7 +123,7 @@ async def test_a_request_continues_the_client_trace_with_genai_attributes(
         "gateway.image.quality": "low",
         "gateway.image.n": 1,
         "gateway.stream": False,
-        "gateway.user": hashlib.sha256(USER.encode()).hexdigest()[: len(server.attributes["gateway.user"])],
+        "gateway.user": hmac.new(USER_HASH_KEY.encode(), USER.encode(), "sha256").hexdigest()[:32],
         "gateway.settled": "usage",
         "gateway.cost_usd": None,
         "gateway.images": 1,
@@ -130,6 +134,25 @@ async def test_a_request_continues_the_client_trace_with_genai_attributes(
     assert attempt.attributes["http.response.status_code"] == 200
     assert attempt.attributes["gen_ai.provider.name"] == "openai"
     assert server.resource["service.name"] == "image-gateway"
+    _nothing_secret(collector)
+
+
+async def test_without_a_user_hash_key_the_user_is_left_out(
+    start_gateway: StartGateway, mock_openai: TestServer, receiver: tuple[OtlpReceiver, str]
+) -> None:
+    """No `telemetry.user_hash_key`: no `gateway.user` at all, rather than a hash anyone holding a
+    list of user ids could reverse."""
+    collector, endpoint = receiver
+    gw = await start_gateway(openai_url=base_url(mock_openai), telemetry=telemetry(endpoint))
+    trace_id, _, headers = client_trace()
+    async with sdk(gw, headers) as client:
+        await client.images.generate(
+            model="gpt-image-1.5", prompt=PROMPT, size="1024x1024", quality="low", user=USER
+        )
+    await collector.wait_for(ended(trace_id))
+    (server,) = [s for s in of_trace(collector.spans, trace_id) if s.kind == "SERVER"]
+    assert server.attributes["gateway.tenant"] == "team"
+    assert "gateway.user" not in server.attributes
     _nothing_secret(collector)
 
 
@@ -332,3 +355,7 @@ def _nothing_secret(collector: OtlpReceiver) -> None:
     assert exported
     for secret in (PROMPT, "marker-7f3a9c", TENANT_KEY, UPSTREAM_KEY, DO_UPSTREAM_KEY, USER, "alice"):
         assert secret.encode() not in exported, secret
+    assert USER_HASH_KEY.encode() not in exported
+    # nor the unkeyed hash of the user id (as the store's key names hold it): a list of user ids
+    # would reverse it
+    assert hashlib.sha256(USER.encode()).hexdigest()[:16].encode() not in exported

@@ -107,3 +107,12 @@ def test_a_section_of_comments_only_leaves_the_environment_in_charge() -> None:
         == "http://collector:4318/v1/traces"
     )
     assert not parse_settings(text, "gateway.yaml", environ={}).telemetry.active
+
+
+def test_the_user_hash_key_comes_from_an_environment_variable_and_empty_is_unset() -> None:
+    """As config.example.yaml writes it: `user_hash_key: ${GATEWAY_TRACE_USER_KEY:-}`."""
+    text = "telemetry:\n  user_hash_key: ${GATEWAY_TRACE_USER_KEY:-}\n"
+    telemetry = parse_settings(text, "gateway.yaml", environ={"GATEWAY_TRACE_USER_KEY": "k3y"}).telemetry
+    assert telemetry.user_hash_key is not None and telemetry.user_hash_key.get_secret_value() == "k3y"
+    assert "k3y" not in repr(telemetry)
+    assert parse_settings(text, "gateway.yaml", environ={}).telemetry.user_hash_key is None

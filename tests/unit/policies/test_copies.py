@@ -1,0 +1,61 @@
+"""Copies of catalog entries and policies with a field changed (`model_copy(update=...)`, as routing
+gives a target its own prices) answer from the changed field: nothing memoized on the original
+(defaults, output tokens, flavored variants, accepted parameters, compiled deny patterns) carries
+over to the copy."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from policies.catalog import load_catalog
+from policies.entry import ModelEntry
+from policies.rules import Policy
+
+
+def used(entry: ModelEntry) -> ModelEntry:
+    """`entry` after the questions a request asks of it: whatever it memoizes, it has."""
+    entry.effective({}, "size")
+    entry.output_tokens("1024x1024", "low")
+    entry.accepted_params  # noqa: B018 (a cached property, filled)
+    for flavor in entry.flavors:
+        entry.on(flavor)
+    return entry
+
+
+def test_a_copy_with_a_new_token_table_counts_its_output_tokens() -> None:
+    entry = used(load_catalog()["gpt-image-1.5"])
+    table = {
+        size: {q: tokens * 2 for q, tokens in row.items()} for size, row in (entry.token_table or {}).items()
+    }
+    copy = entry.model_copy(update={"token_table": table})
+    assert copy.output_tokens("1024x1024", "low") == 2 * entry.output_tokens("1024x1024", "low")
+
+
+def test_a_copy_with_a_new_default_uses_it_for_an_omitted_parameter() -> None:
+    entry = used(load_catalog()["gpt-image-1.5"])
+    assert entry.effective({}, "size") == entry.default_size != "1536x1024"
+    assert entry.model_copy(update={"default_size": "1536x1024"}).effective({}, "size") == "1536x1024"
+
+
+def test_a_copy_with_new_prices_has_them_on_every_flavor() -> None:
+    entry = used(load_catalog()["gpt-image-1"])
+    assert entry.prices is not None and entry.flavors
+    prices = entry.prices.model_copy(update={"image_out": Decimal(1)})
+    copy = entry.model_copy(update={"prices": prices})
+    for flavor in entry.flavors:
+        assert copy.on(flavor).prices == prices
+
+
+def test_a_copy_without_a_parameter_no_longer_accepts_it() -> None:
+    entry = used(load_catalog()["gpt-image-1.5"])
+    assert "style" not in entry.accepted_params and "background" in entry.accepted_params
+    copy = entry.model_copy(update={"backgrounds": None})
+    assert "background" not in copy.accepted_params
+
+
+def test_a_policy_copy_with_new_deny_patterns_matches_them() -> None:
+    policy = Policy(deny_prompt_patterns=["forbidden"])
+    assert policy.deny.first_match("a forbidden thing") == 0
+    copy = policy.model_copy(update={"deny_prompt_patterns": ["other"]})
+    assert copy.deny.first_match("a forbidden thing") is None
+    assert copy.deny.first_match("the other one") == 0
