@@ -115,10 +115,16 @@ def decide(
         metrics.record(plan.tenant, observed, "shadow")
         shadow = [f"{check.scope}.{check.kind.name}" for check, reading in observed if reading.code != OK]
         return Admission(
-            True, reservation, None, headers.render(observed, rejected=False, retry_after_us=None), shadow
+            True,
+            reservation,
+            None,
+            headers.render(observed, policy=call.policy, rejected=False, retry_after_us=None),
+            shadow,
         )
     # Rejected by the enforced limits; a shadowed limit that would refuse too is only counted.
     refusing = [o for o in observed if o[1].code != OK and not o[0].shadow]
     metrics.record(plan.tenant, observed, "over_limit")
-    header_map = headers.render(observed, rejected=True, retry_after_us=_retry_after_us(refusing))
+    header_map = headers.render(
+        observed, policy=call.policy, rejected=True, retry_after_us=_retry_after_us(refusing)
+    )
     return Admission(False, None, _error(refusing, labels, header_map), header_map)
