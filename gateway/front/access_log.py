@@ -50,7 +50,7 @@ class RequestRecord:
     stream: bool = False
     status: int = 0
     ttfb_ms: float | None = None
-    answered: float | None = None  # perf_counter() when the handler returned its answer
+    answered: float | None = None  # perf_counter() when the pipeline answered (before it settles)
     fields: dict[str, Any] = field(default_factory=dict)
     pending: asyncio.Future[Any] | None = None  # work that outlives the handler (the settlement)
     trace: RequestTrace = OFF  # the request's spans (telemetry.tracing), when tracing is on
@@ -111,7 +111,6 @@ def create_request_middleware(
         try:
             response = await _handle(request, handler, record)
             record.status = response.status
-            record.answered = time.perf_counter()
             return response
         finally:
             # The record lets go of the work: the work's result or traceback holds the request and
