@@ -23,6 +23,7 @@ from gateway.errors import (
     InvalidRequest,
     PolicyViolation,
     UpstreamAuthFailed,
+    drop_tracebacks,
 )
 from gateway.front.access_log import RECORD, RequestRecord
 from gateway.front.admission import AdmissionQueue
@@ -416,6 +417,8 @@ def _answer(
     if isinstance(result, asyncio.CancelledError):
         answered.cancel()
     elif isinstance(result, BaseException):
+        if isinstance(result, GatewayError):  # rendered, never logged: its frames hold `answered`
+            drop_tracebacks(result)
         answered.set_exception(result)
     else:
         answered.set_result(result)

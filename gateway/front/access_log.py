@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound
+from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, drop_tracebacks
 from gateway.front.auth import bearer_token
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
@@ -113,10 +113,13 @@ def create_request_middleware(
             record.status = response.status
             return response
         finally:
-            if record.pending is not None and not record.pending.done():
+            # The record lets go of the work: the work's result or traceback holds the request and
+            # so the record, a cycle that only a full garbage collection would free (garbage.py).
+            pending, record.pending = record.pending, None
+            if pending is not None and not pending.done():
                 # The pipeline still works (settling, or relaying for a handler that was
                 # cancelled): log when it is done.
-                record.pending.add_done_callback(lambda _: _finish(request, record, metrics, activity))
+                pending.add_done_callback(lambda _: _finish(request, record, metrics, activity))
             else:
                 _finish(request, record, metrics, activity)
 
@@ -127,6 +130,7 @@ async def _handle(request: web.Request, handler: Handler, record: RequestRecord)
     try:
         response = await handler(request)
     except GatewayError as error:
+        drop_tracebacks(error)  # the pipeline's task holds it, and its frames hold the task
         return error_response(error, request, record.request_id)
     except web.HTTPException as exc:
         if exc.status < 400:
