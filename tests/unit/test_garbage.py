@@ -143,6 +143,17 @@ async def test_the_reclaim_waits_for_the_process_to_be_idle(busy: tuple[GarbageC
     assert await eventually(lambda: ref() is None)
 
 
+async def test_a_process_never_idle_reclaims_once_its_frozen_objects_have_grown_enough(
+    busy: tuple[GarbageCollection, Idle], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Otherwise whatever a library leaves in cycles would grow for ever in a gateway never idle."""
+    ref = frozen_cycle()
+    await asyncio.sleep(0.1)
+    assert ref() is not None  # grown, but not BUSY_RECLAIM_FACTOR times
+    monkeypatch.setattr(garbage, "BUSY_RECLAIM_FACTOR", 1.0)
+    assert await eventually(lambda: ref() is None)
+
+
 async def test_a_reload_frees_the_old_runtime_while_collections_freeze(
     collection: tuple[GarbageCollection, CollectorRegistry, Idle], tmp_path: Path
 ) -> None:
