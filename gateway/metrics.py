@@ -66,12 +66,30 @@ _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 _DRIFT_BUCKETS = (-1000, -100, -1, 0, 1, 100, 500, 1000, 2500, 5000, 10000, 50000)
 
 
+class _BeforeCollect(Collector):
+    """Registered first, so it runs first whenever the registry is read: applies the updates that
+    were kept back (see `Metrics.before_collect`). Exports nothing itself."""
+
+    def __init__(self) -> None:
+        self.flushes: list[Callable[[], None]] = []
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        for flush in self.flushes:
+            flush()
+        return iter(())
+
+
 class Metrics:
     """All of the gateway's metrics, registered on one registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         r = registry
+        self._before_collect = _BeforeCollect()
+        r.register(self._before_collect)
         self.requests = Counter(
             "gateway_requests",
             "Requests answered, by tenant, model, route, operation (generate|edit|variation), HTTP status.",
@@ -288,6 +306,10 @@ class Metrics:
         )
         for reason in ("queue_full", "export_failed"):
             self.trace_spans_dropped.labels(reason)  # exported at 0 from the start, for alerts
+
+    def before_collect(self, flush: Callable[[], None]) -> None:
+        """Have `flush` apply updates kept back in this process whenever the registry is read."""
+        self._before_collect.flushes.append(flush)
 
     def initialise(self, settings: Settings) -> None:
         """Export at 0 the counters dashboards and alerts take `rate()` of, for every label set the

@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 
 from gateway.config import StoreSettings
 from gateway.limits import keys
+from gateway.limits.headers import policy_header
 from gateway.limits.kinds import KIND_BY_NAME, RATE_WINDOW_US, LimitKind
 from gateway.limits.ledger import charge_fields
 from gateway.limits.meters import Reading
@@ -106,6 +107,7 @@ class ReserveCall(_DayKeys):
     record_ttl_ms: int
     ledger_expire_at: int
     ledger: tuple[tuple[str, int], ...] = ()  # the estimate, charged to the ledger if admitted
+    policy: str = ""  # the checks' `RateLimit-Policy` header (`headers.policy_header`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,23 +182,34 @@ def _check(tenant: str, scope: str, planned: PlannedLimit, periods: dict[str, Pe
     return Check(scope, kind, key, limit, 0, window.seconds, end_us, window.expire_at, shadow)
 
 
+@dataclass(frozen=True, slots=True)
+class _Templates:
+    checks: tuple[Check, ...]  # without their costs
+    policy: str  # their `RateLimit-Policy` header
+
+
 @functools.lru_cache(maxsize=4096)
-def _templates(plan: LimitPlan, day: date) -> tuple[Check, ...]:
+def _templates(plan: LimitPlan, day: date) -> _Templates:
     """A plan's checks on `day` without their costs: the same for every request of a (tenant, key,
-    end user) that day, so named once (key strings, period ends) and kept."""
+    end user) that day, so named once (key strings, period ends, the policy header) and kept."""
     periods = {"day": period("day", day), "month": period("month", day)}
-    return tuple(
+    checks = tuple(
         _check(plan.tenant, scope.name, limit, periods) for scope in plan.scopes for limit in scope.limits
     )
+    return _Templates(checks, policy_header(checks))
 
 
-def compile_checks(plan: LimitPlan, cost: Cost, day: date) -> tuple[Check, ...]:
+def _costed(templates: _Templates, cost: Cost) -> tuple[Check, ...]:
     return tuple(
         Check(
             t.scope, t.kind, t.key, t.limit, t.kind.amount(cost), t.window_s, t.end_us, t.expire_at, t.shadow
         )
-        for t in _templates(plan, day)
+        for t in templates.checks
     )
+
+
+def compile_checks(plan: LimitPlan, cost: Cost, day: date) -> tuple[Check, ...]:
+    return _costed(_templates(plan, day), cost)
 
 
 def ledger_expire_at(settings: StoreSettings, day: date) -> int:
@@ -213,17 +226,19 @@ def compile_reserve(
     mode: Mode,
     settings: StoreSettings,
 ) -> ReserveCall:
+    templates = _templates(plan, day)
     return ReserveCall(
         tenant=plan.tenant,
         reservation_id=reservation_id,
         model=model,
         day=day,
         mode=mode,
-        checks=compile_checks(plan, cost, day),
+        checks=_costed(templates, cost),
         lease_ttl_us=settings.lease_ttl_seconds * 1_000_000,
         record_ttl_ms=settings.lease_ttl_seconds * 1000 + RECORD_GRACE_MS,
         ledger_expire_at=ledger_expire_at(settings, day),
         ledger=() if mode == "peek" else charge_fields(model, cost),
+        policy=templates.policy,
     )
 
 

@@ -75,15 +75,24 @@ def _retry_after_us(refusing: Sequence[Observed]) -> int | None:
 
 
 class DecisionMetrics:
-    """`ratelimit_decisions` and `budget_remaining` for one admission's readings."""
+    """`ratelimit_decisions` and `budget_remaining` for each admission's readings.
+
+    Two series per limit per admission, with ten limits a tenth of the admission's CPU through
+    prometheus_client (a label lookup, checks and a lock per update). So they are counted here in
+    plain dicts and applied to the metrics whenever the registry is read (a scrape, in this
+    process) and once a second (`flush`, from the store: with workers, a scrape reads every
+    worker's metric files, not this process's registry)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        self._decisions: dict[tuple[str, str, str], int] = {}
+        self._remaining: dict[tuple[str, str], float] = {}
+        metrics.before_collect(self.flush)
 
     def record(self, tenant: str, observed: Sequence[Observed], refused: str) -> None:
         """Count each limit's outcome: ok, near_limit (admitted at NEAR_LIMIT or more), or `refused`
         (over_limit, or shadow when a shadow-mode tenant would have been rejected)."""
-        decisions, remaining = self._metrics.ratelimit_decisions, self._metrics.budget_remaining
+        decisions, remaining = self._decisions, self._remaining
         for check, reading in observed:
             if reading.code != OK:
                 outcome = "shadow" if check.shadow else refused
@@ -91,9 +100,19 @@ class DecisionMetrics:
                 outcome = "near_limit"
             else:
                 outcome = "ok"
-            decisions.labels(tenant, metric_label(check), outcome).inc()
+            key = (tenant, metric_label(check), outcome)
+            decisions[key] = decisions.get(key, 0) + 1
             if check.scope == "tenant":
-                remaining.labels(tenant, check.kind.name).set(_left(check, reading))
+                remaining[tenant, check.kind.name] = _left(check, reading)
+
+    def flush(self) -> None:
+        """Apply what was counted since the last flush."""
+        decisions, self._decisions = self._decisions, {}
+        remaining, self._remaining = self._remaining, {}
+        for labels, count in decisions.items():
+            self._metrics.ratelimit_decisions.labels(*labels).inc(count)
+        for (tenant, limit), left in remaining.items():
+            self._metrics.budget_remaining.labels(tenant, limit).set(left)
 
 
 def _left(check: Check, reading: Reading) -> float:
@@ -115,10 +134,16 @@ def decide(
         metrics.record(plan.tenant, observed, "shadow")
         shadow = [f"{check.scope}.{check.kind.name}" for check, reading in observed if reading.code != OK]
         return Admission(
-            True, reservation, None, headers.render(observed, rejected=False, retry_after_us=None), shadow
+            True,
+            reservation,
+            None,
+            headers.render(observed, policy=call.policy, rejected=False, retry_after_us=None),
+            shadow,
         )
     # Rejected by the enforced limits; a shadowed limit that would refuse too is only counted.
     refusing = [o for o in observed if o[1].code != OK and not o[0].shadow]
     metrics.record(plan.tenant, observed, "over_limit")
-    header_map = headers.render(observed, rejected=True, retry_after_us=_retry_after_us(refusing))
+    header_map = headers.render(
+        observed, policy=call.policy, rejected=True, retry_after_us=_retry_after_us(refusing)
+    )
     return Admission(False, None, _error(refusing, labels, header_map), header_map)

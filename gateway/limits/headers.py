@@ -17,12 +17,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
-from gateway.limits.calls import Check
 from gateway.limits.meters import OK, Reading, ceil_div
 from policies.cost import NANO_PER_USD
 
-Observed = tuple[Check, Reading]
+if TYPE_CHECKING:  # calls.py names each plan's policy header once, with `policy_header`
+    from gateway.limits.calls import Check
+
+Observed = tuple["Check", Reading]
 _CATEGORIES = ("requests", "tokens", "images", "usd")
 
 
@@ -42,9 +45,10 @@ def go_duration(us: int) -> str:
 
 
 def usd_text(nano: int) -> str:
-    """Exact decimal USD for a nano-USD amount: 50, 0.17, 12.000000001."""
-    text = format(Decimal(nano) / NANO_PER_USD, "f")
-    return text.rstrip("0").rstrip(".") if "." in text else text
+    """Exact decimal USD for a nano-USD amount: 50, 0.17, 12.000000001, -0.5."""
+    whole, fraction = divmod(abs(nano), NANO_PER_USD)
+    text = f"{'-' if nano < 0 else ''}{whole}.{fraction:09d}".rstrip("0")
+    return text.removesuffix(".")
 
 
 def _remaining(check: Check, reading: Reading) -> int:
@@ -60,23 +64,25 @@ def _quota(check: Check, amount: int) -> int:
     return amount // 1000 if check.kind.unit == "nano_usd" else amount
 
 
-def _tightest(observed: Sequence[Observed], category: str) -> Observed | None:
-    candidates = [o for o in observed if o[0].kind.header == category]
-    if not candidates:
-        return None
-    return min(candidates, key=lambda o: (_remaining(*o), -o[1].reset_us))
-
-
 def _openai_headers(observed: Sequence[Observed]) -> dict[str, str]:
+    # Per category, the limit with the least remaining (the later reset among equals), in one pass.
+    tightest: dict[str, tuple[tuple[int, int], Observed]] = {}
+    for check, reading in observed:
+        category = check.kind.header
+        if category is None:
+            continue
+        rank = (max(0, check.limit - reading.used), -reading.reset_us)
+        best = tightest.get(category)
+        if best is None or rank < best[0]:
+            tightest[category] = (rank, (check, reading))
     headers: dict[str, str] = {}
     for category in _CATEGORIES:
-        found = _tightest(observed, category)
-        if found is None:
+        if category not in tightest:
             continue
-        check, reading = found
+        (remaining, _), (check, reading) = tightest[category]
         text = usd_text if category == "usd" else str
         headers[f"x-ratelimit-limit-{category}"] = text(check.limit)
-        headers[f"x-ratelimit-remaining-{category}"] = text(_remaining(check, reading))
+        headers[f"x-ratelimit-remaining-{category}"] = text(remaining)
         headers[f"x-ratelimit-reset-{category}"] = go_duration(reading.reset_us)
     return headers
 
@@ -88,30 +94,36 @@ def policy_header(checks: Sequence[Check]) -> str:
 
 
 def _closest(observed: Sequence[Observed], rejected: bool) -> tuple[Observed, int] | None:
-    """The policy to show in `RateLimit`, and its `t` in seconds."""
-    windowed = [o for o in observed if o[0].window_s]
-    if rejected:
-        refusing = [o for o in windowed if o[1].code != OK]
-        if not refusing:
-            return None
-        chosen = max(refusing, key=lambda o: o[1].wait_us)
-        return chosen, ceil_div(chosen[1].wait_us or chosen[1].more_us, 1_000_000)
-    if not windowed:
+    """The policy to show in `RateLimit`, and its `t` in seconds: of the windowed limits, the one
+    that refused with the longest wait, else the one with the smallest share left (the longer wait
+    for more among equals)."""
+    chosen: Observed | None = None
+    best: tuple[float, int] | None = None
+    for check, reading in observed:
+        if not check.window_s or (rejected and reading.code == OK):
+            continue
+        if rejected:
+            rank: tuple[float, int] = (-reading.wait_us, 0)
+        else:
+            left = max(0, check.limit - reading.used) / check.limit if check.limit else 0.0
+            rank = (left, -reading.more_us)
+        if best is None or rank < best:
+            best, chosen = rank, (check, reading)
+    if chosen is None:
         return None
-
-    def ratio(o: Observed) -> tuple[float, int]:
-        return (_remaining(*o) / o[0].limit if o[0].limit else 0.0, -o[1].more_us)
-
-    chosen = min(windowed, key=ratio)
-    return chosen, ceil_div(chosen[1].more_us, 1_000_000)
+    reading = chosen[1]
+    return chosen, ceil_div((reading.wait_us or reading.more_us) if rejected else reading.more_us, 1_000_000)
 
 
-def render(observed: Sequence[Observed], *, rejected: bool, retry_after_us: int | None) -> dict[str, str]:
-    """All rate-limit headers for one decision; `retry_after_us` only for a retryable rejection."""
+def render(
+    observed: Sequence[Observed], *, policy: str, rejected: bool, retry_after_us: int | None
+) -> dict[str, str]:
+    """All rate-limit headers for one decision; `policy` is `policy_header` of the checks (the
+    same for every request of a plan, so worked out once); `retry_after_us` only for a retryable
+    rejection."""
     headers = _openai_headers(observed)
-    policies = policy_header([check for check, _ in observed])
-    if policies:
-        headers["RateLimit-Policy"] = policies
+    if policy:
+        headers["RateLimit-Policy"] = policy
     closest = _closest(observed, rejected)
     t = 0
     if closest is not None:

@@ -84,6 +84,8 @@ LEDGER_TIMEOUT_SECONDS = 30.0
 # the event loop for about 1.9 s (a new request waited that long); in batches of this size, other
 # work runs between two of them.
 RENEW_BATCH = 128
+# The decision metrics a worker counted reach the shared metric files at least this often.
+DECISION_METRICS_FLUSH_SECONDS = 1.0
 _UNAVAILABLE = "The rate-limit store is unavailable, so the request could not be admitted. Retry shortly."
 
 
@@ -110,6 +112,7 @@ class LimitStore:
             metrics.store_errors.labels(operation)
         metrics.degraded_decisions.labels(settings.on_unavailable)
         self._renewer: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
 
     @property
     def engine(self) -> Engine:
@@ -130,11 +133,21 @@ class LimitStore:
         # A failure is already logged; every later call retries, on_unavailable decides meanwhile.
         with contextlib.suppress(StoreFailure):
             await self._guard("start", self._engine.start)
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_decision_metrics())
+
+    async def _flush_decision_metrics(self) -> None:
+        """Once a second, as well as at every read of this process's registry (see DecisionMetrics)."""
+        while True:
+            await asyncio.sleep(DECISION_METRICS_FLUSH_SECONDS)
+            self._decision_metrics.flush()
 
     async def close(self) -> int:
         """Deliver what the outbox holds (bounded), then close: the number given up."""
         if self._renewer is not None:
             self._renewer.cancel()
+        if self._flusher is not None:
+            self._flusher.cancel()
+        self._decision_metrics.flush()
         lost = await self._outbox.close()
         await self._engine.close()
         return lost

@@ -15,7 +15,7 @@ A single limit may be shadowed too (`{value: N, mode: shadow}`): `PlannedLimit.s
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.config import KeySettings, Limits, TenantSettings
 from gateway.limits.kinds import LimitKind, configured
@@ -63,6 +63,15 @@ class LimitPlan:
     tenant: str
     scopes: tuple[ScopePlan, ...]
     shadow: bool = False
+    # Hashed once: a plan is a cache key (`calls._templates`) on every request, and hashing it
+    # anew walks every scope and limit.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.tenant, self.scopes, self.shadow)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @staticmethod
     def build(
