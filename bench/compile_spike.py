@@ -36,7 +36,7 @@ REFUSED = {
     "gateway/limits/calls.py": "dataclasses over a slotted mixin that declares `tenant: str`: import fails with"
     " 'non-default argument follows default argument' (the mixin's attributes become native fields)",
     "gateway/front/connections.py": "subclasses aiohttp's RequestHandler with __slots__: import fails with"
-    " \"mypyc classes can't have __slots__\"",
+    ' "mypyc classes can\'t have __slots__"',
 }
 
 SETS = {
@@ -54,7 +54,9 @@ SETS = {
         "gateway/telemetry/*.py",
     ],
 }
-SETS["hot"] = [pattern for name in ("relay", "limits", "policies", "front", "pipeline") for pattern in SETS[name]]
+SETS["hot"] = [
+    pattern for name in ("relay", "limits", "policies", "front", "pipeline") for pattern in SETS[name]
+]
 
 
 def modules(names: list[str]) -> list[str]:
@@ -79,20 +81,22 @@ def clean() -> None:
 
 def compile_in_place(paths: list[str]) -> None:
     from mypyc.build import mypycify  # mypy's compiler: only this spike needs it
-    from setuptools import Distribution
+    from setuptools import Distribution  # type: ignore[import-untyped]  # no stubs in the venv
 
     os.chdir(ROOT)
     # separate: one C file per module, so the two cores compile in parallel (one file is ~400k lines)
     extensions = mypycify(paths, opt_level=os.environ.get("MYPYC_OPT_LEVEL", "3"), separate=True)
     dist = Distribution({"name": "gateway-spike", "ext_modules": extensions})
     build = dist.get_command_obj("build_ext")
-    build.inplace = True  # type: ignore[attr-defined]
-    build.parallel = os.cpu_count()  # type: ignore[attr-defined]
+    build.inplace = True
+    build.parallel = os.cpu_count()
     dist.run_command("build_ext")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--set", nargs="+", choices=sorted(SETS), default=["hot"])
     parser.add_argument("--clean", action="store_true", help="remove the compiled modules and stop")
     args = parser.parse_args()
