@@ -56,6 +56,20 @@ class GatewayError(Exception):
         return b"event: error\ndata: " + orjson.dumps({"type": "error", "error": error}) + b"\n\n"
 
 
+def drop_tracebacks(exc: BaseException) -> None:
+    """Forget the tracebacks of `exc` and of its causes, once it has been rendered or translated.
+
+    A traceback's frames hold the request's objects, and something reachable from them often holds
+    the exception (the pipeline's task, aiohttp's stream reader): a cycle that reference counting
+    cannot free, left to a full garbage collection (see garbage.py). Nothing logs these tracebacks."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
+
+
 class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"

@@ -194,7 +194,10 @@ class HandedSite(web.BaseSite):
                 await asyncio.wait_for(asyncio.shield(self._ended), self._supervisor_wait)
         if not self._ended.done():  # still dealing: refuse more (the dealer skips us), take the rest
             self._channel.shutdown(socket.SHUT_RD)
-            await self._ended
+            # Reading a shut channel reaches its end at once; bounded all the same, so the exit
+            # bound holds whatever the kernel does.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._ended), self._supervisor_wait)
         if self._handing:
             await asyncio.wait(self._handing)
         await super().stop()

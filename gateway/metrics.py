@@ -151,6 +151,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.gc_pause = Histogram(
+            "gateway_gc_pause_seconds",
+            "Garbage collections of this process, by generation (0, 1, 2: full), and how long each"
+            " stopped it (garbage.py).",
+            ["generation"],
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
         self.policy_decisions = Counter(
             "gateway_policy_decisions",
             "Policy outcomes other than a plain allow, by tenant and rule.",

@@ -19,9 +19,11 @@ from multidict import CIMultiDict
 
 from gateway.errors import (
     GatewayError,
+    InternalError,
     InvalidRequest,
     PolicyViolation,
     UpstreamAuthFailed,
+    drop_tracebacks,
 )
 from gateway.front.access_log import RECORD, RequestRecord
 from gateway.front.admission import AdmissionQueue
@@ -33,6 +35,7 @@ from gateway.metrics import Metrics
 from gateway.relay import RelayOutcome, relay
 from gateway.requests.model import ClientRequest, read_request
 from gateway.runtime import Route, Runtime, RuntimeHolder, Target
+from gateway.shutdown import CUT_SETTLE_SECONDS
 from gateway.upstreams import transport as upstream
 from gateway.upstreams.failover import Attempts, Exchange, Forwarder, Request
 from gateway.upstreams.health import Health
@@ -132,34 +135,41 @@ class Pipeline:
 
         `answered` gets the response (or the error to answer with) once the relay is done, and the
         settlement goes on after it: the client's connection takes its next request meanwhile,
-        instead of waiting a store round trip. The settlement's store call is sent first, so a next
-        request on the connection reaches the store after it (one connection to Redis, in order):
-        a sequential client never finds its own finished request holding a concurrency slot."""
-        with _InFlight(self.metrics):
-            outcome: RelayOutcome | None = None
-            answer: web.StreamResponse | BaseException
-            self.store.hold(admitted.reservation)  # its concurrency leases, renewed until settled
-            try:
-                answer, outcome = await self.forward_and_relay(request, runtime, admitted, record)
-            except GatewayError as error:
-                error.headers.update(admitted.admission.headers)
-                self.metrics.upstream_errors.labels(record.upstream, error.error_code or "error").inc()
-                log.warning("upstream_failed", error=error.error_code, upstream=record.upstream)
-                answer = error
-            except BaseException as exc:  # cancelled (shutdown cut it), or a bug: settled all the same
-                answer = exc
-            with record.trace.stage("settlement"):
-                settling = asyncio.ensure_future(self.settle(credential, admitted, outcome, record))
-                await asyncio.sleep(0)  # one turn: its store call is queued before the answer goes
-                _answer(answered, answer)
-                await asyncio.shield(settling)
-            if isinstance(answer, asyncio.CancelledError):
-                raise answer
+        instead of waiting a store round trip. Its store call is queued first; where the store
+        takes calls in the order they are made (`Store.settles_in_order`: the memory store, a plain
+        `redis://` connection), a next request on the connection reaches the store after it, so a
+        sequential client never finds its own finished request holding a concurrency slot. On
+        other connections (TLS, unix socket, cluster) a request that holds one answers once settled.
+        """
+        answer: web.StreamResponse | BaseException = InternalError("The request was not served.")
+        try:
+            with _InFlight(self.metrics):
+                outcome: RelayOutcome | None = None
+                try:
+                    self.store.hold(admitted.reservation)  # its concurrency leases, renewed until settled
+                    answer, outcome = await self.forward_and_relay(request, runtime, admitted, record)
+                except GatewayError as error:
+                    error.headers.update(admitted.admission.headers)
+                    self.metrics.upstream_errors.labels(record.upstream, error.error_code or "error").inc()
+                    log.warning("upstream_failed", error=error.error_code, upstream=record.upstream)
+                    answer = error
+                except BaseException as exc:  # cancelled (shutdown cut it), or a bug: settled all the same
+                    answer = exc
+                with record.trace.stage("settlement"):
+                    settling = asyncio.ensure_future(self.settle(credential, admitted, outcome, record))
+                    if self.store.settles_in_order or not admitted.reservation.holds_leases:
+                        await asyncio.sleep(0)  # one turn: its store call is queued before the answer
+                        _answer(answered, answer, record)
+                    await _settled(settling)
+        finally:
+            _answer(answered, answer, record)  # whatever happened above, the handler gets its answer
+        if isinstance(answer, asyncio.CancelledError):
+            raise answer
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
         if not task.cancelled():
-            task.exception()  # a settlement that failed: retrieved, it was logged where it failed
+            task.exception()  # retrieved: `_settled` logged a settlement that failed
 
     def apply_policy(
         self, runtime: Runtime, credential: Credential, client: ClientRequest, record: RequestRecord
@@ -319,7 +329,11 @@ class Pipeline:
         self, credential: Credential, admitted: Admitted, outcome: RelayOutcome | None, record: RequestRecord
     ) -> None:
         """Replace the reservation with what the upstream reported, exactly once, on every path."""
-        actual, how = self.actual(admitted, outcome)
+        try:
+            actual, how = self.actual(admitted, outcome)
+        except Exception:  # a bug: still settled (at the estimate), so its leases are released
+            log.exception("usage_unreadable")
+            actual, how = admitted.estimate, "estimate"
         label = "ok" if outcome is not None and _succeeded(outcome) else "failed"
         attempts = admitted.attempts
         settled = self.store.settle(admitted.reservation, actual, outcome=label)
@@ -379,12 +393,32 @@ class Pipeline:
         m.spend.add(tenant, model, how, nano_usd=actual.nano_usd)
 
 
-def _answer(answered: asyncio.Future[web.StreamResponse], result: web.StreamResponse | BaseException) -> None:
-    if answered.done():  # pragma: no cover (only `serve` answers, once)
+async def _settled(settling: asyncio.Future[None]) -> None:
+    """Wait for the settlement; one that failed is logged (the client has its answer already).
+    Shutdown's cut does not orphan it: it is waited for CUT_SETTLE_SECONDS more, then the cut
+    goes on."""
+    try:
+        await asyncio.shield(settling)
+    except asyncio.CancelledError:
+        await asyncio.wait({settling}, timeout=CUT_SETTLE_SECONDS)
+        raise
+    except Exception:
+        log.exception("settlement_failed")
+
+
+def _answer(
+    answered: asyncio.Future[web.StreamResponse],
+    result: web.StreamResponse | BaseException,
+    record: RequestRecord,
+) -> None:
+    if answered.done():
         return
+    record.answered = time.perf_counter()
     if isinstance(result, asyncio.CancelledError):
         answered.cancel()
     elif isinstance(result, BaseException):
+        if isinstance(result, GatewayError):  # rendered, never logged: its frames hold `answered`
+            drop_tracebacks(result)
         answered.set_exception(result)
     else:
         answered.set_result(result)

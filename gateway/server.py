@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,10 +35,11 @@ from aiohttp import web
 from gateway.app import PIPELINE, RELOADER, create_app
 from gateway.config import ConfigError, ServerSettings, Settings
 from gateway.front.connections import FrontRunner, raise_file_limit
+from gateway.garbage import GarbageCollection
 from gateway.handoff import SUPERVISOR_WAIT, Dealer, HandedSite
-from gateway.health import create_ops_app
+from gateway.health import METRICS, create_ops_app
 from gateway.logs import get_logger
-from gateway.shutdown import RUNNER_SHUTDOWN_TIMEOUT, SETTLEMENTS_LOST, drain
+from gateway.shutdown import IN_FLIGHT, RUNNER_SHUTDOWN_TIMEOUT, SETTLEMENTS_LOST, drain
 
 log = get_logger("gateway.server")
 T = TypeVar("T")
@@ -104,6 +106,11 @@ async def serve(
         await runner.cleanup()
         raise ListenError(ops_host, server.ops_port, exc) from exc
     url = f"http://{server.host}:{_bound_port(runner) or server.port}"
+    # What startup built is frozen out of every collection from here on (garbage.py).
+    collection = GarbageCollection(
+        app[METRICS].gc_pause, lambda: not app[IN_FLIGHT] and not app[PIPELINE].tasks
+    )
+    collection.start()
     _log_store(settings)
     log.info(
         "gateway_started",
@@ -117,11 +124,7 @@ async def serve(
     )
     if on_ready is not None:
         on_ready(url)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload, app)
+    stop = _on_signals(app)
     try:
         await stop.wait()
     finally:
@@ -129,13 +132,14 @@ async def serve(
         # not kill the process after the loop's handlers are gone: shutdown is already under way.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
-        stopping = loop.time()
+        stopping = time.monotonic()
         await drain(app, runner, server, app[PIPELINE].tasks)
         await runner.cleanup()
         await ops_runner.cleanup()  # last: /healthz and /metrics answer while the tenant port drains
+        await collection.close()
         lost = app[SETTLEMENTS_LOST][0]
         stopped = log.error if lost else log.info
-        stopped("gateway_stopped", seconds=round(loop.time() - stopping, 3), settlements_lost=lost)
+        stopped("gateway_stopped", seconds=round(time.monotonic() - stopping, 3), settlements_lost=lost)
     return lost
 
 
@@ -159,6 +163,16 @@ def _log_store(settings: Settings) -> None:
         )
     else:
         log.info("store_selected", backend=store.backend, url=store.shown_url, cluster=store.cluster)
+
+
+def _on_signals(app: web.Application) -> asyncio.Event:
+    """SIGHUP reloads the configuration; SIGTERM and SIGINT set the event returned."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, app)
+    return stop
 
 
 def _reload(app: web.Application) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound
+from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, drop_tracebacks
 from gateway.front.auth import bearer_token
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
@@ -50,7 +50,7 @@ class RequestRecord:
     stream: bool = False
     status: int = 0
     ttfb_ms: float | None = None
-    answered: float | None = None  # perf_counter() when the handler returned its answer
+    answered: float | None = None  # perf_counter() when the pipeline answered (before it settles)
     fields: dict[str, Any] = field(default_factory=dict)
     pending: asyncio.Future[Any] | None = None  # work that outlives the handler (the settlement)
     trace: RequestTrace = OFF  # the request's spans (telemetry.tracing), when tracing is on
@@ -111,13 +111,15 @@ def create_request_middleware(
         try:
             response = await _handle(request, handler, record)
             record.status = response.status
-            record.answered = time.perf_counter()
             return response
         finally:
-            if record.pending is not None and not record.pending.done():
+            # The record lets go of the work: the work's result or traceback holds the request and
+            # so the record, a cycle that only a full garbage collection would free (garbage.py).
+            pending, record.pending = record.pending, None
+            if pending is not None and not pending.done():
                 # The pipeline still works (settling, or relaying for a handler that was
                 # cancelled): log when it is done.
-                record.pending.add_done_callback(lambda _: _finish(request, record, metrics, activity))
+                pending.add_done_callback(lambda _: _finish(request, record, metrics, activity))
             else:
                 _finish(request, record, metrics, activity)
 
@@ -128,6 +130,7 @@ async def _handle(request: web.Request, handler: Handler, record: RequestRecord)
     try:
         response = await handler(request)
     except GatewayError as error:
+        drop_tracebacks(error)  # the pipeline's task holds it, and its frames hold the task
         return error_response(error, request, record.request_id)
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -10,6 +10,7 @@ The hash lives `ledger_retention_days` past its day.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from datetime import date
@@ -64,19 +65,35 @@ def field(counter: str, model: str) -> str:
     return f"{counter}:{model}"
 
 
+_CHARGED = (
+    "requests",
+    "images",
+    "text_in_tokens",
+    "image_in_tokens",
+    "image_out_tokens",
+    "nano_usd",
+    "failed",
+)
+
+
+@functools.lru_cache(maxsize=1024)  # a few per model of the catalog
+def _charged_fields(model: str) -> tuple[str, ...]:
+    return tuple(field(counter, model) for counter in _CHARGED)
+
+
 def charge_fields(model: str, cost: Cost, outcome: str = "ok") -> tuple[tuple[str, int], ...]:
     """The increments that charge one request at `cost` (zero counters are left out): its estimate
     at reserve, its actual cost at settle."""
-    counts = {
-        "requests": 1,
-        "images": cost.images,
-        "text_in_tokens": cost.text_in_tokens,
-        "image_in_tokens": cost.image_in_tokens,
-        "image_out_tokens": cost.image_out_tokens,
-        "nano_usd": cost.nano_usd,
-        "failed": 0 if outcome == "ok" else 1,
-    }
-    return tuple((field(name, model), value) for name, value in counts.items() if value)
+    counts = (
+        1,
+        cost.images,
+        cost.text_in_tokens,
+        cost.image_in_tokens,
+        cost.image_out_tokens,
+        cost.nano_usd,
+        0 if outcome == "ok" else 1,
+    )
+    return tuple((name, count) for name, count in zip(_charged_fields(model), counts, strict=True) if count)
 
 
 def rows(tenant: str, day: date, counters: dict[str, int]) -> list[LedgerRow]:

@@ -118,6 +118,10 @@ class LimitStore:
     def engine(self) -> Engine:
         return self._engine
 
+    @property
+    def settles_in_order(self) -> bool:
+        return self._engine.calls_in_order
+
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -35,6 +35,7 @@ class MemoryEngine:
         self._swept_at = 0
 
     times_its_calls = True  # nothing to wait for
+    calls_in_order = True  # applied as they are made
 
     async def start(self) -> None:
         return None

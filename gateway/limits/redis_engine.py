@@ -119,6 +119,12 @@ class RedisEngine:
         self._lean = lean
 
     @property
+    def calls_in_order(self) -> bool:
+        """On the lean connection, one socket in order; redis-py's pools (TLS, unix sockets) and a
+        cluster may send a later call on a connection that is ready sooner."""
+        return self._lean is not None
+
+    @property
     def times_its_calls(self) -> bool:
         """Whether the engine itself fails a call that Redis does not answer (see the docstring)."""
         return self._lean is not None

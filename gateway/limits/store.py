@@ -91,6 +91,12 @@ class LimitStatus:
 
 
 class Store(Protocol):
+    @property
+    def settles_in_order(self) -> bool:
+        """Whether its calls reach the store in the order they are made (a settle queued before
+        the next reserve is applied before it)."""
+        ...
+
     async def start(self) -> None: ...
     async def close(self) -> int: ...  # how many settlements and releases it had to give up
     async def reserve(self, plan: LimitPlan, cost: Cost, *, request_id: str, model: str) -> Admission: ...

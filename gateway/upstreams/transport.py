@@ -19,7 +19,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable, drop_tracebacks
 from gateway.runtime import Target
 
 # Request headers a client may send that the upstream should see; everything else (its key, its
@@ -125,7 +125,11 @@ def never_reached(exc: BaseException | None) -> bool:
 
 
 def translate(exc: aiohttp.ClientError | asyncio.TimeoutError | OSError, target: Target) -> GatewayError:
-    """An aiohttp/OS failure talking to `target`'s upstream as the error a client sees."""
+    """An aiohttp/OS failure talking to `target`'s upstream as the error a client sees.
+
+    `exc` loses its traceback: aiohttp keeps the exception (a response's stream reader holds it to
+    raise again) while the traceback's frames hold that reader and the request."""
+    drop_tracebacks(exc)
     name = target.upstream_name
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return UpstreamTimeout(

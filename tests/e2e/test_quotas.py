@@ -433,16 +433,20 @@ async def test_openai_sdk_rate_limit_error_carries_the_limiter_headers(
     assert headers["ratelimit-policy"] == '"rpm";q=1;w=60'
 
 
+@pytest.mark.parametrize("connection", ["lean", "redis-py pool"])
 async def test_a_sequential_client_under_a_concurrency_limit_of_one_is_never_refused(
-    start_gateway: StartGateway, mock_openai: TestServer, redis_factory: MakeRedis
+    start_gateway: StartGateway, mock_openai: TestServer, redis_factory: MakeRedis, connection: str
 ) -> None:
     """The connection takes its next request while the last one settles, but the settlement's store
     call goes first: a client that waits for each answer never finds its own finished request still
-    holding the one slot (JSON and streamed answers, one keep-alive connection)."""
+    holding the one slot (JSON and streamed answers, one keep-alive connection). On redis-py's pool
+    (TLS, unix sockets, URL options), where calls may overtake each other, such a request answers
+    once settled."""
     redis = redis_factory()
+    url = redis.url + ("?health_check_interval=30" if connection == "redis-py pool" else "")
     gw = await start_gateway(
         openai_url=base_url(mock_openai),
-        store=redis_store(redis),
+        store={"backend": "redis", "url": url},
         limits={"concurrent_requests": 1},
         admin={"token": ADMIN_TOKEN},
     )

@@ -1,0 +1,102 @@
+"""A bug inside the pipeline after admission costs one request, never more: its client gets an
+answer (never a hung connection), it is still settled (so its concurrency slot is released), and
+the failure is logged. The answer goes out before the settlement; a shutdown that cuts the request
+then still waits for that settlement."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from structlog.testing import capture_logs
+
+from gateway.app import PIPELINE
+from gateway.pipeline import Pipeline
+from gateway.shutdown import CUT_SETTLE_SECONDS
+from tests.e2e.conftest import StartGateway, base_url
+from tests.support.config import TENANT_KEY
+
+AUTH = {"Authorization": f"Bearer {TENANT_KEY}"}
+LOW = {"model": "gpt-image-1.5", "prompt": "a lighthouse", "size": "1024x1024", "quality": "low"}
+ONE_AT_A_TIME = {"concurrent_requests": 1}
+
+
+async def generate(session: aiohttp.ClientSession, url: str) -> int:
+    async with session.post(f"{url}/v1/images/generations", json=LOW, headers=AUTH) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def test_a_settlement_that_cannot_read_the_usage_still_settles_and_frees_the_slot(
+    start_gateway: StartGateway, mock_openai: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw = await start_gateway(openai_url=base_url(mock_openai), limits=ONE_AT_A_TIME)
+    original = Pipeline.actual
+    calls = 0
+
+    def broken_once(self: Pipeline, *args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in the usage reader")
+        return original(self, *args)
+
+    monkeypatch.setattr(Pipeline, "actual", broken_once)
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as session:
+            statuses = [await asyncio.wait_for(generate(session, gw.url), 10) for _ in range(3)]
+            await asyncio.sleep(0.1)  # the last settlement and its log line
+    assert statuses == [200, 200, 200]  # the first answer was relayed; its slot was released
+    assert [line["log_level"] for line in logs if line["event"] == "usage_unreadable"] == ["error"]
+    finished = [line for line in logs if line["event"] == "request_finished"]
+    assert [line["settled"] for line in finished] == ["estimate", "usage", "usage"]
+
+
+async def test_a_bug_before_the_relay_answers_500_at_once_and_settles(
+    start_gateway: StartGateway, mock_openai: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw = await start_gateway(openai_url=base_url(mock_openai), limits=ONE_AT_A_TIME)
+    store = gw.app[PIPELINE].store
+    original = type(store).hold
+    calls = 0
+
+    def broken_once(self: Any, reservation: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug holding the leases")
+        original(self, reservation)
+
+    monkeypatch.setattr(type(store), "hold", broken_once)
+    async with aiohttp.ClientSession() as session:
+        first = await asyncio.wait_for(generate(session, gw.url), 5)  # before: never answered
+        second = await asyncio.wait_for(generate(session, gw.url), 5)
+    assert (first, second) == (500, 200)
+
+
+async def test_a_cut_request_that_answered_is_still_waited_for_while_it_settles(
+    start_gateway: StartGateway, mock_openai: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown cuts what is still running at the end of its grace; a request that already answered
+    and is only settling is waited for (up to CUT_SETTLE_SECONDS), not abandoned half-settled."""
+    gw = await start_gateway(openai_url=base_url(mock_openai))
+    pipeline = gw.app[PIPELINE]
+    original = Pipeline.settle
+
+    async def slow(self: Pipeline, *args: Any) -> None:
+        await asyncio.sleep(CUT_SETTLE_SECONDS / 3)
+        await original(self, *args)
+
+    monkeypatch.setattr(Pipeline, "settle", slow)
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as session:
+            assert await generate(session, gw.url) == 200
+        [work] = pipeline.tasks  # answered, still settling
+        work.cancel()  # what the drain does at the end of its grace
+        await asyncio.wait({work}, timeout=CUT_SETTLE_SECONDS)
+    assert work.done()
+    [finished] = [line for line in logs if line["event"] == "request_finished"]
+    assert finished["settled"] == "usage"
