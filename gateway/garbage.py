@@ -60,6 +60,7 @@ class GarbageCollection:
         self._pauses = [pauses.labels(str(generation)) for generation in range(3)]
         self._idle = idle
         self._started_at = 0.0
+        self._noted: list[tuple[int, float]] = []  # (generation, pause) not yet observed
         self._frozen = 0  # frozen objects after the last reclaim
         self._reclaim_checked_at = time.monotonic()
         self._task: asyncio.Task[None] | None = None
@@ -79,19 +80,29 @@ class GarbageCollection:
                 await self._task
         with contextlib.suppress(ValueError):
             gc.callbacks.remove(self._on_collection)
+        self._observe_noted()
         gc.unfreeze()
 
     def _on_collection(self, phase: str, info: dict[str, int]) -> None:
         """Called by the interpreter before and after every collection: times it; after a full
-        one, freezes its survivors (the younger generations are empty then)."""
+        one, freezes its survivors (the younger generations are empty then).
+
+        A collection can start anywhere an object is allocated, in any thread, prometheus_client's
+        own code included, while it holds its lock (one lock for every value, with workers): so the
+        pause is only noted here, and observed by `_collect_often`."""
         now = time.perf_counter()
         if phase == "start":
             self._started_at = now
             return
         generation = info["generation"]
-        self._pauses[generation].observe(now - self._started_at)
+        self._noted.append((generation, now - self._started_at))
         if generation == 2:
             gc.freeze()
+
+    def _observe_noted(self) -> None:
+        noted, self._noted = self._noted, []
+        for generation, seconds in noted:
+            self._pauses[generation].observe(seconds)
 
     def reclaim(self) -> int:
         """Unfreeze, collect everything, freeze the survivors again; the objects freed."""
@@ -105,6 +116,7 @@ class GarbageCollection:
         while True:
             await asyncio.sleep(FREEZE_EVERY_SECONDS)
             gc.collect()  # what was made since the last one; its callback freezes what lives on
+            self._observe_noted()
             idle_for = idle_for + FREEZE_EVERY_SECONDS if self._idle() else 0.0
             if time.monotonic() - self._reclaim_checked_at < RECLAIM_INTERVAL_SECONDS:
                 continue
