@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 
 from gateway.logs import get_logger
-from gateway.metrics import Histogram
+from gateway.metrics import Metrics
 
 log = get_logger("gateway.garbage")
 
@@ -53,11 +53,12 @@ BUSY_RECLAIM_FACTOR = 2.0
 class GarbageCollection:
     """The policy above, for one serving process: `start()` once it serves, `close()` at the end.
 
-    `pauses` is `Metrics.gc_pause` (a histogram labelled by generation); `idle` says whether no
+    Pauses go to `metrics.gc_pause` (a histogram labelled by generation); `idle` says whether no
     request is in flight."""
 
-    def __init__(self, pauses: Histogram, idle: Callable[[], bool]) -> None:
-        self._pauses = [pauses.labels(str(generation)) for generation in range(3)]
+    def __init__(self, metrics: Metrics, idle: Callable[[], bool]) -> None:
+        self._pauses = [metrics.gc_pause.labels(str(generation)) for generation in range(3)]
+        metrics.before_collect(self._observe_noted)  # a scrape sees every pause noted so far
         self._idle = idle
         self._started_at = 0.0
         self._noted: list[tuple[int, float]] = []  # (generation, pause) not yet observed

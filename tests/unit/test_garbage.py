@@ -52,7 +52,7 @@ class Idle:
 @pytest.fixture
 async def collection() -> AsyncIterator[tuple[GarbageCollection, CollectorRegistry, Idle]]:
     registry, idle = CollectorRegistry(), Idle()
-    policy = GarbageCollection(Metrics(registry).gc_pause, idle)
+    policy = GarbageCollection(Metrics(registry), idle)
     policy.start()
     try:
         yield policy, registry, idle
