@@ -71,7 +71,7 @@ def _openai_headers(observed: Sequence[Observed]) -> dict[str, str]:
         category = check.kind.header
         if category is None:
             continue
-        rank = (max(0, check.limit - reading.used), -reading.reset_us)
+        rank = (_remaining(check, reading), -reading.reset_us)
         best = tightest.get(category)
         if best is None or rank < best[0]:
             tightest[category] = (rank, (check, reading))
@@ -105,7 +105,7 @@ def _closest(observed: Sequence[Observed], rejected: bool) -> tuple[Observed, in
         if rejected:
             rank: tuple[float, int] = (-reading.wait_us, 0)
         else:
-            left = max(0, check.limit - reading.used) / check.limit if check.limit else 0.0
+            left = _remaining(check, reading) / check.limit if check.limit else 0.0
             rank = (left, -reading.more_us)
         if best is None or rank < best:
             best, chosen = rank, (check, reading)
