@@ -232,20 +232,22 @@ class ModelEntry(Frozen):
         """The value the upstream will use: the body's unless null or absent, else the model's default
         (None for a parameter `operation` does not take)."""
         value = body.get(param)
-        if value is not None or param not in self.params(operation):
+        if value is not None:
             return value
-        return self._defaults.get(param)
+        return self._defaults[operation].get(param)
 
     @cached_property
-    def _defaults(self) -> Mapping[str, Any]:
-        """What the upstream uses for an omitted parameter: the model's own defaults, else the API's."""
-        return {
+    def _defaults(self) -> Mapping[Operation, Mapping[str, Any]]:
+        """What the upstream uses for an omitted parameter that `operation` takes: the model's own
+        defaults, else the API's. Per operation, so that `effective` asks one dict, not `params`."""
+        defaults = {
             **_API_DEFAULTS,
             "size": self.default_size,
             "quality": self.default_quality,
             "output_format": self.default_output_format,
             "input_fidelity": "low",  # OpenAI's default for the models that take it
         }
+        return {op: {p: v for p, v in defaults.items() if p in self.params(op)} for op in OPERATIONS}
 
     def output_tokens(self, size: str, quality: str) -> int | None:
         """Output tokens of one image at a concrete size and quality: the larger of table and curve."""

@@ -14,7 +14,8 @@ from policies.rules import Policy
 
 def used(entry: ModelEntry) -> ModelEntry:
     """`entry` after the questions a request asks of it: whatever it memoizes, it has."""
-    entry.effective({}, "size")
+    for operation in ("generate", "edit", "variation"):
+        entry.effective({}, "size", operation)
     entry.output_tokens("1024x1024", "low")
     entry.accepted_params  # noqa: B018 (a cached property, filled)
     for flavor in entry.flavors:
@@ -51,6 +52,15 @@ def test_a_copy_without_a_parameter_no_longer_accepts_it() -> None:
     assert "style" not in entry.accepted_params and "background" in entry.accepted_params
     copy = entry.model_copy(update={"backgrounds": None})
     assert "background" not in copy.accepted_params
+
+
+def test_a_copy_without_a_parameter_has_no_default_for_it() -> None:
+    entry = used(load_catalog()["gpt-image-1.5"])
+    assert entry.effective({}, "background") == "auto"
+    assert entry.effective({}, "output_format", "edit") == "png"
+    copy = entry.model_copy(update={"backgrounds": None, "output_formats": None})
+    assert copy.effective({}, "background") is None
+    assert copy.effective({}, "output_format", "edit") is None
 
 
 def test_a_policy_copy_with_new_deny_patterns_matches_them() -> None:
