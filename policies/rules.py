@@ -79,6 +79,11 @@ class Policy(Frozen):
         """The deny patterns, compiled once per policy."""
         return prompts.DenyPatterns(self.deny_prompt_patterns)
 
+    @property
+    def narrows_sizes(self) -> bool:
+        """Whether the policy has any rule on sizes (a list, or caps): without one every size passes."""
+        return self.sizes is not None or self.max_pixels is not None or self.max_edge is not None
+
     def clamps(self, param: str) -> bool:
         """Whether a violation of the rule on `param` is clamped rather than rejected."""
         return any(rule == param and action == "clamp" for rule, action in self.on_violation.items())

@@ -121,11 +121,11 @@ def _pin_auto(req: Request, violated: set[str | None]) -> list[Adjustment]:
     exact. A policy that narrows nothing (or allows no concrete value) leaves `auto` to the upstream.
     """
     pins = []
-    for param, rule, costliest in (
-        ("quality", "qualities", _costliest_quality),
-        ("size", "sizes", _costliest_size),
+    for param, rule, narrowed, costliest in (
+        ("quality", "qualities", req.policy.qualities is not None, _costliest_quality),
+        ("size", "sizes", req.policy.narrows_sizes, _costliest_size),
     ):
-        if param in violated or req.effective(param) != AUTO:
+        if not narrowed or param in violated or req.effective(param) != AUTO:
             continue
         value = costliest(req)
         if value is not None:
@@ -150,8 +150,10 @@ def _fill_omitted(req: Request) -> list[Adjustment]:
         ("output_format", "output_formats", policy.output_formats),
         ("background", "backgrounds", policy.backgrounds),
     ):
+        if listed is None or req.body.get(param) is not None:
+            continue
         default = req.effective(param)
-        if req.body.get(param) is not None or listed is None or default is None or default in listed:
+        if default is None or default in listed:
             continue
         dearest = {"quality": _dearest_quality, "size": _dearest_size}.get(param)
         value = dearest(req) if dearest else _first_allowed(req, param, listed)
@@ -222,8 +224,10 @@ def _shown(req: Request, param: str, value: Any) -> str:
 
 
 def _one_of(req: Request, rule: str, param: str, allowed: list[Any] | None) -> Finding | None:
+    if allowed is None:
+        return None
     value = req.effective(param)
-    if allowed is None or value is None or value in allowed:
+    if value is None or value in allowed:
         return None
     message = (
         f"Policy rule '{rule}' allows {param} {quoted(allowed)}; the request has {_shown(req, param, value)}."
@@ -232,8 +236,10 @@ def _one_of(req: Request, rule: str, param: str, allowed: list[Any] | None) -> F
 
 
 def _at_most(req: Request, rule: str, param: str, limit: int | None) -> Finding | None:
+    if limit is None:
+        return None
     value = req.effective(param)
-    if limit is None or not is_int(value) or value <= limit:
+    if not is_int(value) or value <= limit:
         return None
     message = (
         f"Policy rule '{rule}' allows {param} up to {limit}; the request has {_shown(req, param, value)}."
@@ -333,7 +339,10 @@ def _size_clamp(req: Request, size: str) -> str | None:
 
 
 def _sizes(req: Request) -> Finding | None:
-    size, policy = req.effective("size"), req.policy
+    policy = req.policy
+    if not policy.narrows_sizes:
+        return None
+    size = req.effective("size")
     if not isinstance(size, str) or size_allowed(policy, req.entry, size):
         return None
     allowed = list(policy.sizes or [])
