@@ -41,7 +41,6 @@ from policies.catalog import AUTO, ModelEntry
 from policies.uploads import GENERATE, Inputs, input_tokens
 
 NANO_PER_USD = 1_000_000_000
-_NANO_PER_TOKEN = 1000  # nano-USD per token at $1 per 1M tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,20 +98,16 @@ def actual_cost(
 
 def priced(entry: ModelEntry, images: int, text_in: int, image_in: int, image_out: int) -> Cost:
     """A Cost of per-token model `entry` with its USD, each bucket rounded up to the nano-USD."""
-    cost = Cost(images, text_in, image_in, image_out)
-    return Cost(images, text_in, image_in, image_out, sum(nano_usd_by_bucket(cost, entry).values()))
+    nano = sum(_token_nanos(entry, text_in, image_in, image_out)) if entry.prices is not None else 0
+    return Cost(images, text_in, image_in, image_out, nano)
 
 
 def nano_usd_by_bucket(cost: Cost, entry: ModelEntry) -> dict[str, int]:
     """USD per price bucket in nano-USD: text_in, image_in, image_out; or per_image (dall-e)."""
     if entry.prices is None:
         return {"per_image": cost.nano_usd}
-    prices = entry.prices
-    return {
-        "text_in": _token_nano(cost.text_in_tokens, prices.text_in),
-        "image_in": _token_nano(cost.image_in_tokens, prices.image_in),
-        "image_out": _token_nano(cost.image_out_tokens, prices.image_out),
-    }
+    nanos = _token_nanos(entry, cost.text_in_tokens, cost.image_in_tokens, cost.image_out_tokens)
+    return dict(zip(("text_in", "image_in", "image_out"), nanos, strict=True))
 
 
 def prompt_tokens(prompt: object) -> int:
@@ -121,8 +116,15 @@ def prompt_tokens(prompt: object) -> int:
     return max(1, len(text.encode("utf-8", "surrogatepass")))
 
 
-def _token_nano(tokens: int, usd_per_million: Decimal) -> int:
-    return math.ceil(tokens * usd_per_million * _NANO_PER_TOKEN)
+def _token_nanos(entry: ModelEntry, text_in: int, image_in: int, image_out: int) -> tuple[int, int, int]:
+    """Nano-USD of each bucket's tokens, each rounded up."""
+    assert entry.prices is not None
+    text_rate, image_in_rate, image_out_rate = entry.prices.nano_usd_per_token
+    return _nano(text_in, text_rate), _nano(image_in, image_in_rate), _nano(image_out, image_out_rate)
+
+
+def _nano(tokens: int, rate: int | Decimal) -> int:
+    return tokens * rate if isinstance(rate, int) else math.ceil(tokens * rate)
 
 
 def _per_image(body: Mapping[str, Any], entry: ModelEntry, images: int) -> Cost:

@@ -32,6 +32,7 @@ from policies.sizes import SizeRule
 AUTO = "auto"
 # OpenAI's defaults for an omitted parameter that the catalog gives no model-specific default for
 _MEMO_CAP = 1024  # sizes and qualities remembered per model
+_NANO_PER_TOKEN = 1000  # nano-USD (1e-9 USD) per token at $1 per 1M tokens
 
 _API_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {
@@ -71,6 +72,18 @@ class Prices(Frozen):
     image_out: Decimal = Field(ge=0)
     text_in_cached: Decimal | None = Field(default=None, ge=0)
     image_in_cached: Decimal | None = Field(default=None, ge=0)
+
+    @cached_property
+    def nano_usd_per_token(self) -> tuple[int | Decimal, int | Decimal, int | Decimal]:
+        """text_in, image_in and image_out in nano-USD per token ($1 per 1M tokens is 1000): an int
+        where the price has no digit finer than that (every shipped price), so a cost is integer
+        arithmetic, not three Decimal products per request."""
+        return _per_token(self.text_in), _per_token(self.image_in), _per_token(self.image_out)
+
+
+def _per_token(usd_per_million: Decimal) -> int | Decimal:
+    nano = usd_per_million * _NANO_PER_TOKEN
+    return int(nano) if nano == nano.to_integral_value() else nano
 
 
 class Lifecycle(Frozen):

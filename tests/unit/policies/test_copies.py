@@ -8,6 +8,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from policies.catalog import load_catalog
+from policies.cost import priced
 from policies.entry import ModelEntry
 from policies.rules import Policy
 
@@ -17,6 +18,8 @@ def used(entry: ModelEntry) -> ModelEntry:
     for operation in ("generate", "edit", "variation"):
         entry.effective({}, "size", operation)
     entry.output_tokens("1024x1024", "low")
+    if entry.prices is not None:
+        priced(entry, 1, 10, 10, 10)
     entry.accepted_params  # noqa: B018 (a cached property, filled)
     for flavor in entry.flavors:
         entry.on(flavor)
@@ -45,6 +48,14 @@ def test_a_copy_with_new_prices_has_them_on_every_flavor() -> None:
     copy = entry.model_copy(update={"prices": prices})
     for flavor in entry.flavors:
         assert copy.on(flavor).prices == prices
+
+
+def test_a_copy_with_new_prices_charges_them() -> None:
+    entry = used(load_catalog()["gpt-image-1.5"])
+    assert entry.prices is not None
+    assert priced(entry, 1, 0, 0, 10).nano_usd == 320_000  # $32 per 1M tokens
+    cheaper = entry.prices.model_copy(update={"image_out": Decimal(1)})
+    assert priced(entry.model_copy(update={"prices": cheaper}), 1, 0, 0, 10).nano_usd == 10_000
 
 
 def test_a_copy_without_a_parameter_no_longer_accepts_it() -> None:
