@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 from policies import capabilities, sizes
@@ -94,7 +95,7 @@ def enforce(
     req = Request(policy, entry, model, body, inputs)  # clamps change `body`, which `req` reads
     if not shadow:
         adjustments += _fill_omitted(req)
-    for rule in RULES:
+    for rule in _rules_for(policy.set_fields):
         found = rule(req)
         if found is None:
             continue
@@ -390,22 +391,39 @@ def _stream(req: Request) -> Finding | None:
     return Finding("stream", "stream", "Policy rule 'stream' does not allow streaming.", [False], True)
 
 
-RULES: tuple[Rule, ...] = (
-    _operations,
-    _models,
-    _require_user,
-    _prompt_chars,
-    _deny_patterns,
-    _sizes,
-    _qualities,
-    lambda req: _at_most(req, "max_n", "n", req.policy.max_n),
-    lambda req: _one_of(req, "moderation", "moderation", req.policy.moderation),
-    lambda req: _one_of(req, "output_formats", "output_format", req.policy.output_formats),
-    lambda req: _one_of(req, "backgrounds", "background", req.policy.backgrounds),
-    _compression,
-    _stream,
-    lambda req: _at_most(req, "max_partial_images", "partial_images", req.policy.max_partial_images),
-    _input_images,
-    lambda req: _one_of(req, "input_fidelities", "input_fidelity", req.policy.input_fidelities),
-    _mask,
+# Each rule after the policy fields that set it, in the order violations are reported. A rule whose
+# fields all keep their defaults finds nothing whatever the request: `enforce` does not ask it.
+RULES: tuple[tuple[tuple[str, ...], Rule], ...] = (
+    (("operations",), _operations),
+    (("models",), _models),
+    (("require_user",), _require_user),
+    (("max_prompt_chars",), _prompt_chars),
+    (("deny_prompt_patterns",), _deny_patterns),
+    (("sizes", "max_pixels", "max_edge"), _sizes),
+    (("qualities",), _qualities),
+    (("max_n",), lambda req: _at_most(req, "max_n", "n", req.policy.max_n)),
+    (("moderation",), lambda req: _one_of(req, "moderation", "moderation", req.policy.moderation)),
+    (
+        ("output_formats",),
+        lambda req: _one_of(req, "output_formats", "output_format", req.policy.output_formats),
+    ),
+    (("backgrounds",), lambda req: _one_of(req, "backgrounds", "background", req.policy.backgrounds)),
+    (("output_compression",), _compression),
+    (("stream",), _stream),
+    (
+        ("max_partial_images",),
+        lambda req: _at_most(req, "max_partial_images", "partial_images", req.policy.max_partial_images),
+    ),
+    (("max_input_images",), _input_images),
+    (
+        ("input_fidelities",),
+        lambda req: _one_of(req, "input_fidelities", "input_fidelity", req.policy.input_fidelities),
+    ),
+    (("allow_mask",), _mask),
 )
+
+
+@lru_cache(maxsize=64)  # keyed by the fields a policy sets: a few distinct sets per configuration
+def _rules_for(set_fields: frozenset[str]) -> tuple[Rule, ...]:
+    """The rules a policy setting `set_fields` has, in order."""
+    return tuple(rule for fields, rule in RULES if not set_fields.isdisjoint(fields))

@@ -11,6 +11,7 @@ from policies.catalog import load_catalog
 from policies.cost import priced
 from policies.entry import ModelEntry
 from policies.rules import Policy
+from policies.tenant import enforce
 
 
 def used(entry: ModelEntry) -> ModelEntry:
@@ -80,3 +81,13 @@ def test_a_policy_copy_with_new_deny_patterns_matches_them() -> None:
     copy = policy.model_copy(update={"deny_prompt_patterns": ["other"]})
     assert copy.deny.first_match("a forbidden thing") is None
     assert copy.deny.first_match("the other one") == 0
+
+
+def test_a_policy_copy_with_a_new_rule_enforces_it() -> None:
+    entry = load_catalog()["gpt-image-1.5"]
+    body = {"prompt": "two kites", "n": 2}
+    policy = Policy()
+    assert enforce(policy, entry, "gpt-image-1.5", dict(body)) == ([], [])
+    copy = policy.model_copy(update={"max_n": 1})
+    violations, _ = enforce(copy, entry, "gpt-image-1.5", dict(body))
+    assert [v.rule for v in violations] == ["max_n"]
