@@ -207,7 +207,7 @@ class ModelEntry(Frozen):
     def concrete_qualities(self) -> list[str]:
         return [q for q in self.qualities if q != AUTO]
 
-    @property
+    @cached_property
     def operations(self) -> tuple[Operation, ...]:
         """What the model does: every model generates; edits and variations where the catalog says."""
         rules = {"generate": True, "edit": self.edits is not None, "variation": self.variations is not None}

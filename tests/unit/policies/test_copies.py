@@ -22,6 +22,7 @@ def used(entry: ModelEntry) -> ModelEntry:
     if entry.prices is not None:
         priced(entry, 1, 10, 10, 10)
     entry.accepted_params  # noqa: B018 (a cached property, filled)
+    entry.operations  # noqa: B018
     for flavor in entry.flavors:
         entry.on(flavor)
     return entry
@@ -73,6 +74,12 @@ def test_a_copy_without_a_parameter_has_no_default_for_it() -> None:
     copy = entry.model_copy(update={"backgrounds": None, "output_formats": None})
     assert copy.effective({}, "background") is None
     assert copy.effective({}, "output_format", "edit") is None
+
+
+def test_a_copy_without_edits_has_no_edit_operation() -> None:
+    entry = used(load_catalog()["gpt-image-1.5"])
+    assert entry.operations == ("generate", "edit")
+    assert entry.model_copy(update={"edits": None}).operations == ("generate",)
 
 
 def test_a_policy_copy_with_new_deny_patterns_matches_them() -> None:
