@@ -169,8 +169,9 @@ def _sizes(value: object, entry: ModelEntry) -> list[str]:
 def _qualities(value: object, entry: ModelEntry) -> list[str]:
     """The qualities `value` may produce: itself when concrete, else (`auto`, junk) every one."""
     quality = entry.default_quality if value is None else value
-    concrete = entry.concrete_qualities
-    return [quality] if isinstance(quality, str) and quality in concrete else concrete
+    if isinstance(quality, str) and quality != AUTO and quality in entry.qualities:
+        return [quality]
+    return entry.concrete_qualities
 
 
 # No image request comes near a billion tokens: a count above it is a broken upstream, not usage.
@@ -188,7 +189,8 @@ def _usage_tokens(usage: object, body: Mapping[str, Any]) -> tuple[int, int, int
         return None
     details = usage.get("input_tokens_details")
     details = details if isinstance(details, Mapping) else {}
-    given, output, total = (_count(usage.get(k)) for k in ("input_tokens", "output_tokens", "total_tokens"))
+    given, output = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
+    total = _count(usage.get("total_tokens"))
     text, image = _count(details.get("text_tokens")), _count(details.get("image_tokens"))
     if given is None and (text is not None or image is not None):
         given = (text or 0) + (image or 0)
