@@ -87,7 +87,7 @@ def estimate(body: Mapping[str, Any], entry: ModelEntry, inputs: Inputs = GENERA
 
 
 def actual_cost(
-    body: Mapping[str, Any], usage: Mapping[str, Any] | None, images: int, entry: ModelEntry
+    body: Mapping[str, Any], usage: dict[str, Any] | None, images: int, entry: ModelEntry
 ) -> Cost | None:
     """The cost the upstream reported; None when a per-token model reported no usable usage."""
     if entry.per_image:
@@ -184,11 +184,12 @@ def _count(value: object) -> int | None:
 
 
 def _usage_tokens(usage: object, body: Mapping[str, Any]) -> tuple[int, int, int] | None:
-    """(text_in, image_in, output) from a `usage` object, tolerating missing details; None if unusable."""
-    if not isinstance(usage, Mapping):
+    """(text_in, image_in, output) from a parsed `usage` object (a JSON object is a dict), tolerating
+    missing details; None if unusable."""
+    if not isinstance(usage, dict):  # not Mapping: an ABC's isinstance costs ten times more
         return None
     details = usage.get("input_tokens_details")
-    details = details if isinstance(details, Mapping) else {}
+    details = details if isinstance(details, dict) else {}
     given, output = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
     total = _count(usage.get("total_tokens"))
     text, image = _count(details.get("text_tokens")), _count(details.get("image_tokens"))
