@@ -4,7 +4,9 @@ Upstream bodies are tens of MB of base64. `JsonScanner` never buffers the docume
 its bytes one by one in Python: it jumps over strings with `bytes.find` (memchr), and only the few
 structural characters outside strings reach Python. What it keeps is bounded: the captured
 top-level values (at most `CAPTURE_CAP` bytes each, beyond which a value is given up) and a short
-key. Used by `gateway.usage` for JSON bodies and for each SSE event's data.
+key. `JsonDocument` reads a document that stays small for the same answers more cheaply: it keeps it
+and parses it whole with orjson, and hands it to a `JsonScanner` only once it outgrows `CAPTURE_CAP`.
+Used by `gateway.usage` for JSON bodies and for each SSE event's data.
 """
 
 from __future__ import annotations
@@ -196,3 +198,68 @@ class JsonScanner:
             except orjson.JSONDecodeError:
                 continue
         self._raw = {}
+
+
+class JsonDocument:
+    """One JSON document fed in pieces, read for the same answers as a `JsonScanner` gives.
+
+    Most documents are small (an error, a URL answer, an event with a small image): up to `small`
+    bytes are only kept, and parsed whole by orjson at `close`, which costs far less than scanning
+    them piece by piece. A document that grows past it, or that orjson refuses (truncated, trailing
+    bytes), is scanned by a `JsonScanner` instead. `value` and `count` are final after `close`.
+    """
+
+    def __init__(
+        self, capture: frozenset[bytes], count: bytes | None = None, small: int = CAPTURE_CAP
+    ) -> None:
+        self._capture, self._count_key, self._small = capture, count, small
+        self._kept: list[bytes] | None = []  # None once the scanner has taken over
+        self._size = 0
+        self._scanner: JsonScanner | None = None
+        self._body: dict[str, Any] = {}
+        self.count = 0
+
+    def feed(self, buf: bytes, start: int = 0, end: int | None = None) -> None:
+        """The next piece of the document, `buf[start:end]`."""
+        end = len(buf) if end is None else end
+        if self._kept is not None:
+            self._size += end - start
+            if self._size <= self._small:
+                self._kept.append(buf[start:end])
+                return
+            self._scan_kept()
+        assert self._scanner is not None
+        self._scanner.feed(buf, start, end)
+
+    def close(self) -> None:
+        if self._kept is not None:
+            try:
+                body = orjson.loads(b"".join(self._kept))
+            except orjson.JSONDecodeError:
+                self._scan_kept()
+            else:
+                self._kept = None
+                self._keep(body)
+                return
+        assert self._scanner is not None
+        self.count = self._scanner.count
+
+    def value(self, key: bytes) -> Any:
+        """The parsed value of a captured top-level key; None if absent, too big to have been captured,
+        or the document is incomplete or malformed."""
+        if self._scanner is not None:
+            return self._scanner.value(key)
+        return self._body.get(key.decode())
+
+    def _scan_kept(self) -> None:
+        self._scanner = JsonScanner(self._capture, self._count_key)
+        for part in self._kept or ():
+            self._scanner.feed(part)
+        self._kept = None
+
+    def _keep(self, body: Any) -> None:
+        if not isinstance(body, dict):
+            return
+        self._body = body
+        items = body.get(self._count_key.decode()) if self._count_key is not None else None
+        self.count = sum(isinstance(item, dict) for item in items) if isinstance(items, list) else 0
