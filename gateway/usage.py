@@ -67,6 +67,9 @@ class UsageReader(Protocol):
         """SSE: `data: [DONE]` was read, where openai-python stops reading and closes. JSON: False."""
 
 
+_IMAGE = b"b64_json"  # an image's base64, nearly all of a body's bytes and never read
+
+
 class JsonUsageReader:
     """A JSON body: the top-level `usage` object and the number of objects in the top-level `data`.
 
@@ -79,7 +82,7 @@ class JsonUsageReader:
     done = False
 
     def __init__(self, small_body: int = CAPTURE_CAP) -> None:
-        self._document = JsonDocument(frozenset({b"usage"}), count=b"data", small=small_body)
+        self._document = JsonDocument(frozenset({b"usage"}), b"data", small_body, _IMAGE)
         self._usage: dict[str, Any] | None = None
         self._images = 0
 
@@ -209,15 +212,18 @@ class SSEUsageReader:
 
     def _on_data(self, data: Data) -> None:
         if self._document is None:
-            self._document = JsonDocument(_EVENT_KEYS, small=self._small_event)
+            self._document = self._new_document()
         if len(self._head) < len(_DONE):
             self._head += data.buf[data.start : min(data.end, data.start + len(_DONE) - len(self._head))]
         self._document.feed(data.buf, data.start, data.end)
 
+    def _new_document(self) -> JsonDocument:
+        return JsonDocument(_EVENT_KEYS, small=self._small_event, unread=_IMAGE)
+
     def _on_dispatch(self, dispatch: Dispatch) -> bool:
         """Read a dispatched event; False once it was the `[DONE]` sentinel."""
         self.event_count += 1
-        document, head = self._document or JsonDocument(_EVENT_KEYS, small=self._small_event), self._head
+        document, head = self._document or self._new_document(), self._head
         self._document, self._head = None, b""
         if head.startswith(_DONE):
             return False

@@ -282,6 +282,30 @@ def test_sse_small_events_are_parsed_whole_not_scanned(monkeypatch: pytest.Monke
         assert (reader.usage, reader.images, reader.event_count, reader.error) == (USAGE, 1, 3, None)
 
 
+@pytest.mark.parametrize("content_type", [SSE, "application/json"])
+def test_an_image_is_cut_out_before_a_small_document_is_parsed(
+    monkeypatch: pytest.MonkeyPatch, content_type: str
+) -> None:
+    """orjson would build the `b64_json` string (~6 instructions a byte) that nothing reads."""
+    image = base64.b64encode(os.urandom(3000)).decode()
+    if content_type == SSE:
+        data = orjson.dumps({**completed(), "b64_json": image}).decode()  # compact, as OpenAI writes it
+        body = event("image_generation.completed", data).encode()
+    else:
+        body = orjson.dumps({"created": 1, "data": [{"b64_json": image}] * 2, "usage": USAGE})
+    parsed: list[bytes] = []
+    loads = orjson.loads
+
+    def recorded(document: bytes) -> Any:
+        parsed.append(document)
+        return loads(document)
+
+    monkeypatch.setattr(orjson, "loads", recorded)
+    reader = read([body], content_type)
+    assert (reader.usage, reader.images) == (USAGE, 1 if content_type == SSE else 2)
+    assert parsed and not any(image.encode() in document for document in parsed)
+
+
 def per_image(text: int, output: int, image_in: int = 0) -> dict[str, Any]:
     """One image's usage, every count reported, as OpenAI shapes it."""
     return {
