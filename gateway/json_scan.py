@@ -93,30 +93,16 @@ class JsonScanner:
         return match.start() + 1
 
     def _scan_string(self, buf: bytes, pos: int, end: int) -> int:
-        # memchr to each quote; only a quote preceded by backslashes needs a look back.
-        quote = buf.find(b'"', pos, end)
-        while quote >= 0 and self._is_escaped(buf, pos, quote):
-            quote = buf.find(b'"', quote + 1, end)
+        quote, self._escaped = _string_end(buf, pos, end, self._escaped)
         stop = end if quote < 0 else quote
         if self._key_buf is not None:
             self._key_buf += buf[pos : min(stop, pos + _KEY_CAP + 1 - len(self._key_buf))]
         if quote < 0:
-            self._escaped = self._is_escaped(buf, pos, end)
             return end
         self._in_string = False
         if self._key_buf is not None:
             self._end_key(self._key_buf)
         return quote + 1
-
-    def _is_escaped(self, buf: bytes, seg: int, at: int) -> bool:
-        """Whether the byte at `at` is escaped, the string's segment in `buf` starting at `seg`."""
-        first = at
-        while first > seg and buf[first - 1] == _BACKSLASH:
-            first -= 1
-        odd_run = (at - first) % 2 == 1
-        # A segment whose first byte is escaped (the previous chunk ended in an escaping
-        # backslash) shifts the parity of a backslash run that reaches back to it.
-        return odd_run != (first == seg and self._escaped)
 
     def _end_key(self, raw: bytearray) -> None:
         self._key_buf = None
@@ -200,18 +186,40 @@ class JsonScanner:
         self._raw = {}
 
 
+def _string_end(buf: bytes, seg: int, end: int, escaped: bool) -> tuple[int, bool]:
+    """The closing quote of the string whose next segment is `buf[seg:end]`, or -1 if it goes on, and
+    then whether the segment after it starts escaped. `escaped`: whether this one does."""
+    # memchr to each quote; only a quote preceded by backslashes needs a look back.
+    quote = buf.find(b'"', seg, end)
+    while quote >= 0 and _is_escaped(buf, seg, quote, escaped):
+        quote = buf.find(b'"', quote + 1, end)
+    return quote, quote < 0 and _is_escaped(buf, seg, end, escaped)
+
+
+def _is_escaped(buf: bytes, seg: int, at: int, escaped: bool) -> bool:
+    """Whether the byte at `at` is escaped, the string's segment in `buf` starting at `seg`."""
+    first = at
+    while first > seg and buf[first - 1] == _BACKSLASH:
+        first -= 1
+    odd_run = (at - first) % 2 == 1
+    # A segment whose first byte is escaped (the previous chunk ended in an escaping
+    # backslash) shifts the parity of a backslash run that reaches back to it.
+    return odd_run != (first == seg and escaped)
+
+
 class JsonDocument:
     """One JSON document fed in pieces, read for the same answers as a `JsonScanner` gives.
 
     Most documents are small (an error, a URL answer, an event with a small image): up to `small`
     bytes are only kept, and parsed whole by orjson at `close`, which costs far less than scanning
     them piece by piece. A document that grows past it, or that orjson refuses (truncated, trailing
-    bytes), is scanned by a `JsonScanner` instead. `value` and `count` are final after `close`.
+    bytes), is scanned by a `JsonScanner` instead.
 
-    `unread`: a key whose string values the caller never reads (an image's `b64_json`, most of a
-    document's bytes): they are emptied before orjson parses a kept document (`_emptied`), so it
-    does not copy them into Python strings. Where such a member sits inside a captured value, that
-    value reads it as "".
+    `unread`: a key whose string values the caller never reads (an image's `b64_json`: nearly all of
+    a big document's bytes). They are cut out of what is kept (`_cut`), so a document with multi-MB
+    images still stays under `small`: it is scanned only if what is left outgrows it (or has a
+    backslash). Where such a member sits inside a captured value, that value reads it as "".
+    `value` and `count` are final after `close`.
     """
 
     def __init__(
@@ -221,9 +229,12 @@ class JsonDocument:
         small: int = CAPTURE_CAP,
         unread: bytes | None = None,
     ) -> None:
-        self._capture, self._count_key, self._small, self._unread = capture, count, small, unread
+        self._capture, self._count_key, self._small = capture, count, small
+        self._member = None if unread is None else b'"%s":"' % unread
         self._kept: list[bytes] | None = []  # None once the scanner has taken over
         self._size = 0
+        self._cutting = False  # inside an unread value: its bytes are dropped
+        self._escaped = False  # and the first byte of its next segment is escaped
         self._scanner: JsonScanner | None = None
         self._body: dict[str, Any] = {}
         self.count = 0
@@ -231,20 +242,31 @@ class JsonDocument:
     def feed(self, buf: bytes, start: int = 0, end: int | None = None) -> None:
         """The next piece of the document, `buf[start:end]`."""
         end = len(buf) if end is None else end
-        if self._kept is not None:
+        if self._cutting:
+            start = self._cut_on(buf, start, end)
+        if self._kept is None:
+            assert self._scanner is not None
+            self._scanner.feed(buf, start, end)
+        elif self._size + end - start <= self._small:
             self._size += end - start
-            if self._size <= self._small:
-                self._kept.append(buf[start:end])
-                return
-            self._scan_kept()
-        assert self._scanner is not None
-        self._scanner.feed(buf, start, end)
+            self._kept.append(buf[start:end])
+        else:
+            # Full: go on without the unread value it ends in, if it does; else with as much of
+            # this piece as fits, if that does (a first piece bigger than `small`); else scan.
+            if not self._cut_kept():
+                fits = start + max(0, self._small - self._size)
+                self._kept.append(buf[start:fits])
+                self._size, start = self._size + fits - start, fits
+                if not self._cut_kept():
+                    self._scan_kept()
+            self.feed(buf, start, end)
 
     def close(self) -> None:
         if self._kept is not None:
+            document = b"".join(self._kept)
+            cut = None if self._member is None else _cut(document, self._member)
             try:
-                kept = b"".join(self._kept)
-                body = orjson.loads(kept if self._unread is None else _emptied(kept, self._unread))
+                body = orjson.loads(document if cut is None else cut[0])
             except orjson.JSONDecodeError:
                 self._scan_kept()
             else:
@@ -261,6 +283,26 @@ class JsonDocument:
             return self._scanner.value(key)
         return self._body.get(key.decode())
 
+    def _cut_kept(self) -> bool:
+        """If what is kept ends in an unread value: keep it with its unread values cut out, and drop
+        that value's bytes as they come."""
+        cut = None if self._member is None else _cut(b"".join(self._kept or ()), self._member)
+        if cut is None or not cut[1]:
+            return False
+        self._kept, self._size, self._cutting = [cut[0]], len(cut[0]), True
+        return True
+
+    def _cut_on(self, buf: bytes, start: int, end: int) -> int:
+        """Drop the unread value's bytes: where the document goes on (its closing quote), or `end`."""
+        quote, self._escaped = _string_end(buf, start, end, self._escaped)
+        if quote < 0:
+            return end
+        assert self._kept is not None
+        self._kept.append(b'"')  # what is kept is whole again, should it have to be scanned
+        self._size += 1
+        self._cutting = False
+        return quote + 1
+
     def _scan_kept(self) -> None:
         self._scanner = JsonScanner(self._capture, self._count_key)
         for part in self._kept or ():
@@ -275,15 +317,18 @@ class JsonDocument:
         self.count = sum(isinstance(item, dict) for item in items) if isinstance(items, list) else 0
 
 
-def _emptied(document: bytes, key: bytes) -> bytes:
-    """`document` with the string value of each `"key":"` member (written without spaces, as APIs
-    do) cut out. Only in a document without a backslash, where every quote starts or ends a string,
-    so a match is that member; the finds are memchr-fast over a multi-KB image."""
+def _cut(document: bytes, member: bytes) -> tuple[bytes, bool] | None:
+    """`document` with the string value of each `member` (`"key":"`, written without spaces, as APIs
+    do) cut out, and whether it ends inside one (then cut from its opening quote on). None where it
+    has a backslash: only without one is every quote a string's start or end, so that a match is
+    that member. The finds are memchr-fast over a multi-KB image."""
     if b"\\" in document:
-        return document
-    member, kept, pos = b'"%s":"' % key, [], 0
-    while (at := document.find(member, pos)) >= 0 and (end := document.find(b'"', at + len(member))) >= 0:
+        return None
+    kept, pos = [], 0
+    while (at := document.find(member, pos)) >= 0:
         kept.append(document[pos : at + len(member)])
-        pos = end
+        pos = document.find(b'"', at + len(member))
+        if pos < 0:
+            return b"".join(kept), True
     kept.append(document[pos:])
-    return b"".join(kept)
+    return b"".join(kept), False

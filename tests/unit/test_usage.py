@@ -60,10 +60,10 @@ def every_split(body: bytes) -> Iterator[list[bytes]]:
 # --- JSON bodies: property -------------------------------------------------------------------------
 
 # Every way a JSON document (a body, an event's data) is read: scanned as it streams (one past
-# CAPTURE_CAP), kept and parsed whole (a small one), or kept until it outgrows the limit and then
-# scanned from its start; they must agree on everything.
+# CAPTURE_CAP), kept and parsed whole (a small one), or kept past a limit of 100 bytes with its
+# images cut out, or scanned from its start when what is left outgrows it; they must agree.
 EVERY_PATH = pytest.mark.parametrize(
-    "small_body", [0, CAPTURE_CAP, 40], ids=["scanned", "whole", "handed-over"]
+    "small_body", [0, CAPTURE_CAP, 100], ids=["scanned", "whole", "past-100-bytes"]
 )
 
 tricky_text = st.one_of(
@@ -231,7 +231,11 @@ def test_json_reader_ignores_what_follows_the_top_level_object(small_body: int) 
 
 
 def event(kind: str | None, payload: dict[str, Any] | str, end: str = "\n", pretty: bool = False) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, indent=1 if pretty else None)
+    # Compact, as OpenAI writes it (the images cut out of what is kept are found that way), or pretty.
+    if isinstance(payload, str):
+        data = payload
+    else:
+        data = json.dumps(payload, indent=1) if pretty else json.dumps(payload, separators=(",", ":"))
     lines = ([f"event: {kind}"] if kind else []) + [f"data: {line}" for line in data.split("\n")]
     return "".join(line + end for line in lines) + end
 
@@ -269,17 +273,58 @@ def test_sse_type_in_data_without_event_line_and_edits() -> None:
     assert (reader.usage, reader.images, reader.event_count) == (USAGE, 1, 2)
 
 
+def no_scanning(*args: object) -> None:
+    raise AssertionError("scanned")
+
+
 def test_sse_small_events_are_parsed_whole_not_scanned(monkeypatch: pytest.MonkeyPatch) -> None:
     """Data of up to CAPTURE_CAP bytes (a small image, an error, a usage) is kept and parsed whole by
     orjson at dispatch: scanning it in Python cost the relay far more (issue 14)."""
-
-    def scanned(*args: object) -> None:
-        raise AssertionError("a small event was scanned")
-
-    monkeypatch.setattr(JsonScanner, "feed", scanned)
+    monkeypatch.setattr(JsonScanner, "feed", no_scanning)
     for chunks in every_split(stream("\r\n")):
         reader = read(chunks, SSE)
         assert (reader.usage, reader.images, reader.event_count, reader.error) == (USAGE, 1, 3, None)
+
+
+@pytest.mark.parametrize("content_type", [SSE, "application/json"])
+def test_multi_mb_images_are_cut_out_not_scanned(monkeypatch: pytest.MonkeyPatch, content_type: str) -> None:
+    """What is kept of a document stays small without its images, so it too is parsed whole."""
+    image = base64.b64encode(os.urandom(1_500_000)).decode()
+    if content_type == SSE:
+        body = event(None, {**partial(0), "b64_json": image}) + event(
+            None, {**completed(), "b64_json": image}
+        )
+        expected_images = 1
+    else:
+        body = orjson.dumps({"created": 1, "data": [{"b64_json": image}] * 3, "usage": USAGE}).decode()
+        expected_images = 3
+    monkeypatch.setattr(JsonScanner, "feed", no_scanning)
+    encoded = body.encode()
+    for size in (CHUNK, 4096, 999_999):
+        reader = read([encoded[i : i + size] for i in range(0, len(encoded), size)], content_type)
+        assert (reader.usage, reader.images) == (USAGE, expected_images)
+
+
+# Escaped quotes and backslashes in an image (one at its end), and what looks like an image member.
+ESCAPED_IMAGE = "A" * 80 + '"b64_json":"x\\' + "B" * 80 + "\\"
+
+
+@EVERY_PATH
+def test_sse_an_image_with_escapes_is_cut_out_under_every_split(small_body: int) -> None:
+    body = event(None, {**partial(0), "b64_json": ESCAPED_IMAGE}) + event(
+        None, {**completed(), "b64_json": ESCAPED_IMAGE}
+    )
+    for chunks in every_split(body.encode()):
+        reader = read(chunks, SSE, small_body)
+        assert (reader.usage, reader.images, reader.event_count) == (USAGE, 1, 2), chunks
+
+
+@EVERY_PATH
+def test_json_an_image_with_escapes_is_cut_out_under_every_split(small_body: int) -> None:
+    body = orjson.dumps({"data": [{"b64_json": ESCAPED_IMAGE}, {"b64_json": "QUJD" * 40}], "usage": USAGE})
+    for chunks in every_split(body):
+        reader = read(chunks, small_body=small_body)
+        assert (reader.usage, reader.images) == (USAGE, 2), chunks
 
 
 @pytest.mark.parametrize("content_type", [SSE, "application/json"])
@@ -289,8 +334,7 @@ def test_an_image_is_cut_out_before_a_small_document_is_parsed(
     """orjson would build the `b64_json` string (~6 instructions a byte) that nothing reads."""
     image = base64.b64encode(os.urandom(3000)).decode()
     if content_type == SSE:
-        data = orjson.dumps({**completed(), "b64_json": image}).decode()  # compact, as OpenAI writes it
-        body = event("image_generation.completed", data).encode()
+        body = event("image_generation.completed", {**completed(), "b64_json": image}).encode()
     else:
         body = orjson.dumps({"created": 1, "data": [{"b64_json": image}] * 2, "usage": USAGE})
     parsed: list[bytes] = []
@@ -323,7 +367,7 @@ def sse_usage(*events: str) -> dict[str, Any] | None:
     body = "".join(events).encode()
     usages = {
         repr(read(chunks, SSE, small_body).usage)
-        for small_body in (0, CAPTURE_CAP, 40)
+        for small_body in (0, CAPTURE_CAP, 100)
         for chunks in every_split(body)
     }
     assert len(usages) == 1, usages
