@@ -4,8 +4,9 @@ Upstream bodies are tens of MB of base64. `JsonScanner` never buffers the docume
 its bytes one by one in Python: it jumps over strings with `bytes.find` (memchr), and only the few
 structural characters outside strings reach Python. What it keeps is bounded: the captured
 top-level values (at most `CAPTURE_CAP` bytes each, beyond which a value is given up) and a short
-key. `JsonDocument` reads a document that stays small for the same answers more cheaply: it keeps it
-and parses it whole with orjson, and hands it to a `JsonScanner` only once it outgrows `CAPTURE_CAP`.
+key. `JsonDocument` gets the same answers more cheaply from a document that stays small once its
+images (a key never read) are cut out, which is nearly every upstream body and event: it keeps that
+and parses it whole with orjson, handing it to a `JsonScanner` only if it outgrows `CAPTURE_CAP`.
 Used by `gateway.usage` for JSON bodies and for each SSE event's data.
 """
 

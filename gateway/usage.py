@@ -2,9 +2,9 @@
 
 Owns the side channel of the relay: every chunk relayed to the client is also fed here, and at the
 end the gateway settles with the real token counts. Bodies are tens of MB of base64, so they are
-read as they pass (`gateway.json_scan.JsonDocument`: kept and parsed whole while at most
-`CAPTURE_CAP` bytes, else scanned), never buffered beyond that; for a stream only a fixed set of
-running sums is kept.
+read as they pass (`gateway.json_scan.JsonDocument`: kept without their `b64_json` images and
+parsed whole while that is at most `CAPTURE_CAP` bytes, else scanned), never buffered beyond that;
+for a stream only a fixed set of running sums is kept.
 
 - `JsonUsageReader`: a JSON body; `usage` and the number of objects in the top-level `data` array.
 - `SSEUsageReader`: a `text/event-stream` body, framed by `gateway.sse.SSEParser`, each event's
@@ -73,8 +73,8 @@ _IMAGE = b"b64_json"  # an image's base64, nearly all of a body's bytes and neve
 class JsonUsageReader:
     """A JSON body: the top-level `usage` object and the number of objects in the top-level `data`.
 
-    Read as a `JsonDocument`: a body of up to `small_body` bytes (most are: an error, a URL answer)
-    is kept and parsed whole, a bigger one scanned. `usage` and `images` are final after `close`.
+    Read as a `JsonDocument`: kept and parsed whole while it is at most `small_body` bytes without
+    its images, else scanned. `usage` and `images` are final after `close`.
     """
 
     error: dict[str, Any] | None = None
@@ -169,8 +169,8 @@ class SSEUsageReader:
     """An event stream: its usage (see the module docstring), its completed images, its first error.
 
     Only dispatched events count (what a client saw); anything after `data: [DONE]` is ignored, as
-    openai-python stops reading there. An event's data of up to `small_event` bytes is kept and parsed
-    whole, a bigger one scanned (`JsonDocument`).
+    openai-python stops reading there. An event's data is kept and parsed whole while it is at most
+    `small_event` bytes without its image, else scanned (`JsonDocument`).
     """
 
     def __init__(self, small_event: int = CAPTURE_CAP) -> None:
