@@ -247,7 +247,7 @@ class Pipeline:
             record.fields["attempts"] = [attempt.to_dict() for attempt in admitted.attempts.log]
             record.upstream = admitted.attempts.last_tried or record.upstream  # who answered or failed
         admitted.served = exchange
-        async with exchange.share:  # the tenant's connection, until the relay is done
+        with exchange.share:  # the tenant's connection, until the relay is done
             return await self.relay_answer(request, runtime, admitted, exchange, record)
 
     async def relay_answer(

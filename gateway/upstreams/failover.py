@@ -20,7 +20,6 @@ when every target was skipped for quota or cool-down, the client gets 429 with t
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -36,7 +35,7 @@ from gateway.runtime import Route, Target
 from gateway.telemetry.tracing import NO_ATTEMPT, OFF, AttemptTrace, RequestTrace
 from gateway.upstreams import transport
 from gateway.upstreams.health import Health, Verdict, cool_down_seconds
-from gateway.upstreams.pools import Pools, TenantShareBusy
+from gateway.upstreams.pools import Pools, Share, TenantShareBusy
 from gateway.upstreams.quota import Held, ProviderQuota
 from gateway.upstreams.targets import body_for, ordered, refuses
 from policies.cost import Cost
@@ -84,7 +83,7 @@ class Exchange:
     body: dict[str, Any]
     adjustments: tuple[Adjustment, ...]
     forwarded_at: float
-    share: contextlib.AsyncExitStack  # the tenant's connection share, until the relay ends
+    share: Share  # the tenant's connection share, until the relay ends
 
 
 @dataclass(slots=True)
@@ -135,19 +134,19 @@ class Forwarder:
                     following = await anext(candidates, None)
                 except BaseException:
                     response.release()
-                    await share.aclose()
+                    share.release()
                     raise
                 if following is None:  # the last failure, relayed as the upstream gave it
                     return Exchange(response, target, sent, adjustments, started, share)
                 attempts.reached = False  # it answered without an image
                 response.release()
-                await share.aclose()
+                share.release()
             self._failed_over(request.route, target, following)
             target = following
 
     async def _send(
         self, target: Target, sent: dict[str, Any], request: Request, attempts: Attempts
-    ) -> tuple[aiohttp.ClientResponse, contextlib.AsyncExitStack]:
+    ) -> tuple[aiohttp.ClientResponse, Share]:
         """One attempt: the tenant's share of the pool, then the request; the share stays held
         with the response (given back here on any failure, cancellation included)."""
         client = request.client
@@ -155,13 +154,12 @@ class Forwarder:
         headers = transport.upstream_headers(target, request.headers, request.request_id, body)
         path = PATHS[client.operation]
         attempts.sending = attempts.trace.attempt(target, path, headers)  # and its traceparent
-        share = contextlib.AsyncExitStack()
+        share = await self.pools.share(target, request.tenant)
         try:
-            await share.enter_async_context(self.pools.share(target, request.tenant))
             attempts.reached = True
             response = await transport.send(self.pools.session(target), target, path, body, headers)
         except BaseException:
-            await share.aclose()
+            share.release()
             raise
         attempts.sending.answered(response.status)
         return response, share
