@@ -92,8 +92,7 @@ def _session(max_connections: int) -> aiohttp.ClientSession:
     )
     return aiohttp.ClientSession(
         connector=connector,
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        auto_decompress=False,  # and `transport` asks for `Accept-Encoding: identity`
         cookie_jar=aiohttp.DummyCookieJar(),  # an upstream's cookies are nobody's: never sent back
         timeout=aiohttp.ClientTimeout(total=None),
     )

@@ -125,6 +125,27 @@ async def test_upstream_gets_org_key_and_every_field(gateway: Running, mock_open
     assert received.body == payload
 
 
+async def test_upstream_gets_no_user_agent_of_aiohttp_and_asks_for_identity(
+    gateway: Running, mock_openai: TestServer
+) -> None:
+    """A client without a User-Agent is relayed without one (not aiohttp's), with or without; the
+    body is always asked for uncompressed, whatever the client accepts."""
+    payload = {"model": "gpt-image-1.5", "prompt": "a cat", "quality": "low"}
+    sent: list[str | None] = []
+    for extra in ({}, {"User-Agent": "test-agent/1", "Accept-Encoding": "gzip, br"}):
+        async with aiohttp.ClientSession(skip_auto_headers=("User-Agent", "Accept-Encoding")) as session:
+            headers = {**AUTH, **extra}
+            async with session.post(
+                f"{gateway.v1}/images/generations", json=payload, headers=headers
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+                await resp.read()
+        received = mock_openai.app[RECEIVED][-1].headers  # repeated headers joined with ", "
+        sent.append(received.get("User-Agent"))
+        assert (received["Accept-Encoding"], received["Accept"]) == ("identity", "*/*")
+    assert sent == [None, "test-agent/1"]
+
+
 async def test_digitalocean_route_maps_model_id_and_fills_required_fields(
     gateway: Running, mock_do: TestServer
 ) -> None:
