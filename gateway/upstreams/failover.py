@@ -20,9 +20,10 @@ when every target was skipped for quota or cool-down, the client gets 429 with t
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,37 +113,39 @@ class Forwarder:
     async def forward(self, request: Request, attempts: Attempts) -> Exchange:
         """Send the request to the first target that answers with something other than a failure
         that made no image; raise the gateway's error when none could be reached."""
-        candidates = self._candidates(request, attempts)
-        target = await anext(candidates, None)
-        if target is None:
-            raise self._nothing_to_try(request.route, attempts)
-        while True:
-            sent, adjustments = body_for(target, request.body)
-            started = time.perf_counter()
-            try:
-                response, share = await self._send(target, sent, request, attempts)
-            except GatewayError as error:
-                if not self._may_fail_over(error, target, started, attempts):
-                    raise  # it may be generating: never a second attempt
-                following = await anext(candidates, None)
-                if following is None:
-                    raise
-            else:
-                if not self._retryable(response, target, started, attempts, request.route):
-                    return Exchange(response, target, sent, adjustments, started, share)
+        # Closed here, not left to the garbage collector: an async generator abandoned unfinished
+        # is closed by a task the event loop schedules from another thread's wake-up.
+        async with contextlib.aclosing(self._candidates(request, attempts)) as candidates:
+            target = await anext(candidates, None)
+            if target is None:
+                raise self._nothing_to_try(request.route, attempts)
+            while True:
+                sent, adjustments = body_for(target, request.body)
+                started = time.perf_counter()
                 try:
+                    response, share = await self._send(target, sent, request, attempts)
+                except GatewayError as error:
+                    if not self._may_fail_over(error, target, started, attempts):
+                        raise  # it may be generating: never a second attempt
                     following = await anext(candidates, None)
-                except BaseException:
+                    if following is None:
+                        raise
+                else:
+                    if not self._retryable(response, target, started, attempts, request.route):
+                        return Exchange(response, target, sent, adjustments, started, share)
+                    try:
+                        following = await anext(candidates, None)
+                    except BaseException:
+                        response.release()
+                        share.release()
+                        raise
+                    if following is None:  # the last failure, relayed as the upstream gave it
+                        return Exchange(response, target, sent, adjustments, started, share)
+                    attempts.reached = False  # it answered without an image
                     response.release()
                     share.release()
-                    raise
-                if following is None:  # the last failure, relayed as the upstream gave it
-                    return Exchange(response, target, sent, adjustments, started, share)
-                attempts.reached = False  # it answered without an image
-                response.release()
-                share.release()
-            self._failed_over(request.route, target, following)
-            target = following
+                self._failed_over(request.route, target, following)
+                target = following
 
     async def _send(
         self, target: Target, sent: dict[str, Any], request: Request, attempts: Attempts
@@ -194,7 +197,7 @@ class Forwarder:
         self._record(attempts, target, "ok" if status < 400 else f"http_{status}", started, verdict)
         return False
 
-    async def _candidates(self, request: Request, attempts: Attempts) -> AsyncIterator[Target]:
+    async def _candidates(self, request: Request, attempts: Attempts) -> AsyncGenerator[Target]:
         """The targets to try, in order: those in rotation with room in their provider quota."""
         order = ordered(request.route, self.rng)
         ejected: list[Target] = []
