@@ -204,6 +204,64 @@ async def test_upstream_rate_limit_headers_pass_through_hop_by_hop_do_not(
                 assert name not in resp.headers
 
 
+async def test_relayed_header_names_keep_the_upstreams_order_and_our_limit_headers_replace_its_own(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    """The answer's header names, in order and case: the upstream's (less what is dropped), a limit
+    header of both sides where the upstream put it (under our spelling), ours and then the gateway's
+    after them; none twice, whatever case the upstream wrote them in."""
+    body = b'{"created":1,"data":[{"b64_json":"AA=="}],"usage":' + USAGE + b"}"
+    script = Script(
+        content_type="application/json",
+        chunks=[body],
+        content_length=True,
+        extra_headers={
+            "X-RateLimit-Limit-Requests": "9",
+            "openai-processing-ms": "12",
+            "X-RateLimit-Remaining-Requests": "7",
+            "RATELIMIT": '"up";r=3;t=1',
+            "x-ratelimit-reset-images": "2s",
+            "Ratelimit-Remaining": "3",
+            "x-request-id": "req_up",
+            "Server": "upstream",
+        },
+    )
+    _, server = await scripted(start_server, script)
+    limits = {"requests_per_minute": 60, "tokens_per_minute": 10**7, "images_per_minute": 100}
+    gw = await start_gateway(openai_url=base_url(server), limits=limits)
+    async with aiohttp.ClientSession() as session:
+        payload = {"model": "gpt-image-1.5", "prompt": "x"}
+        async with session.post(f"{gw.v1}/images/generations", json=payload, headers=AUTH) as resp:
+            assert await resp.read() == body
+            names = [name.decode() for name, _ in resp.raw_headers]
+            assert (resp.headers["x-ratelimit-remaining-requests"], resp.headers["RateLimit-Remaining"]) == (
+                "7",
+                "3",
+            )
+    assert names == [
+        "x-ratelimit-limit-requests",
+        "openai-processing-ms",
+        "x-ratelimit-remaining-requests",
+        "RateLimit",
+        "x-ratelimit-reset-images",
+        "ratelimit-remaining",
+        "Content-Type",
+        "Content-Length",
+        "x-upstream-request-id",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+        "x-ratelimit-limit-images",
+        "x-ratelimit-remaining-images",
+        "RateLimit-Policy",
+        "x-gateway-upstream",
+        "x-request-id",
+        "Date",
+        "Server",
+    ]
+
+
 @pytest.mark.parametrize("usage_first", [False, True])
 async def test_usage_read_wherever_it_sits(
     start_server: StartServer, start_gateway: StartGateway, usage_first: bool
