@@ -311,9 +311,8 @@ class Pipeline:
         self, response: aiohttp.ClientResponse, admitted: Admitted, record: RequestRecord
     ) -> CIMultiDict[str]:
         headers = upstream.relayable_headers(response.headers)
-        merged = merge_upstream_limit_headers(admitted.admission.headers, headers)
-        for name, value in merged.items():
-            headers[name] = value
+        # Each name the merge returns replaces the upstream's (names distinct ignoring case).
+        headers.update(merge_upstream_limit_headers(admitted.admission.headers, headers))
         adjustments = admitted.decision.adjustments
         if admitted.served is not None:
             adjustments += admitted.served.adjustments
