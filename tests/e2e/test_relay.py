@@ -32,6 +32,16 @@ SSE_PIECES = [
 ]
 
 
+JSON_ANSWER = b'{"created":1,"data":[{"b64_json":"AA=="}],"usage":' + USAGE + b"}"
+
+
+def json_script(headers: dict[str, str]) -> Script:
+    """A whole JSON answer, with a Content-Length, and these headers of the upstream's."""
+    return Script(
+        content_type="application/json", chunks=[JSON_ANSWER], content_length=True, extra_headers=headers
+    )
+
+
 def odd_chunks(data: bytes, sizes: tuple[int, ...] = (1, 7, 2, 13, 3, 64, 5)) -> list[bytes]:
     """Split bytes at awkward places: inside CRLF, inside `data:`, inside JSON."""
     chunks, i, k = [], 0, 0
@@ -178,18 +188,15 @@ async def test_a_client_chosen_request_id_is_logged_never_used(
 async def test_upstream_rate_limit_headers_pass_through_hop_by_hop_do_not(
     start_server: StartServer, start_gateway: StartGateway
 ) -> None:
-    body = b'{"created":1,"data":[{"b64_json":"AA=="}],"usage":' + USAGE + b"}"
-    script = Script(
-        content_type="application/json",
-        chunks=[body],
-        content_length=True,
-        extra_headers={
+    body = JSON_ANSWER
+    script = json_script(
+        {
             "x-ratelimit-remaining-requests": "7",
             "ratelimit-remaining": "3",
             "Keep-Alive": "timeout=5",
             "openai-organization": "org-secret",
             "Set-Cookie": "a=b",
-        },
+        }
     )
     _, server = await scripted(start_server, script)
     gw = await start_gateway(openai_url=base_url(server))
@@ -210,12 +217,9 @@ async def test_relayed_header_names_keep_the_upstreams_order_and_our_limit_heade
     """The answer's header names, in order and case: the upstream's (less what is dropped), a limit
     header of both sides where the upstream put it (under our spelling), ours and then the gateway's
     after them; none twice, whatever case the upstream wrote them in."""
-    body = b'{"created":1,"data":[{"b64_json":"AA=="}],"usage":' + USAGE + b"}"
-    script = Script(
-        content_type="application/json",
-        chunks=[body],
-        content_length=True,
-        extra_headers={
+    body = JSON_ANSWER
+    script = json_script(
+        {
             "X-RateLimit-Limit-Requests": "9",
             "openai-processing-ms": "12",
             "X-RateLimit-Remaining-Requests": "7",
@@ -224,7 +228,7 @@ async def test_relayed_header_names_keep_the_upstreams_order_and_our_limit_heade
             "Ratelimit-Remaining": "3",
             "x-request-id": "req_up",
             "Server": "upstream",
-        },
+        }
     )
     _, server = await scripted(start_server, script)
     limits = {"requests_per_minute": 60, "tokens_per_minute": 10**7, "images_per_minute": 100}
