@@ -245,6 +245,8 @@ class JsonDocument:
         end = len(buf) if end is None else end
         if self._cutting:
             start = self._cut_on(buf, start, end)
+            if start == end:  # the image goes on
+                return
         if self._kept is None:
             assert self._scanner is not None
             self._scanner.feed(buf, start, end)
