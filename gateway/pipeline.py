@@ -155,14 +155,16 @@ class Pipeline:
                     answer = error
                 except BaseException as exc:  # cancelled (shutdown cut it), or a bug: settled all the same
                     answer = exc
+                if isinstance(answer, web.StreamResponse | GatewayError):
+                    record.answer(answer.status)  # its metrics count before it settles
                 with record.trace.stage("settlement"):
                     settling = asyncio.ensure_future(self.settle(credential, admitted, outcome, record))
                     if self.store.settles_in_order or not admitted.reservation.holds_leases:
                         await asyncio.sleep(0)  # one turn: its store call is queued before the answer
-                        _answer(answered, answer, record)
+                        _answer(answered, answer)
                     await _settled(settling)
         finally:
-            _answer(answered, answer, record)  # whatever happened above, the handler gets its answer
+            _answer(answered, answer)  # whatever happened above, the handler gets its answer
         if isinstance(answer, asyncio.CancelledError):
             raise answer
 
@@ -406,14 +408,9 @@ async def _settled(settling: asyncio.Future[None]) -> None:
         log.exception("settlement_failed")
 
 
-def _answer(
-    answered: asyncio.Future[web.StreamResponse],
-    result: web.StreamResponse | BaseException,
-    record: RequestRecord,
-) -> None:
+def _answer(answered: asyncio.Future[web.StreamResponse], result: web.StreamResponse | BaseException) -> None:
     if answered.done():
         return
-    record.answered = time.perf_counter()
     if isinstance(result, asyncio.CancelledError):
         answered.cancel()
     elif isinstance(result, BaseException):
