@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from gateway import logs
 from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, drop_tracebacks
 from gateway.front.auth import bearer_token
 from gateway.logs import get_logger
@@ -188,20 +189,20 @@ def _finish(request: web.Request, record: RequestRecord) -> None:
         record.answer(record.status)  # counted already, unless its handler was cancelled first
         assert record.answered is not None
         duration = record.answered - record.started
-        log.info(
-            "request_finished",
-            method=request.method,
-            path=request.path,
-            status=record.status,
-            tenant=record.tenant or None,
-            key=record.key or None,
-            model=record.model or None,
-            upstream=record.upstream or None,
-            operation=record.operation or None,
-            stream=record.stream,
-            duration_ms=round(duration * 1000, 3),
-            ttfb_ms=record.ttfb_ms,
+        line = {
+            "method": request.method,
+            "path": request.path,
+            "status": record.status,
+            "tenant": record.tenant or None,
+            "key": record.key or None,
+            "model": record.model or None,
+            "upstream": record.upstream or None,
+            "operation": record.operation or None,
+            "stream": record.stream,
+            "duration_ms": round(duration * 1000, 3),
+            "ttfb_ms": record.ttfb_ms,
             **record.fields,
-        )
+        }
+        logs.info(log, "request_finished", line)
         record.trace.finish(record)
     structlog.contextvars.clear_contextvars()
