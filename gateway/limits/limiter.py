@@ -140,10 +140,11 @@ class LimitStore:
         self._flusher = asyncio.get_running_loop().create_task(self._flush_decision_metrics())
 
     async def _flush_decision_metrics(self) -> None:
-        """Once a second, as well as at every read of this process's registry (see DecisionMetrics)."""
+        """Once a second, as well as at every read of this process's registry (see DecisionMetrics):
+        these and every other metric update kept back in this process (`Metrics.apply_kept`)."""
         while True:
             await asyncio.sleep(DECISION_METRICS_FLUSH_SECONDS)
-            self._decision_metrics.flush()
+            self._metrics.apply_kept()
 
     async def close(self) -> int:
         """Deliver what the outbox holds (bounded), then close: the number given up."""
@@ -151,7 +152,7 @@ class LimitStore:
             self._renewer.cancel()
         if self._flusher is not None:
             self._flusher.cancel()
-        self._decision_metrics.flush()
+        self._metrics.apply_kept()
         lost = await self._outbox.close()
         await self._engine.close()
         return lost
