@@ -106,6 +106,7 @@ class LimitStore:
         self._timeout = settings.timeout_ms / 1000
         self._offset = 0.0  # engine clock minus ours, in seconds
         self._up = True
+        self._up_exported = False  # whether store_up says 1 (until the first call, it is 0)
         self._outbox = Outbox(self._apply, metrics, journal=journal)
         self._held: dict[str, RenewCall] = {}  # reservation id -> the renewal of its leases
         for operation in _OPERATIONS:  # exported at 0 from the start, for rate() and alerts
@@ -403,6 +404,7 @@ class LimitStore:
 
     def _mark_down(self, operation: str, exc: BaseException) -> None:
         self._metrics.store_up.set(0)
+        self._up_exported = False
         if self._up:
             self._up = False
             log.warning(
@@ -413,7 +415,9 @@ class LimitStore:
             )
 
     def _mark_up(self) -> None:
-        self._metrics.store_up.set(1)
+        if not self._up_exported:  # set once up, not again at every call (a lock, microseconds)
+            self._metrics.store_up.set(1)
+            self._up_exported = True
         if not self._up:
             self._up = True
             log.info("store_recovered")
