@@ -251,7 +251,7 @@ class Pipeline:
             record.fields["attempts"] = [attempt.to_dict() for attempt in admitted.attempts.log]
             record.upstream = admitted.attempts.last_tried or record.upstream  # who answered or failed
         admitted.served = exchange
-        async with exchange.share:  # the tenant's connection, until the relay is done
+        with exchange.share:  # the tenant's connection, until the relay is done
             return await self.relay_answer(request, runtime, admitted, exchange, record)
 
     async def relay_answer(
@@ -315,9 +315,8 @@ class Pipeline:
         self, response: aiohttp.ClientResponse, admitted: Admitted, record: RequestRecord
     ) -> CIMultiDict[str]:
         headers = upstream.relayable_headers(response.headers)
-        merged = merge_upstream_limit_headers(admitted.admission.headers, headers)
-        for name, value in merged.items():
-            headers[name] = value
+        # Each name the merge returns replaces the upstream's (names distinct ignoring case).
+        headers.update(merge_upstream_limit_headers(admitted.admission.headers, headers))
         adjustments = admitted.decision.adjustments
         if admitted.served is not None:
             adjustments += admitted.served.adjustments
