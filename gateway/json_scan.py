@@ -4,7 +4,10 @@ Upstream bodies are tens of MB of base64. `JsonScanner` never buffers the docume
 its bytes one by one in Python: it jumps over strings with `bytes.find` (memchr), and only the few
 structural characters outside strings reach Python. What it keeps is bounded: the captured
 top-level values (at most `CAPTURE_CAP` bytes each, beyond which a value is given up) and a short
-key. Used by `gateway.usage` for JSON bodies and for each SSE event's data.
+key. `JsonDocument` gets the same answers more cheaply from a document that stays small once its
+images (a key never read) are cut out, which is nearly every upstream body and event: it keeps that
+and parses it whole with orjson, handing it to a `JsonScanner` only if it outgrows `CAPTURE_CAP`.
+Used by `gateway.usage` for JSON bodies and for each SSE event's data.
 """
 
 from __future__ import annotations
@@ -91,30 +94,16 @@ class JsonScanner:
         return match.start() + 1
 
     def _scan_string(self, buf: bytes, pos: int, end: int) -> int:
-        # memchr to each quote; only a quote preceded by backslashes needs a look back.
-        quote = buf.find(b'"', pos, end)
-        while quote >= 0 and self._is_escaped(buf, pos, quote):
-            quote = buf.find(b'"', quote + 1, end)
+        quote, self._escaped = _string_end(buf, pos, end, self._escaped)
         stop = end if quote < 0 else quote
         if self._key_buf is not None:
             self._key_buf += buf[pos : min(stop, pos + _KEY_CAP + 1 - len(self._key_buf))]
         if quote < 0:
-            self._escaped = self._is_escaped(buf, pos, end)
             return end
         self._in_string = False
         if self._key_buf is not None:
             self._end_key(self._key_buf)
         return quote + 1
-
-    def _is_escaped(self, buf: bytes, seg: int, at: int) -> bool:
-        """Whether the byte at `at` is escaped, the string's segment in `buf` starting at `seg`."""
-        first = at
-        while first > seg and buf[first - 1] == _BACKSLASH:
-            first -= 1
-        odd_run = (at - first) % 2 == 1
-        # A segment whose first byte is escaped (the previous chunk ended in an escaping
-        # backslash) shifts the parity of a backslash run that reaches back to it.
-        return odd_run != (first == seg and self._escaped)
 
     def _end_key(self, raw: bytearray) -> None:
         self._key_buf = None
@@ -196,3 +185,153 @@ class JsonScanner:
             except orjson.JSONDecodeError:
                 continue
         self._raw = {}
+
+
+def _string_end(buf: bytes, seg: int, end: int, escaped: bool) -> tuple[int, bool]:
+    """The closing quote of the string whose next segment is `buf[seg:end]`, or -1 if it goes on, and
+    then whether the segment after it starts escaped. `escaped`: whether this one does."""
+    # memchr to each quote; only a quote preceded by backslashes needs a look back.
+    quote = buf.find(b'"', seg, end)
+    while quote >= 0 and _is_escaped(buf, seg, quote, escaped):
+        quote = buf.find(b'"', quote + 1, end)
+    return quote, quote < 0 and _is_escaped(buf, seg, end, escaped)
+
+
+def _is_escaped(buf: bytes, seg: int, at: int, escaped: bool) -> bool:
+    """Whether the byte at `at` is escaped, the string's segment in `buf` starting at `seg`."""
+    first = at
+    while first > seg and buf[first - 1] == _BACKSLASH:
+        first -= 1
+    odd_run = (at - first) % 2 == 1
+    # A segment whose first byte is escaped (the previous chunk ended in an escaping
+    # backslash) shifts the parity of a backslash run that reaches back to it.
+    return odd_run != (first == seg and escaped)
+
+
+class JsonDocument:
+    """One JSON document fed in pieces, read for the same answers as a `JsonScanner` gives.
+
+    Most documents are small (an error, a URL answer, an event with a small image): up to `small`
+    bytes are only kept, and parsed whole by orjson at `close`, which costs far less than scanning
+    them piece by piece. A document that grows past it, or that orjson refuses (truncated, trailing
+    bytes), is scanned by a `JsonScanner` instead.
+
+    `unread`: a key whose string values the caller never reads (an image's `b64_json`: nearly all of
+    a big document's bytes). They are cut out of what is kept (`_cut`), so a document with multi-MB
+    images still stays under `small`: it is scanned only if what is left outgrows it (or has a
+    backslash). Where such a member sits inside a captured value, that value reads it as "".
+    `value` and `count` are final after `close`.
+    """
+
+    def __init__(
+        self,
+        capture: frozenset[bytes],
+        count: bytes | None = None,
+        small: int = CAPTURE_CAP,
+        unread: bytes | None = None,
+    ) -> None:
+        self._capture, self._count_key, self._small = capture, count, small
+        self._member = None if unread is None else b'"%s":"' % unread
+        self._kept: list[bytes] | None = []  # None once the scanner has taken over
+        self._size = 0
+        self._cutting = False  # inside an unread value: its bytes are dropped
+        self._escaped = False  # and the first byte of its next segment is escaped
+        self._scanner: JsonScanner | None = None
+        self._body: dict[str, Any] = {}
+        self.count = 0
+
+    def feed(self, buf: bytes, start: int = 0, end: int | None = None) -> None:
+        """The next piece of the document, `buf[start:end]`."""
+        end = len(buf) if end is None else end
+        if self._cutting:
+            start = self._cut_on(buf, start, end)
+            if start == end:  # the image goes on
+                return
+        if self._kept is None:
+            assert self._scanner is not None
+            self._scanner.feed(buf, start, end)
+        elif self._size + end - start <= self._small:
+            self._size += end - start
+            self._kept.append(buf[start:end])
+        else:
+            # Full: go on without the unread value it ends in, if it does; else with as much of
+            # this piece as fits, if that does (a first piece bigger than `small`); else scan.
+            if not self._cut_kept():
+                fits = start + max(0, self._small - self._size)
+                self._kept.append(buf[start:fits])
+                self._size, start = self._size + fits - start, fits
+                if not self._cut_kept():
+                    self._scan_kept()
+            self.feed(buf, start, end)
+
+    def close(self) -> None:
+        if self._kept is not None:
+            document = b"".join(self._kept)
+            cut = None if self._member is None else _cut(document, self._member)
+            try:
+                body = orjson.loads(document if cut is None else cut[0])
+            except orjson.JSONDecodeError:
+                self._scan_kept()
+            else:
+                self._kept = None
+                self._keep(body)
+                return
+        assert self._scanner is not None
+        self.count = self._scanner.count
+
+    def value(self, key: bytes) -> Any:
+        """The parsed value of a captured top-level key; None if absent, too big to have been captured,
+        or the document is incomplete or malformed."""
+        if self._scanner is not None:
+            return self._scanner.value(key)
+        return self._body.get(key.decode())
+
+    def _cut_kept(self) -> bool:
+        """If what is kept ends in an unread value: keep it with its unread values cut out, and drop
+        that value's bytes as they come."""
+        cut = None if self._member is None else _cut(b"".join(self._kept or ()), self._member)
+        if cut is None or not cut[1]:
+            return False
+        self._kept, self._size, self._cutting = [cut[0]], len(cut[0]), True
+        return True
+
+    def _cut_on(self, buf: bytes, start: int, end: int) -> int:
+        """Drop the unread value's bytes: where the document goes on (its closing quote), or `end`."""
+        quote, self._escaped = _string_end(buf, start, end, self._escaped)
+        if quote < 0:
+            return end
+        assert self._kept is not None
+        self._kept.append(b'"')  # what is kept is whole again, should it have to be scanned
+        self._size += 1
+        self._cutting = False
+        return quote + 1
+
+    def _scan_kept(self) -> None:
+        self._scanner = JsonScanner(self._capture, self._count_key)
+        for part in self._kept or ():
+            self._scanner.feed(part)
+        self._kept = None
+
+    def _keep(self, body: Any) -> None:
+        if not isinstance(body, dict):
+            return
+        self._body = body
+        items = body.get(self._count_key.decode()) if self._count_key is not None else None
+        self.count = sum(isinstance(item, dict) for item in items) if isinstance(items, list) else 0
+
+
+def _cut(document: bytes, member: bytes) -> tuple[bytes, bool] | None:
+    """`document` with the string value of each `member` (`"key":"`, written without spaces, as APIs
+    do) cut out, and whether it ends inside one (then cut from its opening quote on). None where it
+    has a backslash: only without one is every quote a string's start or end, so that a match is
+    that member. The finds are memchr-fast over a multi-KB image."""
+    if b"\\" in document:
+        return None
+    kept, pos = [], 0
+    while (at := document.find(member, pos)) >= 0:
+        kept.append(document[pos : at + len(member)])
+        pos = document.find(b'"', at + len(member))
+        if pos < 0:
+            return b"".join(kept), True
+    kept.append(document[pos:])
+    return b"".join(kept), False

@@ -12,10 +12,11 @@ line and headers, keys and prompts included).
 
 from __future__ import annotations
 
+import datetime
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 import structlog
@@ -39,11 +40,8 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         stream = sys.stderr
     else:
         renderer = structlog.processors.JSONRenderer(serializer=lambda v, **_: orjson.dumps(v).decode())
-        processors = [
-            *shared,
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(serializer=orjson.dumps),
-        ]
+        json_renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        processors = [*shared, structlog.processors.format_exc_info, json_renderer]
         factory = structlog.BytesLoggerFactory(sys.stdout.buffer)
         stream = sys.stdout
     structlog.configure(
@@ -52,7 +50,47 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         logger_factory=factory,
         cache_logger_on_first_use=True,  # module-level loggers otherwise rebuild on every call
     )
+    global _json_lines
+    _json_lines = None
+    if fmt != "console" and _LEVELS[level] <= logging.INFO:
+        _json_lines = _JsonLines(processors, json_renderer, sys.stdout.buffer)
     _route_stdlib(stream, renderer, shared, _LEVELS[level])
+
+
+class _JsonLines:
+    """The JSON configuration's processor chain for an info line without exception, in one function."""
+
+    def __init__(self, processors: list[Any], renderer: Any, stream: BinaryIO) -> None:
+        self.processors = list(processors)  # the chain it stands for, while structlog has it configured
+        self.renderer = renderer
+        self.stream = stream
+
+    def write(self, event: str, fields: dict[str, Any]) -> None:
+        line = fields  # as a bound logger builds it: its fields, the event, then what the chain adds
+        line["event"] = event
+        structlog.contextvars.merge_contextvars(None, "info", line)
+        line["level"] = "info"
+        line["ts"] = datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z")
+        self.stream.write(self.renderer(None, "info", line) + b"\n")
+        self.stream.flush()
+
+
+_json_lines: _JsonLines | None = None  # set by configure_logging: the process's one configuration
+
+
+def info(logger: Any, event: str, fields: dict[str, Any]) -> None:
+    """`logger.info(event, **fields)` (and `fields` is the line's: it is not to be used again).
+
+    Under the JSON configuration it writes the same line (keys, their order, values) without
+    structlog's bound logger and processor calls: a request's access-log line went through a dozen
+    calls, 3% of its CPU. Under any other configuration in force (the console's, a test's
+    `capture_logs`) it is `logger.info`."""
+    lines = _json_lines
+    # (capture_logs replaces the processors inside the configured list: compared, not identified)
+    if lines is None or structlog.get_config()["processors"] != lines.processors:
+        logger.info(event, **fields)
+    else:
+        lines.write(event, fields)
 
 
 def _route_stdlib(stream: Any, renderer: Any, shared: list[Any], level: int) -> None:

@@ -316,8 +316,15 @@ class Metrics:
             self.trace_spans_dropped.labels(reason)  # exported at 0 from the start, for alerts
 
     def before_collect(self, flush: Callable[[], None]) -> None:
-        """Have `flush` apply updates kept back in this process whenever the registry is read."""
+        """Have `flush` apply updates kept back in this process whenever the registry is read (and
+        at every `apply_kept`)."""
         self._before_collect.flushes.append(flush)
+
+    def apply_kept(self) -> None:
+        """Apply every update kept back in this process: with workers, a scrape reads every worker's
+        metric files, not this process's registry, so the store calls this once a second."""
+        for flush in self._before_collect.flushes:
+            flush()
 
     def initialise(self, settings: Settings) -> None:
         """Export at 0 the counters dashboards and alerts take `rate()` of, for every label set the

@@ -36,6 +36,7 @@ from gateway.relay import RelayOutcome, relay
 from gateway.requests.model import ClientRequest, read_request
 from gateway.runtime import Route, Runtime, RuntimeHolder, Target
 from gateway.shutdown import CUT_SETTLE_SECONDS
+from gateway.telemetry.charges import ChargeMetrics
 from gateway.upstreams import transport as upstream
 from gateway.upstreams.failover import Attempts, Exchange, Forwarder, Request
 from gateway.upstreams.health import Health
@@ -85,6 +86,7 @@ class Pipeline:
         self.bodies = bodies
         self.store = store
         self.metrics = metrics
+        self.charges = ChargeMetrics(metrics)
         self.admissions = AdmissionQueue(runtime.current.settings.server.max_pending_admissions, metrics)
         self.quota = ProviderQuota(store, metrics)
         self.forwarder = Forwarder(pools, Health(metrics), self.quota, metrics, random.Random())
@@ -155,14 +157,16 @@ class Pipeline:
                     answer = error
                 except BaseException as exc:  # cancelled (shutdown cut it), or a bug: settled all the same
                     answer = exc
+                if isinstance(answer, web.StreamResponse | GatewayError):
+                    record.answer(answer.status)  # its metrics count before it settles
                 with record.trace.stage("settlement"):
                     settling = asyncio.ensure_future(self.settle(credential, admitted, outcome, record))
                     if self.store.settles_in_order or not admitted.reservation.holds_leases:
                         await asyncio.sleep(0)  # one turn: its store call is queued before the answer
-                        _answer(answered, answer, record)
+                        _answer(answered, answer)
                     await _settled(settling)
         finally:
-            _answer(answered, answer, record)  # whatever happened above, the handler gets its answer
+            _answer(answered, answer)  # whatever happened above, the handler gets its answer
         if isinstance(answer, asyncio.CancelledError):
             raise answer
 
@@ -247,7 +251,7 @@ class Pipeline:
             record.fields["attempts"] = [attempt.to_dict() for attempt in admitted.attempts.log]
             record.upstream = admitted.attempts.last_tried or record.upstream  # who answered or failed
         admitted.served = exchange
-        async with exchange.share:  # the tenant's connection, until the relay is done
+        with exchange.share:  # the tenant's connection, until the relay is done
             return await self.relay_answer(request, runtime, admitted, exchange, record)
 
     async def relay_answer(
@@ -311,9 +315,8 @@ class Pipeline:
         self, response: aiohttp.ClientResponse, admitted: Admitted, record: RequestRecord
     ) -> CIMultiDict[str]:
         headers = upstream.relayable_headers(response.headers)
-        merged = merge_upstream_limit_headers(admitted.admission.headers, headers)
-        for name, value in merged.items():
-            headers[name] = value
+        # Each name the merge returns replaces the upstream's (names distinct ignoring case).
+        headers.update(merge_upstream_limit_headers(admitted.admission.headers, headers))
         adjustments = admitted.decision.adjustments
         if admitted.served is not None:
             adjustments += admitted.served.adjustments
@@ -376,21 +379,13 @@ class Pipeline:
 
     def record_usage(self, tenant: str, model: str, admitted: Admitted, actual: Cost, how: str) -> None:
         """Count what was charged, as the ledger and the budgets were: from usage or at the estimate."""
-        m = self.metrics
         if how == "estimate":
-            m.usage_missing.labels(tenant, model).inc()
             log.warning("usage_missing", settled_at="estimate")
-        elif how == "usage":
-            m.reservation_drift.labels(tenant, model).observe(admitted.estimate.tokens - actual.tokens)
-        else:
+        elif how != "usage":
             return  # refunded: nothing charged
-        m.tokens.labels(tenant, model, "text_in", how).inc(actual.text_in_tokens)
-        m.tokens.labels(tenant, model, "image_in", how).inc(actual.image_in_tokens)
-        m.tokens.labels(tenant, model, "image_out", how).inc(actual.image_out_tokens)
         body = admitted.body
-        quality = str(body.get("quality", "auto"))
-        m.images.labels(tenant, model, _size_label(body, admitted.entry), quality, how).inc(actual.images)
-        m.spend.add(tenant, model, how, nano_usd=actual.nano_usd)
+        labels = (tenant, model, how, _size_label(body, admitted.entry), str(body.get("quality", "auto")))
+        self.charges.record(labels, actual, admitted.estimate.tokens)
 
 
 async def _settled(settling: asyncio.Future[None]) -> None:
@@ -406,14 +401,9 @@ async def _settled(settling: asyncio.Future[None]) -> None:
         log.exception("settlement_failed")
 
 
-def _answer(
-    answered: asyncio.Future[web.StreamResponse],
-    result: web.StreamResponse | BaseException,
-    record: RequestRecord,
-) -> None:
+def _answer(answered: asyncio.Future[web.StreamResponse], result: web.StreamResponse | BaseException) -> None:
     if answered.done():
         return
-    record.answered = time.perf_counter()
     if isinstance(result, asyncio.CancelledError):
         answered.cancel()
     elif isinstance(result, BaseException):

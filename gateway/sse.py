@@ -104,6 +104,11 @@ class SSEParser:
             pos = int(chunk[0] == _LF)
         self._next_lf = self._next_cr = -1
         while pos < end:
+            if self._state == _IN_NAME and not self._name:
+                eol = self._find_line_end(chunk, pos, end)
+                if eol < end:  # the common case: a whole line in this chunk, framed in one go
+                    pos = self._read_line(chunk, pos, eol)
+                    continue
             if self._state == _IN_NAME:
                 pos = self._read_name(chunk, pos, end)
             elif self._state == _AFTER_COLON:
@@ -131,6 +136,23 @@ class SSEParser:
         self._bom_checked = True
         self._bom_head = b""
         return head[len(_BOM) :] if head.startswith(_BOM) else head
+
+    def _read_line(self, buf: bytes, pos: int, eol: int) -> int:
+        """A line that starts and ends (at `eol`) in this chunk; where the next one starts."""
+        if pos == eol:
+            self._dispatch()
+        elif buf.startswith(b"data:", pos, eol):  # data is not copied: a span of the chunk
+            start = pos + 5
+            start += start < eol and buf[start] == _SPACE
+            self._begin_field(b"data")
+            if eol > start:
+                self._out.append(Data(buf, start, eol))
+        else:
+            # Copied up to a bound: a longer line has an unknown name or a value over _VALUE_CAP.
+            name, _, value = buf[pos : min(eol, pos + _NAME_CAP + _VALUE_CAP + 3)].partition(b":")
+            self._begin_field(name)
+            self._end_field(value[1:] if value[:1] == b" " else value)
+        return self._after_line_end(buf, eol, len(buf))
 
     def _read_name(self, buf: bytes, pos: int, end: int) -> int:
         match = _NAME_END.search(buf, pos, end)
@@ -181,17 +203,22 @@ class SSEParser:
         return eol + 2 if buf[eol + 1] == _LF else eol + 1
 
     def _begin_value(self) -> None:
-        self._field = bytes(self._name)
+        self._begin_field(bytes(self._name))
         self._name.clear()
         self._value.clear()
-        if self._field == b"data":
+
+    def _begin_field(self, name: bytes) -> None:
+        self._field = name
+        if name == b"data":
             if self._has_data:
                 self._out.append(_JOINER)
             self._has_data = True
 
     def _end_line(self) -> None:
         self._state = _IN_NAME
-        value = bytes(self._value)
+        self._end_field(bytes(self._value))
+
+    def _end_field(self, value: bytes) -> None:
         if len(value) > _VALUE_CAP:
             return
         if self._field == b"event":

@@ -2,13 +2,13 @@
 
 Owns the side channel of the relay: every chunk relayed to the client is also fed here, and at the
 end the gateway settles with the real token counts. Bodies are tens of MB of base64, so they are
-scanned as they pass (`gateway.json_scan.JsonScanner`), never buffered beyond `CAPTURE_CAP`; for a
-stream only a fixed set of running sums is kept.
+read as they pass (`gateway.json_scan.JsonDocument`: kept without their `b64_json` images and
+parsed whole while that is at most `CAPTURE_CAP` bytes, else scanned), never buffered beyond that;
+for a stream only a fixed set of running sums is kept.
 
 - `JsonUsageReader`: a JSON body; `usage` and the number of objects in the top-level `data` array.
-  A body of at most `CAPTURE_CAP` bytes is kept and parsed whole by orjson instead (cheaper).
 - `SSEUsageReader`: a `text/event-stream` body, framed by `gateway.sse.SSEParser`, each event's
-  data fed to its own `JsonScanner`; the stream's usage, its completed images and its first error.
+  data fed to its own `JsonDocument`; the stream's usage, its completed images and its first error.
 - `usage_reader(content_type)` picks one. Neither raises on a truncated or non-JSON body.
 
 The usage of a stream. A streamed request for n images has one completed event per image
@@ -30,9 +30,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-import orjson
-
-from gateway.json_scan import CAPTURE_CAP, JsonScanner
+from gateway.json_scan import CAPTURE_CAP, JsonDocument
 from gateway.sse import Data, Dispatch, SSEParser
 
 __all__ = ["CAPTURE_CAP", "JsonUsageReader", "SSEUsageReader", "UsageReader", "usage_reader"]
@@ -69,13 +67,14 @@ class UsageReader(Protocol):
         """SSE: `data: [DONE]` was read, where openai-python stops reading and closes. JSON: False."""
 
 
+_IMAGE = b"b64_json"  # an image's base64, nearly all of a body's bytes and never read
+
+
 class JsonUsageReader:
     """A JSON body: the top-level `usage` object and the number of objects in the top-level `data`.
 
-    Most bodies are small (an error, or a URL answer): up to `small_body` bytes are only kept, and
-    parsed whole by orjson at `close`, which costs far less than scanning them piece by piece. A
-    body that grows past it, or that orjson refuses (truncated, trailing bytes), is scanned by the
-    `JsonScanner`, with the same answers. `usage` and `images` are final after `close`.
+    Read as a `JsonDocument`: kept and parsed whole while it is at most `small_body` bytes without
+    its images, else scanned. `usage` and `images` are final after `close`.
     """
 
     error: dict[str, Any] | None = None
@@ -83,47 +82,18 @@ class JsonUsageReader:
     done = False
 
     def __init__(self, small_body: int = CAPTURE_CAP) -> None:
-        self._small_body = small_body
-        self._head: list[bytes] | None = []  # None once the scanner has taken over
-        self._size = 0
-        self._scanner = JsonScanner(frozenset({b"usage"}), count=b"data")
+        self._document = JsonDocument(frozenset({b"usage"}), b"data", small_body, _IMAGE)
         self._usage: dict[str, Any] | None = None
         self._images = 0
 
     def feed(self, chunk: bytes) -> None:
-        if self._head is None:
-            self._scanner.feed(chunk)
-            return
-        self._size += len(chunk)
-        self._head.append(chunk)
-        if self._size > self._small_body:
-            self._scan_head()
+        self._document.feed(chunk)
 
     def close(self) -> None:
-        if self._head is not None:
-            try:
-                body = orjson.loads(b"".join(self._head))
-            except orjson.JSONDecodeError:
-                self._scan_head()
-            else:
-                self._head = None
-                self._keep(body)
-                return
-        usage = self._scanner.value(b"usage")
+        self._document.close()
+        usage = self._document.value(b"usage")
         self._usage = usage if isinstance(usage, dict) else None
-        self._images = self._scanner.count
-
-    def _scan_head(self) -> None:
-        for part in self._head or ():
-            self._scanner.feed(part)
-        self._head = None
-
-    def _keep(self, body: Any) -> None:
-        if not isinstance(body, dict):
-            return
-        usage, data = body.get("usage"), body.get("data")
-        self._usage = usage if isinstance(usage, dict) else None
-        self._images = sum(isinstance(item, dict) for item in data) if isinstance(data, list) else 0
+        self._images = self._document.count
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -199,12 +169,14 @@ class SSEUsageReader:
     """An event stream: its usage (see the module docstring), its completed images, its first error.
 
     Only dispatched events count (what a client saw); anything after `data: [DONE]` is ignored, as
-    openai-python stops reading there.
+    openai-python stops reading there. An event's data is kept and parsed whole while it is at most
+    `small_event` bytes without its image, else scanned (`JsonDocument`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, small_event: int = CAPTURE_CAP) -> None:
         self._parser = SSEParser()
-        self._scanner: JsonScanner | None = None  # the data of the event being received
+        self._small_event = small_event
+        self._document: JsonDocument | None = None  # the data of the event being received
         self._head = b""  # its first bytes, enough to recognise `[DONE]`
         self._done = False
         self._completed_usage = UsageSum()
@@ -236,46 +208,50 @@ class SSEUsageReader:
 
     def close(self) -> None:
         self._parser.close()
-        self._scanner, self._head = None, b""
+        self._document, self._head = None, b""
 
     def _on_data(self, data: Data) -> None:
-        if self._scanner is None:
-            self._scanner = JsonScanner(_EVENT_KEYS)
+        if self._document is None:
+            self._document = self._new_document()
         if len(self._head) < len(_DONE):
             self._head += data.buf[data.start : min(data.end, data.start + len(_DONE) - len(self._head))]
-        self._scanner.feed(data.buf, data.start, data.end)
+        self._document.feed(data.buf, data.start, data.end)
+
+    def _new_document(self) -> JsonDocument:
+        return JsonDocument(_EVENT_KEYS, small=self._small_event, unread=_IMAGE)
 
     def _on_dispatch(self, dispatch: Dispatch) -> bool:
         """Read a dispatched event; False once it was the `[DONE]` sentinel."""
         self.event_count += 1
-        scanner, head = self._scanner, self._head
-        self._scanner, self._head = None, b""
+        document, head = self._document or self._new_document(), self._head
+        self._document, self._head = None, b""
         if head.startswith(_DONE):
             return False
         # An event whose data is empty still counts by its `event` field.
-        self._read_event(dispatch.event or "", scanner or JsonScanner(_EVENT_KEYS))
+        document.close()
+        self._read_event(dispatch.event or "", document)
         return True
 
-    def _read_event(self, event: str, scanner: JsonScanner) -> None:
-        kind = scanner.value(b"type")
+    def _read_event(self, event: str, document: JsonDocument) -> None:
+        kind = document.value(b"type")
         completed = event in _COMPLETED or (isinstance(kind, str) and kind in _COMPLETED)
         self.images += completed
-        usage = scanner.value(b"usage")
+        usage = document.value(b"usage")
         if isinstance(usage, dict):
             if completed:
                 self._completed_usage.add(usage)
             else:
                 self._other_usage = usage
         if self.error is None:
-            self.error = _error_of(event, scanner)
+            self.error = _error_of(event, document)
 
 
-def _error_of(event: str, scanner: JsonScanner) -> dict[str, Any] | None:
-    error = scanner.value(b"error")
+def _error_of(event: str, document: JsonDocument) -> dict[str, Any] | None:
+    error = document.value(b"error")
     if error:  # openai-python raises APIError on a truthy `error`
         return error if isinstance(error, dict) else {"message": str(error)}
     if event == "error":
-        message = scanner.value(b"message")
+        message = document.value(b"message")
         return {"message": message if isinstance(message, str) else "upstream sent an error event"}
     return None
 

@@ -5,7 +5,9 @@ Each request gets an id of the gateway's own making, returned in `x-request-id`,
 and bound into every log line. A client's own `x-request-id` is never used for that (it could forge
 or collide with another request's log lines and traces): a sane one is logged as
 `client_request_id`. Each request ends in one `request_finished` access-log line and the request
-metrics, whatever the outcome. GatewayErrors render as OpenAI-style JSON; aiohttp's own HTTP errors
+metrics, whatever the outcome. The metrics count when the request is answered
+(`RequestRecord.answer`), before its client can read them; the log line waits for the settlement,
+whose usage it carries. GatewayErrors render as OpenAI-style JSON; aiohttp's own HTTP errors
 (404, 405) are translated; anything else is a logged 500 with no traceback. A request answered
 before its body arrived closes its connection.
 """
@@ -23,6 +25,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from gateway import logs
 from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, drop_tracebacks
 from gateway.front.auth import bearer_token
 from gateway.logs import get_logger
@@ -50,10 +53,43 @@ class RequestRecord:
     stream: bool = False
     status: int = 0
     ttfb_ms: float | None = None
-    answered: float | None = None  # perf_counter() when the pipeline answered (before it settles)
+    answered: float | None = None  # perf_counter() when it was answered (before it settles)
     fields: dict[str, Any] = field(default_factory=dict)
     pending: asyncio.Future[Any] | None = None  # work that outlives the handler (the settlement)
     trace: RequestTrace = OFF  # the request's spans (telemetry.tracing), when tracing is on
+    counter: RequestCounter | None = None  # counts its metrics once answered (`/v1/` requests)
+
+    def answer(self, status: int) -> None:
+        """The request is answered with `status` (its last byte sent, or about to be): its metrics
+        count now, not after the settlement, so a client that reads /metrics next finds them."""
+        self.status = status
+        if self.answered is None:
+            self.answered = time.perf_counter()
+        counter, self.counter = self.counter, None  # counted once
+        if counter is not None:
+            counter.count(self)
+
+
+class RequestCounter:
+    """A `/v1/` request's metrics (and the usage page's count), those the settlement does not change."""
+
+    __slots__ = ("activity", "metrics")
+
+    def __init__(self, metrics: Metrics, activity: Activity | None) -> None:
+        self.metrics = metrics
+        self.activity = activity
+
+    def count(self, record: RequestRecord) -> None:
+        assert record.answered is not None
+        if self.activity is not None:
+            self.activity.count(record.status)
+        metrics = self.metrics
+        metrics.requests.labels(
+            record.tenant, record.model, record.upstream, record.operation, str(record.status)
+        ).inc()
+        metrics.request_duration.labels(
+            record.tenant, record.model, "true" if record.stream else "false"
+        ).observe(record.answered - record.started)
 
 
 RECORD = web.RequestKey("record", RequestRecord)
@@ -95,8 +131,9 @@ def _as_gateway_error(exc: web.HTTPException, request: web.Request) -> GatewayEr
 def create_request_middleware(
     metrics: Metrics, activity: Activity | None = None, tracing: Tracing | None = None
 ) -> Any:
-    """`activity`, when given, counts each finished `/v1/` request by decision (the usage page);
+    """`activity`, when given, counts each answered `/v1/` request by decision (the usage page);
     `tracing`, when given, gives each `/v1/` request its trace."""
+    counter = RequestCounter(metrics, activity)
 
     @web.middleware
     async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -104,13 +141,15 @@ def create_request_middleware(
         if (client_id := client_request_id(request)) is not None:
             record.fields["client_request_id"] = client_id
         request[RECORD] = record
-        if tracing is not None and request.path.startswith("/v1/"):
-            record.trace = tracing.request(request)
+        if request.path.startswith("/v1/"):
+            record.counter = counter
+            if tracing is not None:
+                record.trace = tracing.request(request)
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=record.request_id)
         try:
             response = await _handle(request, handler, record)
-            record.status = response.status
+            record.answer(response.status)
             return response
         finally:
             # The record lets go of the work: the work's result or traceback holds the request and
@@ -119,9 +158,9 @@ def create_request_middleware(
             if pending is not None and not pending.done():
                 # The pipeline still works (settling, or relaying for a handler that was
                 # cancelled): log when it is done.
-                pending.add_done_callback(lambda _: _finish(request, record, metrics, activity))
+                pending.add_done_callback(lambda _: _finish(request, record))
             else:
-                _finish(request, record, metrics, activity)
+                _finish(request, record)
 
     return request_middleware
 
@@ -145,31 +184,25 @@ async def _handle(request: web.Request, handler: Handler, record: RequestRecord)
     return response
 
 
-def _finish(request: web.Request, record: RequestRecord, metrics: Metrics, activity: Activity | None) -> None:
-    duration = (record.answered or time.perf_counter()) - record.started
+def _finish(request: web.Request, record: RequestRecord) -> None:
     if request.path.startswith("/v1/"):
-        if activity is not None:
-            activity.count(record.status)
-        metrics.requests.labels(
-            record.tenant, record.model, record.upstream, record.operation, str(record.status)
-        ).inc()
-        metrics.request_duration.labels(
-            record.tenant, record.model, "true" if record.stream else "false"
-        ).observe(duration)
-        log.info(
-            "request_finished",
-            method=request.method,
-            path=request.path,
-            status=record.status,
-            tenant=record.tenant or None,
-            key=record.key or None,
-            model=record.model or None,
-            upstream=record.upstream or None,
-            operation=record.operation or None,
-            stream=record.stream,
-            duration_ms=round(duration * 1000, 3),
-            ttfb_ms=record.ttfb_ms,
+        record.answer(record.status)  # counted already, unless its handler was cancelled first
+        assert record.answered is not None
+        duration = record.answered - record.started
+        line = {
+            "method": request.method,
+            "path": request.path,
+            "status": record.status,
+            "tenant": record.tenant or None,
+            "key": record.key or None,
+            "model": record.model or None,
+            "upstream": record.upstream or None,
+            "operation": record.operation or None,
+            "stream": record.stream,
+            "duration_ms": round(duration * 1000, 3),
+            "ttfb_ms": record.ttfb_ms,
             **record.fields,
-        )
+        }
+        logs.info(log, "request_finished", line)
         record.trace.finish(record)
     structlog.contextvars.clear_contextvars()

@@ -152,6 +152,7 @@ def limits_only(checks: Sequence[Check]) -> dict[str, str]:
 
 # --- merging with an upstream's own headers ------------------------------------------------------
 
+_LIMIT_PREFIXES = ("x-ratelimit-", "ratelimit")  # every upstream header the merge reads
 _X_RATELIMIT = re.compile(r"x-ratelimit-(?:limit|remaining|reset)-(.+)")
 _GO_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
 _GO_UNIT_US = {"h": 3.6e9, "m": 6e7, "s": 1e6, "ms": 1e3, "us": 1.0, "µs": 1.0, "ns": 1e-3}
@@ -204,13 +205,17 @@ def merge_upstream_limit_headers(ours: Mapping[str, str], upstream: Mapping[str,
     the later reset win. IETF `RateLimit` / `RateLimit-Policy` lists are concatenated; other
     `ratelimit-*` headers (DigitalOcean's) pass through unchanged.
     """
-    lowered = {name.lower(): value for name, value in upstream.items()}
     merged = dict(ours)
-    categories = {
-        match.group(1)
-        for name in (*lowered, *map(str.lower, ours))
-        if name.startswith("x-ratelimit-") and (match := _X_RATELIMIT.fullmatch(name))
+    # Only the upstream's limit headers take part (most upstream answers have none): a category
+    # only we report is ours unchanged.
+    lowered = {
+        lower: value
+        for name, value in upstream.items()
+        if (lower := name.lower()).startswith(_LIMIT_PREFIXES)
     }
+    if not lowered:
+        return merged
+    categories = {match.group(1) for name in lowered if (match := _X_RATELIMIT.fullmatch(name))}
     for category in sorted(categories):
         _merge_category(merged, lowered, category)
     for ietf in ("RateLimit-Policy", "RateLimit"):

@@ -106,6 +106,7 @@ class LimitStore:
         self._timeout = settings.timeout_ms / 1000
         self._offset = 0.0  # engine clock minus ours, in seconds
         self._up = True
+        self._up_exported = False  # whether store_up says 1 (until the first call, it is 0)
         self._outbox = Outbox(self._apply, metrics, journal=journal)
         self._held: dict[str, RenewCall] = {}  # reservation id -> the renewal of its leases
         for operation in _OPERATIONS:  # exported at 0 from the start, for rate() and alerts
@@ -140,10 +141,11 @@ class LimitStore:
         self._flusher = asyncio.get_running_loop().create_task(self._flush_decision_metrics())
 
     async def _flush_decision_metrics(self) -> None:
-        """Once a second, as well as at every read of this process's registry (see DecisionMetrics)."""
+        """Once a second, as well as at every read of this process's registry (see DecisionMetrics):
+        these and every other metric update kept back in this process (`Metrics.apply_kept`)."""
         while True:
             await asyncio.sleep(DECISION_METRICS_FLUSH_SECONDS)
-            self._decision_metrics.flush()
+            self._metrics.apply_kept()
 
     async def close(self) -> int:
         """Deliver what the outbox holds (bounded), then close: the number given up."""
@@ -151,7 +153,7 @@ class LimitStore:
             self._renewer.cancel()
         if self._flusher is not None:
             self._flusher.cancel()
-        self._decision_metrics.flush()
+        self._metrics.apply_kept()
         lost = await self._outbox.close()
         await self._engine.close()
         return lost
@@ -402,6 +404,7 @@ class LimitStore:
 
     def _mark_down(self, operation: str, exc: BaseException) -> None:
         self._metrics.store_up.set(0)
+        self._up_exported = False
         if self._up:
             self._up = False
             log.warning(
@@ -412,7 +415,9 @@ class LimitStore:
             )
 
     def _mark_up(self) -> None:
-        self._metrics.store_up.set(1)
+        if not self._up_exported:  # set once up, not again at every call (a lock, microseconds)
+            self._metrics.store_up.set(1)
+            self._up_exported = True
         if not self._up:
             self._up = True
             log.info("store_recovered")

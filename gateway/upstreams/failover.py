@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ from gateway.runtime import Route, Target
 from gateway.telemetry.tracing import NO_ATTEMPT, OFF, AttemptTrace, RequestTrace
 from gateway.upstreams import transport
 from gateway.upstreams.health import Health, Verdict, cool_down_seconds
-from gateway.upstreams.pools import Pools, TenantShareBusy
+from gateway.upstreams.pools import Pools, Share, TenantShareBusy
 from gateway.upstreams.quota import Held, ProviderQuota
 from gateway.upstreams.targets import body_for, ordered, refuses
 from policies.cost import Cost
@@ -84,7 +84,7 @@ class Exchange:
     body: dict[str, Any]
     adjustments: tuple[Adjustment, ...]
     forwarded_at: float
-    share: contextlib.AsyncExitStack  # the tenant's connection share, until the relay ends
+    share: Share  # the tenant's connection share, until the relay ends
 
 
 @dataclass(slots=True)
@@ -113,41 +113,43 @@ class Forwarder:
     async def forward(self, request: Request, attempts: Attempts) -> Exchange:
         """Send the request to the first target that answers with something other than a failure
         that made no image; raise the gateway's error when none could be reached."""
-        candidates = self._candidates(request, attempts)
-        target = await anext(candidates, None)
-        if target is None:
-            raise self._nothing_to_try(request.route, attempts)
-        while True:
-            sent, adjustments = body_for(target, request.body)
-            started = time.perf_counter()
-            try:
-                response, share = await self._send(target, sent, request, attempts)
-            except GatewayError as error:
-                if not self._may_fail_over(error, target, started, attempts):
-                    raise  # it may be generating: never a second attempt
-                following = await anext(candidates, None)
-                if following is None:
-                    raise
-            else:
-                if not self._retryable(response, target, started, attempts, request.route):
-                    return Exchange(response, target, sent, adjustments, started, share)
+        # Closed here, not left to the garbage collector: an async generator abandoned unfinished
+        # is closed by a task the event loop schedules from another thread's wake-up.
+        async with contextlib.aclosing(self._candidates(request, attempts)) as candidates:
+            target = await anext(candidates, None)
+            if target is None:
+                raise self._nothing_to_try(request.route, attempts)
+            while True:
+                sent, adjustments = body_for(target, request.body)
+                started = time.perf_counter()
                 try:
+                    response, share = await self._send(target, sent, request, attempts)
+                except GatewayError as error:
+                    if not self._may_fail_over(error, target, started, attempts):
+                        raise  # it may be generating: never a second attempt
                     following = await anext(candidates, None)
-                except BaseException:
+                    if following is None:
+                        raise
+                else:
+                    if not self._retryable(response, target, started, attempts, request.route):
+                        return Exchange(response, target, sent, adjustments, started, share)
+                    try:
+                        following = await anext(candidates, None)
+                    except BaseException:
+                        response.release()
+                        share.release()
+                        raise
+                    if following is None:  # the last failure, relayed as the upstream gave it
+                        return Exchange(response, target, sent, adjustments, started, share)
+                    attempts.reached = False  # it answered without an image
                     response.release()
-                    await share.aclose()
-                    raise
-                if following is None:  # the last failure, relayed as the upstream gave it
-                    return Exchange(response, target, sent, adjustments, started, share)
-                attempts.reached = False  # it answered without an image
-                response.release()
-                await share.aclose()
-            self._failed_over(request.route, target, following)
-            target = following
+                    share.release()
+                self._failed_over(request.route, target, following)
+                target = following
 
     async def _send(
         self, target: Target, sent: dict[str, Any], request: Request, attempts: Attempts
-    ) -> tuple[aiohttp.ClientResponse, contextlib.AsyncExitStack]:
+    ) -> tuple[aiohttp.ClientResponse, Share]:
         """One attempt: the tenant's share of the pool, then the request; the share stays held
         with the response (given back here on any failure, cancellation included)."""
         client = request.client
@@ -155,13 +157,12 @@ class Forwarder:
         headers = transport.upstream_headers(target, request.headers, request.request_id, body)
         path = PATHS[client.operation]
         attempts.sending = attempts.trace.attempt(target, path, headers)  # and its traceparent
-        share = contextlib.AsyncExitStack()
+        share = await self.pools.share(target, request.tenant)
         try:
-            await share.enter_async_context(self.pools.share(target, request.tenant))
             attempts.reached = True
             response = await transport.send(self.pools.session(target), target, path, body, headers)
         except BaseException:
-            await share.aclose()
+            share.release()
             raise
         attempts.sending.answered(response.status)
         return response, share
@@ -196,7 +197,7 @@ class Forwarder:
         self._record(attempts, target, "ok" if status < 400 else f"http_{status}", started, verdict)
         return False
 
-    async def _candidates(self, request: Request, attempts: Attempts) -> AsyncIterator[Target]:
+    async def _candidates(self, request: Request, attempts: Attempts) -> AsyncGenerator[Target]:
         """The targets to try, in order: those in rotation with room in their provider quota."""
         order = ordered(request.route, self.rng)
         ejected: list[Target] = []

@@ -72,8 +72,9 @@ class Health:
         if verdict == "rate_limited":
             state.cooling_until = self._clock() + min(cool_seconds, _MAX_COOL_SECONDS)
         elif verdict == "ok":
+            if state.ejected_until:  # back in rotation; the gauge is only written when it changes
+                self._metrics.upstream_up.labels(name).set(1)
             state.failures, state.ejected_until = 0, 0.0
-            self._metrics.upstream_up.labels(name).set(1)
         elif verdict == "failure":
             state.failures += 1
             if state.failures >= settings.eject_after_failures:

@@ -14,8 +14,6 @@ closes with the gateway. Bodies are relayed as received, so nothing is decompres
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 import aiohttp
 
@@ -26,6 +24,26 @@ from gateway.runtime import Target
 class TenantShareBusy(UpstreamTimeout):
     """Every connection of the tenant's share of an upstream stayed busy for the connect timeout.
     Nothing was sent: the next target may be tried."""
+
+
+class Share:
+    """One held connection of a tenant's share; `release` (or leaving `with`) gives it back once."""
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots: asyncio.Semaphore | None = slots
+
+    def release(self) -> None:
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            slots.release()
+
+    def __enter__(self) -> Share:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
 
 
 class Pools:
@@ -40,28 +58,27 @@ class Pools:
             session = self._sessions[key] = _session(target.upstream.max_connections)
         return session
 
-    @contextlib.asynccontextmanager
-    async def share(self, target: Target, tenant: str) -> AsyncIterator[None]:
-        """Hold one connection of `tenant`'s share of `target`'s upstream while the body runs."""
+    async def share(self, target: Target, tenant: str) -> Share:
+        """One connection of `tenant`'s share of `target`'s upstream, held until released."""
         size = target.upstream.tenant_connections
         key = (target.upstream_name, tenant, size)
         slots = self._shares.get(key)
         if slots is None:
             slots = self._shares[key] = asyncio.Semaphore(size)
-        try:
-            async with asyncio.timeout(target.upstream.connect_timeout_seconds):
-                await slots.acquire()
-        except TimeoutError:
-            raise TenantShareBusy(
-                f"Upstream {target.upstream_name!r} had no free connection for this tenant within"
-                f" {target.upstream.connect_timeout_seconds:g} s"
-                f" (its share of {size} connections stayed busy).",
-                code="upstream_connect_timeout",
-            ) from None
-        try:
-            yield
-        finally:
-            slots.release()
+        if slots.locked():  # the share is busy: wait for one of the tenant's own to end, bounded
+            try:
+                async with asyncio.timeout(target.upstream.connect_timeout_seconds):
+                    await slots.acquire()
+            except TimeoutError:
+                raise TenantShareBusy(
+                    f"Upstream {target.upstream_name!r} had no free connection for this tenant within"
+                    f" {target.upstream.connect_timeout_seconds:g} s"
+                    f" (its share of {size} connections stayed busy).",
+                    code="upstream_connect_timeout",
+                ) from None
+        else:  # a free slot is taken at once: no timer to arm and cancel
+            await slots.acquire()
+        return Share(slots)
 
     async def close(self) -> None:
         for session in self._sessions.values():
@@ -75,8 +92,7 @@ def _session(max_connections: int) -> aiohttp.ClientSession:
     )
     return aiohttp.ClientSession(
         connector=connector,
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        auto_decompress=False,  # and `transport` asks for `Accept-Encoding: identity`
         cookie_jar=aiohttp.DummyCookieJar(),  # an upstream's cookies are nobody's: never sent back
         timeout=aiohttp.ClientTimeout(total=None),
     )

@@ -26,6 +26,8 @@ from gateway.runtime import Target
 # organisation and project headers, cookies, hop-by-hop headers) stays at the gateway.
 _FORWARDED_REQUEST_HEADERS = ("accept", "user-agent", "idempotency-key")
 
+_NO_USER_AGENT = ("User-Agent",)
+
 # Response headers that describe a connection, not the content, or that identify the
 # organisation behind the upstream key: never relayed.
 _DROPPED_RESPONSE_HEADERS = frozenset(
@@ -100,8 +102,12 @@ async def send(
     settings = target.upstream
     timeout = _timeout(settings.connect_timeout_seconds, settings.read_timeout_seconds)
     data = body if isinstance(body, bytes) else body.chunks()
+    # Where the client sent no User-Agent, neither does the gateway (not aiohttp's own). Asked per
+    # request rather than of the session: a request that has one takes aiohttp's faster path.
+    skip = None if "user-agent" in headers else _NO_USER_AGENT
+    url = _url(settings.base_url, path)
     try:
-        return await session.post(_url(settings.base_url, path), data=data, headers=headers, timeout=timeout)
+        return await session.post(url, data=data, headers=headers, timeout=timeout, skip_auto_headers=skip)
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise translate(exc, target) from exc
 

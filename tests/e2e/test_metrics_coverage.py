@@ -13,6 +13,7 @@ traffic (successes, streams, rejections of every kind).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ import yaml
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.health import METRICS
+from gateway.limits.limiter import DECISION_METRICS_FLUSH_SECONDS
 from tests.e2e.conftest import StartGateway, base_url
 from tests.support.config import TENANT_KEY
 
@@ -197,3 +200,25 @@ def test_the_check_catches_a_misspelt_metric(exposition_text: str) -> None:
     assert resolve("gateway_store_up_total", families) is None  # a gauge has no _total
     assert resolve("gateway_request_duration_seconds", families) is None  # a histogram has no bare series
     assert resolve("gateway_request_total", families) is None
+
+
+async def test_charges_reach_the_metric_values_without_a_scrape(
+    start_gateway: StartGateway, mock_openai: TestServer
+) -> None:
+    """What a settled request charged is counted in the pipeline's own dicts first. With workers a
+    scrape reads every worker's metric files, not this process's registry: the counts get there by
+    themselves within DECISION_METRICS_FLUSH_SECONDS."""
+    gateway = await start_gateway(openai_url=base_url(mock_openai))
+    metrics = gateway.app[METRICS]
+    labels = ("team", "gpt-image-1.5")
+    async with aiohttp.ClientSession() as session:
+        payload = {"model": "gpt-image-1.5", "prompt": "x", "quality": "low", "size": "1024x1024"}
+        url, auth = f"{gateway.v1}/images/generations", {"Authorization": f"Bearer {TENANT_KEY}"}
+        async with session.post(url, json=payload, headers=auth) as resp:
+            assert resp.status == 200
+            await resp.read()
+    await asyncio.sleep(DECISION_METRICS_FLUSH_SECONDS + 0.5)
+    assert metrics.tokens.labels(*labels, "image_out", "usage")._value.get() > 0
+    assert metrics.images.labels(*labels, "1024x1024", "low", "usage")._value.get() == 1
+    assert metrics.spend.counter.labels(*labels, "usage")._value.get() > 0
+    assert sum(bucket.get() for bucket in metrics.reservation_drift.labels(*labels)._buckets) == 1

@@ -11,9 +11,11 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from gateway.app import PIPELINE
+from gateway.health import STORE
 from gateway.pipeline import Pipeline
 from gateway.shutdown import CUT_SETTLE_SECONDS
 from tests.e2e.conftest import StartGateway, base_url
@@ -100,3 +102,46 @@ async def test_a_cut_request_that_answered_is_still_waited_for_while_it_settles(
     assert work.done()
     [finished] = [line for line in logs if line["event"] == "request_finished"]
     assert finished["settled"] == "usage"
+
+
+@pytest.mark.parametrize("in_order", [True, False], ids=["settles_in_order", "settles_unordered"])
+async def test_a_client_finds_its_request_in_the_metrics_as_soon_as_it_is_answered(
+    start_gateway: StartGateway,
+    mock_openai: TestServer,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    in_order: bool,
+) -> None:
+    """The settlement goes on after the answer (made slow here); the request's metrics do not wait
+    for it: the client's next read of /metrics counts its request, whether the handler returns at
+    once (the store settles in order) or, holding a concurrency slot, once settled."""
+    gw = await start_gateway(
+        openai_url=base_url(mock_openai), store={"backend": "redis", "url": redis_url}, limits=ONE_AT_A_TIME
+    )
+    store = gw.app[STORE]
+    original = type(store).settle
+
+    async def slow(self: Any, *args: Any, **kwargs: Any) -> bool:
+        await asyncio.sleep(1)
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(store), "settle", slow)
+    monkeypatch.setattr(type(store), "settles_in_order", property(lambda _: in_order))
+    labels = {"tenant": "team", "model": "gpt-image-1.5"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{gw.url}/v1/images/generations", json=LOW, headers=AUTH) as resp:
+            assert resp.status == 200
+            await resp.read()
+            async with aiohttp.ClientSession() as scraper, scraper.get(f"{gw.ops_url}/metrics") as scrape:
+                text = await scrape.text()
+    settling = gw.app[PIPELINE].tasks
+    assert settling  # still settling
+    await asyncio.wait(settling, timeout=5)  # its concurrency slot freed: the server is shared
+    samples = {
+        (s.name, s.labels.get("status")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if labels.items() <= s.labels.items()
+    }
+    assert samples[("gateway_requests_total", "200")] == 1
+    assert samples[("gateway_request_duration_seconds_count", None)] == 1

@@ -431,8 +431,9 @@ async def test_a_settle_whose_reply_is_lost_is_retried_and_charged_once(
 ) -> None:
     redis = redis_factory()
     usage = usage_body(text=6, image_in=0, output=272)
+    answer = asyncio.Event()
     upstream = ScriptedUpstream(
-        Script(content_type="application/json", chunks=[json_body(usage)], delay_before_headers=0.2)
+        Script(content_type="application/json", chunks=[json_body(usage)], hold=answer)
     )
     server = await start_server(upstream.app())
     gw = await start_gateway(
@@ -447,8 +448,11 @@ async def test_a_settle_whose_reply_is_lost_is_retried_and_charged_once(
             await reached_upstream(upstream)
             # Redis answers nothing for 0.45 s from just before the upstream answers, a health check's
             # PING included: the first settle attempt (and perhaps the second) is given up after
-            # timeout_ms and the health check's, a later one gets through.
+            # timeout_ms and the health check's, a later one gets through. The upstream answers only
+            # once the pause is in force: on a busy machine starting redis-cli can take longer than
+            # any fixed delay.
             await asyncio.to_thread(redis.cli, "CLIENT", "PAUSE", "450", "ALL")
+            answer.set()
             status, _, _ = await request
             assert status == 200
             await asyncio.sleep(0.5)

@@ -32,6 +32,16 @@ SSE_PIECES = [
 ]
 
 
+JSON_ANSWER = b'{"created":1,"data":[{"b64_json":"AA=="}],"usage":' + USAGE + b"}"
+
+
+def json_script(headers: dict[str, str]) -> Script:
+    """A whole JSON answer, with a Content-Length, and these headers of the upstream's."""
+    return Script(
+        content_type="application/json", chunks=[JSON_ANSWER], content_length=True, extra_headers=headers
+    )
+
+
 def odd_chunks(data: bytes, sizes: tuple[int, ...] = (1, 7, 2, 13, 3, 64, 5)) -> list[bytes]:
     """Split bytes at awkward places: inside CRLF, inside `data:`, inside JSON."""
     chunks, i, k = [], 0, 0
@@ -125,6 +135,27 @@ async def test_upstream_gets_org_key_and_every_field(gateway: Running, mock_open
     assert received.body == payload
 
 
+async def test_upstream_gets_no_user_agent_of_aiohttp_and_asks_for_identity(
+    gateway: Running, mock_openai: TestServer
+) -> None:
+    """A client without a User-Agent is relayed without one (not aiohttp's), with or without; the
+    body is always asked for uncompressed, whatever the client accepts."""
+    payload = {"model": "gpt-image-1.5", "prompt": "a cat", "quality": "low"}
+    sent: list[str | None] = []
+    for extra in ({}, {"User-Agent": "test-agent/1", "Accept-Encoding": "gzip, br"}):
+        async with aiohttp.ClientSession(skip_auto_headers=("User-Agent", "Accept-Encoding")) as session:
+            headers = {**AUTH, **extra}
+            async with session.post(
+                f"{gateway.v1}/images/generations", json=payload, headers=headers
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+                await resp.read()
+        received = mock_openai.app[RECEIVED][-1].headers  # repeated headers joined with ", "
+        sent.append(received.get("User-Agent"))
+        assert (received["Accept-Encoding"], received["Accept"]) == ("identity", "*/*")
+    assert sent == [None, "test-agent/1"]
+
+
 async def test_digitalocean_route_maps_model_id_and_fills_required_fields(
     gateway: Running, mock_do: TestServer
 ) -> None:
@@ -157,18 +188,15 @@ async def test_a_client_chosen_request_id_is_logged_never_used(
 async def test_upstream_rate_limit_headers_pass_through_hop_by_hop_do_not(
     start_server: StartServer, start_gateway: StartGateway
 ) -> None:
-    body = b'{"created":1,"data":[{"b64_json":"AA=="}],"usage":' + USAGE + b"}"
-    script = Script(
-        content_type="application/json",
-        chunks=[body],
-        content_length=True,
-        extra_headers={
+    body = JSON_ANSWER
+    script = json_script(
+        {
             "x-ratelimit-remaining-requests": "7",
             "ratelimit-remaining": "3",
             "Keep-Alive": "timeout=5",
             "openai-organization": "org-secret",
             "Set-Cookie": "a=b",
-        },
+        }
     )
     _, server = await scripted(start_server, script)
     gw = await start_gateway(openai_url=base_url(server))
@@ -181,6 +209,61 @@ async def test_upstream_rate_limit_headers_pass_through_hop_by_hop_do_not(
             assert resp.headers["Content-Length"] == str(len(body))
             for name in ("Keep-Alive", "openai-organization", "Set-Cookie"):
                 assert name not in resp.headers
+
+
+async def test_relayed_header_names_keep_the_upstreams_order_and_our_limit_headers_replace_its_own(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    """The answer's header names, in order and case: the upstream's (less what is dropped), a limit
+    header of both sides where the upstream put it (under our spelling), ours and then the gateway's
+    after them; none twice, whatever case the upstream wrote them in."""
+    body = JSON_ANSWER
+    script = json_script(
+        {
+            "X-RateLimit-Limit-Requests": "9",
+            "openai-processing-ms": "12",
+            "X-RateLimit-Remaining-Requests": "7",
+            "RATELIMIT": '"up";r=3;t=1',
+            "x-ratelimit-reset-images": "2s",
+            "Ratelimit-Remaining": "3",
+            "x-request-id": "req_up",
+            "Server": "upstream",
+        }
+    )
+    _, server = await scripted(start_server, script)
+    limits = {"requests_per_minute": 60, "tokens_per_minute": 10**7, "images_per_minute": 100}
+    gw = await start_gateway(openai_url=base_url(server), limits=limits)
+    async with aiohttp.ClientSession() as session:
+        payload = {"model": "gpt-image-1.5", "prompt": "x"}
+        async with session.post(f"{gw.v1}/images/generations", json=payload, headers=AUTH) as resp:
+            assert await resp.read() == body
+            names = [name.decode() for name, _ in resp.raw_headers]
+            assert (resp.headers["x-ratelimit-remaining-requests"], resp.headers["RateLimit-Remaining"]) == (
+                "7",
+                "3",
+            )
+    assert names == [
+        "x-ratelimit-limit-requests",
+        "openai-processing-ms",
+        "x-ratelimit-remaining-requests",
+        "RateLimit",
+        "x-ratelimit-reset-images",
+        "ratelimit-remaining",
+        "Content-Type",
+        "Content-Length",
+        "x-upstream-request-id",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+        "x-ratelimit-limit-images",
+        "x-ratelimit-remaining-images",
+        "RateLimit-Policy",
+        "x-gateway-upstream",
+        "x-request-id",
+        "Date",
+        "Server",
+    ]
 
 
 @pytest.mark.parametrize("usage_first", [False, True])

@@ -15,6 +15,7 @@ class Script:
     chunks: list[bytes] = field(default_factory=list)
     chunk_delay: float = 0.0
     delay_before_headers: float = 0.0
+    hold: asyncio.Event | None = None  # set by the test when the answer may go (after the delay)
     abort_after_chunks: bool = False  # drop the connection instead of ending the body
     extra_headers: dict[str, str] = field(default_factory=dict)
     content_length: bool = False
@@ -42,6 +43,8 @@ class ScriptedUpstream:
         self.received.append(Received(dict(request.headers), await request.read()))
         script = self.script
         await asyncio.sleep(script.delay_before_headers)
+        if script.hold is not None:
+            await script.hold.wait()
         response = web.StreamResponse(status=script.status, headers=script.extra_headers)
         response.content_type = script.content_type
         if script.content_length:

@@ -121,3 +121,20 @@ def test_merge_never_trusts_or_trips_on_an_upstream_number_that_is_not_one(value
     )
     assert merged["x-ratelimit-remaining-requests"] == "59"
     assert merged["x-ratelimit-limit-requests"] == OURS["x-ratelimit-limit-requests"]
+
+
+def test_merge_keeps_our_order_and_adds_categories_only_the_upstream_reports_after_it() -> None:
+    upstream = {
+        "Content-Type": "application/json",
+        "X-RateLimit-Reset-Images": "2s",
+        "X-RateLimit-Limit-Images": "5",
+        "x-ratelimit-reset-requests": "1m0s",
+        "RateLimit-Reset": "9",
+    }
+    merged = merge_upstream_limit_headers(OURS, upstream)
+    assert list(merged.items()) == [
+        *{**OURS, "x-ratelimit-reset-requests": "1m0s"}.items(),
+        ("x-ratelimit-limit-images", "5"),
+        ("x-ratelimit-reset-images", "2s"),
+        ("ratelimit-reset", "9"),
+    ]

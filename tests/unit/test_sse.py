@@ -7,6 +7,7 @@ import re
 import tracemalloc
 from collections.abc import Iterator
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai._streaming import SSEDecoder
@@ -174,3 +175,11 @@ def test_long_fields_are_bounded() -> None:
     tracemalloc.stop()
     assert peak < 256 * 1024
     assert parser.feed(b"\n") == [Dispatch(None, None, None)]  # the over-long event name was ignored
+
+
+@pytest.mark.parametrize("size", [4096, 4097])
+def test_a_value_over_the_cap_is_ignored_whether_its_line_comes_whole_or_in_pieces(size: int) -> None:
+    stream = b"event: " + b"e" * size + b"\nretry: " + b"1" * size + b"\ndata: a\n\n"
+    expected = [Event("e" * size, "a", None, int("1" * size))] if size == 4096 else [Event(None, "a")]
+    for chunks in ([stream], split(stream, [3, 200, 4200, len(stream) - 3]), byte_chunks(stream)):
+        assert list(iter_events(chunks)) == expected

@@ -3,6 +3,7 @@ of routes with several targets (every mistake named by its key path)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Any
 
@@ -11,8 +12,9 @@ from prometheus_client import CollectorRegistry
 
 from gateway.config import ConfigError, UpstreamSettings, parse_settings
 from gateway.metrics import Metrics
-from gateway.runtime import Runtime
+from gateway.runtime import Runtime, Target
 from gateway.upstreams.health import Health, cool_down_seconds
+from gateway.upstreams.pools import Pools, TenantShareBusy
 from gateway.upstreams.targets import covering_estimate, ordered
 from policies.cost import Cost, estimate
 
@@ -208,3 +210,33 @@ def test_a_429_cools_down_without_ejecting() -> None:
 )
 def test_cool_down_from_the_upstreams_headers(headers: dict[str, str], seconds: float) -> None:
     assert cool_down_seconds(headers, now=1_000_000.0) == pytest.approx(seconds)
+
+
+async def test_a_tenants_share_is_taken_at_once_waits_bounded_when_busy_and_is_given_back_once() -> None:
+    upstream = UpstreamSettings(
+        base_url="http://127.0.0.1:1/v1",
+        max_connections=4,
+        max_connections_per_tenant=2,
+        connect_timeout_seconds=0.05,
+    )
+    target = Target("openai", upstream, "gpt-image-1.5")
+    pools = Pools()
+    first, second = await pools.share(target, "t"), await pools.share(target, "t")
+    other = await pools.share(target, "u")  # another tenant's share is its own
+    with pytest.raises(TenantShareBusy):
+        await pools.share(target, "t")
+    first.release()
+    first.release()  # given back once: a second release frees nothing more
+    with first:  # leaving `with` after a release frees nothing either
+        pass
+    third = await pools.share(target, "t")
+    with pytest.raises(TenantShareBusy):
+        await pools.share(target, "t")
+    waiting = asyncio.ensure_future(pools.share(target, "t"))  # a wait ends when one is given back
+    await asyncio.sleep(0)
+    with second:
+        pass
+    fourth = await waiting
+    for share in (third, fourth, other):
+        share.release()
+    await pools.close()

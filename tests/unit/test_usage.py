@@ -15,6 +15,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from gateway.json_scan import JsonScanner
 from gateway.sse import iter_events
 from gateway.usage import CAPTURE_CAP, JsonUsageReader, SSEUsageReader, UsageReader, usage_reader
 from policies.cost import _usage_tokens
@@ -34,7 +35,14 @@ def read(
     content_type: str = "application/json",
     small_body: int | None = None,
 ) -> UsageReader:
-    reader = usage_reader(content_type) if small_body is None else JsonUsageReader(small_body)
+    """Read a body; `small_body`: what size of JSON document (the body, or an event's data) is kept
+    and parsed whole rather than scanned (default: the readers' own)."""
+    if small_body is None:
+        reader = usage_reader(content_type)
+    elif content_type == SSE:
+        reader = SSEUsageReader(small_event=small_body)
+    else:
+        reader = JsonUsageReader(small_body)
     for chunk in chunks:
         reader.feed(chunk)
     reader.close()
@@ -51,9 +59,12 @@ def every_split(body: bytes) -> Iterator[list[bytes]]:
 
 # --- JSON bodies: property -------------------------------------------------------------------------
 
-# Both ways a JSON body is read: scanned as it streams (any body past CAPTURE_CAP), or kept and
-# parsed whole (a small one); they must agree on everything.
-BOTH_PATHS = pytest.mark.parametrize("small_body", [0, CAPTURE_CAP], ids=["scanned", "whole"])
+# Every way a JSON document (a body, an event's data) is read: scanned as it streams (one past
+# CAPTURE_CAP), kept and parsed whole (a small one), or kept past a limit of 100 bytes with its
+# images cut out, or scanned from its start when what is left outgrows it; they must agree.
+EVERY_PATH = pytest.mark.parametrize(
+    "small_body", [0, CAPTURE_CAP, 100], ids=["scanned", "whole", "past-100-bytes"]
+)
 
 tricky_text = st.one_of(
     st.text(max_size=20),
@@ -120,7 +131,7 @@ def expected(body: bytes) -> tuple[dict[str, Any] | None, int]:
     return (usage if isinstance(usage, dict) else None), (len(data) if isinstance(data, list) else 0)
 
 
-@BOTH_PATHS
+@EVERY_PATH
 @settings(max_examples=300, deadline=None)
 @given(body=json_bodies(), data=st.data())
 def test_json_any_split_matches_a_whole_parse(small_body: int, body: bytes, data: st.DataObject) -> None:
@@ -130,7 +141,7 @@ def test_json_any_split_matches_a_whole_parse(small_body: int, body: bytes, data
     assert reader.error is None and reader.event_count == 0
 
 
-@BOTH_PATHS
+@EVERY_PATH
 @settings(max_examples=100, deadline=None)
 @given(body=json_bodies())
 def test_json_one_byte_chunks_match_a_whole_parse(small_body: int, body: bytes) -> None:
@@ -138,7 +149,7 @@ def test_json_one_byte_chunks_match_a_whole_parse(small_body: int, body: bytes) 
     assert (reader.usage, reader.images) == expected(body)
 
 
-@BOTH_PATHS
+@EVERY_PATH
 @settings(max_examples=100, deadline=None)
 @given(body=json_bodies(), data=st.data())
 def test_json_truncated_body_has_no_usage(small_body: int, body: bytes, data: st.DataObject) -> None:
@@ -172,7 +183,7 @@ REAL = orjson.dumps(USAGE).decode()
         (' \r\n\t{ "data" : [ { } ] ,\n "usage" :\n' + json.dumps(USAGE, indent=4) + " }\n", USAGE, 1),
     ],
 )
-@BOTH_PATHS
+@EVERY_PATH
 def test_json_adversarial_bodies_under_every_split(
     small_body: int, body: str, usage: dict[str, Any] | None, images: int
 ) -> None:
@@ -186,14 +197,14 @@ def test_json_adversarial_bodies_under_every_split(
     "body",
     [b"", b"   ", b"<html>502 Bad Gateway</html>", b"[1, 2]", b"null", b"\x00\xff\xfe", b"}}]]", b'"usage"'],
 )
-@BOTH_PATHS
+@EVERY_PATH
 def test_json_non_object_bodies_have_no_usage(small_body: int, body: bytes) -> None:
     for chunks in every_split(body):
         reader = read(chunks, small_body=small_body)
         assert (reader.usage, reader.images) == (None, 0)
 
 
-@BOTH_PATHS
+@EVERY_PATH
 def test_json_every_prefix_of_a_body_is_safe_and_only_the_whole_has_usage(small_body: int) -> None:
     body = ('{"data": [{"b64_json": "a\\"b\\\\"}], "usage": ' + REAL + "}").encode()
     for cut in range(len(body)):
@@ -208,7 +219,7 @@ def test_json_usage_over_the_cap_is_given_up_and_scanning_goes_on() -> None:
     assert (reader.usage, reader.images) == (None, 3)
 
 
-@BOTH_PATHS
+@EVERY_PATH
 def test_json_reader_ignores_what_follows_the_top_level_object(small_body: int) -> None:
     reader = read(
         [b'{"usage": ' + REAL.encode() + b'}\n{"usage": {"total_tokens": 1}}'], small_body=small_body
@@ -220,7 +231,11 @@ def test_json_reader_ignores_what_follows_the_top_level_object(small_body: int) 
 
 
 def event(kind: str | None, payload: dict[str, Any] | str, end: str = "\n", pretty: bool = False) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, indent=1 if pretty else None)
+    # Compact, as OpenAI writes it (the images cut out of what is kept are found that way), or pretty.
+    if isinstance(payload, str):
+        data = payload
+    else:
+        data = json.dumps(payload, indent=1) if pretty else json.dumps(payload, separators=(",", ":"))
     lines = ([f"event: {kind}"] if kind else []) + [f"data: {line}" for line in data.split("\n")]
     return "".join(line + end for line in lines) + end
 
@@ -244,10 +259,11 @@ def stream(end: str = "\n") -> bytes:
 
 
 @pytest.mark.parametrize("end", ["\n", "\r", "\r\n"])
-def test_sse_usage_and_images_under_every_split(end: str) -> None:
+@EVERY_PATH
+def test_sse_usage_and_images_under_every_split(small_body: int, end: str) -> None:
     body = stream(end)
     for chunks in every_split(body):
-        reader = read(chunks, SSE)
+        reader = read(chunks, SSE, small_body)
         assert (reader.usage, reader.images, reader.event_count, reader.error) == (USAGE, 1, 3, None)
 
 
@@ -255,6 +271,83 @@ def test_sse_type_in_data_without_event_line_and_edits() -> None:
     body = event(None, partial(0, "image_edit")) + event(None, completed(prefix="image_edit"))
     reader = read([body.encode()], SSE)
     assert (reader.usage, reader.images, reader.event_count) == (USAGE, 1, 2)
+
+
+def no_scanning(*args: object) -> None:
+    raise AssertionError("scanned")
+
+
+def test_sse_small_events_are_parsed_whole_not_scanned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data of up to CAPTURE_CAP bytes (a small image, an error, a usage) is kept and parsed whole by
+    orjson at dispatch: scanning it in Python cost the relay far more (issue 14)."""
+    monkeypatch.setattr(JsonScanner, "feed", no_scanning)
+    for chunks in every_split(stream("\r\n")):
+        reader = read(chunks, SSE)
+        assert (reader.usage, reader.images, reader.event_count, reader.error) == (USAGE, 1, 3, None)
+
+
+@pytest.mark.parametrize("content_type", [SSE, "application/json"])
+def test_multi_mb_images_are_cut_out_not_scanned(monkeypatch: pytest.MonkeyPatch, content_type: str) -> None:
+    """What is kept of a document stays small without its images, so it too is parsed whole."""
+    image = base64.b64encode(os.urandom(1_500_000)).decode()
+    if content_type == SSE:
+        body = event(None, {**partial(0), "b64_json": image}) + event(
+            None, {**completed(), "b64_json": image}
+        )
+        expected_images = 1
+    else:
+        body = orjson.dumps({"created": 1, "data": [{"b64_json": image}] * 3, "usage": USAGE}).decode()
+        expected_images = 3
+    monkeypatch.setattr(JsonScanner, "feed", no_scanning)
+    encoded = body.encode()
+    for size in (CHUNK, 4096, 999_999):
+        reader = read([encoded[i : i + size] for i in range(0, len(encoded), size)], content_type)
+        assert (reader.usage, reader.images) == (USAGE, expected_images)
+
+
+# Escaped quotes and backslashes in an image (one at its end), and what looks like an image member.
+ESCAPED_IMAGE = "A" * 80 + '"b64_json":"x\\' + "B" * 80 + "\\"
+
+
+@EVERY_PATH
+def test_sse_an_image_with_escapes_is_cut_out_under_every_split(small_body: int) -> None:
+    body = event(None, {**partial(0), "b64_json": ESCAPED_IMAGE}) + event(
+        None, {**completed(), "b64_json": ESCAPED_IMAGE}
+    )
+    for chunks in every_split(body.encode()):
+        reader = read(chunks, SSE, small_body)
+        assert (reader.usage, reader.images, reader.event_count) == (USAGE, 1, 2), chunks
+
+
+@EVERY_PATH
+def test_json_an_image_with_escapes_is_cut_out_under_every_split(small_body: int) -> None:
+    body = orjson.dumps({"data": [{"b64_json": ESCAPED_IMAGE}, {"b64_json": "QUJD" * 40}], "usage": USAGE})
+    for chunks in every_split(body):
+        reader = read(chunks, small_body=small_body)
+        assert (reader.usage, reader.images) == (USAGE, 2), chunks
+
+
+@pytest.mark.parametrize("content_type", [SSE, "application/json"])
+def test_an_image_is_cut_out_before_a_small_document_is_parsed(
+    monkeypatch: pytest.MonkeyPatch, content_type: str
+) -> None:
+    """orjson would build the `b64_json` string (~6 instructions a byte) that nothing reads."""
+    image = base64.b64encode(os.urandom(3000)).decode()
+    if content_type == SSE:
+        body = event("image_generation.completed", {**completed(), "b64_json": image}).encode()
+    else:
+        body = orjson.dumps({"created": 1, "data": [{"b64_json": image}] * 2, "usage": USAGE})
+    parsed: list[bytes] = []
+    loads = orjson.loads
+
+    def recorded(document: bytes) -> Any:
+        parsed.append(document)
+        return loads(document)
+
+    monkeypatch.setattr(orjson, "loads", recorded)
+    reader = read([body], content_type)
+    assert (reader.usage, reader.images) == (USAGE, 1 if content_type == SSE else 2)
+    assert parsed and not any(image.encode() in document for document in parsed)
 
 
 def per_image(text: int, output: int, image_in: int = 0) -> dict[str, Any]:
@@ -269,9 +362,14 @@ def per_image(text: int, output: int, image_in: int = 0) -> dict[str, Any]:
 
 
 def sse_usage(*events: str) -> dict[str, Any] | None:
-    """The usage the reader settles on for these events, the same under every split of the stream."""
+    """The usage the reader settles on for these events, the same under every split of the stream
+    and whether each event is kept whole or scanned."""
     body = "".join(events).encode()
-    usages = {repr(read(chunks, SSE).usage) for chunks in every_split(body)}
+    usages = {
+        repr(read(chunks, SSE, small_body).usage)
+        for small_body in (0, CAPTURE_CAP, 100)
+        for chunks in every_split(body)
+    }
     assert len(usages) == 1, usages
     return read([body], SSE).usage
 
@@ -355,18 +453,20 @@ def test_sse_sum_over_many_images_equals_the_whole_request() -> None:
     assert usage == per_image(text=40, output=10 * 1256)
 
 
-def test_sse_done_sentinel_ends_the_stream_for_the_reader() -> None:
+@EVERY_PATH
+def test_sse_done_sentinel_ends_the_stream_for_the_reader(small_body: int) -> None:
     body = event(None, completed()) + "data: [DONE]\n\n" + event(None, completed({"total_tokens": 1}))
     for chunks in every_split(body.encode()):
-        reader = read(chunks, SSE)
+        reader = read(chunks, SSE, small_body)
         assert (reader.usage, reader.images, reader.event_count) == (USAGE, 1, 2)
 
 
-def test_sse_error_event() -> None:
+@EVERY_PATH
+def test_sse_error_event(small_body: int) -> None:
     error = {"message": "boom", "type": "server_error", "code": None}
     body = event(None, partial(0)) + event("error", {"type": "error", "error": error})
     for chunks in every_split(body.encode()):
-        reader = read(chunks, SSE)
+        reader = read(chunks, SSE, small_body)
         assert (reader.error, reader.usage, reader.images, reader.event_count) == (error, None, 0, 2)
 
 
@@ -380,37 +480,42 @@ def test_sse_error_event() -> None:
         (event("error", "not json"), {"message": "upstream sent an error event"}),
     ],
 )
-def test_sse_error_shapes(body: str, error: dict[str, Any] | None) -> None:
-    assert read([body.encode()], SSE).error == error
+@EVERY_PATH
+def test_sse_error_shapes(small_body: int, body: str, error: dict[str, Any] | None) -> None:
+    assert read([body.encode()], SSE, small_body).error == error
 
 
-def test_sse_the_first_error_is_the_one_kept() -> None:
+@EVERY_PATH
+def test_sse_the_first_error_is_the_one_kept(small_body: int) -> None:
     first, second = {"message": "first", "type": "server_error"}, {"message": "second"}
     body = event("error", {"type": "error", "error": first}) + event(
         "error", {"type": "error", "error": second}
     )
     for chunks in every_split(body.encode()):
-        assert read(chunks, SSE).error == first
+        assert read(chunks, SSE, small_body).error == first
 
 
-def test_sse_truncated_stream_counts_only_dispatched_events() -> None:
+@EVERY_PATH
+def test_sse_truncated_stream_counts_only_dispatched_events(small_body: int) -> None:
     body = (event("image_generation.partial_image", partial(0)) + event(None, completed())).encode()
     cut_in_image = body.index(b"QUJD", body.index(b"completed"))
     for cut in (cut_in_image, len(body) - 2, len(body) - 1):
-        reader = read([body[:cut]], SSE)
+        reader = read([body[:cut]], SSE, small_body)
         assert (reader.usage, reader.images, reader.event_count) == (None, 0, 1)
 
 
-def test_sse_data_that_is_not_an_object_is_ignored() -> None:
+@EVERY_PATH
+def test_sse_data_that_is_not_an_object_is_ignored(small_body: int) -> None:
     body = event(None, "[1, 2]") + event("image_generation.completed", "") + event(None, '"usage"')
-    reader = read([body.encode()], SSE)
+    reader = read([body.encode()], SSE, small_body)
     assert (reader.usage, reader.images, reader.event_count, reader.error) == (None, 1, 3, None)
 
 
 @pytest.mark.parametrize("kind", ["response.completed", "x.completed", "image_generation.completed.v2", ""])
-def test_sse_only_image_completed_events_are_images(kind: str) -> None:
+@EVERY_PATH
+def test_sse_only_image_completed_events_are_images(small_body: int, kind: str) -> None:
     body = event(kind or None, {"type": kind, "usage": USAGE}) + event(None, {"type": ["not", "a", "str"]})
-    reader = read([body.encode()], SSE)
+    reader = read([body.encode()], SSE, small_body)
     assert (reader.usage, reader.images, reader.event_count) == (USAGE, 0, 2)
 
 
@@ -552,10 +657,11 @@ def test_sse_the_cost_of_the_sum_is_the_sum_of_the_costs(
     assert _usage_tokens(summed, {"prompt": "p"}) == tuple(map(sum, zip(*each, strict=True)))
 
 
+@EVERY_PATH
 @settings(max_examples=300, deadline=None)
 @given(body=sse_streams(), data=st.data())
-def test_sse_any_split_matches_a_whole_parse(body: bytes, data: st.DataObject) -> None:
-    reader = read(split(body, data.draw(st.lists(st.integers(0, len(body)), max_size=20))), SSE)
+def test_sse_any_split_matches_a_whole_parse(small_body: int, body: bytes, data: st.DataObject) -> None:
+    reader = read(split(body, data.draw(st.lists(st.integers(0, len(body)), max_size=20))), SSE, small_body)
     assert (reader.usage, reader.images, reader.error, reader.event_count) == reference_sse(body)
 
 
