@@ -68,9 +68,10 @@ def _prompt(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation
 
 def _ranges(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation | None:
     for param, field in RANGES.items():
-        value, span = body.get(param), getattr(entry, field)
+        value = body.get(param)
         if value is None:
             continue
+        span = getattr(entry, field)
         if span is None:
             return _unsupported(param, model)
         if value not in span:
@@ -83,9 +84,10 @@ def _ranges(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation
 
 def _enums(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation | None:
     for param, field in ENUMS.items():
-        value, allowed = body.get(param), getattr(entry, field)
+        value = body.get(param)
         if value is None:
             continue
+        allowed = getattr(entry, field)
         if allowed is None:
             return _unsupported(param, model)
         if not isinstance(value, str) or value not in allowed:

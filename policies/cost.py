@@ -41,7 +41,6 @@ from policies.catalog import AUTO, ModelEntry
 from policies.uploads import GENERATE, Inputs, input_tokens
 
 NANO_PER_USD = 1_000_000_000
-_NANO_PER_TOKEN = 1000  # nano-USD per token at $1 per 1M tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +87,7 @@ def estimate(body: Mapping[str, Any], entry: ModelEntry, inputs: Inputs = GENERA
 
 
 def actual_cost(
-    body: Mapping[str, Any], usage: Mapping[str, Any] | None, images: int, entry: ModelEntry
+    body: Mapping[str, Any], usage: dict[str, Any] | None, images: int, entry: ModelEntry
 ) -> Cost | None:
     """The cost the upstream reported; None when a per-token model reported no usable usage."""
     if entry.per_image:
@@ -99,20 +98,16 @@ def actual_cost(
 
 def priced(entry: ModelEntry, images: int, text_in: int, image_in: int, image_out: int) -> Cost:
     """A Cost of per-token model `entry` with its USD, each bucket rounded up to the nano-USD."""
-    cost = Cost(images, text_in, image_in, image_out)
-    return Cost(images, text_in, image_in, image_out, sum(nano_usd_by_bucket(cost, entry).values()))
+    nano = sum(_token_nanos(entry, text_in, image_in, image_out)) if entry.prices is not None else 0
+    return Cost(images, text_in, image_in, image_out, nano)
 
 
 def nano_usd_by_bucket(cost: Cost, entry: ModelEntry) -> dict[str, int]:
     """USD per price bucket in nano-USD: text_in, image_in, image_out; or per_image (dall-e)."""
     if entry.prices is None:
         return {"per_image": cost.nano_usd}
-    prices = entry.prices
-    return {
-        "text_in": _token_nano(cost.text_in_tokens, prices.text_in),
-        "image_in": _token_nano(cost.image_in_tokens, prices.image_in),
-        "image_out": _token_nano(cost.image_out_tokens, prices.image_out),
-    }
+    nanos = _token_nanos(entry, cost.text_in_tokens, cost.image_in_tokens, cost.image_out_tokens)
+    return dict(zip(("text_in", "image_in", "image_out"), nanos, strict=True))
 
 
 def prompt_tokens(prompt: object) -> int:
@@ -121,8 +116,15 @@ def prompt_tokens(prompt: object) -> int:
     return max(1, len(text.encode("utf-8", "surrogatepass")))
 
 
-def _token_nano(tokens: int, usd_per_million: Decimal) -> int:
-    return math.ceil(tokens * usd_per_million * _NANO_PER_TOKEN)
+def _token_nanos(entry: ModelEntry, text_in: int, image_in: int, image_out: int) -> tuple[int, int, int]:
+    """Nano-USD of each bucket's tokens, each rounded up."""
+    assert entry.prices is not None
+    text_rate, image_in_rate, image_out_rate = entry.prices.nano_usd_per_token
+    return _nano(text_in, text_rate), _nano(image_in, image_in_rate), _nano(image_out, image_out_rate)
+
+
+def _nano(tokens: int, rate: int | Decimal) -> int:
+    return tokens * rate if isinstance(rate, int) else math.ceil(tokens * rate)
 
 
 def _per_image(body: Mapping[str, Any], entry: ModelEntry, images: int) -> Cost:
@@ -167,8 +169,9 @@ def _sizes(value: object, entry: ModelEntry) -> list[str]:
 def _qualities(value: object, entry: ModelEntry) -> list[str]:
     """The qualities `value` may produce: itself when concrete, else (`auto`, junk) every one."""
     quality = entry.default_quality if value is None else value
-    concrete = entry.concrete_qualities
-    return [quality] if isinstance(quality, str) and quality in concrete else concrete
+    if isinstance(quality, str) and quality != AUTO and quality in entry.qualities:
+        return [quality]
+    return entry.concrete_qualities
 
 
 # No image request comes near a billion tokens: a count above it is a broken upstream, not usage.
@@ -181,12 +184,14 @@ def _count(value: object) -> int | None:
 
 
 def _usage_tokens(usage: object, body: Mapping[str, Any]) -> tuple[int, int, int] | None:
-    """(text_in, image_in, output) from a `usage` object, tolerating missing details; None if unusable."""
-    if not isinstance(usage, Mapping):
+    """(text_in, image_in, output) from a parsed `usage` object (a JSON object is a dict), tolerating
+    missing details; None if unusable."""
+    if not isinstance(usage, dict):  # not Mapping: an ABC's isinstance costs ten times more
         return None
     details = usage.get("input_tokens_details")
-    details = details if isinstance(details, Mapping) else {}
-    given, output, total = (_count(usage.get(k)) for k in ("input_tokens", "output_tokens", "total_tokens"))
+    details = details if isinstance(details, dict) else {}
+    given, output = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
+    total = _count(usage.get("total_tokens"))
     text, image = _count(details.get("text_tokens")), _count(details.get("image_tokens"))
     if given is None and (text is not None or image is not None):
         given = (text or 0) + (image or 0)

@@ -178,8 +178,10 @@ def _drop_null_unknown(entry: ModelEntry, work: _Work, inputs: Inputs) -> None:
 def _unsupported(entry: ModelEntry, inputs: Inputs, model: str, work: _Work) -> Violation | None:
     """The model has no endpoint for the operation; the message says how the model was chosen."""
     found = uploads.unsupported(entry, inputs.operation, model)
+    if found is None:
+        return None
     chosen = [a.reason for a in work.adjustments if a.param == "model"]
-    if found is None or not chosen:
+    if not chosen:
         return found
     return Violation(
         found.rule, found.param, f"{found.message[:-1]} ({'; '.join(chosen)}).", None, found.code

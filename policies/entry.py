@@ -32,6 +32,7 @@ from policies.sizes import SizeRule
 AUTO = "auto"
 # OpenAI's defaults for an omitted parameter that the catalog gives no model-specific default for
 _MEMO_CAP = 1024  # sizes and qualities remembered per model
+_NANO_PER_TOKEN = 1000  # nano-USD (1e-9 USD) per token at $1 per 1M tokens
 
 _API_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {
@@ -71,6 +72,18 @@ class Prices(Frozen):
     image_out: Decimal = Field(ge=0)
     text_in_cached: Decimal | None = Field(default=None, ge=0)
     image_in_cached: Decimal | None = Field(default=None, ge=0)
+
+    @cached_property
+    def nano_usd_per_token(self) -> tuple[int | Decimal, int | Decimal, int | Decimal]:
+        """text_in, image_in and image_out in nano-USD per token ($1 per 1M tokens is 1000): an int
+        where the price has no digit finer than that (every shipped price), so a cost is integer
+        arithmetic, not three Decimal products per request."""
+        return _per_token(self.text_in), _per_token(self.image_in), _per_token(self.image_out)
+
+
+def _per_token(usd_per_million: Decimal) -> int | Decimal:
+    nano = usd_per_million * _NANO_PER_TOKEN
+    return int(nano) if nano == nano.to_integral_value() else nano
 
 
 class Lifecycle(Frozen):
@@ -194,7 +207,7 @@ class ModelEntry(Frozen):
     def concrete_qualities(self) -> list[str]:
         return [q for q in self.qualities if q != AUTO]
 
-    @property
+    @cached_property
     def operations(self) -> tuple[Operation, ...]:
         """What the model does: every model generates; edits and variations where the catalog says."""
         rules = {"generate": True, "edit": self.edits is not None, "variation": self.variations is not None}
@@ -232,20 +245,22 @@ class ModelEntry(Frozen):
         """The value the upstream will use: the body's unless null or absent, else the model's default
         (None for a parameter `operation` does not take)."""
         value = body.get(param)
-        if value is not None or param not in self.params(operation):
+        if value is not None:
             return value
-        return self._defaults.get(param)
+        return self._defaults[operation].get(param)
 
     @cached_property
-    def _defaults(self) -> Mapping[str, Any]:
-        """What the upstream uses for an omitted parameter: the model's own defaults, else the API's."""
-        return {
+    def _defaults(self) -> Mapping[Operation, Mapping[str, Any]]:
+        """What the upstream uses for an omitted parameter that `operation` takes: the model's own
+        defaults, else the API's. Per operation, so that `effective` asks one dict, not `params`."""
+        defaults = {
             **_API_DEFAULTS,
             "size": self.default_size,
             "quality": self.default_quality,
             "output_format": self.default_output_format,
             "input_fidelity": "low",  # OpenAI's default for the models that take it
         }
+        return {op: {p: v for p, v in defaults.items() if p in self.params(op)} for op in OPERATIONS}
 
     def output_tokens(self, size: str, quality: str) -> int | None:
         """Output tokens of one image at a concrete size and quality: the larger of table and curve."""

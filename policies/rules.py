@@ -79,6 +79,20 @@ class Policy(Frozen):
         """The deny patterns, compiled once per policy."""
         return prompts.DenyPatterns(self.deny_prompt_patterns)
 
+    @cached_property
+    def set_fields(self) -> frozenset[str]:
+        """The fields that differ from their defaults: a field at its default sets no rule."""
+        return frozenset(
+            name
+            for name, info in type(self).model_fields.items()
+            if getattr(self, name) != info.get_default(call_default_factory=True)
+        )
+
+    @property
+    def narrows_sizes(self) -> bool:
+        """Whether the policy has any rule on sizes (a list, or caps): without one every size passes."""
+        return self.sizes is not None or self.max_pixels is not None or self.max_edge is not None
+
     def clamps(self, param: str) -> bool:
         """Whether a violation of the rule on `param` is clamped rather than rejected."""
         return any(rule == param and action == "clamp" for rule, action in self.on_violation.items())

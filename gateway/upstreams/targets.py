@@ -23,7 +23,7 @@ from gateway.runtime import Route, Target
 from policies import capabilities
 from policies.cost import Cost, estimate
 from policies.engine import Adjustment, for_flavor
-from policies.entry import Operation
+from policies.entry import ModelEntry, Operation
 from policies.uploads import GENERATE, Inputs
 
 
@@ -56,12 +56,18 @@ def refuses(target: Target, body: Mapping[str, Any], operation: Operation) -> bo
 
 def covering_estimate(route: Route, body: Mapping[str, Any], inputs: Inputs = GENERATE) -> Cost:
     """The estimate at the highest price among `route`'s targets that can serve the operation,
-    limit by limit."""
-    costs = []
+    limit by limit. Targets that price the same body with the same catalog entry (an OpenAI and a
+    DigitalOcean target of one model when the request names `n` and `size`) are estimated once."""
+    costs: list[Cost] = []
+    estimated: list[tuple[ModelEntry, dict[str, Any]]] = []
     for target in route.targets:
         assert target.entry is not None
-        if inputs.operation in target.operations:
-            costs.append(estimate(body_for(target, body)[0], target.entry, inputs))
+        if inputs.operation not in target.operations:
+            continue
+        sent = for_flavor(target.entry, body, target.flavor)[0]  # its model id changes no price
+        if not any(entry is target.entry and done == sent for entry, done in estimated):
+            estimated.append((target.entry, sent))
+            costs.append(estimate(sent, target.entry, inputs))
     if not costs:  # none can: the request is refused unsent, at whatever the first would cost
         assert route.targets[0].entry is not None
         costs.append(estimate(body, route.targets[0].entry, inputs))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -15,7 +16,7 @@ from gateway.runtime import Runtime, Target
 from gateway.upstreams.health import Health, cool_down_seconds
 from gateway.upstreams.pools import Pools, TenantShareBusy
 from gateway.upstreams.targets import covering_estimate, ordered
-from policies.cost import estimate
+from policies.cost import Cost, estimate
 
 HASH = "sha256:" + "a" * 64
 HEAD = f"""
@@ -89,6 +90,26 @@ routes:
     assert route.targets[1].entry is not None and route.targets[1].entry.prices is not None
     assert route.targets[1].entry.prices.image_out == 50
     assert route.targets[1].entry.prices.text_in == rt.catalog["gpt-image-1.5"].prices.text_in  # type: ignore[union-attr]
+
+
+def test_targets_that_price_the_same_body_alike_are_estimated_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    rt = runtime(WEIGHTED)
+    route = rt.routes["gpt-image-1.5"]
+    priced: list[dict[str, Any]] = []
+
+    def counted(body: dict[str, Any], *args: Any) -> Cost:
+        priced.append(body)
+        return estimate(body, *args)
+
+    monkeypatch.setattr("gateway.upstreams.targets.estimate", counted)
+    named = {"model": "gpt-image-1.5", "prompt": "a fox", "n": 1, "size": "1024x1536", "quality": "low"}
+    assert covering_estimate(route, named) == estimate(named, rt.catalog["gpt-image-1.5"])
+    assert priced == [named]  # digitalocean adds nothing to a body naming n and size
+    priced.clear()
+    omitted = {"model": "gpt-image-1.5", "prompt": "a fox", "quality": "low"}
+    covering = covering_estimate(route, omitted)
+    assert priced == [omitted, {**omitted, "n": 1, "size": "auto"}]  # its fills are priced too
+    assert covering == estimate(omitted, rt.catalog["gpt-image-1.5"])
 
 
 @pytest.mark.parametrize(
