@@ -18,6 +18,9 @@ from typing import Any
 import orjson
 
 CAPTURE_CAP = 64 * 1024
+# What a JsonDocument keeps to parse whole: an event or a body without its images is about 1 KB, and
+# every open stream holds up to twice this while an event is under way.
+KEPT_CAP = 8 * 1024
 _KEY_CAP = 64  # keys we look for are short; a longer top-level key is skipped, not buffered
 _QUOTE, _BACKSLASH, _COMMA, _COLON = 0x22, 0x5C, 0x2C, 0x3A
 _LBRACE, _RBRACE, _LBRACKET, _RBRACKET = 0x7B, 0x7D, 0x5B, 0x5D
@@ -227,7 +230,7 @@ class JsonDocument:
         self,
         capture: frozenset[bytes],
         count: bytes | None = None,
-        small: int = CAPTURE_CAP,
+        small: int = KEPT_CAP,
         unread: bytes | None = None,
     ) -> None:
         self._capture, self._count_key, self._small = capture, count, small

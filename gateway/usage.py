@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from gateway.json_scan import CAPTURE_CAP, JsonDocument
+from gateway.json_scan import CAPTURE_CAP, KEPT_CAP, JsonDocument
 from gateway.sse import Data, Dispatch, SSEParser
 
 __all__ = ["CAPTURE_CAP", "JsonUsageReader", "SSEUsageReader", "UsageReader", "usage_reader"]
@@ -81,7 +81,7 @@ class JsonUsageReader:
     event_count = 0
     done = False
 
-    def __init__(self, small_body: int = CAPTURE_CAP) -> None:
+    def __init__(self, small_body: int = KEPT_CAP) -> None:
         self._document = JsonDocument(frozenset({b"usage"}), b"data", small_body, _IMAGE)
         self._usage: dict[str, Any] | None = None
         self._images = 0
@@ -173,7 +173,7 @@ class SSEUsageReader:
     `small_event` bytes without its image, else scanned (`JsonDocument`).
     """
 
-    def __init__(self, small_event: int = CAPTURE_CAP) -> None:
+    def __init__(self, small_event: int = KEPT_CAP) -> None:
         self._parser = SSEParser()
         self._small_event = small_event
         self._document: JsonDocument | None = None  # the data of the event being received
