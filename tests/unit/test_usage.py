@@ -721,7 +721,9 @@ def test_memory_is_bounded_whatever_the_body_size(
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert (reader.usage, reader.images) == EXPECTED[name]
-    assert peak < CHUNK + 256 * 1024, peak
+    # Little more than the chunks in hand (this one and the last): what a reader keeps to parse
+    # whole is at most twice KEPT_CAP (8 KiB), however big the images. (With 64 KiB kept: 199 KB.)
+    assert peak < 2 * CHUNK + 24 * 1024, peak
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
