@@ -138,11 +138,11 @@ class LimitStore:
         # A failure is already logged; every later call retries, on_unavailable decides meanwhile.
         with contextlib.suppress(StoreFailure):
             await self._guard("start", self._engine.start)
-        self._flusher = asyncio.get_running_loop().create_task(self._flush_decision_metrics())
+        self._flusher = asyncio.get_running_loop().create_task(self._apply_kept_metrics())
 
-    async def _flush_decision_metrics(self) -> None:
-        """Once a second, as well as at every read of this process's registry (see DecisionMetrics):
-        these and every other metric update kept back in this process (`Metrics.apply_kept`)."""
+    async def _apply_kept_metrics(self) -> None:
+        """Once a second, apply every metric update kept back in this process (`Metrics.apply_kept`:
+        the decision metrics, the charges), as every read of this process's registry also does."""
         while True:
             await asyncio.sleep(DECISION_METRICS_FLUSH_SECONDS)
             self._metrics.apply_kept()
