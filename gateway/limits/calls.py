@@ -5,6 +5,11 @@
 `compile_release` undoes a reserve whose outcome is unknown (its reply was lost). The memory
 engine and the Redis engine (through `reserve.lua` / `settle.lua`) run these same calls, which
 is what keeps the two stores' semantics identical without sharing an interpreter.
+
+Checks, calls, replies, readings and reservations are made per request and never changed once
+made (`dataclasses.replace` makes another). They are plain slots dataclasses, not frozen ones:
+a frozen dataclass's `__init__` sets each field through `object.__setattr__`, about three times
+the instructions, and a request makes a dozen of them.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ RECORD_GRACE_MS = 3_600_000
 SETTLED_GRACE_MS = DAY_SECONDS * 1000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Check:
     """One limit of one scope, as charged: which key, what limit, how much."""
 
@@ -95,7 +100,7 @@ class _DayKeys(_ReservationKeys):
         return keys.ledger_key(self.tenant, self.day)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReserveCall(_DayKeys):
     tenant: str
     reservation_id: str
@@ -110,14 +115,14 @@ class ReserveCall(_DayKeys):
     policy: str = ""  # the checks' `RateLimit-Policy` header (`headers.policy_header`)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReserveReply:
     status: Status
     now_us: int
     readings: tuple[Reading, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SettleCall(_DayKeys):
     tenant: str
     reservation_id: str
@@ -137,7 +142,7 @@ class SettleCall(_DayKeys):
     unledger_if_recorded: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RenewCall(_ReservationKeys):
     """Keep a running request's leases (and its record) alive for another lease TTL."""
 

@@ -46,7 +46,7 @@ def new_reservation_id(request_id: str) -> str:
     return f"{request_id}.{_suffixes.next()}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reservation:
     id: str
     request_id: str
