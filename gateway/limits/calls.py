@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 
 from gateway.config import StoreSettings
 from gateway.limits import keys
-from gateway.limits.headers import policy_header
+from gateway.limits.headers import HeaderPlan, header_plan
 from gateway.limits.kinds import KIND_BY_NAME, RATE_WINDOW_US, LimitKind
 from gateway.limits.ledger import charge_fields
 from gateway.limits.meters import Reading
@@ -111,8 +111,8 @@ class ReserveCall(_DayKeys):
     lease_ttl_us: int
     record_ttl_ms: int
     ledger_expire_at: int
+    headers: HeaderPlan  # what the checks' limit headers share (`headers.header_plan`)
     ledger: tuple[tuple[str, int], ...] = ()  # the estimate, charged to the ledger if admitted
-    policy: str = ""  # the checks' `RateLimit-Policy` header (`headers.policy_header`)
 
 
 @dataclass(slots=True)
@@ -195,18 +195,18 @@ def _check(tenant: str, scope: str, planned: PlannedLimit, periods: dict[str, Pe
 @dataclass(frozen=True, slots=True)
 class _Templates:
     checks: tuple[Check, ...]  # without their costs
-    policy: str  # their `RateLimit-Policy` header
+    headers: HeaderPlan  # what their limit headers share
 
 
 @functools.lru_cache(maxsize=4096)
 def _templates(plan: LimitPlan, day: date) -> _Templates:
     """A plan's checks on `day` without their costs: the same for every request of a (tenant, key,
-    end user) that day, so named once (key strings, period ends, the policy header) and kept."""
+    end user) that day, so named once (key strings, period ends, the header plan) and kept."""
     periods = {"day": period("day", day), "month": period("month", day)}
     checks = tuple(
         _check(plan.tenant, scope.name, limit, periods) for scope in plan.scopes for limit in scope.limits
     )
-    return _Templates(checks, policy_header(checks))
+    return _Templates(checks, header_plan(checks))
 
 
 def _costed(templates: _Templates, cost: Cost) -> tuple[Check, ...]:
@@ -248,7 +248,7 @@ def compile_reserve(
         record_ttl_ms=settings.lease_ttl_seconds * 1000 + RECORD_GRACE_MS,
         ledger_expire_at=ledger_expire_at(settings, day),
         ledger=() if mode == "peek" else charge_fields(model, cost),
-        policy=templates.policy,
+        headers=templates.headers,
     )
 
 
