@@ -111,8 +111,12 @@ class ReserveCall(_DayKeys):
     lease_ttl_us: int
     record_ttl_ms: int
     ledger_expire_at: int
-    headers: HeaderPlan  # what the checks' limit headers share (`headers.header_plan`)
+    shared: PlanDay  # what every reserve of the plan shares that day; `checks` are its, costed
     ledger: tuple[tuple[str, int], ...] = ()  # the estimate, charged to the ledger if admitted
+
+    @property
+    def ledger_key(self) -> str:
+        return self.shared.ledger_key
 
 
 @dataclass(slots=True)
@@ -192,34 +196,53 @@ def _check(tenant: str, scope: str, planned: PlannedLimit, periods: dict[str, Pe
     return Check(scope, kind, key, limit, 0, window.seconds, end_us, window.expire_at, shadow)
 
 
-@dataclass(frozen=True, slots=True)
-class _Templates:
+@dataclass(frozen=True, slots=True, eq=False)
+class PlanDay:
+    """What every reserve of a plan on one UTC day shares, named once (`plan_day`) and kept."""
+
     checks: tuple[Check, ...]  # without their costs
+    check_keys: tuple[str, ...]
+    ledger_key: str
     headers: HeaderPlan  # what their limit headers share
+    # Each check's words in reserve.lua's ARGV[9] before and after its cost: `<mechanism> <limit> `
+    # and ` <period end µs> <counter EXPIREAT> <shadow>`.
+    reserve_words: tuple[tuple[str, str], ...]
+
+
+def _reserve_words(check: Check) -> tuple[str, str]:
+    shadow = 1 if check.shadow else 0
+    return f"{check.kind.mechanism} {check.limit} ", f" {check.end_us} {check.expire_at} {shadow}"
 
 
 @functools.lru_cache(maxsize=4096)
-def _templates(plan: LimitPlan, day: date) -> _Templates:
+def plan_day(plan: LimitPlan, day: date) -> PlanDay:
     """A plan's checks on `day` without their costs: the same for every request of a (tenant, key,
-    end user) that day, so named once (key strings, period ends, the header plan) and kept."""
+    end user) that day, so named once (key strings, period ends, the header plan) and kept. A
+    reload builds new plans, hence new entries; a new day asks for another."""
     periods = {"day": period("day", day), "month": period("month", day)}
     checks = tuple(
         _check(plan.tenant, scope.name, limit, periods) for scope in plan.scopes for limit in scope.limits
     )
-    return _Templates(checks, header_plan(checks))
+    return PlanDay(
+        checks,
+        tuple(check.key for check in checks),
+        keys.ledger_key(plan.tenant, day),
+        header_plan(checks),
+        tuple(_reserve_words(check) for check in checks),
+    )
 
 
-def _costed(templates: _Templates, cost: Cost) -> tuple[Check, ...]:
+def _costed(shared: PlanDay, cost: Cost) -> tuple[Check, ...]:
     return tuple(
         Check(
             t.scope, t.kind, t.key, t.limit, t.kind.amount(cost), t.window_s, t.end_us, t.expire_at, t.shadow
         )
-        for t in templates.checks
+        for t in shared.checks
     )
 
 
 def compile_checks(plan: LimitPlan, cost: Cost, day: date) -> tuple[Check, ...]:
-    return _costed(_templates(plan, day), cost)
+    return _costed(plan_day(plan, day), cost)
 
 
 def ledger_expire_at(settings: StoreSettings, day: date) -> int:
@@ -236,19 +259,19 @@ def compile_reserve(
     mode: Mode,
     settings: StoreSettings,
 ) -> ReserveCall:
-    templates = _templates(plan, day)
+    shared = plan_day(plan, day)
     return ReserveCall(
         tenant=plan.tenant,
         reservation_id=reservation_id,
         model=model,
         day=day,
         mode=mode,
-        checks=_costed(templates, cost),
+        checks=_costed(shared, cost),
         lease_ttl_us=settings.lease_ttl_seconds * 1_000_000,
         record_ttl_ms=settings.lease_ttl_seconds * 1000 + RECORD_GRACE_MS,
         ledger_expire_at=ledger_expire_at(settings, day),
         ledger=() if mode == "peek" else charge_fields(model, cost),
-        headers=templates.headers,
+        shared=shared,
     )
 
 

@@ -136,14 +136,14 @@ def decide(
             True,
             reservation,
             None,
-            headers.render(observed, plan=call.headers, rejected=False, retry_after_us=None),
+            headers.render(observed, plan=call.shared.headers, rejected=False, retry_after_us=None),
             shadow,
         )
     # Rejected by the enforced limits; a shadowed limit that would refuse too is only counted.
     refusing = [o for o in observed if o[1].code != OK and not o[0].shadow]
     metrics.record(plan.tenant, observed, "over_limit")
     header_map = headers.render(
-        observed, plan=call.headers, rejected=True, retry_after_us=_retry_after_us(refusing)
+        observed, plan=call.shared.headers, rejected=True, retry_after_us=_retry_after_us(refusing)
     )
     labels = {scope.name: scope.label for scope in plan.scopes}
     return Admission(False, None, _error(refusing, labels, header_map), header_map)

@@ -169,7 +169,8 @@ class RedisEngine:
             raise StoreFailure(f"{script.name}: {type(exc).__name__}: {exc}") from exc
 
     async def reserve(self, call: ReserveCall) -> ReserveReply:
-        keys = [call.record_key, call.settled_key, call.ledger_key, *(check.key for check in call.checks)]
+        shared = call.shared
+        keys = [call.record_key, call.settled_key, shared.ledger_key, *shared.check_keys]
         args: list[str | int] = [
             call.reservation_id,
             day_index(call.day),
@@ -180,8 +181,10 @@ class RedisEngine:
             call.lease_ttl_us,
             RATE_WINDOW_US,
             " ".join(
-                f"{c.kind.mechanism} {c.limit} {c.cost} {c.end_us} {c.expire_at} {1 if c.shadow else 0}"
-                for c in call.checks
+                [
+                    f"{before}{check.cost}{after}"
+                    for (before, after), check in zip(shared.reserve_words, call.checks, strict=True)
+                ]
             ),
         ]
         for name, amount in call.ledger:
