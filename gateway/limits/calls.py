@@ -234,10 +234,20 @@ def plan_day(plan: LimitPlan, day: date) -> PlanDay:
 
 def _costed(shared: PlanDay, cost: Cost) -> tuple[Check, ...]:
     return tuple(
-        Check(
-            t.scope, t.kind, t.key, t.limit, t.kind.amount(cost), t.window_s, t.end_us, t.expire_at, t.shadow
-        )
-        for t in shared.checks
+        [
+            Check(
+                t.scope,
+                t.kind,
+                t.key,
+                t.limit,
+                t.kind.amount(cost),
+                t.window_s,
+                t.end_us,
+                t.expire_at,
+                t.shadow,
+            )
+            for t in shared.checks
+        ]
     )
 
 
@@ -298,7 +308,7 @@ def compile_settle(
         reservation_id=reservation_id,
         day=day,
         checks=tuple(checks),
-        actuals=tuple(check.kind.amount(actual) for check in checks),
+        actuals=tuple([check.kind.amount(actual) for check in checks]),
         ledger=tuple(ledger),
         ledger_expire_at=ledger_expire_at(settings, day),
         settled_ttl_ms=settings.lease_ttl_seconds * 1000 + RECORD_GRACE_MS + SETTLED_GRACE_MS,
