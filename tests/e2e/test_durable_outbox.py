@@ -92,10 +92,12 @@ async def test_served_blind_then_killed_with_sigkill_the_restart_bills_the_upstr
     await second.start()
     try:
         async with aiohttp.ClientSession() as session:
-            # Read once every settlement is replayed: a row appears with the first of them.
+
             async def emptied() -> bool:
                 return owed(outbox) == []
 
+            # Read once the whole outbox is replayed: a ledger row appears with the first of the
+            # three settlements, so reading at the first row could catch the replay midway.
             await eventually(emptied)
             [row] = await ledger_rows(session, second.url)
             limits = await tenant_limits(session, second.url)
