@@ -104,6 +104,7 @@ class LimitStore:
         self._clock = clock
         self._timeout = settings.timeout_ms / 1000
         self._offset = 0.0  # engine clock minus ours, in seconds
+        self._day = (-1, day_of(0))  # the last day named: (day number, date)
         self._up = True
         self._up_exported = False  # whether store_up says 1 (until the first call, it is 0)
         self._outbox = Outbox(self._apply, metrics, journal=journal)
@@ -377,7 +378,10 @@ class LimitStore:
     # --- plumbing ------------------------------------------------------------------------------
 
     def _today(self) -> date:
-        return day_of(day_number(self._clock() + self._offset))
+        number = day_number(self._clock() + self._offset)
+        if number != self._day[0]:  # a new day (once a day, or when the clocks disagree)
+            self._day = (number, day_of(number))
+        return self._day[1]
 
     async def _guard(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
         """Run one engine call (under the timeout, unless the engine times its own), keeping
