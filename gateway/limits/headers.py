@@ -32,24 +32,22 @@ _CATEGORIES = ("requests", "tokens", "images", "usd")
 
 def go_duration(us: int) -> str:
     """A Go `time.Duration` string at millisecond precision, rounded up: 0s, 20ms, 1.5s, 6m0s, 1h0m0s."""
-    ms = ceil_div(max(us, 0), 1000)
-    if ms == 0:
-        return "0s"
+    ms = -(-us // 1000) if us > 0 else 0
     if ms < 1000:
-        return f"{ms}ms"
-    hours, rest = divmod(ms, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    seconds = f"{rest // 1000}.{rest % 1000:03d}".rstrip("0").rstrip(".") + "s"
-    if hours:
-        return f"{hours}h{minutes}m{seconds}"
-    return f"{minutes}m{seconds}" if minutes else seconds
+        return f"{ms}ms" if ms else "0s"
+    seconds, fraction = divmod(ms, 1000)
+    text = f"{seconds % 60}.{fraction:03d}".rstrip("0") + "s" if fraction else f"{seconds % 60}s"
+    if seconds < 60:
+        return text
+    minutes = seconds // 60
+    return f"{minutes}m{text}" if minutes < 60 else f"{minutes // 60}h{minutes % 60}m{text}"
 
 
 def usd_text(nano: int) -> str:
     """Exact decimal USD for a nano-USD amount: 50, 0.17, 12.000000001, -0.5."""
     whole, fraction = divmod(abs(nano), NANO_PER_USD)
-    text = f"{'-' if nano < 0 else ''}{whole}.{fraction:09d}".rstrip("0")
-    return text.removesuffix(".")
+    sign = "-" if nano < 0 else ""
+    return f"{sign}{whole}.{fraction:09d}".rstrip("0") if fraction else f"{sign}{whole}"
 
 
 def _remaining(check: Check, reading: Reading) -> int:

@@ -20,6 +20,7 @@ from gateway.limits.meters import OK, Reading
 @pytest.mark.parametrize(
     ("us", "text"),
     [
+        (-5, "0s"),
         (0, "0s"),
         (1, "1ms"),  # rounded up: never earlier than the real reset
         (20_000, "20ms"),
@@ -51,7 +52,14 @@ def test_plain_seconds_parse_as_durations() -> None:
 
 @pytest.mark.parametrize(
     ("nano", "text"),
-    [(0, "0"), (50_000_000_000, "50"), (170_000_000, "0.17"), (12_000_000_001, "12.000000001")],
+    [
+        (0, "0"),
+        (50_000_000_000, "50"),
+        (170_000_000, "0.17"),
+        (12_000_000_001, "12.000000001"),
+        (-500_000_000, "-0.5"),
+        (-2_000_000_000, "-2"),
+    ],
 )
 def test_usd_text_is_exact(nano: int, text: str) -> None:
     assert usd_text(nano) == text
