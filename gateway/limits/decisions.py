@@ -86,7 +86,8 @@ class DecisionMetrics:
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self._decisions: dict[tuple[str, str, str], int] = {}
-        self._remaining: dict[tuple[str, str], float] = {}
+        # (tenant, limit) -> its last observation; what is left is worked out when applied
+        self._remaining: dict[tuple[str, str], Observed] = {}
         metrics.before_collect(self.flush)
 
     def record(self, tenant: str, observed: Sequence[Observed], refused: str) -> None:
@@ -103,7 +104,7 @@ class DecisionMetrics:
             key = (tenant, metric_label(check), outcome)
             decisions[key] = decisions.get(key, 0) + 1
             if check.scope == "tenant":
-                remaining[tenant, check.kind.name] = _left(check, reading)
+                remaining[tenant, check.kind.name] = (check, reading)
 
     def flush(self) -> None:
         """Apply what was counted since the last flush."""
@@ -111,8 +112,8 @@ class DecisionMetrics:
         remaining, self._remaining = self._remaining, {}
         for labels, count in decisions.items():
             self._metrics.ratelimit_decisions.labels(*labels).inc(count)
-        for (tenant, limit), left in remaining.items():
-            self._metrics.budget_remaining.labels(tenant, limit).set(left)
+        for (tenant, limit), (check, reading) in remaining.items():
+            self._metrics.budget_remaining.labels(tenant, limit).set(_left(check, reading))
 
 
 def _left(check: Check, reading: Reading) -> float:
