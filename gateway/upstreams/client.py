@@ -109,6 +109,8 @@ class Response:
 class Connection(asyncio.Protocol):
     """One connection to an upstream, and the state of the exchange under way on it."""
 
+    parser: httptools.HttpResponseParser  # from `connection_made` to `connection_lost`
+
     __slots__ = (
         "answered",
         "body",
@@ -139,7 +141,6 @@ class Connection(asyncio.Protocol):
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.loop = pool.loop
-        self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -286,6 +287,10 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast("asyncio.Transport", transport)  # uvloop's is not a subclass
+        # The parser holds this connection's methods, a reference cycle: made only once connected
+        # (a TLS handshake may fail before) and dropped with the connection (`connection_lost`),
+        # so that reference counting frees both.
+        self.parser = httptools.HttpResponseParser(self)
 
     def data_received(self, data: bytes) -> None:
         if self.answered is None and self.response is None:
@@ -309,6 +314,7 @@ class Connection(asyncio.Protocol):
         drained, self.drained = self.drained, None
         if drained is not None and not drained.done():
             drained.set_result(None)  # the upload sees `closed` and stops
+        del self.parser
 
     def pause_writing(self) -> None:
         self.drained = self.loop.create_future()
