@@ -221,6 +221,10 @@ class Connection(asyncio.Protocol):
         self._stop_timer()
         self.body.clear()
         self.buffered = 0
+        if self.paused:  # an answer received whole, but not read: the next one must be heard
+            self.paused = False
+            if not self.closed and self.transport is not None:
+                self.transport.resume_reading()
         upload, self.upload = self.upload, None
         if upload is not None and not upload.done():
             upload.cancel()

@@ -350,6 +350,39 @@ async def test_reading_pauses_above_the_high_water_mark(
     await pool.close()
 
 
+async def test_a_connection_paused_by_an_answer_left_unread_reads_the_next_one(
+    raw_server: Callable[[Answer], Awaitable[str]],
+) -> None:
+    big = b"z" * (client.HIGH_WATER + 65536)  # received whole in a read or two, reading paused
+    answers = [b"HTTP/1.1 503 Busy\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big)]
+    answers.append(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(answers.pop(0))
+        await writer.drain()
+
+    pool = Pool(await raw_server(answer), 1)
+    connection = None
+    with await pool.request("/echo", HEADERS, b"{}", 1.0, 5.0) as response:
+        assert response.status == 503
+        connection = next(iter(pool.connections))
+        await until_true(lambda: connection.complete)
+        assert connection.paused  # released unread (as failover does with a 503)
+    async with asyncio.timeout(3):  # left paused, it would never hear the answer (nor time out)
+        response, body = await post(pool, read_timeout=1.0)
+    assert (response.status, body) == (200, b"{}")
+    assert pool.connections == {connection}  # the same connection served both
+    await pool.close()
+
+
+async def until_true(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not within 5 s")
+
+
 async def test_header_values_cannot_break_lines(
     app_server: Callable[[web.Application], Awaitable[str]],
 ) -> None:
