@@ -36,6 +36,7 @@ from yarl import URL
 IDLE_SECONDS = 15.0  # an idle connection is closed after this long (aiohttp's keep-alive default)
 HIGH_WATER = 128 * 1024  # buffered body bytes above which the socket is not read (aiohttp's)
 LOW_WATER = 64 * 1024  # and below which it is read again
+MAX_HEAD_BYTES = 64 * 1024  # an answer's status line and headers: far more than an upstream sends
 
 
 class StreamedBody(Protocol):
@@ -119,6 +120,7 @@ class Connection(asyncio.Protocol):
         "complete",
         "drained",
         "error",
+        "head_bytes",
         "heard_at",
         "idle_since",
         "informational",
@@ -156,6 +158,7 @@ class Connection(asyncio.Protocol):
         self.upload: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.heard_at = 0.0
+        self.head_bytes = 0
         self.read_timeout = 0.0
         self.raw_headers: list[tuple[str, str]] = []
         self.reason = b""
@@ -174,6 +177,7 @@ class Connection(asyncio.Protocol):
         self.body.clear()
         self.raw_headers = []
         self.reason = b""
+        self.head_bytes = 0
         answered: asyncio.Future[Response] = self.loop.create_future()
         self.answered = answered
         self.read_timeout = read_timeout
@@ -306,6 +310,12 @@ class Connection(asyncio.Protocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             self._fail(Dropped(f"the answer is not HTTP/1.1: {exc}"))
             self.close()
+            return
+        if self.response is None:  # its head is still arriving: bounded, as the parser's is not
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._fail(Dropped(f"the answer's head is larger than {MAX_HEAD_BYTES} bytes"))
+                self.close()
 
     def eof_received(self) -> bool:
         return False  # closes the transport: connection_lost follows

@@ -187,7 +187,8 @@ async def test_a_connection_dropped_mid_body_fails_the_read_and_is_not_reused(
 async def test_a_dropped_connection_before_the_answer_and_a_malformed_answer_are_not_never_reached(
     raw_server: Callable[[Answer], Awaitable[str]],
 ) -> None:
-    for answer in (sends(close=True), sends(b"SMTP ready\r\n\r\n")):
+    endless_head = [b"HTTP/1.1 200 OK\r\n"] + [b"X-Padding: " + b"p" * 1000 + b"\r\n"] * 100
+    for answer in (sends(close=True), sends(b"SMTP ready\r\n\r\n"), sends(*endless_head, pause=0)):
         pool = Pool(await raw_server(answer), 4)
         with pytest.raises(Dropped) as info:
             await pool.request("/echo", HEADERS, b"{}", 1.0, 5.0)
