@@ -193,9 +193,12 @@ class JsonScanner:
 def _string_end(buf: bytes, seg: int, end: int, escaped: bool) -> tuple[int, bool]:
     """The closing quote of the string whose next segment is `buf[seg:end]`, or -1 if it goes on, and
     then whether the segment after it starts escaped. `escaped`: whether this one does."""
-    # memchr to each quote; only a quote preceded by backslashes needs a look back.
+    # memchr to each quote; only a quote preceded by a backslash (or opening a segment that starts
+    # escaped) needs a look back.
     quote = buf.find(b'"', seg, end)
-    while quote >= 0 and _is_escaped(buf, seg, quote, escaped):
+    while quote >= 0 and (buf[quote - 1] == _BACKSLASH if quote > seg else escaped):
+        if not _is_escaped(buf, seg, quote, escaped):
+            break
         quote = buf.find(b'"', quote + 1, end)
     return quote, quote < 0 and _is_escaped(buf, seg, end, escaped)
 

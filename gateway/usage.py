@@ -129,8 +129,8 @@ def _count(usage: dict[str, Any], key: str, detail: str | None) -> int | None:
 class UsageSum:
     """The sum of the `usage` objects of a stream's completed events, in constant memory.
 
-    Keeps the first object (returned as it is when it stays alone) and one running total per count
-    of `_COUNTS` that every object added so far reported.
+    Keeps the first object (returned as it is when it stays alone, as it does for one image) and,
+    from the second on, one running total per count of `_COUNTS` that every object added reported.
     """
 
     def __init__(self) -> None:
@@ -141,8 +141,11 @@ class UsageSum:
     def add(self, usage: dict[str, Any]) -> None:
         if not self.added:
             self._first = usage
-            self._totals = {path: n for path in _COUNTS if (n := _count(usage, *path)) is not None}
         else:
+            if self.added == 1:
+                assert self._first is not None
+                first = self._first
+                self._totals = {path: n for path in _COUNTS if (n := _count(first, *path)) is not None}
             for path, total in list(self._totals.items()):
                 n = _count(usage, *path)
                 if n is None:
