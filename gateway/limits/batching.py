@@ -29,7 +29,7 @@ from gateway.limits.scripts import Script
 CLOSE_WAIT = 0.5  # seconds: at shutdown, after the outbox has had its turn
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Call:
     script: Script
     keys: Sequence[str]

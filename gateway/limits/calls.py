@@ -5,6 +5,11 @@
 `compile_release` undoes a reserve whose outcome is unknown (its reply was lost). The memory
 engine and the Redis engine (through `reserve.lua` / `settle.lua`) run these same calls, which
 is what keeps the two stores' semantics identical without sharing an interpreter.
+
+Checks, calls, replies, readings and reservations are made per request and never changed once
+made (`dataclasses.replace` makes another). They are plain slots dataclasses, not frozen ones:
+a frozen dataclass's `__init__` sets each field through `object.__setattr__`, about three times
+the instructions, and a request makes a dozen of them.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any, Literal, Protocol
 
 from gateway.config import StoreSettings
 from gateway.limits import keys
-from gateway.limits.headers import policy_header
+from gateway.limits.headers import HeaderPlan, header_plan
 from gateway.limits.kinds import KIND_BY_NAME, RATE_WINDOW_US, LimitKind
 from gateway.limits.ledger import charge_fields
 from gateway.limits.meters import Reading
@@ -35,7 +40,7 @@ RECORD_GRACE_MS = 3_600_000
 SETTLED_GRACE_MS = DAY_SECONDS * 1000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Check:
     """One limit of one scope, as charged: which key, what limit, how much."""
 
@@ -95,7 +100,7 @@ class _DayKeys(_ReservationKeys):
         return keys.ledger_key(self.tenant, self.day)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReserveCall(_DayKeys):
     tenant: str
     reservation_id: str
@@ -106,18 +111,22 @@ class ReserveCall(_DayKeys):
     lease_ttl_us: int
     record_ttl_ms: int
     ledger_expire_at: int
+    shared: PlanDay  # what every reserve of the plan shares that day; `checks` are its, costed
     ledger: tuple[tuple[str, int], ...] = ()  # the estimate, charged to the ledger if admitted
-    policy: str = ""  # the checks' `RateLimit-Policy` header (`headers.policy_header`)
+
+    @property
+    def ledger_key(self) -> str:
+        return self.shared.ledger_key
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReserveReply:
     status: Status
     now_us: int
     readings: tuple[Reading, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SettleCall(_DayKeys):
     tenant: str
     reservation_id: str
@@ -137,7 +146,7 @@ class SettleCall(_DayKeys):
     unledger_if_recorded: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RenewCall(_ReservationKeys):
     """Keep a running request's leases (and its record) alive for another lease TTL."""
 
@@ -187,34 +196,63 @@ def _check(tenant: str, scope: str, planned: PlannedLimit, periods: dict[str, Pe
     return Check(scope, kind, key, limit, 0, window.seconds, end_us, window.expire_at, shadow)
 
 
-@dataclass(frozen=True, slots=True)
-class _Templates:
+@dataclass(frozen=True, slots=True, eq=False)
+class PlanDay:
+    """What every reserve of a plan on one UTC day shares, named once (`plan_day`) and kept."""
+
     checks: tuple[Check, ...]  # without their costs
-    policy: str  # their `RateLimit-Policy` header
+    check_keys: tuple[str, ...]
+    ledger_key: str
+    headers: HeaderPlan  # what their limit headers share
+    # Each check's words in reserve.lua's ARGV[9] before and after its cost: `<mechanism> <limit> `
+    # and ` <period end µs> <counter EXPIREAT> <shadow>`.
+    reserve_words: tuple[tuple[str, str], ...]
+
+
+def _reserve_words(check: Check) -> tuple[str, str]:
+    shadow = 1 if check.shadow else 0
+    return f"{check.kind.mechanism} {check.limit} ", f" {check.end_us} {check.expire_at} {shadow}"
 
 
 @functools.lru_cache(maxsize=4096)
-def _templates(plan: LimitPlan, day: date) -> _Templates:
+def plan_day(plan: LimitPlan, day: date) -> PlanDay:
     """A plan's checks on `day` without their costs: the same for every request of a (tenant, key,
-    end user) that day, so named once (key strings, period ends, the policy header) and kept."""
+    end user) that day, so named once (key strings, period ends, the header plan) and kept. A
+    reload builds new plans, hence new entries; a new day asks for another."""
     periods = {"day": period("day", day), "month": period("month", day)}
     checks = tuple(
         _check(plan.tenant, scope.name, limit, periods) for scope in plan.scopes for limit in scope.limits
     )
-    return _Templates(checks, policy_header(checks))
+    return PlanDay(
+        checks,
+        tuple(check.key for check in checks),
+        keys.ledger_key(plan.tenant, day),
+        header_plan(checks),
+        tuple(_reserve_words(check) for check in checks),
+    )
 
 
-def _costed(templates: _Templates, cost: Cost) -> tuple[Check, ...]:
+def _costed(shared: PlanDay, cost: Cost) -> tuple[Check, ...]:
     return tuple(
-        Check(
-            t.scope, t.kind, t.key, t.limit, t.kind.amount(cost), t.window_s, t.end_us, t.expire_at, t.shadow
-        )
-        for t in templates.checks
+        [
+            Check(
+                t.scope,
+                t.kind,
+                t.key,
+                t.limit,
+                t.kind.amount(cost),
+                t.window_s,
+                t.end_us,
+                t.expire_at,
+                t.shadow,
+            )
+            for t in shared.checks
+        ]
     )
 
 
 def compile_checks(plan: LimitPlan, cost: Cost, day: date) -> tuple[Check, ...]:
-    return _costed(_templates(plan, day), cost)
+    return _costed(plan_day(plan, day), cost)
 
 
 def ledger_expire_at(settings: StoreSettings, day: date) -> int:
@@ -231,19 +269,19 @@ def compile_reserve(
     mode: Mode,
     settings: StoreSettings,
 ) -> ReserveCall:
-    templates = _templates(plan, day)
+    shared = plan_day(plan, day)
     return ReserveCall(
         tenant=plan.tenant,
         reservation_id=reservation_id,
         model=model,
         day=day,
         mode=mode,
-        checks=_costed(templates, cost),
+        checks=_costed(shared, cost),
         lease_ttl_us=settings.lease_ttl_seconds * 1_000_000,
         record_ttl_ms=settings.lease_ttl_seconds * 1000 + RECORD_GRACE_MS,
         ledger_expire_at=ledger_expire_at(settings, day),
         ledger=() if mode == "peek" else charge_fields(model, cost),
-        policy=templates.policy,
+        shared=shared,
     )
 
 
@@ -270,7 +308,7 @@ def compile_settle(
         reservation_id=reservation_id,
         day=day,
         checks=tuple(checks),
-        actuals=tuple(check.kind.amount(actual) for check in checks),
+        actuals=tuple([check.kind.amount(actual) for check in checks]),
         ledger=tuple(ledger),
         ledger_expire_at=ledger_expire_at(settings, day),
         settled_ttl_ms=settings.lease_ttl_seconds * 1000 + RECORD_GRACE_MS + SETTLED_GRACE_MS,

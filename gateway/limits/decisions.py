@@ -86,7 +86,8 @@ class DecisionMetrics:
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self._decisions: dict[tuple[str, str, str], int] = {}
-        self._remaining: dict[tuple[str, str], float] = {}
+        # (tenant, limit) -> its last observation; what is left is worked out when applied
+        self._remaining: dict[tuple[str, str], Observed] = {}
         metrics.before_collect(self.flush)
 
     def record(self, tenant: str, observed: Sequence[Observed], refused: str) -> None:
@@ -103,7 +104,7 @@ class DecisionMetrics:
             key = (tenant, metric_label(check), outcome)
             decisions[key] = decisions.get(key, 0) + 1
             if check.scope == "tenant":
-                remaining[tenant, check.kind.name] = _left(check, reading)
+                remaining[tenant, check.kind.name] = (check, reading)
 
     def flush(self) -> None:
         """Apply what was counted since the last flush."""
@@ -111,8 +112,8 @@ class DecisionMetrics:
         remaining, self._remaining = self._remaining, {}
         for labels, count in decisions.items():
             self._metrics.ratelimit_decisions.labels(*labels).inc(count)
-        for (tenant, limit), left in remaining.items():
-            self._metrics.budget_remaining.labels(tenant, limit).set(left)
+        for (tenant, limit), (check, reading) in remaining.items():
+            self._metrics.budget_remaining.labels(tenant, limit).set(_left(check, reading))
 
 
 def _left(check: Check, reading: Reading) -> float:
@@ -129,7 +130,6 @@ def decide(
 ) -> Admission:
     """The admission for an engine's answer to `call` (admitted, or rejected with nothing charged)."""
     observed = list(zip(call.checks, reply.readings, strict=True))
-    labels = {scope.name: scope.label for scope in plan.scopes}
     if reply.status == "admitted":
         metrics.record(plan.tenant, observed, "shadow")
         shadow = [f"{check.scope}.{check.kind.name}" for check, reading in observed if reading.code != OK]
@@ -137,13 +137,14 @@ def decide(
             True,
             reservation,
             None,
-            headers.render(observed, policy=call.policy, rejected=False, retry_after_us=None),
+            headers.render(observed, plan=call.shared.headers, rejected=False, retry_after_us=None),
             shadow,
         )
     # Rejected by the enforced limits; a shadowed limit that would refuse too is only counted.
     refusing = [o for o in observed if o[1].code != OK and not o[0].shadow]
     metrics.record(plan.tenant, observed, "over_limit")
     header_map = headers.render(
-        observed, policy=call.policy, rejected=True, retry_after_us=_retry_after_us(refusing)
+        observed, plan=call.shared.headers, rejected=True, retry_after_us=_retry_after_us(refusing)
     )
+    labels = {scope.name: scope.label for scope in plan.scopes}
     return Admission(False, None, _error(refusing, labels, header_map), header_map)

@@ -15,14 +15,15 @@ pair, `Retry-After`, and the merge with an upstream's own limit headers.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from gateway.limits.meters import OK, Reading, ceil_div
 from policies.cost import NANO_PER_USD
 
-if TYPE_CHECKING:  # calls.py names each plan's policy header once, with `policy_header`
+if TYPE_CHECKING:  # calls.py works out each plan's `header_plan` once
     from gateway.limits.calls import Check
 
 Observed = tuple["Check", Reading]
@@ -31,24 +32,22 @@ _CATEGORIES = ("requests", "tokens", "images", "usd")
 
 def go_duration(us: int) -> str:
     """A Go `time.Duration` string at millisecond precision, rounded up: 0s, 20ms, 1.5s, 6m0s, 1h0m0s."""
-    ms = ceil_div(max(us, 0), 1000)
-    if ms == 0:
-        return "0s"
+    ms = -(-us // 1000) if us > 0 else 0
     if ms < 1000:
-        return f"{ms}ms"
-    hours, rest = divmod(ms, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    seconds = f"{rest // 1000}.{rest % 1000:03d}".rstrip("0").rstrip(".") + "s"
-    if hours:
-        return f"{hours}h{minutes}m{seconds}"
-    return f"{minutes}m{seconds}" if minutes else seconds
+        return f"{ms}ms" if ms else "0s"
+    seconds, fraction = divmod(ms, 1000)
+    text = f"{seconds % 60}.{fraction:03d}".rstrip("0") + "s" if fraction else f"{seconds % 60}s"
+    if seconds < 60:
+        return text
+    minutes = seconds // 60
+    return f"{minutes}m{text}" if minutes < 60 else f"{minutes // 60}h{minutes % 60}m{text}"
 
 
 def usd_text(nano: int) -> str:
     """Exact decimal USD for a nano-USD amount: 50, 0.17, 12.000000001, -0.5."""
     whole, fraction = divmod(abs(nano), NANO_PER_USD)
-    text = f"{'-' if nano < 0 else ''}{whole}.{fraction:09d}".rstrip("0")
-    return text.removesuffix(".")
+    sign = "-" if nano < 0 else ""
+    return f"{sign}{whole}.{fraction:09d}".rstrip("0") if fraction else f"{sign}{whole}"
 
 
 def _remaining(check: Check, reading: Reading) -> int:
@@ -64,26 +63,57 @@ def _quota(check: Check, amount: int) -> int:
     return amount // 1000 if check.kind.unit == "nano_usd" else amount
 
 
-def _openai_headers(observed: Sequence[Observed]) -> dict[str, str]:
-    # Per category, the limit with the least remaining (the later reset among equals), in one pass.
-    tightest: dict[str, tuple[tuple[int, int], Observed]] = {}
-    for check, reading in observed:
-        category = check.kind.header
-        if category is None:
-            continue
-        rank = (_remaining(check, reading), -reading.reset_us)
-        best = tightest.get(category)
-        if best is None or rank < best[0]:
-            tightest[category] = (rank, (check, reading))
-    headers: dict[str, str] = {}
+@dataclass(frozen=True, slots=True)
+class _Category:
+    """One `x-ratelimit-*` category of a plan: its header names, and its checks (by position) with
+    their limits as header text."""
+
+    names: tuple[str, str, str]  # x-ratelimit-{limit,remaining,reset}-<category>
+    members: tuple[int, ...]
+    limits: tuple[str, ...]
+    text: Callable[[int], str]  # how its amounts are written
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderPlan:
+    """What the limit headers of every request of a plan share, worked out once per plan and day
+    (`calls` keeps it with the plan's checks): the `RateLimit-Policy` header and the categories."""
+
+    policy: str
+    categories: tuple[_Category, ...]
+
+
+def header_plan(checks: Sequence[Check]) -> HeaderPlan:
+    categories = []
     for category in _CATEGORIES:
-        if category not in tightest:
-            continue
-        (remaining, _), (check, reading) = tightest[category]
-        text = usd_text if category == "usd" else str
-        headers[f"x-ratelimit-limit-{category}"] = text(check.limit)
-        headers[f"x-ratelimit-remaining-{category}"] = text(remaining)
-        headers[f"x-ratelimit-reset-{category}"] = go_duration(reading.reset_us)
+        members = tuple(i for i, check in enumerate(checks) if check.kind.header == category)
+        if members:
+            text = usd_text if category == "usd" else str
+            names = (
+                f"x-ratelimit-limit-{category}",
+                f"x-ratelimit-remaining-{category}",
+                f"x-ratelimit-reset-{category}",
+            )
+            categories.append(_Category(names, members, tuple(text(checks[i].limit) for i in members), text))
+    return HeaderPlan(policy_header(checks), tuple(categories))
+
+
+def _openai_headers(observed: Sequence[Observed], categories: Sequence[_Category]) -> dict[str, str]:
+    # Per category, the limit with the least remaining (the later reset among equals).
+    headers: dict[str, str] = {}
+    for category in categories:
+        best: tuple[int, int] | None = None
+        chosen = 0
+        for position, i in enumerate(category.members):
+            check, reading = observed[i]
+            rank = (max(0, check.limit - reading.used), -reading.reset_us)
+            if best is None or rank < best:
+                best, chosen = rank, position
+        assert best is not None  # a category has a check
+        limit_name, remaining_name, reset_name = category.names
+        headers[limit_name] = category.limits[chosen]
+        headers[remaining_name] = category.text(best[0])
+        headers[reset_name] = go_duration(-best[1])
     return headers
 
 
@@ -116,14 +146,13 @@ def _closest(observed: Sequence[Observed], rejected: bool) -> tuple[Observed, in
 
 
 def render(
-    observed: Sequence[Observed], *, policy: str, rejected: bool, retry_after_us: int | None
+    observed: Sequence[Observed], *, plan: HeaderPlan, rejected: bool, retry_after_us: int | None
 ) -> dict[str, str]:
-    """All rate-limit headers for one decision; `policy` is `policy_header` of the checks (the
-    same for every request of a plan, so worked out once); `retry_after_us` only for a retryable
-    rejection."""
-    headers = _openai_headers(observed)
-    if policy:
-        headers["RateLimit-Policy"] = policy
+    """All rate-limit headers for one decision; `plan` is `header_plan` of the checks observed;
+    `retry_after_us` only for a retryable rejection."""
+    headers = _openai_headers(observed, plan.categories)
+    if plan.policy:
+        headers["RateLimit-Policy"] = plan.policy
     closest = _closest(observed, rejected)
     t = 0
     if closest is not None:

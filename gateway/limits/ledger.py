@@ -93,7 +93,7 @@ def charge_fields(model: str, cost: Cost, outcome: str = "ok") -> tuple[tuple[st
         cost.nano_usd,
         0 if outcome == "ok" else 1,
     )
-    return tuple((name, count) for name, count in zip(_charged_fields(model), counts, strict=True) if count)
+    return tuple([(name, count) for name, count in zip(_charged_fields(model), counts, strict=True) if count])
 
 
 def rows(tenant: str, day: date, counters: dict[str, int]) -> list[LedgerRow]:

@@ -51,7 +51,6 @@ from gateway.limits import headers
 from gateway.limits.calls import (
     Engine,
     Mode,
-    RenewCall,
     ReserveCall,
     ReserveReply,
     SettleCall,
@@ -105,10 +104,11 @@ class LimitStore:
         self._clock = clock
         self._timeout = settings.timeout_ms / 1000
         self._offset = 0.0  # engine clock minus ours, in seconds
+        self._day = (-1, day_of(0))  # the last day named: (day number, date)
         self._up = True
         self._up_exported = False  # whether store_up says 1 (until the first call, it is 0)
         self._outbox = Outbox(self._apply, metrics, journal=journal)
-        self._held: dict[str, RenewCall] = {}  # reservation id -> the renewal of its leases
+        self._held: dict[str, Reservation] = {}  # reservation id -> a running one holding leases
         for operation in _OPERATIONS:  # exported at 0 from the start, for rate() and alerts
             metrics.store_errors.labels(operation)
         metrics.degraded_decisions.labels(settings.on_unavailable)
@@ -277,13 +277,11 @@ class LimitStore:
 
     def hold(self, reservation: Reservation) -> None:
         """The reservation's request is running here: renew its concurrency leases until it is
-        settled (see `_renew_held`). A process that dies stops renewing, and its leases expire."""
-        if not reservation.holds_leases:  # most requests: nothing to compile
+        settled (see `_renew_held`). A process that dies stops renewing, and its leases expire.
+        Its renewal is compiled when it is due: most requests end long before."""
+        if not reservation.holds_leases:
             return
-        call = compile_renew(reservation.tenant, reservation.id, reservation.checks, self._settings)
-        if call is None:
-            return
-        self._held[reservation.id] = call
+        self._held[reservation.id] = reservation
         if self._renewer is None:
             self._renewer = asyncio.get_running_loop().create_task(self._renew_held())
 
@@ -300,15 +298,17 @@ class LimitStore:
         finally:
             self._renewer = None
 
-    async def _renew(self, held: list[tuple[str, RenewCall]]) -> None:
+    async def _renew(self, held: list[tuple[str, Reservation]]) -> None:
         """Renew one batch of held leases; a lease found gone stops being held."""
+        compiled = [compile_renew(r.tenant, r.id, r.checks, self._settings) for _, r in held]
+        calls = [call for call in compiled if call is not None]  # each holds leases: none is None
         renewed = await asyncio.gather(
-            *(self._guard("renew", partial(self._engine.renew, call)) for _, call in held),
+            *(self._guard("renew", partial(self._engine.renew, call)) for call in calls),
             return_exceptions=True,
         )
-        for (reservation_id, _), count in zip(held, renewed, strict=True):
+        for call, count in zip(calls, renewed, strict=True):
             if count == 0:
-                self._held.pop(reservation_id, None)
+                self._held.pop(call.reservation_id, None)
 
     async def settle(self, reservation: Reservation, actual: Cost, *, outcome: str) -> bool:
         """Replace the reservation's estimate with `actual`: True if done now, False if it was
@@ -378,7 +378,10 @@ class LimitStore:
     # --- plumbing ------------------------------------------------------------------------------
 
     def _today(self) -> date:
-        return day_of(day_number(self._clock() + self._offset))
+        number = day_number(self._clock() + self._offset)
+        if number != self._day[0]:  # a new day (once a day, or when the clocks disagree)
+            self._day = (number, day_of(number))
+        return self._day[1]
 
     async def _guard(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
         """Run one engine call (under the timeout, unless the engine times its own), keeping

@@ -32,7 +32,7 @@ TOO_LARGE = 3  # can never fit: the cost is above the limit itself (QuotaExceede
 LEASE_RETRY_US = 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reading:
     """One limit's state: the decision for this request and what a client may be told."""
 

@@ -8,6 +8,7 @@ midnight settles against the window it was charged to.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
@@ -51,6 +52,7 @@ def _next_month(day: date) -> date:
     return date(day.year + 1, 1, 1) if day.month == 12 else date(day.year, day.month + 1, 1)
 
 
+@functools.lru_cache(maxsize=64)  # a pure function of its arguments, asked twice per request
 def period(mechanism: Mechanism, day: date) -> Period:
     """The day or month window containing `day`."""
     if mechanism == "day":

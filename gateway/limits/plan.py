@@ -63,7 +63,7 @@ class LimitPlan:
     tenant: str
     scopes: tuple[ScopePlan, ...]
     shadow: bool = False
-    # Hashed once: a plan is a cache key (`calls._templates`) on every request, and hashing it
+    # Hashed once: a plan is a cache key (`calls.plan_day`) on every request, and hashing it
     # anew walks every scope and limit.
     _hash: int = field(init=False, repr=False, compare=False)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from datetime import date
+from itertools import chain
 from typing import Any
 
 from redis.asyncio import Redis
@@ -169,7 +170,8 @@ class RedisEngine:
             raise StoreFailure(f"{script.name}: {type(exc).__name__}: {exc}") from exc
 
     async def reserve(self, call: ReserveCall) -> ReserveReply:
-        keys = [call.record_key, call.settled_key, call.ledger_key, *(check.key for check in call.checks)]
+        shared = call.shared
+        keys = [call.record_key, call.settled_key, shared.ledger_key, *shared.check_keys]
         args: list[str | int] = [
             call.reservation_id,
             day_index(call.day),
@@ -180,35 +182,38 @@ class RedisEngine:
             call.lease_ttl_us,
             RATE_WINDOW_US,
             " ".join(
-                f"{c.kind.mechanism} {c.limit} {c.cost} {c.end_us} {c.expire_at} {1 if c.shadow else 0}"
-                for c in call.checks
+                [
+                    f"{before}{check.cost}{after}"
+                    for (before, after), check in zip(shared.reserve_words, call.checks, strict=True)
+                ]
             ),
         ]
-        for name, amount in call.ledger:
-            args += [name, amount]
+        args.extend(chain.from_iterable(call.ledger))
         reply: list[int] = await self._run(RESERVE, keys, args)
         readings = tuple(
-            Reading(*reply[i : i + _READING_FIELDS]) for i in range(2, len(reply), _READING_FIELDS)
+            [Reading(*reply[i : i + _READING_FIELDS]) for i in range(2, len(reply), _READING_FIELDS)]
         )
         return ReserveReply(_STATUS[reply[0]], reply[1], readings)
 
     async def settle(self, call: SettleCall) -> bool:
-        keys = [call.record_key, call.settled_key, call.ledger_key, *(check.key for check in call.checks)]
+        keys = [call.record_key, call.settled_key, call.ledger_key, *[check.key for check in call.checks]]
         args: list[str | int] = [
             call.reservation_id,
             call.settled_ttl_ms,
             call.ledger_expire_at,
             RATE_WINDOW_US,
             " ".join(
-                f"{c.kind.mechanism} {c.limit} {c.cost} {actual} {c.expire_at}"
-                for c, actual in zip(call.checks, call.actuals, strict=True)
+                [
+                    f"{c.kind.mechanism} {c.limit} {c.cost} {actual} {c.expire_at}"
+                    for c, actual in zip(call.checks, call.actuals, strict=True)
+                ]
             ),
             1 if call.degraded else 0,
             1 if call.unledger_if_recorded else 0,
             len(call.ledger),
         ]
-        for name, amount in (*call.ledger, *call.unledger):
-            args += [name, amount]
+        args.extend(chain.from_iterable(call.ledger))
+        args.extend(chain.from_iterable(call.unledger))
         return int(await self._run(SETTLE, keys, args)) != 0
 
     async def renew(self, call: RenewCall) -> int:

@@ -2,12 +2,16 @@
 
 A `Reservation` is everything settle needs, and it serialises (`to_dict` / `from_dict`), so a
 request admitted by one process can be settled by another. Its id is the request id plus a
-random suffix: request ids may come from clients (`x-request-id`), and two requests reusing one
-id must never share, or cancel, each other's reservation.
+suffix unique to this reservation: request ids may come from clients (`x-request-id`), and two
+requests reusing one id must never share, or cancel, each other's reservation. The suffix is a
+random prefix drawn once per process (48 bits: new at every start, and in a forked child) and a
+counter, so ids stay unique across processes and restarts without a system call per request.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import secrets
 from dataclasses import asdict, dataclass, field
 from datetime import date
@@ -20,11 +24,29 @@ from gateway.limits.plan import LimitPlan
 from policies.cost import Cost
 
 
+class _IdSuffixes:
+    """`<process prefix>-<counter>`: the prefix random per process, the counter in hex."""
+
+    def __init__(self) -> None:
+        self.renew()
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self.prefix = secrets.token_hex(6) + "-"
+        self.counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+_suffixes = _IdSuffixes()
+
+
 def new_reservation_id(request_id: str) -> str:
-    return f"{request_id}.{secrets.token_hex(6)}"
+    return f"{request_id}.{_suffixes.next()}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reservation:
     id: str
     request_id: str
