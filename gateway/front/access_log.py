@@ -15,9 +15,9 @@ before its body arrived closes its connection.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +95,12 @@ class RequestCounter:
 RECORD = web.RequestKey("record", RequestRecord)
 
 
+def new_request_id() -> str:
+    """A fresh request id: 32 hex digits of the OS's randomness, as long as the `uuid4().hex` it
+    replaces, without a UUID object built and formatted for it (a fifth of the cost)."""
+    return os.urandom(16).hex()
+
+
 def client_request_id(request: web.Request) -> str | None:
     """A client's own `x-request-id`, if it is sane and not its key (a client that misplaces its key
     there must not have it logged)."""
@@ -137,7 +143,7 @@ def create_request_middleware(
 
     @web.middleware
     async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        record = RequestRecord(request_id=uuid.uuid4().hex, started=time.perf_counter())
+        record = RequestRecord(request_id=new_request_id(), started=time.perf_counter())
         if (client_id := client_request_id(request)) is not None:
             record.fields["client_request_id"] = client_id
         request[RECORD] = record
