@@ -29,7 +29,7 @@ from gateway import logs
 from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, drop_tracebacks
 from gateway.front.auth import bearer_token
 from gateway.logs import get_logger
-from gateway.metrics import Metrics
+from gateway.metrics import KeptCounter, KeptHistogram, Metrics
 from gateway.telemetry.activity import Activity
 from gateway.telemetry.tracing import OFF, RequestTrace, Tracing
 
@@ -73,23 +73,22 @@ class RequestRecord:
 class RequestCounter:
     """A `/v1/` request's metrics (and the usage page's count), those the settlement does not change."""
 
-    __slots__ = ("activity", "metrics")
+    __slots__ = ("activity", "durations", "requests")
 
     def __init__(self, metrics: Metrics, activity: Activity | None) -> None:
-        self.metrics = metrics
+        self.requests = KeptCounter(metrics, metrics.requests)
+        self.durations = KeptHistogram(metrics, metrics.request_duration)
         self.activity = activity
 
     def count(self, record: RequestRecord) -> None:
         assert record.answered is not None
         if self.activity is not None:
             self.activity.count(record.status)
-        metrics = self.metrics
-        metrics.requests.labels(
-            record.tenant, record.model, record.upstream, record.operation, str(record.status)
-        ).inc()
-        metrics.request_duration.labels(
-            record.tenant, record.model, "true" if record.stream else "false"
-        ).observe(record.answered - record.started)
+        tenant, model = record.tenant, record.model
+        self.requests.inc((tenant, model, record.upstream, record.operation, str(record.status)))
+        self.durations.observe(
+            (tenant, model, "true" if record.stream else "false"), record.answered - record.started
+        )
 
 
 RECORD = web.RequestKey("record", RequestRecord)
