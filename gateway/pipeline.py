@@ -147,7 +147,7 @@ class Pipeline:
         sequential client never finds its own finished request holding a concurrency slot. On
         other connections (TLS, unix socket, cluster) a request that holds one answers once settled.
         """
-        answer: web.StreamResponse | BaseException = InternalError("The request was not served.")
+        answer: web.StreamResponse | BaseException | None = None  # None: not served (a bug)
         try:
             with self.in_flight:
                 outcome: RelayOutcome | None = None
@@ -405,9 +405,13 @@ async def _settled(settling: asyncio.Future[None]) -> None:
         log.exception("settlement_failed")
 
 
-def _answer(answered: asyncio.Future[web.StreamResponse], result: web.StreamResponse | BaseException) -> None:
+def _answer(
+    answered: asyncio.Future[web.StreamResponse], result: web.StreamResponse | BaseException | None
+) -> None:
     if answered.done():
         return
+    if result is None:
+        result = InternalError("The request was not served.")
     if isinstance(result, asyncio.CancelledError):
         answered.cancel()
     elif isinstance(result, BaseException):
