@@ -125,7 +125,8 @@ class Pipeline:
         work.add_done_callback(self._forget)
         work.add_done_callback(lambda _: client.close())
         record.pending = work  # the access-log line waits for the settlement
-        return await asyncio.shield(answered)
+        # Not shielded: a cancelled handler cancels `answered` only, which `serve` then leaves be.
+        return await answered
 
     async def serve(
         self,
