@@ -193,9 +193,12 @@ class JsonScanner:
 def _string_end(buf: bytes, seg: int, end: int, escaped: bool) -> tuple[int, bool]:
     """The closing quote of the string whose next segment is `buf[seg:end]`, or -1 if it goes on, and
     then whether the segment after it starts escaped. `escaped`: whether this one does."""
-    # memchr to each quote; only a quote preceded by backslashes needs a look back.
+    # memchr to each quote; only a quote preceded by a backslash (or opening a segment that starts
+    # escaped) needs a look back.
     quote = buf.find(b'"', seg, end)
-    while quote >= 0 and _is_escaped(buf, seg, quote, escaped):
+    while quote >= 0 and (buf[quote - 1] == _BACKSLASH if quote > seg else escaped):
+        if not _is_escaped(buf, seg, quote, escaped):
+            break
         quote = buf.find(b'"', quote + 1, end)
     return quote, quote < 0 and _is_escaped(buf, seg, end, escaped)
 
@@ -258,9 +261,12 @@ class JsonDocument:
             self._kept.append(buf[start:end])
         else:
             # Full: go on without the unread value it ends in, if it does; else with as much of
-            # this piece as fits, if that does (a first piece bigger than `small`); else scan.
+            # this piece as fits, up to its first unread member if that fits (a first piece bigger
+            # than `small`), if that does; else scan.
             if not self._cut_kept():
                 fits = start + max(0, self._small - self._size)
+                if self._member is not None and (at := buf.find(self._member, start, fits)) >= 0:
+                    fits = at + len(self._member)
                 self._kept.append(buf[start:fits])
                 self._size, start = self._size + fits - start, fits
                 if not self._cut_kept():
@@ -270,15 +276,12 @@ class JsonDocument:
     def close(self) -> None:
         if self._kept is not None:
             document = b"".join(self._kept)
-            cut = None if self._member is None else _cut(document, self._member)
-            try:
-                body = orjson.loads(document if cut is None else cut[0])
-            except orjson.JSONDecodeError:
-                self._scan_kept()
-            else:
+            body = _parse(document, 0, len(document), self._member)
+            if body is not None:
                 self._kept = None
                 self._keep(body)
                 return
+            self._scan_kept()
         assert self._scanner is not None
         self.count = self._scanner.count
 
@@ -289,13 +292,24 @@ class JsonDocument:
             return self._scanner.value(key)
         return self._body.get(key.decode())
 
+    def values(self) -> dict[str, Any]:
+        """The captured top-level values by key (a parsed document's other members too), after `close`."""
+        if self._scanner is None:
+            return self._body
+        return {
+            key.decode(): value for key in self._capture if (value := self._scanner.value(key)) is not None
+        }
+
     def _cut_kept(self) -> bool:
         """If what is kept ends in an unread value: keep it with its unread values cut out, and drop
         that value's bytes as they come."""
-        cut = None if self._member is None else _cut(b"".join(self._kept or ()), self._member)
+        if not self._kept or self._member is None:
+            return False
+        document = b"".join(self._kept)
+        cut = _cut(document, 0, len(document), self._member)
         if cut is None or not cut[1]:
             return False
-        self._kept, self._size, self._cutting = [cut[0]], len(cut[0]), True
+        self._kept, self._size, self._cutting, self._escaped = [cut[0]], len(cut[0]), True, cut[2]
         return True
 
     def _cut_on(self, buf: bytes, start: int, end: int) -> int:
@@ -323,18 +337,48 @@ class JsonDocument:
         self.count = sum(isinstance(item, dict) for item in items) if isinstance(items, list) else 0
 
 
-def _cut(document: bytes, member: bytes) -> tuple[bytes, bool] | None:
-    """`document` with the string value of each `member` (`"key":"`, written without spaces, as APIs
-    do) cut out, and whether it ends inside one (then cut from its opening quote on). None where it
-    has a backslash: only without one is every quote a string's start or end, so that a match is
-    that member. The finds are memchr-fast over a multi-KB image."""
-    if b"\\" in document:
+def parse_whole(
+    buf: bytes, start: int, end: int, unread: bytes, small: int = KEPT_CAP
+) -> dict[str, Any] | None:
+    """`buf[start:end]`, a whole document, read as a `JsonDocument` fed it in one piece would read it,
+    where that is cheap: it is JSON and at most `small` bytes once the string values of `unread` are
+    cut out. Its top-level object ({} for another JSON value), else None (then feed a JsonDocument).
+    Nothing of an image is copied: each is skipped with memchr."""
+    return _parse(buf, start, end, b'"%s":"' % unread, small)
+
+
+def _parse(
+    buf: bytes, start: int, end: int, member: bytes | None, small: int | None = None
+) -> dict[str, Any] | None:
+    cut = None if member is None else _cut(buf, start, end, member)
+    if cut is not None and cut[1]:
+        return None  # it ends inside an unread value: truncated
+    # With a backslash outside the unread values it is parsed as it is.
+    if small is not None and (end - start if cut is None else len(cut[0])) > small:
         return None
-    kept, pos = [], 0
-    while (at := document.find(member, pos)) >= 0:
-        kept.append(document[pos : at + len(member)])
-        pos = document.find(b'"', at + len(member))
+    document = buf[start:end] if cut is None else cut[0]
+    try:
+        body = orjson.loads(document)
+    except orjson.JSONDecodeError:
+        return None
+    return body if isinstance(body, dict) else {}
+
+
+def _cut(buf: bytes, start: int, end: int, member: bytes) -> tuple[bytes, bool, bool] | None:
+    """`buf[start:end]` with the string value of each `member` (`"key":"`, written without spaces, as
+    APIs do) cut out; whether it ends inside one (then cut from its opening quote on), and if so
+    whether that value's next byte is escaped. None where there is a backslash outside those values:
+    only without one is every quote there a string's start or end, so that a match is that member.
+    A value's end is found as `JsonDocument` finds it, by memchr over a multi-KB image."""
+    kept, pos = [], start
+    while (at := buf.find(member, pos, end)) >= 0:
+        if buf.find(b"\\", pos, at) >= 0:
+            return None
+        kept.append(buf[pos : at + len(member)])
+        pos, escaped = _string_end(buf, at + len(member), end, False)
         if pos < 0:
-            return b"".join(kept), True
-    kept.append(document[pos:])
-    return b"".join(kept), False
+            return b"".join(kept), True, escaped
+    if buf.find(b"\\", pos, end) >= 0:
+        return None
+    kept.append(buf[pos:end])
+    return b"".join(kept), False, False

@@ -30,7 +30,9 @@ _VALUE_CAP = 4096
 _IN_NAME, _AFTER_COLON, _IN_VALUE = 0, 1, 2
 
 
-@dataclass(frozen=True, slots=True)
+# Records are not frozen dataclasses, whose __init__ costs twice as many instructions; they are
+# read, never changed.
+@dataclass(slots=True)
 class Data:
     """Some bytes of the current event's data: `buf[start:end]`, a span so nothing is copied.
 
@@ -45,7 +47,7 @@ class Data:
         return self.buf[self.start : self.end]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Dispatch:
     """The end of an event that had data: its `event` field, the last event id and its `retry`."""
 
@@ -95,7 +97,8 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[Record]:
         """Parse the next chunk of the stream; return the records it completes, in order."""
-        chunk = self._strip_bom(chunk)
+        if not self._bom_checked:
+            chunk = self._strip_bom(chunk)
         out: list[Record] = []
         self._out = out
         pos, end = 0, len(chunk)
@@ -107,7 +110,8 @@ class SSEParser:
             if self._state == _IN_NAME and not self._name:
                 eol = self._find_line_end(chunk, pos, end)
                 if eol < end:  # the common case: a whole line in this chunk, framed in one go
-                    pos = self._read_line(chunk, pos, eol)
+                    self._read_line(chunk, pos, eol)
+                    pos = eol + 1 if chunk[eol] == _LF else self._after_line_end(chunk, eol, end)
                     continue
             if self._state == _IN_NAME:
                 pos = self._read_name(chunk, pos, end)
@@ -127,8 +131,6 @@ class SSEParser:
         self._event = self._retry = None
 
     def _strip_bom(self, chunk: bytes) -> bytes:
-        if self._bom_checked:
-            return chunk
         head = self._bom_head + chunk
         if len(head) < len(_BOM) and _BOM.startswith(head):
             self._bom_head = head  # could still be a BOM split across chunks
@@ -137,8 +139,8 @@ class SSEParser:
         self._bom_head = b""
         return head[len(_BOM) :] if head.startswith(_BOM) else head
 
-    def _read_line(self, buf: bytes, pos: int, eol: int) -> int:
-        """A line that starts and ends (at `eol`) in this chunk; where the next one starts."""
+    def _read_line(self, buf: bytes, pos: int, eol: int) -> None:
+        """A line that starts and ends (at `eol`) in this chunk."""
         if pos == eol:
             self._dispatch()
         elif buf.startswith(b"data:", pos, eol):  # data is not copied: a span of the chunk
@@ -152,7 +154,6 @@ class SSEParser:
             name, _, value = buf[pos : min(eol, pos + _NAME_CAP + _VALUE_CAP + 3)].partition(b":")
             self._begin_field(name)
             self._end_field(value[1:] if value[:1] == b" " else value)
-        return self._after_line_end(buf, eol, len(buf))
 
     def _read_name(self, buf: bytes, pos: int, end: int) -> int:
         match = _NAME_END.search(buf, pos, end)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from gateway.json_scan import CAPTURE_CAP, KEPT_CAP, JsonDocument
+from gateway.json_scan import CAPTURE_CAP, KEPT_CAP, JsonDocument, parse_whole
 from gateway.sse import Data, Dispatch, SSEParser
 
 __all__ = ["CAPTURE_CAP", "JsonUsageReader", "SSEUsageReader", "UsageReader", "usage_reader"]
@@ -129,8 +129,8 @@ def _count(usage: dict[str, Any], key: str, detail: str | None) -> int | None:
 class UsageSum:
     """The sum of the `usage` objects of a stream's completed events, in constant memory.
 
-    Keeps the first object (returned as it is when it stays alone) and one running total per count
-    of `_COUNTS` that every object added so far reported.
+    Keeps the first object (returned as it is when it stays alone, as it does for one image) and,
+    from the second on, one running total per count of `_COUNTS` that every object added reported.
     """
 
     def __init__(self) -> None:
@@ -141,8 +141,11 @@ class UsageSum:
     def add(self, usage: dict[str, Any]) -> None:
         if not self.added:
             self._first = usage
-            self._totals = {path: n for path in _COUNTS if (n := _count(usage, *path)) is not None}
         else:
+            if self.added == 1:
+                assert self._first is not None
+                first = self._first
+                self._totals = {path: n for path in _COUNTS if (n := _count(first, *path)) is not None}
             for path, total in list(self._totals.items()):
                 n = _count(usage, *path)
                 if n is None:
@@ -176,7 +179,10 @@ class SSEUsageReader:
     def __init__(self, small_event: int = KEPT_CAP) -> None:
         self._parser = SSEParser()
         self._small_event = small_event
-        self._document: JsonDocument | None = None  # the data of the event being received
+        # The data of the event being received: while it is one span of the chunk being read, that
+        # span (read whole at the dispatch, if it comes in the same chunk); else a JsonDocument.
+        self._span: Data | None = None
+        self._document: JsonDocument | None = None
         self._head = b""  # its first bytes, enough to recognise `[DONE]`
         self._done = False
         self._completed_usage = UsageSum()
@@ -203,55 +209,79 @@ class SSEUsageReader:
             if isinstance(record, Data):
                 self._on_data(record)
             elif not self._on_dispatch(record):
-                self._done = True
+                self._done, self._span = True, None
                 return
+        self._keep_span()  # the event goes on in the next chunk: what it has is kept, not this chunk
 
     def close(self) -> None:
         self._parser.close()
-        self._document, self._head = None, b""
+        self._span, self._document, self._head = None, None, b""
 
     def _on_data(self, data: Data) -> None:
-        if self._document is None:
-            self._document = self._new_document()
-        if len(self._head) < len(_DONE):
-            self._head += data.buf[data.start : min(data.end, data.start + len(_DONE) - len(self._head))]
-        self._document.feed(data.buf, data.start, data.end)
+        if self._span is None and self._document is None:
+            self._span = data
+            return
+        self._keep_span()
+        self._feed(data.buf, data.start, data.end)
 
-    def _new_document(self) -> JsonDocument:
-        return JsonDocument(_EVENT_KEYS, small=self._small_event, unread=_IMAGE)
+    def _keep_span(self) -> None:
+        span, self._span = self._span, None
+        if span is not None:
+            self._feed(span.buf, span.start, span.end)
+
+    def _feed(self, buf: bytes, start: int, end: int) -> None:
+        if self._document is None:
+            self._document = JsonDocument(_EVENT_KEYS, small=self._small_event, unread=_IMAGE)
+        if len(self._head) < len(_DONE):
+            self._head += buf[start : min(end, start + len(_DONE) - len(self._head))]
+        self._document.feed(buf, start, end)
 
     def _on_dispatch(self, dispatch: Dispatch) -> bool:
         """Read a dispatched event; False once it was the `[DONE]` sentinel."""
         self.event_count += 1
-        document, head = self._document or self._new_document(), self._head
+        event, span = dispatch.event or "", self._span
+        if span is not None:  # the whole data in one span, as an upstream nearly always writes it
+            self._span = None
+            if span.buf.startswith(_DONE, span.start, span.end):
+                return False
+            body = parse_whole(span.buf, span.start, span.end, _IMAGE, self._small_event)
+            if body is not None:
+                self._read_event(event, body)
+                return True
+            self._feed(span.buf, span.start, span.end)
+        document, head = self._document, self._head
         self._document, self._head = None, b""
         if head.startswith(_DONE):
             return False
         # An event whose data is empty still counts by its `event` field.
-        document.close()
-        self._read_event(dispatch.event or "", document)
+        if document is None:
+            self._read_event(event, {})
+        else:
+            document.close()
+            self._read_event(event, document.values())
         return True
 
-    def _read_event(self, event: str, document: JsonDocument) -> None:
-        kind = document.value(b"type")
+    def _read_event(self, event: str, values: dict[str, Any]) -> None:
+        """Count an event, given the top-level values of its data (`_EVENT_KEYS` at least)."""
+        kind = values.get("type")
         completed = event in _COMPLETED or (isinstance(kind, str) and kind in _COMPLETED)
         self.images += completed
-        usage = document.value(b"usage")
+        usage = values.get("usage")
         if isinstance(usage, dict):
             if completed:
                 self._completed_usage.add(usage)
             else:
                 self._other_usage = usage
         if self.error is None:
-            self.error = _error_of(event, document)
+            self.error = _error_of(event, values)
 
 
-def _error_of(event: str, document: JsonDocument) -> dict[str, Any] | None:
-    error = document.value(b"error")
+def _error_of(event: str, values: dict[str, Any]) -> dict[str, Any] | None:
+    error = values.get("error")
     if error:  # openai-python raises APIError on a truthy `error`
         return error if isinstance(error, dict) else {"message": str(error)}
     if event == "error":
-        message = document.value(b"message")
+        message = values.get("message")
         return {"message": message if isinstance(message, str) else "upstream sent an error event"}
     return None
 

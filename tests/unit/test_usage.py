@@ -319,6 +319,25 @@ def test_sse_an_image_with_escapes_is_cut_out_under_every_split(small_body: int)
         assert (reader.usage, reader.images, reader.event_count) == (USAGE, 1, 2), chunks
 
 
+@pytest.mark.parametrize("content_type", [SSE, "application/json"])
+def test_an_image_with_escapes_is_cut_out_not_scanned(
+    monkeypatch: pytest.MonkeyPatch, content_type: str
+) -> None:
+    """A backslash inside an image (`\\/` from some encoders, an escaped quote) is skipped like the
+    rest of it: only one outside the images makes a document be scanned."""
+    image = ESCAPED_IMAGE * 100
+    if content_type == SSE:
+        body = (
+            event(None, {**partial(0), "b64_json": image}) + event(None, {**completed(), "b64_json": image})
+        ).encode()
+    else:
+        body = orjson.dumps({"data": [{"b64_json": image}, {"b64_json": image}], "usage": USAGE})
+    monkeypatch.setattr(JsonScanner, "feed", no_scanning)
+    for size in (len(body), 4096, 1000):
+        reader = read([body[i : i + size] for i in range(0, len(body), size)], content_type)
+        assert (reader.usage, reader.images) == (USAGE, 1 if content_type == SSE else 2), size
+
+
 @EVERY_PATH
 def test_json_an_image_with_escapes_is_cut_out_under_every_split(small_body: int) -> None:
     body = orjson.dumps({"data": [{"b64_json": ESCAPED_IMAGE}, {"b64_json": "QUJD" * 40}], "usage": USAGE})
