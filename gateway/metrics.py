@@ -9,7 +9,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, values
 from prometheus_client import Counter as _Counter
 from prometheus_client import Gauge as _Gauge
 from prometheus_client import Histogram as _Histogram
@@ -64,16 +64,23 @@ class ExactUsdCounter:
 class KeptCounter:
     """A counter's per-request increments, counted in a dict and applied with the other updates
     kept back (`Metrics.before_collect`): a dict update instead of prometheus_client's label
-    lookup, checks and lock (7k instructions) per request."""
+    lookup, checks and lock (7k instructions) per request.
 
-    def __init__(self, metrics: Metrics, counter: Counter) -> None:
+    `next_scrape`: what a client must find at its next scrape (the request metrics, counted at the
+    answer). With workers a scrape reads the metric files, which the kept updates reach only once
+    a second: there such a metric is applied at once."""
+
+    def __init__(self, metrics: Metrics, counter: Counter, *, next_scrape: bool = False) -> None:
         self._counter = counter
         self._counts: dict[tuple[str, ...], int] = {}
+        self._at_once = next_scrape and metrics.shared
         metrics.before_collect(self.flush)
 
     def inc(self, labels: tuple[str, ...]) -> None:
         counts = self._counts
         counts[labels] = counts.get(labels, 0) + 1
+        if self._at_once:
+            self.flush()
 
     def flush(self) -> None:
         counts, self._counts = self._counts, {}
@@ -86,10 +93,11 @@ class KeptHistogram:
     other updates kept back: a bisection instead of prometheus_client's label lookup, bucket loop
     and two locked increments (11k instructions). The buckets and the count exported are the
     same; the sum, added once per flush, may differ from one added per observation in its last
-    float digits."""
+    float digits. `next_scrape` as for KeptCounter."""
 
-    def __init__(self, metrics: Metrics, histogram: Histogram) -> None:
+    def __init__(self, metrics: Metrics, histogram: Histogram, *, next_scrape: bool = False) -> None:
         self._histogram = histogram
+        self._at_once = next_scrape and metrics.shared
         # prometheus_client has no public way to add many observations at once: its bounds (+Inf
         # last) and each child's bucket and sum values (in-process, or a multiprocess mmap) do.
         self._bounds: list[float] = histogram._upper_bounds
@@ -102,6 +110,8 @@ class KeptHistogram:
             kept = self._kept[labels] = [0] * (len(self._bounds) + 1)
         kept[bisect_left(self._bounds, amount)] += 1  # the first bucket whose bound >= amount
         kept[-1] += amount
+        if self._at_once:
+            self.flush()
 
     def flush(self) -> None:
         kept, self._kept = self._kept, {}
@@ -161,6 +171,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # Values written to the workers' shared metric files (multiprocess mode), not kept in memory
+        self.shared = values.ValueClass is not values.MutexValue
         r = registry
         self._before_collect = _BeforeCollect()
         r.register(self._before_collect)

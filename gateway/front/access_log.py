@@ -76,8 +76,8 @@ class RequestCounter:
     __slots__ = ("activity", "durations", "requests")
 
     def __init__(self, metrics: Metrics, activity: Activity | None) -> None:
-        self.requests = KeptCounter(metrics, metrics.requests)
-        self.durations = KeptHistogram(metrics, metrics.request_duration)
+        self.requests = KeptCounter(metrics, metrics.requests, next_scrape=True)
+        self.durations = KeptHistogram(metrics, metrics.request_duration, next_scrape=True)
         self.activity = activity
 
     def count(self, record: RequestRecord) -> None:

@@ -3,6 +3,8 @@ the kept counters, histograms and gauges export what prometheus_client's own upd
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -85,3 +87,28 @@ def test_a_kept_gauge_is_read_when_the_registry_is() -> None:
         in_flight.value += 2
         assert registry.get_sample_value("gateway_in_flight_requests") == 3
     assert registry.get_sample_value("gateway_in_flight_requests") == 2
+
+
+def test_with_workers_what_the_next_scrape_must_find_is_applied_at_once() -> None:
+    metrics = Metrics(CollectorRegistry())
+    metrics.shared = True  # as with workers: a scrape reads the metric files, not this registry
+    requests = KeptCounter(metrics, metrics.requests, next_scrape=True)
+    durations = KeptHistogram(metrics, metrics.request_duration, next_scrape=True)
+    kept = KeptCounter(metrics, metrics.upstream_errors)
+    requests.inc(("team", "m", "openai", "generate", "200"))
+    durations.observe(("team", "m", "false"), 0.02)
+    kept.inc(("openai", "http_500"))
+
+    def value(metric: Any, sample: str, **labels: str) -> float | None:
+        # the metric's own samples (what its files hold), not the registry's read, which applies all
+        for family in metric.collect():
+            for s in family.samples:
+                if s.name == sample and labels.items() <= s.labels.items():
+                    return float(s.value)
+        return None
+
+    assert value(metrics.requests, "gateway_requests_total", status="200") == 1
+    assert value(metrics.request_duration, "gateway_request_duration_seconds_count") == 1
+    assert value(metrics.upstream_errors, "gateway_upstream_errors_total", kind="http_500") is None
+    metrics.apply_kept()
+    assert value(metrics.upstream_errors, "gateway_upstream_errors_total", kind="http_500") == 1
