@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -38,6 +37,7 @@ from gateway.runtime import Route, Runtime, RuntimeHolder, Target
 from gateway.shutdown import CUT_SETTLE_SECONDS
 from gateway.telemetry.charges import ChargeMetrics
 from gateway.upstreams import transport as upstream
+from gateway.upstreams.client import Response
 from gateway.upstreams.failover import Attempts, Exchange, Forwarder, Request
 from gateway.upstreams.health import Health
 from gateway.upstreams.pools import Pools
@@ -256,7 +256,7 @@ class Pipeline:
             record.fields["attempts"] = [attempt.to_dict() for attempt in admitted.attempts.log]
             record.upstream = admitted.attempts.last_tried or record.upstream  # who answered or failed
         admitted.served = exchange
-        with exchange.share:  # the tenant's connection, until the relay is done
+        with exchange.share, exchange.response:  # the tenant's connection, until the relay is done
             return await self.relay_answer(request, runtime, admitted, exchange, record)
 
     async def relay_answer(
@@ -317,7 +317,7 @@ class Pipeline:
         return outcome.response, outcome
 
     def response_headers(
-        self, response: aiohttp.ClientResponse, admitted: Admitted, record: RequestRecord
+        self, response: Response, admitted: Admitted, record: RequestRecord
     ) -> CIMultiDict[str]:
         headers = upstream.relayable_headers(response.headers)
         # Each name the merge returns replaces the upstream's (names distinct ignoring case).

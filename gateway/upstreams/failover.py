@@ -27,14 +27,13 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from gateway.errors import GatewayError, RateLimited, StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.requests.model import PATHS, ClientRequest
 from gateway.runtime import Route, Target
 from gateway.telemetry.tracing import NO_ATTEMPT, OFF, AttemptTrace, RequestTrace
 from gateway.upstreams import transport
+from gateway.upstreams.client import Response
 from gateway.upstreams.health import Health, Verdict, cool_down_seconds
 from gateway.upstreams.pools import Pools, Share, TenantShareBusy
 from gateway.upstreams.quota import Held, ProviderQuota
@@ -79,7 +78,7 @@ class Attempts:
 class Exchange:
     """The answer to relay: the upstream's response, who gave it and what it was sent."""
 
-    response: aiohttp.ClientResponse
+    response: Response
     target: Target
     body: dict[str, Any]
     adjustments: tuple[Adjustment, ...]
@@ -149,7 +148,7 @@ class Forwarder:
 
     async def _send(
         self, target: Target, sent: dict[str, Any], request: Request, attempts: Attempts
-    ) -> tuple[aiohttp.ClientResponse, Share]:
+    ) -> tuple[Response, Share]:
         """One attempt: the tenant's share of the pool, then the request; the share stays held
         with the response (given back here on any failure, cancellation included)."""
         client = request.client
@@ -160,7 +159,7 @@ class Forwarder:
         share = await self.pools.share(target, request.tenant)
         try:
             attempts.reached = True
-            response = await transport.send(self.pools.session(target), target, path, body, headers)
+            response = await transport.send(self.pools.pool(target), target, path, body, headers)
         except BaseException:
             share.release()
             raise
@@ -178,7 +177,7 @@ class Forwarder:
 
     def _retryable(
         self,
-        response: aiohttp.ClientResponse,
+        response: Response,
         target: Target,
         started: float,
         attempts: Attempts,

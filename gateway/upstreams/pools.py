@@ -1,6 +1,6 @@
 """Connection pools toward the upstreams, and each tenant's share of them.
 
-One pooled ClientSession per upstream holds at most its `max_connections` connections. A tenant
+One connection `Pool` per upstream holds at most its `max_connections` connections. A tenant
 may hold at most `tenant_connections` of them at once (`max_connections_per_tenant`, by default a
 quarter of the pool): its request beyond that waits for one of its own to end, within the
 upstream's connect timeout, so one tenant's long streams exhaust only its own slice and another
@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
-
 from gateway.errors import UpstreamTimeout
 from gateway.runtime import Target
+from gateway.upstreams.client import Pool
 
 
 class TenantShareBusy(UpstreamTimeout):
@@ -48,15 +47,15 @@ class Share:
 
 class Pools:
     def __init__(self) -> None:
-        self._sessions: dict[tuple[str, int], aiohttp.ClientSession] = {}
+        self._pools: dict[tuple[str, int], Pool] = {}
         self._shares: dict[tuple[str, str, int], asyncio.Semaphore] = {}
 
-    def session(self, target: Target) -> aiohttp.ClientSession:
+    def pool(self, target: Target) -> Pool:
         key = (target.upstream_name, target.upstream.max_connections)
-        session = self._sessions.get(key)
-        if session is None:
-            session = self._sessions[key] = _session(target.upstream.max_connections)
-        return session
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = Pool(target.upstream.base_url, target.upstream.max_connections)
+        return pool
 
     async def share(self, target: Target, tenant: str) -> Share:
         """One connection of `tenant`'s share of `target`'s upstream, held until released."""
@@ -81,18 +80,6 @@ class Pools:
         return Share(slots)
 
     async def close(self) -> None:
-        for session in self._sessions.values():
-            await session.close()
-        self._sessions.clear()
-
-
-def _session(max_connections: int) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
-        limit=max_connections, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,  # and `transport` asks for `Accept-Encoding: identity`
-        cookie_jar=aiohttp.DummyCookieJar(),  # an upstream's cookies are nobody's: never sent back
-        timeout=aiohttp.ClientTimeout(total=None),
-    )
+        for pool in self._pools.values():
+            await pool.close()
+        self._pools.clear()

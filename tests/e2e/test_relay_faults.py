@@ -25,6 +25,7 @@ from gateway.config import UpstreamSettings
 from gateway.relay import RelayOutcome, relay
 from gateway.runtime import Target
 from gateway.upstreams import transport as upstream_module
+from gateway.upstreams.client import Pool
 from tests.e2e.conftest import StartGateway, base_url
 from tests.e2e.test_relay import USAGE
 from tests.support.config import TENANT_KEY
@@ -131,10 +132,13 @@ async def test_relay_cuts_off_a_client_that_stops_reading_and_drains_the_upstrea
     relays: list[asyncio.Task[RelayOutcome]] = []
 
     async def relay_upstream(request: web.Request) -> RelayOutcome:
-        async with aiohttp.ClientSession() as session:
-            response = await session.post(f"{upstream_url}/images/generations", json={})
+        pool = Pool(upstream_url, 1)
+        try:
+            response = await pool.request("/images/generations", {}, b"{}", 10, 30)
             headers = upstream_module.relayable_headers(response.headers)
             return await relay(request, response, headers, target, write_timeout=0.5)
+        finally:
+            await pool.close()
 
     async def handler(request: web.Request) -> web.StreamResponse:
         # As the pipeline does: the work outlives the handler, which the test server cancels when
