@@ -5,10 +5,11 @@ Labels are bounded: tenant, model, upstream, route, outcome-like enums. Never ke
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, values
 from prometheus_client import Counter as _Counter
 from prometheus_client import Gauge as _Gauge
 from prometheus_client import Histogram as _Histogram
@@ -60,6 +61,89 @@ class ExactUsdCounter:
         self.counter.labels(*labels)._value.set(total / 1e9)
 
 
+class KeptCounter:
+    """A counter's per-request increments, counted in a dict and applied with the other updates
+    kept back (`Metrics.before_collect`): a dict update instead of prometheus_client's label
+    lookup, checks and lock (7k instructions) per request.
+
+    `next_scrape`: what a client must find at its next scrape (the request metrics, counted at the
+    answer). With workers a scrape reads the metric files, which the kept updates reach only once
+    a second: there such a metric is applied at once."""
+
+    def __init__(self, metrics: Metrics, counter: Counter, *, next_scrape: bool = False) -> None:
+        self._counter = counter
+        self._counts: dict[tuple[str, ...], int] = {}
+        self._at_once = next_scrape and metrics.shared
+        metrics.before_collect(self.flush)
+
+    def inc(self, labels: tuple[str, ...]) -> None:
+        counts = self._counts
+        counts[labels] = counts.get(labels, 0) + 1
+        if self._at_once:
+            self.flush()
+
+    def flush(self) -> None:
+        counts, self._counts = self._counts, {}
+        for labels, count in counts.items():
+            self._counter.labels(*labels).inc(count)
+
+
+class KeptHistogram:
+    """A histogram's per-request observations, counted per bucket in a list and applied with the
+    other updates kept back: a bisection instead of prometheus_client's label lookup, bucket loop
+    and two locked increments (11k instructions). The buckets and the count exported are the
+    same; the sum, added once per flush, may differ from one added per observation in its last
+    float digits. `next_scrape` as for KeptCounter."""
+
+    def __init__(self, metrics: Metrics, histogram: Histogram, *, next_scrape: bool = False) -> None:
+        self._histogram = histogram
+        self._at_once = next_scrape and metrics.shared
+        # prometheus_client has no public way to add many observations at once: its bounds (+Inf
+        # last) and each child's bucket and sum values (in-process, or a multiprocess mmap) do.
+        self._bounds: list[float] = histogram._upper_bounds
+        self._kept: dict[tuple[str, ...], list[float]] = {}  # per bucket, then the sum
+        metrics.before_collect(self.flush)
+
+    def observe(self, labels: tuple[str, ...], amount: float) -> None:
+        kept = self._kept.get(labels)
+        if kept is None:
+            kept = self._kept[labels] = [0] * (len(self._bounds) + 1)
+        kept[bisect_left(self._bounds, amount)] += 1  # the first bucket whose bound >= amount
+        kept[-1] += amount
+        if self._at_once:
+            self.flush()
+
+    def flush(self) -> None:
+        kept, self._kept = self._kept, {}
+        for labels, counts in kept.items():
+            child = self._histogram.labels(*labels)
+            for bucket, count in zip(child._buckets, counts, strict=False):
+                if count:
+                    bucket.inc(count)
+            child._sum.inc(counts[-1])
+
+
+class KeptGauge:
+    """A gauge of what is under way in this process (`value`; `with gauge:` counts the block), set
+    to its value with the other updates kept back instead of through a lock at every change."""
+
+    __slots__ = ("_gauge", "value")
+
+    def __init__(self, metrics: Metrics, gauge: Gauge) -> None:
+        self._gauge = gauge
+        self.value = 0
+        metrics.before_collect(self.flush)
+
+    def __enter__(self) -> None:
+        self.value += 1
+
+    def __exit__(self, *_: object) -> None:
+        self.value -= 1
+
+    def flush(self) -> None:
+        self._gauge.set(self.value)
+
+
 # Generations take seconds to minutes; the gateway's own overhead is measured in milliseconds.
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -87,6 +171,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # Values written to the workers' shared metric files (multiprocess mode), not kept in memory
+        self.shared = values.ValueClass is not values.MutexValue
         r = registry
         self._before_collect = _BeforeCollect()
         r.register(self._before_collect)

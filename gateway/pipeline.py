@@ -30,7 +30,7 @@ from gateway.front.auth import Credential, authenticate
 from gateway.front.body import BodyReader
 from gateway.limits import Admission, Reservation, Store, merge_upstream_limit_headers
 from gateway.logs import get_logger
-from gateway.metrics import Metrics
+from gateway.metrics import KeptGauge, KeptHistogram, Metrics
 from gateway.relay import RelayOutcome, relay
 from gateway.requests.model import ClientRequest, read_request
 from gateway.runtime import Route, Runtime, RuntimeHolder, Target
@@ -91,6 +91,10 @@ class Pipeline:
         self.quota = ProviderQuota(store, metrics)
         self.forwarder = Forwarder(pools, Health(metrics), self.quota, metrics, random.Random())
         self.tasks: set[asyncio.Task[None]] = set()
+        self.in_flight = KeptGauge(metrics, metrics.in_flight)
+        self.open_streams = KeptGauge(metrics, metrics.open_streams)
+        self.upstream_ttfb = KeptHistogram(metrics, metrics.upstream_ttfb)
+        self.first_event = KeptHistogram(metrics, metrics.first_event)
 
     async def handle(self, request: web.Request, operation: Operation = "generate") -> web.StreamResponse:
         runtime = self.runtime.current
@@ -121,7 +125,8 @@ class Pipeline:
         work.add_done_callback(self._forget)
         work.add_done_callback(lambda _: client.close())
         record.pending = work  # the access-log line waits for the settlement
-        return await asyncio.shield(answered)
+        # Not shielded: a cancelled handler cancels `answered` only, which `serve` then leaves be.
+        return await answered
 
     async def serve(
         self,
@@ -143,9 +148,9 @@ class Pipeline:
         sequential client never finds its own finished request holding a concurrency slot. On
         other connections (TLS, unix socket, cluster) a request that holds one answers once settled.
         """
-        answer: web.StreamResponse | BaseException = InternalError("The request was not served.")
+        answer: web.StreamResponse | BaseException | None = None  # None: not served (a bug)
         try:
-            with _InFlight(self.metrics):
+            with self.in_flight:
                 outcome: RelayOutcome | None = None
                 try:
                     self.store.hold(admitted.reservation)  # its concurrency leases, renewed until settled
@@ -271,13 +276,13 @@ class Pipeline:
             response.release()
             log.error("upstream_auth_failed", upstream=name, status=response.status)
             raise UpstreamAuthFailed(f"The gateway's credentials for upstream {name!r} were refused.")
-        self.metrics.upstream_ttfb.labels(name).observe(time.perf_counter() - exchange.forwarded_at)
+        self.upstream_ttfb.observe((name,), time.perf_counter() - exchange.forwarded_at)
         headers = self.response_headers(response, admitted, record)
         if response.status >= 400:
             self.metrics.upstream_errors.labels(name, f"http_{response.status}").inc()
         streaming = response.headers.get("Content-Type", "").startswith("text/event-stream")
         if streaming:
-            self.metrics.open_streams.inc()
+            self.open_streams.value += 1
         record.trace.served(target)
         try:
             with record.trace.stage("relay"):
@@ -286,14 +291,14 @@ class Pipeline:
                 )
         finally:
             if streaming:
-                self.metrics.open_streams.dec()
+                self.open_streams.value -= 1
         record.status = outcome.status
         if outcome.first_byte_at is not None:
             record.ttfb_ms = round((outcome.first_byte_at - record.started) * 1000, 3)
             if outcome.streaming:
                 record.trace.first_event(outcome.first_byte_at)
-                self.metrics.first_event.labels(record.tenant, record.model).observe(
-                    outcome.first_byte_at - record.started
+                self.first_event.observe(
+                    (record.tenant, record.model), outcome.first_byte_at - record.started
                 )
         if outcome.failure is not None:
             code = record.fields["upstream_failure"] = outcome.failure.error_code or "failure"
@@ -401,9 +406,13 @@ async def _settled(settling: asyncio.Future[None]) -> None:
         log.exception("settlement_failed")
 
 
-def _answer(answered: asyncio.Future[web.StreamResponse], result: web.StreamResponse | BaseException) -> None:
+def _answer(
+    answered: asyncio.Future[web.StreamResponse], result: web.StreamResponse | BaseException | None
+) -> None:
     if answered.done():
         return
+    if result is None:
+        result = InternalError("The request was not served.")
     if isinstance(result, asyncio.CancelledError):
         answered.cancel()
     elif isinstance(result, BaseException):
@@ -418,17 +427,6 @@ def _retrieve(answered: asyncio.Future[web.StreamResponse]) -> None:
     """An answer whose handler was cancelled (the client left) is never awaited: retrieved here."""
     if not answered.cancelled():
         answered.exception()
-
-
-class _InFlight:
-    def __init__(self, metrics: Metrics) -> None:
-        self.gauge = metrics.in_flight
-
-    def __enter__(self) -> None:
-        self.gauge.inc()
-
-    def __exit__(self, *_: object) -> None:
-        self.gauge.dec()
 
 
 def _succeeded(outcome: RelayOutcome) -> bool:

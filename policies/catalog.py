@@ -65,6 +65,11 @@ class Catalog(Mapping[str, ModelEntry]):
     def __getitem__(self, name: str) -> ModelEntry:
         return self._entries[name]
 
+    def get(self, name: str) -> ModelEntry | None:  # type: ignore[override]
+        """The entry of `name`, or None: asked for every request (Mapping's own `get` is a Python
+        try/except around `__getitem__`, several times the cost)."""
+        return self._entries.get(name)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 

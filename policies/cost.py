@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -39,11 +38,12 @@ from policies import sizes
 from policies.capabilities import is_int
 from policies.catalog import AUTO, ModelEntry
 from policies.uploads import GENERATE, Inputs, input_tokens
+from policies.values import value_type
 
 NANO_PER_USD = 1_000_000_000
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Cost:
     """Images, tokens per price bucket, and USD, for one request (estimated or actual)."""
 

@@ -15,9 +15,9 @@ before its body arrived closes its connection.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +29,7 @@ from gateway import logs
 from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, drop_tracebacks
 from gateway.front.auth import bearer_token
 from gateway.logs import get_logger
-from gateway.metrics import Metrics
+from gateway.metrics import KeptCounter, KeptHistogram, Metrics
 from gateway.telemetry.activity import Activity
 from gateway.telemetry.tracing import OFF, RequestTrace, Tracing
 
@@ -73,26 +73,31 @@ class RequestRecord:
 class RequestCounter:
     """A `/v1/` request's metrics (and the usage page's count), those the settlement does not change."""
 
-    __slots__ = ("activity", "metrics")
+    __slots__ = ("activity", "durations", "requests")
 
     def __init__(self, metrics: Metrics, activity: Activity | None) -> None:
-        self.metrics = metrics
+        self.requests = KeptCounter(metrics, metrics.requests, next_scrape=True)
+        self.durations = KeptHistogram(metrics, metrics.request_duration, next_scrape=True)
         self.activity = activity
 
     def count(self, record: RequestRecord) -> None:
         assert record.answered is not None
         if self.activity is not None:
             self.activity.count(record.status)
-        metrics = self.metrics
-        metrics.requests.labels(
-            record.tenant, record.model, record.upstream, record.operation, str(record.status)
-        ).inc()
-        metrics.request_duration.labels(
-            record.tenant, record.model, "true" if record.stream else "false"
-        ).observe(record.answered - record.started)
+        tenant, model = record.tenant, record.model
+        self.requests.inc((tenant, model, record.upstream, record.operation, str(record.status)))
+        self.durations.observe(
+            (tenant, model, "true" if record.stream else "false"), record.answered - record.started
+        )
 
 
 RECORD = web.RequestKey("record", RequestRecord)
+
+
+def new_request_id() -> str:
+    """A fresh request id: 32 hex digits of the OS's randomness, as long as the `uuid4().hex` it
+    replaces, without a UUID object built and formatted for it (a fifth of the cost)."""
+    return os.urandom(16).hex()
 
 
 def client_request_id(request: web.Request) -> str | None:
@@ -137,7 +142,7 @@ def create_request_middleware(
 
     @web.middleware
     async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        record = RequestRecord(request_id=uuid.uuid4().hex, started=time.perf_counter())
+        record = RequestRecord(request_id=new_request_id(), started=time.perf_counter())
         if (client_id := client_request_id(request)) is not None:
             record.fields["client_request_id"] = client_id
         request[RECORD] = record

@@ -14,7 +14,7 @@ from __future__ import annotations
 from types import TracebackType
 
 from gateway.errors import Overloaded
-from gateway.metrics import Metrics
+from gateway.metrics import KeptGauge, Metrics
 
 RETRY_AFTER_SECONDS = 1
 
@@ -24,21 +24,20 @@ class AdmissionQueue:
 
     def __init__(self, max_pending: int, metrics: Metrics) -> None:
         self.max_pending = max_pending
-        self.pending = 0
+        self.pending = KeptGauge(metrics, metrics.pending_admissions)
         self._metrics = metrics
 
     def __enter__(self) -> None:
-        if self.pending >= self.max_pending:
+        pending = self.pending
+        if pending.value >= self.max_pending:
             self._metrics.load_shed.inc()
             raise Overloaded(
                 "The gateway is overloaded and could not take the request. Retry shortly.",
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
-        self.pending += 1
-        self._metrics.pending_admissions.set(self.pending)
+        pending.value += 1
 
     def __exit__(
         self, _type: type[BaseException] | None, _exc: BaseException | None, _tb: TracebackType | None
     ) -> None:
-        self.pending -= 1
-        self._metrics.pending_admissions.set(self.pending)
+        self.pending.value -= 1

@@ -34,7 +34,6 @@ import fcntl
 import resource
 import struct
 import termios
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -45,6 +44,7 @@ from aiohttp.web_request import BaseRequest
 
 from gateway.config import Settings
 from gateway.errors import GatewayError, InternalError, InvalidRequest, ServerBusy
+from gateway.front.access_log import new_request_id
 from gateway.health import METRICS, RUNTIME
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
@@ -262,7 +262,7 @@ class FrontConnection(web_protocol.RequestHandler):
             status=error.status,
             body=error.to_json(),
             content_type="application/json",
-            headers={"x-request-id": uuid.uuid4().hex, "Server": SERVER_HEADER},
+            headers={"x-request-id": new_request_id(), "Server": SERVER_HEADER},
         )
         response.force_close()
         return response

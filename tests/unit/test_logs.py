@@ -3,6 +3,7 @@ writes for the same call (keys, their order, values), and defers to structlog un
 
 from __future__ import annotations
 
+import datetime
 import io
 import logging
 import re
@@ -71,3 +72,19 @@ def test_above_info_nothing_is_written(json_stdout: io.BytesIO) -> None:
     logs.configure_logging("warning", "json")
     logs.info(structlog.get_logger("gateway.access"), "request_finished", dict(FIELDS))
     assert json_stdout.getvalue() == b""
+
+
+def test_the_time_is_structlogs_to_the_microsecond_and_its_second_follows_the_clock(
+    json_stdout: io.BytesIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = logs._json_lines
+    assert lines is not None
+    for now_ns in (1_796_643_045_123_456_789, 1_796_643_045_999_999_999, 1_796_643_046_000_000_999, 0):
+        with monkeypatch.context() as patch:
+            patch.setattr(logs.time, "time_ns", lambda now_ns=now_ns: now_ns)
+            seconds, micros = divmod(now_ns // 1000, 1_000_000)
+            expected = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC).replace(microsecond=micros)
+            assert lines.now() == expected.isoformat().replace("+00:00", "Z")
+    before = datetime.datetime.now(tz=datetime.UTC)
+    stamped = datetime.datetime.fromisoformat(lines.now().replace("Z", "+00:00"))
+    assert before <= stamped <= datetime.datetime.now(tz=datetime.UTC)

@@ -1,10 +1,15 @@
-"""The metrics' fast `labels()`: the same child as prometheus_client's, and never stale after `clear()`."""
+"""The metrics' fast `labels()`: the same child as prometheus_client's, and never stale after `clear()`;
+the kept counters, histograms and gauges export what prometheus_client's own updates would."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry
+from typing import Any
 
-from gateway.metrics import ConfigCollector, Metrics
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.metrics import ConfigCollector, KeptCounter, KeptGauge, KeptHistogram, Metrics
 from tests.support.config import make_settings
 
 
@@ -35,3 +40,75 @@ def test_budget_limits_are_read_from_the_configuration_shadowed_ones_included() 
     registry.register(ConfigCollector(lambda: settings))
     for limit, value in (("requests_per_minute", 60), ("usd_per_day", 50)):
         assert registry.get_sample_value("gateway_budget_limit", {"tenant": "team", "limit": limit}) == value
+
+
+def _samples(registry: CollectorRegistry, name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    families = text_string_to_metric_families(generate_latest(registry).decode())
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in families
+        if family.name == name
+        for s in family.samples
+        if not s.name.endswith("_created")
+    }
+
+
+def test_kept_updates_export_what_prometheus_clients_own_would_once_the_registry_is_read() -> None:
+    kept_registry, direct_registry = CollectorRegistry(), CollectorRegistry()
+    kept_metrics, direct = Metrics(kept_registry), Metrics(direct_registry)
+    requests = KeptCounter(kept_metrics, kept_metrics.requests)
+    durations = KeptHistogram(kept_metrics, kept_metrics.request_duration)
+    # bounds exactly, between them, beyond the last (+Inf), zero; two label sets
+    amounts = [0.0, 0.005, 0.0051, 0.25, 0.3, 300.0, 301.5, 0.005, 7.0]
+    for i, amount in enumerate(amounts):
+        labels = ("team", "m", "true" if i % 3 else "false")
+        durations.observe(labels, amount)
+        direct.request_duration.labels(*labels).observe(amount)
+        counted = ("team", "m", "openai", "generate", str(200 + i % 2))
+        requests.inc(counted)
+        direct.requests.labels(*counted).inc()
+    assert kept_registry.get_sample_value("gateway_requests_total", {"status": "200"}) is None  # kept
+    for name in ("gateway_request_duration_seconds", "gateway_requests"):
+        assert _samples(kept_registry, name) == _samples(direct_registry, name)
+        assert _samples(kept_registry, name)
+    durations.observe(("team", "m", "true"), 0.01)  # after a flush, counted on top
+    direct.request_duration.labels("team", "m", "true").observe(0.01)
+    kept_metrics.apply_kept()  # what the store does once a second, for workers' metric files
+    assert _samples(kept_registry, "gateway_request_duration_seconds") == _samples(
+        direct_registry, "gateway_request_duration_seconds"
+    )
+
+
+def test_a_kept_gauge_is_read_when_the_registry_is() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    in_flight = KeptGauge(metrics, metrics.in_flight)
+    with in_flight:
+        in_flight.value += 2
+        assert registry.get_sample_value("gateway_in_flight_requests") == 3
+    assert registry.get_sample_value("gateway_in_flight_requests") == 2
+
+
+def test_with_workers_what_the_next_scrape_must_find_is_applied_at_once() -> None:
+    metrics = Metrics(CollectorRegistry())
+    metrics.shared = True  # as with workers: a scrape reads the metric files, not this registry
+    requests = KeptCounter(metrics, metrics.requests, next_scrape=True)
+    durations = KeptHistogram(metrics, metrics.request_duration, next_scrape=True)
+    kept = KeptCounter(metrics, metrics.upstream_errors)
+    requests.inc(("team", "m", "openai", "generate", "200"))
+    durations.observe(("team", "m", "false"), 0.02)
+    kept.inc(("openai", "http_500"))
+
+    def value(metric: Any, sample: str, **labels: str) -> float | None:
+        # the metric's own samples (what its files hold), not the registry's read, which applies all
+        for family in metric.collect():
+            for s in family.samples:
+                if s.name == sample and labels.items() <= s.labels.items():
+                    return float(s.value)
+        return None
+
+    assert value(metrics.requests, "gateway_requests_total", status="200") == 1
+    assert value(metrics.request_duration, "gateway_request_duration_seconds_count") == 1
+    assert value(metrics.upstream_errors, "gateway_upstream_errors_total", kind="http_500") is None
+    metrics.apply_kept()
+    assert value(metrics.upstream_errors, "gateway_upstream_errors_total", kind="http_500") == 1
