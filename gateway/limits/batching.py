@@ -9,6 +9,11 @@ How a batch is sent: on the lean pipelined connection (`resp.py`) for a plain `r
 else on one redis-py pooled connection (TLS, unix sockets); for a cluster, as a redis-py cluster
 pipeline, which routes each call to its slot's node.
 
+On the lean connection, when it is connected, a batch is written from the flush callback itself
+and its last reply settles the calls: no task, no coroutine. Those writes are not counted by the
+engine's in-flight bound (which bounds pooled connections; the lean one is a single pipelined
+socket, whose calls its own reply timeout fails). Otherwise a task sends it.
+
 A caller that gives up (its timeout) cancels only its own future; the batch is sent regardless,
 and its reply is dropped. `close` waits (briefly) for batches in flight.
 """
@@ -16,7 +21,7 @@ and its reply is dropped. `close` waits (briefly) for batches in flight.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +51,8 @@ class EvalBatcher:
         self._in_flight = in_flight
         self._lean = lean
         self._queue: list[_Call] = []
-        self._sending: set[asyncio.Task[None]] = set()
+        # what close waits for: batches being sent (tasks) or written (their last reply), retries
+        self._sending: set[asyncio.Future[Any]] = set()
         self._closed = False
 
     def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> asyncio.Future[Any]:
@@ -63,9 +69,28 @@ class EvalBatcher:
 
     def _flush(self) -> None:
         batch, self._queue = self._queue, []
-        task = asyncio.create_task(self._send(batch))
+        if self._lean is not None:
+            waiters = self._lean.send(_pack_batch(batch), len(batch))
+            if waiters is not None:  # connected: written now, the last reply settles the calls
+                last = waiters[-1]
+                self._sending.add(last)
+                last.add_done_callback(lambda _: self._answered(batch, waiters))
+                return
+        self._start(self._send(batch))
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
+
+    def _answered(self, batch: list[_Call], waiters: list[asyncio.Future[Any]]) -> None:
+        self._sending.discard(waiters[-1])
+        lost = waiters[-1].exception()  # the connection was lost: all of them failed with it
+        if lost is not None:
+            for call in batch:
+                _settle_future(call.future, exception=lost)
+            return
+        self._settle(batch, [waiter.result() for waiter in waiters])
 
     async def _send(self, batch: list[_Call]) -> None:
         try:
@@ -77,16 +102,22 @@ class EvalBatcher:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
+        self._settle(batch, replies)
+
+    def _settle(self, batch: list[_Call], replies: list[Any]) -> None:
+        """Each caller its reply (an error reply as its exception); NOSCRIPT is retried after
+        loading the script (a task)."""
         for call, reply in zip(batch, replies, strict=True):
-            final = await self._reload_and_retry(call) if isinstance(reply, NoScriptError) else reply
-            if isinstance(final, Exception):
-                _settle_future(call.future, exception=final)
+            if isinstance(reply, NoScriptError):
+                self._start(self._reload_and_retry(call))
+            elif isinstance(reply, Exception):
+                _settle_future(call.future, exception=reply)
             else:
-                _settle_future(call.future, result=final)
+                _settle_future(call.future, result=reply)
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
         if self._lean is not None:
-            return await self._lean.execute(b"".join([_pack_evalsha(call) for call in batch]), len(batch))
+            return await self._lean.execute(_pack_batch(batch), len(batch))
         pool = getattr(self._client, "connection_pool", None)
         if pool is not None:
             return await _on_one_connection(pool, batch)
@@ -96,13 +127,15 @@ class EvalBatcher:
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
 
-    async def _reload_and_retry(self, call: _Call) -> Any:
+    async def _reload_and_retry(self, call: _Call) -> None:
         """The server lost its scripts (restart, SCRIPT FLUSH): load this one and run the call again."""
         try:
             await self._client.script_load(call.script.source)
-            return await self._client.execute_command("EVALSHA", *call.argv())
+            reply = await self._client.execute_command("EVALSHA", *call.argv())
         except Exception as exc:
-            return exc
+            _settle_future(call.future, exception=exc)
+        else:
+            _settle_future(call.future, result=reply)
 
     async def close(self, wait: float = CLOSE_WAIT) -> None:
         """Refuse new calls, send what is queued, wait up to `wait` seconds for the batches in
@@ -128,7 +161,7 @@ async def _on_one_connection(pool: Any, batch: list[_Call]) -> list[Any]:
     """
     connection = await pool.get_connection()
     try:
-        await connection.send_packed_command(b"".join([_pack_evalsha(call) for call in batch]))
+        await connection.send_packed_command(_pack_batch(batch))
         replies: list[Any] = []
         for _ in batch:
             try:
@@ -145,6 +178,10 @@ async def _on_one_connection(pool: Any, batch: list[_Call]) -> list[Any]:
 
 def _pack_evalsha(call: _Call) -> bytes:
     return command("EVALSHA", *call.argv())
+
+
+def _pack_batch(batch: list[_Call]) -> bytes:
+    return b"".join([_pack_evalsha(call) for call in batch])
 
 
 def _settle_future(

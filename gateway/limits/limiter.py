@@ -70,7 +70,7 @@ from gateway.limits.periods import day_number, day_of, days_between
 from gateway.limits.plan import LimitPlan
 from gateway.limits.store import Admission, LimitStatus, Reservation, new_reservation_id
 from gateway.logs import get_logger
-from gateway.metrics import Metrics
+from gateway.metrics import KeptHistogram, Metrics
 from policies.cost import Cost
 
 log = get_logger("gateway.limits")
@@ -101,6 +101,7 @@ class LimitStore:
         self._settings = settings
         self._metrics = metrics
         self._decision_metrics = DecisionMetrics(metrics)
+        self._latency = KeptHistogram(metrics, metrics.store_latency)
         self._clock = clock
         self._timeout = settings.timeout_ms / 1000
         self._offset = 0.0  # engine clock minus ours, in seconds
@@ -401,7 +402,7 @@ class LimitStore:
             self._metrics.store_errors.labels(operation).inc()
             self._mark_down(operation, exc)
             raise StoreFailure(str(exc) or type(exc).__name__) from exc
-        self._metrics.store_latency.labels(operation).observe(time.perf_counter() - started)
+        self._latency.observe((operation,), time.perf_counter() - started)
         self._mark_up()
         return result
 

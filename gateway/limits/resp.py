@@ -221,10 +221,19 @@ class RespConnection:
         No timer of the caller's: the connection itself fails the call if Redis stops answering."""
         if self._closed:
             raise RedisConnectionError("the connection to Redis is closed")
+        waiters = self.send(payload, replies)
+        if waiters is None:
+            waiters = (await self._connect()).send(payload, replies)
+        return [await waiter for waiter in waiters]
+
+    def send(self, payload: bytes, replies: int) -> list[asyncio.Future[Any]] | None:
+        """Write `payload` now and return the futures of its replies (in order; a lost connection
+        fails them all with one exception), without a coroutine; None when there is no connection
+        ready (or it is closed): `execute` connects first."""
         protocol = self._protocol
-        if protocol is None or protocol.lost is not None:
-            protocol = await self._connect()
-        return [await waiter for waiter in protocol.send(payload, replies)]
+        if self._closed or protocol is None or protocol.lost is not None:
+            return None
+        return protocol.send(payload, replies)
 
     async def _connect(self) -> _Protocol:
         # Callers that find the connection down together share one attempt.

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.errors import GatewayError, RateLimited, StoreUnavailable
-from gateway.metrics import Metrics
+from gateway.metrics import KeptCounter, Metrics
 from gateway.requests.model import PATHS, ClientRequest
 from gateway.runtime import Route, Target
 from gateway.telemetry.tracing import NO_ATTEMPT, OFF, AttemptTrace, RequestTrace
@@ -107,6 +107,7 @@ class Forwarder:
         self.health = health
         self.quota = quota
         self.metrics = metrics
+        self.attempted = KeptCounter(metrics, metrics.upstream_attempts)
         self.rng = rng
 
     async def forward(self, request: Request, attempts: Attempts) -> Exchange:
@@ -246,7 +247,7 @@ class Forwarder:
     def _skipped(self, attempts: Attempts, target: Target, why: str) -> None:
         attempts.log.append(Attempt(target.upstream_name, f"skipped_{why}"))
         attempts.trace.skipped(target.upstream_name, why)
-        self.metrics.upstream_attempts.labels(target.upstream_name, f"skipped_{why}").inc()
+        self.attempted.inc((target.upstream_name, f"skipped_{why}"))
 
     def _record(
         self,
@@ -261,7 +262,7 @@ class Forwarder:
         elapsed = round((time.perf_counter() - started) * 1000, 3)
         attempts.log.append(Attempt(target.upstream_name, outcome, elapsed))
         attempts.sending.end(outcome)
-        self.metrics.upstream_attempts.labels(target.upstream_name, outcome).inc()
+        self.attempted.inc((target.upstream_name, outcome))
         self.health.record(target.upstream_name, target.upstream, verdict, cool)
 
     def _failed_over(self, route: Route, source: Target, following: Target) -> None:
