@@ -12,6 +12,7 @@ line and headers, keys and prompts included).
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
 import time
@@ -138,6 +139,15 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def format(self, record: logging.LogRecord) -> str:
         return super().format(record).replace("\n", " ")
+
+
+def context_var(key: str) -> contextvars.ContextVar[Any]:
+    """structlog's own context variable for `key`: setting it binds `key` into every line logged in
+    the context, as `bind_contextvars(key=...)` does without its lookups per call; its `reset`
+    unbinds."""
+    tokens = structlog.contextvars.bind_contextvars(**{key: None})
+    structlog.contextvars.reset_contextvars(**tokens)
+    return tokens[key].var
 
 
 def get_logger(name: str) -> Any:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -87,13 +87,13 @@ async def relay(
 
 async def _pump(upstream: Response, client: _Client) -> None:
     """Each piece as the upstream connection delivered it, one by one (joining what is buffered
-    would copy most of a large body)."""
-    reader = client.outcome.reader
+    would copy most of a large body). The body's last piece, when the upstream has ended it
+    already, goes out with the end of the answer in one write."""
     while chunk := await upstream.read():
-        reader.feed(chunk)
+        if upstream.ended:
+            break
         await client.write(chunk)  # once the client is gone, this keeps draining for the usage
-    reader.close()
-    await client.finish()
+    await client.finish(chunk)
 
 
 class _HeadersWithBody(web.StreamResponse):
@@ -137,22 +137,30 @@ class _Client:
         await self._send(self.outcome.response.prepare(self.request))
 
     async def write(self, chunk: bytes) -> None:
+        await self._relay(chunk, self.outcome.response.write)
+
+    async def finish(self, last: bytes = b"") -> None:
+        """The body's `last` bytes (if any) and its end, in one write; the usage reader closes."""
+        await self._relay(last, self.outcome.response.write_eof)
+        self.outcome.reader.close()
+
+    async def _relay(self, chunk: bytes, send: Callable[[bytes], Awaitable[None]]) -> None:
+        """`send` the chunk to the client first, then show it to the usage reader: an SSE event
+        reaches the client before the reader parses it."""
         outcome = self.outcome
         if not outcome.response.prepared:
-            await self.prepare()
-        if self.closed or not await self._send(outcome.response.write(chunk)):
+            await self.prepare()  # a JSON answer's headers, with its first bytes (or an empty body)
+        sent = not self.closed and await self._send(send(chunk))
+        if not chunk:
+            return
+        outcome.reader.feed(chunk)
+        if not sent:
             return
         if outcome.first_byte_at is None:
             outcome.first_byte_at = time.perf_counter()
         outcome.bytes_sent += len(chunk)
         self.tail = chunk[-4:] if len(chunk) >= 4 else (self.tail + chunk)[-4:]
         self.read_to_end = outcome.reader.done
-
-    async def finish(self) -> None:
-        if not self.outcome.response.prepared:
-            await self.prepare()  # an empty body
-        if not self.closed:
-            await self._send(self.outcome.response.write_eof())
 
     async def end_after_failure(self, failure: GatewayError) -> None:
         outcome = self.outcome

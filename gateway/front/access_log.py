@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
 from aiohttp import web
 
 from gateway import logs
@@ -37,6 +36,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 log = get_logger("gateway.access")
+_REQUEST_ID = logs.context_var("request_id")
 
 
 @dataclass(slots=True)
@@ -150,8 +150,7 @@ def create_request_middleware(
             record.counter = counter
             if tracing is not None:
                 record.trace = tracing.request(request)
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=record.request_id)
+        bound = _REQUEST_ID.set(record.request_id)  # for every line of the request, its work's too
         try:
             response = await _handle(request, handler, record)
             record.answer(response.status)
@@ -166,6 +165,7 @@ def create_request_middleware(
                 pending.add_done_callback(lambda _: _finish(request, record))
             else:
                 _finish(request, record)
+            _REQUEST_ID.reset(bound)  # (the callback above runs in a copy of the context, bound)
 
     return request_middleware
 
@@ -210,4 +210,3 @@ def _finish(request: web.Request, record: RequestRecord) -> None:
         }
         logs.info(log, "request_finished", line)
         record.trace.finish(record)
-    structlog.contextvars.clear_contextvars()

@@ -94,6 +94,12 @@ class Response:
         """The next piece of the body as it arrived, `b""` at its end; raises an `UpstreamError`."""
         return self._connection.read()
 
+    @property
+    def ended(self) -> bool:
+        """Whether the body has all arrived and been read: the last `read` gave its last piece."""
+        connection = self._connection
+        return connection.complete and not connection.body
+
     def release(self) -> None:
         connection = self._connection
         if connection.response is self:

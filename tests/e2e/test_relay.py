@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.mock_upstream import RECEIVED
 from tests.e2e.conftest import Running, StartGateway, base_url
+from tests.support import raw_http
 from tests.support.config import TENANT_KEY, UPSTREAM_KEY
 from tests.support.scripted_upstream import Script, ScriptedUpstream
 
@@ -306,3 +307,61 @@ async def test_a_client_request_id_that_is_a_key_or_insane_is_not_logged(
             assert resp.status == 200
     out = capsys.readouterr().out
     assert "request_finished" in out and "client_request_id" not in out and TENANT_KEY not in out
+
+
+async def test_a_stream_the_upstream_ended_at_its_last_piece_keeps_its_chunked_framing(
+    start_gateway: StartGateway,
+) -> None:
+    """An upstream whose whole answer arrives at once (head, body and its end in one send): the
+    relay sends the body's last piece with the answer's end, still framed byte for byte, and the
+    client's connection stays usable for its next request."""
+    body = b"".join(SSE_PIECES)
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n" % len(body)
+        + body
+        + b"\r\n0\r\n\r\n"
+    )
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while not reader.at_eof():
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            await reader.readexactly(length)
+            writer.write(answer)  # all of it in one send
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        gw = await start_gateway(openai_url=f"http://127.0.0.1:{port}/v1")
+        payload = orjson.dumps({"model": "gpt-image-1.5", "prompt": "p", "stream": True})
+        ask = raw_http.request(
+            "/v1/images/generations",
+            headers=[
+                (b"Authorization", b"Bearer " + TENANT_KEY.encode()),
+                (b"Content-Type", b"application/json"),
+            ],
+            body=payload,
+        )
+        assert gw.server.port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+        try:
+            for _ in range(2):  # the second on the same connection: the first ended cleanly
+                writer.write(ask)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding: chunked" in head
+                framed = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+                assert await asyncio.wait_for(reader.readexactly(len(framed)), 10) == framed
+        finally:
+            writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
