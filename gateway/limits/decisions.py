@@ -18,7 +18,7 @@ from gateway.limits.meters import EXHAUSTED, OK, TOO_LARGE, Reading
 from gateway.limits.periods import iso_instant
 from gateway.limits.plan import LimitPlan
 from gateway.limits.store import Admission, Reservation
-from gateway.metrics import Metrics
+from gateway.metrics import KeptCounter, Metrics
 from policies.cost import NANO_PER_USD
 
 Observed = tuple[Check, Reading]
@@ -85,7 +85,7 @@ class DecisionMetrics:
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._decisions: dict[tuple[str, str, str], int] = {}
+        self._decisions = KeptCounter(metrics, metrics.ratelimit_decisions)
         # (tenant, limit) -> its last observation; what is left is worked out when applied
         self._remaining: dict[tuple[str, str], Observed] = {}
         metrics.before_collect(self.flush)
@@ -101,17 +101,14 @@ class DecisionMetrics:
                 outcome = "near_limit"
             else:
                 outcome = "ok"
-            key = (tenant, metric_label(check), outcome)
-            decisions[key] = decisions.get(key, 0) + 1
+            decisions.inc((tenant, metric_label(check), outcome))
             if check.scope == "tenant":
                 remaining[tenant, check.kind.name] = (check, reading)
 
     def flush(self) -> None:
-        """Apply what was counted since the last flush."""
-        decisions, self._decisions = self._decisions, {}
+        """Apply the remaining amounts observed since the last flush (the decisions' counter
+        applies itself, on the same occasions)."""
         remaining, self._remaining = self._remaining, {}
-        for labels, count in decisions.items():
-            self._metrics.ratelimit_decisions.labels(*labels).inc(count)
         for (tenant, limit), (check, reading) in remaining.items():
             self._metrics.budget_remaining.labels(tenant, limit).set(_left(check, reading))
 

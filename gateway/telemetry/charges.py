@@ -5,12 +5,13 @@ Eight metric updates per request through prometheus_client (a label lookup, chec
 are counted here in plain dicts instead, and applied as the limits' decision metrics are
 (`gateway/limits/decisions.py`): whenever this process's registry is read, and once a second
 (`Metrics.apply_kept`), for a scrape that reads every worker's metric files instead. The values
-exported are the same: integer counts summed before they are added, each drift observed.
+exported are the same: integer counts summed before they are added; the drift histogram is a
+`KeptHistogram` (gateway/metrics.py).
 """
 
 from __future__ import annotations
 
-from gateway.metrics import Metrics
+from gateway.metrics import KeptHistogram, Metrics
 from policies.cost import Cost
 
 # tenant, model, settled (usage | estimate), size, quality
@@ -22,7 +23,7 @@ class ChargeMetrics:
         self._metrics = metrics
         # per label set: text_in, image_in and image_out tokens, images, nano-USD, requests
         self._charged: dict[_Labels, list[int]] = {}
-        self._drifts: dict[tuple[str, str], list[int]] = {}
+        self._drift = KeptHistogram(metrics, metrics.reservation_drift)
         metrics.before_collect(self.flush)
 
     def record(self, labels: _Labels, actual: Cost, estimated_tokens: int) -> None:
@@ -37,12 +38,11 @@ class ChargeMetrics:
         totals[4] += actual.nano_usd
         totals[5] += 1
         if labels[2] == "usage":
-            self._drifts.setdefault(labels[:2], []).append(estimated_tokens - actual.tokens)
+            self._drift.observe(labels[:2], estimated_tokens - actual.tokens)
 
     def flush(self) -> None:
         """Apply what was counted since the last flush."""
         charged, self._charged = self._charged, {}
-        drifts, self._drifts = self._drifts, {}
         m = self._metrics
         for (tenant, model, how, size, quality), totals in charged.items():
             if how == "estimate":
@@ -52,7 +52,3 @@ class ChargeMetrics:
             m.tokens.labels(tenant, model, "image_out", how).inc(totals[2])
             m.images.labels(tenant, model, size, quality, how).inc(totals[3])
             m.spend.add(tenant, model, how, nano_usd=totals[4])
-        for (tenant, model), observed in drifts.items():
-            histogram = m.reservation_drift.labels(tenant, model)
-            for drift in observed:
-                histogram.observe(drift)
