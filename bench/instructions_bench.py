@@ -12,6 +12,7 @@ the user-space instructions counted are divided by N. Kernel work (the system ca
 
     .venv/bin/python bench/instructions_bench.py [--requests 200] [--kind json sse]
         [--checkout DIR ...]   # another checkout (with its own .venv) to compare with this one
+        [--image-bytes 65536] [--partial-interval-ms 20]   # the peer bench's images and pacing
 
 Needs valgrind (Debian: apt-get install valgrind). A request takes ~50x longer under valgrind: keep N
 in the hundreds.
@@ -86,7 +87,12 @@ async def bench(args: argparse.Namespace) -> None:
         sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
     checkouts = [ROOT, *(Path(c).resolve() for c in args.checkout)]
     mock_port = free_port()
-    mock = start_mock(mock_port)
+    extra = []
+    if args.image_bytes is not None:
+        extra += ["--image-bytes", str(args.image_bytes)]
+    if args.partial_interval_ms:
+        extra += ["--partial-interval-ms", str(args.partial_interval_ms)]
+    mock = start_mock(mock_port, *extra)
     redis_dir = Path(tempfile.mkdtemp(prefix="instructions-bench-redis-"))
     redis = RedisServer(redis_dir).start()
     try:
@@ -119,6 +125,8 @@ def main() -> None:
     parser.add_argument("--kind", nargs="+", choices=sorted(KINDS), default=["json", "sse"])
     parser.add_argument("--checkout", action="append", default=[], help="another checkout to count too")
     parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--image-bytes", type=int, default=None, help="the mock's base64 image size")
+    parser.add_argument("--partial-interval-ms", type=float, default=0.0, help="the mock's pause between events")
     asyncio.run(bench(parser.parse_args()))
 
 
