@@ -12,6 +12,7 @@ Used by `gateway.usage` for JSON bodies and for each SSE event's data.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -237,7 +238,8 @@ class JsonDocument:
         unread: bytes | None = None,
     ) -> None:
         self._capture, self._count_key, self._small = capture, count, small
-        self._member = None if unread is None else b'"%s":"' % unread
+        self._unread = unread
+        self._member = None if unread is None else _member(unread)
         self._kept: list[bytes] | None = []  # None once the scanner has taken over
         self._size = 0
         self._cutting = False  # inside an unread value: its bytes are dropped
@@ -276,7 +278,7 @@ class JsonDocument:
     def close(self) -> None:
         if self._kept is not None:
             document = b"".join(self._kept)
-            body = _parse(document, 0, len(document), self._member)
+            body = parse_whole(document, 0, len(document), self._unread, None)
             if body is not None:
                 self._kept = None
                 self._keep(body)
@@ -338,30 +340,34 @@ class JsonDocument:
 
 
 def parse_whole(
-    buf: bytes, start: int, end: int, unread: bytes, small: int = KEPT_CAP
+    buf: bytes, start: int, end: int, unread: bytes | None, small: int | None = KEPT_CAP
 ) -> dict[str, Any] | None:
     """`buf[start:end]`, a whole document, read as a `JsonDocument` fed it in one piece would read it,
-    where that is cheap: it is JSON and at most `small` bytes once the string values of `unread` are
-    cut out. Its top-level object ({} for another JSON value), else None (then feed a JsonDocument).
-    Nothing of an image is copied: each is skipped with memchr."""
-    return _parse(buf, start, end, b'"%s":"' % unread, small)
-
-
-def _parse(
-    buf: bytes, start: int, end: int, member: bytes | None, small: int | None = None
-) -> dict[str, Any] | None:
-    cut = None if member is None else _cut(buf, start, end, member)
-    if cut is not None and cut[1]:
+    where that is cheap: it is JSON and at most `small` bytes (None: any size) once the string values
+    of `unread` are cut out. Its top-level object ({} for another JSON value), else None (then feed a
+    JsonDocument). Nothing of an image is copied: each is skipped with memchr."""
+    cut = None if unread is None else _cut(buf, start, end, _member(unread))
+    if cut is None:  # nothing to cut, or a backslash outside the images: parsed as it is
+        if small is not None and end - start > small:
+            return None
+        document = buf[start:end]
+    elif cut[1]:
         return None  # it ends inside an unread value: truncated
-    # With a backslash outside the unread values it is parsed as it is.
-    if small is not None and (end - start if cut is None else len(cut[0])) > small:
+    elif small is not None and len(cut[0]) > small:
         return None
-    document = buf[start:end] if cut is None else cut[0]
+    else:
+        document = cut[0]
     try:
         body = orjson.loads(document)
     except orjson.JSONDecodeError:
         return None
     return body if isinstance(body, dict) else {}
+
+
+@functools.cache
+def _member(unread: bytes) -> bytes:
+    """How an unread key's string value opens: `"key":"`, written without spaces, as APIs do."""
+    return b'"%s":"' % unread
 
 
 def _cut(buf: bytes, start: int, end: int, member: bytes) -> tuple[bytes, bool, bool] | None:

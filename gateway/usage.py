@@ -207,20 +207,22 @@ class SSEUsageReader:
             return
         for record in self._parser.feed(chunk):
             if isinstance(record, Data):
-                self._on_data(record)
+                if self._span is None and self._document is None:
+                    self._span = record  # the event's data so far: one span of this chunk
+                else:
+                    self._on_data(record)
             elif not self._on_dispatch(record):
                 self._done, self._span = True, None
                 return
-        self._keep_span()  # the event goes on in the next chunk: what it has is kept, not this chunk
+        if self._span is not None:
+            self._keep_span()  # the event goes on in the next chunk: what it has is kept, not this chunk
 
     def close(self) -> None:
         self._parser.close()
         self._span, self._document, self._head = None, None, b""
 
     def _on_data(self, data: Data) -> None:
-        if self._span is None and self._document is None:
-            self._span = data
-            return
+        """More data of an event that has some already."""
         self._keep_span()
         self._feed(data.buf, data.start, data.end)
 
@@ -272,7 +274,7 @@ class SSEUsageReader:
                 self._completed_usage.add(usage)
             else:
                 self._other_usage = usage
-        if self.error is None:
+        if self.error is None and (event == "error" or values.get("error")):
             self.error = _error_of(event, values)
 
 
