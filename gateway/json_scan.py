@@ -191,12 +191,16 @@ class JsonScanner:
         self._raw = {}
 
 
-def _string_end(buf: bytes, seg: int, end: int, escaped: bool) -> tuple[int, bool]:
+def _string_end(
+    buf: bytes, seg: int, end: int, escaped: bool, quote: int | None = None
+) -> tuple[int, bool]:
     """The closing quote of the string whose next segment is `buf[seg:end]`, or -1 if it goes on, and
-    then whether the segment after it starts escaped. `escaped`: whether this one does."""
+    then whether the segment after it starts escaped. `escaped`: whether this one does. `quote`: the
+    segment's first quote (or -1), if the caller found it already."""
     # memchr to each quote; only a quote preceded by a backslash (or opening a segment that starts
     # escaped) needs a look back.
-    quote = buf.find(b'"', seg, end)
+    if quote is None:
+        quote = buf.find(b'"', seg, end)
     while quote >= 0 and (buf[quote - 1] == _BACKSLASH if quote > seg else escaped):
         if not _is_escaped(buf, seg, quote, escaped):
             break
@@ -252,7 +256,12 @@ class JsonDocument:
         """The next piece of the document, `buf[start:end]`."""
         end = len(buf) if end is None else end
         if self._cutting:
-            start = self._cut_on(buf, start, end)
+            # Most pieces of an image hold no quote and end in no backslash: dropped after one memchr.
+            quote = buf.find(b'"', start, end)
+            if quote < 0 and start < end and buf[end - 1] != _BACKSLASH:
+                self._escaped = False
+                return
+            start = self._cut_on(buf, start, end, quote)
             if start == end:  # the image goes on
                 return
         if self._kept is None:
@@ -314,9 +323,10 @@ class JsonDocument:
         self._kept, self._size, self._cutting, self._escaped = [cut[0]], len(cut[0]), True, cut[2]
         return True
 
-    def _cut_on(self, buf: bytes, start: int, end: int) -> int:
-        """Drop the unread value's bytes: where the document goes on (its closing quote), or `end`."""
-        quote, self._escaped = _string_end(buf, start, end, self._escaped)
+    def _cut_on(self, buf: bytes, start: int, end: int, quote: int) -> int:
+        """Drop the unread value's bytes: where the document goes on (its closing quote), or `end`.
+        `quote`: the first quote in `buf[start:end]`, or -1."""
+        quote, self._escaped = _string_end(buf, start, end, self._escaped, quote)
         if quote < 0:
             return end
         assert self._kept is not None

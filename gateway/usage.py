@@ -68,6 +68,7 @@ class UsageReader(Protocol):
 
 
 _IMAGE = b"b64_json"  # an image's base64, nearly all of a body's bytes and never read
+_BODY_KEYS = frozenset({b"usage"})
 
 
 class JsonUsageReader:
@@ -82,7 +83,7 @@ class JsonUsageReader:
     done = False
 
     def __init__(self, small_body: int = KEPT_CAP) -> None:
-        self._document = JsonDocument(frozenset({b"usage"}), b"data", small_body, _IMAGE)
+        self._document = JsonDocument(_BODY_KEYS, b"data", small_body, _IMAGE)
         self._usage: dict[str, Any] | None = None
         self._images = 0
 
