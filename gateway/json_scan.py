@@ -386,15 +386,15 @@ def _cut(buf: bytes, start: int, end: int, member: bytes) -> tuple[bytes, bool, 
     whether that value's next byte is escaped. None where there is a backslash outside those values:
     only without one is every quote there a string's start or end, so that a match is that member.
     A value's end is found as `JsonDocument` finds it, by memchr over a multi-KB image."""
-    kept, pos = [], start
+    # The backslash is looked for once, in what is kept: where there is one, a match may have been
+    # inside a string, and the cut is thrown away.
+    kept, pos, opening = [], start, len(member)
     while (at := buf.find(member, pos, end)) >= 0:
-        if buf.find(b"\\", pos, at) >= 0:
-            return None
-        kept.append(buf[pos : at + len(member)])
-        pos, escaped = _string_end(buf, at + len(member), end, False)
+        kept.append(buf[pos : at + opening])
+        pos, escaped = _string_end(buf, at + opening, end, False)
         if pos < 0:
-            return b"".join(kept), True, escaped
-    if buf.find(b"\\", pos, end) >= 0:
-        return None
+            document = b"".join(kept)
+            return None if b"\\" in document else (document, True, escaped)
     kept.append(buf[pos:end])
-    return b"".join(kept), False, False
+    document = b"".join(kept)
+    return None if b"\\" in document else (document, False, False)

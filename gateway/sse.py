@@ -108,6 +108,11 @@ class SSEParser:
         # once per line, so that a chunk of many short lines is scanned once).
         cr = -1
         while pos < end:
+            first = chunk[pos]
+            if first == _LF or first == _CR:  # an empty line: the event is complete
+                self._dispatch()
+                pos = pos + 1 if first == _LF else self._after_line_end(chunk, pos, end)
+                continue
             if cr < pos:
                 cr = chunk.find(b"\r", pos, end)
                 if cr < 0:
@@ -118,9 +123,9 @@ class SSEParser:
                 if eol == end:  # the line goes on in the next chunk
                     self._go_on(chunk, pos, end)
                     break
-            if eol == pos:
-                self._dispatch()
-            elif chunk.startswith(b"data:", pos, eol):  # data is not copied: a span of the chunk
+            # (A bytes method given a range costs ~1.6k instructions to parse its arguments: a slice
+            # compared costs a quarter of that.)
+            if chunk[pos : pos + 5] == b"data:" and eol >= pos + 5:  # data is not copied: a span
                 start = pos + 5
                 start += start < eol and chunk[start] == _SPACE
                 if self._has_data:

@@ -245,7 +245,7 @@ class SSEUsageReader:
         event, span = dispatch.event or "", self._span
         if span is not None:  # the whole data in one span, as an upstream nearly always writes it
             self._span = None
-            if span.buf.startswith(_DONE, span.start, span.end):
+            if span.buf[span.start] == _DONE[0] and span.buf.startswith(_DONE, span.start, span.end):
                 return False
             body = parse_whole(span.buf, span.start, span.end, _IMAGE, self._small_event)
             if body is not None:
