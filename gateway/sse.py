@@ -123,9 +123,9 @@ class SSEParser:
                 if eol == end:  # the line goes on in the next chunk
                     self._go_on(chunk, pos, end)
                     break
-            # (A bytes method given a range costs ~1.6k instructions to parse its arguments: a slice
-            # compared costs a quarter of that.)
-            if chunk[pos : pos + 5] == b"data:" and eol >= pos + 5:  # data is not copied: a span
+            # (A bytes method given a range costs ~1.5k instructions to parse its arguments; a slice
+            # compared, two thirds of that.)
+            if chunk[pos : pos + 5] == b"data:":  # data is not copied: a span of the chunk
                 start = pos + 5
                 start += start < eol and chunk[start] == _SPACE
                 if self._has_data:
