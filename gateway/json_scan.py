@@ -191,9 +191,7 @@ class JsonScanner:
         self._raw = {}
 
 
-def _string_end(
-    buf: bytes, seg: int, end: int, escaped: bool, quote: int | None = None
-) -> tuple[int, bool]:
+def _string_end(buf: bytes, seg: int, end: int, escaped: bool, quote: int | None = None) -> tuple[int, bool]:
     """The closing quote of the string whose next segment is `buf[seg:end]`, or -1 if it goes on, and
     then whether the segment after it starts escaped. `escaped`: whether this one does. `quote`: the
     segment's first quote (or -1), if the caller found it already."""

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 _CR, _LF, _SPACE = 0x0D, 0x0A, 0x20
+_LINE_ENDS = (_CR, _LF)
 _BOM = b"\xef\xbb\xbf"
 _NAME_END = re.compile(rb"[:\r\n]")
 # Field names we act on are at most 5 bytes; a longer name is kept only far enough to be unknown.
@@ -109,7 +110,7 @@ class SSEParser:
         cr = -1
         while pos < end:
             first = chunk[pos]
-            if first == _LF or first == _CR:  # an empty line: the event is complete
+            if first in _LINE_ENDS:  # an empty line: the event is complete
                 self._dispatch()
                 pos = pos + 1 if first == _LF else self._after_line_end(chunk, pos, end)
                 continue
