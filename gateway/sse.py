@@ -122,7 +122,7 @@ class SSEParser:
             if eol < 0:
                 eol = cr
                 if eol == end:  # the line goes on in the next chunk
-                    self._go_on(chunk, pos, end)
+                    self._go_on(chunk, pos, end, end)
                     break
             # (A bytes method given a range costs ~1.5k instructions to parse its arguments; a slice
             # compared, two thirds of that.)
@@ -163,8 +163,9 @@ class SSEParser:
         self._begin_field(name)
         self._end_field(value[1:] if value[:1] == b" " else value)
 
-    def _go_on(self, buf: bytes, pos: int, end: int) -> int:
-        """A line split across chunks, byte state by byte state: up to its end, or `end`."""
+    def _go_on(self, buf: bytes, pos: int, end: int, eol: int | None = None) -> int:
+        """A line split across chunks, through the name, colon and value states: up to its end, or
+        `end`. `eol`: where it ends (`end`: not in this chunk), if the caller found it already."""
         while pos < end:
             if self._state == _IN_NAME:
                 pos = self._read_name(buf, pos, end)
@@ -172,7 +173,7 @@ class SSEParser:
                 pos += buf[pos] == _SPACE
                 self._state = _IN_VALUE
             else:
-                pos = self._read_value(buf, pos, end)
+                pos = self._read_value(buf, pos, end, eol)
             if self._state == _IN_NAME and not self._name:
                 break
         return pos
@@ -195,8 +196,9 @@ class SSEParser:
             self._dispatch()
         return self._after_line_end(buf, stop, end)
 
-    def _read_value(self, buf: bytes, pos: int, end: int) -> int:
-        eol = _line_end(buf, pos, end)
+    def _read_value(self, buf: bytes, pos: int, end: int, eol: int | None = None) -> int:
+        if eol is None:
+            eol = _line_end(buf, pos, end)
         if self._field == b"data":
             if eol > pos:
                 self._out.append(Data(buf, pos, eol))
