@@ -365,3 +365,65 @@ async def test_a_stream_the_upstream_ended_at_its_last_piece_keeps_its_chunked_f
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["sse", "json"])
+async def test_pieces_arriving_apart_are_framed_exactly_and_the_connection_stays_usable(
+    start_server: StartServer, start_gateway: StartGateway, streaming: bool
+) -> None:
+    """Pieces that arrive one by one go to the client as they come (each as a chunk of its own
+    when the answer is chunked); the answer ends cleanly, so the next request on the connection
+    is answered too."""
+    body = b"".join(SSE_PIECES) if streaming else JSON_ANSWER
+    script = Script(
+        content_type="text/event-stream" if streaming else "application/json",
+        chunks=odd_chunks(body, (40, 1, 300, 7)),
+        chunk_delay=0.002,
+        content_length=not streaming,
+    )
+    _, server = await scripted(start_server, script)
+    gw = await start_gateway(openai_url=base_url(server))
+    payload = orjson.dumps({"model": "gpt-image-1.5", "prompt": "p", "stream": streaming})
+    ask = raw_http.request(
+        "/v1/images/generations",
+        headers=[
+            (b"Authorization", b"Bearer " + TENANT_KEY.encode()),
+            (b"Content-Type", b"application/json"),
+        ],
+        body=payload,
+    )
+    assert gw.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    try:
+        for _ in range(2):
+            writer.write(ask)
+            answer = await raw_http.read_response(reader)
+            assert answer.status == 200 and not answer.closed
+            assert answer.body == body
+            if streaming:
+                assert answer.headers["transfer-encoding"] == "chunked"
+            else:
+                assert answer.headers["content-length"] == str(len(body))
+    finally:
+        writer.close()
+
+
+async def test_an_http_1_0_client_gets_the_stream_unframed_to_the_connections_end(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    """HTTP/1.0 has no chunks: the stream's pieces go out as they are and its end closes the
+    connection."""
+    body = b"".join(SSE_PIECES)
+    _, server = await scripted(start_server, Script(chunks=odd_chunks(body), chunk_delay=0.001))
+    gw = await start_gateway(openai_url=base_url(server))
+    payload = orjson.dumps({"model": "gpt-image-1.5", "prompt": "p", "stream": True})
+    ask = (
+        b"POST /v1/images/generations HTTP/1.0\r\nAuthorization: Bearer "
+        + TENANT_KEY.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload)
+        + payload
+    )
+    assert gw.server.port is not None
+    answer = await raw_http.exchange(gw.server.port, ask)
+    assert answer.status == 200 and "transfer-encoding" not in answer.headers
+    assert answer.body == body
