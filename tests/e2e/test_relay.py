@@ -109,6 +109,23 @@ async def test_first_event_reaches_client_before_upstream_finishes(
             await resp.read()
 
 
+async def test_a_streams_headers_reach_the_client_before_its_first_event_comes(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    """The upstream's headers come, its first event a second later: the client has the headers
+    (the answer's status) at once, not with the first event."""
+    event = b'data: {"type":"image_generation.completed"}\n\n'
+    _, server = await scripted(start_server, Script(chunks=[b"", event], chunk_delay=1.0))
+    gw = await start_gateway(openai_url=base_url(server))
+    async with aiohttp.ClientSession() as session:
+        payload = {"model": "gpt-image-1.5", "prompt": "p", "stream": True}
+        started = asyncio.get_running_loop().time()
+        async with session.post(f"{gw.v1}/images/generations", json=payload, headers=AUTH) as resp:
+            assert asyncio.get_running_loop().time() - started < 0.5
+            assert resp.status == 200
+            assert await resp.read() == event
+
+
 async def test_upstream_gets_org_key_and_every_field(gateway: Running, mock_openai: TestServer) -> None:
     payload = {
         "model": "gpt-image-1.5",
