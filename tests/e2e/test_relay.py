@@ -53,6 +53,18 @@ def odd_chunks(data: bytes, sizes: tuple[int, ...] = (1, 7, 2, 13, 3, 64, 5)) ->
     return chunks
 
 
+def generation_request(*, stream: bool) -> bytes:
+    """A generation request's bytes, as a client sends them on its connection."""
+    return raw_http.request(
+        "/v1/images/generations",
+        headers=[
+            (b"Authorization", b"Bearer " + TENANT_KEY.encode()),
+            (b"Content-Type", b"application/json"),
+        ],
+        body=orjson.dumps({"model": "gpt-image-1.5", "prompt": "p", "stream": stream}),
+    )
+
+
 async def scripted(start_server: StartServer, script: Script) -> tuple[ScriptedUpstream, TestServer]:
     upstream = ScriptedUpstream(script)
     return upstream, await start_server(upstream.app())
@@ -359,15 +371,7 @@ async def test_a_stream_the_upstream_ended_at_its_last_piece_keeps_its_chunked_f
     port = server.sockets[0].getsockname()[1]
     try:
         gw = await start_gateway(openai_url=f"http://127.0.0.1:{port}/v1")
-        payload = orjson.dumps({"model": "gpt-image-1.5", "prompt": "p", "stream": True})
-        ask = raw_http.request(
-            "/v1/images/generations",
-            headers=[
-                (b"Authorization", b"Bearer " + TENANT_KEY.encode()),
-                (b"Content-Type", b"application/json"),
-            ],
-            body=payload,
-        )
+        ask = generation_request(stream=True)
         assert gw.server.port is not None
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
         try:
@@ -400,15 +404,7 @@ async def test_pieces_arriving_apart_are_framed_exactly_and_the_connection_stays
     )
     _, server = await scripted(start_server, script)
     gw = await start_gateway(openai_url=base_url(server))
-    payload = orjson.dumps({"model": "gpt-image-1.5", "prompt": "p", "stream": streaming})
-    ask = raw_http.request(
-        "/v1/images/generations",
-        headers=[
-            (b"Authorization", b"Bearer " + TENANT_KEY.encode()),
-            (b"Content-Type", b"application/json"),
-        ],
-        body=payload,
-    )
+    ask = generation_request(stream=streaming)
     assert gw.server.port is not None
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
     try:
