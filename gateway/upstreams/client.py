@@ -409,13 +409,16 @@ class Connection(asyncio.Protocol):
         self._keep(piece)
 
     def _keep(self, piece: bytes) -> None:
-        """A body piece for `read`; reading pauses while more than `HIGH_WATER` is kept."""
+        """A body piece for `read`; reading pauses while more than `HIGH_WATER` is kept, unless
+        a read is waiting for this very piece (it takes it at the loop's next turn: pausing would
+        only be undone then, two system calls for nothing)."""
         self.body.append(piece)
         self.buffered += len(piece)
-        if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
+        if self.waiter is not None:
+            self._wake()
+        elif self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
-        self._wake()
 
     def on_message_complete(self) -> None:
         if self.informational:

@@ -11,6 +11,7 @@ import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 from aiohttp import web
@@ -410,6 +411,52 @@ async def test_reading_pauses_above_the_high_water_mark(
     assert peak <= client.HIGH_WATER + 512 * 1024  # the buffer, plus at most one socket read
     assert len(pool.idle) == 1
     await pool.close()
+
+
+class Transport:
+    """Stands for a connected socket's transport: counts the pauses and resumptions of reading."""
+
+    def __init__(self) -> None:
+        self.pauses = 0
+        self.resumes = 0
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.resumes += 1
+
+    def abort(self) -> None:
+        pass
+
+
+async def test_a_piece_a_read_is_waiting_for_does_not_pause_reading() -> None:
+    """Pausing for a piece the waiting read takes at the loop's next turn would only be undone then."""
+    connection = client.Connection(Pool("http://127.0.0.1:9/v1", 1))
+    transport = Transport()
+    connection.connection_made(cast("asyncio.Transport", transport))
+    piece = client.HIGH_WATER + 1
+    exchange = asyncio.ensure_future(connection.exchange(b"POST / HTTP/1.1\r\n\r\n", b"", 5.0))
+    await asyncio.sleep(0)  # the request is sent
+    connection.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (3 * piece))
+    response = await exchange
+    reading = asyncio.ensure_future(response.read())
+    await asyncio.sleep(0)  # the read waits for a piece
+    connection.data_received(b"a" * piece)
+    assert transport.pauses == 0
+    connection.data_received(b"b" * piece)  # no read waits: more than HIGH_WATER kept
+    assert transport.pauses == 1
+    assert await reading == b"a" * piece
+    assert await response.read() == b"b" * piece and transport.resumes == 1
+    reading = asyncio.ensure_future(response.read())
+    await asyncio.sleep(0)
+    connection.data_received(b"c" * piece)  # the last piece, for a waiting read again
+    assert await reading == b"c" * piece and await response.read() == b""
+    assert transport.pauses == 1 and connection.reusable
+    connection.connection_lost(None)
 
 
 async def test_a_connection_paused_by_an_answer_left_unread_reads_the_next_one(
