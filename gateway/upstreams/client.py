@@ -37,7 +37,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 IDLE_SECONDS = 15.0  # an idle connection is closed after this long (aiohttp's keep-alive default)
-HIGH_WATER = 128 * 1024  # buffered body bytes above which the socket is not read (aiohttp's)
+HIGH_WATER = 128 * 1024  # buffered body bytes above which the socket is not read (aiohttp's),
+# unless a read waits for the piece that crossed it: at most HIGH_WATER or one socket read (~250 KB),
+# plus one more socket read, is kept
 LOW_WATER = 64 * 1024  # and below which it is read again
 MAX_HEAD_BYTES = 64 * 1024  # an answer's status line and headers: far more than an upstream sends
 
@@ -392,7 +394,8 @@ class Connection(asyncio.Protocol):
             return
         headers = CIMultiDictProxy(CIMultiDict(self.raw_headers))
         response = self.response = Response(self, status, self.reason.decode("latin-1"), headers)
-        unchunked = "Transfer-Encoding" not in headers and status not in (204, 304)  # nor bodiless
+        # neither chunked nor bodiless (204, 304): the body ends at its length, or with the connection
+        unchunked = "Transfer-Encoding" not in headers and status not in (204, 304)
         self.until_close = unchunked and response.content_length is None
         if unchunked and response.content_length:
             self.left = response.content_length  # the parser counts down what came with the head
