@@ -37,8 +37,8 @@ from gateway.config import ConfigError, ServerSettings, Settings
 from gateway.front.connections import FrontRunner, raise_file_limit
 from gateway.garbage import GarbageCollection
 from gateway.handoff import SUPERVISOR_WAIT, Dealer, HandedSite
-from gateway.heap import keep_heap
 from gateway.health import METRICS, create_ops_app
+from gateway.heap import keep_heap
 from gateway.logs import get_logger
 from gateway.shutdown import IN_FLIGHT, RUNNER_SHUTDOWN_TIMEOUT, SETTLEMENTS_LOST, drain
 
