@@ -124,7 +124,9 @@ def _pin_auto(req: Request, violated: set[str | None]) -> list[Adjustment]:
     policy forbids and cost more than any allowed value. Pinned, the policy binds and the estimate is
     exact. A policy that narrows nothing (or allows no concrete value) leaves `auto` to the upstream.
     """
-    pins = []
+    pins: list[Adjustment] = []
+    if req.policy.qualities is None and not req.policy.narrows_sizes:
+        return pins  # the policy narrows neither: `auto` stays the upstream's
     for param, rule, narrowed, costliest in (
         ("quality", "qualities", req.policy.qualities is not None, _costliest_quality),
         ("size", "sizes", req.policy.narrows_sizes, _costliest_size),
@@ -145,8 +147,10 @@ def _fill_omitted(req: Request) -> list[Adjustment]:
     allowed value (the reservation then covers anything); moderation, output format and background
     the first value in the policy's list that the model can serve with the rest of the request.
     An explicit value, `auto` included, is still judged by the rules."""
-    fills = []
+    fills: list[Adjustment] = []
     policy = req.policy
+    if policy.set_fields.isdisjoint(_FILLED):
+        return fills  # the policy lists none of them: any default is allowed
     for param, rule, listed in (
         ("quality", "qualities", policy.qualities),
         ("size", "sizes", policy.sizes),
@@ -165,6 +169,9 @@ def _fill_omitted(req: Request) -> list[Adjustment]:
             fills.append(Adjustment(param, None, value, f"policy default: {default} is not in {rule}"))
             req.body[param] = value
     return fills
+
+
+_FILLED = frozenset({"qualities", "sizes", "moderation", "output_formats", "backgrounds"})
 
 
 def _first_allowed(req: Request, param: str, listed: list[str]) -> str | None:

@@ -103,8 +103,8 @@ def new_request_id() -> str:
 def client_request_id(request: web.Request) -> str | None:
     """A client's own `x-request-id`, if it is sane and not its key (a client that misplaces its key
     there must not have it logged)."""
-    incoming = request.headers.get("x-request-id", "")
-    if not _SAFE_REQUEST_ID.fullmatch(incoming):
+    incoming = request.headers.get("x-request-id")
+    if not incoming or not _SAFE_REQUEST_ID.fullmatch(incoming):  # most clients send none
         return None
     key = bearer_token(request.headers.get("Authorization"))
     return None if key and (key in incoming or incoming in key) else incoming
