@@ -121,8 +121,7 @@ class Pipeline:
         answered.add_done_callback(_retrieve)
         work = loop.create_task(self.serve(request, runtime, credential, admitted, record, answered=answered))
         self.tasks.add(work)
-        work.add_done_callback(self._forget)
-        work.add_done_callback(lambda _: client.close())
+        work.add_done_callback(lambda task: self._forget(task, client))
         record.pending = work  # the access-log line waits for the settlement
         # Not shielded: a cancelled handler cancels `answered` only, which `serve` then leaves be.
         return await answered
@@ -174,8 +173,10 @@ class Pipeline:
         if isinstance(answer, asyncio.CancelledError):
             raise answer
 
-    def _forget(self, task: asyncio.Task[None]) -> None:
+    def _forget(self, task: asyncio.Task[None], client: ClientRequest) -> None:
+        """The work is over (one done callback, not one per concern: each is a loop turn's call)."""
         self.tasks.discard(task)
+        client.close()  # an upload's spooled files go with the request
         if not task.cancelled():
             task.exception()  # retrieved: `_settled` logged a settlement that failed
 
