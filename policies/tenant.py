@@ -86,6 +86,10 @@ class Request:
 
 
 Rule = Callable[[Request], Finding | None]
+# The policy fields that fill omitted values (`_fill_omitted`) and pin `auto` (`_pin_auto`): a
+# policy that sets none of them has neither, and skips the loops.
+_FILLED = frozenset({"qualities", "sizes", "moderation", "output_formats", "backgrounds"})
+_PINNED = frozenset({"qualities", "sizes", "max_pixels", "max_edge"})  # those narrowing quality or size
 
 
 def enforce(
@@ -125,7 +129,7 @@ def _pin_auto(req: Request, violated: set[str | None]) -> list[Adjustment]:
     exact. A policy that narrows nothing (or allows no concrete value) leaves `auto` to the upstream.
     """
     pins: list[Adjustment] = []
-    if req.policy.qualities is None and not req.policy.narrows_sizes:
+    if req.policy.set_fields.isdisjoint(_PINNED):
         return pins  # the policy narrows neither: `auto` stays the upstream's
     for param, rule, narrowed, costliest in (
         ("quality", "qualities", req.policy.qualities is not None, _costliest_quality),
@@ -169,9 +173,6 @@ def _fill_omitted(req: Request) -> list[Adjustment]:
             fills.append(Adjustment(param, None, value, f"policy default: {default} is not in {rule}"))
             req.body[param] = value
     return fills
-
-
-_FILLED = frozenset({"qualities", "sizes", "moderation", "output_formats", "backgrounds"})
 
 
 def _first_allowed(req: Request, param: str, listed: list[str]) -> str | None:
