@@ -1,5 +1,5 @@
-"""Each request's id and log context, its access-log line and metrics, and the one place errors
-become responses.
+"""Each request's id and log context, its access-log line and metrics, the one place errors become
+responses, and the set of running handlers that the shutdown waits for: the gateway's one middleware.
 
 Each request gets an id of the gateway's own making, returned in `x-request-id`, forwarded upstream
 and bound into every log line. A client's own `x-request-id` is never used for that (it could forge
