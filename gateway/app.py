@@ -26,7 +26,7 @@ from gateway.model_list import add_model_routes
 from gateway.pipeline import Pipeline
 from gateway.reload import Reloader
 from gateway.runtime import Runtime, RuntimeHolder
-from gateway.shutdown import IN_FLIGHT, SETTLEMENTS_LOST, track_handlers
+from gateway.shutdown import IN_FLIGHT, SETTLEMENTS_LOST
 from gateway.telemetry.activity import Activity
 from gateway.telemetry.tracing import Tracing
 from gateway.upstreams.pools import Pools
@@ -53,8 +53,9 @@ def create_app(
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     activity = Activity()
     tracing = Tracing(settings.telemetry, metrics)
+    in_flight: set[asyncio.Task[object]] = set()
     app = web.Application(
-        middlewares=[track_handlers, create_request_middleware(metrics, activity, tracing)],
+        middlewares=[create_request_middleware(metrics, activity, tracing, in_flight)],
         client_max_size=settings.server.max_body_bytes,
         handler_args={"max_field_size": 16384},
     )
@@ -62,7 +63,7 @@ def create_app(
     app[METRICS] = metrics
     app[STORE] = store if store is not None else _store(settings, metrics, worker)
     app[DRAINING] = [False]
-    app[IN_FLIGHT] = set()
+    app[IN_FLIGHT] = in_flight
     app[SETTLEMENTS_LOST] = [0]
     app[TRACING] = tracing
     metrics.initialise(settings)

@@ -15,7 +15,6 @@ from aiohttp import web
 
 from gateway.errors import NotFound
 from gateway.front.access_log import RECORD
-from gateway.front.auth import authenticate
 from gateway.health import RUNTIME
 from gateway.runtime import Runtime
 
@@ -31,7 +30,7 @@ def _model(runtime: Runtime, name: str) -> dict[str, Any]:
 
 def _tenant_models(request: web.Request) -> tuple[Runtime, list[str]]:
     runtime = request.app[RUNTIME].current
-    credential = authenticate(runtime.credentials, request.headers.get("Authorization"))
+    credential = runtime.credentials.authenticate(request.headers.get("Authorization"))
     record = request[RECORD]
     record.tenant, record.key = credential.tenant, credential.key_label
     return runtime, runtime.settings.models_for(credential.tenant)

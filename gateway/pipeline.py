@@ -26,7 +26,7 @@ from gateway.errors import (
 )
 from gateway.front.access_log import RECORD, RequestRecord
 from gateway.front.admission import AdmissionQueue
-from gateway.front.auth import Credential, authenticate
+from gateway.front.auth import Credential
 from gateway.front.body import BodyReader
 from gateway.limits import Admission, Reservation, Store, merge_upstream_limit_headers
 from gateway.logs import get_logger
@@ -101,7 +101,7 @@ class Pipeline:
         record = request[RECORD]
         record.operation = operation
         with self.admissions:  # beyond its bound: 503 overloaded, before the body is read
-            credential = authenticate(runtime.credentials, request.headers.get("Authorization"))
+            credential = runtime.credentials.authenticate(request.headers.get("Authorization"))
             record.tenant, record.key = credential.tenant, credential.key_label
             client = await read_request(request, operation, runtime.settings.server, self.bodies)
             record.fields.update(client.log_fields())
@@ -116,14 +116,12 @@ class Pipeline:
                 raise
         # From here the work is owned by the pipeline, not by the connection: if the handler is
         # cancelled (client gone, shutdown), the upstream is still drained and the request settled.
-        answered: asyncio.Future[web.StreamResponse] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()  # once: on Python 3.11 each look-up is a getpid() call
+        answered: asyncio.Future[web.StreamResponse] = loop.create_future()
         answered.add_done_callback(_retrieve)
-        work = asyncio.create_task(
-            self.serve(request, runtime, credential, admitted, record, answered=answered)
-        )
+        work = loop.create_task(self.serve(request, runtime, credential, admitted, record, answered=answered))
         self.tasks.add(work)
-        work.add_done_callback(self._forget)
-        work.add_done_callback(lambda _: client.close())
+        work.add_done_callback(lambda task: self._forget(task, client))
         record.pending = work  # the access-log line waits for the settlement
         # Not shielded: a cancelled handler cancels `answered` only, which `serve` then leaves be.
         return await answered
@@ -175,8 +173,10 @@ class Pipeline:
         if isinstance(answer, asyncio.CancelledError):
             raise answer
 
-    def _forget(self, task: asyncio.Task[None]) -> None:
+    def _forget(self, task: asyncio.Task[None], client: ClientRequest) -> None:
+        """The work is over (one done callback, not one per concern: each is a loop turn's call)."""
         self.tasks.discard(task)
+        client.close()  # an upload's spooled files go with the request
         if not task.cancelled():
             task.exception()  # retrieved: `_settled` logged a settlement that failed
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gateway.config import RouteSettings, Settings, UpstreamSettings
-from gateway.front.auth import Credential
+from gateway.front.auth import Credential, Keys
 from gateway.limits.plan import LimitPlan
 from gateway.routing import declared_operations, flavor_of, load_world, priced_entry
 from policies.catalog import Catalog, ModelEntry
@@ -51,7 +51,7 @@ class Runtime:
     targets: dict[str, RouteTarget]
     routes: dict[str, Route]
     policies: dict[str, Policy]  # effective policy per tenant (its named policy plus overrides)
-    credentials: dict[str, Credential]  # sha256:<hex> -> who
+    credentials: Keys  # sha256:<hex> -> who, and the keys that verified
     # (tenant, key index, end user) -> its limits: built once per configuration, not per request
     _plans: dict[tuple[str, int, str | None], LimitPlan] = field(
         default_factory=dict, compare=False, repr=False
@@ -80,11 +80,13 @@ class Runtime:
             targets=targets,
             routes={name: _route(name, r, settings, catalog) for name, r in settings.routes.items()},
             policies={name: settings.policy_for(name) for name in settings.tenants},
-            credentials={
-                key.hash: Credential(tenant=name, key=key, key_index=index)
-                for name, tenant in settings.tenants.items()
-                for index, key in enumerate(tenant.keys)
-            },
+            credentials=Keys(
+                {
+                    key.hash: Credential(tenant=name, key=key, key_index=index)
+                    for name, tenant in settings.tenants.items()
+                    for index, key in enumerate(tenant.keys)
+                }
+            ),
         )
 
 

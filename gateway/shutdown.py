@@ -22,14 +22,14 @@ shutdown is not used for the waiting: it waits its timeout, cancels, then waits 
 The grace counts from t = drain_delay: a worker's wait there for the supervisor to stop dealing it
 connections (at most handoff.SUPERVISOR_WAIT) is part of it.
 
-`track_handlers` keeps every running handler in `IN_FLIGHT`, so requests not yet admitted (still
-uploading, waiting for their admission) are waited for and cut like admitted ones.
+The request middleware (gateway/front/access_log.py) keeps every running handler in `IN_FLIGHT`,
+so requests not yet admitted (still uploading, waiting for their admission) are waited for and cut
+like admitted ones.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -51,20 +51,6 @@ RUNNER_SHUTDOWN_TIMEOUT = 0.25
 IN_FLIGHT = web.AppKey("in_flight", set[asyncio.Task[object]])
 # How many settlements and releases the store gave up when it closed (the exit status says so).
 SETTLEMENTS_LOST = web.AppKey("settlements_lost", list[int])
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def track_handlers(request: web.Request, handler: Handler) -> web.StreamResponse:
-    tasks = request.app[IN_FLIGHT]
-    task = asyncio.current_task()
-    assert task is not None
-    tasks.add(task)
-    try:
-        return await handler(request)
-    finally:
-        tasks.discard(task)
 
 
 async def drain(

@@ -35,6 +35,8 @@ ENUMS = {
     "input_fidelity": "input_fidelities",
 }
 RANGES = {"output_compression": "output_compression", "partial_images": "partial_images", "n": "n"}
+# Most bodies have none of these: one look at the body's keys rules them all out.
+_ENUM_PARAMS, _RANGE_PARAMS = frozenset(ENUMS), frozenset(RANGES)
 
 Check = Callable[[ModelEntry, Mapping[str, Any], str], Violation | None]
 
@@ -67,6 +69,8 @@ def _prompt(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation
 
 
 def _ranges(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation | None:
+    if _RANGE_PARAMS.isdisjoint(body):
+        return None
     for param, field in RANGES.items():
         value = body.get(param)
         if value is None:
@@ -83,6 +87,8 @@ def _ranges(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation
 
 
 def _enums(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation | None:
+    if _ENUM_PARAMS.isdisjoint(body):
+        return None
     for param, field in ENUMS.items():
         value = body.get(param)
         if value is None:
@@ -135,14 +141,18 @@ def _user(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation |
 
 
 def _combinations(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation | None:
+    compressed = body.get("output_compression") is not None
+    transparent = body.get("background") == "transparent"
+    if not compressed and not transparent:
+        return None  # neither needs a particular output format
     fmt = entry.effective(body, "output_format")
-    if body.get("output_compression") is not None and fmt not in entry.compression_formats:
+    if compressed and fmt not in entry.compression_formats:
         return _error(
             "output_compression",
             f"'output_compression' needs output_format {quoted(entry.compression_formats)};"
             f" got {shown(fmt)}.",
         )
-    if body.get("background") == "transparent" and fmt not in entry.transparent_formats:
+    if transparent and fmt not in entry.transparent_formats:
         return _error(
             "background",
             f"A transparent background needs output_format {quoted(entry.transparent_formats)};"

@@ -171,6 +171,8 @@ def _drop_null_unknown(entry: ModelEntry, work: _Work, inputs: Inputs) -> None:
     """A `null` means "the default" (so it passed the checks), but for a parameter this model
     does not take, the upstream would refuse it as unknown: it is not forwarded. Dropped without
     an adjustment: its name is the client's choice, never echoed into a header or a metric label."""
+    if None not in work.body.values():
+        return  # the usual body: no null anywhere
     params = entry.params(inputs.operation)
     for param in [p for p, v in work.body.items() if v is None and p not in params]:
         del work.body[param]

@@ -86,6 +86,10 @@ class Request:
 
 
 Rule = Callable[[Request], Finding | None]
+# The policy fields that fill omitted values (`_fill_omitted`) and pin `auto` (`_pin_auto`): a
+# policy that sets none of them has neither, and skips the loops.
+_FILLED = frozenset({"qualities", "sizes", "moderation", "output_formats", "backgrounds"})
+_PINNED = frozenset({"qualities", "sizes", "max_pixels", "max_edge"})  # those narrowing quality or size
 
 
 def enforce(
@@ -124,7 +128,9 @@ def _pin_auto(req: Request, violated: set[str | None]) -> list[Adjustment]:
     policy forbids and cost more than any allowed value. Pinned, the policy binds and the estimate is
     exact. A policy that narrows nothing (or allows no concrete value) leaves `auto` to the upstream.
     """
-    pins = []
+    pins: list[Adjustment] = []
+    if req.policy.set_fields.isdisjoint(_PINNED):
+        return pins  # the policy narrows neither: `auto` stays the upstream's
     for param, rule, narrowed, costliest in (
         ("quality", "qualities", req.policy.qualities is not None, _costliest_quality),
         ("size", "sizes", req.policy.narrows_sizes, _costliest_size),
@@ -145,8 +151,10 @@ def _fill_omitted(req: Request) -> list[Adjustment]:
     allowed value (the reservation then covers anything); moderation, output format and background
     the first value in the policy's list that the model can serve with the rest of the request.
     An explicit value, `auto` included, is still judged by the rules."""
-    fills = []
+    fills: list[Adjustment] = []
     policy = req.policy
+    if policy.set_fields.isdisjoint(_FILLED):
+        return fills  # the policy lists none of them: any default is allowed
     for param, rule, listed in (
         ("quality", "qualities", policy.qualities),
         ("size", "sizes", policy.sizes),

@@ -1,5 +1,5 @@
-"""Each request's id and log context, its access-log line and metrics, and the one place errors
-become responses.
+"""Each request's id and log context, its access-log line and metrics, the one place errors become
+responses, and the set of running handlers that the shutdown waits for: the gateway's one middleware.
 
 Each request gets an id of the gateway's own making, returned in `x-request-id`, forwarded upstream
 and bound into every log line. A client's own `x-request-id` is never used for that (it could forge
@@ -103,8 +103,8 @@ def new_request_id() -> str:
 def client_request_id(request: web.Request) -> str | None:
     """A client's own `x-request-id`, if it is sane and not its key (a client that misplaces its key
     there must not have it logged)."""
-    incoming = request.headers.get("x-request-id", "")
-    if not _SAFE_REQUEST_ID.fullmatch(incoming):
+    incoming = request.headers.get("x-request-id")
+    if not incoming or not _SAFE_REQUEST_ID.fullmatch(incoming):  # most clients send none
         return None
     key = bearer_token(request.headers.get("Authorization"))
     return None if key and (key in incoming or incoming in key) else incoming
@@ -134,14 +134,24 @@ def _as_gateway_error(exc: web.HTTPException, request: web.Request) -> GatewayEr
 
 
 def create_request_middleware(
-    metrics: Metrics, activity: Activity | None = None, tracing: Tracing | None = None
+    metrics: Metrics,
+    activity: Activity | None = None,
+    tracing: Tracing | None = None,
+    running: set[asyncio.Task[Any]] | None = None,
 ) -> Any:
     """`activity`, when given, counts each answered `/v1/` request by decision (the usage page);
-    `tracing`, when given, gives each `/v1/` request its trace."""
+    `tracing`, when given, gives each `/v1/` request its trace; `running`, when given, holds each
+    handler's task while it runs (the shutdown's drain waits for them: gateway/shutdown.py).
+
+    The gateway's only middleware: each layer costs every request a coroutine and a frame."""
     counter = RequestCounter(metrics, activity)
+    handlers = running if running is not None else set()
 
     @web.middleware
     async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
         record = RequestRecord(request_id=new_request_id(), started=time.perf_counter())
         if (client_id := client_request_id(request)) is not None:
             record.fields["client_request_id"] = client_id
@@ -152,7 +162,22 @@ def create_request_middleware(
                 record.trace = tracing.request(request)
         bound = _REQUEST_ID.set(record.request_id)  # for every line of the request, its work's too
         try:
-            response = await _handle(request, handler, record)
+            try:
+                response = await handler(request)
+            except GatewayError as error:
+                drop_tracebacks(error)  # the pipeline's task holds it, and its frames hold the task
+                response = error_response(error, request, record.request_id)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                response = error_response(_as_gateway_error(exc, request), request, record.request_id)
+            except Exception:
+                log.exception("request_failed", path=request.path)
+                failure = InternalError("The gateway failed to handle the request.")
+                response = error_response(failure, request, record.request_id)
+            else:
+                if not response.prepared:
+                    response.headers["x-request-id"] = record.request_id
             record.answer(response.status)
             return response
         finally:
@@ -166,27 +191,9 @@ def create_request_middleware(
             else:
                 _finish(request, record)
             _REQUEST_ID.reset(bound)  # (the callback above runs in a copy of the context, bound)
+            handlers.discard(task)
 
     return request_middleware
-
-
-async def _handle(request: web.Request, handler: Handler, record: RequestRecord) -> web.StreamResponse:
-    try:
-        response = await handler(request)
-    except GatewayError as error:
-        drop_tracebacks(error)  # the pipeline's task holds it, and its frames hold the task
-        return error_response(error, request, record.request_id)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_response(_as_gateway_error(exc, request), request, record.request_id)
-    except Exception:
-        log.exception("request_failed", path=request.path)
-        failure = InternalError("The gateway failed to handle the request.")
-        return error_response(failure, request, record.request_id)
-    if not response.prepared:
-        response.headers["x-request-id"] = record.request_id
-    return response
 
 
 def _finish(request: web.Request, record: RequestRecord) -> None:

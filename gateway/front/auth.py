@@ -3,6 +3,12 @@
 Only `sha256:<hex>` digests are configured, never plaintext keys. A presented key is hashed
 and looked up by digest, then compared with `hmac.compare_digest`, so neither the lookup nor
 the comparison depends on the secret's bytes in a way an attacker can time.
+
+A key that verified is remembered (`Keys`), so a tenant's next request skips the hashing. Only keys
+whose digest is configured get there, at most one per digest: a flood of random keys cannot grow
+it. It belongs to one configuration's Runtime, so a reload (a key revoked) starts it empty. The
+remembered key is looked up by Python's string hash, keyed with the process's secret random seed,
+and compared only once that full hash matches: its timing tells nothing of the key's bytes.
 """
 
 from __future__ import annotations
@@ -56,15 +62,34 @@ def bearer_token(authorization: str | None) -> str | None:
     return token
 
 
-def authenticate(index: Mapping[str, Credential], authorization: str | None) -> Credential:
-    """The credential for an `Authorization: Bearer ...` header, or InvalidApiKey."""
-    token = bearer_token(authorization)
-    if token is None and authorization and authorization[:7].lower() == "bearer ":
-        raise InvalidApiKey("Incorrect API key provided.")  # a key, but not one that could exist
-    if token is None:
-        raise InvalidApiKey("You didn't provide an API key. Send it as `Authorization: Bearer <key>`.")
-    digest = hash_key(token)
-    credential = index.get(digest)
-    if credential is None or not hmac.compare_digest(credential.key.hash, digest):
-        raise InvalidApiKey("Incorrect API key provided.")
-    return credential
+class Keys:
+    """One configuration's credentials by key digest (`sha256:<hex>`), and the keys that verified."""
+
+    __slots__ = ("_verified", "by_digest")
+
+    def __init__(self, by_digest: Mapping[str, Credential]) -> None:
+        self.by_digest = by_digest
+        self._verified: dict[str, Credential] = {}  # presented key -> its credential
+
+    def authenticate(self, authorization: str | None) -> Credential:
+        """The credential for an `Authorization: Bearer ...` header, or InvalidApiKey."""
+        if authorization is not None and authorization[:7] == "Bearer ":
+            known = self._verified.get(authorization[7:])
+            if known is not None:
+                return known
+        token, credential = self._verify(authorization)
+        self._verified[token] = credential
+        return credential
+
+    def _verify(self, authorization: str | None) -> tuple[str, Credential]:
+        """The key presented and its credential, found by the key's digest; or InvalidApiKey."""
+        token = bearer_token(authorization)
+        if token is None and authorization and authorization[:7].lower() == "bearer ":
+            raise InvalidApiKey("Incorrect API key provided.")  # a key, but not one that could exist
+        if token is None:
+            raise InvalidApiKey("You didn't provide an API key. Send it as `Authorization: Bearer <key>`.")
+        digest = hash_key(token)
+        credential = self.by_digest.get(digest)
+        if credential is None or not hmac.compare_digest(credential.key.hash, digest):
+            raise InvalidApiKey("Incorrect API key provided.")
+        return token, credential

@@ -6,7 +6,9 @@ import pytest
 
 from gateway.config import KeySettings
 from gateway.errors import InvalidApiKey
-from gateway.front.auth import Credential, authenticate, bearer_token, hash_key, new_key
+from gateway.front.auth import Credential, Keys, bearer_token, hash_key, new_key
+from gateway.runtime import Runtime
+from tests.support.config import TENANT_KEY, make_settings
 
 
 def test_hash_is_sha256_hex_of_the_key() -> None:
@@ -36,11 +38,37 @@ def test_bearer_token(header: str | None, token: str | None) -> None:
     assert bearer_token(header) == token
 
 
-def test_authenticate_finds_the_tenant_and_rejects_others() -> None:
+def _keys() -> Keys:
     key = KeySettings(hash=hash_key("secret"), name="ci")
-    index = {key.hash: Credential("team", key, 0)}
-    assert authenticate(index, "Bearer secret").tenant == "team"
-    assert authenticate(index, "Bearer secret").key_label == "ci"
-    for header in (None, "Bearer other", "Bearer secret2"):
+    return Keys({key.hash: Credential("team", key, 0)})
+
+
+def test_authenticate_finds_the_tenant_and_rejects_others() -> None:
+    keys = _keys()
+    assert keys.authenticate("Bearer secret").tenant == "team"
+    assert keys.authenticate("Bearer secret").key_label == "ci"  # remembered
+    assert keys.authenticate("bearer  secret ").tenant == "team"
+    for header in (None, "Bearer other", "Bearer secret2", "Bearer secre", "Bearer secret x", "Basic secret"):
         with pytest.raises(InvalidApiKey):
-            authenticate(index, header)
+            keys.authenticate(header)
+
+
+def test_only_keys_that_verified_are_remembered() -> None:
+    keys = _keys()
+    for _ in range(1000):  # a flood of wrong keys leaves nothing behind
+        with pytest.raises(InvalidApiKey):
+            keys.authenticate(f"Bearer {new_key()}")
+    assert keys._verified == {}
+    for header in ("Bearer secret", "bearer secret", "Bearer  secret  "):
+        keys.authenticate(header)
+    assert list(keys._verified) == ["secret"]  # one entry per configured key, whatever the header
+
+
+def test_a_reload_forgets_the_keys_that_verified() -> None:
+    settings = make_settings("http://127.0.0.1:9/v1")
+    before = Runtime.build(settings)
+    assert before.credentials.authenticate(f"Bearer {TENANT_KEY}").tenant == "team"
+    settings.tenants.pop("team")  # the key revoked: the next configuration refuses it at once
+    after = Runtime.build(settings)
+    with pytest.raises(InvalidApiKey):
+        after.credentials.authenticate(f"Bearer {TENANT_KEY}")

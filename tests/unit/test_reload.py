@@ -31,7 +31,7 @@ def test_server_and_store_changes_wait_for_a_restart_while_the_rest_applies(tmp_
     assert reloader.needs_restart == ["server", "store"]
     assert (runtime.settings.server.port, runtime.settings.server.client_write_timeout_seconds) == (8080, 30)
     assert runtime.settings.store.timeout_ms == 250
-    assert hash_key(OTHER_KEY + "-new") in runtime.credentials  # tenants apply at once
+    assert hash_key(OTHER_KEY + "-new") in runtime.credentials.by_digest  # tenants apply at once
 
     path.write_text(yaml.safe_dump({**config, "server": {"port": 8080, "client_write_timeout_seconds": 30}}))
     reloader.reload()
