@@ -107,7 +107,7 @@ async def serve(
         raise ListenError(ops_host, server.ops_port, exc) from exc
     url = f"http://{server.host}:{_bound_port(runner) or server.port}"
     # What startup built is frozen out of every collection from here on (garbage.py).
-    collection = GarbageCollection(app[METRICS], lambda: not app[IN_FLIGHT] and not app[PIPELINE].tasks)
+    collection = GarbageCollection(app[METRICS], lambda: len(app[IN_FLIGHT]) + len(app[PIPELINE].tasks))
     collection.start()
     _log_store(settings)
     log.info(
