@@ -88,7 +88,8 @@ class EvalBatcher:
     ) -> None:
         """A batch written on the lean connection: its replies, or the exception that lost it."""
         self._sending.discard(written)
-        written.set_result(None)
+        if not written.done():  # (a cancelled `close` may have cancelled it)
+            written.set_result(None)
         if isinstance(replies, BaseException):  # the connection was lost: every call fails with it
             for call in batch:
                 _settle_future(call.future, exception=replies)
