@@ -126,7 +126,9 @@ def main() -> None:
     parser.add_argument("--checkout", action="append", default=[], help="another checkout to count too")
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--image-bytes", type=int, default=None, help="the mock's base64 image size")
-    parser.add_argument("--partial-interval-ms", type=float, default=0.0, help="the mock's pause between events")
+    parser.add_argument(
+        "--partial-interval-ms", type=float, default=0.0, help="the mock's pause between events"
+    )
     asyncio.run(bench(parser.parse_args()))
 
 
