@@ -53,6 +53,18 @@ def odd_chunks(data: bytes, sizes: tuple[int, ...] = (1, 7, 2, 13, 3, 64, 5)) ->
     return chunks
 
 
+def generation_request(*, stream: bool) -> bytes:
+    """A generation request's bytes, as a client sends them on its connection."""
+    return raw_http.request(
+        "/v1/images/generations",
+        headers=[
+            (b"Authorization", b"Bearer " + TENANT_KEY.encode()),
+            (b"Content-Type", b"application/json"),
+        ],
+        body=orjson.dumps({"model": "gpt-image-1.5", "prompt": "p", "stream": stream}),
+    )
+
+
 async def scripted(start_server: StartServer, script: Script) -> tuple[ScriptedUpstream, TestServer]:
     upstream = ScriptedUpstream(script)
     return upstream, await start_server(upstream.app())
@@ -107,6 +119,23 @@ async def test_first_event_reaches_client_before_upstream_finishes(
             assert got == first
             assert not upstream.finished.is_set()
             await resp.read()
+
+
+async def test_a_streams_headers_reach_the_client_before_its_first_event_comes(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    """The upstream's headers come, its first event a second later: the client has the headers
+    (the answer's status) at once, not with the first event."""
+    event = b'data: {"type":"image_generation.completed"}\n\n'
+    _, server = await scripted(start_server, Script(chunks=[b"", event], chunk_delay=1.0))
+    gw = await start_gateway(openai_url=base_url(server))
+    async with aiohttp.ClientSession() as session:
+        payload = {"model": "gpt-image-1.5", "prompt": "p", "stream": True}
+        started = asyncio.get_running_loop().time()
+        async with session.post(f"{gw.v1}/images/generations", json=payload, headers=AUTH) as resp:
+            assert asyncio.get_running_loop().time() - started < 0.5
+            assert resp.status == 200
+            assert await resp.read() == event
 
 
 async def test_upstream_gets_org_key_and_every_field(gateway: Running, mock_openai: TestServer) -> None:
@@ -342,15 +371,7 @@ async def test_a_stream_the_upstream_ended_at_its_last_piece_keeps_its_chunked_f
     port = server.sockets[0].getsockname()[1]
     try:
         gw = await start_gateway(openai_url=f"http://127.0.0.1:{port}/v1")
-        payload = orjson.dumps({"model": "gpt-image-1.5", "prompt": "p", "stream": True})
-        ask = raw_http.request(
-            "/v1/images/generations",
-            headers=[
-                (b"Authorization", b"Bearer " + TENANT_KEY.encode()),
-                (b"Content-Type", b"application/json"),
-            ],
-            body=payload,
-        )
+        ask = generation_request(stream=True)
         assert gw.server.port is not None
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
         try:
@@ -365,3 +386,57 @@ async def test_a_stream_the_upstream_ended_at_its_last_piece_keeps_its_chunked_f
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["sse", "json"])
+async def test_pieces_arriving_apart_are_framed_exactly_and_the_connection_stays_usable(
+    start_server: StartServer, start_gateway: StartGateway, streaming: bool
+) -> None:
+    """Pieces that arrive one by one go to the client as they come (each as a chunk of its own
+    when the answer is chunked); the answer ends cleanly, so the next request on the connection
+    is answered too."""
+    body = b"".join(SSE_PIECES) if streaming else JSON_ANSWER
+    script = Script(
+        content_type="text/event-stream" if streaming else "application/json",
+        chunks=odd_chunks(body, (40, 1, 300, 7)),
+        chunk_delay=0.002,
+        content_length=not streaming,
+    )
+    _, server = await scripted(start_server, script)
+    gw = await start_gateway(openai_url=base_url(server))
+    ask = generation_request(stream=streaming)
+    assert gw.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    try:
+        for _ in range(2):
+            writer.write(ask)
+            answer = await raw_http.read_response(reader)
+            assert answer.status == 200 and not answer.closed
+            assert answer.body == body
+            if streaming:
+                assert answer.headers["transfer-encoding"] == "chunked"
+            else:
+                assert answer.headers["content-length"] == str(len(body))
+    finally:
+        writer.close()
+
+
+async def test_an_http_1_0_client_gets_the_stream_unframed_to_the_connections_end(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    """HTTP/1.0 has no chunks: the stream's pieces go out as they are and its end closes the
+    connection."""
+    body = b"".join(SSE_PIECES)
+    _, server = await scripted(start_server, Script(chunks=odd_chunks(body), chunk_delay=0.001))
+    gw = await start_gateway(openai_url=base_url(server))
+    payload = orjson.dumps({"model": "gpt-image-1.5", "prompt": "p", "stream": True})
+    ask = (
+        b"POST /v1/images/generations HTTP/1.0\r\nAuthorization: Bearer "
+        + TENANT_KEY.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload)
+        + payload
+    )
+    assert gw.server.port is not None
+    answer = await raw_http.exchange(gw.server.port, ask)
+    assert answer.status == 200 and "transfer-encoding" not in answer.headers
+    assert answer.body == body
