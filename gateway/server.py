@@ -38,6 +38,7 @@ from gateway.front.connections import FrontRunner, raise_file_limit
 from gateway.garbage import GarbageCollection
 from gateway.handoff import SUPERVISOR_WAIT, Dealer, HandedSite
 from gateway.health import METRICS, create_ops_app
+from gateway.heap import keep_heap
 from gateway.logs import get_logger
 from gateway.shutdown import IN_FLIGHT, RUNNER_SHUTDOWN_TIMEOUT, SETTLEMENTS_LOST, drain
 
@@ -86,6 +87,7 @@ async def serve(
         app[RELOADER].supervisor_pid = os.getppid()
     server = settings.server
     file_limit = raise_file_limit()  # before the front door sizes its connection cap from it
+    keep_heap()  # large answers relayed without growing and trimming the heap each time
     runner = FrontRunner(app, handle_signals=False, access_log=None, shutdown_timeout=RUNNER_SHUTDOWN_TIMEOUT)
     await runner.setup()
     site = _tenant_site(runner, server, channel)

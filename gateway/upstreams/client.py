@@ -3,7 +3,10 @@
 Each exchange is one `transport.write` of the request head and body (a streamed body follows its
 head piece by piece, waiting for the transport to drain), answered through a C parser (httptools,
 llhttp) straight into a deque of body pieces. Nothing is decompressed; the answer's head keeps
-the upstream's header names, case and order.
+the upstream's header names, case and order. A body of a known length (`Content-Length`, the usual
+JSON answer) goes through the parser only as far as the piece its head came in: the pieces after
+it are counted down to its end and kept as they arrived, since the parser would only copy each
+into a new bytes object to find the same end (a large image's body is mostly such pieces).
 
 A `Pool` per upstream holds at most `max_connections` connections: idle ones are reused most
 recent first and closed after `IDLE_SECONDS`; a request that finds none free waits for one, and
@@ -34,7 +37,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 IDLE_SECONDS = 15.0  # an idle connection is closed after this long (aiohttp's keep-alive default)
-HIGH_WATER = 128 * 1024  # buffered body bytes above which the socket is not read (aiohttp's)
+HIGH_WATER = 128 * 1024  # buffered body bytes above which the socket is not read (aiohttp's),
+# unless a read waits for the piece that crossed it: at most HIGH_WATER or one socket read (~250 KB),
+# plus one more socket read, is kept
 LOW_WATER = 64 * 1024  # and below which it is read again
 MAX_HEAD_BYTES = 64 * 1024  # an answer's status line and headers: far more than an upstream sends
 
@@ -131,6 +136,7 @@ class Connection(asyncio.Protocol):
         "idle_since",
         "informational",
         "keep_alive",
+        "left",
         "loop",
         "parser",
         "paused",
@@ -171,6 +177,7 @@ class Connection(asyncio.Protocol):
         self.informational = False
         self.until_close = False
         self.keep_alive = False
+        self.left = 0  # what is still to come of a Content-Length body, read past the parser
 
     # -- the exchange ---------------------------------------------------------------------------
 
@@ -307,6 +314,9 @@ class Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.left:
+            self._count_down(data)
+            return
         if self.answered is None and self.response is None:
             self.close()  # nothing was asked: an idle connection must stay silent
             return
@@ -322,6 +332,23 @@ class Connection(asyncio.Protocol):
             if self.head_bytes > MAX_HEAD_BYTES:
                 self._fail(Dropped(f"the answer's head is larger than {MAX_HEAD_BYTES} bytes"))
                 self.close()
+
+    def _count_down(self, data: bytes) -> None:
+        """A piece of a Content-Length body after the one its head came with: kept as it arrived.
+        The parser is left behind in the middle of the body: a fresh one reads the next answer."""
+        self.heard_at = self.loop.time()
+        left = self.left
+        if len(data) <= left:
+            self.left = left - len(data)
+            self._keep(data)
+            if not self.left:
+                self.parser = httptools.HttpResponseParser(self)
+                self.on_message_complete()
+            return
+        self.left = 0  # bytes past the answer's end: nothing asked for them (as the parser says)
+        self._keep(data[:left])
+        self.on_message_complete()
+        self.close()
 
     def eof_received(self) -> bool:
         return False  # closes the transport: connection_lost follows
@@ -367,30 +394,40 @@ class Connection(asyncio.Protocol):
             return
         headers = CIMultiDictProxy(CIMultiDict(self.raw_headers))
         response = self.response = Response(self, status, self.reason.decode("latin-1"), headers)
-        self.until_close = (
-            response.content_length is None
-            and "Transfer-Encoding" not in headers
-            and status not in (204, 304)
-        )
+        # neither chunked nor bodiless (204, 304): the body ends at its length, or with the connection
+        unchunked = "Transfer-Encoding" not in headers and status not in (204, 304)
+        self.until_close = unchunked and response.content_length is None
+        if unchunked and response.content_length:
+            self.left = response.content_length  # the parser counts down what came with the head
+        # asked now: the parser forgets the answer's `Connection` header once it has ended, and a
+        # Content-Length body may end without it
+        self.keep_alive = self.parser.should_keep_alive()
         answered = self.answered
         if answered is not None and not answered.done():
             answered.set_result(response)
 
     def on_body(self, piece: bytes) -> None:
+        if self.left:
+            self.left -= len(piece)
+        self._keep(piece)
+
+    def _keep(self, piece: bytes) -> None:
+        """A body piece for `read`; reading pauses while more than `HIGH_WATER` is kept, unless
+        a read is waiting for this very piece (it takes it at the loop's next turn: pausing would
+        only be undone then, two system calls for nothing)."""
         self.body.append(piece)
         self.buffered += len(piece)
-        if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
+        if self.waiter is not None:
+            self._wake()
+        elif self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
-        self._wake()
 
     def on_message_complete(self) -> None:
         if self.informational:
             self.informational = False
             return
         self.complete = True
-        # asked now: the parser forgets the answer's `Connection` header once it has ended
-        self.keep_alive = self.parser.should_keep_alive()
         self._stop_timer()
         self._wake()
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import shutil
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 from aiohttp import web
@@ -130,6 +132,47 @@ async def test_a_body_split_at_every_boundary_arrives_whole_and_the_connection_i
         await pool.close()
 
 
+SIZED_BODY = b'{"data": [{"b64_json": "aGk="}]}'
+SIZED = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+    len(SIZED_BODY),
+    SIZED_BODY,
+)
+
+
+async def test_a_content_length_body_split_anywhere_arrives_whole_and_the_next_answer_is_parsed(
+    raw_server: Callable[[Answer], Awaitable[str]],
+) -> None:
+    """Past the piece with its head, a Content-Length body is counted down, not parsed: wherever
+    the pieces split, the body is whole and the next answer on the connection is read afresh."""
+    head = SIZED.index(b"\r\n\r\n") + 4
+    splits = [(split,) for split in range(1, len(SIZED))]
+    splits += [(head + cut, head + cut + 1) for cut in range(len(SIZED) - head - 1)]  # 3 pieces
+    splits += [(head, head + 13)]  # the head alone, then the body in two
+    for cuts in splits:
+        bounds = [0, *cuts, len(SIZED)]
+        pieces = [SIZED[start:end] for start, end in itertools.pairwise(bounds)]
+        pool = Pool(await raw_server(sends(*pieces)), 1)
+        for _ in range(2):  # the next exchange on the same connection
+            response, body = await post(pool)
+            assert body == SIZED_BODY, cuts
+            assert (response.status, response.content_length) == (200, len(SIZED_BODY))
+            assert response.headers["Content-Type"] == "application/json"
+        assert len(pool.connections) == 1 and len(pool.idle) == 1, cuts
+        await pool.close()
+
+
+async def test_bytes_past_a_content_length_body_close_the_connection(
+    raw_server: Callable[[Answer], Awaitable[str]],
+) -> None:
+    head = SIZED.index(b"\r\n\r\n") + 4
+    extra = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    for after in (extra, b"x"):  # another answer, or not even that
+        pool = Pool(await raw_server(sends(SIZED[: head + 5], SIZED[head + 5 :] + after)), 1)
+        assert (await post(pool))[1] == SIZED_BODY  # the answer asked for is whole
+        assert pool.open == 0 and not pool.idle  # but the connection is not trusted again
+        await pool.close()
+
+
 async def test_content_length_and_until_close_bodies(raw_server: Callable[[Answer], Awaitable[str]]) -> None:
     sized = b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\n\r\nhel" + b"lo"
     pool = Pool(await raw_server(sends(sized[:-2], sized[-2:])), 4)
@@ -148,9 +191,10 @@ async def test_content_length_and_until_close_bodies(raw_server: Callable[[Answe
 
 async def test_connection_close_is_honoured(raw_server: Callable[[Answer], Awaitable[str]]) -> None:
     answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}"
-    pool = Pool(await raw_server(sends(answer)), 4)
-    assert (await post(pool))[1] == b"{}"
-    assert not pool.idle and pool.open == 0
+    for pieces in ((answer,), (answer[:-1], answer[-1:])):  # the body's end found by either reader
+        pool = Pool(await raw_server(sends(*pieces)), 4)
+        assert (await post(pool))[1] == b"{}"
+        assert not pool.idle and pool.open == 0
 
 
 async def test_an_informational_answer_is_skipped(raw_server: Callable[[Answer], Awaitable[str]]) -> None:
@@ -182,6 +226,17 @@ async def test_a_connection_dropped_mid_body_fails_the_read_and_is_not_reused(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
     ):
         await first_piece_then(Pool(await raw_server(sends(cut, close=True)), 4), b"hello", Dropped)
+    # cut short after a piece counted down past the parser
+    pieces = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhel", b"lo"
+    pool = Pool(await raw_server(sends(*pieces, close=True)), 4)
+    response = await pool.request("/echo", HEADERS, b"{}", 1.0, 5.0)
+    assert await response.read() == b"hel"
+    assert await response.read() == b"lo"
+    with pytest.raises(Dropped):
+        await response.read()
+    response.release()
+    assert pool.open == 0
+    await pool.close()
 
 
 async def test_a_dropped_connection_before_the_answer_and_a_malformed_answer_are_not_never_reached(
@@ -208,6 +263,13 @@ async def test_the_read_timeout_is_the_silence_between_two_reads(
     await pool.close()
 
     pool = Pool(await raw_server(sends(head + b"1\r\na\r\n", b"1\r\nb\r\n0\r\n\r\n", pause=0.6)), 4)
+    await first_piece_then(pool, b"a", ReadTimeout, read_timeout=0.4)
+
+    sized = [b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n"] + [b"a"] * 4  # counted past the parser
+    pool = Pool(await raw_server(sends(*sized, pause=0.15)), 4)
+    assert (await post(pool, read_timeout=0.4))[1] == b"aaaa"
+    await pool.close()
+    pool = Pool(await raw_server(sends(sized[0] + b"a", b"a", b"bb", pause=0.6)), 4)
     await first_piece_then(pool, b"a", ReadTimeout, read_timeout=0.4)
 
     pool = Pool(await raw_server(sends(pause=1.0)), 4)  # no answer at all
@@ -349,6 +411,52 @@ async def test_reading_pauses_above_the_high_water_mark(
     assert peak <= client.HIGH_WATER + 512 * 1024  # the buffer, plus at most one socket read
     assert len(pool.idle) == 1
     await pool.close()
+
+
+class Transport:
+    """Stands for a connected socket's transport: counts the pauses and resumptions of reading."""
+
+    def __init__(self) -> None:
+        self.pauses = 0
+        self.resumes = 0
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.resumes += 1
+
+    def abort(self) -> None:
+        pass
+
+
+async def test_a_piece_a_read_is_waiting_for_does_not_pause_reading() -> None:
+    """Pausing for a piece the waiting read takes at the loop's next turn would only be undone then."""
+    connection = client.Connection(Pool("http://127.0.0.1:9/v1", 1))
+    transport = Transport()
+    connection.connection_made(cast("asyncio.Transport", transport))
+    piece = client.HIGH_WATER + 1
+    exchange = asyncio.ensure_future(connection.exchange(b"POST / HTTP/1.1\r\n\r\n", b"", 5.0))
+    await asyncio.sleep(0)  # the request is sent
+    connection.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (3 * piece))
+    response = await exchange
+    reading = asyncio.ensure_future(response.read())
+    await asyncio.sleep(0)  # the read waits for a piece
+    connection.data_received(b"a" * piece)
+    assert transport.pauses == 0
+    connection.data_received(b"b" * piece)  # no read waits: more than HIGH_WATER kept
+    assert transport.pauses == 1
+    assert await reading == b"a" * piece
+    assert await response.read() == b"b" * piece and transport.resumes == 1
+    reading = asyncio.ensure_future(response.read())
+    await asyncio.sleep(0)
+    connection.data_received(b"c" * piece)  # the last piece, for a waiting read again
+    assert await reading == b"c" * piece and await response.read() == b""
+    assert transport.pauses == 1 and connection.reusable
+    connection.connection_lost(None)
 
 
 async def test_a_connection_paused_by_an_answer_left_unread_reads_the_next_one(
