@@ -152,6 +152,9 @@ class Pipeline:
                 outcome: RelayOutcome | None = None
                 try:
                     self.store.hold(admitted.reservation)  # its concurrency leases, renewed until settled
+                    # Its rate-limit headers are rendered while the upstream works: called soon, so
+                    # once this step has sent the upstream request (or waits for a connection).
+                    asyncio.get_running_loop().call_soon(admitted.admission.render)
                     answer, outcome = await self.forward_and_relay(request, runtime, admitted, record)
                 except GatewayError as error:
                     error.headers.update(admitted.admission.headers)

@@ -10,7 +10,8 @@ else on one redis-py pooled connection (TLS, unix sockets); for a cluster, as a 
 pipeline, which routes each call to its slot's node.
 
 On the lean connection, when it is connected, a batch is written from the flush callback itself
-and its last reply settles the calls: no task, no coroutine. Those writes are not counted by the
+and the connection settles the calls as it reads the last reply: no task, no coroutine, and the
+callers wake in the loop turn after the reply arrives, not a turn later. Those writes are not counted by the
 engine's in-flight bound (which bounds pooled connections; the lean one is a single pipelined
 socket, whose calls its own reply timeout fails). Otherwise a task sends it.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -70,11 +72,9 @@ class EvalBatcher:
     def _flush(self) -> None:
         batch, self._queue = self._queue, []
         if self._lean is not None:
-            waiters = self._lean.send(_pack_batch(batch), len(batch))
-            if waiters is not None:  # connected: written now, the last reply settles the calls
-                last = waiters[-1]
-                self._sending.add(last)
-                last.add_done_callback(lambda _: self._answered(batch, waiters))
+            written: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # for `close`
+            if self._lean.send(_pack_batch(batch), len(batch), partial(self._answered, batch, written)):
+                self._sending.add(written)
                 return
         self._start(self._send(batch))
 
@@ -83,14 +83,18 @@ class EvalBatcher:
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    def _answered(self, batch: list[_Call], waiters: list[asyncio.Future[Any]]) -> None:
-        self._sending.discard(waiters[-1])
-        lost = waiters[-1].exception()  # the connection was lost: all of them failed with it
-        if lost is not None:
+    def _answered(
+        self, batch: list[_Call], written: asyncio.Future[None], replies: list[Any] | BaseException
+    ) -> None:
+        """A batch written on the lean connection: its replies, or the exception that lost it."""
+        self._sending.discard(written)
+        if not written.done():  # (a cancelled `close` may have cancelled it)
+            written.set_result(None)
+        if isinstance(replies, BaseException):  # the connection was lost: every call fails with it
             for call in batch:
-                _settle_future(call.future, exception=lost)
+                _settle_future(call.future, exception=replies)
             return
-        self._settle(batch, [waiter.result() for waiter in waiters])
+        self._settle(batch, replies)
 
     async def _send(self, batch: list[_Call]) -> None:
         try:

@@ -10,6 +10,7 @@ longest wait among the limits that refused it. When both kinds refuse, quota win
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 from gateway.errors import GatewayError, QuotaExceeded, RateLimited
 from gateway.limits import headers
@@ -130,13 +131,10 @@ def decide(
     if reply.status == "admitted":
         metrics.record(plan.tenant, observed, "shadow")
         shadow = [f"{check.scope}.{check.kind.name}" for check, reading in observed if reading.code != OK]
-        return Admission(
-            True,
-            reservation,
-            None,
-            headers.render(observed, plan=call.shared.headers, rejected=False, retry_after_us=None),
-            shadow,
-        )
+        # rendered once the upstream request is out (see `Admission`)
+        shared = call.shared.headers
+        render = partial(headers.render, observed, plan=shared, rejected=False, retry_after_us=None)
+        return Admission(True, reservation, None, render, shadow)
     # Rejected by the enforced limits; a shadowed limit that would refuse too is only counted.
     refusing = [o for o in observed if o[1].code != OK and not o[0].shadow]
     metrics.record(plan.tenant, observed, "over_limit")

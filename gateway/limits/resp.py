@@ -10,7 +10,9 @@ anything else (TLS, unix sockets) and every other command (script loading, the l
 stays with redis-py, as does Redis Cluster.
 
 One connection is opened on first use and again after it is lost. A caller that gives up waiting
-leaves its place in the queue, so the replies still line up.
+leaves its place in the queue, so the replies still line up. A write's replies are handed over as
+the last of them is read (`send`'s callback), in the same loop turn: the batcher settles its
+callers from there, with no future of its own to wake it a turn later.
 
 What counts as "Redis did not answer" is judged here, from what is Redis's alone. Time spent
 before the write (batching, waiting for a turn) is not Redis's, and neither is the event loop's
@@ -35,6 +37,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import hiredis
@@ -67,10 +70,36 @@ def after_io_turn(loop: asyncio.AbstractEventLoop, callback: Callable[[], None])
     loop.call_soon(loop.call_soon, callback)
 
 
+# What a write's replies are handed to: the replies in order (error replies as exceptions), or the
+# exception that lost the connection.
+Done = Callable[[list[Any] | BaseException], None]
+
+
+class _Owed:
+    """The replies one write is owed, and who gets them (once, when the last one is read)."""
+
+    __slots__ = ("count", "done", "replies", "written_at")
+
+    def __init__(self, written_at: float, count: int, done: Done) -> None:
+        self.written_at = written_at
+        self.count = count
+        self.done = done
+        self.replies: list[Any] = []
+
+
+def _resolve(future: asyncio.Future[list[Any]], result: list[Any] | BaseException) -> None:
+    if future.done():  # the caller gave up
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self, reply_timeout: float, give_up_after: float) -> None:
         self._parser = hiredis.Reader()
-        self._waiting: deque[tuple[float, asyncio.Future[Any]]] = deque()  # (written at, waiter)
+        self._waiting: deque[_Owed] = deque()  # the writes still owed replies, oldest first
         self._transport: Any = None  # uvloop's transports are not asyncio.Transport subclasses
         self._loop = asyncio.get_running_loop()
         self._reply_timeout = reply_timeout
@@ -92,35 +121,40 @@ class _Protocol(asyncio.Protocol):
             if not self._waiting:  # nothing was asked (e.g. "max number of clients"): not ours
                 self.abort()
                 return
-            _, waiter = self._waiting.popleft()
-            if not waiter.done():  # a caller that gave up still had its place in the queue
-                waiter.set_result(_reply(reply))
+            owed = self._waiting[0]
+            owed.replies.append(_reply(reply))
+            if len(owed.replies) == owed.count:
+                self._waiting.popleft()
+                owed.done(owed.replies)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.lost is None:
             self.lost = RedisConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}")
         while self._waiting:
-            _, waiter = self._waiting.popleft()
-            if not waiter.done():
-                waiter.set_exception(self.lost)
+            self._waiting.popleft().done(self.lost)
 
-    def send(self, payload: bytes, replies: int) -> list[asyncio.Future[Any]]:
+    def send(self, payload: bytes, replies: int, done: Done) -> None:
+        """Write `payload` (`replies` commands); `done` gets their replies once all are read."""
         if self.lost is not None or self._transport is None:
             raise self.lost or RedisConnectionError("not connected to Redis")
         now = self._loop.time()
-        waiters = [self._loop.create_future() for _ in range(replies)]
-        self._waiting.extend((now, waiter) for waiter in waiters)
+        self._waiting.append(_Owed(now, replies, done))
         self._transport.write(payload)
         if not self._watching:
             self._watching = True
             self._loop.call_at(now + self._reply_timeout, self._watch)
-        return waiters
+
+    def request(self, payload: bytes, replies: int) -> asyncio.Future[list[Any]]:
+        """`send`, with the replies as a future's result."""
+        future: asyncio.Future[list[Any]] = self._loop.create_future()
+        self.send(payload, replies, partial(_resolve, future))
+        return future
 
     def _suspect_at(self) -> float | None:
         """When the connection turns suspect if nothing is read before; None: nothing is owed."""
         if not self._waiting:
             return None
-        return max(self._waiting[0][0], self._last_read) + self._reply_timeout
+        return max(self._waiting[0].written_at, self._last_read) + self._reply_timeout
 
     def _watch(self) -> None:
         suspect_at = self._suspect_at()
@@ -138,11 +172,10 @@ class _Protocol(asyncio.Protocol):
         if suspect_at is None or self.lost is not None or now < suspect_at:
             self._watch()
             return
-        give_up_at = self._waiting[0][0] + self._give_up_after
+        written_at = self._waiting[0].written_at
+        give_up_at = written_at + self._give_up_after
         if self.on_suspect is None or now >= give_up_at:
-            self.fail(
-                f"no reply from Redis within {min(now - self._waiting[0][0], self._give_up_after):.3g} s"
-            )
+            self.fail(f"no reply from Redis within {min(now - written_at, self._give_up_after):.3g} s")
             return
         if not self._checking:
             self._checking = True
@@ -221,19 +254,25 @@ class RespConnection:
         No timer of the caller's: the connection itself fails the call if Redis stops answering."""
         if self._closed:
             raise RedisConnectionError("the connection to Redis is closed")
-        waiters = self.send(payload, replies)
-        if waiters is None:
-            waiters = (await self._connect()).send(payload, replies)
-        return [await waiter for waiter in waiters]
+        protocol = self._ready() or await self._connect()
+        return await protocol.request(payload, replies)
 
-    def send(self, payload: bytes, replies: int) -> list[asyncio.Future[Any]] | None:
-        """Write `payload` now and return the futures of its replies (in order; a lost connection
-        fails them all with one exception), without a coroutine; None when there is no connection
-        ready (or it is closed): `execute` connects first."""
+    def send(self, payload: bytes, replies: int, done: Done) -> bool:
+        """Write `payload` now, without a coroutine; `done` is called with its replies as the last
+        one is read (in order, error replies as exceptions), or with the exception that lost the
+        connection. False, and nothing written, when there is no connection ready (or it is
+        closed): `execute` connects first."""
+        protocol = self._ready()
+        if protocol is None:
+            return False
+        protocol.send(payload, replies, done)
+        return True
+
+    def _ready(self) -> _Protocol | None:
         protocol = self._protocol
         if self._closed or protocol is None or protocol.lost is not None:
             return None
-        return protocol.send(payload, replies)
+        return protocol
 
     async def _connect(self) -> _Protocol:
         # Callers that find the connection down together share one attempt.
@@ -284,7 +323,7 @@ class RespConnection:
             deadline.cancel()
         try:
             for hello in self._hello:
-                [reply] = await asyncio.gather(*protocol.send(hello, 1))
+                [reply] = await protocol.request(hello, 1)
                 if isinstance(reply, ResponseError):
                     raise RedisConnectionError(f"Redis refused the connection: {reply}")
         except BaseException as exc:

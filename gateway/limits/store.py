@@ -13,7 +13,8 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from datetime import date
 from typing import Any, Protocol
 
@@ -91,13 +92,46 @@ class Reservation:
         )
 
 
-@dataclass(slots=True)
 class Admission:
-    allowed: bool
-    reservation: Reservation | None  # None when rejected
-    error: GatewayError | None  # RateLimited, QuotaExceeded or StoreUnavailable when rejected
-    headers: dict[str, str]  # rate-limit headers for the response, allowed or not
-    shadow_rejections: list[str] = field(default_factory=list)  # `<scope>.<limit>` that would reject
+    """The store's decision on one request, and the rate-limit headers for its response.
+
+    An admitted request's headers are rendered when first asked for, not when the store answers:
+    they are first needed once the upstream has answered, so the pipeline has them rendered while
+    the upstream works (`render`) and the upstream request goes out a little sooner."""
+
+    __slots__ = ("_headers", "_render", "allowed", "error", "reservation", "shadow_rejections")
+
+    def __init__(
+        self,
+        allowed: bool,
+        reservation: Reservation | None,  # None when rejected
+        error: GatewayError | None,  # RateLimited, QuotaExceeded or StoreUnavailable when rejected
+        headers: dict[str, str] | Callable[[], dict[str, str]],  # or what renders them, once
+        shadow_rejections: list[str] | None = None,  # `<scope>.<limit>` that would reject
+    ) -> None:
+        self.allowed = allowed
+        self.reservation = reservation
+        self.error = error
+        self.shadow_rejections = shadow_rejections if shadow_rejections is not None else []
+        self._headers: dict[str, str] | None = None
+        self._render: Callable[[], dict[str, str]] | None = None
+        if callable(headers):
+            self._render = headers
+        else:
+            self._headers = headers
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The rate-limit headers for the response, allowed or not."""
+        if self._headers is None:
+            self.render()
+        assert self._headers is not None
+        return self._headers
+
+    def render(self) -> None:
+        """Render the headers now, if they are not yet."""
+        if self._render is not None:
+            self._headers, self._render = self._render(), None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,12 +1,18 @@
-"""The batcher's own RESP packing must be byte-for-byte what redis-py would send."""
+"""The batcher's own RESP packing must be byte-for-byte what redis-py would send; a batch's
+replies reach its callers as the lean connection reads them."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 from redis.asyncio.connection import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
-from gateway.limits.batching import _Call, _pack_evalsha
+from gateway.limits.batching import EvalBatcher, _Call, _pack_evalsha
+from gateway.limits.resp import _Protocol, command
 from gateway.limits.scripts import RESERVE
 
 
@@ -16,3 +22,51 @@ async def test_evalsha_is_packed_exactly_as_redis_py_packs_it() -> None:
     call = _Call(RESERVE, keys, args, asyncio.get_running_loop().create_future())
     expected = b"".join(Connection().pack_command("EVALSHA", *call.argv()))
     assert _pack_evalsha(call) == expected
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def abort(self) -> None:
+        pass
+
+
+async def test_a_write_gets_its_replies_as_the_last_one_is_read() -> None:
+    protocol = _Protocol(reply_timeout=5.0, give_up_after=10.0)
+    protocol.connection_made(_Transport())
+    got: list[list[Any] | BaseException] = []
+    protocol.send(command("SET", "k", "v") + command("NOPE"), 2, got.append)
+    protocol.data_received(b"+OK\r\n")
+    assert got == []
+    protocol.data_received(b"-ERR unknown command 'NOPE'\r\n")
+    [replies] = got
+    assert isinstance(replies, list) and replies[0] == b"OK" and isinstance(replies[1], ResponseError)
+    protocol.send(command("PING"), 1, got.append)
+    protocol.connection_lost(None)
+    assert isinstance(got[1], RedisConnectionError)
+
+
+class _Lean:
+    """A connected lean connection that keeps what it is sent, to answer by hand."""
+
+    def __init__(self) -> None:
+        self.done: list[Callable[[list[Any] | BaseException], None]] = []
+
+    def send(self, payload: bytes, replies: int, done: Callable[[list[Any] | BaseException], None]) -> bool:
+        self.done.append(done)
+        return True
+
+
+async def test_the_callers_of_a_batch_are_settled_when_its_replies_are_read_not_a_turn_later() -> None:
+    lean = _Lean()
+    batcher = EvalBatcher(None, asyncio.Semaphore(1), lean)  # type: ignore[arg-type]
+    first, second = batcher.evalsha(RESERVE, ["k"], []), batcher.evalsha(RESERVE, ["k"], [])
+    await asyncio.sleep(0)  # the flush: one write for both
+    [done] = lean.done
+    done([1, ResponseError("over")])
+    assert first.result() == 1
+    assert isinstance(second.exception(), ResponseError)
