@@ -12,6 +12,7 @@ Used by `gateway.usage` for JSON bodies and for each SSE event's data.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -190,12 +191,14 @@ class JsonScanner:
         self._raw = {}
 
 
-def _string_end(buf: bytes, seg: int, end: int, escaped: bool) -> tuple[int, bool]:
+def _string_end(buf: bytes, seg: int, end: int, escaped: bool, quote: int | None = None) -> tuple[int, bool]:
     """The closing quote of the string whose next segment is `buf[seg:end]`, or -1 if it goes on, and
-    then whether the segment after it starts escaped. `escaped`: whether this one does."""
+    then whether the segment after it starts escaped. `escaped`: whether this one does. `quote`: the
+    segment's first quote (or -1), if the caller found it already."""
     # memchr to each quote; only a quote preceded by a backslash (or opening a segment that starts
     # escaped) needs a look back.
-    quote = buf.find(b'"', seg, end)
+    if quote is None:
+        quote = buf.find(b'"', seg, end)
     while quote >= 0 and (buf[quote - 1] == _BACKSLASH if quote > seg else escaped):
         if not _is_escaped(buf, seg, quote, escaped):
             break
@@ -237,7 +240,8 @@ class JsonDocument:
         unread: bytes | None = None,
     ) -> None:
         self._capture, self._count_key, self._small = capture, count, small
-        self._member = None if unread is None else b'"%s":"' % unread
+        self._unread = unread
+        self._member = None if unread is None else _member(unread)
         self._kept: list[bytes] | None = []  # None once the scanner has taken over
         self._size = 0
         self._cutting = False  # inside an unread value: its bytes are dropped
@@ -250,7 +254,12 @@ class JsonDocument:
         """The next piece of the document, `buf[start:end]`."""
         end = len(buf) if end is None else end
         if self._cutting:
-            start = self._cut_on(buf, start, end)
+            # Most pieces of an image hold no quote and end in no backslash: dropped after one memchr.
+            quote = buf.find(b'"', start, end)
+            if quote < 0 and start < end and buf[end - 1] != _BACKSLASH:
+                self._escaped = False
+                return
+            start = self._cut_on(buf, start, end, quote)
             if start == end:  # the image goes on
                 return
         if self._kept is None:
@@ -276,7 +285,7 @@ class JsonDocument:
     def close(self) -> None:
         if self._kept is not None:
             document = b"".join(self._kept)
-            body = _parse(document, 0, len(document), self._member)
+            body = parse_whole(document, 0, len(document), self._unread, None)
             if body is not None:
                 self._kept = None
                 self._keep(body)
@@ -312,9 +321,10 @@ class JsonDocument:
         self._kept, self._size, self._cutting, self._escaped = [cut[0]], len(cut[0]), True, cut[2]
         return True
 
-    def _cut_on(self, buf: bytes, start: int, end: int) -> int:
-        """Drop the unread value's bytes: where the document goes on (its closing quote), or `end`."""
-        quote, self._escaped = _string_end(buf, start, end, self._escaped)
+    def _cut_on(self, buf: bytes, start: int, end: int, quote: int) -> int:
+        """Drop the unread value's bytes: where the document goes on (its closing quote), or `end`.
+        `quote`: the first quote in `buf[start:end]`, or -1."""
+        quote, self._escaped = _string_end(buf, start, end, self._escaped, quote)
         if quote < 0:
             return end
         assert self._kept is not None
@@ -338,30 +348,34 @@ class JsonDocument:
 
 
 def parse_whole(
-    buf: bytes, start: int, end: int, unread: bytes, small: int = KEPT_CAP
+    buf: bytes, start: int, end: int, unread: bytes | None, small: int | None = KEPT_CAP
 ) -> dict[str, Any] | None:
     """`buf[start:end]`, a whole document, read as a `JsonDocument` fed it in one piece would read it,
-    where that is cheap: it is JSON and at most `small` bytes once the string values of `unread` are
-    cut out. Its top-level object ({} for another JSON value), else None (then feed a JsonDocument).
-    Nothing of an image is copied: each is skipped with memchr."""
-    return _parse(buf, start, end, b'"%s":"' % unread, small)
-
-
-def _parse(
-    buf: bytes, start: int, end: int, member: bytes | None, small: int | None = None
-) -> dict[str, Any] | None:
-    cut = None if member is None else _cut(buf, start, end, member)
-    if cut is not None and cut[1]:
+    where that is cheap: it is JSON and at most `small` bytes (None: any size) once the string values
+    of `unread` are cut out. Its top-level object ({} for another JSON value), else None (then feed a
+    JsonDocument). Nothing of an image is copied: each is skipped with memchr."""
+    cut = None if unread is None else _cut(buf, start, end, _member(unread))
+    if cut is None:  # nothing to cut, or a backslash outside the images: parsed as it is
+        if small is not None and end - start > small:
+            return None
+        document = buf[start:end]
+    elif cut[1]:
         return None  # it ends inside an unread value: truncated
-    # With a backslash outside the unread values it is parsed as it is.
-    if small is not None and (end - start if cut is None else len(cut[0])) > small:
+    elif small is not None and len(cut[0]) > small:
         return None
-    document = buf[start:end] if cut is None else cut[0]
+    else:
+        document = cut[0]
     try:
         body = orjson.loads(document)
     except orjson.JSONDecodeError:
         return None
     return body if isinstance(body, dict) else {}
+
+
+@functools.cache
+def _member(unread: bytes) -> bytes:
+    """How an unread key's string value opens: `"key":"`, written without spaces, as APIs do."""
+    return b'"%s":"' % unread
 
 
 def _cut(buf: bytes, start: int, end: int, member: bytes) -> tuple[bytes, bool, bool] | None:
@@ -370,15 +384,15 @@ def _cut(buf: bytes, start: int, end: int, member: bytes) -> tuple[bytes, bool, 
     whether that value's next byte is escaped. None where there is a backslash outside those values:
     only without one is every quote there a string's start or end, so that a match is that member.
     A value's end is found as `JsonDocument` finds it, by memchr over a multi-KB image."""
-    kept, pos = [], start
+    # The backslash is looked for once, in what is kept: where there is one, a match may have been
+    # inside a string, and the cut is thrown away.
+    kept, pos, opening = [], start, len(member)
     while (at := buf.find(member, pos, end)) >= 0:
-        if buf.find(b"\\", pos, at) >= 0:
-            return None
-        kept.append(buf[pos : at + len(member)])
-        pos, escaped = _string_end(buf, at + len(member), end, False)
+        kept.append(buf[pos : at + opening])
+        pos, escaped = _string_end(buf, at + opening, end, False)
         if pos < 0:
-            return b"".join(kept), True, escaped
-    if buf.find(b"\\", pos, end) >= 0:
-        return None
+            document = b"".join(kept)
+            return None if b"\\" in document else (document, True, escaped)
     kept.append(buf[pos:end])
-    return b"".join(kept), False, False
+    document = b"".join(kept)
+    return None if b"\\" in document else (document, False, False)

@@ -68,6 +68,7 @@ class UsageReader(Protocol):
 
 
 _IMAGE = b"b64_json"  # an image's base64, nearly all of a body's bytes and never read
+_BODY_KEYS = frozenset({b"usage"})
 
 
 class JsonUsageReader:
@@ -82,7 +83,7 @@ class JsonUsageReader:
     done = False
 
     def __init__(self, small_body: int = KEPT_CAP) -> None:
-        self._document = JsonDocument(frozenset({b"usage"}), b"data", small_body, _IMAGE)
+        self._document = JsonDocument(_BODY_KEYS, b"data", small_body, _IMAGE)
         self._usage: dict[str, Any] | None = None
         self._images = 0
 
@@ -207,20 +208,22 @@ class SSEUsageReader:
             return
         for record in self._parser.feed(chunk):
             if isinstance(record, Data):
-                self._on_data(record)
+                if self._span is None and self._document is None:
+                    self._span = record  # the event's data so far: one span of this chunk
+                else:
+                    self._on_data(record)
             elif not self._on_dispatch(record):
                 self._done, self._span = True, None
                 return
-        self._keep_span()  # the event goes on in the next chunk: what it has is kept, not this chunk
+        if self._span is not None:
+            self._keep_span()  # the event goes on in the next chunk: what it has is kept, not this chunk
 
     def close(self) -> None:
         self._parser.close()
         self._span, self._document, self._head = None, None, b""
 
     def _on_data(self, data: Data) -> None:
-        if self._span is None and self._document is None:
-            self._span = data
-            return
+        """More data of an event that has some already."""
         self._keep_span()
         self._feed(data.buf, data.start, data.end)
 
@@ -242,7 +245,7 @@ class SSEUsageReader:
         event, span = dispatch.event or "", self._span
         if span is not None:  # the whole data in one span, as an upstream nearly always writes it
             self._span = None
-            if span.buf.startswith(_DONE, span.start, span.end):
+            if span.buf[span.start] == _DONE[0] and span.buf.startswith(_DONE, span.start, span.end):
                 return False
             body = parse_whole(span.buf, span.start, span.end, _IMAGE, self._small_event)
             if body is not None:
@@ -272,7 +275,7 @@ class SSEUsageReader:
                 self._completed_usage.add(usage)
             else:
                 self._other_usage = usage
-        if self.error is None:
+        if self.error is None and (event == "error" or values.get("error")):
             self.error = _error_of(event, values)
 
 

@@ -338,6 +338,24 @@ def test_an_image_with_escapes_is_cut_out_not_scanned(
         assert (reader.usage, reader.images) == (USAGE, 1 if content_type == SSE else 2), size
 
 
+@pytest.mark.parametrize("content_type", [SSE, "application/json"])
+def test_an_image_in_pieces_ending_in_a_backslash_is_cut_out_exactly(
+    monkeypatch: pytest.MonkeyPatch, content_type: str
+) -> None:
+    """A piece inside an image that holds no quote is dropped after one memchr, unless it ends in a
+    backslash: the next piece then opens escaped (its `"` does not end the image)."""
+    image = ESCAPED_IMAGE * 100  # past what is kept whole: cut out as it comes
+    if content_type == SSE:
+        body = (event(None, {**partial(0), "b64_json": image}) + event(None, completed())).encode()
+    else:
+        body = orjson.dumps({"data": [{"b64_json": image}], "usage": USAGE})
+    cuts = [at + 1 for at in range(len(body)) if body[at] == ord("\\")]
+    monkeypatch.setattr(JsonScanner, "feed", no_scanning)
+    for chunks in (split(body, cuts), split(body, cuts + [at + 1 for at in cuts])):
+        reader = read(chunks, content_type)
+        assert (reader.usage, reader.images) == (USAGE, 1), chunks
+
+
 @EVERY_PATH
 def test_json_an_image_with_escapes_is_cut_out_under_every_split(small_body: int) -> None:
     body = orjson.dumps({"data": [{"b64_json": ESCAPED_IMAGE}, {"b64_json": "QUJD" * 40}], "usage": USAGE})
