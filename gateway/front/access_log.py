@@ -151,7 +151,6 @@ def create_request_middleware(
     async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         task = asyncio.current_task()
         assert task is not None
-        handlers.add(task)
         record = RequestRecord(request_id=new_request_id(), started=time.perf_counter())
         if (client_id := client_request_id(request)) is not None:
             record.fields["client_request_id"] = client_id
@@ -161,6 +160,7 @@ def create_request_middleware(
             if tracing is not None:
                 record.trace = tracing.request(request)
         bound = _REQUEST_ID.set(record.request_id)  # for every line of the request, its work's too
+        handlers.add(task)  # here, where the `finally` below lets go of it on every path
         try:
             try:
                 response = await handler(request)
