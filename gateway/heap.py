@@ -11,8 +11,9 @@ environment; the page faults went to ~0).
 So a serving process fixes them (`mallopt`): blocks below 32 MiB come from the heap, freed memory is
 kept up to 32 MiB at its top, and the heap grows 4 MiB at a time. The price is memory the process
 keeps instead of returning: at most 32 MiB at the heap's top, per process. An operator who sets
-glibc's own variables (`MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TOP_PAD_`) keeps
-them: nothing is changed then. On a C library without `mallopt` (musl) nothing is changed either.
+glibc's own variables (`MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TOP_PAD_`, or
+`glibc.malloc.*` in `GLIBC_TUNABLES`) keeps them: nothing is changed then. On a C library without
+`mallopt` (musl) nothing is changed either.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ OPERATOR_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLO
 
 def keep_heap() -> bool:
     """Fix malloc's thresholds as above; whether they were set."""
-    if any(name in os.environ for name in OPERATOR_VARIABLES):
+    if any(name in os.environ for name in OPERATOR_VARIABLES) or "glibc.malloc." in os.environ.get(
+        "GLIBC_TUNABLES", ""
+    ):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -109,7 +109,9 @@ async def serve(
         raise ListenError(ops_host, server.ops_port, exc) from exc
     url = f"http://{server.host}:{_bound_port(runner) or server.port}"
     # What startup built is frozen out of every collection from here on (garbage.py).
-    collection = GarbageCollection(app[METRICS], lambda: len(app[IN_FLIGHT]) + len(app[PIPELINE].tasks))
+    collection = GarbageCollection(
+        app[METRICS], lambda: max(len(app[IN_FLIGHT]), len(app[PIPELINE].tasks))
+    )  # an admitted request has a handler and its pipeline's work: counted once
     collection.start()
     _log_store(settings)
     log.info(

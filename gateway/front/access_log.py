@@ -181,6 +181,7 @@ def create_request_middleware(
             record.answer(response.status)
             return response
         finally:
+            handlers.discard(task)  # first: whatever the logging below does
             # The record lets go of the work: the work's result or traceback holds the request and
             # so the record, a cycle that only a full garbage collection would free (garbage.py).
             pending, record.pending = record.pending, None
@@ -191,7 +192,6 @@ def create_request_middleware(
             else:
                 _finish(request, record)
             _REQUEST_ID.reset(bound)  # (the callback above runs in a copy of the context, bound)
-            handlers.discard(task)
 
     return request_middleware
 
