@@ -104,11 +104,14 @@ def _openai_headers(
     # Per category, the limit with the least remaining (the later reset among equals, else the
     # first); compared field by field, as this runs for every admitted request.
     for category in categories:
-        chosen = best_left = best_reset = -1
-        for position, i in enumerate(category.members):
-            check, reading = observed[i]
+        members = category.members
+        check, reading = observed[members[0]]
+        chosen, best_reset = 0, reading.reset_us
+        best_left = check.limit - reading.used if reading.used < check.limit else 0
+        for position in range(1, len(members)):
+            check, reading = observed[members[position]]
             left = check.limit - reading.used if reading.used < check.limit else 0
-            if chosen < 0 or left < best_left or (left == best_left and reading.reset_us > best_reset):
+            if left < best_left or (left == best_left and reading.reset_us > best_reset):
                 chosen, best_left, best_reset = position, left, reading.reset_us
         limit_name, remaining_name, reset_name = category.names
         headers[limit_name] = category.limits[chosen]
