@@ -50,17 +50,14 @@ def usd_text(nano: int) -> str:
     return f"{sign}{whole}.{fraction:09d}".rstrip("0") if fraction else f"{sign}{whole}"
 
 
-def _remaining(check: Check, reading: Reading) -> int:
-    return max(0, check.limit - reading.used)
-
-
 def _policy_name(check: Check) -> str:
     scope = check.scope.split(":", 1)[0]
     return check.kind.short if scope == "tenant" else f"{scope}-{check.kind.short}"
 
 
-def _quota(check: Check, amount: int) -> int:
-    return amount // 1000 if check.kind.unit == "nano_usd" else amount
+def _quota_unit(check: Check) -> int:
+    """What a policy's amounts are divided by: USD policies count micro-USD, not nano-USD."""
+    return 1000 if check.kind.unit == "nano_usd" else 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +74,12 @@ class _Category:
 @dataclass(frozen=True, slots=True)
 class HeaderPlan:
     """What the limit headers of every request of a plan share, worked out once per plan and day
-    (`calls` keeps it with the plan's checks): the `RateLimit-Policy` header and the categories."""
+    (`calls` keeps it with the plan's checks): the `RateLimit-Policy` header, the categories, and
+    the windowed checks `RateLimit` may show, named, so a render only compares readings."""
 
     policy: str
     categories: tuple[_Category, ...]
+    windowed: tuple[tuple[int, str, int], ...]  # (position, policy name, `_quota_unit`)
 
 
 def header_plan(checks: Sequence[Check]) -> HeaderPlan:
@@ -95,54 +94,61 @@ def header_plan(checks: Sequence[Check]) -> HeaderPlan:
                 f"x-ratelimit-reset-{category}",
             )
             categories.append(_Category(names, members, tuple(text(checks[i].limit) for i in members), text))
-    return HeaderPlan(policy_header(checks), tuple(categories))
+    windowed = tuple((i, _policy_name(c), _quota_unit(c)) for i, c in enumerate(checks) if c.window_s)
+    return HeaderPlan(policy_header(checks), tuple(categories), windowed)
 
 
-def _openai_headers(observed: Sequence[Observed], categories: Sequence[_Category]) -> dict[str, str]:
-    # Per category, the limit with the least remaining (the later reset among equals).
-    headers: dict[str, str] = {}
+def _openai_headers(
+    observed: Sequence[Observed], categories: Sequence[_Category], headers: dict[str, str]
+) -> None:
+    # Per category, the limit with the least remaining (the later reset among equals, else the
+    # first); compared field by field, as this runs for every admitted request.
     for category in categories:
-        best: tuple[int, int] | None = None
-        chosen = 0
-        for position, i in enumerate(category.members):
-            check, reading = observed[i]
-            rank = (max(0, check.limit - reading.used), -reading.reset_us)
-            if best is None or rank < best:
-                best, chosen = rank, position
-        assert best is not None  # a category has a check
+        members = category.members
+        check, reading = observed[members[0]]
+        chosen, best_reset = 0, reading.reset_us
+        best_left = check.limit - reading.used if reading.used < check.limit else 0
+        for position in range(1, len(members)):
+            check, reading = observed[members[position]]
+            left = check.limit - reading.used if reading.used < check.limit else 0
+            if left < best_left or (left == best_left and reading.reset_us > best_reset):
+                chosen, best_left, best_reset = position, left, reading.reset_us
         limit_name, remaining_name, reset_name = category.names
         headers[limit_name] = category.limits[chosen]
-        headers[remaining_name] = category.text(best[0])
-        headers[reset_name] = go_duration(-best[1])
-    return headers
+        headers[remaining_name] = category.text(best_left)
+        headers[reset_name] = go_duration(best_reset)
 
 
 def policy_header(checks: Sequence[Check]) -> str:
     return ", ".join(
-        f'"{_policy_name(c)}";q={_quota(c, c.limit)};w={c.window_s}' for c in checks if c.window_s
+        f'"{_policy_name(c)}";q={c.limit // _quota_unit(c)};w={c.window_s}' for c in checks if c.window_s
     )
 
 
-def _closest(observed: Sequence[Observed], rejected: bool) -> tuple[Observed, int] | None:
-    """The policy to show in `RateLimit`, and its `t` in seconds: of the windowed limits, the one
-    that refused with the longest wait, else the one with the smallest share left (the longer wait
-    for more among equals)."""
-    chosen: Observed | None = None
-    best: tuple[float, int] | None = None
-    for check, reading in observed:
-        if not check.window_s or (rejected and reading.code == OK):
-            continue
+def _rate_limit(observed: Sequence[Observed], plan: HeaderPlan, rejected: bool) -> tuple[str, int] | None:
+    """The `RateLimit` header and its `t` in seconds: of the windowed limits, the one that refused
+    with the longest wait, else the one with the smallest share left (the longer wait for more
+    among equals; the first among full equals)."""
+    chosen: tuple[int, str, int] | None = None
+    best_left, best_wait = 0.0, 0
+    for policy in plan.windowed:
+        check, reading = observed[policy[0]]
         if rejected:
-            rank: tuple[float, int] = (-reading.wait_us, 0)
+            if reading.code == OK:
+                continue
+            left, wait = 0.0, reading.wait_us
         else:
-            left = _remaining(check, reading) / check.limit if check.limit else 0.0
-            rank = (left, -reading.more_us)
-        if best is None or rank < best:
-            best, chosen = rank, (check, reading)
+            remaining = check.limit - reading.used
+            left = (remaining if remaining > 0 else 0) / check.limit if check.limit else 0.0
+            wait = reading.more_us
+        if chosen is None or left < best_left or (left == best_left and wait > best_wait):
+            chosen, best_left, best_wait = policy, left, wait
     if chosen is None:
         return None
-    reading = chosen[1]
-    return chosen, ceil_div((reading.wait_us or reading.more_us) if rejected else reading.more_us, 1_000_000)
+    position, name, unit = chosen
+    check, reading = observed[position]
+    t = ceil_div((reading.wait_us or reading.more_us) if rejected else reading.more_us, 1_000_000)
+    return f'"{name}";r={max(0, check.limit - reading.used) // unit};t={t}', t
 
 
 def render(
@@ -150,14 +156,14 @@ def render(
 ) -> dict[str, str]:
     """All rate-limit headers for one decision; `plan` is `header_plan` of the checks observed;
     `retry_after_us` only for a retryable rejection."""
-    headers = _openai_headers(observed, plan.categories)
+    headers: dict[str, str] = {}
+    _openai_headers(observed, plan.categories, headers)
     if plan.policy:
         headers["RateLimit-Policy"] = plan.policy
-    closest = _closest(observed, rejected)
+    rate_limit = _rate_limit(observed, plan, rejected)
     t = 0
-    if closest is not None:
-        (check, reading), t = closest
-        headers["RateLimit"] = f'"{_policy_name(check)}";r={_quota(check, _remaining(check, reading))};t={t}'
+    if rate_limit is not None:
+        headers["RateLimit"], t = rate_limit
     if retry_after_us is not None:
         ms = ceil_div(retry_after_us, 1000)
         headers["retry-after-ms"] = str(ms)
