@@ -204,14 +204,14 @@ class PlanDay:
     check_keys: tuple[str, ...]
     ledger_key: str
     headers: HeaderPlan  # what their limit headers share
-    # Each check's words in reserve.lua's ARGV[9] before and after its cost: `<mechanism> <limit> `
-    # and ` <period end µs> <counter EXPIREAT> <shadow>`.
+    # Each check's values in reserve.lua's ARGV[9] (a JSON array) before and after its cost:
+    # `"<mechanism>",<limit>,` and `,<period end µs>,<counter EXPIREAT>,<shadow>`.
     reserve_words: tuple[tuple[str, str], ...]
 
 
 def _reserve_words(check: Check) -> tuple[str, str]:
     shadow = 1 if check.shadow else 0
-    return f"{check.kind.mechanism} {check.limit} ", f" {check.end_us} {check.expire_at} {shadow}"
+    return f'"{check.kind.mechanism}",{check.limit},', f",{check.end_us},{check.expire_at},{shadow}"
 
 
 @functools.lru_cache(maxsize=4096)

@@ -5,10 +5,17 @@ ledger). Mirrors MemoryEngine.reserve (gateway/limits/memory.py) step by step, o
 arithmetic of gateway/limits/meters.py; see there for why the smooth limiter is a leaky bucket.
 
 Time is the server's TIME, never the caller's clock, so every gateway replica agrees. Numbers
-written back are formatted with %.0f: Lua numbers are doubles, and Redis would otherwise print
-large ones in %.14g, losing digits of microsecond timestamps.
+written back are formatted with %d (`int`): Lua numbers are doubles, exact integers below 2^53,
+which %d prints exactly (as a C long) where Lua's own conversion (%.14g) would lose digits of
+microsecond timestamps; glibc's %.0f prints the same digits at twice the cost, and a number given
+to redis.call as it is costs Redis a %.17g.
 
-KEYS[1]    reservation record: the amount charged to each check key, space separated
+What a call costs Redis is mostly the script's own work, not the commands it runs: every
+redis.call is a round trip through the scripting layer (arguments converted, the reply parsed back),
+so the counters and buckets are read with one MGET, and a lease set's earliest expiry only when it
+is needed; the checks come as JSON, decoded in C (cjson) rather than split and converted in Lua.
+
+KEYS[1]    reservation record: the amount charged to each check key, a JSON array
 KEYS[2]    the reservation's settled marker: an id already settled or released is never charged
 KEYS[3]    the day's ledger hash
 KEYS[4..]  one key per check, in the order of the checks in ARGV
@@ -20,9 +27,9 @@ ARGV[5]    record TTL, ms
 ARGV[6]    ledger EXPIREAT, unix seconds
 ARGV[7]    lease TTL, µs
 ARGV[8]    smooth limiter window, µs
-ARGV[9]    the checks, six space-separated words each: mechanism (rate|day|month|lease), limit,
-           cost, period end µs, counter EXPIREAT, shadow (1: this limit alone is dark-launched: a
-           refusal of it is reported and counted, never rejects) (one string: far cheaper to send)
+ARGV[9]    the checks, a JSON array of six values each: mechanism ("rate"|"day"|"month"|"lease"),
+           limit, cost, period end µs, counter EXPIREAT, shadow (1: this limit alone is dark-launched:
+           a refusal of it is reported and counted, never rejects) (one string: far cheaper to send)
 ARGV[10..] pairs of ledger field, increment: the estimate, charged to the ledger with the budgets
 
 Reply, an array of integers (Lua numbers, exact below 2^53; cheaper than formatting each one):
@@ -35,8 +42,9 @@ local OK, WAIT, EXHAUSTED, TOO_LARGE = 0, 1, 2, 3
 local LEASE_RETRY_US = 1000000
 
 local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-if math.floor(tonumber(clock[1]) / 86400) ~= tonumber(ARGV[2]) then
+local seconds = tonumber(clock[1])
+local now = seconds * 1000000 + tonumber(clock[2])
+if math.floor(seconds / 86400) ~= tonumber(ARGV[2]) then
   return {-1, now}
 end
 if ARGV[3] ~= 'peek' and redis.call('EXISTS', KEYS[2]) == 1 then
@@ -46,8 +54,8 @@ end
 local rid, mode, model = ARGV[1], ARGV[3], ARGV[4]
 local lease_ttl, window = tonumber(ARGV[7]), tonumber(ARGV[8])
 
-local function fmt(n)
-  return string.format('%.0f', n)
+local function int(n)
+  return string.format('%d', n)
 end
 
 -- Exact ceiling of a / b for non-negative integers below 2^53, whatever the float division rounds to.
@@ -58,8 +66,7 @@ local function ceil_div(a, b)
   return q
 end
 
-local function rate_level(key, limit)
-  local state = redis.call('GET', key)
+local function rate_level(state, limit)
   if not state then return 0 end
   local level, stamp = string.match(state, '^(%d+) (%d+)$')
   local elapsed = math.max(0, now - tonumber(stamp))
@@ -72,18 +79,29 @@ local function rate_ttl_ms(level, limit)
   return ceil_div(drain, 1000) + 1000
 end
 
-local spec = {}
-for word in string.gmatch(ARGV[9], '%S+') do spec[#spec + 1] = word end
-
--- Pass 1: read every limit and decide, changing nothing but expired leases.
-local checks, refused, quota, shadowed = {}, false, false, false
+local spec = cjson.decode(ARGV[9])
+local checks, counters = {}, {}
 for i = 1, #KEYS - 3 do
   local base = (i - 1) * 6
-  local c = {key = KEYS[i + 3], mech = spec[base + 1], limit = tonumber(spec[base + 2]),
-             cost = tonumber(spec[base + 3]), finish = tonumber(spec[base + 4]), expire = spec[base + 5],
-             shadow = spec[base + 6] == '1', code = OK, wait = 0}
+  local c = {key = KEYS[i + 3], mech = spec[base + 1], limit = spec[base + 2], cost = spec[base + 3],
+             finish = spec[base + 4], expire = spec[base + 5], shadow = spec[base + 6] == 1, code = OK, wait = 0}
+  checks[i] = c
+  if c.mech ~= 'lease' then counters[#counters + 1] = c.key end
+end
+-- Every bucket and counter in one read (a missing key reads false); leases are sorted sets.
+local values = {}
+if #counters > 0 then values = redis.call('MGET', unpack(counters)) end
+
+-- Pass 1: read every limit and decide, changing nothing but expired leases.
+local refused, quota, shadowed, read = false, false, false, 0
+for _, c in ipairs(checks) do
+  local value
+  if c.mech ~= 'lease' then
+    read = read + 1
+    value = values[read]
+  end
   if c.mech == 'rate' then
-    c.level = rate_level(c.key, c.limit)
+    c.level = rate_level(value, c.limit)
     local capacity, need = c.limit * window, c.cost * window
     if c.cost == 0 then
       c.code = OK
@@ -93,12 +111,15 @@ for i = 1, #KEYS - 3 do
       c.code, c.wait = WAIT, ceil_div(c.level + need - capacity, c.limit)
     end
   elseif c.mech == 'lease' then
-    redis.call('ZREMRANGEBYSCORE', c.key, '-inf', fmt(now)) -- a crashed process's leases free here
+    redis.call('ZREMRANGEBYSCORE', c.key, '-inf', int(now)) -- a crashed process's leases free here
     c.count = redis.call('ZCARD', c.key)
     c.first, c.last = now, now
     if c.count > 0 then
-      c.first = tonumber(redis.call('ZRANGE', c.key, 0, 0, 'WITHSCORES')[2])
-      c.last = tonumber(redis.call('ZRANGE', c.key, -1, -1, 'WITHSCORES')[2])
+      c.last = tonumber(redis.call('ZRANGE', c.key, '-1', '-1', 'WITHSCORES')[2])
+      -- The earliest expiry only matters to a request that fills the limit or finds it full.
+      if c.count + 1 >= c.limit then
+        c.first = tonumber(redis.call('ZRANGE', c.key, '0', '0', 'WITHSCORES')[2])
+      end
     end
     if c.limit == 0 then
       c.code = TOO_LARGE
@@ -106,7 +127,7 @@ for i = 1, #KEYS - 3 do
       c.code, c.wait = WAIT, math.min(LEASE_RETRY_US, c.first - now)
     end
   else
-    c.used = tonumber(redis.call('GET', c.key) or '0')
+    c.used = tonumber(value or '0')
     if c.cost == 0 then
       c.code = OK
     elseif c.cost > c.limit then
@@ -121,7 +142,6 @@ for i = 1, #KEYS - 3 do
     refused = true
     if c.code == EXHAUSTED or c.code == TOO_LARGE then quota = true end
   end
-  checks[i] = c
 end
 
 local function count(counter)
@@ -136,28 +156,28 @@ if mode == 'enforce' and refused then
 end
 if charge then
   local amounts = {}
+  local expiry = now + lease_ttl
   for i, c in ipairs(checks) do
-    amounts[i] = fmt(c.cost)
+    amounts[i] = int(c.cost)
     if c.mech == 'rate' then
       c.level = c.level + c.cost * window
       if c.level > 0 then
-        redis.call('SET', c.key, fmt(c.level) .. ' ' .. fmt(now), 'PX', rate_ttl_ms(c.level, c.limit))
+        redis.call('SET', c.key, string.format('%d %d', c.level, now), 'PX', int(rate_ttl_ms(c.level, c.limit)))
       end
     elseif c.mech == 'lease' then
-      local expiry = now + lease_ttl
-      redis.call('ZADD', c.key, fmt(expiry), rid)
-      redis.call('PEXPIRE', c.key, ceil_div(lease_ttl, 1000))
+      redis.call('ZADD', c.key, int(expiry), rid)
+      redis.call('PEXPIRE', c.key, int(ceil_div(lease_ttl, 1000)))
       if c.count == 0 then c.first = expiry end
       c.last = math.max(c.last, expiry)
       c.count = c.count + 1
     elseif c.cost > 0 then
-      c.used = redis.call('INCRBY', c.key, fmt(c.cost))
+      c.used = redis.call('INCRBY', c.key, int(c.cost))
       -- Its expiry is the same instant for every charge to this period's key: set once, when the
-      -- key is new (settle.lua sets it again whenever it writes the key).
-      if c.used == c.cost then redis.call('EXPIREAT', c.key, c.expire) end
+      -- key is new (settle.lua sets it again whenever it creates the key or resets it to zero).
+      if c.used == c.cost then redis.call('EXPIREAT', c.key, int(c.expire)) end
     end
   end
-  redis.call('SET', KEYS[1], table.concat(amounts, ' '), 'PX', ARGV[5])
+  redis.call('SET', KEYS[1], '[' .. table.concat(amounts, ',') .. ']', 'PX', ARGV[5])
   for i = 10, #ARGV, 2 do
     redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
   end
