@@ -13,7 +13,7 @@ to redis.call as it is costs Redis a %.17g.
 What a call costs Redis is mostly the script's own work, not the commands it runs: every
 redis.call is a round trip through the scripting layer (arguments converted, the reply parsed back),
 so the counters and buckets are read with one MGET, and a lease set's earliest expiry only when it
-is needed; the checks come as JSON, decoded in C (cjson) rather than split and converted in Lua.
+is needed; the checks come as doubles, unpacked in C (struct) rather than split and converted in Lua.
 
 KEYS[1]    reservation record: the amount charged to each check key, a JSON array
 KEYS[2]    the reservation's settled marker: an id already settled or released is never charged
@@ -27,9 +27,9 @@ ARGV[5]    record TTL, ms
 ARGV[6]    ledger EXPIREAT, unix seconds
 ARGV[7]    lease TTL, µs
 ARGV[8]    smooth limiter window, µs
-ARGV[9]    the checks, a JSON array of six values each: mechanism ("rate"|"day"|"month"|"lease"),
-           limit, cost, period end µs, counter EXPIREAT, shadow (1: this limit alone is dark-launched:
-           a refusal of it is reported and counted, never rejects) (one string: far cheaper to send)
+ARGV[9]    the checks, six little-endian doubles each (struct '<dddddd'): mechanism (RATE, CALENDAR
+           for a day or month window, LEASE), limit, cost, period end µs, counter EXPIREAT, shadow (1:
+           this limit alone is dark-launched: a refusal of it is reported and counted, never rejects)
 ARGV[10..] pairs of ledger field, increment: the estimate, charged to the ledger with the budgets
 
 Reply, an array of integers (Lua numbers, exact below 2^53; cheaper than formatting each one):
@@ -39,6 +39,7 @@ status 1 admitted (charged), 0 rejected (nothing charged), 2 peeked, -1 another 
 ]]
 
 local OK, WAIT, EXHAUSTED, TOO_LARGE = 0, 1, 2, 3
+local RATE, CALENDAR, LEASE = 1, 2, 3 -- calls.MECHANISM_CODES
 local LEASE_RETRY_US = 1000000
 
 local clock = redis.call('TIME')
@@ -79,14 +80,14 @@ local function rate_ttl_ms(level, limit)
   return ceil_div(drain, 1000) + 1000
 end
 
-local spec = cjson.decode(ARGV[9])
-local checks, counters = {}, {}
+local checks, counters, at = {}, {}, 1
 for i = 1, #KEYS - 3 do
-  local base = (i - 1) * 6
-  local c = {key = KEYS[i + 3], mech = spec[base + 1], limit = spec[base + 2], cost = spec[base + 3],
-             finish = spec[base + 4], expire = spec[base + 5], shadow = spec[base + 6] == 1, code = OK, wait = 0}
+  local mech, limit, cost, finish, expire, shadow
+  mech, limit, cost, finish, expire, shadow, at = struct.unpack('<dddddd', ARGV[9], at)
+  local c = {key = KEYS[i + 3], mech = mech, limit = limit, cost = cost, finish = finish, expire = expire,
+             shadow = shadow == 1, code = OK, wait = 0}
   checks[i] = c
-  if c.mech ~= 'lease' then counters[#counters + 1] = c.key end
+  if mech ~= LEASE then counters[#counters + 1] = c.key end
 end
 -- Every bucket and counter in one read (a missing key reads false); leases are sorted sets.
 local values = {}
@@ -96,11 +97,11 @@ if #counters > 0 then values = redis.call('MGET', unpack(counters)) end
 local refused, quota, shadowed, read = false, false, false, 0
 for _, c in ipairs(checks) do
   local value
-  if c.mech ~= 'lease' then
+  if c.mech ~= LEASE then
     read = read + 1
     value = values[read]
   end
-  if c.mech == 'rate' then
+  if c.mech == RATE then
     c.level = rate_level(value, c.limit)
     local capacity, need = c.limit * window, c.cost * window
     if c.cost == 0 then
@@ -110,7 +111,7 @@ for _, c in ipairs(checks) do
     elseif c.level + need > capacity then
       c.code, c.wait = WAIT, ceil_div(c.level + need - capacity, c.limit)
     end
-  elseif c.mech == 'lease' then
+  elseif c.mech == LEASE then
     redis.call('ZREMRANGEBYSCORE', c.key, '-inf', int(now)) -- a crashed process's leases free here
     c.count = redis.call('ZCARD', c.key)
     c.first, c.last = now, now
@@ -159,12 +160,12 @@ if charge then
   local expiry = now + lease_ttl
   for i, c in ipairs(checks) do
     amounts[i] = int(c.cost)
-    if c.mech == 'rate' then
+    if c.mech == RATE then
       c.level = c.level + c.cost * window
       if c.level > 0 then
         redis.call('SET', c.key, string.format('%d %d', c.level, now), 'PX', int(rate_ttl_ms(c.level, c.limit)))
       end
-    elseif c.mech == 'lease' then
+    elseif c.mech == LEASE then
       redis.call('ZADD', c.key, int(expiry), rid)
       redis.call('PEXPIRE', c.key, int(ceil_div(lease_ttl, 1000)))
       if c.count == 0 then c.first = expiry end
@@ -191,13 +192,13 @@ if mode ~= 'peek' then status = charge and 1 or 0 end
 local reply = {status, now}
 for _, c in ipairs(checks) do
   local used, reset, more = 0, 0, 0
-  if c.mech == 'rate' then
+  if c.mech == RATE then
     used = ceil_div(c.level, window)
     if c.limit > 0 and c.level > 0 then
       reset = ceil_div(c.level, c.limit)
       more = ceil_div(c.level - (used - 1) * window, c.limit)
     end
-  elseif c.mech == 'lease' then
+  elseif c.mech == LEASE then
     used = c.count
     if used > 0 then
       reset = c.last - now

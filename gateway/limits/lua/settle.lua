@@ -17,8 +17,8 @@ ARGV[1]    reservation id (the lease member)
 ARGV[2]    settled marker TTL, ms
 ARGV[3]    ledger EXPIREAT, unix seconds
 ARGV[4]    smooth limiter window, µs
-ARGV[5]    the checks, a JSON array of five values each: mechanism ("rate"|"day"|"month"|"lease"),
-           limit, estimate, actual, counter EXPIREAT (decoded in C, see reserve.lua)
+ARGV[5]    the checks, five little-endian doubles each (struct '<ddddd', see reserve.lua): mechanism
+           (RATE, CALENDAR for a day or month window, LEASE), limit, estimate, actual, counter EXPIREAT
 ARGV[6]    1 for a degraded reservation (admitted while the store was unreachable): without a record
            (its reserve never ran) the per-minute limits are left alone, that minute is over
 ARGV[7]    1: take the estimate out of the ledger only if the record is here (the reserve may never
@@ -61,18 +61,17 @@ elseif record then
   for amount in string.gmatch(record, '%d+') do recorded[#recorded + 1] = tonumber(amount) end
 end
 
-local spec = cjson.decode(ARGV[5])
-
+local RATE, LEASE = 1, 3 -- calls.MECHANISM_CODES (2: a calendar window)
+local at = 1
 for i = 1, #KEYS - 3 do
-  local at = (i - 1) * 5
-  local key, mech, limit = KEYS[i + 3], spec[at + 1], spec[at + 2]
-  local estimate = spec[at + 3]
+  local key, mech, limit, estimate, actual, expire = KEYS[i + 3]
+  mech, limit, estimate, actual, expire, at = struct.unpack('<ddddd', ARGV[5], at)
   if record then estimate = recorded[i] end
-  local diff = spec[at + 4] - estimate
-  if mech == 'rate' and degraded and not record then diff = 0 end
-  if mech == 'lease' then
+  local diff = actual - estimate
+  if mech == RATE and degraded and not record then diff = 0 end
+  if mech == LEASE then
     redis.call('ZREM', key, rid)
-  elseif diff ~= 0 and mech == 'rate' then
+  elseif diff ~= 0 and mech == RATE then
     local level = 0
     local state = redis.call('GET', key)
     if state then
@@ -95,7 +94,7 @@ for i = 1, #KEYS - 3 do
       redis.call('SET', key, '0')
     end
     if used <= 0 or used == diff then
-      redis.call('EXPIREAT', key, int(spec[at + 5]))
+      redis.call('EXPIREAT', key, int(expire))
     end
   end
 end
