@@ -12,8 +12,10 @@ to redis.call as it is costs Redis a %.17g.
 
 What a call costs Redis is mostly the script's own work, not the commands it runs: every
 redis.call is a round trip through the scripting layer (arguments converted, the reply parsed back),
-so the counters and buckets are read with one MGET, and a lease set's earliest expiry only when it
-is needed; the checks come as doubles, unpacked in C (struct) rather than split and converted in Lua.
+so the settled marker, counters and buckets are read with one MGET, and a lease set's earliest
+expiry only when it is needed; the checks come as doubles, unpacked in C (struct) rather than split
+and converted in Lua. In Lua itself, a table grown after it was made is rehashed, and a call to C
+(ipairs, math.floor) costs more than the arithmetic around it.
 
 KEYS[1]    reservation record: the amount charged to each check key, a JSON array
 KEYS[2]    the reservation's settled marker: an id already settled or released is never charged
@@ -42,112 +44,125 @@ local OK, WAIT, EXHAUSTED, TOO_LARGE = 0, 1, 2, 3
 local RATE, CALENDAR, LEASE = 1, 2, 3 -- calls.MECHANISM_CODES
 local LEASE_RETRY_US = 1000000
 
-local clock = redis.call('TIME')
+local call, format, floor = redis.call, string.format, math.floor
+
+local clock = call('TIME')
 local seconds = tonumber(clock[1])
 local now = seconds * 1000000 + tonumber(clock[2])
-if math.floor(seconds / 86400) ~= tonumber(ARGV[2]) then
+if floor(seconds / 86400) ~= tonumber(ARGV[2]) then
   return {-1, now}
-end
-if ARGV[3] ~= 'peek' and redis.call('EXISTS', KEYS[2]) == 1 then
-  return {-2, now}
 end
 
 local rid, mode, model = ARGV[1], ARGV[3], ARGV[4]
 local lease_ttl, window = tonumber(ARGV[7]), tonumber(ARGV[8])
 
 local function int(n)
-  return string.format('%d', n)
+  return format('%d', n)
 end
 
 -- Exact ceiling of a / b for non-negative integers below 2^53, whatever the float division rounds to.
 local function ceil_div(a, b)
-  local q = math.floor(a / b)
+  local q = a / b
+  q = q - q % 1 -- floor, without calling out to C
   while q * b < a do q = q + 1 end
   while q > 0 and (q - 1) * b >= a do q = q - 1 end
   return q
 end
 
+-- A bucket's state is '<level> <stamp µs>' (split at its space: a pattern match costs twice as much).
 local function rate_level(state, limit)
   if not state then return 0 end
-  local level, stamp = string.match(state, '^(%d+) (%d+)$')
-  local elapsed = math.max(0, now - tonumber(stamp))
-  return math.max(0, tonumber(level) - elapsed * limit)
+  local space = string.find(state, ' ', 1, true)
+  local elapsed = now - tonumber(string.sub(state, space + 1))
+  if elapsed < 0 then elapsed = 0 end -- a clock that stepped back drains nothing
+  local level = tonumber(string.sub(state, 1, space - 1)) - elapsed * limit
+  if level < 0 then return 0 end
+  return level
 end
 
+-- Until the bucket has drained (in ms, rounded up), plus a second of slack; the ceiling of a
+-- ceiling division by 1000 is the ceiling of the division by 1000 times as much.
 local function rate_ttl_ms(level, limit)
-  local drain = window
-  if limit > 0 then drain = ceil_div(level, limit) end
-  return ceil_div(drain, 1000) + 1000
+  if limit == 0 then return ceil_div(window, 1000) + 1000 end
+  return ceil_div(level, limit * 1000) + 1000
 end
 
-local checks, counters, at = {}, {}, 1
+-- The settled marker and every bucket and counter, in one read (a missing key reads false); leases
+-- are sorted sets, read on their own.
+local checks, reads, at = {}, {KEYS[2]}, 1
 for i = 1, #KEYS - 3 do
   local mech, limit, cost, finish, expire, shadow
   mech, limit, cost, finish, expire, shadow, at = struct.unpack('<dddddd', ARGV[9], at)
+  -- (code and wait are set in pass 1: named here, the table is made with room for every field)
   local c = {key = KEYS[i + 3], mech = mech, limit = limit, cost = cost, finish = finish, expire = expire,
              shadow = shadow == 1, code = OK, wait = 0}
   checks[i] = c
-  if mech ~= LEASE then counters[#counters + 1] = c.key end
+  if mech ~= LEASE then reads[#reads + 1] = c.key end
 end
--- Every bucket and counter in one read (a missing key reads false); leases are sorted sets.
-local values = {}
-if #counters > 0 then values = redis.call('MGET', unpack(counters)) end
+local values = call('MGET', unpack(reads))
+if mode ~= 'peek' and values[1] then
+  return {-2, now}
+end
 
 -- Pass 1: read every limit and decide, changing nothing but expired leases.
-local refused, quota, shadowed, read = false, false, false, 0
-for _, c in ipairs(checks) do
-  local value
-  if c.mech ~= LEASE then
+local refused, quota, shadowed, read = false, false, false, 1
+for i = 1, #checks do
+  local c, value = checks[i], nil
+  local mech, limit, cost, code, wait = c.mech, c.limit, c.cost, OK, 0
+  if mech ~= LEASE then
     read = read + 1
     value = values[read]
   end
-  if c.mech == RATE then
-    c.level = rate_level(value, c.limit)
-    local capacity, need = c.limit * window, c.cost * window
-    if c.cost == 0 then
-      c.code = OK
+  if mech == RATE then
+    local level = rate_level(value, limit)
+    local capacity, need = limit * window, cost * window
+    if cost == 0 then
+      code = OK
     elseif need > capacity then
-      c.code = TOO_LARGE
-    elseif c.level + need > capacity then
-      c.code, c.wait = WAIT, ceil_div(c.level + need - capacity, c.limit)
+      code = TOO_LARGE
+    elseif level + need > capacity then
+      code, wait = WAIT, ceil_div(level + need - capacity, limit)
     end
-  elseif c.mech == LEASE then
-    redis.call('ZREMRANGEBYSCORE', c.key, '-inf', int(now)) -- a crashed process's leases free here
-    c.count = redis.call('ZCARD', c.key)
-    c.first, c.last = now, now
-    if c.count > 0 then
-      c.last = tonumber(redis.call('ZRANGE', c.key, '-1', '-1', 'WITHSCORES')[2])
+    c.level = level
+  elseif mech == LEASE then
+    call('ZREMRANGEBYSCORE', c.key, '-inf', int(now)) -- a crashed process's leases free here
+    local count, first, last = call('ZCARD', c.key), now, now
+    if count > 0 then
+      last = tonumber(call('ZRANGE', c.key, '-1', '-1', 'WITHSCORES')[2])
       -- The earliest expiry only matters to a request that fills the limit or finds it full.
-      if c.count + 1 >= c.limit then
-        c.first = tonumber(redis.call('ZRANGE', c.key, '0', '0', 'WITHSCORES')[2])
+      if count + 1 >= limit then
+        first = tonumber(call('ZRANGE', c.key, '0', '0', 'WITHSCORES')[2])
       end
     end
-    if c.limit == 0 then
-      c.code = TOO_LARGE
-    elseif c.count + 1 > c.limit then
-      c.code, c.wait = WAIT, math.min(LEASE_RETRY_US, c.first - now)
+    if limit == 0 then
+      code = TOO_LARGE
+    elseif count + 1 > limit then
+      code, wait = WAIT, math.min(LEASE_RETRY_US, first - now)
     end
+    c.count, c.first, c.last = count, first, last
   else
-    c.used = tonumber(value or '0')
-    if c.cost == 0 then
-      c.code = OK
-    elseif c.cost > c.limit then
-      c.code = TOO_LARGE
-    elseif c.used + c.cost > c.limit then
-      c.code, c.wait = EXHAUSTED, c.finish - now
+    local used = tonumber(value or '0')
+    if cost == 0 then
+      code = OK
+    elseif cost > limit then
+      code = TOO_LARGE
+    elseif used + cost > limit then
+      code, wait = EXHAUSTED, c.finish - now
     end
+    c.used = used
   end
-  if c.code ~= OK and c.shadow then
+  c.code, c.wait = code, wait
+  if code ~= OK and c.shadow then
     shadowed = true
-  elseif c.code ~= OK then
+  elseif code ~= OK then
     refused = true
-    if c.code == EXHAUSTED or c.code == TOO_LARGE then quota = true end
+    if code == EXHAUSTED or code == TOO_LARGE then quota = true end
   end
 end
 
 local function count(counter)
-  redis.call('HINCRBY', KEYS[3], counter .. ':' .. model, 1)
-  redis.call('EXPIREAT', KEYS[3], ARGV[6])
+  call('HINCRBY', KEYS[3], counter .. ':' .. model, 1)
+  call('EXPIREAT', KEYS[3], ARGV[6])
 end
 
 -- Pass 2: charge everything (admitted or shadow), or nothing.
@@ -156,59 +171,63 @@ if mode == 'enforce' and refused then
   if quota then count('rejected_quota') else count('rejected_rate') end
 end
 if charge then
-  local amounts = {}
-  local expiry = now + lease_ttl
-  for i, c in ipairs(checks) do
-    amounts[i] = int(c.cost)
+  local amounts, expiry, lease_ttl_ms = {}, now + lease_ttl, int(ceil_div(lease_ttl, 1000))
+  for i = 1, #checks do
+    local c = checks[i]
+    local cost = c.cost
+    amounts[i] = int(cost)
     if c.mech == RATE then
-      c.level = c.level + c.cost * window
-      if c.level > 0 then
-        redis.call('SET', c.key, string.format('%d %d', c.level, now), 'PX', int(rate_ttl_ms(c.level, c.limit)))
+      local level = c.level + cost * window
+      c.level = level
+      if level > 0 then
+        call('SET', c.key, format('%d %d', level, now), 'PX', int(rate_ttl_ms(level, c.limit)))
       end
     elseif c.mech == LEASE then
-      redis.call('ZADD', c.key, int(expiry), rid)
-      redis.call('PEXPIRE', c.key, int(ceil_div(lease_ttl, 1000)))
+      call('ZADD', c.key, int(expiry), rid)
+      call('PEXPIRE', c.key, lease_ttl_ms)
       if c.count == 0 then c.first = expiry end
       c.last = math.max(c.last, expiry)
       c.count = c.count + 1
-    elseif c.cost > 0 then
-      c.used = redis.call('INCRBY', c.key, int(c.cost))
+    elseif cost > 0 then
+      c.used = call('INCRBY', c.key, amounts[i])
       -- Its expiry is the same instant for every charge to this period's key: set once, when the
       -- key is new (settle.lua sets it again whenever it creates the key or resets it to zero).
-      if c.used == c.cost then redis.call('EXPIREAT', c.key, int(c.expire)) end
+      if c.used == cost then call('EXPIREAT', c.key, int(c.expire)) end
     end
   end
-  redis.call('SET', KEYS[1], '[' .. table.concat(amounts, ',') .. ']', 'PX', ARGV[5])
+  call('SET', KEYS[1], '[' .. table.concat(amounts, ',') .. ']', 'PX', ARGV[5])
   for i = 10, #ARGV, 2 do
-    redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
+    call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
   end
-  if #ARGV >= 10 then redis.call('EXPIREAT', KEYS[3], ARGV[6]) end
+  if #ARGV >= 10 then call('EXPIREAT', KEYS[3], ARGV[6]) end
   if refused or shadowed then count('shadow_rejected') end
 end
 
 -- Readings, after the decision.
 local status = 2
 if mode ~= 'peek' then status = charge and 1 or 0 end
-local reply = {status, now}
-for _, c in ipairs(checks) do
-  local used, reset, more = 0, 0, 0
-  if c.mech == RATE then
-    used = ceil_div(c.level, window)
-    if c.limit > 0 and c.level > 0 then
-      reset = ceil_div(c.level, c.limit)
-      more = ceil_div(c.level - (used - 1) * window, c.limit)
+local reply, n = {status, now}, 2
+for i = 1, #checks do
+  local c = checks[i]
+  local mech, limit, used, reset, more = c.mech, c.limit, 0, 0, 0
+  if mech == RATE then
+    local level = c.level
+    used = ceil_div(level, window)
+    if limit > 0 and level > 0 then
+      reset = ceil_div(level, limit)
+      more = ceil_div(level - (used - 1) * window, limit)
     end
-  elseif c.mech == LEASE then
+  elseif mech == LEASE then
     used = c.count
     if used > 0 then
       reset = c.last - now
-      if used >= c.limit then more = c.first - now end
+      if used >= limit then more = c.first - now end
     end
   else
     used = c.used
     if used > 0 then reset, more = c.finish - now, c.finish - now end
   end
-  local n = #reply
   reply[n + 1], reply[n + 2], reply[n + 3], reply[n + 4], reply[n + 5] = c.code, used, reset, c.wait, more
+  n = n + 5
 end
 return reply
