@@ -89,15 +89,17 @@ end
 
 -- The settled marker and every bucket and counter, in one read (a missing key reads false); leases
 -- are sorted sets, read on their own.
+-- A check's fields: level (RATE), count, first and last expiry (LEASE) and used (CALENDAR) after it.
+local KEY, MECH, LIMIT, COST, FINISH, EXPIRE, SHADOW, CODE, WAIT_US = 1, 2, 3, 4, 5, 6, 7, 8, 9
+local LEVEL, COUNT, FIRST, LAST, USED = 10, 11, 12, 13, 14
 local checks, reads, at = {}, {KEYS[2]}, 1
 for i = 1, #KEYS - 3 do
   local mech, limit, cost, finish, expire, shadow
   mech, limit, cost, finish, expire, shadow, at = struct.unpack('<dddddd', ARGV[9], at)
-  -- (code and wait are set in pass 1: named here, the table is made with room for every field)
-  local c = {key = KEYS[i + 3], mech = mech, limit = limit, cost = cost, finish = finish, expire = expire,
-             shadow = shadow == 1, code = OK, wait = 0}
+  -- A check is an array (its fields named below): every field it will hold has its slot from the start.
+  local c = {KEYS[i + 3], mech, limit, cost, finish, expire, shadow == 1, OK, 0, 0, 0, 0, 0, 0}
   checks[i] = c
-  if mech ~= LEASE then reads[#reads + 1] = c.key end
+  if mech ~= LEASE then reads[#reads + 1] = c[KEY] end
 end
 local values = call('MGET', unpack(reads))
 if mode ~= 'peek' and values[1] then
@@ -108,7 +110,7 @@ end
 local refused, quota, shadowed, read = false, false, false, 1
 for i = 1, #checks do
   local c, value = checks[i], nil
-  local mech, limit, cost, code, wait = c.mech, c.limit, c.cost, OK, 0
+  local mech, limit, cost, code, wait = c[MECH], c[LIMIT], c[COST], OK, 0
   if mech ~= LEASE then
     read = read + 1
     value = values[read]
@@ -123,15 +125,15 @@ for i = 1, #checks do
     elseif level + need > capacity then
       code, wait = WAIT, ceil_div(level + need - capacity, limit)
     end
-    c.level = level
+    c[LEVEL] = level
   elseif mech == LEASE then
-    call('ZREMRANGEBYSCORE', c.key, '-inf', int(now)) -- a crashed process's leases free here
-    local count, first, last = call('ZCARD', c.key), now, now
+    call('ZREMRANGEBYSCORE', c[KEY], '-inf', int(now)) -- a crashed process's leases free here
+    local count, first, last = call('ZCARD', c[KEY]), now, now
     if count > 0 then
-      last = tonumber(call('ZRANGE', c.key, '-1', '-1', 'WITHSCORES')[2])
+      last = tonumber(call('ZRANGE', c[KEY], '-1', '-1', 'WITHSCORES')[2])
       -- The earliest expiry only matters to a request that fills the limit or finds it full.
       if count + 1 >= limit then
-        first = tonumber(call('ZRANGE', c.key, '0', '0', 'WITHSCORES')[2])
+        first = tonumber(call('ZRANGE', c[KEY], '0', '0', 'WITHSCORES')[2])
       end
     end
     if limit == 0 then
@@ -139,7 +141,7 @@ for i = 1, #checks do
     elseif count + 1 > limit then
       code, wait = WAIT, math.min(LEASE_RETRY_US, first - now)
     end
-    c.count, c.first, c.last = count, first, last
+    c[COUNT], c[FIRST], c[LAST] = count, first, last
   else
     local used = tonumber(value or '0')
     if cost == 0 then
@@ -147,12 +149,12 @@ for i = 1, #checks do
     elseif cost > limit then
       code = TOO_LARGE
     elseif used + cost > limit then
-      code, wait = EXHAUSTED, c.finish - now
+      code, wait = EXHAUSTED, c[FINISH] - now
     end
-    c.used = used
+    c[USED] = used
   end
-  c.code, c.wait = code, wait
-  if code ~= OK and c.shadow then
+  c[CODE], c[WAIT_US] = code, wait
+  if code ~= OK and c[SHADOW] then
     shadowed = true
   elseif code ~= OK then
     refused = true
@@ -174,25 +176,25 @@ if charge then
   local amounts, expiry, lease_ttl_ms = {}, now + lease_ttl, int(ceil_div(lease_ttl, 1000))
   for i = 1, #checks do
     local c = checks[i]
-    local cost = c.cost
+    local cost = c[COST]
     amounts[i] = int(cost)
-    if c.mech == RATE then
-      local level = c.level + cost * window
-      c.level = level
+    if c[MECH] == RATE then
+      local level = c[LEVEL] + cost * window
+      c[LEVEL] = level
       if level > 0 then
-        call('SET', c.key, format('%d %d', level, now), 'PX', int(rate_ttl_ms(level, c.limit)))
+        call('SET', c[KEY], format('%d %d', level, now), 'PX', int(rate_ttl_ms(level, c[LIMIT])))
       end
-    elseif c.mech == LEASE then
-      call('ZADD', c.key, int(expiry), rid)
-      call('PEXPIRE', c.key, lease_ttl_ms)
-      if c.count == 0 then c.first = expiry end
-      c.last = math.max(c.last, expiry)
-      c.count = c.count + 1
+    elseif c[MECH] == LEASE then
+      call('ZADD', c[KEY], int(expiry), rid)
+      call('PEXPIRE', c[KEY], lease_ttl_ms)
+      if c[COUNT] == 0 then c[FIRST] = expiry end
+      c[LAST] = math.max(c[LAST], expiry)
+      c[COUNT] = c[COUNT] + 1
     elseif cost > 0 then
-      c.used = call('INCRBY', c.key, amounts[i])
+      c[USED] = call('INCRBY', c[KEY], amounts[i])
       -- Its expiry is the same instant for every charge to this period's key: set once, when the
       -- key is new (settle.lua sets it again whenever it creates the key or resets it to zero).
-      if c.used == cost then call('EXPIREAT', c.key, int(c.expire)) end
+      if c[USED] == cost then call('EXPIREAT', c[KEY], int(c[EXPIRE])) end
     end
   end
   call('SET', KEYS[1], '[' .. table.concat(amounts, ',') .. ']', 'PX', ARGV[5])
@@ -209,25 +211,25 @@ if mode ~= 'peek' then status = charge and 1 or 0 end
 local reply, n = {status, now}, 2
 for i = 1, #checks do
   local c = checks[i]
-  local mech, limit, used, reset, more = c.mech, c.limit, 0, 0, 0
+  local mech, limit, used, reset, more = c[MECH], c[LIMIT], 0, 0, 0
   if mech == RATE then
-    local level = c.level
+    local level = c[LEVEL]
     used = ceil_div(level, window)
     if limit > 0 and level > 0 then
       reset = ceil_div(level, limit)
       more = ceil_div(level - (used - 1) * window, limit)
     end
   elseif mech == LEASE then
-    used = c.count
+    used = c[COUNT]
     if used > 0 then
-      reset = c.last - now
-      if used >= limit then more = c.first - now end
+      reset = c[LAST] - now
+      if used >= limit then more = c[FIRST] - now end
     end
   else
-    used = c.used
-    if used > 0 then reset, more = c.finish - now, c.finish - now end
+    used = c[USED]
+    if used > 0 then reset, more = c[FINISH] - now, c[FINISH] - now end
   end
-  reply[n + 1], reply[n + 2], reply[n + 3], reply[n + 4], reply[n + 5] = c.code, used, reset, c.wait, more
+  reply[n + 1], reply[n + 2], reply[n + 3], reply[n + 4], reply[n + 5] = c[CODE], used, reset, c[WAIT_US], more
   n = n + 5
 end
 return reply
