@@ -14,8 +14,8 @@ What a call costs Redis is mostly the script's own work, not the commands it run
 redis.call is a round trip through the scripting layer (arguments converted, the reply parsed back),
 so the settled marker, counters and buckets are read with one MGET, and a lease set's earliest
 expiry only when it is needed; the checks come as doubles, unpacked in C (struct) rather than split
-and converted in Lua. In Lua itself, a table grown after it was made is rehashed, and a call to C
-(ipairs, math.floor) costs more than the arithmetic around it.
+and converted in Lua. In Lua itself, a call to C (ipairs, math.floor) costs more than the arithmetic
+around it. `bench/script_bench.py` measures what each call costs Redis.
 
 KEYS[1]    reservation record: the amount charged to each check key, a JSON array
 KEYS[2]    the reservation's settled marker: an id already settled or released is never charged
@@ -87,16 +87,18 @@ local function rate_ttl_ms(level, limit)
   return ceil_div(level, limit * 1000) + 1000
 end
 
--- The settled marker and every bucket and counter, in one read (a missing key reads false); leases
--- are sorted sets, read on their own.
--- A check's fields: level (RATE), count, first and last expiry (LEASE) and used (CALENDAR) after it.
+-- A check is an array whose slots are named here, made whole at once (a table that grows after it
+-- is made is rehashed): what ARGV says, the decision (code, wait µs), then what was read and charged:
+-- the bucket's level (RATE), the leases' count, first and last expiry (LEASE), the counter (CALENDAR).
 local KEY, MECH, LIMIT, COST, FINISH, EXPIRE, SHADOW, CODE, WAIT_US = 1, 2, 3, 4, 5, 6, 7, 8, 9
 local LEVEL, COUNT, FIRST, LAST, USED = 10, 11, 12, 13, 14
+
+-- The settled marker and every bucket and counter are read in one MGET (a missing key reads false);
+-- leases are sorted sets, read on their own.
 local checks, reads, at = {}, {KEYS[2]}, 1
 for i = 1, #KEYS - 3 do
   local mech, limit, cost, finish, expire, shadow
   mech, limit, cost, finish, expire, shadow, at = struct.unpack('<dddddd', ARGV[9], at)
-  -- A check is an array (its fields named below): every field it will hold has its slot from the start.
   local c = {KEYS[i + 3], mech, limit, cost, finish, expire, shadow == 1, OK, 0, 0, 0, 0, 0, 0}
   checks[i] = c
   if mech ~= LEASE then reads[#reads + 1] = c[KEY] end
