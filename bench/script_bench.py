@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -227,6 +228,7 @@ def parent(args: argparse.Namespace) -> None:
     finally:
         server.terminate()
         server.wait(timeout=60)
+        shutil.rmtree(directory, ignore_errors=True)
     print("\nmedians over the reps")
     for checkout, row in results.items():
         line = "  ".join(f"{name} {statistics.median(values):8.1f}" for name, values in row.items())
