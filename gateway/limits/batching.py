@@ -33,6 +33,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from gateway.limits.resp import RespConnection, command
 from gateway.limits.scripts import Script
 
+Arg = str | int | bytes  # a script argument (bytes: the checks, packed)
 CLOSE_WAIT = 0.5  # seconds: at shutdown, after the outbox has had its turn
 
 
@@ -40,7 +41,7 @@ CLOSE_WAIT = 0.5  # seconds: at shutdown, after the outbox has had its turn
 class _Call:
     script: Script
     keys: Sequence[str]
-    args: Sequence[str | int]
+    args: Sequence[Arg]
     future: asyncio.Future[Any]
 
     def argv(self) -> tuple[Any, ...]:
@@ -57,7 +58,7 @@ class EvalBatcher:
         self._sending: set[asyncio.Future[Any]] = set()
         self._closed = False
 
-    def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> asyncio.Future[Any]:
+    def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> asyncio.Future[Any]:
         """The reply of `script` on `keys` and `args`, sent with whatever else this loop turn asks."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()

@@ -15,6 +15,7 @@ the instructions, and a request makes a dozen of them.
 from __future__ import annotations
 
 import functools
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import date
@@ -204,14 +205,21 @@ class PlanDay:
     check_keys: tuple[str, ...]
     ledger_key: str
     headers: HeaderPlan  # what their limit headers share
-    # Each check's words in reserve.lua's ARGV[9] before and after its cost: `<mechanism> <limit> `
-    # and ` <period end µs> <counter EXPIREAT> <shadow>`.
-    reserve_words: tuple[tuple[str, str], ...]
+    # Each check's doubles in reserve.lua's ARGV[9] before and after its cost: mechanism, limit,
+    # and period end µs, counter EXPIREAT, shadow.
+    reserve_doubles: tuple[tuple[bytes, bytes], ...]
 
 
-def _reserve_words(check: Check) -> tuple[str, str]:
-    shadow = 1 if check.shadow else 0
-    return f"{check.kind.mechanism} {check.limit} ", f" {check.end_us} {check.expire_at} {shadow}"
+# The scripts' checks travel as little-endian doubles (Lua's numbers, exact below 2**53), which a
+# script unpacks in C (struct.unpack) where words would be split and converted in Lua; a check's
+# mechanism is one of these codes there (day and month are both a calendar window).
+MECHANISM_CODES = {"rate": 1, "day": 2, "month": 2, "lease": 3}
+_TWO_DOUBLES, _THREE_DOUBLES = struct.Struct("<2d"), struct.Struct("<3d")
+
+
+def _reserve_doubles(check: Check) -> tuple[bytes, bytes]:
+    before = _TWO_DOUBLES.pack(MECHANISM_CODES[check.kind.mechanism], check.limit)
+    return before, _THREE_DOUBLES.pack(check.end_us, check.expire_at, 1 if check.shadow else 0)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -228,7 +236,7 @@ def plan_day(plan: LimitPlan, day: date) -> PlanDay:
         tuple(check.key for check in checks),
         keys.ledger_key(plan.tenant, day),
         header_plan(checks),
-        tuple(_reserve_words(check) for check in checks),
+        tuple(_reserve_doubles(check) for check in checks),
     )
 
 

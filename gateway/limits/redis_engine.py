@@ -22,6 +22,7 @@ burst would turn into needless degraded decisions, and a wait is the better back
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Sequence
 from datetime import date
 from itertools import chain
@@ -34,8 +35,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from gateway.config import StoreSettings
-from gateway.limits.batching import EvalBatcher
+from gateway.limits.batching import Arg, EvalBatcher
 from gateway.limits.calls import (
+    MECHANISM_CODES,
     LedgerHash,
     RenewCall,
     ReserveCall,
@@ -70,6 +72,9 @@ _PASSING_ERRORS = (
     "NOREPLICAS",
 )
 MAX_IN_FLIGHT = 128
+# A reserve's cost between its check's other doubles (calls.PlanDay.reserve_doubles); a settle's
+# check: mechanism code, limit, estimate, actual, counter EXPIREAT.
+_COST, _SETTLE_CHECK = struct.Struct("<d"), struct.Struct("<5d")
 
 
 def _refused_for_good(message: str) -> bool:
@@ -159,7 +164,7 @@ class RedisEngine:
         except _FAILURES as exc:
             raise StoreFailure(f"{type(exc).__name__}: {exc}") from exc
 
-    async def _run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    async def _run(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         try:
             return await self._batcher.evalsha(script, keys, args)
         except ResponseError as exc:
@@ -172,7 +177,7 @@ class RedisEngine:
     async def reserve(self, call: ReserveCall) -> ReserveReply:
         shared = call.shared
         keys = [call.record_key, call.settled_key, shared.ledger_key, *shared.check_keys]
-        args: list[str | int] = [
+        args: list[Arg] = [
             call.reservation_id,
             day_index(call.day),
             call.mode,
@@ -181,10 +186,10 @@ class RedisEngine:
             call.ledger_expire_at,
             call.lease_ttl_us,
             RATE_WINDOW_US,
-            " ".join(
+            b"".join(
                 [
-                    f"{before}{check.cost}{after}"
-                    for (before, after), check in zip(shared.reserve_words, call.checks, strict=True)
+                    before + _COST.pack(check.cost) + after
+                    for (before, after), check in zip(shared.reserve_doubles, call.checks, strict=True)
                 ]
             ),
         ]
@@ -197,14 +202,16 @@ class RedisEngine:
 
     async def settle(self, call: SettleCall) -> bool:
         keys = [call.record_key, call.settled_key, call.ledger_key, *[check.key for check in call.checks]]
-        args: list[str | int] = [
+        args: list[Arg] = [
             call.reservation_id,
             call.settled_ttl_ms,
             call.ledger_expire_at,
             RATE_WINDOW_US,
-            " ".join(
+            b"".join(
                 [
-                    f"{c.kind.mechanism} {c.limit} {c.cost} {actual} {c.expire_at}"
+                    _SETTLE_CHECK.pack(
+                        MECHANISM_CODES[c.kind.mechanism], c.limit, c.cost, actual, c.expire_at
+                    )
                     for c, actual in zip(call.checks, call.actuals, strict=True)
                 ]
             ),

@@ -46,7 +46,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 
-def command(*args: str | int) -> bytes:
+def command(*args: str | int | bytes) -> bytes:
     """One command in RESP: an array of bulk strings (hiredis encodes it, in C)."""
     # hiredis's stub says a one-element tuple where it takes any length
     packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]

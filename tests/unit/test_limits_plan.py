@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 from datetime import date
 
 from gateway.config import KeySettings, Limits, TenantSettings
@@ -62,7 +63,7 @@ def test_checks_name_keys_under_the_tenant_hash_tag() -> None:
 
 def test_what_a_plan_shares_is_named_for_its_day_and_its_limits() -> None:
     """`plan_day` is cached per plan and day: the next day, or a plan reloaded with other limits,
-    gets its own keys and reserve.lua words, never the ones kept."""
+    gets its own keys and reserve.lua doubles, never the ones kept."""
     tenant = _tenant(limits=Limits(requests_per_minute=60, tokens_per_day=2, usd_per_month=3))
     plan = LimitPlan.build("team", tenant, tenant.keys[0], 0, None)
     last_day = plan_day(plan, date(2026, 2, 28))
@@ -72,7 +73,14 @@ def test_what_a_plan_shares_is_named_for_its_day_and_its_limits() -> None:
         "igw:{team}:window:tenant:tpd:2026-02-28",
         "igw:{team}:window:tenant:usd-month:2026-02",
     )
-    assert last_day.reserve_words[1] == ("day 2 ", f" {1_772_323_200 * 1_000_000} {1_772_323_200 + 86_400} 0")
+    assert [
+        struct.unpack("<2d", before) + struct.unpack("<3d", after)
+        for before, after in last_day.reserve_doubles
+    ] == [
+        (1, 60, 0, 0, 0),
+        (2, 2, 1_772_323_200 * 1_000_000, 1_772_323_200 + 86_400, 0),
+        (2, 3_000_000_000, 1_772_323_200 * 1_000_000, 1_772_323_200 + 86_400, 0),
+    ]
     next_day = plan_day(plan, date(2026, 3, 1))
     assert next_day.ledger_key == "igw:{team}:ledger:2026-03-01"
     assert next_day.check_keys[1:] == (
@@ -81,8 +89,8 @@ def test_what_a_plan_shares_is_named_for_its_day_and_its_limits() -> None:
     )
     reloaded_tenant = _tenant(limits=Limits(requests_per_minute=61, tokens_per_day=2, usd_per_month=3))
     reloaded = LimitPlan.build("team", reloaded_tenant, reloaded_tenant.keys[0], 0, None)
-    assert plan_day(reloaded, date(2026, 2, 28)).reserve_words[0] == ("rate 61 ", " 0 0 0")
-    assert plan_day(plan, date(2026, 2, 28)).reserve_words[0] == ("rate 60 ", " 0 0 0")
+    assert struct.unpack("<2d", plan_day(reloaded, date(2026, 2, 28)).reserve_doubles[0][0]) == (1, 61)
+    assert struct.unpack("<2d", plan_day(plan, date(2026, 2, 28)).reserve_doubles[0][0]) == (1, 60)
 
 
 def test_ledger_keys_round_trip_whatever_the_tenant_name() -> None:

@@ -5,10 +5,19 @@ ledger). Mirrors MemoryEngine.reserve (gateway/limits/memory.py) step by step, o
 arithmetic of gateway/limits/meters.py; see there for why the smooth limiter is a leaky bucket.
 
 Time is the server's TIME, never the caller's clock, so every gateway replica agrees. Numbers
-written back are formatted with %.0f: Lua numbers are doubles, and Redis would otherwise print
-large ones in %.14g, losing digits of microsecond timestamps.
+written back are formatted with %d (`int`): Lua numbers are doubles, exact integers below 2^53,
+which %d prints exactly (as a C long) where Lua's own conversion (%.14g) would lose digits of
+microsecond timestamps; glibc's %.0f prints the same digits at twice the cost, and a number given
+to redis.call as it is costs Redis a %.17g.
 
-KEYS[1]    reservation record: the amount charged to each check key, space separated
+What a call costs Redis is mostly the script's own work, not the commands it runs: every
+redis.call is a round trip through the scripting layer (arguments converted, the reply parsed back),
+so the settled marker, counters and buckets are read with one MGET, and a lease set's earliest
+expiry only when it is needed; the checks come as doubles, unpacked in C (struct) rather than split
+and converted in Lua. In Lua itself, a call to C (ipairs, math.floor) costs more than the arithmetic
+around it. `bench/script_bench.py` measures what each call costs Redis.
+
+KEYS[1]    reservation record: the amount charged to each check key, a JSON array
 KEYS[2]    the reservation's settled marker: an id already settled or released is never charged
 KEYS[3]    the day's ledger hash
 KEYS[4..]  one key per check, in the order of the checks in ARGV
@@ -20,9 +29,9 @@ ARGV[5]    record TTL, ms
 ARGV[6]    ledger EXPIREAT, unix seconds
 ARGV[7]    lease TTL, µs
 ARGV[8]    smooth limiter window, µs
-ARGV[9]    the checks, six space-separated words each: mechanism (rate|day|month|lease), limit,
-           cost, period end µs, counter EXPIREAT, shadow (1: this limit alone is dark-launched: a
-           refusal of it is reported and counted, never rejects) (one string: far cheaper to send)
+ARGV[9]    the checks, six little-endian doubles each (struct '<dddddd'): mechanism (RATE, CALENDAR
+           for a day or month window, LEASE), limit, cost, period end µs, counter EXPIREAT, shadow (1:
+           this limit alone is dark-launched: a refusal of it is reported and counted, never rejects)
 ARGV[10..] pairs of ledger field, increment: the estimate, charged to the ledger with the budgets
 
 Reply, an array of integers (Lua numbers, exact below 2^53; cheaper than formatting each one):
@@ -32,101 +41,132 @@ status 1 admitted (charged), 0 rejected (nothing charged), 2 peeked, -1 another 
 ]]
 
 local OK, WAIT, EXHAUSTED, TOO_LARGE = 0, 1, 2, 3
+local RATE, CALENDAR, LEASE = 1, 2, 3 -- calls.MECHANISM_CODES
 local LEASE_RETRY_US = 1000000
 
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-if math.floor(tonumber(clock[1]) / 86400) ~= tonumber(ARGV[2]) then
+local call, format, floor = redis.call, string.format, math.floor
+
+local clock = call('TIME')
+local seconds = tonumber(clock[1])
+local now = seconds * 1000000 + tonumber(clock[2])
+if floor(seconds / 86400) ~= tonumber(ARGV[2]) then
   return {-1, now}
-end
-if ARGV[3] ~= 'peek' and redis.call('EXISTS', KEYS[2]) == 1 then
-  return {-2, now}
 end
 
 local rid, mode, model = ARGV[1], ARGV[3], ARGV[4]
 local lease_ttl, window = tonumber(ARGV[7]), tonumber(ARGV[8])
 
-local function fmt(n)
-  return string.format('%.0f', n)
+local function int(n)
+  return format('%d', n)
 end
 
 -- Exact ceiling of a / b for non-negative integers below 2^53, whatever the float division rounds to.
 local function ceil_div(a, b)
-  local q = math.floor(a / b)
+  local q = a / b
+  q = q - q % 1 -- floor, without calling out to C
   while q * b < a do q = q + 1 end
   while q > 0 and (q - 1) * b >= a do q = q - 1 end
   return q
 end
 
-local function rate_level(key, limit)
-  local state = redis.call('GET', key)
+-- A bucket's state is '<level> <stamp µs>' (split at its space: a pattern match costs twice as much).
+local function rate_level(state, limit)
   if not state then return 0 end
-  local level, stamp = string.match(state, '^(%d+) (%d+)$')
-  local elapsed = math.max(0, now - tonumber(stamp))
-  return math.max(0, tonumber(level) - elapsed * limit)
+  local space = string.find(state, ' ', 1, true)
+  local elapsed = now - tonumber(string.sub(state, space + 1))
+  if elapsed < 0 then elapsed = 0 end -- a clock that stepped back drains nothing
+  local level = tonumber(string.sub(state, 1, space - 1)) - elapsed * limit
+  if level < 0 then return 0 end
+  return level
 end
 
+-- Until the bucket has drained (in ms, rounded up), plus a second of slack; the ceiling of a
+-- ceiling division by 1000 is the ceiling of the division by 1000 times as much.
 local function rate_ttl_ms(level, limit)
-  local drain = window
-  if limit > 0 then drain = ceil_div(level, limit) end
-  return ceil_div(drain, 1000) + 1000
+  if limit == 0 then return ceil_div(window, 1000) + 1000 end
+  return ceil_div(level, limit * 1000) + 1000
 end
 
-local spec = {}
-for word in string.gmatch(ARGV[9], '%S+') do spec[#spec + 1] = word end
+-- A check is an array whose slots are named here, made whole at once (a table that grows after it
+-- is made is rehashed): what ARGV says, the decision (code, wait µs), then what was read and charged:
+-- the bucket's level (RATE), the leases' count, first and last expiry (LEASE), the counter (CALENDAR).
+local KEY, MECH, LIMIT, COST, FINISH, EXPIRE, SHADOW, CODE, WAIT_US = 1, 2, 3, 4, 5, 6, 7, 8, 9
+local LEVEL, COUNT, FIRST, LAST, USED = 10, 11, 12, 13, 14
+
+-- The settled marker and every bucket and counter are read in one MGET (a missing key reads false);
+-- leases are sorted sets, read on their own.
+local checks, reads, at = {}, {KEYS[2]}, 1
+for i = 1, #KEYS - 3 do
+  local mech, limit, cost, finish, expire, shadow
+  mech, limit, cost, finish, expire, shadow, at = struct.unpack('<dddddd', ARGV[9], at)
+  local c = {KEYS[i + 3], mech, limit, cost, finish, expire, shadow == 1, OK, 0, 0, 0, 0, 0, 0}
+  checks[i] = c
+  if mech ~= LEASE then reads[#reads + 1] = c[KEY] end
+end
+local values = call('MGET', unpack(reads))
+if mode ~= 'peek' and values[1] then
+  return {-2, now}
+end
 
 -- Pass 1: read every limit and decide, changing nothing but expired leases.
-local checks, refused, quota, shadowed = {}, false, false, false
-for i = 1, #KEYS - 3 do
-  local base = (i - 1) * 6
-  local c = {key = KEYS[i + 3], mech = spec[base + 1], limit = tonumber(spec[base + 2]),
-             cost = tonumber(spec[base + 3]), finish = tonumber(spec[base + 4]), expire = spec[base + 5],
-             shadow = spec[base + 6] == '1', code = OK, wait = 0}
-  if c.mech == 'rate' then
-    c.level = rate_level(c.key, c.limit)
-    local capacity, need = c.limit * window, c.cost * window
-    if c.cost == 0 then
-      c.code = OK
+local refused, quota, shadowed, read = false, false, false, 1
+for i = 1, #checks do
+  local c, value = checks[i], nil
+  local mech, limit, cost, code, wait = c[MECH], c[LIMIT], c[COST], OK, 0
+  if mech ~= LEASE then
+    read = read + 1
+    value = values[read]
+  end
+  if mech == RATE then
+    local level = rate_level(value, limit)
+    local capacity, need = limit * window, cost * window
+    if cost == 0 then
+      code = OK
     elseif need > capacity then
-      c.code = TOO_LARGE
-    elseif c.level + need > capacity then
-      c.code, c.wait = WAIT, ceil_div(c.level + need - capacity, c.limit)
+      code = TOO_LARGE
+    elseif level + need > capacity then
+      code, wait = WAIT, ceil_div(level + need - capacity, limit)
     end
-  elseif c.mech == 'lease' then
-    redis.call('ZREMRANGEBYSCORE', c.key, '-inf', fmt(now)) -- a crashed process's leases free here
-    c.count = redis.call('ZCARD', c.key)
-    c.first, c.last = now, now
-    if c.count > 0 then
-      c.first = tonumber(redis.call('ZRANGE', c.key, 0, 0, 'WITHSCORES')[2])
-      c.last = tonumber(redis.call('ZRANGE', c.key, -1, -1, 'WITHSCORES')[2])
+    c[LEVEL] = level
+  elseif mech == LEASE then
+    call('ZREMRANGEBYSCORE', c[KEY], '-inf', int(now)) -- a crashed process's leases free here
+    local count, first, last = call('ZCARD', c[KEY]), now, now
+    if count > 0 then
+      last = tonumber(call('ZRANGE', c[KEY], '-1', '-1', 'WITHSCORES')[2])
+      -- The earliest expiry only matters to a request that fills the limit or finds it full.
+      if count + 1 >= limit then
+        first = tonumber(call('ZRANGE', c[KEY], '0', '0', 'WITHSCORES')[2])
+      end
     end
-    if c.limit == 0 then
-      c.code = TOO_LARGE
-    elseif c.count + 1 > c.limit then
-      c.code, c.wait = WAIT, math.min(LEASE_RETRY_US, c.first - now)
+    if limit == 0 then
+      code = TOO_LARGE
+    elseif count + 1 > limit then
+      code, wait = WAIT, math.min(LEASE_RETRY_US, first - now)
     end
+    c[COUNT], c[FIRST], c[LAST] = count, first, last
   else
-    c.used = tonumber(redis.call('GET', c.key) or '0')
-    if c.cost == 0 then
-      c.code = OK
-    elseif c.cost > c.limit then
-      c.code = TOO_LARGE
-    elseif c.used + c.cost > c.limit then
-      c.code, c.wait = EXHAUSTED, c.finish - now
+    local used = tonumber(value or '0')
+    if cost == 0 then
+      code = OK
+    elseif cost > limit then
+      code = TOO_LARGE
+    elseif used + cost > limit then
+      code, wait = EXHAUSTED, c[FINISH] - now
     end
+    c[USED] = used
   end
-  if c.code ~= OK and c.shadow then
+  c[CODE], c[WAIT_US] = code, wait
+  if code ~= OK and c[SHADOW] then
     shadowed = true
-  elseif c.code ~= OK then
+  elseif code ~= OK then
     refused = true
-    if c.code == EXHAUSTED or c.code == TOO_LARGE then quota = true end
+    if code == EXHAUSTED or code == TOO_LARGE then quota = true end
   end
-  checks[i] = c
 end
 
 local function count(counter)
-  redis.call('HINCRBY', KEYS[3], counter .. ':' .. model, 1)
-  redis.call('EXPIREAT', KEYS[3], ARGV[6])
+  call('HINCRBY', KEYS[3], counter .. ':' .. model, 1)
+  call('EXPIREAT', KEYS[3], ARGV[6])
 end
 
 -- Pass 2: charge everything (admitted or shadow), or nothing.
@@ -135,59 +175,63 @@ if mode == 'enforce' and refused then
   if quota then count('rejected_quota') else count('rejected_rate') end
 end
 if charge then
-  local amounts = {}
-  for i, c in ipairs(checks) do
-    amounts[i] = fmt(c.cost)
-    if c.mech == 'rate' then
-      c.level = c.level + c.cost * window
-      if c.level > 0 then
-        redis.call('SET', c.key, fmt(c.level) .. ' ' .. fmt(now), 'PX', rate_ttl_ms(c.level, c.limit))
+  local amounts, expiry, lease_ttl_ms = {}, now + lease_ttl, int(ceil_div(lease_ttl, 1000))
+  for i = 1, #checks do
+    local c = checks[i]
+    local cost = c[COST]
+    amounts[i] = int(cost)
+    if c[MECH] == RATE then
+      local level = c[LEVEL] + cost * window
+      c[LEVEL] = level
+      if level > 0 then
+        call('SET', c[KEY], format('%d %d', level, now), 'PX', int(rate_ttl_ms(level, c[LIMIT])))
       end
-    elseif c.mech == 'lease' then
-      local expiry = now + lease_ttl
-      redis.call('ZADD', c.key, fmt(expiry), rid)
-      redis.call('PEXPIRE', c.key, ceil_div(lease_ttl, 1000))
-      if c.count == 0 then c.first = expiry end
-      c.last = math.max(c.last, expiry)
-      c.count = c.count + 1
-    elseif c.cost > 0 then
-      c.used = redis.call('INCRBY', c.key, fmt(c.cost))
+    elseif c[MECH] == LEASE then
+      call('ZADD', c[KEY], int(expiry), rid)
+      call('PEXPIRE', c[KEY], lease_ttl_ms)
+      if c[COUNT] == 0 then c[FIRST] = expiry end
+      c[LAST] = math.max(c[LAST], expiry)
+      c[COUNT] = c[COUNT] + 1
+    elseif cost > 0 then
+      c[USED] = call('INCRBY', c[KEY], amounts[i])
       -- Its expiry is the same instant for every charge to this period's key: set once, when the
-      -- key is new (settle.lua sets it again whenever it writes the key).
-      if c.used == c.cost then redis.call('EXPIREAT', c.key, c.expire) end
+      -- key is new (settle.lua sets it again whenever it creates the key or resets it to zero).
+      if c[USED] == cost then call('EXPIREAT', c[KEY], int(c[EXPIRE])) end
     end
   end
-  redis.call('SET', KEYS[1], table.concat(amounts, ' '), 'PX', ARGV[5])
+  call('SET', KEYS[1], '[' .. table.concat(amounts, ',') .. ']', 'PX', ARGV[5])
   for i = 10, #ARGV, 2 do
-    redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
+    call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
   end
-  if #ARGV >= 10 then redis.call('EXPIREAT', KEYS[3], ARGV[6]) end
+  if #ARGV >= 10 then call('EXPIREAT', KEYS[3], ARGV[6]) end
   if refused or shadowed then count('shadow_rejected') end
 end
 
 -- Readings, after the decision.
 local status = 2
 if mode ~= 'peek' then status = charge and 1 or 0 end
-local reply = {status, now}
-for _, c in ipairs(checks) do
-  local used, reset, more = 0, 0, 0
-  if c.mech == 'rate' then
-    used = ceil_div(c.level, window)
-    if c.limit > 0 and c.level > 0 then
-      reset = ceil_div(c.level, c.limit)
-      more = ceil_div(c.level - (used - 1) * window, c.limit)
+local reply, n = {status, now}, 2
+for i = 1, #checks do
+  local c = checks[i]
+  local mech, limit, used, reset, more = c[MECH], c[LIMIT], 0, 0, 0
+  if mech == RATE then
+    local level = c[LEVEL]
+    used = ceil_div(level, window)
+    if limit > 0 and level > 0 then
+      reset = ceil_div(level, limit)
+      more = ceil_div(level - (used - 1) * window, limit)
     end
-  elseif c.mech == 'lease' then
-    used = c.count
+  elseif mech == LEASE then
+    used = c[COUNT]
     if used > 0 then
-      reset = c.last - now
-      if used >= c.limit then more = c.first - now end
+      reset = c[LAST] - now
+      if used >= limit then more = c[FIRST] - now end
     end
   else
-    used = c.used
-    if used > 0 then reset, more = c.finish - now, c.finish - now end
+    used = c[USED]
+    if used > 0 then reset, more = c[FINISH] - now, c[FINISH] - now end
   end
-  local n = #reply
-  reply[n + 1], reply[n + 2], reply[n + 3], reply[n + 4], reply[n + 5] = c.code, used, reset, c.wait, more
+  reply[n + 1], reply[n + 2], reply[n + 3], reply[n + 4], reply[n + 5] = c[CODE], used, reset, c[WAIT_US], more
+  n = n + 5
 end
 return reply

@@ -17,8 +17,8 @@ ARGV[1]    reservation id (the lease member)
 ARGV[2]    settled marker TTL, ms
 ARGV[3]    ledger EXPIREAT, unix seconds
 ARGV[4]    smooth limiter window, µs
-ARGV[5]    the checks, five space-separated words each: mechanism (rate|day|month|lease), limit,
-           estimate, actual, counter EXPIREAT
+ARGV[5]    the checks, five little-endian doubles each (struct '<ddddd', see reserve.lua): mechanism
+           (RATE, CALENDAR for a day or month window, LEASE), limit, estimate, actual, counter EXPIREAT
 ARGV[6]    1 for a degraded reservation (admitted while the store was unreachable): without a record
            (its reserve never ran) the per-minute limits are left alone, that minute is over
 ARGV[7]    1: take the estimate out of the ledger only if the record is here (the reserve may never
@@ -28,6 +28,9 @@ ARGV[9..]  N pairs of ledger field, increment (the actual cost), then pairs of l
            (the estimate the reserve charged to the ledger, taken back)
 
 Reply: 1 settled from the record, 2 settled from the caller's copy, 0 already settled
+
+The record is a JSON array of the amounts (reserve.lua); one written before it was (space separated
+amounts, a reserve of an earlier version) is read too. Numbers are written with %d: see reserve.lua.
 ]]
 
 if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -38,8 +41,8 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local rid, window, degraded = ARGV[1], tonumber(ARGV[4]), ARGV[6] == '1'
 
-local function fmt(n)
-  return string.format('%.0f', n)
+local function int(n)
+  return string.format('%d', n)
 end
 
 local function ceil_div(a, b)
@@ -50,24 +53,25 @@ local function ceil_div(a, b)
 end
 
 local record = redis.call('GET', KEYS[1])
-local recorded = {}
-if record then
+local recorded
+if record and string.byte(record) == 91 then -- '['
+  recorded = cjson.decode(record)
+elseif record then
+  recorded = {}
   for amount in string.gmatch(record, '%d+') do recorded[#recorded + 1] = tonumber(amount) end
 end
 
-local spec = {}
-for word in string.gmatch(ARGV[5], '%S+') do spec[#spec + 1] = word end
-
+local RATE, LEASE = 1, 3 -- calls.MECHANISM_CODES (2: a calendar window)
+local at = 1
 for i = 1, #KEYS - 3 do
-  local at = (i - 1) * 5
-  local key, mech, limit = KEYS[i + 3], spec[at + 1], tonumber(spec[at + 2])
-  local estimate = tonumber(spec[at + 3])
+  local key, mech, limit, estimate, actual, expire = KEYS[i + 3]
+  mech, limit, estimate, actual, expire, at = struct.unpack('<ddddd', ARGV[5], at)
   if record then estimate = recorded[i] end
-  local diff = tonumber(spec[at + 4]) - estimate
-  if mech == 'rate' and degraded and not record then diff = 0 end
-  if mech == 'lease' then
+  local diff = actual - estimate
+  if mech == RATE and degraded and not record then diff = 0 end
+  if mech == LEASE then
     redis.call('ZREM', key, rid)
-  elseif diff ~= 0 and mech == 'rate' then
+  elseif diff ~= 0 and mech == RATE then
     local level = 0
     local state = redis.call('GET', key)
     if state then
@@ -78,15 +82,20 @@ for i = 1, #KEYS - 3 do
     if level > 0 then
       local drain = window
       if limit > 0 then drain = ceil_div(level, limit) end
-      redis.call('SET', key, fmt(level) .. ' ' .. fmt(now), 'PX', ceil_div(drain, 1000) + 1000)
+      redis.call('SET', key, string.format('%d %d', level, now), 'PX', int(ceil_div(drain, 1000) + 1000))
     else
       redis.call('DEL', key)
     end
   elseif diff ~= 0 then
-    if redis.call('INCRBY', key, fmt(diff)) < 0 then
+    -- A period's key expires at one instant, set when the key is made (here or by reserve.lua):
+    -- set again only if this made it (the amount is all it holds) or reset it (SET drops a TTL).
+    local used = redis.call('INCRBY', key, int(diff))
+    if used < 0 then
       redis.call('SET', key, '0')
     end
-    redis.call('EXPIREAT', key, spec[at + 5])
+    if used <= 0 or used == diff then
+      redis.call('EXPIREAT', key, int(expire))
+    end
   end
 end
 
@@ -108,7 +117,7 @@ if record or ARGV[7] == '0' then
 end
 for _, field in ipairs(fields) do
   -- A counter back at zero goes (a release leaves no trace, as before it was charged).
-  if net[field] ~= 0 and redis.call('HINCRBY', KEYS[3], field, fmt(net[field])) == 0 then
+  if net[field] ~= 0 and redis.call('HINCRBY', KEYS[3], field, int(net[field])) == 0 then
     redis.call('HDEL', KEYS[3], field)
   end
 end
