@@ -30,7 +30,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import http_writer, web
 
 from gateway.app import PIPELINE, RELOADER, create_app
 from gateway.config import ConfigError, ServerSettings, Settings
@@ -67,6 +67,20 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
+def write_unjoined() -> bool:
+    """Let aiohttp hand a response's pieces (its head and a body piece) to uvloop's transport as
+    they are, rather than joined into a copy first; whether it now does.
+
+    On Python < 3.12.9 aiohttp joins them (`http_writer.SKIP_WRITELINES`) because asyncio's own
+    socket transport got a `writelines` without flow control in 3.12 (CPython gh-127655; on 3.11
+    its `writelines` joins anyway). uvloop's transport has its own, with flow control, which sends
+    the pieces in one `writev`: a 64 KiB JSON answer is then not copied once more with its head.
+    Only under uvloop; on asyncio's loop aiohttp's choice stands."""
+    if type(asyncio.get_running_loop()).__module__.partition(".")[0] == "uvloop":
+        http_writer.SKIP_WRITELINES = False
+    return not http_writer.SKIP_WRITELINES
+
+
 async def serve(
     settings: Settings,
     *,
@@ -88,6 +102,7 @@ async def serve(
     server = settings.server
     file_limit = raise_file_limit()  # before the front door sizes its connection cap from it
     keep_heap()  # large answers relayed without growing and trimming the heap each time
+    write_unjoined()  # an answer's head and body go to the client without a copy joining them
     runner = FrontRunner(app, handle_signals=False, access_log=None, shutdown_timeout=RUNNER_SHUTDOWN_TIMEOUT)
     await runner.setup()
     site = _tenant_site(runner, server, channel)

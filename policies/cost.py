@@ -71,13 +71,8 @@ def estimate(body: Mapping[str, Any], entry: ModelEntry, inputs: Inputs = GENERA
     n = _images(body.get("n"), entry)
     if entry.per_image:
         return _per_image(body, entry, n)
-    per_image = max(
-        (
-            entry.output_tokens(size, quality) or 0
-            for size in _sizes(body.get("size"), entry)
-            for quality in _qualities(body.get("quality"), entry)
-        ),
-        default=0,
+    per_image = entry.worst_output_tokens(
+        _sizes(body.get("size"), entry), _qualities(body.get("quality"), entry)
     )
     partial = _partial_images(body, entry) * entry.partial_image_tokens
     fidelity = entry.effective(body, "input_fidelity", inputs.operation)

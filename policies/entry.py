@@ -199,12 +199,14 @@ class ModelEntry(Frozen):
         """Priced per image (dall-e), not per token."""
         return self.image_prices is not None
 
-    @property
+    @cached_property
     def fixed_sizes(self) -> list[str]:
+        """The sizes that are `WxH` (not `auto`), in the catalog's order; one list, not to be changed."""
         return [s for s in self.sizes if sizes.parse(s)]
 
-    @property
+    @cached_property
     def concrete_qualities(self) -> list[str]:
+        """The qualities other than `auto`, cheapest first; one list, not to be changed."""
         return [q for q in self.qualities if q != AUTO]
 
     @cached_property
@@ -275,6 +277,24 @@ class ModelEntry(Frozen):
 
     @cached_property
     def _output_tokens_memo(self) -> dict[tuple[str, str], int | None]:
+        return {}
+
+    def worst_output_tokens(self, size_options: list[str], quality_options: list[str]) -> int:
+        """The most output tokens one image takes over every pairing of the sizes and qualities
+        given (0 if none, or none has a figure): an `auto` request's nine pairings looked up once."""
+        memo = self._worst_output_tokens_memo
+        key = (tuple(size_options), tuple(quality_options))
+        if key in memo:
+            return memo[key]
+        tokens = max(
+            (self.output_tokens(s, q) or 0 for s in size_options for q in quality_options), default=0
+        )
+        if len(memo) < _MEMO_CAP:
+            memo[key] = tokens
+        return tokens
+
+    @cached_property
+    def _worst_output_tokens_memo(self) -> dict[tuple[tuple[str, ...], tuple[str, ...]], int]:
         return {}
 
     def _output_tokens(self, size: str, quality: str) -> int | None:

@@ -19,6 +19,7 @@ def used(entry: ModelEntry) -> ModelEntry:
     for operation in ("generate", "edit", "variation"):
         entry.effective({}, "size", operation)
     entry.output_tokens("1024x1024", "low")
+    entry.worst_output_tokens(entry.fixed_sizes, entry.concrete_qualities)
     if entry.prices is not None:
         priced(entry, 1, 10, 10, 10)
     entry.accepted_params  # noqa: B018 (a cached property, filled)
@@ -35,6 +36,15 @@ def test_a_copy_with_a_new_token_table_counts_its_output_tokens() -> None:
     }
     copy = entry.model_copy(update={"token_table": table})
     assert copy.output_tokens("1024x1024", "low") == 2 * entry.output_tokens("1024x1024", "low")
+    every = (entry.fixed_sizes, entry.concrete_qualities)
+    assert copy.worst_output_tokens(*every) == 2 * entry.worst_output_tokens(*every)
+
+
+def test_a_copy_with_new_sizes_and_qualities_lists_its_own() -> None:
+    entry = used(load_catalog()["gpt-image-1.5"])
+    assert len(entry.fixed_sizes) > 1 and len(entry.concrete_qualities) > 1
+    copy = entry.model_copy(update={"sizes": ["auto", "1024x1024"], "qualities": ["low", "auto"]})
+    assert (copy.fixed_sizes, copy.concrete_qualities) == (["1024x1024"], ["low"])
 
 
 def test_a_copy_with_a_new_default_uses_it_for_an_omitted_parameter() -> None:

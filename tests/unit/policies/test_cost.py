@@ -70,6 +70,18 @@ def test_auto_is_estimated_at_the_models_worst_case() -> None:
     assert cost_of("gpt-image-2").image_out_tokens == 7482  # the curve at 1536x1024 high
 
 
+def test_the_worst_output_tokens_are_the_largest_over_every_pairing() -> None:
+    for entry in CATALOG.values():
+        if entry.per_image:
+            continue
+        sizes, qualities = entry.fixed_sizes, entry.concrete_qualities
+        pairings = [entry.output_tokens(s, q) or 0 for s in sizes for q in qualities]
+        for _ in range(2):  # worked out, then remembered
+            assert entry.worst_output_tokens(sizes, qualities) == max(pairings)
+            assert entry.worst_output_tokens(sizes[:1], qualities[-1:]) == pairings[len(qualities) - 1]
+        assert entry.worst_output_tokens([], qualities) == 0
+
+
 @pytest.mark.parametrize(
     ("policy", "body", "tokens"),
     [
