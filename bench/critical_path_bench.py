@@ -35,10 +35,9 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.gateway_bench import SMALL, UNBOUND, start_mock, wait_http  # noqa: E402
+from bench.gateway_bench import SMALL, UNBOUND, mock_and_redis  # noqa: E402
 from tests.support.config import TENANT_KEY, config_dict  # noqa: E402
-from tests.support.processes import GatewayProcess, free_port  # noqa: E402
-from tests.support.redis_servers import RedisServer  # noqa: E402
+from tests.support.processes import GatewayProcess  # noqa: E402
 
 STAMPS = ROOT / "bench" / "critical_path"  # its sitecustomize.py, loaded by the gateway
 KINDS = {"json": SMALL, "sse": {**SMALL, "stream": True, "partial_images": 2}}
@@ -130,25 +129,13 @@ async def run(checkout: Path, args: argparse.Namespace, kind: str, redis_url: st
 
 
 async def bench(args: argparse.Namespace) -> None:
-    mock_port = free_port()
-    extra = []
-    if args.image_bytes is not None:
-        extra += ["--image-bytes", str(args.image_bytes)]
-    if args.partial_interval_ms:
-        extra += ["--partial-interval-ms", str(args.partial_interval_ms)]
-    mock = start_mock(mock_port, *extra)
-    redis_dir = Path(tempfile.mkdtemp(prefix="critical-path-bench-redis-"))
-    redis = RedisServer(redis_dir).start()
-    try:
-        await wait_http(f"http://127.0.0.1:{mock_port}/v1/models")
+    async with mock_and_redis("critical-path-bench", args.image_bytes, args.partial_interval_ms) as (
+        mock_url,
+        redis_url,
+    ):
         for kind in args.kind:
             for checkout in [ROOT, *(Path(c).resolve() for c in args.checkout)]:
-                await run(checkout, args, kind, redis.url, f"http://127.0.0.1:{mock_port}/v1")
-    finally:
-        mock.terminate()
-        mock.wait()
-        redis.stop()
-        shutil.rmtree(redis_dir, ignore_errors=True)
+                await run(checkout, args, kind, redis_url, mock_url)
 
 
 def main() -> None:
