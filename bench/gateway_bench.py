@@ -24,7 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -87,6 +88,31 @@ def start_mock(port: int, *extra: str) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+@asynccontextmanager
+async def mock_and_redis(
+    prefix: str, image_bytes: int | None = None, partial_interval_ms: int = 0
+) -> AsyncIterator[tuple[str, str]]:
+    """The mock upstream (its images `image_bytes` long in base64, its partial images
+    `partial_interval_ms` apart, where given) and a Redis server: their URLs, for a gateway."""
+    mock_port = free_port()
+    extra = []
+    if image_bytes is not None:
+        extra += ["--image-bytes", str(image_bytes)]
+    if partial_interval_ms:
+        extra += ["--partial-interval-ms", str(partial_interval_ms)]
+    mock = start_mock(mock_port, *extra)
+    redis_dir = Path(tempfile.mkdtemp(prefix=f"{prefix}-redis-"))
+    redis = RedisServer(redis_dir).start()
+    try:
+        await wait_http(f"http://127.0.0.1:{mock_port}/v1/models")
+        yield f"http://127.0.0.1:{mock_port}/v1", redis.url
+    finally:
+        mock.terminate()
+        mock.wait()
+        redis.stop()
+        shutil.rmtree(redis_dir, ignore_errors=True)
 
 
 async def load(

@@ -31,10 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.gateway_bench import SMALL, UNBOUND, load, start_mock, wait_http  # noqa: E402
+from bench.gateway_bench import SMALL, UNBOUND, load, mock_and_redis  # noqa: E402
 from tests.support.config import TENANT_KEY, config_dict  # noqa: E402
-from tests.support.processes import GatewayProcess, free_port  # noqa: E402
-from tests.support.redis_servers import RedisServer  # noqa: E402
+from tests.support.processes import GatewayProcess  # noqa: E402
 
 KINDS = {
     "json": SMALL,
@@ -86,35 +85,17 @@ async def bench(args: argparse.Namespace) -> None:
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
     checkouts = [ROOT, *(Path(c).resolve() for c in args.checkout)]
-    mock_port = free_port()
-    extra = []
-    if args.image_bytes is not None:
-        extra += ["--image-bytes", str(args.image_bytes)]
-    if args.partial_interval_ms:
-        extra += ["--partial-interval-ms", str(args.partial_interval_ms)]
-    mock = start_mock(mock_port, *extra)
-    redis_dir = Path(tempfile.mkdtemp(prefix="instructions-bench-redis-"))
-    redis = RedisServer(redis_dir).start()
-    try:
-        await wait_http(f"http://127.0.0.1:{mock_port}/v1/models")
+    async with mock_and_redis("instructions-bench", args.image_bytes, args.partial_interval_ms) as (
+        mock_url,
+        redis_url,
+    ):
         for rep in range(1, args.reps + 1):
             for kind in args.kind:
                 for checkout in checkouts:
-                    per_request = await count(
-                        checkout,
-                        kind,
-                        args.requests,
-                        redis.url,
-                        f"http://127.0.0.1:{mock_port}/v1",
-                    )
+                    per_request = await count(checkout, kind, args.requests, redis_url, mock_url)
                     print(
                         f"rep {rep}  {kind:<4}  {per_request / 1e6:6.3f} M instructions/request  {checkout}"
                     )
-    finally:
-        mock.terminate()
-        mock.wait()
-        redis.stop()
-        shutil.rmtree(redis_dir, ignore_errors=True)
 
 
 def main() -> None:

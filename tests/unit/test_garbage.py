@@ -54,6 +54,7 @@ class InFlight:
 @pytest.fixture
 async def collection() -> AsyncIterator[tuple[GarbageCollection, CollectorRegistry, InFlight]]:
     registry, in_flight = CollectorRegistry(), InFlight()
+    thresholds = gc.get_threshold()
     policy = GarbageCollection(Metrics(registry), in_flight)
     policy.start()
     try:
@@ -61,6 +62,7 @@ async def collection() -> AsyncIterator[tuple[GarbageCollection, CollectorRegist
     finally:
         await policy.close()
     assert gc.get_freeze_count() == 0  # close() leaves the process as it found it
+    assert gc.get_threshold() == thresholds
 
 
 def pauses(registry: CollectorRegistry, generation: int) -> float:
@@ -80,6 +82,21 @@ async def test_what_startup_built_and_what_survives_a_full_collection_is_frozen(
     del kept
     assert dropped() is None  # ... and reference counting still frees it
     assert pauses(registry, 2) >= 1
+
+
+async def test_the_younger_generations_are_not_collected_for_every_few_hundred_new_objects(
+    collection: tuple[GarbageCollection, CollectorRegistry, InFlight],
+) -> None:
+    """The policy's own collection does that work: CPython's waits for YOUNG_THRESHOLD new objects
+    (by default it would have run several times for these), and never goes on to the middle
+    generation (by default every tenth time)."""
+    young, middle = (gc.get_stats()[generation]["collections"] for generation in (0, 1))
+    kept = [Node() for _ in range(garbage.YOUNG_THRESHOLD // 2)]
+    assert gc.get_stats()[0]["collections"] == young
+    more = [Node() for _ in range(garbage.YOUNG_THRESHOLD * 15)]
+    assert gc.get_stats()[0]["collections"] > young + 12  # still a bound on a burst
+    assert gc.get_stats()[1]["collections"] == middle
+    del kept, more
 
 
 async def test_every_generations_pauses_are_counted(
