@@ -73,7 +73,8 @@ class EvalBatcher:
     def _flush(self) -> None:
         batch, self._queue = self._queue, []
         if self._lean is not None:
-            written: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # for `close`
+            # for `close`; the calls' loop (get_running_loop makes a getpid() syscall on 3.11)
+            written: asyncio.Future[None] = batch[0].future.get_loop().create_future()
             if self._lean.send(_pack_batch(batch), len(batch), partial(self._answered, batch, written)):
                 self._sending.add(written)
                 return
