@@ -30,7 +30,7 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from gateway.limits.resp import RespConnection, command
+from gateway.limits.resp import RespConnection, repeating_command
 from gateway.limits.scripts import Script
 
 Arg = str | int | bytes  # a script argument (bytes: the checks, packed)
@@ -183,7 +183,7 @@ async def _on_one_connection(pool: Any, batch: list[_Call]) -> list[Any]:
 
 
 def _pack_evalsha(call: _Call) -> bytes:
-    return command("EVALSHA", *call.argv())
+    return repeating_command("EVALSHA", *call.argv())
 
 
 def _pack_batch(batch: list[_Call]) -> bytes:
