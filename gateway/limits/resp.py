@@ -64,7 +64,9 @@ def repeating_command(*args: str | int | bytes) -> bytes:
     are encoded. hiredis spends ~1.4k instructions on every argument (its str(), a copy, a sprintf
     of its length); a look-up costs a tenth of that. Arguments are str, int (in decimal, as
     hiredis writes them: not a bool) or bytes; the memo tells them apart (1, "1" and b"1" are three
-    keys), and keeps what the commands carry: no passwords here (AUTH is sent with `command`)."""
+    keys), and keeps what the commands carry: no passwords here (AUTH is sent with `command`).
+    A new argument costs about twice what hiredis spends on it: where nothing repeats (thousands of
+    tenants' plans interleaved) this costs more than `command`, about 2% of a request."""
     return b"*%d\r\n%b" % (len(args), b"".join([_encodings.get(arg) or _encode(arg) for arg in args]))
 
 
