@@ -18,7 +18,7 @@ from gateway.admin import create_admin_app
 from gateway.config import ConfigError, Settings
 from gateway.front.access_log import create_request_middleware
 from gateway.front.body import BodyBudget, BodyReader
-from gateway.front.connections import server_header
+from gateway.front.connections import name_the_server
 from gateway.health import DRAINING, METRICS, RUNTIME, STORE, add_health_routes
 from gateway.limits import JournalError, Store, create_store
 from gateway.metrics import ConfigCollector, Metrics
@@ -49,6 +49,7 @@ def create_app(
     """The gateway as an aiohttp Application; raises ConfigError for an unusable configuration.
     `worker` is this process's index among `server.workers` (its durable outbox file);
     `server_overrides` are the command line's (`--host/--port`), applied again at each reload."""
+    name_the_server()
     holder = RuntimeHolder(Runtime.build(settings))
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     activity = Activity()
@@ -72,7 +73,6 @@ def create_app(
         holder, config_path, lambda runtime: metrics.initialise(runtime.settings), server_overrides
     )
     app[BODIES] = BodyReader(BodyBudget(settings.server.max_buffered_body_bytes, metrics))
-    app.on_response_prepare.append(server_header)
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/v1/images/generations", generations)
     app.router.add_post("/v1/images/edits", edits)

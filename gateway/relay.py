@@ -141,7 +141,7 @@ class _Client:
         self.tail = b""  # the last bytes written: enough to tell whether an SSE event has ended
         self.closed = False  # no more writes: the connection is gone
         self.read_to_end = False  # what was written includes the stream's `data: [DONE]`
-        self.loop = asyncio.get_running_loop()
+        self.loop = request.task.get_loop()  # (get_running_loop makes a getpid() syscall on 3.11)
         self.writing_since: float | None = None  # when the write under way began
         self.watchdog: asyncio.TimerHandle | None = None
         self.writer: StreamWriter | None = None  # aiohttp's, once the headers are out

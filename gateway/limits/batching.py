@@ -30,7 +30,7 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from gateway.limits.resp import RespConnection, command
+from gateway.limits.resp import RespConnection, repeating_command
 from gateway.limits.scripts import Script
 
 Arg = str | int | bytes  # a script argument (bytes: the checks, packed)
@@ -73,7 +73,8 @@ class EvalBatcher:
     def _flush(self) -> None:
         batch, self._queue = self._queue, []
         if self._lean is not None:
-            written: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # for `close`
+            # for `close`; the calls' loop (get_running_loop makes a getpid() syscall on 3.11)
+            written: asyncio.Future[None] = batch[0].future.get_loop().create_future()
             if self._lean.send(_pack_batch(batch), len(batch), partial(self._answered, batch, written)):
                 self._sending.add(written)
                 return
@@ -182,7 +183,7 @@ async def _on_one_connection(pool: Any, batch: list[_Call]) -> list[Any]:
 
 
 def _pack_evalsha(call: _Call) -> bytes:
-    return command("EVALSHA", *call.argv())
+    return repeating_command("EVALSHA", *call.argv())
 
 
 def _pack_batch(batch: list[_Call]) -> bytes:

@@ -7,21 +7,46 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from gateway.limits import resp
 from gateway.limits.batching import EvalBatcher, _Call, _pack_evalsha
-from gateway.limits.resp import _Protocol, command
+from gateway.limits.resp import _Protocol, command, repeating_command
 from gateway.limits.scripts import RESERVE
 
 
 async def test_evalsha_is_packed_exactly_as_redis_py_packs_it() -> None:
     keys = ["igw:{équipe 🎨}:rsv:r.1", "igw:{équipe 🎨}:settled:r.1", ""]
-    args: list[str | int] = ["r.1", 20_413, "enforce", "gpt-image-1.5", 0, -1, "rate 10 1 0 0"]
-    call = _Call(RESERVE, keys, args, asyncio.get_running_loop().create_future())
-    expected = b"".join(Connection().pack_command("EVALSHA", *call.argv()))
-    assert _pack_evalsha(call) == expected
+    args: list[str | int | bytes] = ["r.1", 20_413, "enforce", "gpt-image-1.5", 0, -1, "rate 10 1 0 0", 2**70]
+    args += [b"\r\n$3\x00\xff", b"", "1", b"1", 1, "20413", b"r.1"]  # binary; the same as another type
+    future = asyncio.get_running_loop().create_future()
+    for call in (_Call(RESERVE, keys, args, future), _Call(RESERVE, keys, args[::-1], future)):
+        expected = b"".join(Connection().pack_command("EVALSHA", *call.argv()))
+        assert _pack_evalsha(call) == expected
+        assert _pack_evalsha(call) == expected  # its arguments' encodings kept
+
+
+def test_repeating_command_encodes_what_it_keeps_no_longer_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(resp, "ENCODINGS_KEPT", 3)
+    monkeypatch.setattr(resp, "_encodings", {})
+    for n in range(10):
+        assert repeating_command("GET", n, str(n)) == command("GET", n, str(n))
+        assert len(resp._encodings) <= 3
+    assert repeating_command("GET", 1) == command("GET", 1)
+
+
+@pytest.mark.parametrize("odd", [True, 1.0])
+def test_repeating_command_refuses_what_would_take_an_ints_encoding(
+    odd: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """True == 1 and 1.0 == 1: kept, their encoding would be 1's."""
+    monkeypatch.setattr(resp, "_encodings", {})
+    with pytest.raises(TypeError):
+        repeating_command("GET", odd)  # type: ignore[arg-type]
+    assert repeating_command("GET", 1) == b"*2\r\n$3\r\nGET\r\n$1\r\n1\r\n"
 
 
 class _Transport:
