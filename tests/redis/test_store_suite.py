@@ -491,3 +491,23 @@ async def test_a_budget_a_settle_takes_below_zero_restarts_at_zero_and_still_exp
     assert used(await store.limit_status(p), "tenant", "tokens_per_day") == 0
     keys = await backend.keys(store, tenant)
     assert keys[counter] > 0, keys
+
+
+async def test_a_shadow_bucket_charged_far_beyond_its_limit_still_answers(backend: Backend) -> None:
+    """A shadow limit is charged even when it refuses, so its bucket can grow without bound (a limit
+    of 1 a minute at 100 requests a second passes 2^53 µs-requests in about 17 days). From 2^53 on a
+    double no longer moves by one: the scripts' exact ceiling division stepped forever there, and
+    Redis stayed busy for every tenant. Now the readings are the rounded quotients, and the call answers."""
+    if not backend.is_redis:
+        pytest.skip("Python's integers are exact at any size")
+    store, tenant = await backend.store(), new_tenant()
+    p = plan(tenant, tenant_settings({"requests_per_minute": 1}, shadow=True))
+    assert (await reserve(store, p)).allowed
+    bucket = next(key for key in await backend.keys(store, tenant) if ":rate:" in key)
+    seconds, micros = await backend.raw().time()
+    await backend.raw().set(bucket, f"{2**60} {seconds * 1_000_000 + micros}", px=60_000)
+    admission = await asyncio.wait_for(reserve(store, p), 5)
+    assert admission.allowed and admission.reservation is not None and not admission.reservation.degraded
+    assert admission.shadow_rejections == ["tenant.requests_per_minute"]
+    assert await asyncio.wait_for(store.settle(admission.reservation, ONE, outcome="ok"), 5)
+    assert await backend.raw().ping()

@@ -61,10 +61,14 @@ local function int(n)
 end
 
 -- Exact ceiling of a / b for non-negative integers below 2^53, whatever the float division rounds to.
+-- From 2^53 on, where a step of one no longer moves a double, the rounded quotient as it is: a
+-- shadow bucket charged far beyond its limit gets there, and the steps would never end (Redis busy).
+local EXACT = 2^53
 local function ceil_div(a, b)
   local q = a / b
   q = q - q % 1 -- floor, without calling out to C
-  while q * b < a do q = q + 1 end
+  if q >= EXACT then return q end
+  while q * b < a and q < EXACT do q = q + 1 end
   while q > 0 and (q - 1) * b >= a do q = q - 1 end
   return q
 end

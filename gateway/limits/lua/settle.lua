@@ -45,9 +45,12 @@ local function int(n)
   return string.format('%d', n)
 end
 
+-- Exact below 2^53, the rounded quotient from there on (see reserve.lua).
+local EXACT = 2^53
 local function ceil_div(a, b)
   local q = math.floor(a / b)
-  while q * b < a do q = q + 1 end
+  if q >= EXACT then return q end
+  while q * b < a and q < EXACT do q = q + 1 end
   while q > 0 and (q - 1) * b >= a do q = q - 1 end
   return q
 end
