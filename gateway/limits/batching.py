@@ -72,6 +72,8 @@ class EvalBatcher:
 
     def _flush(self) -> None:
         batch, self._queue = self._queue, []
+        if not batch:  # `close` sent them before this turn came
+            return
         if self._lean is not None:
             # for `close`; the calls' loop (get_running_loop makes a getpid() syscall on 3.11)
             written: asyncio.Future[None] = batch[0].future.get_loop().create_future()

@@ -56,6 +56,9 @@ def command(*args: str | int | bytes) -> bytes:
 # Encodings of recent arguments of `repeating_command` (at most this many; all dropped when full).
 ENCODINGS_KEPT = 4096
 _encodings: dict[str | int | bytes, bytes] = {}
+# What is looked up there: a bool or a float equal to a kept int (True == 1 == 1.0) must not take
+# its encoding, so the class is checked first.
+_KEPT_TYPES = frozenset({str, int, bytes})
 
 
 def repeating_command(*args: str | int | bytes) -> bytes:
@@ -67,7 +70,10 @@ def repeating_command(*args: str | int | bytes) -> bytes:
     keys), and keeps what the commands carry: no passwords here (AUTH is sent with `command`).
     A new argument costs about twice what hiredis spends on it: where nothing repeats (thousands of
     tenants' plans interleaved) this costs more than `command`, about 2% of a request."""
-    return b"*%d\r\n%b" % (len(args), b"".join([_encodings.get(arg) or _encode(arg) for arg in args]))
+    return b"*%d\r\n%b" % (
+        len(args),
+        b"".join([(arg.__class__ in _KEPT_TYPES and _encodings.get(arg)) or _encode(arg) for arg in args]),
+    )
 
 
 def _encode(arg: str | int | bytes) -> bytes:

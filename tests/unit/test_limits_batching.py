@@ -47,6 +47,8 @@ def test_repeating_command_refuses_what_would_take_an_ints_encoding(
     with pytest.raises(TypeError):
         repeating_command("GET", odd)  # type: ignore[arg-type]
     assert repeating_command("GET", 1) == b"*2\r\n$3\r\nGET\r\n$1\r\n1\r\n"
+    with pytest.raises(TypeError):  # nor once 1's encoding is kept
+        repeating_command("GET", odd)  # type: ignore[arg-type]
 
 
 class _Transport:
@@ -95,3 +97,20 @@ async def test_the_callers_of_a_batch_are_settled_when_its_replies_are_read_not_
     done([1, ResponseError("over")])
     assert first.result() == 1
     assert isinstance(second.exception(), ResponseError)
+
+
+async def test_calls_that_close_sent_are_not_flushed_again_at_the_turn_end() -> None:
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+    lean = _Lean()
+    lean.close = _closed  # type: ignore[attr-defined]
+    batcher = EvalBatcher(None, asyncio.Semaphore(1), lean)  # type: ignore[arg-type]
+    call = batcher.evalsha(RESERVE, ["k"], [])  # its flush is called soon
+    asyncio.get_running_loop().call_soon(lambda: lean.done[0]([1]))  # and then its reply
+    await batcher.close(wait=1)  # sends the call before either comes
+    assert call.result() == 1 and len(lean.done) == 1
+    assert errors == []
+
+
+async def _closed() -> None:
+    pass
