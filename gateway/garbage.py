@@ -64,7 +64,9 @@ RECLAIM_GROWTH = 10_000  # frozen objects
 BUSY_RECLAIM_FACTOR = 2.0
 OBJECTS_PER_REQUEST = 400  # tracked objects an open request may hold (an open stream: about 180)
 YOUNG_THRESHOLD = 10_000  # CPython's own collections of the youngest generation (its default: 700)
-NEVER = 2**31 - 1  # CPython's own collections of the middle generation: none (its default: every 10th)
+# CPython's own collections of the middle generation: none (its default: every 10th young one), and
+# so none of its full ones either, which follow the middle generation's: `_collect_often` does both
+NEVER = 2**31 - 1
 
 
 class GarbageCollection:
@@ -98,7 +100,7 @@ class GarbageCollection:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # (one that failed: logged)
                 await self._task
         with contextlib.suppress(ValueError):
             gc.callbacks.remove(self._on_collection)
@@ -140,6 +142,19 @@ class GarbageCollection:
         return self._frozen + OBJECTS_PER_REQUEST * max(0, in_flight - self._frozen_in_flight)
 
     async def _collect_often(self) -> None:
+        """Every FREEZE_EVERY_SECONDS, a collection; now and then a reclaim. CPython collects
+        nothing older than the young generation on its own meanwhile: should this end other than
+        cancelled (a bug), its thresholds are given back."""
+        try:
+            await self._collect_forever()
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            gc.set_threshold(*self._thresholds)
+            log.exception("garbage_collection_stopped")
+            raise
+
+    async def _collect_forever(self) -> None:
         idle_for = 0.0
         while True:
             await asyncio.sleep(FREEZE_EVERY_SECONDS)

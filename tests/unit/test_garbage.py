@@ -65,6 +65,22 @@ async def collection() -> AsyncIterator[tuple[GarbageCollection, CollectorRegist
     assert gc.get_threshold() == thresholds
 
 
+async def test_a_policy_that_fails_gives_cpython_its_collections_back(
+    collection: tuple[GarbageCollection, CollectorRegistry, InFlight],
+) -> None:
+    """With the policy's task gone, nothing would collect the older generations: CPython does again."""
+    policy, _, _ = collection
+    assert gc.get_threshold()[1] == garbage.NEVER
+    policy._in_flight = _a_bug  # the next pass fails
+    await asyncio.sleep(garbage.FREEZE_EVERY_SECONDS * 2)
+    assert gc.get_threshold() == policy._thresholds
+    assert gc.get_threshold()[1] != garbage.NEVER
+
+
+def _a_bug() -> int:
+    raise RuntimeError("a bug")
+
+
 def pauses(registry: CollectorRegistry, generation: int) -> float:
     return registry.get_sample_value("gateway_gc_pause_seconds_count", {"generation": str(generation)}) or 0.0
 
