@@ -226,6 +226,7 @@ async def test_upstream_rate_limit_headers_pass_through_hop_by_hop_do_not(
             "Keep-Alive": "timeout=5",
             "openai-organization": "org-secret",
             "Set-Cookie": "a=b",
+            "Server": "upstream-secret/1.0",
         }
     )
     _, server = await scripted(start_server, script)
@@ -239,6 +240,7 @@ async def test_upstream_rate_limit_headers_pass_through_hop_by_hop_do_not(
             assert resp.headers["Content-Length"] == str(len(body))
             for name in ("Keep-Alive", "openai-organization", "Set-Cookie"):
                 assert name not in resp.headers
+            assert resp.headers.getall("Server") == ["image-gateway"]  # not the upstream's
 
 
 async def test_relayed_header_names_keep_the_upstreams_order_and_our_limit_headers_replace_its_own(
