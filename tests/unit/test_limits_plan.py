@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from datetime import date
 
 from gateway.config import KeySettings, Limits, TenantSettings
 from gateway.limits import LimitPlan
-from gateway.limits.calls import compile_checks, plan_day
+from gateway.limits.calls import MECHANISM_CODES, compile_checks, plan_day
 from gateway.limits.keys import ledger_key, parse_ledger_key
+from gateway.limits.scripts import RESERVE, SETTLE
 from policies.cost import Cost
 
 HASH = "sha256:" + "0" * 64
@@ -98,3 +100,19 @@ def test_ledger_keys_round_trip_whatever_the_tenant_name() -> None:
         assert parse_ledger_key(ledger_key(tenant, date(2026, 1, 2))) == (tenant, date(2026, 1, 2))
     assert parse_ledger_key("igw:{team}:rate:tenant:rpm") is None
     assert parse_ledger_key("igw:{team}:ledger:not-a-day") is None
+
+
+def test_the_scripts_name_the_mechanism_codes_the_gateway_packs() -> None:
+    """reserve.lua and settle.lua spell out `calls.MECHANISM_CODES` as Lua locals."""
+    codes = {
+        "RATE": MECHANISM_CODES["rate"],
+        "CALENDAR": MECHANISM_CODES["day"],
+        "LEASE": MECHANISM_CODES["lease"],
+    }
+    assert MECHANISM_CODES["month"] == MECHANISM_CODES["day"]
+    for script in (RESERVE, SETTLE):
+        names, values = re.search(
+            r"^local ((?:RATE|CALENDAR|LEASE)(?:, \w+)*) = ([\d, ]+)", script.source.decode(), re.M
+        ).groups()  # type: ignore[union-attr]
+        for name, value in zip(names.split(", "), values.split(", "), strict=True):
+            assert codes[name] == int(value), (script.name, name)
