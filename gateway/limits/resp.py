@@ -56,9 +56,6 @@ def command(*args: str | int | bytes) -> bytes:
 # Encodings of recent arguments of `repeating_command` (at most this many; all dropped when full).
 ENCODINGS_KEPT = 4096
 _encodings: dict[str | int | bytes, bytes] = {}
-# What is looked up there: a bool or a float equal to a kept int (True == 1 == 1.0) must not take
-# its encoding, so the class is checked first.
-_KEPT_TYPES = frozenset({str, int, bytes})
 
 
 def repeating_command(*args: str | int | bytes) -> bytes:
@@ -68,12 +65,12 @@ def repeating_command(*args: str | int | bytes) -> bytes:
     of its length); a look-up costs a tenth of that. Arguments are str, int (in decimal, as
     hiredis writes them: not a bool) or bytes; the memo tells them apart (1, "1" and b"1" are three
     keys), and keeps what the commands carry: no passwords here (AUTH is sent with `command`).
+    A bool or a float is refused when it is new, but one equal to a kept int (True == 1, 2.0 == 2)
+    takes that int's encoding, which Redis reads as the same integer: checking each argument's
+    class would cost more than the memo saves on it, and no caller passes either.
     A new argument costs about twice what hiredis spends on it: where nothing repeats (thousands of
     tenants' plans interleaved) this costs more than `command`, about 2% of a request."""
-    return b"*%d\r\n%b" % (
-        len(args),
-        b"".join([(arg.__class__ in _KEPT_TYPES and _encodings.get(arg)) or _encode(arg) for arg in args]),
-    )
+    return b"*%d\r\n%b" % (len(args), b"".join([_encodings.get(arg) or _encode(arg) for arg in args]))
 
 
 def _encode(arg: str | int | bytes) -> bytes:
