@@ -30,7 +30,7 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from gateway.limits.resp import RespConnection, repeating_command
+from gateway.limits.resp import RespConnection, repeating_command, resolve
 from gateway.limits.scripts import Script
 
 Arg = str | int | bytes  # a script argument (bytes: the checks, packed)
@@ -96,7 +96,7 @@ class EvalBatcher:
             written.set_result(None)
         if isinstance(replies, BaseException):  # the connection was lost: every call fails with it
             for call in batch:
-                _settle_future(call.future, exception=replies)
+                resolve(call.future, replies)
             return
         self._settle(batch, replies)
 
@@ -106,7 +106,7 @@ class EvalBatcher:
                 replies = await self._execute(batch)
         except BaseException as exc:
             for call in batch:
-                _settle_future(call.future, exception=exc)
+                resolve(call.future, exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
@@ -118,10 +118,8 @@ class EvalBatcher:
         for call, reply in zip(batch, replies, strict=True):
             if isinstance(reply, NoScriptError):
                 self._start(self._reload_and_retry(call))
-            elif isinstance(reply, Exception):
-                _settle_future(call.future, exception=reply)
             else:
-                _settle_future(call.future, result=reply)
+                resolve(call.future, reply)
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
         if self._lean is not None:
@@ -141,9 +139,9 @@ class EvalBatcher:
             await self._client.script_load(call.script.source)
             reply = await self._client.execute_command("EVALSHA", *call.argv())
         except Exception as exc:
-            _settle_future(call.future, exception=exc)
+            resolve(call.future, exc)
         else:
-            _settle_future(call.future, result=reply)
+            resolve(call.future, reply)
 
     async def close(self, wait: float = CLOSE_WAIT) -> None:
         """Refuse new calls, send what is queued, wait up to `wait` seconds for the batches in
@@ -190,14 +188,3 @@ def _pack_evalsha(call: _Call) -> bytes:
 
 def _pack_batch(batch: list[_Call]) -> bytes:
     return b"".join([_pack_evalsha(call) for call in batch])
-
-
-def _settle_future(
-    future: asyncio.Future[Any], *, result: Any = None, exception: BaseException | None = None
-) -> None:
-    if future.done():  # the caller gave up (its timeout cancelled it)
-        return
-    if exception is not None:
-        future.set_exception(exception)
-    else:
-        future.set_result(result)

@@ -123,13 +123,15 @@ class _Owed:
         self.replies: list[Any] = []
 
 
-def _resolve(future: asyncio.Future[list[Any]], result: list[Any] | BaseException) -> None:
-    if future.done():  # the caller gave up
+def resolve(future: asyncio.Future[Any], outcome: Any) -> None:
+    """Give `future` its outcome: an exception (an error reply, a lost connection) is raised to its
+    caller, anything else is its result; nothing if the caller gave up already."""
+    if future.done():
         return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
     else:
-        future.set_result(result)
+        future.set_result(outcome)
 
 
 class _Protocol(asyncio.Protocol):
@@ -183,7 +185,7 @@ class _Protocol(asyncio.Protocol):
     def request(self, payload: bytes, replies: int) -> asyncio.Future[list[Any]]:
         """`send`, with the replies as a future's result."""
         future: asyncio.Future[list[Any]] = self._loop.create_future()
-        self.send(payload, replies, partial(_resolve, future))
+        self.send(payload, replies, partial(resolve, future))
         return future
 
     def _suspect_at(self) -> float | None:
