@@ -85,7 +85,7 @@ class GarbageCollection:
         self._frozen_in_flight = 0  # requests in flight then
         self._reclaim_checked_at = time.monotonic()
         self._task: asyncio.Task[None] | None = None
-        self._thresholds = gc.get_threshold()  # CPython's, restored by close()
+        self._thresholds = gc.get_threshold()  # CPython's, given back by close() (or a failure)
 
     def start(self) -> None:
         """Freeze what startup built (after one full collection), then watch every collection."""
@@ -93,7 +93,6 @@ class GarbageCollection:
         gc.freeze()
         self._frozen, self._frozen_in_flight = gc.get_freeze_count(), self._in_flight()
         gc.callbacks.append(self._on_collection)
-        self._thresholds = gc.get_threshold()
         gc.set_threshold(YOUNG_THRESHOLD, NEVER, self._thresholds[2])
         self._task = asyncio.get_running_loop().create_task(self._collect_often())
 

@@ -15,7 +15,7 @@ from decimal import Decimal
 from functools import cached_property
 from itertools import pairwise
 from types import MappingProxyType
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     Field,
@@ -79,6 +79,18 @@ class Prices(Frozen):
         where the price has no digit finer than that (every shipped price), so a cost is integer
         arithmetic, not three Decimal products per request."""
         return _per_token(self.text_in), _per_token(self.image_in), _per_token(self.image_out)
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _kept(memo: dict[_K, _V], key: _K, value: _V) -> _V:
+    """`value`, remembered under `key` unless the memo is full (gpt-image-2 takes any size: each
+    model's memos stay bounded)."""
+    if len(memo) < _MEMO_CAP:
+        memo[key] = value
+    return value
 
 
 def _per_token(usd_per_million: Decimal) -> int | Decimal:
@@ -266,14 +278,8 @@ class ModelEntry(Frozen):
 
     def output_tokens(self, size: str, quality: str) -> int | None:
         """Output tokens of one image at a concrete size and quality: the larger of table and curve."""
-        memo = self._output_tokens_memo
-        key = (size, quality)
-        if key in memo:
-            return memo[key]
-        tokens = self._output_tokens(size, quality)
-        if len(memo) < _MEMO_CAP:  # gpt-image-2 takes any size: keep the memo bounded
-            memo[key] = tokens
-        return tokens
+        memo, key = self._output_tokens_memo, (size, quality)
+        return memo[key] if key in memo else _kept(memo, key, self._output_tokens(size, quality))
 
     @cached_property
     def _output_tokens_memo(self) -> dict[tuple[str, str], int | None]:
@@ -282,16 +288,13 @@ class ModelEntry(Frozen):
     def worst_output_tokens(self, size_options: list[str], quality_options: list[str]) -> int:
         """The most output tokens one image takes over every pairing of the sizes and qualities
         given (0 if none, or none has a figure): an `auto` request's nine pairings looked up once."""
-        memo = self._worst_output_tokens_memo
-        key = (tuple(size_options), tuple(quality_options))
+        memo, key = self._worst_output_tokens_memo, (tuple(size_options), tuple(quality_options))
         if key in memo:
             return memo[key]
         tokens = max(
             (self.output_tokens(s, q) or 0 for s in size_options for q in quality_options), default=0
         )
-        if len(memo) < _MEMO_CAP:
-            memo[key] = tokens
-        return tokens
+        return _kept(memo, key, tokens)
 
     @cached_property
     def _worst_output_tokens_memo(self) -> dict[tuple[tuple[str, ...], tuple[str, ...]], int]:
