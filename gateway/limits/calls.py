@@ -101,6 +101,14 @@ class _DayKeys(_ReservationKeys):
         return keys.ledger_key(self.tenant, self.day)
 
 
+# The scripts' checks travel as little-endian doubles (Lua's numbers, exact below 2**53), which a
+# script unpacks in C (struct.unpack) where words would be split and converted in Lua; a check's
+# mechanism is one of these codes there (day and month are both a calendar window).
+MECHANISM_CODES = {"rate": 1, "day": 2, "month": 2, "lease": 3}
+_COST, _TWO_DOUBLES, _THREE_DOUBLES = struct.Struct("<d"), struct.Struct("<2d"), struct.Struct("<3d")
+_SETTLE_CHECK = struct.Struct("<5d")
+
+
 @dataclass(slots=True)
 class ReserveCall(_DayKeys):
     tenant: str
@@ -118,6 +126,15 @@ class ReserveCall(_DayKeys):
     @property
     def ledger_key(self) -> str:
         return self.shared.ledger_key
+
+    def packed_checks(self) -> bytes:
+        """reserve.lua's ARGV[9]: each check's doubles, its cost between the plan's own."""
+        return b"".join(
+            [
+                before + _COST.pack(check.cost) + after
+                for (before, after), check in zip(self.shared.reserve_doubles, self.checks, strict=True)
+            ]
+        )
 
 
 @dataclass(slots=True)
@@ -145,6 +162,16 @@ class SettleCall(_DayKeys):
     # reservation record is still there when the reserve may never have run (degraded, release).
     unledger: tuple[tuple[str, int], ...] = ()
     unledger_if_recorded: bool = False
+
+    def packed_checks(self) -> bytes:
+        """settle.lua's ARGV[5]: each check's mechanism code, limit, estimate, actual and counter
+        EXPIREAT, as doubles."""
+        return b"".join(
+            [
+                _SETTLE_CHECK.pack(MECHANISM_CODES[c.kind.mechanism], c.limit, c.cost, actual, c.expire_at)
+                for c, actual in zip(self.checks, self.actuals, strict=True)
+            ]
+        )
 
 
 @dataclass(slots=True)
@@ -208,13 +235,6 @@ class PlanDay:
     # Each check's doubles in reserve.lua's ARGV[9] before and after its cost: mechanism, limit,
     # and period end µs, counter EXPIREAT, shadow.
     reserve_doubles: tuple[tuple[bytes, bytes], ...]
-
-
-# The scripts' checks travel as little-endian doubles (Lua's numbers, exact below 2**53), which a
-# script unpacks in C (struct.unpack) where words would be split and converted in Lua; a check's
-# mechanism is one of these codes there (day and month are both a calendar window).
-MECHANISM_CODES = {"rate": 1, "day": 2, "month": 2, "lease": 3}
-_TWO_DOUBLES, _THREE_DOUBLES = struct.Struct("<2d"), struct.Struct("<3d")
 
 
 def _reserve_doubles(check: Check) -> tuple[bytes, bytes]:

@@ -22,7 +22,6 @@ burst would turn into needless degraded decisions, and a wait is the better back
 from __future__ import annotations
 
 import asyncio
-import struct
 from collections.abc import Sequence
 from datetime import date
 from itertools import chain
@@ -37,7 +36,6 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from gateway.config import StoreSettings
 from gateway.limits.batching import Arg, EvalBatcher
 from gateway.limits.calls import (
-    MECHANISM_CODES,
     LedgerHash,
     RenewCall,
     ReserveCall,
@@ -72,9 +70,6 @@ _PASSING_ERRORS = (
     "NOREPLICAS",
 )
 MAX_IN_FLIGHT = 128
-# A reserve's cost between its check's other doubles (calls.PlanDay.reserve_doubles); a settle's
-# check: mechanism code, limit, estimate, actual, counter EXPIREAT.
-_COST, _SETTLE_CHECK = struct.Struct("<d"), struct.Struct("<5d")
 
 
 def _refused_for_good(message: str) -> bool:
@@ -186,12 +181,7 @@ class RedisEngine:
             call.ledger_expire_at,
             call.lease_ttl_us,
             RATE_WINDOW_US,
-            b"".join(
-                [
-                    before + _COST.pack(check.cost) + after
-                    for (before, after), check in zip(shared.reserve_doubles, call.checks, strict=True)
-                ]
-            ),
+            call.packed_checks(),
         ]
         args.extend(chain.from_iterable(call.ledger))
         reply: list[int] = await self._run(RESERVE, keys, args)
@@ -207,14 +197,7 @@ class RedisEngine:
             call.settled_ttl_ms,
             call.ledger_expire_at,
             RATE_WINDOW_US,
-            b"".join(
-                [
-                    _SETTLE_CHECK.pack(
-                        MECHANISM_CODES[c.kind.mechanism], c.limit, c.cost, actual, c.expire_at
-                    )
-                    for c, actual in zip(call.checks, call.actuals, strict=True)
-                ]
-            ),
+            call.packed_checks(),
             1 if call.degraded else 0,
             1 if call.unledger_if_recorded else 0,
             len(call.ledger),
