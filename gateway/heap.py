@@ -5,7 +5,7 @@ as about seven of them. glibc's malloc adapts its thresholds as it goes: a block
 of its heap beyond the trim threshold is given back to the kernel, and the next read grows the heap
 again, each page touched anew a page fault. That was ~70 page faults per 1.5 MiB answer relayed,
 and about a tenth of the gateway's CPU for it (2.97 -> 2.54 and 2.61 -> 2.36 ms per request in two
-paired runs of `/work/shared/bench`'s 1.5 MiB scenario, with the thresholds below set by the
+paired runs of the peer bench's 1.5 MiB scenario (`../shared/bench`), with the thresholds below set by the
 environment; the page faults went to ~0).
 
 So a serving process fixes them (`mallopt`): blocks below 32 MiB come from the heap, freed memory is
