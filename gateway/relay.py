@@ -10,15 +10,10 @@ pin the request (a write waits for the transport to drain): each write gets
 Once headers are sent the status cannot change. An SSE stream that fails between two events gets an
 `error` event and a clean end; one that fails inside an event is cut off, since an `error` event
 spliced onto half an event would corrupt it for parsers. A JSON body that fails is cut off too
-(connection closed, no terminating chunk) so the client cannot mistake it for a whole answer.
-
-An answer's headers go out with its first body bytes, in one write, where those are there. A JSON
-answer's wait for them: one that fails before them has sent nothing, so `relay` raises the failure
-and the client gets it as an error answer, as when the upstream fails before its headers. An SSE
-answer's go out with its first event only if that came with the upstream's headers (it is read in
-the same loop turn); else at the loop's next turn, on their own: a client waits on them before the
-first event, which may be many seconds away. From then on its status is 200 and a failure is
-relayed as above.
+(connection closed, no terminating chunk) so the client cannot mistake it for a whole answer. A
+JSON answer's headers go out with its first body bytes: one that fails before them has sent nothing,
+so `relay` raises the failure and the client gets it as an error answer, as when the upstream fails
+before its headers.
 """
 
 from __future__ import annotations
@@ -69,13 +64,14 @@ async def relay(
     Raises the upstream's failure (a GatewayError) when nothing was sent yet."""
     content_type = upstream.headers.get("Content-Type", "")
     streaming = content_type.startswith("text/event-stream")
-    response = _HeadersWithBody(status=upstream.status, reason=upstream.reason, headers=headers)
+    answer = web.StreamResponse if streaming else _HeadersWithBody
+    response = answer(status=upstream.status, reason=upstream.reason, headers=headers)
     outcome = RelayOutcome(response, upstream.status, streaming, usage_reader(content_type))
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     client = _Client(request, outcome, write_timeout)
     try:
-        if streaming:  # a JSON answer is prepared with its first body bytes (`_Client.write`)
+        if streaming:  # a JSON answer's are prepared with its first body bytes (`_Client.write`)
             await client.prepare()
         await _pump(upstream, client)
     except (UpstreamError, OSError) as exc:
@@ -86,7 +82,7 @@ async def relay(
         outcome.reader.close()
         await client.end_after_failure(failure)
     finally:
-        client.stop_timers()
+        client.stop_watching()
         upstream.release()
     return outcome
 
@@ -103,9 +99,9 @@ async def _pump(upstream: Response, client: _Client) -> None:
 
 
 class _HeadersWithBody(web.StreamResponse):
-    """An answer whose headers go out with its first body bytes, in one write (as aiohttp's own
-    `web.Response` does), instead of a write of their own (`_Client.prepare` says when an SSE
-    answer's do not wait for them)."""
+    """A JSON answer: its headers go out with its first body bytes, in one write (as aiohttp's own
+    `web.Response` does), instead of a write of their own. An SSE answer's go at once: a client
+    waits on them before the first event."""
 
     _send_headers_immediately = False
 
@@ -125,7 +121,6 @@ class _Client:
 
     __slots__ = (
         "closed",
-        "headers_due",
         "loop",
         "outcome",
         "read_to_end",
@@ -149,27 +144,12 @@ class _Client:
         self.loop = request.task.get_loop()  # (get_running_loop makes a getpid() syscall on 3.11)
         self.writing_since: float | None = None  # when the write under way began
         self.watchdog: asyncio.TimerHandle | None = None
-        self.headers_due: asyncio.Handle | None = None  # an SSE answer's headers, sent on their own
         self.writer: StreamWriter | None = None  # aiohttp's, once the headers are out
 
     async def prepare(self) -> None:
-        """Start the answer: its headers go out with its first body bytes. An SSE answer's go at the
-        loop's next turn should its first event not be there by then: a first event that came with
-        the upstream's headers is written in this turn, with them (`write`)."""
+        """Start the answer; an SSE answer's headers go out now, a JSON one's with its first bytes."""
         if await self._send(self.outcome.response.prepare(self.request)) and self.outcome.streaming:
-            self.headers_due = self.loop.call_soon(self._send_headers)
-
-    def _send_headers(self) -> None:
-        self.headers_due = None
-        if self.closed or self.writer is not None:  # gone, or they went with the first event
-            return
-        writer = cast(StreamWriter, self.request.writer)
-        try:
-            writer.send_headers()
-        except ConnectionError:  # the client left
-            self._gone()
-            return
-        self._headers_out()
+            self._headers_out()
 
     async def write(self, chunk: bytes) -> None:
         """A (non-empty) piece of the body."""
@@ -252,10 +232,7 @@ class _Client:
         # one; drop the connection without a final chunk.
         self._abort()
 
-    def stop_timers(self) -> None:
-        if self.headers_due is not None:
-            self.headers_due.cancel()
-            self.headers_due = None
+    def stop_watching(self) -> None:
         if self.watchdog is not None:
             self.watchdog.cancel()
             self.watchdog = None

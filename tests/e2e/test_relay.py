@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import openai
 import orjson
 import pytest
-from aiohttp import http_writer, web
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.mock_upstream import RECEIVED
@@ -338,60 +338,6 @@ async def test_a_client_request_id_that_is_a_key_or_insane_is_not_logged(
             assert resp.status == 200
     out = capsys.readouterr().out
     assert "request_finished" in out and "client_request_id" not in out and TENANT_KEY not in out
-
-
-async def test_a_streams_headers_go_out_with_its_first_event_when_that_came_with_the_upstreams(
-    start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An upstream whose head and first event arrive in one send, its next event later: the
-    answer's headers go to the client in the same write as that first event, not in one of their
-    own, and the stream is relayed byte for byte."""
-    first = b'event: image_generation.partial_image\ndata: {"type":"image_generation.partial_image"}\n\n'
-    last = b'data: {"type":"image_generation.completed","usage":' + USAGE + b"}\n\n"
-    writes: list[bytes] = []  # what aiohttp's writer hands the client's transport, write by write
-    write, writelines = http_writer.StreamWriter._write, http_writer.StreamWriter._writelines
-
-    def spy_write(self: http_writer.StreamWriter, chunk: bytes) -> None:
-        writes.append(bytes(chunk))
-        write(self, chunk)
-
-    def spy_writelines(self: http_writer.StreamWriter, chunks: Iterable[bytes]) -> None:
-        chunks = list(chunks)
-        writes.append(b"".join(chunks))
-        writelines(self, chunks)
-
-    monkeypatch.setattr(http_writer.StreamWriter, "_write", spy_write)
-    monkeypatch.setattr(http_writer.StreamWriter, "_writelines", spy_writelines)
-
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":", 1)[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
-        )
-        await reader.readexactly(length)
-        writer.write(  # the head and the first event in one send
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-            + b"%x\r\n%s\r\n" % (len(first), first)
-        )
-        await asyncio.sleep(0.2)
-        writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(last), last))
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        gw = await start_gateway(openai_url=f"http://127.0.0.1:{port}/v1")
-        assert gw.server.port is not None
-        answer = await raw_http.exchange(gw.server.port, generation_request(stream=True))
-    finally:
-        server.close()
-        await server.wait_closed()
-    assert answer.status == 200 and answer.body == first + last
-    with_headers = [w for w in writes if w.startswith(b"HTTP/1.1 200 ")]
-    assert len(with_headers) == 1 and with_headers[0].endswith(b"%x\r\n%s\r\n" % (len(first), first))
 
 
 async def test_a_stream_the_upstream_ended_at_its_last_piece_keeps_its_chunked_framing(
