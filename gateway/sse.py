@@ -114,8 +114,8 @@ class SSEParser:
                 self._dispatch()
                 pos = pos + 1 if first == _LF else self._after_line_end(chunk, pos, end)
                 continue
-            if cr < pos:
-                cr = chunk.find(b"\r", pos, end)
+            if cr < pos:  # (a chunk without CR, as most are, is told by `in`: no arguments to parse)
+                cr = chunk.find(b"\r", pos, end) if _CR in chunk else -1
                 if cr < 0:
                     cr = end
             eol = chunk.find(b"\n", pos, cr)
