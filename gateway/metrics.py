@@ -68,7 +68,7 @@ class KeptCounter:
 
     `next_scrape`: what a client must find at its next scrape (the request metrics, counted at the
     answer). With workers a scrape reads the metric files, which the kept updates reach only once
-    a second: there such a metric is applied at once."""
+    a second: there each update of such a metric goes straight to its child, nothing kept."""
 
     def __init__(self, metrics: Metrics, counter: Counter, *, next_scrape: bool = False) -> None:
         self._counter = counter
@@ -77,10 +77,11 @@ class KeptCounter:
         metrics.before_collect(self.flush)
 
     def inc(self, labels: tuple[str, ...]) -> None:
+        if self._at_once:  # nothing is ever kept: straight to the metric
+            self._counter.labels(*labels).inc(1)
+            return
         counts = self._counts
         counts[labels] = counts.get(labels, 0) + 1
-        if self._at_once:
-            self.flush()
 
     def flush(self) -> None:
         counts, self._counts = self._counts, {}
@@ -105,13 +106,17 @@ class KeptHistogram:
         metrics.before_collect(self.flush)
 
     def observe(self, labels: tuple[str, ...], amount: float) -> None:
+        bucket = bisect_left(self._bounds, amount)  # the first bucket whose bound >= amount
+        if self._at_once:  # nothing is ever kept: straight to the child's bucket and sum
+            child = self._histogram.labels(*labels)
+            child._buckets[bucket].inc(1)
+            child._sum.inc(amount)
+            return
         kept = self._kept.get(labels)
         if kept is None:
             kept = self._kept[labels] = [0] * (len(self._bounds) + 1)
-        kept[bisect_left(self._bounds, amount)] += 1  # the first bucket whose bound >= amount
+        kept[bucket] += 1
         kept[-1] += amount
-        if self._at_once:
-            self.flush()
 
     def flush(self) -> None:
         kept, self._kept = self._kept, {}

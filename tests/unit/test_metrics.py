@@ -79,6 +79,37 @@ def test_kept_updates_export_what_prometheus_clients_own_would_once_the_registry
     )
 
 
+def test_with_workers_updates_applied_at_once_are_prometheus_clients_own_sample_for_sample() -> None:
+    """The at-once path (workers) writes each update straight to its child, without the kept dicts
+    and their flush: the metric's own samples, unread by the registry, are those of plain updates."""
+    at_once_metrics, direct = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
+    at_once_metrics.shared = True  # as with workers
+    requests = KeptCounter(at_once_metrics, at_once_metrics.requests, next_scrape=True)
+    durations = KeptHistogram(at_once_metrics, at_once_metrics.request_duration, next_scrape=True)
+    # bounds exactly, between them, beyond the last (+Inf), zero; two label sets
+    for i, amount in enumerate([0.0, 0.005, 0.0051, 0.25, 0.3, 300.0, 301.5, 0.005, 7.0, 0.1 + 0.2]):
+        labels = ("team", "m", "true" if i % 3 else "false")
+        durations.observe(labels, amount)
+        direct.request_duration.labels(*labels).observe(amount)
+        counted = ("team", "m", "openai", "generate", str(200 + i % 2))
+        requests.inc(counted)
+        direct.requests.labels(*counted).inc()
+
+    def own(metric: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        # the metric's own samples (what its files hold), not the registry's read, which applies all
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in metric.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    for name in ("request_duration", "requests"):
+        samples = own(getattr(at_once_metrics, name))
+        assert samples == own(getattr(direct, name))
+        assert samples
+
+
 def test_a_kept_gauge_is_read_when_the_registry_is() -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
