@@ -173,6 +173,20 @@ class SettleCall(_DayKeys):
             ]
         )
 
+    def ledger_moves(self) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]:
+        """What the settle moves the ledger by, per field that changes (most of a request's fields,
+        its count and images, do not): the same counters as adding `ledger` and taking `unledger`
+        back, at a fraction of the increments. Two answers, for the reservation record found and
+        not found: both the actual less the estimate, unless `unledger_if_recorded` (then the
+        actual alone without the record)."""
+        net = dict(self.ledger)
+        for name, amount in self.unledger:
+            net[name] = net.get(name, 0) - amount
+        moved = tuple([(name, amount) for name, amount in net.items() if amount])
+        if not self.unledger_if_recorded:
+            return moved, moved
+        return moved, tuple([(name, amount) for name, amount in self.ledger if amount])
+
 
 @dataclass(slots=True)
 class RenewCall(_ReservationKeys):

@@ -200,10 +200,12 @@ class RedisEngine:
             call.packed_checks(),
             1 if call.degraded else 0,
             1 if call.unledger_if_recorded else 0,
-            len(call.ledger),
         ]
-        args.extend(chain.from_iterable(call.ledger))
-        args.extend(chain.from_iterable(call.unledger))
+        recorded, unrecorded = call.ledger_moves()
+        args.append(len(recorded))
+        args.extend(chain.from_iterable(recorded))
+        if call.unledger_if_recorded:
+            args.extend(chain.from_iterable(unrecorded))
         return int(await self._run(SETTLE, keys, args)) != 0
 
     async def renew(self, call: RenewCall) -> int:

@@ -23,9 +23,10 @@ ARGV[6]    1 for a degraded reservation (admitted while the store was unreachabl
            (its reserve never ran) the per-minute limits are left alone, that minute is over
 ARGV[7]    1: take the estimate out of the ledger only if the record is here (the reserve may never
            have run: a degraded reservation, a release); 0: always (the reserve ran)
-ARGV[8]    N, the number of ledger pairs that follow for the actual cost
-ARGV[9..]  N pairs of ledger field, increment (the actual cost), then pairs of ledger field, amount
-           (the estimate the reserve charged to the ledger, taken back)
+ARGV[8]    N, the number of ledger pairs that follow for the record found (or always, if ARGV[7] is 0)
+ARGV[9..]  N pairs of ledger field, increment: the actual cost less the estimate the reserve charged,
+           one pair per field that moves (calls.SettleCall.ledger_moves); then, if ARGV[7] is 1,
+           the pairs for no record found: the actual cost alone
 
 Reply: 1 settled from the record, 2 settled from the caller's copy, 0 already settled
 
@@ -102,26 +103,14 @@ for i = 1, #KEYS - 3 do
   end
 end
 
--- The ledger moves by actual - estimate, one HINCRBY per field that changes (most of a request's
--- fields, its count and images, do not): the same counters as adding the one and taking back the
--- other, at a fraction of the calls.
-local fields, net = {}, {}
-local function move(field, amount)
-  if net[field] == nil then
-    fields[#fields + 1] = field
-    net[field] = 0
-  end
-  net[field] = net[field] + amount
-end
-local actual_end = 8 + 2 * tonumber(ARGV[8])
-for i = 9, actual_end, 2 do move(ARGV[i], tonumber(ARGV[i + 1])) end
-if record or ARGV[7] == '0' then
-  for i = actual_end + 1, #ARGV, 2 do move(ARGV[i], -tonumber(ARGV[i + 1])) end
-end
-for _, field in ipairs(fields) do
+-- The ledger moves by actual - estimate, netted per field by the caller: one HINCRBY per field
+-- that changes, its increment passed on as it came.
+local first, last = 9, 8 + 2 * tonumber(ARGV[8])
+if ARGV[7] == '1' and not record then first, last = last + 1, #ARGV end
+for i = first, last, 2 do
   -- A counter back at zero goes (a release leaves no trace, as before it was charged).
-  if net[field] ~= 0 and redis.call('HINCRBY', KEYS[3], field, int(net[field])) == 0 then
-    redis.call('HDEL', KEYS[3], field)
+  if redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1]) == 0 then
+    redis.call('HDEL', KEYS[3], ARGV[i])
   end
 end
 redis.call('EXPIREAT', KEYS[3], ARGV[3])
