@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any, Literal, Protocol
 
+import orjson
+
 from gateway.config import StoreSettings
 from gateway.limits import keys
 from gateway.limits.headers import HeaderPlan, header_plan
@@ -107,6 +109,13 @@ class _DayKeys(_ReservationKeys):
 MECHANISM_CODES = {"rate": 1, "day": 2, "month": 2, "lease": 3}
 _COST, _TWO_DOUBLES, _THREE_DOUBLES = struct.Struct("<d"), struct.Struct("<2d"), struct.Struct("<3d")
 _SETTLE_CHECK = struct.Struct("<5d")
+
+
+def record(checks: Sequence[Check]) -> bytes:
+    """The reservation record: the amount charged to each check, a JSON array (`[1,1,4200]`).
+    reserve.lua stores it as it is given and settle.lua reads it back: written here, it costs
+    Redis no formatting of its own."""
+    return orjson.dumps([check.cost for check in checks])
 
 
 @dataclass(slots=True)

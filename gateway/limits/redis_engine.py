@@ -44,6 +44,7 @@ from gateway.limits.calls import (
     Status,
     StoreFailure,
     StoreRejected,
+    record,
 )
 from gateway.limits.keys import LEDGER_PATTERN, ledger_key, parse_ledger_key
 from gateway.limits.kinds import RATE_WINDOW_US
@@ -182,6 +183,7 @@ class RedisEngine:
             call.lease_ttl_us,
             RATE_WINDOW_US,
             call.packed_checks(),
+            record(call.checks),
         ]
         args.extend(chain.from_iterable(call.ledger))
         reply: list[int] = await self._run(RESERVE, keys, args)
@@ -200,6 +202,7 @@ class RedisEngine:
             call.packed_checks(),
             1 if call.degraded else 0,
             1 if call.unledger_if_recorded else 0,
+            record(call.checks),
         ]
         recorded, unrecorded = call.ledger_moves()
         args.append(len(recorded))

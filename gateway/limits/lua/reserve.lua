@@ -17,7 +17,7 @@ expiry only when it is needed; the checks come as doubles, unpacked in C (struct
 and converted in Lua. In Lua itself, a call to C (ipairs, math.floor) costs more than the arithmetic
 around it. `bench/script_bench.py` measures what each call costs Redis.
 
-KEYS[1]    reservation record: the amount charged to each check key, a JSON array
+KEYS[1]    reservation record: the amount charged to each check key, a JSON array (ARGV[10])
 KEYS[2]    the reservation's settled marker: an id already settled or released is never charged
 KEYS[3]    the day's ledger hash
 KEYS[4..]  one key per check, in the order of the checks in ARGV
@@ -32,7 +32,9 @@ ARGV[8]    smooth limiter window, µs
 ARGV[9]    the checks, six little-endian doubles each (struct '<dddddd'): mechanism (RATE, CALENDAR
            for a day or month window, LEASE), limit, cost, period end µs, counter EXPIREAT, shadow (1:
            this limit alone is dark-launched: a refusal of it is reported and counted, never rejects)
-ARGV[10..] pairs of ledger field, increment: the estimate, charged to the ledger with the budgets
+ARGV[10]   the reservation record, as the caller wrote it (calls.record: the checks' costs as a JSON
+           array; formatting them here costs Redis a string.format per amount)
+ARGV[11..] pairs of ledger field, increment: the estimate, charged to the ledger with the budgets
 
 Reply, an array of integers (Lua numbers, exact below 2^53; cheaper than formatting each one):
 status, now µs, then five per check: code, used, reset µs, wait µs, more µs.
@@ -179,11 +181,10 @@ if mode == 'enforce' and refused then
   if quota then count('rejected_quota') else count('rejected_rate') end
 end
 if charge then
-  local amounts, expiry, lease_ttl_ms = {}, now + lease_ttl, int(ceil_div(lease_ttl, 1000))
+  local expiry, lease_ttl_ms = now + lease_ttl, int(ceil_div(lease_ttl, 1000))
   for i = 1, #checks do
     local c = checks[i]
     local cost = c[COST]
-    amounts[i] = int(cost)
     if c[MECH] == RATE then
       local level = c[LEVEL] + cost * window
       c[LEVEL] = level
@@ -197,17 +198,17 @@ if charge then
       c[LAST] = math.max(c[LAST], expiry)
       c[COUNT] = c[COUNT] + 1
     elseif cost > 0 then
-      c[USED] = call('INCRBY', c[KEY], amounts[i])
+      c[USED] = call('INCRBY', c[KEY], int(cost))
       -- Its expiry is the same instant for every charge to this period's key: set once, when the
       -- key is new (settle.lua sets it again whenever it creates the key or resets it to zero).
       if c[USED] == cost then call('EXPIREAT', c[KEY], int(c[EXPIRE])) end
     end
   end
-  call('SET', KEYS[1], '[' .. table.concat(amounts, ',') .. ']', 'PX', ARGV[5])
-  for i = 10, #ARGV, 2 do
+  call('SET', KEYS[1], ARGV[10], 'PX', ARGV[5])
+  for i = 11, #ARGV, 2 do
     call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
   end
-  if #ARGV >= 10 then call('EXPIREAT', KEYS[3], ARGV[6]) end
+  if #ARGV >= 11 then call('EXPIREAT', KEYS[3], ARGV[6]) end
   if refused or shadowed then count('shadow_rejected') end
 end
 

@@ -23,8 +23,10 @@ ARGV[6]    1 for a degraded reservation (admitted while the store was unreachabl
            (its reserve never ran) the per-minute limits are left alone, that minute is over
 ARGV[7]    1: take the estimate out of the ledger only if the record is here (the reserve may never
            have run: a degraded reservation, a release); 0: always (the reserve ran)
-ARGV[8]    N, the number of ledger pairs that follow for the record found (or always, if ARGV[7] is 0)
-ARGV[9..]  N pairs of ledger field, increment: the actual cost less the estimate the reserve charged,
+ARGV[8]    the record the reserve wrote if it charged the estimates in ARGV[5] (calls.record): when the
+           record is that, the amounts are read from ARGV[5] instead of decoded from it
+ARGV[9]    N, the number of ledger pairs that follow for the record found (or always, if ARGV[7] is 0)
+ARGV[10..] N pairs of ledger field, increment: the actual cost less the estimate the reserve charged,
            one pair per field that moves (calls.SettleCall.ledger_moves); then, if ARGV[7] is 1,
            the pairs for no record found: the actual cost alone
 
@@ -32,6 +34,8 @@ Reply: 1 settled from the record, 2 settled from the caller's copy, 0 already se
 
 The record is a JSON array of the amounts (reserve.lua); one written before it was (space separated
 amounts, a reserve of an earlier version) is read too. Numbers are written with %d: see reserve.lua.
+A record is compared with the one expected (ARGV[8]) before it is decoded: the same string is the
+same amounts, and a comparison of two Lua strings costs nothing (they are interned).
 ]]
 
 if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -58,7 +62,9 @@ end
 
 local record = redis.call('GET', KEYS[1])
 local recorded
-if record and string.byte(record) == 91 then -- '['
+if record == ARGV[8] then
+  recorded = nil -- the amounts charged are the estimates in ARGV[5]
+elseif record and string.byte(record) == 91 then -- '['
   recorded = cjson.decode(record)
 elseif record then
   recorded = {}
@@ -70,7 +76,7 @@ local at = 1
 for i = 1, #KEYS - 3 do
   local key, mech, limit, estimate, actual, expire = KEYS[i + 3]
   mech, limit, estimate, actual, expire, at = struct.unpack('<ddddd', ARGV[5], at)
-  if record then estimate = recorded[i] end
+  if recorded then estimate = recorded[i] end
   local diff = actual - estimate
   if mech == RATE and degraded and not record then diff = 0 end
   if mech == LEASE then
@@ -105,7 +111,7 @@ end
 
 -- The ledger moves by actual - estimate, netted per field by the caller: one HINCRBY per field
 -- that changes, its increment passed on as it came.
-local first, last = 9, 8 + 2 * tonumber(ARGV[8])
+local first, last = 10, 9 + 2 * tonumber(ARGV[9])
 if ARGV[7] == '1' and not record then first, last = last + 1, #ARGV end
 for i = first, last, 2 do
   -- A counter back at zero goes (a release leaves no trace, as before it was charged).
