@@ -29,7 +29,7 @@ from gateway.limits.headers import HeaderPlan, header_plan
 from gateway.limits.kinds import KIND_BY_NAME, RATE_WINDOW_US, LimitKind
 from gateway.limits.ledger import charge_fields
 from gateway.limits.meters import Reading
-from gateway.limits.periods import DAY_SECONDS, Period, period
+from gateway.limits.periods import DAY_SECONDS, Period, day_index, period
 from gateway.limits.plan import LimitPlan, PlannedLimit
 from policies.cost import Cost
 
@@ -137,8 +137,10 @@ class ReserveCall(_DayKeys):
         return self.shared.ledger_key
 
     def packed_checks(self) -> bytes:
-        """reserve.lua's ARGV[9]: each check's doubles, its cost between the plan's own."""
-        return b"".join(
+        """reserve.lua's ARGV[6]: the day number, lease TTL and limiter window, then each check's
+        doubles, its cost between the plan's own."""
+        head = _THREE_DOUBLES.pack(day_index(self.day), self.lease_ttl_us, RATE_WINDOW_US)
+        return head + b"".join(
             [
                 before + _COST.pack(check.cost) + after
                 for (before, after), check in zip(self.shared.reserve_doubles, self.checks, strict=True)
@@ -255,7 +257,7 @@ class PlanDay:
     check_keys: tuple[str, ...]
     ledger_key: str
     headers: HeaderPlan  # what their limit headers share
-    # Each check's doubles in reserve.lua's ARGV[9] before and after its cost: mechanism, limit,
+    # Each check's doubles in reserve.lua's ARGV[6] before and after its cost: mechanism, limit,
     # and period end µs, counter EXPIREAT, shadow.
     reserve_doubles: tuple[tuple[bytes, bytes], ...]
 

@@ -49,7 +49,6 @@ from gateway.limits.calls import (
 from gateway.limits.keys import LEDGER_PATTERN, ledger_key, parse_ledger_key
 from gateway.limits.kinds import RATE_WINDOW_US
 from gateway.limits.meters import Reading
-from gateway.limits.periods import day_index
 from gateway.limits.resp import RespConnection, command
 from gateway.limits.scripts import ALL, RENEW, RESERVE, SETTLE, Script
 
@@ -175,13 +174,10 @@ class RedisEngine:
         keys = [call.record_key, call.settled_key, shared.ledger_key, *shared.check_keys]
         args: list[Arg] = [
             call.reservation_id,
-            day_index(call.day),
             call.mode,
             call.model,
             call.record_ttl_ms,
             call.ledger_expire_at,
-            call.lease_ttl_us,
-            RATE_WINDOW_US,
             call.packed_checks(),
             record(call.checks),
         ]

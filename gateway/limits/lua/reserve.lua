@@ -17,24 +17,24 @@ expiry only when it is needed; the checks come as doubles, unpacked in C (struct
 and converted in Lua. In Lua itself, a call to C (ipairs, math.floor) costs more than the arithmetic
 around it. `bench/script_bench.py` measures what each call costs Redis.
 
-KEYS[1]    reservation record: the amount charged to each check key, a JSON array (ARGV[10])
+KEYS[1]    reservation record: the amount charged to each check key, a JSON array (ARGV[7])
 KEYS[2]    the reservation's settled marker: an id already settled or released is never charged
 KEYS[3]    the day's ledger hash
 KEYS[4..]  one key per check, in the order of the checks in ARGV
 ARGV[1]    reservation id (the lease member)
-ARGV[2]    UTC day number (days since 1970-01-01) the keys were named for
-ARGV[3]    mode: enforce | shadow (check, charge anyway) | peek (check, charge nothing)
-ARGV[4]    model (the ledger field suffix)
-ARGV[5]    record TTL, ms
-ARGV[6]    ledger EXPIREAT, unix seconds
-ARGV[7]    lease TTL, µs
-ARGV[8]    smooth limiter window, µs
-ARGV[9]    the checks, six little-endian doubles each (struct '<dddddd'): mechanism (RATE, CALENDAR
+ARGV[2]    mode: enforce | shadow (check, charge anyway) | peek (check, charge nothing)
+ARGV[3]    model (the ledger field suffix)
+ARGV[4]    record TTL, ms
+ARGV[5]    ledger EXPIREAT, unix seconds
+ARGV[6]    little-endian doubles: the UTC day number (days since 1970-01-01) the keys were named for,
+           the lease TTL µs and the smooth limiter window µs (struct '<ddd': the numbers the script
+           computes with, unpacked at once where each word would cost a tonumber), then
+           the checks, six doubles each (struct '<dddddd'): mechanism (RATE, CALENDAR
            for a day or month window, LEASE), limit, cost, period end µs, counter EXPIREAT, shadow (1:
            this limit alone is dark-launched: a refusal of it is reported and counted, never rejects)
-ARGV[10]   the reservation record, as the caller wrote it (calls.record: the checks' costs as a JSON
+ARGV[7]    the reservation record, as the caller wrote it (calls.record: the checks' costs as a JSON
            array; formatting them here costs Redis a string.format per amount)
-ARGV[11..] pairs of ledger field, increment: the estimate, charged to the ledger with the budgets
+ARGV[8..]  pairs of ledger field, increment: the estimate, charged to the ledger with the budgets
 
 Reply, an array of integers (Lua numbers, exact below 2^53; cheaper than formatting each one):
 status, now µs, then five per check: code, used, reset µs, wait µs, more µs.
@@ -51,12 +51,12 @@ local call, format, floor = redis.call, string.format, math.floor
 local clock = call('TIME')
 local seconds = tonumber(clock[1])
 local now = seconds * 1000000 + tonumber(clock[2])
-if floor(seconds / 86400) ~= tonumber(ARGV[2]) then
+local day, lease_ttl, window, at = struct.unpack('<ddd', ARGV[6])
+if floor(seconds / 86400) ~= day then
   return {-1, now}
 end
 
-local rid, mode, model = ARGV[1], ARGV[3], ARGV[4]
-local lease_ttl, window = tonumber(ARGV[7]), tonumber(ARGV[8])
+local rid, mode, model = ARGV[1], ARGV[2], ARGV[3]
 
 local function int(n)
   return format('%d', n)
@@ -101,10 +101,10 @@ local LEVEL, COUNT, FIRST, LAST, USED = 10, 11, 12, 13, 14
 
 -- The settled marker and every bucket and counter are read in one MGET (a missing key reads false);
 -- leases are sorted sets, read on their own.
-local checks, reads, at = {}, {KEYS[2]}, 1
+local checks, reads = {}, {KEYS[2]}
 for i = 1, #KEYS - 3 do
   local mech, limit, cost, finish, expire, shadow
-  mech, limit, cost, finish, expire, shadow, at = struct.unpack('<dddddd', ARGV[9], at)
+  mech, limit, cost, finish, expire, shadow, at = struct.unpack('<dddddd', ARGV[6], at)
   local c = {KEYS[i + 3], mech, limit, cost, finish, expire, shadow == 1, OK, 0, 0, 0, 0, 0, 0}
   checks[i] = c
   if mech ~= LEASE then reads[#reads + 1] = c[KEY] end
@@ -172,7 +172,7 @@ end
 
 local function count(counter)
   call('HINCRBY', KEYS[3], counter .. ':' .. model, 1)
-  call('EXPIREAT', KEYS[3], ARGV[6])
+  call('EXPIREAT', KEYS[3], ARGV[5])
 end
 
 -- Pass 2: charge everything (admitted or shadow), or nothing.
@@ -204,11 +204,11 @@ if charge then
       if c[USED] == cost then call('EXPIREAT', c[KEY], int(c[EXPIRE])) end
     end
   end
-  call('SET', KEYS[1], ARGV[10], 'PX', ARGV[5])
-  for i = 11, #ARGV, 2 do
+  call('SET', KEYS[1], ARGV[7], 'PX', ARGV[4])
+  for i = 8, #ARGV, 2 do
     call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
   end
-  if #ARGV >= 11 then call('EXPIREAT', KEYS[3], ARGV[6]) end
+  if #ARGV >= 8 then call('EXPIREAT', KEYS[3], ARGV[5]) end
   if refused or shadowed then count('shadow_rejected') end
 end
 
