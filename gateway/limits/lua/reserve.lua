@@ -15,7 +15,9 @@ redis.call is a round trip through the scripting layer (arguments converted, the
 so the settled marker, counters and buckets are read with one MGET, and a lease set's earliest
 expiry only when it is needed; the checks come as doubles, unpacked in C (struct) rather than split
 and converted in Lua. In Lua itself, a call to C (ipairs, math.floor) costs more than the arithmetic
-around it. `bench/script_bench.py` measures what each call costs Redis.
+around it. A number Redis answers as text (TIME, a counter, a score) is read by arithmetic (`text + 0`,
+or the text as an operand): Lua converts it once, where tonumber converts it twice (it first asks
+whether it can), at 2k instructions a call. `bench/script_bench.py` measures what each call costs Redis.
 
 KEYS[1]    reservation record: the amount charged to each check key, a JSON array (ARGV[7])
 KEYS[2]    the reservation's settled marker: an id already settled or released is never charged
@@ -49,8 +51,8 @@ local LEASE_RETRY_US = 1000000
 local call, format, floor = redis.call, string.format, math.floor
 
 local clock = call('TIME')
-local seconds = tonumber(clock[1])
-local now = seconds * 1000000 + tonumber(clock[2])
+local seconds = clock[1] + 0
+local now = seconds * 1000000 + clock[2]
 local day, lease_ttl, window, at = struct.unpack('<ddd', ARGV[6])
 if floor(seconds / 86400) ~= day then
   return {-1, now}
@@ -79,9 +81,9 @@ end
 local function rate_level(state, limit)
   if not state then return 0 end
   local space = string.find(state, ' ', 1, true)
-  local elapsed = now - tonumber(string.sub(state, space + 1))
+  local elapsed = now - string.sub(state, space + 1)
   if elapsed < 0 then elapsed = 0 end -- a clock that stepped back drains nothing
-  local level = tonumber(string.sub(state, 1, space - 1)) - elapsed * limit
+  local level = string.sub(state, 1, space - 1) - elapsed * limit
   if level < 0 then return 0 end
   return level
 end
@@ -138,10 +140,10 @@ for i = 1, #checks do
     call('ZREMRANGEBYSCORE', c[KEY], '-inf', int(now)) -- a crashed process's leases free here
     local count, first, last = call('ZCARD', c[KEY]), now, now
     if count > 0 then
-      last = tonumber(call('ZRANGE', c[KEY], '-1', '-1', 'WITHSCORES')[2])
+      last = call('ZRANGE', c[KEY], '-1', '-1', 'WITHSCORES')[2] + 0
       -- The earliest expiry only matters to a request that fills the limit or finds it full.
       if count + 1 >= limit then
-        first = tonumber(call('ZRANGE', c[KEY], '0', '0', 'WITHSCORES')[2])
+        first = call('ZRANGE', c[KEY], '0', '0', 'WITHSCORES')[2] + 0
       end
     end
     if limit == 0 then
@@ -151,7 +153,7 @@ for i = 1, #checks do
     end
     c[COUNT], c[FIRST], c[LAST] = count, first, last
   else
-    local used = tonumber(value or '0')
+    local used = (value or 0) + 0
     if cost == 0 then
       code = OK
     elseif cost > limit then

@@ -43,8 +43,9 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
 end
 
 local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local rid, window, degraded = ARGV[1], tonumber(ARGV[4]), ARGV[6] == '1'
+-- Numbers in text are read by arithmetic, which converts them once (tonumber twice: see reserve.lua).
+local now = clock[1] * 1000000 + clock[2]
+local rid, window, degraded = ARGV[1], ARGV[4] + 0, ARGV[6] == '1'
 
 local function int(n)
   return string.format('%d', n)
@@ -86,7 +87,7 @@ for i = 1, #KEYS - 3 do
     local state = redis.call('GET', key)
     if state then
       local stored, stamp = string.match(state, '^(%d+) (%d+)$')
-      level = math.max(0, tonumber(stored) - math.max(0, now - tonumber(stamp)) * limit)
+      level = math.max(0, stored - math.max(0, now - stamp) * limit)
     end
     level = math.max(0, level + diff * window)
     if level > 0 then
@@ -111,7 +112,7 @@ end
 
 -- The ledger moves by actual - estimate, netted per field by the caller: one HINCRBY per field
 -- that changes, its increment passed on as it came.
-local first, last = 10, 9 + 2 * tonumber(ARGV[9])
+local first, last = 10, 9 + 2 * ARGV[9]
 if ARGV[7] == '1' and not record then first, last = last + 1, #ARGV end
 for i = first, last, 2 do
   -- A counter back at zero goes (a release leaves no trace, as before it was charged).
