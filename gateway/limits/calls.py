@@ -190,13 +190,29 @@ class SettleCall(_DayKeys):
         back, at a fraction of the increments. Two answers, for the reservation record found and
         not found: both the actual less the estimate, unless `unledger_if_recorded` (then the
         actual alone without the record)."""
-        net = dict(self.ledger)
-        for name, amount in self.unledger:
-            net[name] = net.get(name, 0) - amount
-        moved = tuple([(name, amount) for name, amount in net.items() if amount])
+        moved = _net(self.ledger, self.unledger)
         if not self.unledger_if_recorded:
             return moved, moved
         return moved, tuple([(name, amount) for name, amount in self.ledger if amount])
+
+
+def _net(added: Sequence[tuple[str, int]], taken: Sequence[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
+    """`added` less `taken` per field, without the fields that do not move. The two are usually
+    `charge_fields` of one model with the same fields in the same order: then pair by pair, at a
+    third of the cost of a dict."""
+    if len(added) == len(taken):
+        moved = []
+        for (name, amount), (other, back) in zip(added, taken, strict=True):
+            if name != other:
+                break
+            if amount != back:
+                moved.append((name, amount - back))
+        else:
+            return tuple(moved)
+    net = dict(added)
+    for name, amount in taken:
+        net[name] = net.get(name, 0) - amount
+    return tuple([(name, amount) for name, amount in net.items() if amount])
 
 
 @dataclass(slots=True)

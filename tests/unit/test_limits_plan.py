@@ -131,6 +131,16 @@ def test_a_settle_moves_the_ledger_by_each_fields_net_change() -> None:
     settle = compile_settle("t", "r", date(2026, 1, 2), ledger=ledger, unledger=unledger, **common)
     moved = (("text_in_tokens:m", -2), ("nano_usd:m", -100_000), ("failed:m", 1))
     assert settle.ledger_moves() == (moved, moved)
+    ok = compile_settle(
+        "t", "r", date(2026, 1, 2), ledger=charge_fields("m", actual), unledger=unledger, **common
+    )
+    assert ok.ledger_moves() == (moved[:2], moved[:2])
+    unused = charge_fields("m", Cost(images=1, image_out_tokens=4160, nano_usd=166_900_000))  # no text tokens
+    other = compile_settle("t", "r", date(2026, 1, 2), ledger=unused, unledger=unledger, **common)
+    assert other.ledger_moves()[0] == (("nano_usd:m", -100_000), ("text_in_tokens:m", -40))
+    failed = charge_fields("m", Cost(images=1, image_out_tokens=4160, nano_usd=166_900_000), "error")
+    crossed = compile_settle("t", "r", date(2026, 1, 2), ledger=failed, unledger=unledger, **common)
+    assert crossed.ledger_moves()[0] == (("nano_usd:m", -100_000), ("failed:m", 1), ("text_in_tokens:m", -40))
     release = compile_settle(
         "t", "r", date(2026, 1, 2), ledger=(), unledger=unledger, unledger_if_recorded=True, **common
     )
