@@ -30,8 +30,8 @@ ARGV[4]    record TTL, ms
 ARGV[5]    ledger EXPIREAT, unix seconds
 ARGV[6]    little-endian doubles: the UTC day number (days since 1970-01-01) the keys were named for,
            the lease TTL µs and the smooth limiter window µs (struct '<ddd': the numbers the script
-           computes with, unpacked at once where each word would cost a tonumber), then
-           the checks, six doubles each (struct '<dddddd'): mechanism (RATE, CALENDAR
+           computes with, unpacked at once rather than converted from words one by one), then the
+           checks, six doubles each (struct '<dddddd'): mechanism (RATE, CALENDAR
            for a day or month window, LEASE), limit, cost, period end µs, counter EXPIREAT, shadow (1:
            this limit alone is dark-launched: a refusal of it is reported and counted, never rejects)
 ARGV[7]    the reservation record, as the caller wrote it (calls.record: the checks' costs as a JSON
