@@ -21,13 +21,15 @@ from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any, Literal, Protocol
 
+import orjson
+
 from gateway.config import StoreSettings
 from gateway.limits import keys
 from gateway.limits.headers import HeaderPlan, header_plan
 from gateway.limits.kinds import KIND_BY_NAME, RATE_WINDOW_US, LimitKind
 from gateway.limits.ledger import charge_fields
 from gateway.limits.meters import Reading
-from gateway.limits.periods import DAY_SECONDS, Period, period
+from gateway.limits.periods import DAY_SECONDS, Period, day_index, period
 from gateway.limits.plan import LimitPlan, PlannedLimit
 from policies.cost import Cost
 
@@ -109,6 +111,13 @@ _COST, _TWO_DOUBLES, _THREE_DOUBLES = struct.Struct("<d"), struct.Struct("<2d"),
 _SETTLE_CHECK = struct.Struct("<5d")
 
 
+def record(checks: Sequence[Check]) -> bytes:
+    """The reservation record: the amount charged to each check, a JSON array (`[1,1,4200]`).
+    reserve.lua stores it as it is given and settle.lua reads it back: written here, it costs
+    Redis no formatting of its own."""
+    return orjson.dumps([check.cost for check in checks])
+
+
 @dataclass(slots=True)
 class ReserveCall(_DayKeys):
     tenant: str
@@ -128,8 +137,10 @@ class ReserveCall(_DayKeys):
         return self.shared.ledger_key
 
     def packed_checks(self) -> bytes:
-        """reserve.lua's ARGV[9]: each check's doubles, its cost between the plan's own."""
-        return b"".join(
+        """reserve.lua's ARGV[6]: the day number, lease TTL and limiter window, then each check's
+        doubles, its cost between the plan's own."""
+        head = _THREE_DOUBLES.pack(day_index(self.day), self.lease_ttl_us, RATE_WINDOW_US)
+        return head + b"".join(
             [
                 before + _COST.pack(check.cost) + after
                 for (before, after), check in zip(self.shared.reserve_doubles, self.checks, strict=True)
@@ -172,6 +183,36 @@ class SettleCall(_DayKeys):
                 for c, actual in zip(self.checks, self.actuals, strict=True)
             ]
         )
+
+    def ledger_moves(self) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]:
+        """What the settle moves the ledger by, per field that changes (most of a request's fields,
+        its count and images, do not): the same counters as adding `ledger` and taking `unledger`
+        back, at a fraction of the increments. Two answers, for the reservation record found and
+        not found: both the actual less the estimate, unless `unledger_if_recorded` (then the
+        actual alone without the record)."""
+        moved = _net(self.ledger, self.unledger)
+        if not self.unledger_if_recorded:
+            return moved, moved
+        return moved, tuple([(name, amount) for name, amount in self.ledger if amount])
+
+
+def _net(added: Sequence[tuple[str, int]], taken: Sequence[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
+    """`added` less `taken` per field, without the fields that do not move. The two are usually
+    `charge_fields` of one model with the same fields in the same order: then pair by pair, at a
+    third of the cost of a dict."""
+    if len(added) == len(taken):
+        moved = []
+        for (name, amount), (other, back) in zip(added, taken, strict=True):
+            if name != other:
+                break
+            if amount != back:
+                moved.append((name, amount - back))
+        else:
+            return tuple(moved)
+    net = dict(added)
+    for name, amount in taken:
+        net[name] = net.get(name, 0) - amount
+    return tuple([(name, amount) for name, amount in net.items() if amount])
 
 
 @dataclass(slots=True)
@@ -232,7 +273,7 @@ class PlanDay:
     check_keys: tuple[str, ...]
     ledger_key: str
     headers: HeaderPlan  # what their limit headers share
-    # Each check's doubles in reserve.lua's ARGV[9] before and after its cost: mechanism, limit,
+    # Each check's doubles in reserve.lua's ARGV[6] before and after its cost: mechanism, limit,
     # and period end µs, counter EXPIREAT, shadow.
     reserve_doubles: tuple[tuple[bytes, bytes], ...]
 

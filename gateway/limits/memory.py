@@ -74,9 +74,11 @@ class MemoryEngine:
         self._expiry.pop(key, None)
 
     def _hincr(self, key: str, counts: Sequence[tuple[str, int]], expire_at_s: int, now: int) -> None:
-        if not counts:
-            return  # as EXPIREAT on a missing key: nothing is created
         current: dict[str, int] = self._get(key, now) or {}
+        if not counts:  # EXPIREAT alone (a settle that moves nothing): a missing key is not created
+            if current:
+                self._set(key, current, expire_at_s * 1_000_000, now)
+            return
         for name, amount in counts:
             current[name] = current.get(name, 0) + amount
             if amount < 0 and current[name] == 0:  # taken back to nothing (settle.lua's HDEL)
@@ -177,10 +179,10 @@ class MemoryEngine:
         for check, estimate, actual in zip(call.checks, estimates, call.actuals, strict=True):
             unreserved_rate = check.kind.mechanism == "rate" and call.degraded and record is None
             self._adjust(check, call, 0 if unreserved_rate else actual - estimate, now)
-        changes = list(call.ledger)
-        if record is not None or not call.unledger_if_recorded:
-            changes += [(name, -amount) for name, amount in call.unledger]
-        self._hincr(call.ledger_key, changes, call.ledger_expire_at, now)
+        recorded, unrecorded = call.ledger_moves()
+        self._hincr(
+            call.ledger_key, recorded if record is not None else unrecorded, call.ledger_expire_at, now
+        )
         self._delete(call.record_key)
         self._set(call.settled_key, True, now + call.settled_ttl_ms * 1000, now)
         return True

@@ -44,11 +44,11 @@ from gateway.limits.calls import (
     Status,
     StoreFailure,
     StoreRejected,
+    record,
 )
 from gateway.limits.keys import LEDGER_PATTERN, ledger_key, parse_ledger_key
 from gateway.limits.kinds import RATE_WINDOW_US
 from gateway.limits.meters import Reading
-from gateway.limits.periods import day_index
 from gateway.limits.resp import RespConnection, command
 from gateway.limits.scripts import ALL, RENEW, RESERVE, SETTLE, Script
 
@@ -174,14 +174,12 @@ class RedisEngine:
         keys = [call.record_key, call.settled_key, shared.ledger_key, *shared.check_keys]
         args: list[Arg] = [
             call.reservation_id,
-            day_index(call.day),
             call.mode,
             call.model,
             call.record_ttl_ms,
             call.ledger_expire_at,
-            call.lease_ttl_us,
-            RATE_WINDOW_US,
             call.packed_checks(),
+            record(call.checks),
         ]
         args.extend(chain.from_iterable(call.ledger))
         reply: list[int] = await self._run(RESERVE, keys, args)
@@ -200,10 +198,13 @@ class RedisEngine:
             call.packed_checks(),
             1 if call.degraded else 0,
             1 if call.unledger_if_recorded else 0,
-            len(call.ledger),
+            record(call.checks),
         ]
-        args.extend(chain.from_iterable(call.ledger))
-        args.extend(chain.from_iterable(call.unledger))
+        recorded, unrecorded = call.ledger_moves()
+        args.append(len(recorded))
+        args.extend(chain.from_iterable(recorded))
+        if call.unledger_if_recorded:
+            args.extend(chain.from_iterable(unrecorded))
         return int(await self._run(SETTLE, keys, args)) != 0
 
     async def renew(self, call: RenewCall) -> int:

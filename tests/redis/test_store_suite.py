@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -415,6 +416,19 @@ async def test_a_release_undoes_a_reserve_whichever_arrives_first(backend: Backe
     assert (await reserve(store, p)).allowed
 
 
+async def test_a_reserve_named_for_another_day_changes_nothing_and_says_when_it_ran(backend: Backend) -> None:
+    """The keys of a reserve are named for a UTC day; if the store's clock is on another, the call
+    does nothing and answers with that clock, so the caller names its keys again."""
+    store, tenant = await backend.store(), new_tenant()
+    p = plan(tenant, tenant_settings({"requests_per_minute": 10, "tokens_per_day": 10_000}))
+    call = store._compile(p, ONE, "yesterday.1", "gpt-image-1.5", "enforce")
+    call = replace(call, day=call.day - timedelta(days=1))
+    reply = await store.engine.reserve(call)
+    assert (reply.status, reply.readings) == ("wrong_day", ())
+    assert reply.now_us > 0
+    assert await backend.keys(store, tenant) == {}
+
+
 async def test_the_ledger_charges_as_the_budgets_do_so_a_dead_gateways_work_stays_at_its_estimate(
     backend: Backend,
 ) -> None:
@@ -452,10 +466,15 @@ async def test_the_ledger_charges_as_the_budgets_do_so_a_dead_gateways_work_stay
     assert await ledger_and_budgets() == ((2, 2, 1400, 56_000_000), (1400, 56_000_000))
 
 
-async def test_a_record_written_by_an_earlier_reserve_script_still_settles(backend: Backend) -> None:
+@pytest.mark.parametrize("written", ["400 20000000", "[400,20000000]"])
+async def test_a_record_settles_by_its_own_amounts_not_the_callers_copy(
+    backend: Backend, written: str
+) -> None:
     """reserve.lua writes the amounts it charged as a JSON array; before, as space-separated words.
     A reservation made by the earlier script (a journal replayed after an upgrade, a rolling
-    deploy) settles against the amounts in its record, read in that format, not the caller's copy."""
+    deploy) settles against the amounts in its record, read in that format, not the caller's copy;
+    so does one whose record is not the one its caller expects (settle.lua reads the caller's copy
+    only when the record is exactly what it would have written)."""
     if not backend.is_redis:
         pytest.skip("the record's format is the scripts' own")
     store, tenant = await backend.store(), new_tenant()
@@ -464,7 +483,7 @@ async def test_a_record_written_by_an_earlier_reserve_script_still_settles(backe
     assert admission.reservation is not None
     record_key = next(key for key in await backend.keys(store, tenant) if ":rsv:" in key)
     assert await backend.raw().get(record_key) == b"[1000,40000000]"
-    await backend.raw().set(record_key, "400 20000000", px=60_000)
+    await backend.raw().set(record_key, written, px=60_000)
     assert await store.settle(
         admission.reservation, Cost(images=1, image_out_tokens=700, nano_usd=28_000_000), outcome="ok"
     )

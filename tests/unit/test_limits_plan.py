@@ -1,4 +1,5 @@
-"""Which limits apply: scopes, names, user digests, shadow mode, USD in nano-USD, key names."""
+"""Which limits apply: scopes, names, user digests, shadow mode, USD in nano-USD, key names; what
+the calls hand the scripts."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import re
 import struct
 from datetime import date
 
-from gateway.config import KeySettings, Limits, TenantSettings
+from gateway.config import KeySettings, Limits, StoreSettings, TenantSettings
 from gateway.limits import LimitPlan
-from gateway.limits.calls import MECHANISM_CODES, compile_checks, plan_day
+from gateway.limits.calls import MECHANISM_CODES, compile_checks, compile_settle, plan_day
 from gateway.limits.keys import ledger_key, parse_ledger_key
+from gateway.limits.ledger import charge_fields
 from gateway.limits.scripts import RESERVE, SETTLE
 from policies.cost import Cost
 
@@ -116,3 +118,30 @@ def test_the_scripts_name_the_mechanism_codes_the_gateway_packs() -> None:
         ).groups()  # type: ignore[union-attr]
         for name, value in zip(names.split(", "), values.split(", "), strict=True):
             assert codes[name] == int(value), (script.name, name)
+
+
+def test_a_settle_moves_the_ledger_by_each_fields_net_change() -> None:
+    """settle.lua increments only the fields whose actual differs from the estimate, by the
+    difference the call nets; a release (or a degraded settle) without its record moves by the
+    actual alone."""
+    estimate = Cost(images=1, text_in_tokens=40, image_out_tokens=4160, nano_usd=167_000_000)
+    actual = Cost(images=1, text_in_tokens=38, image_out_tokens=4160, nano_usd=166_900_000)
+    common = {"checks": (), "actual": actual, "settings": StoreSettings()}
+    ledger, unledger = charge_fields("m", actual, "error"), charge_fields("m", estimate)
+    settle = compile_settle("t", "r", date(2026, 1, 2), ledger=ledger, unledger=unledger, **common)
+    moved = (("text_in_tokens:m", -2), ("nano_usd:m", -100_000), ("failed:m", 1))
+    assert settle.ledger_moves() == (moved, moved)
+    ok = compile_settle(
+        "t", "r", date(2026, 1, 2), ledger=charge_fields("m", actual), unledger=unledger, **common
+    )
+    assert ok.ledger_moves() == (moved[:2], moved[:2])
+    unused = charge_fields("m", Cost(images=1, image_out_tokens=4160, nano_usd=166_900_000))  # no text tokens
+    other = compile_settle("t", "r", date(2026, 1, 2), ledger=unused, unledger=unledger, **common)
+    assert other.ledger_moves()[0] == (("nano_usd:m", -100_000), ("text_in_tokens:m", -40))
+    failed = charge_fields("m", Cost(images=1, image_out_tokens=4160, nano_usd=166_900_000), "error")
+    crossed = compile_settle("t", "r", date(2026, 1, 2), ledger=failed, unledger=unledger, **common)
+    assert crossed.ledger_moves()[0] == (("nano_usd:m", -100_000), ("failed:m", 1), ("text_in_tokens:m", -40))
+    release = compile_settle(
+        "t", "r", date(2026, 1, 2), ledger=(), unledger=unledger, unledger_if_recorded=True, **common
+    )
+    assert release.ledger_moves() == (tuple((name, -amount) for name, amount in unledger), ())

@@ -15,24 +15,28 @@ redis.call is a round trip through the scripting layer (arguments converted, the
 so the settled marker, counters and buckets are read with one MGET, and a lease set's earliest
 expiry only when it is needed; the checks come as doubles, unpacked in C (struct) rather than split
 and converted in Lua. In Lua itself, a call to C (ipairs, math.floor) costs more than the arithmetic
-around it. `bench/script_bench.py` measures what each call costs Redis.
+around it. A number Redis answers as text (TIME, a counter, a score) is read by arithmetic (`text + 0`,
+or the text as an operand): Lua converts it once, where tonumber converts it twice (it first asks
+whether it can), at 2k instructions a call. `bench/script_bench.py` measures what each call costs Redis.
 
-KEYS[1]    reservation record: the amount charged to each check key, a JSON array
+KEYS[1]    reservation record: the amount charged to each check key, a JSON array (ARGV[7])
 KEYS[2]    the reservation's settled marker: an id already settled or released is never charged
 KEYS[3]    the day's ledger hash
 KEYS[4..]  one key per check, in the order of the checks in ARGV
 ARGV[1]    reservation id (the lease member)
-ARGV[2]    UTC day number (days since 1970-01-01) the keys were named for
-ARGV[3]    mode: enforce | shadow (check, charge anyway) | peek (check, charge nothing)
-ARGV[4]    model (the ledger field suffix)
-ARGV[5]    record TTL, ms
-ARGV[6]    ledger EXPIREAT, unix seconds
-ARGV[7]    lease TTL, µs
-ARGV[8]    smooth limiter window, µs
-ARGV[9]    the checks, six little-endian doubles each (struct '<dddddd'): mechanism (RATE, CALENDAR
+ARGV[2]    mode: enforce | shadow (check, charge anyway) | peek (check, charge nothing)
+ARGV[3]    model (the ledger field suffix)
+ARGV[4]    record TTL, ms
+ARGV[5]    ledger EXPIREAT, unix seconds
+ARGV[6]    little-endian doubles: the UTC day number (days since 1970-01-01) the keys were named for,
+           the lease TTL µs and the smooth limiter window µs (struct '<ddd': the numbers the script
+           computes with, unpacked at once rather than converted from words one by one), then the
+           checks, six doubles each (struct '<dddddd'): mechanism (RATE, CALENDAR
            for a day or month window, LEASE), limit, cost, period end µs, counter EXPIREAT, shadow (1:
            this limit alone is dark-launched: a refusal of it is reported and counted, never rejects)
-ARGV[10..] pairs of ledger field, increment: the estimate, charged to the ledger with the budgets
+ARGV[7]    the reservation record, as the caller wrote it (calls.record: the checks' costs as a JSON
+           array; formatting them here costs Redis a string.format per amount)
+ARGV[8..]  pairs of ledger field, increment: the estimate, charged to the ledger with the budgets
 
 Reply, an array of integers (Lua numbers, exact below 2^53; cheaper than formatting each one):
 status, now µs, then five per check: code, used, reset µs, wait µs, more µs.
@@ -47,14 +51,14 @@ local LEASE_RETRY_US = 1000000
 local call, format, floor = redis.call, string.format, math.floor
 
 local clock = call('TIME')
-local seconds = tonumber(clock[1])
-local now = seconds * 1000000 + tonumber(clock[2])
-if floor(seconds / 86400) ~= tonumber(ARGV[2]) then
+local seconds = clock[1] + 0
+local now = seconds * 1000000 + clock[2]
+local day, lease_ttl, window, at = struct.unpack('<ddd', ARGV[6])
+if floor(seconds / 86400) ~= day then
   return {-1, now}
 end
 
-local rid, mode, model = ARGV[1], ARGV[3], ARGV[4]
-local lease_ttl, window = tonumber(ARGV[7]), tonumber(ARGV[8])
+local rid, mode, model = ARGV[1], ARGV[2], ARGV[3]
 
 local function int(n)
   return format('%d', n)
@@ -77,9 +81,9 @@ end
 local function rate_level(state, limit)
   if not state then return 0 end
   local space = string.find(state, ' ', 1, true)
-  local elapsed = now - tonumber(string.sub(state, space + 1))
+  local elapsed = now - string.sub(state, space + 1)
   if elapsed < 0 then elapsed = 0 end -- a clock that stepped back drains nothing
-  local level = tonumber(string.sub(state, 1, space - 1)) - elapsed * limit
+  local level = string.sub(state, 1, space - 1) - elapsed * limit
   if level < 0 then return 0 end
   return level
 end
@@ -99,10 +103,10 @@ local LEVEL, COUNT, FIRST, LAST, USED = 10, 11, 12, 13, 14
 
 -- The settled marker and every bucket and counter are read in one MGET (a missing key reads false);
 -- leases are sorted sets, read on their own.
-local checks, reads, at = {}, {KEYS[2]}, 1
+local checks, reads = {}, {KEYS[2]}
 for i = 1, #KEYS - 3 do
   local mech, limit, cost, finish, expire, shadow
-  mech, limit, cost, finish, expire, shadow, at = struct.unpack('<dddddd', ARGV[9], at)
+  mech, limit, cost, finish, expire, shadow, at = struct.unpack('<dddddd', ARGV[6], at)
   local c = {KEYS[i + 3], mech, limit, cost, finish, expire, shadow == 1, OK, 0, 0, 0, 0, 0, 0}
   checks[i] = c
   if mech ~= LEASE then reads[#reads + 1] = c[KEY] end
@@ -136,10 +140,10 @@ for i = 1, #checks do
     call('ZREMRANGEBYSCORE', c[KEY], '-inf', int(now)) -- a crashed process's leases free here
     local count, first, last = call('ZCARD', c[KEY]), now, now
     if count > 0 then
-      last = tonumber(call('ZRANGE', c[KEY], '-1', '-1', 'WITHSCORES')[2])
+      last = call('ZRANGE', c[KEY], '-1', '-1', 'WITHSCORES')[2] + 0
       -- The earliest expiry only matters to a request that fills the limit or finds it full.
       if count + 1 >= limit then
-        first = tonumber(call('ZRANGE', c[KEY], '0', '0', 'WITHSCORES')[2])
+        first = call('ZRANGE', c[KEY], '0', '0', 'WITHSCORES')[2] + 0
       end
     end
     if limit == 0 then
@@ -149,7 +153,7 @@ for i = 1, #checks do
     end
     c[COUNT], c[FIRST], c[LAST] = count, first, last
   else
-    local used = tonumber(value or '0')
+    local used = (value or 0) + 0
     if cost == 0 then
       code = OK
     elseif cost > limit then
@@ -170,7 +174,7 @@ end
 
 local function count(counter)
   call('HINCRBY', KEYS[3], counter .. ':' .. model, 1)
-  call('EXPIREAT', KEYS[3], ARGV[6])
+  call('EXPIREAT', KEYS[3], ARGV[5])
 end
 
 -- Pass 2: charge everything (admitted or shadow), or nothing.
@@ -179,11 +183,10 @@ if mode == 'enforce' and refused then
   if quota then count('rejected_quota') else count('rejected_rate') end
 end
 if charge then
-  local amounts, expiry, lease_ttl_ms = {}, now + lease_ttl, int(ceil_div(lease_ttl, 1000))
+  local expiry, lease_ttl_ms = now + lease_ttl, int(ceil_div(lease_ttl, 1000))
   for i = 1, #checks do
     local c = checks[i]
     local cost = c[COST]
-    amounts[i] = int(cost)
     if c[MECH] == RATE then
       local level = c[LEVEL] + cost * window
       c[LEVEL] = level
@@ -197,17 +200,17 @@ if charge then
       c[LAST] = math.max(c[LAST], expiry)
       c[COUNT] = c[COUNT] + 1
     elseif cost > 0 then
-      c[USED] = call('INCRBY', c[KEY], amounts[i])
+      c[USED] = call('INCRBY', c[KEY], int(cost))
       -- Its expiry is the same instant for every charge to this period's key: set once, when the
       -- key is new (settle.lua sets it again whenever it creates the key or resets it to zero).
       if c[USED] == cost then call('EXPIREAT', c[KEY], int(c[EXPIRE])) end
     end
   end
-  call('SET', KEYS[1], '[' .. table.concat(amounts, ',') .. ']', 'PX', ARGV[5])
-  for i = 10, #ARGV, 2 do
+  call('SET', KEYS[1], ARGV[7], 'PX', ARGV[4])
+  for i = 8, #ARGV, 2 do
     call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
   end
-  if #ARGV >= 10 then call('EXPIREAT', KEYS[3], ARGV[6]) end
+  if #ARGV >= 8 then call('EXPIREAT', KEYS[3], ARGV[5]) end
   if refused or shadowed then count('shadow_rejected') end
 end
 

@@ -23,14 +23,19 @@ ARGV[6]    1 for a degraded reservation (admitted while the store was unreachabl
            (its reserve never ran) the per-minute limits are left alone, that minute is over
 ARGV[7]    1: take the estimate out of the ledger only if the record is here (the reserve may never
            have run: a degraded reservation, a release); 0: always (the reserve ran)
-ARGV[8]    N, the number of ledger pairs that follow for the actual cost
-ARGV[9..]  N pairs of ledger field, increment (the actual cost), then pairs of ledger field, amount
-           (the estimate the reserve charged to the ledger, taken back)
+ARGV[8]    the record the reserve wrote if it charged the estimates in ARGV[5] (calls.record): when the
+           record is that, the amounts are read from ARGV[5] instead of decoded from it
+ARGV[9]    N, the number of ledger pairs that follow for the record found (or always, if ARGV[7] is 0)
+ARGV[10..] N pairs of ledger field, increment: the actual cost less the estimate the reserve charged,
+           one pair per field that moves (calls.SettleCall.ledger_moves); then, if ARGV[7] is 1,
+           the pairs for no record found: the actual cost alone
 
 Reply: 1 settled from the record, 2 settled from the caller's copy, 0 already settled
 
 The record is a JSON array of the amounts (reserve.lua); one written before it was (space separated
 amounts, a reserve of an earlier version) is read too. Numbers are written with %d: see reserve.lua.
+A record is compared with the one expected (ARGV[8]) before it is decoded: the same string is the
+same amounts, and a comparison of two Lua strings costs nothing (they are interned).
 ]]
 
 if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -38,8 +43,9 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
 end
 
 local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local rid, window, degraded = ARGV[1], tonumber(ARGV[4]), ARGV[6] == '1'
+-- Numbers in text are read by arithmetic, which converts them once (tonumber twice: see reserve.lua).
+local now = clock[1] * 1000000 + clock[2]
+local rid, window, degraded = ARGV[1], ARGV[4] + 0, ARGV[6] == '1'
 
 local function int(n)
   return string.format('%d', n)
@@ -57,7 +63,9 @@ end
 
 local record = redis.call('GET', KEYS[1])
 local recorded
-if record and string.byte(record) == 91 then -- '['
+if record == ARGV[8] then
+  recorded = nil -- the amounts charged are the estimates in ARGV[5]
+elseif record and string.byte(record) == 91 then -- '['
   recorded = cjson.decode(record)
 elseif record then
   recorded = {}
@@ -69,7 +77,7 @@ local at = 1
 for i = 1, #KEYS - 3 do
   local key, mech, limit, estimate, actual, expire = KEYS[i + 3]
   mech, limit, estimate, actual, expire, at = struct.unpack('<ddddd', ARGV[5], at)
-  if record then estimate = recorded[i] end
+  if recorded then estimate = recorded[i] end
   local diff = actual - estimate
   if mech == RATE and degraded and not record then diff = 0 end
   if mech == LEASE then
@@ -79,7 +87,7 @@ for i = 1, #KEYS - 3 do
     local state = redis.call('GET', key)
     if state then
       local stored, stamp = string.match(state, '^(%d+) (%d+)$')
-      level = math.max(0, tonumber(stored) - math.max(0, now - tonumber(stamp)) * limit)
+      level = math.max(0, stored - math.max(0, now - stamp) * limit)
     end
     level = math.max(0, level + diff * window)
     if level > 0 then
@@ -102,26 +110,14 @@ for i = 1, #KEYS - 3 do
   end
 end
 
--- The ledger moves by actual - estimate, one HINCRBY per field that changes (most of a request's
--- fields, its count and images, do not): the same counters as adding the one and taking back the
--- other, at a fraction of the calls.
-local fields, net = {}, {}
-local function move(field, amount)
-  if net[field] == nil then
-    fields[#fields + 1] = field
-    net[field] = 0
-  end
-  net[field] = net[field] + amount
-end
-local actual_end = 8 + 2 * tonumber(ARGV[8])
-for i = 9, actual_end, 2 do move(ARGV[i], tonumber(ARGV[i + 1])) end
-if record or ARGV[7] == '0' then
-  for i = actual_end + 1, #ARGV, 2 do move(ARGV[i], -tonumber(ARGV[i + 1])) end
-end
-for _, field in ipairs(fields) do
+-- The ledger moves by actual - estimate, netted per field by the caller: one HINCRBY per field
+-- that changes, its increment passed on as it came.
+local first, last = 10, 9 + 2 * ARGV[9]
+if ARGV[7] == '1' and not record then first, last = last + 1, #ARGV end
+for i = first, last, 2 do
   -- A counter back at zero goes (a release leaves no trace, as before it was charged).
-  if net[field] ~= 0 and redis.call('HINCRBY', KEYS[3], field, int(net[field])) == 0 then
-    redis.call('HDEL', KEYS[3], field)
+  if redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1]) == 0 then
+    redis.call('HDEL', KEYS[3], ARGV[i])
   end
 end
 redis.call('EXPIREAT', KEYS[3], ARGV[3])
