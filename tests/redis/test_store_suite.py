@@ -17,7 +17,7 @@ from gateway.errors import QuotaExceeded, RateLimited
 from gateway.limits import Reservation
 from gateway.limits.calls import compile_release, compile_renew
 from gateway.limits.headers import parse_duration_us
-from gateway.limits.limiter import DECISION_METRICS_FLUSH_SECONDS
+from gateway.limits.limiter import DECISION_METRICS_FLUSH_SECONDS, LimitStore
 from policies.cost import NANO_PER_USD, Cost
 from tests.redis.conftest import Backend, new_tenant, plan, tenant_settings
 
@@ -362,6 +362,26 @@ async def test_a_reservation_settles_from_another_process(backend: Backend) -> N
     statuses = await store.limit_status(p)
     assert used(statuses, "tenant", "tokens_per_day") == 250
     assert used(statuses, "tenant", "concurrent_requests") == 0
+
+
+async def test_a_settle_that_moves_no_ledger_field_still_sets_the_ledgers_expiry(backend: Backend) -> None:
+    """Settled at exactly its estimate, a request moves no ledger field; the ledger's expiry is still
+    set from the settling process's retention (settle.lua's EXPIREAT; the memory engine alike), as
+    when a reload changed `ledger_retention_days` between the reserve and the settle."""
+    store, tenant = await backend.store(ledger_retention_days=1), new_tenant()
+    p = plan(tenant, tenant_settings({"tokens_per_day": 10_000}))
+    admission = await reserve(store, p)
+    assert admission.reservation is not None
+    if backend.is_redis:
+        later = await backend.store(ledger_retention_days=5)
+    else:  # the memory store is one process: the same engine, under the new settings
+        assert backend.clock is not None
+        later = LimitStore(
+            store.engine, backend.settings(ledger_retention_days=5), backend.metrics, backend.clock
+        )
+    assert await later.settle(admission.reservation, ONE, outcome="ok")
+    [ttl] = [ttl for key, ttl in (await backend.keys(store, tenant)).items() if ":ledger:" in key]
+    assert ttl > 4 * 86400  # five days past today's end, not one
 
 
 async def test_reused_request_ids_keep_their_own_reservations(backend: Backend) -> None:
