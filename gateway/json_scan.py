@@ -385,8 +385,9 @@ def _cut(buf: bytes, start: int, end: int, member: bytes) -> tuple[bytes, bool, 
     only without one is every quote there a string's start or end, so that a match is that member.
     A value's end is found as `JsonDocument` finds it, by memchr over a multi-KB image."""
     # The backslash is looked for once, in what is kept: where there is one, a match may have been
-    # inside a string, and the cut is thrown away. (As an integer: `b"\\" in` is first tried as one
-    # and clears the TypeError that raises, and `find` parses its arguments, ~2k instructions.)
+    # inside a string, and the cut is thrown away. (Looked for as an integer, a plain memchr: a bytes
+    # needle is first tried as an integer, a TypeError raised and cleared, and `find` parses its
+    # arguments; ~2k instructions either way.)
     kept, pos, opening = [], start, len(member)
     while (at := buf.find(member, pos, end)) >= 0:
         kept.append(buf[pos : at + opening])

@@ -113,8 +113,9 @@ _SETTLE_CHECK = struct.Struct("<5d")
 
 def record(checks: Sequence[Check]) -> bytes:
     """The reservation record: the amount charged to each check, a JSON array (`[1,1,4200]`).
-    reserve.lua stores it as it is given and settle.lua reads it back: written here, it costs
-    Redis no formatting of its own."""
+    reserve.lua stores it as it is given (ARGV[7]), and settle.lua is given it again (ARGV[8]) to
+    compare with what it finds, decoding only a record that differs: written here, it costs Redis no
+    formatting of its own."""
     return orjson.dumps([check.cost for check in checks])
 
 
@@ -136,7 +137,7 @@ class ReserveCall(_DayKeys):
     def ledger_key(self) -> str:
         return self.shared.ledger_key
 
-    def packed_checks(self) -> bytes:
+    def packed_numbers(self) -> bytes:
         """reserve.lua's ARGV[6]: the day number, lease TTL and limiter window, then each check's
         doubles, its cost between the plan's own."""
         head = _THREE_DOUBLES.pack(day_index(self.day), self.lease_ttl_us, RATE_WINDOW_US)

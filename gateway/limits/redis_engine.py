@@ -178,8 +178,8 @@ class RedisEngine:
             call.model,
             call.record_ttl_ms,
             call.ledger_expire_at,
-            call.packed_checks(),
-            record(call.checks),
+            call.packed_numbers(),
+            b"" if call.mode == "peek" else record(call.checks),  # a peek records nothing
         ]
         args.extend(chain.from_iterable(call.ledger))
         reply: list[int] = await self._run(RESERVE, keys, args)

@@ -35,7 +35,8 @@ ARGV[6]    little-endian doubles: the UTC day number (days since 1970-01-01) the
            for a day or month window, LEASE), limit, cost, period end µs, counter EXPIREAT, shadow (1:
            this limit alone is dark-launched: a refusal of it is reported and counted, never rejects)
 ARGV[7]    the reservation record, as the caller wrote it (calls.record: the checks' costs as a JSON
-           array; formatting them here costs Redis a string.format per amount)
+           array; formatting them here costs Redis a string.format per amount); empty for a peek,
+           which records nothing
 ARGV[8..]  pairs of ledger field, increment: the estimate, charged to the ledger with the budgets
 
 Reply, an array of integers (Lua numbers, exact below 2^53; cheaper than formatting each one):

@@ -33,7 +33,8 @@ ARGV[10..] N pairs of ledger field, increment: the actual cost less the estimate
 Reply: 1 settled from the record, 2 settled from the caller's copy, 0 already settled
 
 The record is a JSON array of the amounts (reserve.lua); one written before it was (space separated
-amounts, a reserve of an earlier version) is read too. Numbers are written with %d: see reserve.lua.
+amounts, a reserve of an earlier version) is read too. The caller writes it (calls.record) and
+passes the one it expects as ARGV[8].
 A record is compared with the one expected (ARGV[8]) before it is decoded: the same string is the
 same amounts, and a comparison of two Lua strings costs nothing (they are interned).
 ]]
