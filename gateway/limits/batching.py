@@ -2,8 +2,10 @@
 
 Under load many requests reserve and settle at once. Calls queue for the rest of the current loop
 turn and then go as one write: each script is still atomic on its own, and each caller gets its
-own reply or its own error. A lone call is sent as it is, so an idle gateway waits for nothing:
-the batch is flushed on the very next loop iteration, never on a timer.
+own reply or its own error. The batch is flushed on the very next loop iteration, never on a
+timer. A call that finds the lean connection owing nothing (no batch in flight: a gateway serving
+one request at a time) is written at once, without that loop iteration: the calls made later in
+the same turn queue behind it as a batch of their own.
 
 How a batch is sent: on the lean pipelined connection (`resp.py`) for a plain `redis://` server;
 else on one redis-py pooled connection (TLS, unix sockets); for a cluster, as a redis-py cluster
@@ -67,7 +69,10 @@ class EvalBatcher:
             return future
         self._queue.append(_Call(script, keys, args, future))
         if len(self._queue) == 1:
-            loop.call_soon(self._flush)
+            if self._lean is not None and self._lean.owes_nothing():
+                self._flush()  # nothing in flight to batch behind: written now, a loop turn sooner
+            else:
+                loop.call_soon(self._flush)
         return future
 
     def _flush(self) -> None:
