@@ -59,10 +59,13 @@ class EvalBatcher:
         # what close waits for: batches being sent (tasks) or written (their last reply), retries
         self._sending: set[asyncio.Future[Any]] = set()
         self._closed = False
+        # the calls' loop, taken on the first call: asyncio.get_running_loop() costs a getpid()
+        # system call on Python 3.11, twice a request here
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> asyncio.Future[Any]:
         """The reply of `script` on `keys` and `args`, sent with whatever else this loop turn asks."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._bind()
         future: asyncio.Future[Any] = loop.create_future()
         if self._closed:
             future.set_exception(RedisConnectionError("the store is closed"))
@@ -75,13 +78,16 @@ class EvalBatcher:
                 loop.call_soon(self._flush)
         return future
 
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
+
     def _flush(self) -> None:
         batch, self._queue = self._queue, []
         if not batch:  # `close` sent them before this turn came
             return
         if self._lean is not None:
-            # for `close`; the calls' loop (get_running_loop makes a getpid() syscall on 3.11)
-            written: asyncio.Future[None] = batch[0].future.get_loop().create_future()
+            written: asyncio.Future[None] = batch[0].future.get_loop().create_future()  # for `close`
             if self._lean.send(_pack_batch(batch), len(batch), partial(self._answered, batch, written)):
                 self._sending.add(written)
                 return
