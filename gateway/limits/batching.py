@@ -2,8 +2,10 @@
 
 Under load many requests reserve and settle at once. Calls queue for the rest of the current loop
 turn and then go as one write: each script is still atomic on its own, and each caller gets its
-own reply or its own error. A lone call is sent as it is, so an idle gateway waits for nothing:
-the batch is flushed on the very next loop iteration, never on a timer.
+own reply or its own error. The batch is flushed on the very next loop iteration, never on a
+timer. A call that finds the lean connection owing nothing (no batch in flight: a gateway serving
+one request at a time) is written at once, without that loop iteration: the calls made later in
+the same turn queue behind it as a batch of their own.
 
 How a batch is sent: on the lean pipelined connection (`resp.py`) for a plain `redis://` server;
 else on one redis-py pooled connection (TLS, unix sockets); for a cluster, as a redis-py cluster
@@ -57,26 +59,35 @@ class EvalBatcher:
         # what close waits for: batches being sent (tasks) or written (their last reply), retries
         self._sending: set[asyncio.Future[Any]] = set()
         self._closed = False
+        # the calls' loop, taken on the first call: asyncio.get_running_loop() costs a getpid()
+        # system call on Python 3.11, twice a request here
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> asyncio.Future[Any]:
         """The reply of `script` on `keys` and `args`, sent with whatever else this loop turn asks."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._bind()
         future: asyncio.Future[Any] = loop.create_future()
         if self._closed:
             future.set_exception(RedisConnectionError("the store is closed"))
             return future
         self._queue.append(_Call(script, keys, args, future))
         if len(self._queue) == 1:
-            loop.call_soon(self._flush)
+            if self._lean is not None and self._lean.owes_nothing():
+                self._flush()  # nothing in flight to batch behind: written now, a loop turn sooner
+            else:
+                loop.call_soon(self._flush)
         return future
+
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def _flush(self) -> None:
         batch, self._queue = self._queue, []
         if not batch:  # `close` sent them before this turn came
             return
         if self._lean is not None:
-            # for `close`; the calls' loop (get_running_loop makes a getpid() syscall on 3.11)
-            written: asyncio.Future[None] = batch[0].future.get_loop().create_future()
+            written: asyncio.Future[None] = batch[0].future.get_loop().create_future()  # for `close`
             if self._lean.send(_pack_batch(batch), len(batch), partial(self._answered, batch, written)):
                 self._sending.add(written)
                 return

@@ -182,6 +182,9 @@ class _Protocol(asyncio.Protocol):
             self._watching = True
             self._loop.call_at(now + self._reply_timeout, self._watch)
 
+    def owes_nothing(self) -> bool:
+        return not self._waiting
+
     def request(self, payload: bytes, replies: int) -> asyncio.Future[list[Any]]:
         """`send`, with the replies as a future's result."""
         future: asyncio.Future[list[Any]] = self._loop.create_future()
@@ -305,6 +308,11 @@ class RespConnection:
             return False
         protocol.send(payload, replies, done)
         return True
+
+    def owes_nothing(self) -> bool:
+        """Connected, and every reply of what was written has been read: nothing is in flight."""
+        protocol = self._ready()
+        return protocol is not None and protocol.owes_nothing()
 
     def _ready(self) -> _Protocol | None:
         protocol = self._protocol

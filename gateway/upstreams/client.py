@@ -15,8 +15,11 @@ is reused only when its answer was received to its end, the upstream kept it ali
 the request is still being sent.
 
 The read timeout bounds the upstream's silence, from the request sent to the last body byte: one
-timer per exchange, re-armed lazily from when the upstream was last heard (not a timer per read);
-while reading is paused (the relay has not taken what is buffered) silence does not count.
+timer per connection, re-armed lazily from when the upstream was last heard (not a timer per read,
+nor one armed and cancelled per exchange: it is left running when an exchange ends, lapses when it
+fires between exchanges, and the next exchange arms a new one only if there is none, or it is due
+later than that exchange's own timeout); while reading is paused (the relay has not taken what is
+buffered) silence does not count.
 
 Failures are this module's own: `NotReached` (the request cannot have reached the upstream:
 refused, DNS, TLS, connect timeout, no free connection in time) and the others (read timeout, a
@@ -146,6 +149,7 @@ class Connection(asyncio.Protocol):
         "reason",
         "response",
         "timer",
+        "timer_due",
         "transport",
         "until_close",
         "upload",
@@ -169,6 +173,7 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.upload: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_due = 0.0  # when `timer` fires
         self.heard_at = 0.0
         self.head_bytes = 0
         self.read_timeout = 0.0
@@ -195,7 +200,9 @@ class Connection(asyncio.Protocol):
         self.answered = answered
         self.read_timeout = read_timeout
         self.heard_at = now = self.loop.time()
-        self.timer = self.loop.call_at(now + read_timeout, self._watch)
+        if self.timer is None or self.timer_due > now + read_timeout:  # else it is early: re-armed then
+            self._stop_timer()
+            self._arm(now + read_timeout)
         if isinstance(body, bytes):
             self.transport.write(head + body)
         else:
@@ -234,8 +241,7 @@ class Connection(asyncio.Protocol):
         )
 
     def finish(self) -> None:
-        """The exchange is over (released): forget its state."""
-        self._stop_timer()
+        """The exchange is over (released): forget its state (the timer lapses when it fires)."""
         self.body.clear()
         self.buffered = 0
         if self.paused:  # an answer received whole, but not read: the next one must be heard
@@ -285,7 +291,7 @@ class Connection(asyncio.Protocol):
 
     def _watch(self) -> None:
         """The read timeout: re-armed from when the upstream was last heard, until it has been
-        silent for the whole timeout."""
+        silent for the whole timeout; it lapses when no exchange is under way."""
         self.timer = None
         if self.complete or self.error is not None:
             return
@@ -294,10 +300,14 @@ class Connection(asyncio.Protocol):
             self.heard_at = now
         due = self.heard_at + self.read_timeout
         if now < due:
-            self.timer = self.loop.call_at(due, self._watch)
+            self._arm(due)
             return
         self._fail(ReadTimeout(f"nothing received for {self.read_timeout:g} s"))
         self.close()
+
+    def _arm(self, due: float) -> None:
+        self.timer = self.loop.call_at(due, self._watch)
+        self.timer_due = due
 
     def _stop_timer(self) -> None:
         timer, self.timer = self.timer, None
@@ -355,6 +365,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._stop_timer()  # a timer left running would keep the closed connection until it fires
         if self.until_close and self.response is not None and self.error is None:
             self.on_message_complete()  # a body without a length ends with the connection
         self._fail(Dropped("the connection closed before the answer ended"))
@@ -428,7 +439,6 @@ class Connection(asyncio.Protocol):
             self.informational = False
             return
         self.complete = True
-        self._stop_timer()
         self._wake()
 
 

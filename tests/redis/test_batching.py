@@ -1,6 +1,7 @@
 """The script batcher (gateway/limits/batching.py) on the lean connection against a real Redis: a
 batch written from the flush callback itself, each caller its own reply or error, NOSCRIPT
-retried, close waiting for what was written, a lost connection failing every call of the batch."""
+retried, close waiting for what was written, a lost connection failing every call of the batch, a
+call on an idle connection written at once."""
 
 from __future__ import annotations
 
@@ -51,6 +52,18 @@ async def test_a_batch_on_the_connected_lean_connection_needs_no_task(redis_serv
     results = await asyncio.gather(*calls, return_exceptions=True)
     assert results[0] == 1 and results[2] == 2
     assert isinstance(results[1], ResponseError) and "NOPE" in str(results[1])
+    await batcher.close()
+    await client.aclose()
+
+
+async def test_a_call_on_an_idle_connection_is_written_at_once(redis_server_factory) -> None:
+    batcher, client, lean = await batcher_on(redis_server_factory())
+    assert lean.owes_nothing()
+    first = batcher.evalsha(INCR, ["k"], [])
+    assert not lean.owes_nothing()  # written already: its reply is owed
+    second = batcher.evalsha(INCR, ["k"], [])  # queued behind it, for the turn's end
+    assert await asyncio.gather(first, second) == [1, 2]
+    assert lean.owes_nothing()
     await batcher.close()
     await client.aclose()
 

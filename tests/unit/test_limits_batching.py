@@ -78,11 +78,17 @@ async def test_a_write_gets_its_replies_as_the_last_one_is_read() -> None:
 class _Lean:
     """A connected lean connection that keeps what it is sent, to answer by hand."""
 
-    def __init__(self) -> None:
+    def __init__(self, idle: bool = False) -> None:
         self.done: list[Callable[[list[Any] | BaseException], None]] = []
+        self.sent: list[int] = []  # how many calls each write carried
+        self.idle = idle  # owing nothing until the first write; else always owing (under load)
+
+    def owes_nothing(self) -> bool:
+        return self.idle and not self.done
 
     def send(self, payload: bytes, replies: int, done: Callable[[list[Any] | BaseException], None]) -> bool:
         self.done.append(done)
+        self.sent.append(replies)
         return True
 
 
@@ -95,6 +101,18 @@ async def test_the_callers_of_a_batch_are_settled_when_its_replies_are_read_not_
     done([1, ResponseError("over")])
     assert first.result() == 1
     assert isinstance(second.exception(), ResponseError)
+
+
+async def test_a_call_on_a_connection_owing_nothing_is_written_at_once_later_ones_batched() -> None:
+    lean = _Lean(idle=True)
+    batcher = EvalBatcher(None, asyncio.Semaphore(1), lean)  # type: ignore[arg-type]
+    calls = [batcher.evalsha(RESERVE, ["k"], []) for _ in range(3)]
+    assert lean.sent == [1]  # the first: no loop turn waited
+    await asyncio.sleep(0)  # the flush of the rest: one write
+    assert lean.sent == [1, 2]
+    lean.done[0]([1])
+    lean.done[1]([2, 3])
+    assert [call.result() for call in calls] == [1, 2, 3]
 
 
 async def test_calls_that_close_sent_are_not_flushed_again_at_the_turn_end() -> None:

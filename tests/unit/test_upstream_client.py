@@ -278,6 +278,31 @@ async def test_the_read_timeout_is_the_silence_between_two_reads(
     await pool.close()
 
 
+async def test_a_connections_read_timer_runs_on_between_exchanges_and_bounds_each(
+    raw_server: Callable[[Answer], Awaitable[str]],
+) -> None:
+    """One timer per connection, not one armed and cancelled per exchange; an exchange with a
+    shorter read timeout than the one the running timer was armed for still gets its own bound."""
+    answers = iter([sends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")] * 2 + [sends(pause=1.0)])
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await next(answers)(reader, writer)
+
+    pool = Pool(await raw_server(answer), 1)
+    await post(pool, read_timeout=30.0)
+    [connection] = pool.idle
+    timer = connection.timer
+    assert timer is not None  # left running after the exchange
+    await post(pool, read_timeout=30.0)
+    assert connection.timer is timer  # the second exchange armed none of its own
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(ReadTimeout):  # the upstream is silent: 0.3 s, not the 30 s timer's
+        await pool.request("/echo", HEADERS, b"{}", 1.0, 0.3)
+    assert asyncio.get_running_loop().time() - started < 0.9
+    assert timer.cancelled() and connection.timer is None  # the connection closed with it
+    await pool.close()
+
+
 async def test_refused_is_never_reached() -> None:
     server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
