@@ -15,7 +15,11 @@ On the lean connection, when it is connected, a batch is written from the flush 
 and the connection settles the calls as it reads the last reply: no task, no coroutine, and the
 callers wake in the loop turn after the reply arrives, not a turn later. Those writes are not counted by the
 engine's in-flight bound (which bounds pooled connections; the lean one is a single pipelined
-socket, whose calls its own reply timeout fails). Otherwise a task sends it.
+socket, whose calls its own reply timeout fails). Batches made while it is not connected (at
+start, after a lost connection) are parked, in order, and one task writes them all once it is; until
+then every later batch parks behind them, so that calls reach Redis in the order they were made:
+a settle before the next request's reserve (`Store.settles_in_order`). On a pooled or cluster
+connection a task sends each batch.
 
 A caller that gives up (its timeout) cancels only its own future; the batch is sent regardless,
 and its reply is dropped. `close` waits (briefly) for batches in flight.
@@ -62,9 +66,12 @@ class EvalBatcher:
         # the calls' loop, taken on the first call: asyncio.get_running_loop() costs a getpid()
         # system call on Python 3.11, twice a request here
         self._loop: asyncio.AbstractEventLoop | None = None
+        # lean batches made while the connection was not ready, in order: written once it is
+        self._parked: list[list[_Call]] = []
 
     def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> asyncio.Future[Any]:
-        """The reply of `script` on `keys` and `args`, sent with whatever else this loop turn asks."""
+        """The reply of `script` on `keys` and `args`, sent with whatever else this loop turn asks
+        (or at once, when the lean connection owes nothing). One event loop per batcher."""
         loop = self._loop or self._bind()
         future: asyncio.Future[Any] = loop.create_future()
         if self._closed:
@@ -72,7 +79,7 @@ class EvalBatcher:
             return future
         self._queue.append(_Call(script, keys, args, future))
         if len(self._queue) == 1:
-            if self._lean is not None and self._lean.owes_nothing():
+            if self._lean is not None and not self._parked and self._lean.owes_nothing():
                 self._flush()  # nothing in flight to batch behind: written now, a loop turn sooner
             else:
                 loop.call_soon(self._flush)
@@ -86,12 +93,42 @@ class EvalBatcher:
         batch, self._queue = self._queue, []
         if not batch:  # `close` sent them before this turn came
             return
-        if self._lean is not None:
-            written: asyncio.Future[None] = batch[0].future.get_loop().create_future()  # for `close`
-            if self._lean.send(_pack_batch(batch), len(batch), partial(self._answered, batch, written)):
-                self._sending.add(written)
+        if self._lean is None:
+            self._start(self._send(batch))
+        elif self._parked or not self._write(batch):
+            self._parked.append(batch)
+            if len(self._parked) == 1:
+                self._start(self._write_parked())
+
+    def _write(self, batch: list[_Call]) -> bool:
+        """Write `batch` on the lean connection now; False (nothing written) if it is not ready."""
+        assert self._lean is not None and self._loop is not None
+        written: asyncio.Future[None] = self._loop.create_future()  # for `close`
+        if not self._lean.send(_pack_batch(batch), len(batch), partial(self._answered, batch, written)):
+            return False
+        self._sending.add(written)
+        return True
+
+    async def _write_parked(self) -> None:
+        """Connect, then write the parked batches in the order they were made; if the connection
+        cannot be made, each of their calls fails with why."""
+        assert self._lean is not None
+        try:
+            await self._lean.connected()
+        except BaseException as exc:
+            parked, self._parked = self._parked, []
+            for batch in parked:
+                for call in batch:
+                    resolve(call.future, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        parked, self._parked = self._parked, []
+        for i, batch in enumerate(parked):
+            if not self._write(batch):  # lost again already: the rest wait for the next connection
+                self._parked = parked[i:] + self._parked
+                self._start(self._write_parked())
                 return
-        self._start(self._send(batch))
 
     def _start(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -133,8 +170,6 @@ class EvalBatcher:
                 resolve(call.future, reply)
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
-        if self._lean is not None:
-            return await self._lean.execute(_pack_batch(batch), len(batch))
         pool = getattr(self._client, "connection_pool", None)
         if pool is not None:
             return await _on_one_connection(pool, batch)

@@ -309,6 +309,13 @@ class RespConnection:
         protocol.send(payload, replies, done)
         return True
 
+    async def connected(self) -> None:
+        """Return once connected (connecting if need be); raise if it cannot be, or is closed."""
+        if self._closed:
+            raise RedisConnectionError("the connection to Redis is closed")
+        if self._ready() is None:
+            await self._connect()
+
     def owes_nothing(self) -> bool:
         """Connected, and every reply of what was written has been read: nothing is in flight."""
         protocol = self._ready()

@@ -68,6 +68,59 @@ async def test_a_call_on_an_idle_connection_is_written_at_once(redis_server_fact
     await client.aclose()
 
 
+PUSH = script("push", b"return redis.call('RPUSH', KEYS[1], ARGV[1])")
+
+
+@pytest.mark.parametrize("connected", ["at start", "after a lost connection"])
+@pytest.mark.parametrize("turns", [0, 1, 2, 3])
+async def test_calls_made_while_connecting_reach_redis_in_the_order_they_were_made(
+    redis_server_factory, connected: str, turns: int
+) -> None:
+    """A call made while the lean connection is (re)connecting waits for it; one made once it is
+    connected, while the first has not been written yet, must not overtake it (a settle and the
+    next request's reserve: `Store.settles_in_order`)."""
+    server = redis_server_factory()
+    client = Redis.from_url(server.url)
+    await client.script_load(PUSH.source)
+    lean = RespConnection.for_url(server.url, connect_timeout=0.5, reply_timeout=2.0)
+    assert lean is not None
+    batcher = EvalBatcher(client, asyncio.Semaphore(128), lean)
+    expected = []
+    if connected == "after a lost connection":
+        await batcher.evalsha(PUSH, ["order"], ["before"])
+        expected.append(b"before")
+        lean._protocol.abort()  # type: ignore[union-attr]  # Redis restarted, or the network
+        await asyncio.sleep(0.01)
+    settle = batcher.evalsha(PUSH, ["order"], ["settle"])  # no connection: parked
+    for _ in range(10_000):  # the connection is made...
+        if lean._ready() is not None:
+            break
+        await asyncio.sleep(0)
+    for _ in range(turns):  # ...and a few turns go by before the next call
+        await asyncio.sleep(0)
+    reserve = batcher.evalsha(PUSH, ["order"], ["reserve"])
+    await asyncio.gather(settle, reserve)
+    assert await client.lrange("order", 0, -1) == [*expected, b"settle", b"reserve"]
+    await batcher.close()
+    await client.aclose()
+
+
+async def test_calls_parked_for_a_connection_that_cannot_be_made_each_fail(redis_server_factory) -> None:
+    server = redis_server_factory()
+    lean = RespConnection.for_url(server.url, connect_timeout=0.5, reply_timeout=2.0)
+    assert lean is not None
+    client = Redis.from_url(server.url)
+    batcher = EvalBatcher(client, asyncio.Semaphore(128), lean)
+    server.stop()
+    first = batcher.evalsha(PUSH, ["k"], ["a"])
+    await asyncio.sleep(0)
+    second = batcher.evalsha(PUSH, ["k"], ["b"])
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert all(isinstance(result, RedisConnectionError) for result in results), results
+    await batcher.close()
+    await client.aclose()
+
+
 async def test_a_noscript_reply_loads_the_script_and_runs_the_call_again(redis_server_factory) -> None:
     batcher, client, _ = await batcher_on(redis_server_factory())
     await client.script_flush()
