@@ -200,7 +200,9 @@ class Connection(asyncio.Protocol):
         self.answered = answered
         self.read_timeout = read_timeout
         self.heard_at = now = self.loop.time()
-        if self.timer is None or self.timer_due > now + read_timeout:  # else it is early: re-armed then
+        # A timer left from an earlier exchange is kept when it fires no later than this one's bound:
+        # `_watch` then re-arms it from when the upstream was last heard.
+        if self.timer is None or self.timer_due > now + read_timeout:
             self._stop_timer()
             self._arm(now + read_timeout)
         if isinstance(body, bytes):

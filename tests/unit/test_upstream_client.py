@@ -283,7 +283,9 @@ async def test_a_connections_read_timer_runs_on_between_exchanges_and_bounds_eac
 ) -> None:
     """One timer per connection, not one armed and cancelled per exchange; an exchange with a
     shorter read timeout than the one the running timer was armed for still gets its own bound."""
-    answers = iter([sends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")] * 2 + [sends(pause=1.0)])
+    answers = iter(
+        [sends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")] * 2 + [sends()]
+    )  # never answers
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await next(answers)(reader, writer)
@@ -299,7 +301,54 @@ async def test_a_connections_read_timer_runs_on_between_exchanges_and_bounds_eac
     with pytest.raises(ReadTimeout):  # the upstream is silent: 0.3 s, not the 30 s timer's
         await pool.request("/echo", HEADERS, b"{}", 1.0, 0.3)
     assert asyncio.get_running_loop().time() - started < 0.9
-    assert timer.cancelled() and connection.timer is None  # the connection closed with it
+    # the third exchange's shorter bound armed a timer of its own in its place
+    assert timer.cancelled() and connection.timer is None
+    await pool.close()
+
+
+async def test_a_timer_left_from_an_earlier_exchange_neither_cuts_the_next_short_nor_lets_it_hang(
+    raw_server: Callable[[Answer], Awaitable[str]],
+) -> None:
+    """The kept timer fires during the next exchange, from the earlier one's start: it re-arms from
+    when the upstream was last heard, so an answer within the bound arrives and silence still ends."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+
+    async def late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.25)
+        await sends(ok)(reader, writer)
+
+    answers = iter([sends(ok), late, sends()])
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await next(answers)(reader, writer)
+
+    pool = Pool(await raw_server(answer), 1)
+    loop = asyncio.get_running_loop()
+    await post(pool, read_timeout=0.3)  # its timer is due 0.3 s from now, and kept
+    await asyncio.sleep(0.2)
+    started = loop.time()
+    await post(pool, read_timeout=0.3)  # answered after 0.25 s: the old timer fired meanwhile
+    assert loop.time() - started >= 0.25
+    started = loop.time()
+    with pytest.raises(ReadTimeout):  # silent: ended at its own 0.3 s
+        await pool.request("/echo", HEADERS, b"{}", 1.0, 0.3)
+    assert 0.28 <= loop.time() - started < 0.6
+    await pool.close()
+
+
+async def test_an_idle_connection_that_closes_stops_its_timer(
+    raw_server: Callable[[Answer], Awaitable[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A timer left running would keep a closed connection (and its buffers) until it fires."""
+    monkeypatch.setattr(client, "IDLE_SECONDS", 0.05)
+    pool = Pool(await raw_server(sends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")), 1)
+    await post(pool, read_timeout=30.0)
+    [connection] = pool.idle
+    timer = connection.timer
+    assert timer is not None
+    await asyncio.sleep(0.2)  # swept: closed while idle
+    assert connection.closed and not pool.idle
+    assert timer.cancelled() and connection.timer is None
     await pool.close()
 
 

@@ -34,9 +34,8 @@ Reply: 1 settled from the record, 2 settled from the caller's copy, 0 already se
 
 The record is a JSON array of the amounts (reserve.lua); one written before it was (space separated
 amounts, a reserve of an earlier version) is read too. The caller writes it (calls.record) and
-passes the one it expects as ARGV[8].
-A record is compared with the one expected (ARGV[8]) before it is decoded: the same string is the
-same amounts, and a comparison of two Lua strings costs nothing (they are interned).
+passes the one it expects as ARGV[8], which a record found is compared with before it is decoded:
+the same string is the same amounts, and comparing two Lua strings costs nothing (they are interned).
 ]]
 
 if redis.call('EXISTS', KEYS[2]) == 1 then
