@@ -28,9 +28,10 @@ and its reply is dropped. `close` waits (briefly) for batches in flight.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import chain
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -117,11 +118,7 @@ class EvalBatcher:
             await self._lean.connected()
         except BaseException as exc:
             parked, self._parked = self._parked, []
-            for batch in parked:
-                for call in batch:
-                    resolve(call.future, exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+            _fail(chain.from_iterable(parked), exc)
             return
         parked, self._parked = self._parked, []
         for i, batch in enumerate(parked):
@@ -143,8 +140,7 @@ class EvalBatcher:
         if not written.done():  # (a cancelled `close` may have cancelled it)
             written.set_result(None)
         if isinstance(replies, BaseException):  # the connection was lost: every call fails with it
-            for call in batch:
-                resolve(call.future, replies)
+            _fail(batch, replies)
             return
         self._settle(batch, replies)
 
@@ -153,10 +149,7 @@ class EvalBatcher:
             async with self._in_flight:
                 replies = await self._execute(batch)
         except BaseException as exc:
-            for call in batch:
-                resolve(call.future, exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+            _fail(batch, exc)
             return
         self._settle(batch, replies)
 
@@ -201,6 +194,15 @@ class EvalBatcher:
             await self._lean.close()
         while self._sending:
             await asyncio.gather(*self._sending, return_exceptions=True)
+
+
+def _fail(calls: Iterable[_Call], exc: BaseException) -> None:
+    """Each call fails with `exc`, the reason its batch was lost or could not be sent; a
+    cancellation goes on up (the task sending them is being cancelled)."""
+    for call in calls:
+        resolve(call.future, exc)
+    if isinstance(exc, asyncio.CancelledError):
+        raise exc
 
 
 async def _on_one_connection(pool: Any, batch: list[_Call]) -> list[Any]:
