@@ -53,20 +53,25 @@ def _samples(registry: CollectorRegistry, name: str) -> dict[tuple[str, tuple[tu
     }
 
 
-def test_kept_updates_export_what_prometheus_clients_own_would_once_the_registry_is_read() -> None:
-    kept_registry, direct_registry = CollectorRegistry(), CollectorRegistry()
-    kept_metrics, direct = Metrics(kept_registry), Metrics(direct_registry)
-    requests = KeptCounter(kept_metrics, kept_metrics.requests)
-    durations = KeptHistogram(kept_metrics, kept_metrics.request_duration)
-    # bounds exactly, between them, beyond the last (+Inf), zero; two label sets
-    amounts = [0.0, 0.005, 0.0051, 0.25, 0.3, 300.0, 301.5, 0.005, 7.0]
-    for i, amount in enumerate(amounts):
+def _count_requests(requests: KeptCounter, durations: KeptHistogram, direct: Metrics) -> None:
+    """The same requests counted through the kept metrics and straight on `direct`'s: durations at
+    bucket bounds exactly, between them, beyond the last (+Inf), zero and an inexact sum; two label
+    sets each."""
+    for i, amount in enumerate([0.0, 0.005, 0.0051, 0.25, 0.3, 300.0, 301.5, 0.005, 7.0, 0.1 + 0.2]):
         labels = ("team", "m", "true" if i % 3 else "false")
         durations.observe(labels, amount)
         direct.request_duration.labels(*labels).observe(amount)
         counted = ("team", "m", "openai", "generate", str(200 + i % 2))
         requests.inc(counted)
         direct.requests.labels(*counted).inc()
+
+
+def test_kept_updates_export_what_prometheus_clients_own_would_once_the_registry_is_read() -> None:
+    kept_registry, direct_registry = CollectorRegistry(), CollectorRegistry()
+    kept_metrics, direct = Metrics(kept_registry), Metrics(direct_registry)
+    requests = KeptCounter(kept_metrics, kept_metrics.requests)
+    durations = KeptHistogram(kept_metrics, kept_metrics.request_duration)
+    _count_requests(requests, durations, direct)
     assert kept_registry.get_sample_value("gateway_requests_total", {"status": "200"}) is None  # kept
     for name in ("gateway_request_duration_seconds", "gateway_requests"):
         assert _samples(kept_registry, name) == _samples(direct_registry, name)
@@ -86,14 +91,7 @@ def test_with_workers_updates_applied_at_once_are_prometheus_clients_own_sample_
     at_once_metrics.shared = True  # as with workers
     requests = KeptCounter(at_once_metrics, at_once_metrics.requests, next_scrape=True)
     durations = KeptHistogram(at_once_metrics, at_once_metrics.request_duration, next_scrape=True)
-    # bounds exactly, between them, beyond the last (+Inf), zero; two label sets
-    for i, amount in enumerate([0.0, 0.005, 0.0051, 0.25, 0.3, 300.0, 301.5, 0.005, 7.0, 0.1 + 0.2]):
-        labels = ("team", "m", "true" if i % 3 else "false")
-        durations.observe(labels, amount)
-        direct.request_duration.labels(*labels).observe(amount)
-        counted = ("team", "m", "openai", "generate", str(200 + i % 2))
-        requests.inc(counted)
-        direct.requests.labels(*counted).inc()
+    _count_requests(requests, durations, direct)
 
     def own(metric: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         # the metric's own samples (what its files hold), not the registry's read, which applies all
