@@ -293,9 +293,7 @@ class RespConnection:
         """Write `payload` (`replies` commands) and return their replies, error replies included.
 
         No timer of the caller's: the connection itself fails the call if Redis stops answering."""
-        if self._closed:
-            raise RedisConnectionError("the connection to Redis is closed")
-        protocol = self._ready() or await self._connect()
+        protocol = await self.connected()
         return await protocol.request(payload, replies)
 
     def send(self, payload: bytes, replies: int, done: Done) -> bool:
@@ -309,12 +307,12 @@ class RespConnection:
         protocol.send(payload, replies, done)
         return True
 
-    async def connected(self) -> None:
-        """Return once connected (connecting if need be); raise if it cannot be, or is closed."""
+    async def connected(self) -> _Protocol:
+        """The connection, once connected (connecting if need be); raise if it cannot be, or is
+        closed."""
         if self._closed:
             raise RedisConnectionError("the connection to Redis is closed")
-        if self._ready() is None:
-            await self._connect()
+        return self._ready() or await self._connect()
 
     def owes_nothing(self) -> bool:
         """Connected, and every reply of what was written has been read: nothing is in flight."""
