@@ -8,6 +8,7 @@ own Prometheus multiprocess file), its CPU time per request (user + system, and 
 and how often per request its event loop slept and was woken (its voluntary context switches).
 
     .venv/bin/python bench/workers_bench.py [--connections 2 4 16 64] [--trials 5] [--requests 2000]
+        [--twins] [--checkout DIR]
 
 The trap it looks for: workers sharing one accepting socket, where whichever process wakes first
 takes most connections; with SO_REUSEPORT the kernel spreads connections over the workers' own
@@ -15,11 +16,15 @@ sockets by a hash of the client's address and port, so a few connections often s
 Since issue 14 the supervisor accepts and deals connections to the workers in turn (handoff.py);
 `--checkout DIR` runs another checkout's gateway (with its own .venv) for a before/after.
 
-A worker of `workers: 2` driven over K connections holds K/2 of them: it is as busy as one process
-driven over K/2, not over K, and an idler process batches less and sleeps more between requests (more
-wakeups and system time per request). So the summary also sets each `workers: 2` figure beside the
-`workers: 1` one at the same connections per process, where both were run (`--connections 1 2 4 8`):
-the difference there is what a worker costs beyond being idler.
+A worker of `workers: 2` driven over K connections holds K/2 of them and, where the client, the
+upstream and Redis share the machine's cores, answers about half the requests a second that one
+process over K does: an idler process batches less and sleeps more between requests (more wakeups,
+each a few tens of microseconds of CPU on a virtual machine). So the summary also sets each
+`workers: 2` figure beside the `workers: 1` one at the same connections per process, where both were
+run (`--connections 1 2 4 8`). `--twins` also drives two
+`workers: 1` gateways at once, K/2 connections each: two busy processes share the machine's cores
+and caches whether or not they are workers, and a worker that costs what a twin costs does no more
+per request than a process of its own would.
 """
 
 from __future__ import annotations
@@ -244,11 +249,12 @@ def summarise(results: dict[tuple[str, int], list[Trial]], requests: int) -> Non
             f"\n    serving processes only: {_per_request(medians[setup, connections], requests)}"
         )
     print("\nat the same connections per process (K for workers=1, 2K for the others):")
-    for (setup, connections), used in medians.items():
-        alone = medians.get((SINGLE, connections // 2))
-        if setup != SINGLE and connections % 2 == 0 and alone is not None:
-            print(f"  K={connections // 2:<3} {SINGLE:<13}: {_per_request(alone, requests)}")
-            print(f"  {'':<5} {setup:<13}: {_per_request(used, requests)}")
+    for (setup, connections), alone in medians.items():
+        others = [other for other in (WORKERS, TWINS) if (other, 2 * connections) in medians]
+        if setup == SINGLE and others:
+            print(f"  K={connections:<3} {SINGLE:<13}: {_per_request(alone, requests)}")
+            for other in others:
+                print(f"  {'':<5} {other:<13}: {_per_request(medians[other, 2 * connections], requests)}")
 
 
 def main() -> None:
