@@ -4,15 +4,27 @@ Starts Redis, `gateway mock-upstream`, and two gateways on the same Redis: one w
 (`workers: 1`) and one with `workers: 2`. Then, alternating between the two in the same run, drives
 each with a keep-alive client holding K connections (each trial opens new ones) and prints, per
 worker process: the client connections it holds (read from /proc), the requests it answered (its
-own Prometheus multiprocess file), and its CPU time per request (user + system, from /proc).
+own Prometheus multiprocess file), its CPU time per request (user + system, and each, from /proc)
+and how often per request its event loop slept and was woken (its voluntary context switches).
 
     .venv/bin/python bench/workers_bench.py [--connections 2 4 16 64] [--trials 5] [--requests 2000]
+        [--twins] [--checkout DIR]
 
 The trap it looks for: workers sharing one accepting socket, where whichever process wakes first
 takes most connections; with SO_REUSEPORT the kernel spreads connections over the workers' own
 sockets by a hash of the client's address and port, so a few connections often share one worker.
 Since issue 14 the supervisor accepts and deals connections to the workers in turn (handoff.py);
 `--checkout DIR` runs another checkout's gateway (with its own .venv) for a before/after.
+
+A worker of `workers: 2` driven over K connections holds K/2 of them and, where the client, the
+upstream and Redis share the machine's cores, answers about half the requests a second that one
+process over K does: an idler process batches less and sleeps more between requests (more wakeups,
+each a few tens of microseconds of CPU on a virtual machine). So the summary also sets each
+`workers: 2` figure beside the `workers: 1` one at the same connections per process, where both were
+run (`--connections 1 2 4 8`). `--twins` also drives two
+`workers: 1` gateways at once, K/2 connections each: two busy processes share the machine's cores
+and caches whether or not they are workers, and a worker that costs what a twin costs does no more
+per request than a process of its own would.
 """
 
 from __future__ import annotations
@@ -23,7 +35,9 @@ import shutil
 import statistics
 import sys
 import tempfile
-from dataclasses import dataclass, field
+import time
+from collections.abc import Awaitable
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -31,7 +45,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.gateway_bench import SMALL, UNBOUND, cpu_seconds, load, start_mock, wait_http  # noqa: E402
+from bench.gateway_bench import SMALL, TICKS, UNBOUND, cpu_seconds, load, start_mock, wait_http  # noqa: E402
 from tests.support.config import TENANT_KEY, config_dict  # noqa: E402
 from tests.support.processes import GatewayProcess, free_port  # noqa: E402
 from tests.support.redis_servers import RedisServer  # noqa: E402
@@ -54,13 +68,43 @@ def requests_answered(pid: int) -> float:
     )
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What a process has used so far: CPU seconds in user space and in the kernel, and how many
+    times its main thread (the event loop) slept and was woken, or was preempted by another process
+    wanting the CPU."""
+
+    user: float = 0.0
+    system: float = 0.0
+    woken: int = 0
+    preempted: int = 0
+
+    @classmethod
+    def of(cls, pid: int) -> Usage:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        return cls(
+            int(stat[11]) / TICKS,
+            int(stat[12]) / TICKS,
+            int(status["voluntary_ctxt_switches"]),
+            int(status["nonvoluntary_ctxt_switches"]),
+        )
+
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(*(mine - theirs for mine, theirs in zip(astuple(self), astuple(other), strict=True)))
+
+    @property
+    def cpu(self) -> float:
+        return self.user + self.system
+
+
 @dataclass
 class Trial:
-    workers: int
+    setup: str  # SINGLE, WORKERS or TWINS
     connections: int
     held: dict[int, int] = field(default_factory=dict)  # worker pid -> client connections
     answered: dict[int, float] = field(default_factory=dict)  # worker pid -> requests
-    cpu: dict[int, float] = field(default_factory=dict)  # worker pid -> CPU seconds
+    used: dict[int, Usage] = field(default_factory=dict)  # worker pid -> what it used
     supervisor_cpu: float = 0.0  # seconds: accepting and handing connections over (workers > 1)
     rps: float = 0.0
 
@@ -68,42 +112,72 @@ class Trial:
         total = sum(self.answered.values())
         parts = [
             f"{self.held.get(pid, 0):>3} conns {self.answered[pid] / total:4.0%} of requests"
-            f" {self.cpu[pid] * 1000 / max(self.answered[pid], 1):.3f} ms CPU/req"
+            f" {_per_request(self.used[pid], self.answered[pid])}"
             for pid in sorted(self.answered)
         ]
-        overall = (sum(self.cpu.values()) + self.supervisor_cpu) * 1000 / total
+        overall = self.cpu * 1000 / total
         return (
-            f"workers={self.workers} conns={self.connections:<3} {self.rps:6.0f} req/s  CPU/req {overall:.3f} ms"
-            f" (supervisor {self.supervisor_cpu * 1000:.0f} ms in all)  per worker: {' | '.join(parts)}"
+            f"{self.setup:<13} conns={self.connections:<3} {self.rps:6.0f} req/s  CPU/req {overall:.3f} ms"
+            f" (supervisor {self.supervisor_cpu * 1000:.0f} ms in all)  per process: {' | '.join(parts)}"
         )
 
+    @property
+    def cpu(self) -> float:
+        """CPU seconds of every process of the gateway, the supervisor's included."""
+        return sum(used.cpu for used in self.used.values()) + self.supervisor_cpu
 
-async def trial(gateway: GatewayProcess, workers: int, connections: int, requests: int) -> Trial:
-    assert gateway.process is not None
-    pids = worker_pids(gateway.process.pid) if workers > 1 else [gateway.process.pid]
-    result = Trial(workers, connections)
+    def workers_used(self) -> Usage:
+        """What the serving processes used, added up (a supervisor's accepting left out)."""
+        return Usage(*(sum(column) for column in zip(*map(astuple, self.used.values()), strict=True)))
+
+
+SINGLE, WORKERS, TWINS = "workers=1", "workers=2", "2 x workers=1"
+
+
+def _per_request(used: Usage, requests: float) -> str:
+    requests = max(requests, 1)
+    return (
+        f"{used.cpu * 1000 / requests:.3f} ms CPU/req (user {used.user * 1000 / requests:.3f},"
+        f" sys {used.system * 1000 / requests:.3f}) {used.woken / requests:.2f} wakeups/req"
+        f" {used.preempted / requests:.2f} preempted/req"
+    )
+
+
+async def trial(setup: str, gateways: list[GatewayProcess], connections: int, requests: int) -> Trial:
+    """`requests` over `connections`, split evenly between `gateways`, driven at once."""
+    result = Trial(setup, connections)
+    share = len(gateways)
+    # each gateway's serving processes: its workers (counted from their metric files), or itself
+    serving: dict[int, list[int]] = {}
+    for gateway in gateways:
+        assert gateway.process is not None
+        serving[gateway.process.pid] = worker_pids(gateway.process.pid) or [gateway.process.pid]
+    supervisors = [pid for pid, pids in serving.items() if pids != [pid]]
+    pids = [pid for pids in serving.values() for pid in pids]
 
     def counted(pid: int) -> float:
-        return requests_answered(pid) if workers > 1 else 0.0
+        """Requests answered so far by a worker; a single process answers all its gateway's."""
+        return requests_answered(pid) if pid not in serving else 0.0
 
-    before = {pid: (cpu_seconds(pid), counted(pid)) for pid in pids}
-    supervisor = cpu_seconds(gateway.process.pid) if workers > 1 else 0.0
+    before = {pid: (Usage.of(pid), counted(pid)) for pid in pids}
+    supervisor_before = {pid: cpu_seconds(pid) for pid in supervisors}
     held: dict[int, int] = {}
-    url = f"{gateway.url}/v1/images/generations"
-    _, elapsed = await load(
-        url,
-        AUTH,
-        SMALL,
-        requests,
-        connections,
-        before_close=lambda: held.update(connections_by_pid(pids, gateway.port)),
-    )
-    result.rps = requests / elapsed
-    result.supervisor_cpu = cpu_seconds(gateway.process.pid) - supervisor if workers > 1 else 0.0
+
+    def drive(gateway: GatewayProcess) -> Awaitable[object]:
+        assert gateway.process is not None
+        pids = serving[gateway.process.pid]
+        url = f"{gateway.url}/v1/images/generations"
+        notice = lambda: held.update(connections_by_pid(pids, gateway.port))  # noqa: E731
+        return load(url, AUTH, SMALL, requests // share, connections // share, before_close=notice)
+
+    started = time.perf_counter()
+    await asyncio.gather(*map(drive, gateways))
+    result.rps = requests // share * share / (time.perf_counter() - started)
+    result.supervisor_cpu = sum(cpu_seconds(pid) - supervisor_before[pid] for pid in supervisors)
     for pid in pids:
-        cpu, answered = before[pid]
-        result.cpu[pid] = cpu_seconds(pid) - cpu
-        result.answered[pid] = counted(pid) - answered if workers > 1 else requests
+        used, answered = before[pid]
+        result.used[pid] = Usage.of(pid) - used
+        result.answered[pid] = counted(pid) - answered if pid not in serving else requests // share
         result.held[pid] = held.get(pid, 0)
     return result
 
@@ -114,53 +188,73 @@ async def bench(args: argparse.Namespace) -> None:
     mock_port = free_port()
     mock = start_mock(mock_port)
     store = {"backend": "redis", "url": redis.url}
-    gateways = {
-        workers: GatewayProcess(
-            config_dict(
-                f"http://127.0.0.1:{mock_port}/v1",
-                store=store,
-                limits=UNBOUND,
-                server={"workers": workers, "log_level": args.log_level},
-            ),
-            workdir,
-            checkout=Path(args.checkout).resolve() if args.checkout else None,
+
+    def gateway(workers: int) -> GatewayProcess:
+        config = config_dict(
+            f"http://127.0.0.1:{mock_port}/v1",
+            store=store,
+            limits=UNBOUND,
+            server={"workers": workers, "log_level": args.log_level},
         )
-        for workers in (1, 2)
-    }
+        return GatewayProcess(
+            config, workdir, checkout=Path(args.checkout).resolve() if args.checkout else None
+        )
+
+    single, workers = gateway(1), gateway(2)
+    setups = {SINGLE: [single], WORKERS: [workers]}
+    if args.twins:  # another single process, driven at the same time as the first
+        setups[TWINS] = [single, gateway(1)]
     try:
         await wait_http(f"http://127.0.0.1:{mock_port}/v1/models")
-        for gateway in gateways.values():
-            await gateway.start()
+        for process in {id(g): g for gateways in setups.values() for g in gateways}.values():
+            await process.start()
         await asyncio.sleep(2)  # the second worker of `workers: 2` is up too
-        for workers, gateway in gateways.items():  # warm up every worker
-            await trial(gateway, workers, 16, 400)
-        results: dict[tuple[int, int], list[Trial]] = {}
+        for setup, gateways in setups.items():  # warm up every process
+            await trial(setup, gateways, 16, 400)
+        results: dict[tuple[str, int], list[Trial]] = {}
         for connections in args.connections:
             for _ in range(args.trials):
-                for workers, gateway in gateways.items():  # alternate A/B
-                    done = await trial(gateway, workers, connections, args.requests)
-                    results.setdefault((workers, connections), []).append(done)
+                for setup, gateways in setups.items():  # alternate A/B(/C)
+                    if connections < len(gateways):
+                        continue
+                    done = await trial(setup, gateways, connections, args.requests)
+                    results.setdefault((setup, connections), []).append(done)
                     print(done.line(), flush=True)
-        print("\nmedians over trials:")
-        for (workers, connections), trials in results.items():
-            cpu = statistics.median(
-                (sum(t.cpu.values()) + t.supervisor_cpu) * 1000 / args.requests for t in trials
-            )
-            worst = statistics.median(max(t.answered.values()) / args.requests for t in trials)
-            rps = statistics.median(t.rps for t in trials)
-            print(
-                f"workers={workers} conns={connections:<3} {rps:6.0f} req/s  CPU/req {cpu:.3f} ms"
-                f"  busiest worker's share of requests {worst:.0%}"
-                f"  (trials where one worker took every connection: "
-                f"{sum(len([c for c in t.held.values() if c]) == 1 for t in trials) if workers > 1 else '-'})"
-            )
+        summarise(results, args.requests)
     finally:
-        for gateway in gateways.values():
-            gateway.stop()
+        for gateways in setups.values():
+            for process in gateways:
+                if process.process is not None and process.process.poll() is None:
+                    process.stop()
         mock.terminate()
         mock.wait()
         redis.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def summarise(results: dict[tuple[str, int], list[Trial]], requests: int) -> None:
+    print("\nmedians over trials:")
+    medians: dict[tuple[str, int], Usage] = {}
+    for (setup, connections), trials in results.items():
+        cpu = statistics.median(t.cpu * 1000 / requests for t in trials)
+        columns = zip(*(astuple(t.workers_used()) for t in trials), strict=True)
+        medians[setup, connections] = Usage(*map(statistics.median, columns))  # each column's own
+        worst = statistics.median(max(t.answered.values()) / requests for t in trials)
+        rps = statistics.median(t.rps for t in trials)
+        one_took_all = sum(len([c for c in t.held.values() if c]) == 1 for t in trials)
+        print(
+            f"{setup:<13} conns={connections:<3} {rps:6.0f} req/s  CPU/req {cpu:.3f} ms"
+            f"  busiest process's share of requests {worst:.0%}"
+            f"  (trials where one process took every connection: {one_took_all if setup != SINGLE else '-'})"
+            f"\n    serving processes only: {_per_request(medians[setup, connections], requests)}"
+        )
+    print("\nat the same connections per process (K for workers=1, 2K for the others):")
+    for (setup, connections), alone in medians.items():
+        others = [other for other in (WORKERS, TWINS) if (other, 2 * connections) in medians]
+        if setup == SINGLE and others:
+            print(f"  K={connections:<3} {SINGLE:<13}: {_per_request(alone, requests)}")
+            for other in others:
+                print(f"  {'':<5} {other:<13}: {_per_request(medians[other, 2 * connections], requests)}")
 
 
 def main() -> None:
@@ -174,6 +268,12 @@ def main() -> None:
         "--checkout", default=None, help="another checkout (with its .venv) whose gateway runs"
     )
     parser.add_argument("--log-level", choices=["info", "warning"], default="info")
+    parser.add_argument(
+        "--twins",
+        action="store_true",
+        help="also drive two workers=1 gateways at once, K/2 connections each: what two busy"
+        " processes cost each other on this machine, workers or not",
+    )
     asyncio.run(bench(parser.parse_args()))
 
 
