@@ -64,18 +64,14 @@ async def relay(
     Raises the upstream's failure (a GatewayError) when nothing was sent yet."""
     content_type = upstream.headers.get("Content-Type", "")
     streaming = content_type.startswith("text/event-stream")
-    # A JSON answer's headers go out with its first body bytes; so do an SSE answer's when its first
-    # bytes came with the upstream's headers (one write and one wakeup of the client fewer, and the
-    # client waits for nothing): else they go at once, as a client waits on them before any event.
-    at_once = streaming and not upstream.buffered
-    answer = web.StreamResponse if at_once else _HeadersWithBody
+    answer = web.StreamResponse if streaming else _HeadersWithBody
     response = answer(status=upstream.status, reason=upstream.reason, headers=headers)
     outcome = RelayOutcome(response, upstream.status, streaming, usage_reader(content_type))
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     client = _Client(request, outcome, write_timeout)
     try:
-        if at_once:  # else the headers are prepared with the first body bytes (`_Client.write`)
+        if streaming:  # a JSON answer's are prepared with its first body bytes (`_Client.write`)
             await client.prepare()
         await _pump(upstream, client)
     except (UpstreamError, OSError) as exc:
@@ -103,9 +99,9 @@ async def _pump(upstream: Response, client: _Client) -> None:
 
 
 class _HeadersWithBody(web.StreamResponse):
-    """An answer whose headers go out with its first body bytes, in one write (as aiohttp's own
-    `web.Response` does), instead of a write of their own: a JSON answer, or an SSE answer whose
-    first bytes are here already."""
+    """A JSON answer: its headers go out with its first body bytes, in one write (as aiohttp's own
+    `web.Response` does), instead of a write of their own. An SSE answer's go at once: a client
+    waits on them before the first event."""
 
     _send_headers_immediately = False
 
@@ -151,9 +147,8 @@ class _Client:
         self.writer: StreamWriter | None = None  # aiohttp's, once the headers are out
 
     async def prepare(self) -> None:
-        """Start the answer; its headers go out now, or with its first bytes (`_HeadersWithBody`)."""
-        response = self.outcome.response
-        if await self._send(response.prepare(self.request)) and not isinstance(response, _HeadersWithBody):
+        """Start the answer; an SSE answer's headers go out now, a JSON one's with its first bytes."""
+        if await self._send(self.outcome.response.prepare(self.request)) and self.outcome.streaming:
             self._headers_out()
 
     async def write(self, chunk: bytes) -> None:
@@ -163,7 +158,7 @@ class _Client:
             sent = self._push(writer, chunk)
             if sent and self.transport.get_write_buffer_size():  # the client is behind
                 sent = await self._send(writer.drain())  # waits while aiohttp's protocol is paused
-        else:  # the first bytes: aiohttp sends the headers with them, in one write
+        else:  # a JSON answer's first bytes: aiohttp sends its headers with them, in one write
             if not self.outcome.response.prepared:
                 await self.prepare()
             sent = not self.closed and await self._send(self.outcome.response.write(chunk))

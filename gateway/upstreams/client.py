@@ -103,11 +103,6 @@ class Response:
         return self._connection.read()
 
     @property
-    def buffered(self) -> bool:
-        """Whether some of the body has arrived and not been read yet: a `read` gives it at once."""
-        return bool(self._connection.body)
-
-    @property
     def ended(self) -> bool:
         """Whether the body has all arrived and been read: the last `read` gave its last piece."""
         connection = self._connection

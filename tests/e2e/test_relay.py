@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from asyncio.selector_events import _SelectorSocketTransport
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -384,63 +383,6 @@ async def test_a_stream_the_upstream_ended_at_its_last_piece_keeps_its_chunked_f
                 assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding: chunked" in head
                 framed = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
                 assert await asyncio.wait_for(reader.readexactly(len(framed)), 10) == framed
-        finally:
-            writer.close()
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
-async def test_a_streams_headers_go_with_its_first_event_when_the_upstream_sent_them_together(
-    start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An upstream that sends its head and first event in one send: the client gets the answer's
-    headers and that event in one write (the event is there: the headers need not go first), and
-    the rest as it comes."""
-    event = b'data: {"type":"image_generation.partial_image","b64_json":"AA=="}\n\n'
-    first = b"%x\r\n" % len(event) + event + b"\r\n"
-    rest = asyncio.Event()
-
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":", 1)[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
-        )
-        await reader.readexactly(length)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-            + first
-        )
-        await rest.wait()
-        writer.write(first + b"0\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    writes: list[bytes] = []  # what the gateway wrote to its client's connection, write by write
-    write = _SelectorSocketTransport.write
-
-    def spied(transport: _SelectorSocketTransport, data: bytes) -> None:
-        if transport.get_extra_info("sockname")[1] == gw.server.port:
-            writes.append(bytes(data))
-        write(transport, data)
-
-    monkeypatch.setattr(_SelectorSocketTransport, "write", spied)
-    try:
-        gw = await start_gateway(openai_url=f"http://127.0.0.1:{port}/v1")
-        assert gw.server.port is not None
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
-        try:
-            writer.write(generation_request(stream=True))
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding: chunked" in head
-            assert await asyncio.wait_for(reader.readexactly(len(first)), 10) == first
-            assert len(writes) == 1 and writes[0] == head + first
-            rest.set()
-            assert await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 10) == first + b"0\r\n\r\n"
         finally:
             writer.close()
     finally:
