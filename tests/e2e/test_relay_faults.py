@@ -193,6 +193,26 @@ async def test_a_stream_cut_between_events_ends_with_an_error_event(
     assert [event.type for event in events] == ["image_generation.partial_image"]
 
 
+async def test_a_stream_cut_before_its_first_event_ends_with_an_error_event(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    """The upstream sends its headers, then drops the connection: the client has the stream's
+    headers and nothing of its body, so it gets an `error` event and a clean end, not a cut."""
+    script = Script(chunks=[], abort_after_chunks=True)
+    server = await start_server(ScriptedUpstream(script).app())
+    gw = await start_gateway(openai_url=base_url(server))
+    client = openai.AsyncOpenAI(base_url=gw.v1, api_key=TENANT_KEY, max_retries=0)
+    stream = await client.images.generate(model="gpt-image-1.5", prompt="p", quality="low", stream=True)
+    events = []
+    with pytest.raises(openai.APIError) as info:
+        async for event in stream:
+            events.append(event)
+    await client.close()
+    assert type(info.value) is openai.APIError  # the relayed error event, not a broken connection
+    assert info.value.code == "upstream_unavailable"
+    assert events == []
+
+
 CUT_INSIDE_AN_EVENT = [
     b'data: {"type":"image_generation.completed","b64_js',  # halfway through a data line
     b"event: image_generation.completed\n",  # a whole line, but the event has not ended
