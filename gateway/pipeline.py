@@ -168,7 +168,8 @@ class Pipeline:
                 with record.trace.stage("settlement"):
                     settling = asyncio.ensure_future(self.settle(credential, admitted, outcome, record))
                     if self.store.settles_in_order or not admitted.reservation.holds_leases:
-                        await asyncio.sleep(0)  # one turn: its store call is queued before the answer
+                        # Answered in this turn: the settlement's first step was scheduled first,
+                        # so it queues its store call before the handler even resumes.
                         _answer(answered, answer)
                     await _settled(settling)
         finally:
