@@ -116,7 +116,7 @@ class Pipeline:
                 raise
         # From here the work is owned by the pipeline, not by the connection: if the handler is
         # cancelled (client gone, shutdown), the upstream is still drained and the request settled.
-        loop = asyncio.get_running_loop()  # once: on Python 3.11 each look-up is a getpid() call
+        loop = request.task.get_loop()  # (asyncio's own look-up is a getpid() system call on 3.11)
         answered: asyncio.Future[web.StreamResponse] = loop.create_future()
         answered.add_done_callback(_retrieve)
         work = loop.create_task(self.serve(request, runtime, credential, admitted, record, answered=answered))
@@ -147,6 +147,7 @@ class Pipeline:
         other connections (TLS, unix socket, cluster) a request that holds one answers once settled.
         """
         answer: web.StreamResponse | BaseException | None = None  # None: not served (a bug)
+        loop = answered.get_loop()  # (asyncio's own look-up is a getpid() system call on 3.11)
         try:
             with self.in_flight:
                 outcome: RelayOutcome | None = None
@@ -154,7 +155,7 @@ class Pipeline:
                     self.store.hold(admitted.reservation)  # its concurrency leases, renewed until settled
                     # Its rate-limit headers are rendered while the upstream works: called soon, so
                     # once this step has sent the upstream request (or waits for a connection).
-                    asyncio.get_running_loop().call_soon(admitted.admission.render)
+                    loop.call_soon(admitted.admission.render)
                     answer, outcome = await self.forward_and_relay(request, runtime, admitted, record)
                 except GatewayError as error:
                     error.headers.update(admitted.admission.headers)
@@ -166,9 +167,10 @@ class Pipeline:
                 if isinstance(answer, web.StreamResponse | GatewayError):
                     record.answer(answer.status)  # its metrics count before it settles
                 with record.trace.stage("settlement"):
-                    settling = asyncio.ensure_future(self.settle(credential, admitted, outcome, record))
+                    settling = loop.create_task(self.settle(credential, admitted, outcome, record))
                     if self.store.settles_in_order or not admitted.reservation.holds_leases:
-                        await asyncio.sleep(0)  # one turn: its store call is queued before the answer
+                        # Answered in this turn: the settlement's first step was scheduled first,
+                        # so it queues its store call before the handler even resumes.
                         _answer(answered, answer)
                     await _settled(settling)
         finally:

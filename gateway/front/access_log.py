@@ -149,7 +149,9 @@ def create_request_middleware(
 
     @web.middleware
     async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        task = asyncio.current_task()
+        # The handler's own task, found through the connection task's loop: without one given,
+        # current_task() looks the loop up, a getpid() system call on Python 3.11.
+        task = asyncio.current_task(request.task.get_loop())
         assert task is not None
         record = RequestRecord(request_id=new_request_id(), started=time.perf_counter())
         if (client_id := client_request_id(request)) is not None:
