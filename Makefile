@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
 	  echo "make: $(PYTHON) is missing or older than Python 3.11; name another with PYTHON=, e.g. make PYTHON=python3.12" >&2; \
 	  exit 1; }
+	@if [ -L $(VENV) ]; then \
+	  echo "make: $(VENV) is a symlink (a venv shared with another checkout?): not clearing what it points to; rebuild it in its own checkout, or remove the link" >&2; \
+	  exit 1; fi
 	$(PYTHON) -m venv --clear $(VENV) || { \
 	  echo "make: $(PYTHON) cannot create a virtualenv; on Debian/Ubuntu: apt-get install python3-venv" >&2; \
 	  exit 1; }
