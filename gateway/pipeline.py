@@ -350,9 +350,16 @@ class Pipeline:
         label = "ok" if outcome is not None and _succeeded(outcome) else "failed"
         attempts = admitted.attempts
         settled = self.store.settle(admitted.reservation, actual, outcome=label)
-        if attempts.provider:  # together: one pipelined round trip to the store
-            providers = self.quota.settle(attempts.provider, attempts.last_tried, actual, outcome=label)
-            await asyncio.gather(settled, providers)
+        if attempts.provider:
+            # The tenant's store call is made in this step (awaited here, not wrapped in a task as
+            # `gather` would): `serve` answers the handler counting on it being queued already.
+            providers = asyncio.ensure_future(
+                self.quota.settle(attempts.provider, attempts.last_tried, actual, outcome=label)
+            )
+            try:
+                await settled
+            finally:
+                await providers
         else:
             await settled
         tenant, model = credential.tenant, record.model
