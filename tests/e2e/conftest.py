@@ -18,6 +18,7 @@ from gateway.front.connections import FrontRunner, Listener
 from gateway.health import create_ops_app
 from gateway.mock_upstream import MockOptions, create_mock_app
 from tests.support.config import DO_UPSTREAM_KEY, UPSTREAM_KEY, make_settings
+from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.redis_servers import redis_server, redis_url  # noqa: F401
 
 
@@ -78,6 +79,16 @@ async def mock_openai(start_server: Callable[[web.Application], Awaitable[TestSe
 @pytest.fixture
 async def mock_do(start_server: Callable[[web.Application], Awaitable[TestServer]]) -> TestServer:
     return await start_server(create_mock_app(MockOptions(flavor="digitalocean", api_key=DO_UPSTREAM_KEY)))
+
+
+@pytest.fixture
+async def receiver(
+    start_server: Callable[[web.Application], Awaitable[TestServer]],
+) -> tuple[OtlpReceiver, str]:
+    """A real OTLP/HTTP receiver (tests/support/otlp_receiver.py), and its URL for `telemetry.endpoint`."""
+    collector = OtlpReceiver()
+    server = await start_server(collector.app())
+    return collector, str(server.make_url("")).rstrip("/")
 
 
 def base_url(server: TestServer) -> str:

@@ -22,7 +22,7 @@ from gateway.front.access_log import RECORD
 from gateway.health import STORE
 from gateway.pipeline import Pipeline
 from tests.e2e.conftest import StartGateway, base_url
-from tests.e2e.test_tracing import receiver, telemetry  # noqa: F401
+from tests.e2e.test_tracing import telemetry
 from tests.support.config import DO_UPSTREAM_KEY, TENANT_KEY, UPSTREAM_KEY
 from tests.support.otlp_receiver import OtlpReceiver
 
@@ -40,7 +40,7 @@ async def test_the_settle_store_call_is_made_before_the_handler_resumes(
     mock_openai: TestServer,
     monkeypatch: pytest.MonkeyPatch,
     redis_url: str,
-    receiver: tuple[OtlpReceiver, str],  # noqa: F811
+    receiver: tuple[OtlpReceiver, str],
     setup: str,
     stream: bool,
 ) -> None:
@@ -49,7 +49,7 @@ async def test_the_settle_store_call_is_made_before_the_handler_resumes(
     expected = 200
     refusing = socket.socket()
     refusing.bind(("127.0.0.1", 0))  # bound, never listening: connections refused
-    if setup.startswith("provider_quota"):  # the organisation's quota at OpenAI: settle gathers two
+    if setup.startswith("provider_quota"):  # the organisation's quota at OpenAI: two settles
         extra["upstreams"] = {
             "openai": {"base_url": url, "api_key": UPSTREAM_KEY, "limits": {"requests_per_minute": 1000}},
             "digitalocean": {"base_url": url, "api_key": DO_UPSTREAM_KEY},

@@ -38,13 +38,6 @@ USER_HASH_KEY = "trace-user-key-4e1d0b"
 STAGES = {"policy", "admission", "relay", "settlement"}
 
 
-@pytest.fixture
-async def receiver(start_server: StartServer) -> tuple[OtlpReceiver, str]:
-    collector = OtlpReceiver()
-    server = await start_server(collector.app())
-    return collector, str(server.make_url("")).rstrip("/")
-
-
 def telemetry(endpoint: str, **extra: Any) -> dict[str, Any]:
     return {"endpoint": endpoint, "schedule_delay_ms": 20, "sampler": "parentbased_always_on", **extra}
 
