@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,15 @@ async def receiver(
     collector = OtlpReceiver()
     server = await start_server(collector.app())
     return collector, str(server.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+def refusing_url() -> Iterator[str]:
+    """An address that refuses connections (an upstream or a collector that is down): a bound socket
+    that never listens, held for the test so that no other process can take the port meanwhile."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def base_url(server: TestServer) -> str:

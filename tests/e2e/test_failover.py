@@ -4,8 +4,7 @@ tried only when no image can have been made, never otherwise (counted at the ups
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -37,15 +36,6 @@ def two_targets(**route: Any) -> dict[str, Any]:
             **route,
         }
     }
-
-
-@pytest.fixture
-def refusing_url() -> Iterator[str]:
-    """An address that refuses connections: a bound socket that never listens (held for the test,
-    so no other process can take the port meanwhile)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
 
 
 def upstream_config(openai_url: str, do_url: str, **openai_settings: Any) -> dict[str, Any]:
@@ -81,7 +71,7 @@ async def test_refused_connection_fails_over_to_the_next_target(
     start_server: StartServer, start_gateway: StartGateway, refusing_url: str
 ) -> None:
     do = await mock(start_server, "digitalocean")
-    closed = refusing_url
+    closed = f"{refusing_url}/v1"
     gw = await start_gateway(
         openai_url=closed, upstreams=upstream_config(closed, base_url(do)), routes=two_targets()
     )
@@ -226,7 +216,7 @@ async def test_every_target_failing_gives_the_last_failure(
     assert "as asked" in body["message"]  # DigitalOcean's own error body, as it sent it
     assert (generations(first), generations(last)) == (1, 1)
 
-    closed = refusing_url
+    closed = f"{refusing_url}/v1"
     gw = await start_gateway(
         openai_url=closed, upstreams=upstream_config(closed, closed), routes=two_targets()
     )
@@ -244,7 +234,7 @@ async def test_a_target_whose_flavor_cannot_take_the_request_is_skipped_unsent(
     when OpenAI cannot be reached, such a request is not sent there to be refused, and the client
     gets OpenAI's failure; a request DigitalOcean does take fails over as usual."""
     do = await mock(start_server, "digitalocean")
-    closed = refusing_url
+    closed = f"{refusing_url}/v1"
     routes = {
         "gpt-image-1": {
             "targets": [{"upstream": "openai"}, {"upstream": "digitalocean", "model": "openai-gpt-image-1"}]

@@ -104,6 +104,35 @@ async def test_a_cut_request_that_answered_is_still_waited_for_while_it_settles(
     assert finished["settled"] == "usage"
 
 
+async def test_a_cut_as_the_settlement_starts_still_waits_for_it(
+    start_gateway: StartGateway, mock_openai: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shutdown's cut landing as the settlement starts: `serve` still ends after it is settled
+    (it was once cut in a `sleep(0)` before answering, leaving the settlement unowned)."""
+    gw = await start_gateway(openai_url=base_url(mock_openai), limits=ONE_AT_A_TIME)
+    pipeline = gw.app[PIPELINE]
+    original = Pipeline.settle
+    order: list[str] = []
+    works: list[asyncio.Task[None]] = []
+
+    async def settle(self: Pipeline, *args: Any) -> None:
+        [work] = self.tasks
+        works.append(work)
+        work.cancel()  # the drain's cut, in the turn the settlement starts
+        await asyncio.sleep(0.05)
+        await original(self, *args)
+        order.append("settled")
+
+    monkeypatch.setattr(Pipeline, "settle", settle)
+    async with aiohttp.ClientSession() as session:
+        await generate(session, gw.url)
+    await asyncio.wait(works, timeout=2)
+    order.append("serve ended")
+    await asyncio.sleep(0.2)
+    assert order[:2] == ["settled", "serve ended"]
+    assert not pipeline.tasks
+
+
 @pytest.mark.parametrize("in_order", [True, False], ids=["settles_in_order", "settles_unordered"])
 async def test_a_client_finds_its_request_in_the_metrics_as_soon_as_it_is_answered(
     start_gateway: StartGateway,

@@ -1,6 +1,6 @@
 """When a request's settlement reaches the store: its store call is made before the handler
 resumes (`Pipeline.serve` answers in the turn the settlement starts), so a sequential client's next
-request reaches the store after it; and a shutdown's cut as the settlement starts still waits for it.
+request reaches the store after it.
 
 Turn-exact: unlike test_quotas.py's sequential-client test, the order check does not lean on the
 loop turns aiohttp happens to take before the connection's next handler (it fails when the answer
@@ -9,15 +9,12 @@ its own, as `gather` with a provider quota's settle did; that test does not)."""
 
 from __future__ import annotations
 
-import asyncio
-import socket
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from gateway.app import PIPELINE
 from gateway.front.access_log import RECORD
 from gateway.health import STORE
 from gateway.pipeline import Pipeline
@@ -40,6 +37,7 @@ async def test_the_settle_store_call_is_made_before_the_handler_resumes(
     mock_openai: TestServer,
     monkeypatch: pytest.MonkeyPatch,
     redis_url: str,
+    request: pytest.FixtureRequest,
     receiver: tuple[OtlpReceiver, str],
     setup: str,
     stream: bool,
@@ -47,8 +45,6 @@ async def test_the_settle_store_call_is_made_before_the_handler_resumes(
     url = base_url(mock_openai)
     extra: dict[str, Any] = {}
     expected = 200
-    refusing = socket.socket()
-    refusing.bind(("127.0.0.1", 0))  # bound, never listening: connections refused
     if setup.startswith("provider_quota"):  # the organisation's quota at OpenAI: two settles
         extra["upstreams"] = {
             "openai": {"base_url": url, "api_key": UPSTREAM_KEY, "limits": {"requests_per_minute": 1000}},
@@ -59,7 +55,7 @@ async def test_the_settle_store_call_is_made_before_the_handler_resumes(
     if setup == "tracing":
         extra["telemetry"] = telemetry(receiver[1])
     if setup == "upstream_refused":
-        url, expected = f"http://127.0.0.1:{refusing.getsockname()[1]}/v1", 502
+        url, expected = f"{request.getfixturevalue('refusing_url')}/v1", 502
     gw = await start_gateway(openai_url=url, limits={"concurrent_requests": 1}, **extra)
     store = gw.app[STORE]
     assert store.settles_in_order
@@ -71,54 +67,21 @@ async def test_the_settle_store_call_is_made_before_the_handler_resumes(
             events.append(("store settle called", reservation.request_id))
         return await settle(self, reservation, *args, **kwargs)
 
-    async def probed_handle(self: Pipeline, request: Any, *args: Any, **kwargs: Any) -> Any:
+    async def probed_handle(self: Pipeline, web_request: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await handle(self, request, *args, **kwargs)
+            return await handle(self, web_request, *args, **kwargs)
         finally:
-            events.append(("handler resumed", request[RECORD].request_id))
+            events.append(("handler resumed", web_request[RECORD].request_id))
 
     monkeypatch.setattr(type(store), "settle", probed_settle)
     monkeypatch.setattr(Pipeline, "handle", probed_handle)
     body = {**LOW, "stream": True, "partial_images": 1} if stream else LOW
-    try:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
-            for _ in range(5):
-                async with session.post(f"{gw.url}/v1/images/generations", json=body, headers=AUTH) as resp:
-                    assert resp.status == expected, await resp.text()
-                    await resp.read()
-    finally:
-        refusing.close()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+        for _ in range(5):
+            async with session.post(f"{gw.url}/v1/images/generations", json=body, headers=AUTH) as resp:
+                assert resp.status == expected, await resp.text()
+                await resp.read()
     resumed = [rid for what, rid in events if what == "handler resumed"]
     assert len(resumed) == 5
     for rid in resumed:
         assert events.index(("store settle called", rid)) < events.index(("handler resumed", rid)), events
-
-
-async def test_a_cut_as_the_settlement_starts_still_waits_for_it(
-    start_gateway: StartGateway, mock_openai: TestServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A shutdown's cut landing as the settlement starts: `serve` still ends after it is settled
-    (it was once cut in a `sleep(0)` before answering, leaving the settlement unowned)."""
-    gw = await start_gateway(openai_url=base_url(mock_openai), limits={"concurrent_requests": 1})
-    pipeline = gw.app[PIPELINE]
-    original = Pipeline.settle
-    order: list[str] = []
-    works: list[asyncio.Task[None]] = []
-
-    async def settle(self: Pipeline, *args: Any) -> None:
-        [work] = self.tasks
-        works.append(work)
-        work.cancel()  # the drain's cut, in the turn the settlement starts
-        await asyncio.sleep(0.05)
-        await original(self, *args)
-        order.append("settled")
-
-    monkeypatch.setattr(Pipeline, "settle", settle)
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{gw.url}/v1/images/generations", json=LOW, headers=AUTH) as resp:
-            await resp.read()
-    await asyncio.wait(works, timeout=2)
-    order.append("serve ended")
-    await asyncio.sleep(0.2)
-    assert order[:2] == ["settled", "serve ended"]
-    assert not pipeline.tasks

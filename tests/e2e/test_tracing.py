@@ -9,8 +9,7 @@ import hashlib
 import hmac
 import json
 import secrets
-import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -258,14 +257,6 @@ async def test_an_unsampled_request_exports_nothing_but_passes_its_trace_on(
     assert not of_trace(collector.spans, trace_id)
     sent = mock_openai.app[RECEIVED][-2].headers["traceparent"]
     assert sent.startswith(f"00-{trace_id}-") and sent.endswith("-00")
-
-
-@pytest.fixture
-def refusing_url() -> Iterator[str]:
-    """A collector that is down: a bound socket that never listens."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 async def test_a_collector_that_is_down_costs_requests_nothing_and_drops_are_counted(
