@@ -27,15 +27,21 @@ def script(name: str, source: bytes) -> Script:
 
 INCR = script("incr", b"return redis.call('INCR', KEYS[1])")
 FAIL = script("fail", b"return redis.error_reply('NOPE no such thing')")
+PUSH = script("push", b"return redis.call('RPUSH', KEYS[1], ARGV[1])")
 
 
-async def batcher_on(server: RedisServer) -> tuple[EvalBatcher, Redis, RespConnection]:
+async def batcher_on(
+    server: RedisServer, *, connected: bool = True
+) -> tuple[EvalBatcher, Redis, RespConnection]:
+    """A batcher on `server`'s lean connection, connected as the engine is after start (or not yet:
+    its first call connects)."""
     client = Redis.from_url(server.url)
     lean = RespConnection.for_url(server.url, connect_timeout=0.5, reply_timeout=2.0)
     assert lean is not None
-    for script in (INCR, FAIL):
+    for script in (INCR, FAIL, PUSH):
         await client.script_load(script.source)
-    await lean.execute(b"*1\r\n$4\r\nPING\r\n", 1)  # connected, as the engine is after start
+    if connected:
+        await lean.execute(b"*1\r\n$4\r\nPING\r\n", 1)
     return EvalBatcher(client, asyncio.Semaphore(128), lean), client, lean
 
 
@@ -68,9 +74,6 @@ async def test_a_call_on_an_idle_connection_is_written_at_once(redis_server_fact
     await client.aclose()
 
 
-PUSH = script("push", b"return redis.call('RPUSH', KEYS[1], ARGV[1])")
-
-
 @pytest.mark.parametrize("connected", ["at start", "after a lost connection"])
 @pytest.mark.parametrize("turns", [0, 1, 2, 3])
 async def test_calls_made_while_connecting_reach_redis_in_the_order_they_were_made(
@@ -79,12 +82,7 @@ async def test_calls_made_while_connecting_reach_redis_in_the_order_they_were_ma
     """A call made while the lean connection is (re)connecting waits for it; one made once it is
     connected, while the first has not been written yet, must not overtake it (a settle and the
     next request's reserve: `Store.settles_in_order`)."""
-    server = redis_server_factory()
-    client = Redis.from_url(server.url)
-    await client.script_load(PUSH.source)
-    lean = RespConnection.for_url(server.url, connect_timeout=0.5, reply_timeout=2.0)
-    assert lean is not None
-    batcher = EvalBatcher(client, asyncio.Semaphore(128), lean)
+    batcher, client, lean = await batcher_on(redis_server_factory(), connected=connected != "at start")
     expected = []
     if connected == "after a lost connection":
         await batcher.evalsha(PUSH, ["order"], ["before"])
@@ -107,10 +105,7 @@ async def test_calls_made_while_connecting_reach_redis_in_the_order_they_were_ma
 
 async def test_calls_parked_for_a_connection_that_cannot_be_made_each_fail(redis_server_factory) -> None:
     server = redis_server_factory()
-    lean = RespConnection.for_url(server.url, connect_timeout=0.5, reply_timeout=2.0)
-    assert lean is not None
-    client = Redis.from_url(server.url)
-    batcher = EvalBatcher(client, asyncio.Semaphore(128), lean)
+    batcher, client, _ = await batcher_on(server, connected=False)
     server.stop()
     first = batcher.evalsha(PUSH, ["k"], ["a"])
     await asyncio.sleep(0)
