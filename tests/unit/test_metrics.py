@@ -3,10 +3,12 @@ the kept counters, histograms and gauges export what prometheus_client's own upd
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import ConfigCollector, KeptCounter, KeptGauge, KeptHistogram, Metrics
@@ -42,12 +44,19 @@ def test_budget_limits_are_read_from_the_configuration_shadowed_ones_included() 
         assert registry.get_sample_value("gateway_budget_limit", {"tenant": "team", "limit": limit}) == value
 
 
-def _samples(registry: CollectorRegistry, name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _samples(registry: CollectorRegistry, name: str) -> Samples:
     families = text_string_to_metric_families(generate_latest(registry).decode())
+    return _by_sample(family for family in families if family.name == name)
+
+
+def _by_sample(families: Iterable[Metric]) -> Samples:
+    """Each sample's value by its name and labels (creation times left out)."""
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in families
-        if family.name == name
         for s in family.samples
         if not s.name.endswith("_created")
     }
@@ -92,19 +101,10 @@ def test_with_workers_updates_applied_at_once_are_prometheus_clients_own_sample_
     requests = KeptCounter(at_once_metrics, at_once_metrics.requests, next_scrape=True)
     durations = KeptHistogram(at_once_metrics, at_once_metrics.request_duration, next_scrape=True)
     _count_requests(requests, durations, direct)
-
-    def own(metric: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        # the metric's own samples (what its files hold), not the registry's read, which applies all
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in metric.collect()
-            for s in family.samples
-            if not s.name.endswith("_created")
-        }
-
     for name in ("request_duration", "requests"):
-        samples = own(getattr(at_once_metrics, name))
-        assert samples == own(getattr(direct, name))
+        # the metric's own samples (what its files hold), not the registry's read, which applies all
+        samples = _by_sample(getattr(at_once_metrics, name).collect())
+        assert samples == _by_sample(getattr(direct, name).collect())
         assert samples
 
 
