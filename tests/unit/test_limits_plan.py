@@ -7,10 +7,11 @@ import hashlib
 import re
 import struct
 from datetime import date
+from typing import Any
 
 from gateway.config import KeySettings, Limits, StoreSettings, TenantSettings
 from gateway.limits import LimitPlan
-from gateway.limits.calls import MECHANISM_CODES, compile_checks, compile_settle, plan_day
+from gateway.limits.calls import MECHANISM_CODES, SettleCall, compile_checks, compile_settle, plan_day
 from gateway.limits.keys import ledger_key, parse_ledger_key
 from gateway.limits.ledger import charge_fields
 from gateway.limits.scripts import RESERVE, SETTLE
@@ -126,22 +127,19 @@ def test_a_settle_moves_the_ledger_by_each_fields_net_change() -> None:
     actual alone."""
     estimate = Cost(images=1, text_in_tokens=40, image_out_tokens=4160, nano_usd=167_000_000)
     actual = Cost(images=1, text_in_tokens=38, image_out_tokens=4160, nano_usd=166_900_000)
-    common = {"checks": (), "actual": actual, "settings": StoreSettings()}
-    ledger, unledger = charge_fields("m", actual, "error"), charge_fields("m", estimate)
-    settle = compile_settle("t", "r", date(2026, 1, 2), ledger=ledger, unledger=unledger, **common)
+    no_text = Cost(images=1, image_out_tokens=4160, nano_usd=166_900_000)
+    unledger = charge_fields("m", estimate)
+
+    def settle(ledger: tuple[tuple[str, int], ...], **overrides: Any) -> SettleCall:
+        common = {"checks": (), "actual": actual, "settings": StoreSettings(), "unledger": unledger}
+        return compile_settle("t", "r", date(2026, 1, 2), ledger=ledger, **common, **overrides)
+
     moved = (("text_in_tokens:m", -2), ("nano_usd:m", -100_000), ("failed:m", 1))
-    assert settle.ledger_moves() == (moved, moved)
-    ok = compile_settle(
-        "t", "r", date(2026, 1, 2), ledger=charge_fields("m", actual), unledger=unledger, **common
-    )
-    assert ok.ledger_moves() == (moved[:2], moved[:2])
-    unused = charge_fields("m", Cost(images=1, image_out_tokens=4160, nano_usd=166_900_000))  # no text tokens
-    other = compile_settle("t", "r", date(2026, 1, 2), ledger=unused, unledger=unledger, **common)
+    assert settle(charge_fields("m", actual, "error")).ledger_moves() == (moved, moved)
+    assert settle(charge_fields("m", actual)).ledger_moves() == (moved[:2], moved[:2])
+    other = settle(charge_fields("m", no_text))  # no text tokens
     assert other.ledger_moves()[0] == (("nano_usd:m", -100_000), ("text_in_tokens:m", -40))
-    failed = charge_fields("m", Cost(images=1, image_out_tokens=4160, nano_usd=166_900_000), "error")
-    crossed = compile_settle("t", "r", date(2026, 1, 2), ledger=failed, unledger=unledger, **common)
+    crossed = settle(charge_fields("m", no_text, "error"))
     assert crossed.ledger_moves()[0] == (("nano_usd:m", -100_000), ("failed:m", 1), ("text_in_tokens:m", -40))
-    release = compile_settle(
-        "t", "r", date(2026, 1, 2), ledger=(), unledger=unledger, unledger_if_recorded=True, **common
-    )
+    release = settle((), unledger_if_recorded=True)
     assert release.ledger_moves() == (tuple((name, -amount) for name, amount in unledger), ())
