@@ -45,7 +45,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.gateway_bench import SMALL, TICKS, UNBOUND, cpu_seconds, load, start_mock, wait_http  # noqa: E402
+from bench.gateway_bench import SMALL, TICKS, UNBOUND, load, start_mock, wait_http  # noqa: E402
 from tests.support.config import TENANT_KEY, config_dict  # noqa: E402
 from tests.support.processes import GatewayProcess, free_port  # noqa: E402
 from tests.support.redis_servers import RedisServer  # noqa: E402
@@ -160,7 +160,7 @@ async def trial(setup: str, gateways: list[GatewayProcess], connections: int, re
         return requests_answered(pid) if pid not in serving else 0.0
 
     before = {pid: (Usage.of(pid), counted(pid)) for pid in pids}
-    supervisor_before = {pid: cpu_seconds(pid) for pid in supervisors}
+    supervisor_before = {pid: Usage.of(pid).cpu for pid in supervisors}
     held: dict[int, int] = {}
 
     def drive(gateway: GatewayProcess) -> Awaitable[object]:
@@ -173,7 +173,7 @@ async def trial(setup: str, gateways: list[GatewayProcess], connections: int, re
     started = time.perf_counter()
     await asyncio.gather(*map(drive, gateways))
     result.rps = requests // share * share / (time.perf_counter() - started)
-    result.supervisor_cpu = sum(cpu_seconds(pid) - supervisor_before[pid] for pid in supervisors)
+    result.supervisor_cpu = sum(Usage.of(pid).cpu - supervisor_before[pid] for pid in supervisors)
     for pid in pids:
         used, answered = before[pid]
         result.used[pid] = Usage.of(pid) - used
