@@ -200,13 +200,15 @@ async def bench(args: argparse.Namespace) -> None:
             config, workdir, checkout=Path(args.checkout).resolve() if args.checkout else None
         )
 
-    single, workers = gateway(1), gateway(2)
+    # with --twins, another single process, driven at the same time as the first
+    processes = [gateway(1), gateway(2), *([gateway(1)] if args.twins else [])]
+    single, workers, *twin = processes
     setups = {SINGLE: [single], WORKERS: [workers]}
-    if args.twins:  # another single process, driven at the same time as the first
-        setups[TWINS] = [single, gateway(1)]
+    if twin:
+        setups[TWINS] = [single, *twin]
     try:
         await wait_http(f"http://127.0.0.1:{mock_port}/v1/models")
-        for process in {id(g): g for gateways in setups.values() for g in gateways}.values():
+        for process in processes:
             await process.start()
         await asyncio.sleep(2)  # the second worker of `workers: 2` is up too
         for setup, gateways in setups.items():  # warm up every process
@@ -222,10 +224,9 @@ async def bench(args: argparse.Namespace) -> None:
                     print(done.line(), flush=True)
         summarise(results, args.requests)
     finally:
-        for gateways in setups.values():
-            for process in gateways:
-                if process.process is not None and process.process.poll() is None:
-                    process.stop()
+        for process in processes:
+            if process.process is not None:  # started
+                process.stop()
         mock.terminate()
         mock.wait()
         redis.stop()
