@@ -147,19 +147,18 @@ async def trial(setup: str, gateways: list[GatewayProcess], connections: int, re
     """`requests` over `connections`, split evenly between `gateways`, driven at once."""
     result = Trial(setup, connections)
     share = len(gateways)
-    # each gateway's serving processes: its workers (counted from their metric files), or itself
+    each = requests // share  # requests driven at each gateway
+    # each gateway's serving processes: its workers (its children, from /proc), or itself
     serving: dict[int, list[int]] = {}
     for gateway in gateways:
         assert gateway.process is not None
         serving[gateway.process.pid] = worker_pids(gateway.process.pid) or [gateway.process.pid]
     supervisors = [pid for pid, pids in serving.items() if pids != [pid]]
     pids = [pid for pids in serving.values() for pid in pids]
+    workers = [pid for pid in pids if pid not in serving]  # a single process answers all `each`
 
-    def counted(pid: int) -> float:
-        """Requests answered so far by a worker; a single process answers all its gateway's."""
-        return requests_answered(pid) if pid not in serving else 0.0
-
-    before = {pid: (Usage.of(pid), counted(pid)) for pid in pids}
+    used_before = {pid: Usage.of(pid) for pid in pids}
+    answered_before = {pid: requests_answered(pid) for pid in workers}  # from its metric file
     supervisor_before = {pid: Usage.of(pid).cpu for pid in supervisors}
     held: dict[int, int] = {}
 
@@ -168,16 +167,17 @@ async def trial(setup: str, gateways: list[GatewayProcess], connections: int, re
         pids = serving[gateway.process.pid]
         url = f"{gateway.url}/v1/images/generations"
         notice = lambda: held.update(connections_by_pid(pids, gateway.port))  # noqa: E731
-        return load(url, AUTH, SMALL, requests // share, connections // share, before_close=notice)
+        return load(url, AUTH, SMALL, each, connections // share, before_close=notice)
 
     started = time.perf_counter()
     await asyncio.gather(*map(drive, gateways))
-    result.rps = requests // share * share / (time.perf_counter() - started)
+    result.rps = each * share / (time.perf_counter() - started)
     result.supervisor_cpu = sum(Usage.of(pid).cpu - supervisor_before[pid] for pid in supervisors)
     for pid in pids:
-        used, answered = before[pid]
-        result.used[pid] = Usage.of(pid) - used
-        result.answered[pid] = counted(pid) - answered if pid not in serving else requests // share
+        result.used[pid] = Usage.of(pid) - used_before[pid]
+        result.answered[pid] = (
+            requests_answered(pid) - answered_before[pid] if pid in answered_before else each
+        )
         result.held[pid] = held.get(pid, 0)
     return result
 
