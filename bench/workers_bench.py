@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import operator
 import shutil
 import statistics
 import sys
@@ -90,8 +91,11 @@ class Usage:
             int(status["nonvoluntary_ctxt_switches"]),
         )
 
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(*map(operator.add, astuple(self), astuple(other)))
+
     def __sub__(self, other: Usage) -> Usage:
-        return Usage(*(mine - theirs for mine, theirs in zip(astuple(self), astuple(other), strict=True)))
+        return Usage(*map(operator.sub, astuple(self), astuple(other)))
 
     @property
     def cpu(self) -> float:
@@ -128,7 +132,7 @@ class Trial:
 
     def workers_used(self) -> Usage:
         """What the serving processes used, added up (a supervisor's accepting left out)."""
-        return Usage(*(sum(column) for column in zip(*map(astuple, self.used.values()), strict=True)))
+        return sum(self.used.values(), Usage())
 
 
 SINGLE, WORKERS, TWINS = "workers=1", "workers=2", "2 x workers=1"
