@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import operator
 import shutil
 import statistics
 import sys
@@ -45,7 +46,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.gateway_bench import SMALL, TICKS, UNBOUND, cpu_seconds, load, start_mock, wait_http  # noqa: E402
+from bench.gateway_bench import SMALL, TICKS, UNBOUND, load, start_mock, wait_http  # noqa: E402
 from tests.support.config import TENANT_KEY, config_dict  # noqa: E402
 from tests.support.processes import GatewayProcess, free_port  # noqa: E402
 from tests.support.redis_servers import RedisServer  # noqa: E402
@@ -90,8 +91,11 @@ class Usage:
             int(status["nonvoluntary_ctxt_switches"]),
         )
 
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(*map(operator.add, astuple(self), astuple(other)))
+
     def __sub__(self, other: Usage) -> Usage:
-        return Usage(*(mine - theirs for mine, theirs in zip(astuple(self), astuple(other), strict=True)))
+        return Usage(*map(operator.sub, astuple(self), astuple(other)))
 
     @property
     def cpu(self) -> float:
@@ -128,7 +132,7 @@ class Trial:
 
     def workers_used(self) -> Usage:
         """What the serving processes used, added up (a supervisor's accepting left out)."""
-        return Usage(*(sum(column) for column in zip(*map(astuple, self.used.values()), strict=True)))
+        return sum(self.used.values(), Usage())
 
 
 SINGLE, WORKERS, TWINS = "workers=1", "workers=2", "2 x workers=1"
@@ -147,20 +151,19 @@ async def trial(setup: str, gateways: list[GatewayProcess], connections: int, re
     """`requests` over `connections`, split evenly between `gateways`, driven at once."""
     result = Trial(setup, connections)
     share = len(gateways)
-    # each gateway's serving processes: its workers (counted from their metric files), or itself
+    each = requests // share  # requests driven at each gateway
+    # each gateway's serving processes: its workers (its children, from /proc), or itself
     serving: dict[int, list[int]] = {}
     for gateway in gateways:
         assert gateway.process is not None
         serving[gateway.process.pid] = worker_pids(gateway.process.pid) or [gateway.process.pid]
     supervisors = [pid for pid, pids in serving.items() if pids != [pid]]
     pids = [pid for pids in serving.values() for pid in pids]
+    workers = [pid for pid in pids if pid not in serving]  # a single process answers all `each`
 
-    def counted(pid: int) -> float:
-        """Requests answered so far by a worker; a single process answers all its gateway's."""
-        return requests_answered(pid) if pid not in serving else 0.0
-
-    before = {pid: (Usage.of(pid), counted(pid)) for pid in pids}
-    supervisor_before = {pid: cpu_seconds(pid) for pid in supervisors}
+    used_before = {pid: Usage.of(pid) for pid in pids}
+    answered_before = {pid: requests_answered(pid) for pid in workers}  # from its metric file
+    supervisor_before = {pid: Usage.of(pid).cpu for pid in supervisors}
     held: dict[int, int] = {}
 
     def drive(gateway: GatewayProcess) -> Awaitable[object]:
@@ -168,16 +171,17 @@ async def trial(setup: str, gateways: list[GatewayProcess], connections: int, re
         pids = serving[gateway.process.pid]
         url = f"{gateway.url}/v1/images/generations"
         notice = lambda: held.update(connections_by_pid(pids, gateway.port))  # noqa: E731
-        return load(url, AUTH, SMALL, requests // share, connections // share, before_close=notice)
+        return load(url, AUTH, SMALL, each, connections // share, before_close=notice)
 
     started = time.perf_counter()
     await asyncio.gather(*map(drive, gateways))
-    result.rps = requests // share * share / (time.perf_counter() - started)
-    result.supervisor_cpu = sum(cpu_seconds(pid) - supervisor_before[pid] for pid in supervisors)
+    result.rps = each * share / (time.perf_counter() - started)
+    result.supervisor_cpu = sum(Usage.of(pid).cpu - supervisor_before[pid] for pid in supervisors)
     for pid in pids:
-        used, answered = before[pid]
-        result.used[pid] = Usage.of(pid) - used
-        result.answered[pid] = counted(pid) - answered if pid not in serving else requests // share
+        result.used[pid] = Usage.of(pid) - used_before[pid]
+        result.answered[pid] = (
+            requests_answered(pid) - answered_before[pid] if pid in answered_before else each
+        )
         result.held[pid] = held.get(pid, 0)
     return result
 
@@ -200,13 +204,15 @@ async def bench(args: argparse.Namespace) -> None:
             config, workdir, checkout=Path(args.checkout).resolve() if args.checkout else None
         )
 
-    single, workers = gateway(1), gateway(2)
+    # with --twins, another single process, driven at the same time as the first
+    processes = [gateway(1), gateway(2), *([gateway(1)] if args.twins else [])]
+    single, workers, *twin = processes
     setups = {SINGLE: [single], WORKERS: [workers]}
-    if args.twins:  # another single process, driven at the same time as the first
-        setups[TWINS] = [single, gateway(1)]
+    if twin:
+        setups[TWINS] = [single, *twin]
     try:
         await wait_http(f"http://127.0.0.1:{mock_port}/v1/models")
-        for process in {id(g): g for gateways in setups.values() for g in gateways}.values():
+        for process in processes:
             await process.start()
         await asyncio.sleep(2)  # the second worker of `workers: 2` is up too
         for setup, gateways in setups.items():  # warm up every process
@@ -222,10 +228,9 @@ async def bench(args: argparse.Namespace) -> None:
                     print(done.line(), flush=True)
         summarise(results, args.requests)
     finally:
-        for gateways in setups.values():
-            for process in gateways:
-                if process.process is not None and process.process.poll() is None:
-                    process.stop()
+        for process in processes:
+            if process.process is not None:  # started
+                process.stop()
         mock.terminate()
         mock.wait()
         redis.stop()
