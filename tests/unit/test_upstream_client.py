@@ -107,6 +107,19 @@ def sends(*pieces: bytes, close: bool = False, pause: float = 0.005) -> Answer:
     return answer
 
 
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"  # the shortest whole answer
+
+
+def in_turn(*answers: Answer) -> Answer:
+    """Each request, on whichever connection, answered by the next of `answers`, in the order they come."""
+    remaining = iter(answers)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await next(remaining)(reader, writer)
+
+    return answer
+
+
 CHUNKED = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nX-Case: Kept\r\nTransfer-Encoding: chunked\r\n\r\n"
     b"7\r\ndata: 1\r\n"
@@ -165,7 +178,7 @@ async def test_bytes_past_a_content_length_body_close_the_connection(
     raw_server: Callable[[Answer], Awaitable[str]],
 ) -> None:
     head = SIZED.index(b"\r\n\r\n") + 4
-    extra = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    extra = OK
     for after in (extra, b"x"):  # another answer, or not even that
         pool = Pool(await raw_server(sends(SIZED[: head + 5], SIZED[head + 5 :] + after)), 1)
         assert (await post(pool))[1] == SIZED_BODY  # the answer asked for is whole
@@ -198,7 +211,7 @@ async def test_connection_close_is_honoured(raw_server: Callable[[Answer], Await
 
 
 async def test_an_informational_answer_is_skipped(raw_server: Callable[[Answer], Awaitable[str]]) -> None:
-    answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    answer = b"HTTP/1.1 100 Continue\r\n\r\n" + OK
     pool = Pool(await raw_server(sends(answer)), 4)
     response, body = await post(pool)
     assert (response.status, body) == (200, b"{}")
@@ -283,14 +296,7 @@ async def test_a_connections_read_timer_runs_on_between_exchanges_and_bounds_eac
 ) -> None:
     """One timer per connection, not one armed and cancelled per exchange; an exchange with a
     shorter read timeout than the one the running timer was armed for still gets its own bound."""
-    answers = iter(
-        [sends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")] * 2 + [sends()]
-    )  # never answers
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await next(answers)(reader, writer)
-
-    pool = Pool(await raw_server(answer), 1)
+    pool = Pool(await raw_server(in_turn(sends(OK), sends(OK), sends())), 1)  # the third never answers
     await post(pool, read_timeout=30.0)
     [connection] = pool.idle
     timer = connection.timer
@@ -311,18 +317,12 @@ async def test_a_timer_left_from_an_earlier_exchange_neither_cuts_the_next_short
 ) -> None:
     """The kept timer fires during the next exchange, from the earlier one's start: it re-arms from
     when the upstream was last heard, so an answer within the bound arrives and silence still ends."""
-    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
 
     async def late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(0.25)
-        await sends(ok)(reader, writer)
+        await sends(OK)(reader, writer)
 
-    answers = iter([sends(ok), late, sends()])
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await next(answers)(reader, writer)
-
-    pool = Pool(await raw_server(answer), 1)
+    pool = Pool(await raw_server(in_turn(sends(OK), late, sends())), 1)
     loop = asyncio.get_running_loop()
     await post(pool, read_timeout=0.3)  # its timer is due 0.3 s from now, and kept
     await asyncio.sleep(0.2)
@@ -341,7 +341,7 @@ async def test_an_idle_connection_that_closes_stops_its_timer(
 ) -> None:
     """A timer left running would keep a closed connection (and its buffers) until it fires."""
     monkeypatch.setattr(client, "IDLE_SECONDS", 0.05)
-    pool = Pool(await raw_server(sends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")), 1)
+    pool = Pool(await raw_server(sends(OK)), 1)
     await post(pool, read_timeout=30.0)
     [connection] = pool.idle
     timer = connection.timer
@@ -538,7 +538,7 @@ async def test_a_connection_paused_by_an_answer_left_unread_reads_the_next_one(
 ) -> None:
     big = b"z" * (client.HIGH_WATER + 65536)  # received whole in a read or two, reading paused
     answers = [b"HTTP/1.1 503 Busy\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big)]
-    answers.append(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+    answers.append(OK)
 
     async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(answers.pop(0))
