@@ -84,6 +84,14 @@ class Backend:
         self.stores.append(store)
         return store
 
+    async def elsewhere(self, store: LimitStore, **overrides: Any) -> LimitStore:
+        """Another process's store beside `store`, under these settings: a new one on Redis; on the
+        memory store, which is one process, `store`'s own engine under them."""
+        if self.is_redis:
+            return await self.store(**overrides)
+        assert self.clock is not None
+        return LimitStore(store.engine, self.settings(**overrides), self.metrics, self.clock)
+
     async def advance(self, seconds: float) -> None:
         """Let time pass: the fake clock jumps; Redis's TIME needs a real wait."""
         if self.clock is not None:

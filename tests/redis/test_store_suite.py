@@ -17,7 +17,7 @@ from gateway.errors import QuotaExceeded, RateLimited
 from gateway.limits import Reservation
 from gateway.limits.calls import compile_release, compile_renew
 from gateway.limits.headers import parse_duration_us
-from gateway.limits.limiter import DECISION_METRICS_FLUSH_SECONDS, LimitStore
+from gateway.limits.limiter import DECISION_METRICS_FLUSH_SECONDS
 from policies.cost import NANO_PER_USD, Cost
 from tests.redis.conftest import Backend, new_tenant, plan, tenant_settings
 
@@ -355,7 +355,7 @@ async def test_a_reservation_settles_from_another_process(backend: Backend) -> N
     admission = await reserve(store, p)
     assert admission.reservation is not None
     # Another process's store, given only the serialised reservation (the memory store is one process).
-    elsewhere = await backend.store() if backend.is_redis else store
+    elsewhere = await backend.elsewhere(store)
     copy = Reservation.from_dict(admission.reservation.to_dict())
     assert copy == admission.reservation
     assert await elsewhere.settle(copy, Cost(image_out_tokens=250), outcome="ok")
@@ -372,13 +372,7 @@ async def test_a_settle_that_moves_no_ledger_field_still_sets_the_ledgers_expiry
     p = plan(tenant, tenant_settings({"tokens_per_day": 10_000}))
     admission = await reserve(store, p)
     assert admission.reservation is not None
-    if backend.is_redis:
-        later = await backend.store(ledger_retention_days=5)
-    else:  # the memory store is one process: the same engine, under the new settings
-        assert backend.clock is not None
-        later = LimitStore(
-            store.engine, backend.settings(ledger_retention_days=5), backend.metrics, backend.clock
-        )
+    later = await backend.elsewhere(store, ledger_retention_days=5)
     assert await later.settle(admission.reservation, ONE, outcome="ok")
     [ttl] = [ttl for key, ttl in (await backend.keys(store, tenant)).items() if ":ledger:" in key]
     assert ttl > 4 * 86400  # five days past today's end, not one
