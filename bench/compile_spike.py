@@ -40,7 +40,12 @@ REFUSED = {
 }
 
 SETS = {
-    "relay": ["gateway/relay.py", "gateway/usage.py", "gateway/json_scan.py", "gateway/sse.py"],
+    "relay": [
+        "gateway/relay/__init__.py",
+        "gateway/relay/usage.py",
+        "gateway/relay/json_scan.py",
+        "gateway/relay/sse.py",
+    ],
     "limits": ["gateway/limits/*.py"],
     "policies": ["policies/*.py"],
     "front": ["gateway/front/*.py", "gateway/requests/*.py"],

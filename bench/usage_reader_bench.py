@@ -1,4 +1,4 @@
-"""Throughput and peak memory of gateway.usage readers on 40 MB bodies fed in 64 KiB and 4 KiB chunks.
+"""Throughput and peak memory of gateway.relay.usage readers on 40 MB bodies fed in 64 KiB and 4 KiB chunks.
 
 Run: PYTHONPATH=. .venv/bin/python bench/usage_reader_bench.py
 """
@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import orjson
 
-from gateway.usage import UsageReader, usage_reader
+from gateway.relay.usage import UsageReader, usage_reader
 
 CHUNK_SIZES = (64 * 1024, 4 * 1024)
 N_IMAGES = 10

@@ -3,7 +3,7 @@
 A real `gateway serve` process on a real Redis server, in front of an upstream on loopback, called
 with the official openai SDK. A stream reports one `usage` per image, on that image's completed
 event; the ledger (`GET /admin/usage`) must show the sum of the usages the client saw, and nothing
-from a relay's closing summary event. The rule itself is in gateway/usage.py.
+from a relay's closing summary event. The rule itself is in gateway/relay/usage.py.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from PIL import Image
 
 from gateway.mock_upstream import RECEIVED, MockOptions, create_mock_app, run_mock_upstream
 from gateway.mock_upstream.models import image_tokens, image_usages, text_tokens, usage
-from gateway.usage import usage_reader
+from gateway.relay.usage import usage_reader
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -373,7 +373,7 @@ async def test_stream_sequence_images_and_a_usage_on_each_completed_event(aiohtt
 
 
 def add_usages(usages: list[dict[str, Any]]) -> dict[str, Any]:
-    """Count by count, as gateway.usage sums a stream."""
+    """Count by count, as gateway.relay.usage sums a stream."""
     total: dict[str, Any] = {}
     for usage_ in usages:
         for key, value in usage_.items():

@@ -1,4 +1,4 @@
-"""gateway.sse: SSE framing against the spec, openai-python's decoder, and any split into chunks."""
+"""gateway.relay.sse: SSE framing against the spec, openai-python's decoder, and any split into chunks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai._streaming import SSEDecoder
 
-from gateway.sse import Data, Dispatch, Event, SSEParser, iter_events
+from gateway.relay.sse import Data, Dispatch, Event, SSEParser, iter_events
 
 BOM = b"\xef\xbb\xbf"
 

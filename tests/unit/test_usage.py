@@ -1,4 +1,4 @@
-"""gateway.usage: the usage readers agree with a whole-body parse under any chunking, in bounded memory."""
+"""gateway.relay.usage: the usage readers agree with a whole-body parse under any chunking, in bounded memory."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from gateway.json_scan import JsonScanner
-from gateway.sse import iter_events
-from gateway.usage import CAPTURE_CAP, JsonUsageReader, SSEUsageReader, UsageReader, usage_reader
+from gateway.relay.json_scan import JsonScanner
+from gateway.relay.sse import iter_events
+from gateway.relay.usage import CAPTURE_CAP, JsonUsageReader, SSEUsageReader, UsageReader, usage_reader
 from policies.cost import _usage_tokens
 from tests.unit.test_sse import split
 

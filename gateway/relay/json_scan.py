@@ -7,7 +7,7 @@ top-level values (at most `CAPTURE_CAP` bytes each, beyond which a value is give
 key. `JsonDocument` gets the same answers more cheaply from a document that stays small once its
 images (a key never read) are cut out, which is nearly every upstream body and event: it keeps that
 and parses it whole with orjson, handing it to a `JsonScanner` only if it outgrows `CAPTURE_CAP`.
-Used by `gateway.usage` for JSON bodies and for each SSE event's data.
+Used by `gateway.relay.usage` for JSON bodies and for each SSE event's data.
 """
 
 from __future__ import annotations

@@ -2,12 +2,12 @@
 
 Owns the side channel of the relay: every chunk relayed to the client is also fed here, and at the
 end the gateway settles with the real token counts. Bodies are tens of MB of base64, so they are
-read as they pass (`gateway.json_scan.JsonDocument`: kept without their `b64_json` images and
+read as they pass (`gateway.relay.json_scan.JsonDocument`: kept without their `b64_json` images and
 parsed whole while that is at most `CAPTURE_CAP` bytes, else scanned), never buffered beyond that;
 for a stream only a fixed set of running sums is kept.
 
 - `JsonUsageReader`: a JSON body; `usage` and the number of objects in the top-level `data` array.
-- `SSEUsageReader`: a `text/event-stream` body, framed by `gateway.sse.SSEParser`, each event's
+- `SSEUsageReader`: a `text/event-stream` body, framed by `gateway.relay.sse.SSEParser`, each event's
   data fed to its own `JsonDocument`; the stream's usage, its completed images and its first error.
 - `usage_reader(content_type)` picks one. Neither raises on a truncated or non-JSON body.
 
@@ -30,8 +30,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from gateway.json_scan import CAPTURE_CAP, KEPT_CAP, JsonDocument, parse_whole
-from gateway.sse import Data, Dispatch, SSEParser
+from gateway.relay.json_scan import CAPTURE_CAP, KEPT_CAP, JsonDocument, parse_whole
+from gateway.relay.sse import Data, Dispatch, SSEParser
 
 __all__ = ["CAPTURE_CAP", "JsonUsageReader", "SSEUsageReader", "UsageReader", "usage_reader"]
 

@@ -1,5 +1,8 @@
 """Relaying an upstream response to the client, byte for byte, while the usage reader looks on.
 
+The readers it drives live beside it: `usage` (the upstream's reported usage, from a JSON body or
+an event stream), `sse` (event framing) and `json_scan` (one JSON document, streamed).
+
 Each chunk is written as soon as it arrives (aiohttp flushes every write; TCP_NODELAY is on), so
 memory stays flat in the body size and an SSE event reaches the client when the upstream sends it.
 If the client leaves, the upstream is still read to its end, bounded by its read timeout, so the
@@ -29,10 +32,10 @@ from aiohttp.http import StreamWriter
 
 from gateway.errors import GatewayError
 from gateway.logs import get_logger
+from gateway.relay.usage import UsageReader, usage_reader
 from gateway.runtime import Target
 from gateway.upstreams.client import Response, UpstreamError
 from gateway.upstreams.transport import translate
-from gateway.usage import UsageReader, usage_reader
 
 log = get_logger("gateway.relay")
 
