@@ -54,7 +54,7 @@ SETS = {
         "gateway/errors.py",
         "gateway/routing.py",
         "gateway/runtime.py",
-        "gateway/metrics.py",
+        "gateway/telemetry/metrics.py",
         "gateway/upstreams/*.py",
         "gateway/telemetry/*.py",
     ],

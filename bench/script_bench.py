@@ -56,7 +56,7 @@ async def serve(url: str, n: int, warmup: int, callgrind_pid: int | None) -> dic
     from gateway.config import KeySettings, Limits, StoreSettings, TenantSettings
     from gateway.limits import LimitPlan, create_store
     from gateway.limits.scripts import RESERVE, SETTLE
-    from gateway.metrics import Metrics
+    from gateway.telemetry.metrics import Metrics
     from policies.cost import Cost
 
     tenant = TenantSettings(

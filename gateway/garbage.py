@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable
 
 from gateway.logs import get_logger
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 
 log = get_logger("gateway.garbage")
 

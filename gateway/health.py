@@ -16,8 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.limits import Store
-from gateway.metrics import ConfigCollector, Metrics
 from gateway.runtime import RuntimeHolder
+from gateway.telemetry.metrics import ConfigCollector, Metrics
 
 METRICS = web.AppKey("metrics", Metrics)
 STORE = web.AppKey("store", Store)

@@ -28,8 +28,8 @@ from gateway import logs
 from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, drop_tracebacks
 from gateway.front.auth import bearer_token
 from gateway.logs import get_logger
-from gateway.metrics import KeptCounter, KeptHistogram, Metrics
 from gateway.telemetry.activity import Activity
+from gateway.telemetry.metrics import KeptCounter, KeptHistogram, Metrics
 from gateway.telemetry.tracing import OFF, RequestTrace, Tracing
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

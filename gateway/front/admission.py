@@ -14,7 +14,7 @@ from __future__ import annotations
 from types import TracebackType
 
 from gateway.errors import Overloaded
-from gateway.metrics import KeptGauge, Metrics
+from gateway.telemetry.metrics import KeptGauge, Metrics
 
 RETRY_AFTER_SECONDS = 1
 

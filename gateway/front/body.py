@@ -32,7 +32,7 @@ from gateway.errors import (
     ServerBusy,
     UnsupportedMediaType,
 )
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 
 
 class BodyBudget:

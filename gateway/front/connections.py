@@ -47,7 +47,7 @@ from gateway.errors import GatewayError, InternalError, InvalidRequest, ServerBu
 from gateway.front.access_log import new_request_id
 from gateway.health import METRICS, RUNTIME
 from gateway.logs import get_logger
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 
 log = get_logger("gateway.front")
 

@@ -28,7 +28,7 @@ from gateway.limits.memory import MemoryEngine
 from gateway.limits.plan import LimitPlan
 from gateway.limits.redis_engine import RedisEngine, connect, lean_connection
 from gateway.limits.store import Admission, LimitStatus, Reservation, Store
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 
 __all__ = [
     "Admission",

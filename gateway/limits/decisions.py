@@ -19,7 +19,7 @@ from gateway.limits.meters import EXHAUSTED, OK, TOO_LARGE, Reading
 from gateway.limits.periods import iso_instant
 from gateway.limits.plan import LimitPlan
 from gateway.limits.store import Admission, Reservation
-from gateway.metrics import KeptCounter, Metrics
+from gateway.telemetry.metrics import KeptCounter, Metrics
 from policies.cost import NANO_PER_USD
 
 Observed = tuple[Check, Reading]

@@ -70,7 +70,7 @@ from gateway.limits.periods import day_number, day_of, days_between
 from gateway.limits.plan import LimitPlan
 from gateway.limits.store import Admission, LimitStatus, Reservation, new_reservation_id
 from gateway.logs import get_logger
-from gateway.metrics import KeptHistogram, Metrics
+from gateway.telemetry.metrics import KeptHistogram, Metrics
 from policies.cost import Cost
 
 log = get_logger("gateway.limits")

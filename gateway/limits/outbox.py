@@ -37,7 +37,7 @@ from gateway.limits.calls import SettleCall, StoreFailure, StoreRejected
 from gateway.limits.journal import Journal
 from gateway.limits.store import Reservation
 from gateway.logs import get_logger
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 
 log = get_logger("gateway.limits")
 

@@ -6,12 +6,12 @@ are counted here in plain dicts instead, and applied as the limits' decision met
 (`gateway/limits/decisions.py`): whenever this process's registry is read, and once a second
 (`Metrics.apply_kept`), for a scrape that reads every worker's metric files instead. The values
 exported are the same: integer counts summed before they are added; the drift histogram is a
-`KeptHistogram` (gateway/metrics.py).
+`KeptHistogram` (gateway/telemetry/metrics.py).
 """
 
 from __future__ import annotations
 
-from gateway.metrics import KeptHistogram, Metrics
+from gateway.telemetry.metrics import KeptHistogram, Metrics
 from policies.cost import Cost
 
 # tenant, model, settled (usage | estimate), size, quality

@@ -32,7 +32,7 @@ from opentelemetry.sdk.trace.sampling import (
 )
 
 from gateway.config.telemetry import TelemetrySettings
-from gateway.metrics import Counter
+from gateway.telemetry.metrics import Counter
 
 # The longest the shutdown waits for the last spans to go out.
 SHUTDOWN_MILLIS = 2000

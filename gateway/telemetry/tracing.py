@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from gateway.config.telemetry import TelemetrySettings
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
     from typing import Any

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.errors import GatewayError, RateLimited, StoreUnavailable
-from gateway.metrics import KeptCounter, Metrics
 from gateway.requests.model import PATHS, ClientRequest
 from gateway.runtime import Route, Target
+from gateway.telemetry.metrics import KeptCounter, Metrics
 from gateway.telemetry.tracing import NO_ATTEMPT, OFF, AttemptTrace, RequestTrace
 from gateway.upstreams import transport
 from gateway.upstreams.client import Response

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gateway.config import UpstreamSettings
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 
 Verdict = Literal["ok", "failure", "rate_limited", "neutral"]
 

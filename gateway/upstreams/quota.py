@@ -23,8 +23,8 @@ from gateway.limits import Admission, Reservation, Store
 from gateway.limits.keys import PROVIDER_TENANT_PREFIX
 from gateway.limits.kinds import configured
 from gateway.limits.plan import LimitPlan, PlannedLimit, ScopePlan
-from gateway.metrics import Metrics
 from gateway.runtime import Target
+from gateway.telemetry.metrics import Metrics
 from policies.cost import Cost
 
 _REMAINING = {

@@ -18,7 +18,7 @@ from redis.asyncio.cluster import RedisCluster
 from gateway.config import KeySettings, Limits, StoreSettings, TenantSettings
 from gateway.limits import LimitPlan, create_store
 from gateway.limits.limiter import LimitStore
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 from tests.support.redis_servers import redis_cluster, redis_server, redis_server_factory  # noqa: F401
 
 KEY_HASH = "sha256:" + "ab" * 32

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.config import StoreSettings
 from gateway.limits import Reservation, create_store
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 from policies.cost import Cost
 from tests.redis.conftest import Backend, new_tenant, plan, tenant_settings
 from tests.support.redis_servers import RedisServer

@@ -16,7 +16,7 @@ from gateway.config import StoreSettings
 from gateway.errors import StoreUnavailable
 from gateway.limits import create_store, limiter
 from gateway.limits.calls import RenewCall
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 from policies.cost import Cost
 from tests.redis.conftest import Backend, new_tenant, plan, tenant_settings
 from tests.support.redis_servers import RedisClusterNodes, RedisServer, free_port

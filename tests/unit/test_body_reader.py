@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from gateway.config import ServerSettings
 from gateway.errors import ClientGone, PayloadTooLarge
 from gateway.front.body import BodyBudget, BodyReader
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 
 
 def arrived(body: bytes, error: BaseException | None = None) -> Any:

@@ -24,8 +24,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from gateway.config import Settings, load_settings, parse_settings
-from gateway.metrics import Metrics
 from gateway.shutdown import MARGIN_SECONDS
+from gateway.telemetry.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -16,9 +16,9 @@ from prometheus_client import CollectorRegistry
 from gateway import garbage
 from gateway.config import load_settings
 from gateway.garbage import GarbageCollection
-from gateway.metrics import Metrics
 from gateway.reload import Reloader
 from gateway.runtime import Runtime, RuntimeHolder
+from gateway.telemetry.metrics import Metrics
 from tests.support.config import config_dict
 
 

@@ -16,8 +16,8 @@ from gateway.admin import create_admin_app
 from gateway.config import ConfigError, Settings
 from gateway.front.access_log import create_request_middleware
 from gateway.limits import LimitPlan, create_store
-from gateway.metrics import Metrics
 from gateway.telemetry.activity import Activity
+from gateway.telemetry.metrics import Metrics
 from policies.cost import Cost
 
 TOKEN = "admin-secret-token"

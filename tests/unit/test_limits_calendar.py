@@ -11,7 +11,7 @@ from gateway.errors import QuotaExceeded
 from gateway.limits import LimitPlan, create_store
 from gateway.limits.limiter import LimitStore
 from gateway.limits.memory import MemoryEngine
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 from policies.cost import Cost
 
 TENANT = TenantSettings(

@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.config import KeySettings, Limits, StoreSettings, TenantSettings
 from gateway.limits import LimitPlan, create_store
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 from policies.cost import Cost
 
 KEY = KeySettings(hash="sha256:" + "ef" * 32)

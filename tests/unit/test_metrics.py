@@ -11,7 +11,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import ConfigCollector, KeptCounter, KeptGauge, KeptHistogram, Metrics
+from gateway.telemetry.metrics import ConfigCollector, KeptCounter, KeptGauge, KeptHistogram, Metrics
 from tests.support.config import make_settings
 
 

@@ -14,8 +14,8 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from prometheus_client import CollectorRegistry
 
 from gateway.config.telemetry import TelemetrySettings
-from gateway.metrics import Metrics
 from gateway.telemetry.export import _CountingBatchProcessor, _CountingExporter, sampler
+from gateway.telemetry.metrics import Metrics
 
 
 class HeldExporter(SpanExporter):

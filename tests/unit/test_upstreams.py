@@ -11,8 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.config import ConfigError, UpstreamSettings, parse_settings
-from gateway.metrics import Metrics
 from gateway.runtime import Runtime, Target
+from gateway.telemetry.metrics import Metrics
 from gateway.upstreams.health import Health, cool_down_seconds
 from gateway.upstreams.pools import Pools, TenantShareBusy
 from gateway.upstreams.targets import covering_estimate, ordered
