@@ -25,7 +25,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import Settings
-from gateway.server import run  # uvloop, as the gateway itself runs
+from gateway.process.server import run  # uvloop, as the gateway itself runs
 from gateway.telemetry.activity import Activity
 
 TOKEN = "bench-admin-token"

@@ -23,7 +23,7 @@ from gateway.limits import LimitPlan
 from gateway.limits.calls import compile_checks
 from gateway.limits.journal import Journal
 from gateway.limits.store import Reservation
-from gateway.server import run  # uvloop, as the gateway itself runs
+from gateway.process.server import run  # uvloop, as the gateway itself runs
 
 REQUEST_SECONDS = 0.001
 

@@ -101,7 +101,7 @@ async def serve(url: str, n: int, warmup: int, callgrind_pid: int | None) -> dic
 
 
 def child(args: argparse.Namespace) -> None:
-    from gateway.server import run  # uvloop, as the gateway runs
+    from gateway.process.server import run  # uvloop, as the gateway runs
 
     result = run(serve(args.url, args.n, args.warmup, args.callgrind_pid))
     print(json.dumps(result))

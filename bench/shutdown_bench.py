@@ -24,7 +24,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.shutdown import MARGIN_SECONDS  # noqa: E402
+from gateway.process.shutdown import MARGIN_SECONDS  # noqa: E402
 from tests.support.burst import LOW  # noqa: E402
 from tests.support.config import TENANT_KEY, config_dict  # noqa: E402
 from tests.support.held_upstreams import EndlessStreams  # noqa: E402

@@ -37,7 +37,7 @@ from redis.asyncio import Redis
 from gateway.config import KeySettings, Limits, StoreSettings, TenantSettings
 from gateway.limits import LimitPlan, create_store
 from gateway.limits.limiter import LimitStore
-from gateway.server import run  # uvloop, as the gateway itself runs
+from gateway.process.server import run  # uvloop, as the gateway itself runs
 from gateway.telemetry.metrics import Metrics
 from policies.cost import Cost
 

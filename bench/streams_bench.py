@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.front_door_bench import PAYLOAD, raise_file_limit, rss_mib, summary  # noqa: E402
 from bench.gateway_bench import UNBOUND, cpu_seconds  # noqa: E402
-from gateway.server import run  # noqa: E402
+from gateway.process.server import run  # noqa: E402
 from tests.support.config import TENANT_KEY, config_dict  # noqa: E402
 from tests.support.held_upstreams import PARTIAL, USAGE  # noqa: E402
 from tests.support.processes import GatewayProcess, free_port  # noqa: E402

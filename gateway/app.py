@@ -23,9 +23,9 @@ from gateway.health import DRAINING, METRICS, RUNTIME, STORE, add_health_routes
 from gateway.limits import JournalError, Store, create_store
 from gateway.model_list import add_model_routes
 from gateway.pipeline import Pipeline
+from gateway.process.shutdown import IN_FLIGHT, SETTLEMENTS_LOST
 from gateway.reload import Reloader
 from gateway.runtime import Runtime, RuntimeHolder
-from gateway.shutdown import IN_FLIGHT, SETTLEMENTS_LOST
 from gateway.telemetry.activity import Activity
 from gateway.telemetry.metrics import ConfigCollector, Metrics
 from gateway.telemetry.tracing import Tracing

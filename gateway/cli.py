@@ -23,8 +23,8 @@ def _load(path: str, *, serving: bool = True) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.handoff import inherit
-    from gateway.server import serve, supervise
+    from gateway.process.handoff import inherit
+    from gateway.process.server import serve, supervise
 
     overrides = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
     settings = _load(args.config).with_server(overrides)
@@ -48,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _serve(main: Coroutine[Any, Any, int | None]) -> int:
     """Run a serving coroutine; a socket that cannot be opened is one line on stderr, not a traceback.
     Settlements given up at shutdown (the coroutine's count) exit with EXIT_SETTLEMENTS_LOST."""
-    from gateway.server import EXIT_SETTLEMENTS_LOST, ListenError, run
+    from gateway.process.server import EXIT_SETTLEMENTS_LOST, ListenError, run
 
     try:
         lost = run(main)
@@ -118,7 +118,7 @@ def cmd_new_key(args: argparse.Namespace) -> int:
 
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
     from gateway.mock_upstream import MockOptions, run_mock_upstream
-    from gateway.server import run
+    from gateway.process.server import run
 
     options = MockOptions(
         flavor=args.flavor,

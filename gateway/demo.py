@@ -18,7 +18,7 @@ from aiohttp import web
 from gateway.config import Settings, parse_settings
 from gateway.front.auth import hash_key, new_key
 from gateway.mock_upstream import MockOptions, create_mock_app
-from gateway.server import serve
+from gateway.process.server import serve
 
 DEMO_UPSTREAM_KEY = "sk-demo-organisation-key"
 

@@ -30,10 +30,10 @@ from gateway.front.auth import Credential
 from gateway.front.body import BodyReader
 from gateway.limits import Admission, Reservation, Store, merge_upstream_limit_headers
 from gateway.logs import get_logger
+from gateway.process.shutdown import CUT_SETTLE_SECONDS
 from gateway.relay import RelayOutcome, relay
 from gateway.requests.model import ClientRequest, read_request
 from gateway.runtime import Route, Runtime, RuntimeHolder, Target
-from gateway.shutdown import CUT_SETTLE_SECONDS
 from gateway.telemetry.charges import ChargeMetrics
 from gateway.telemetry.metrics import KeptGauge, KeptHistogram, Metrics
 from gateway.upstreams import transport as upstream

@@ -141,7 +141,7 @@ def create_request_middleware(
 ) -> Any:
     """`activity`, when given, counts each answered `/v1/` request by decision (the usage page);
     `tracing`, when given, gives each `/v1/` request its trace; `running`, when given, holds each
-    handler's task while it runs (the shutdown's drain waits for them: gateway/shutdown.py).
+    handler's task while it runs (the shutdown's drain waits for them: gateway/process/shutdown.py).
 
     The gateway's only middleware: each layer costs every request a coroutine and a frame."""
     counter = RequestCounter(metrics, activity)

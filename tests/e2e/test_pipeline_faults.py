@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 from gateway.app import PIPELINE
 from gateway.health import STORE
 from gateway.pipeline import Pipeline
-from gateway.shutdown import CUT_SETTLE_SECONDS
+from gateway.process.shutdown import CUT_SETTLE_SECONDS
 from tests.e2e.conftest import StartGateway, base_url
 from tests.support.config import TENANT_KEY
 

@@ -26,7 +26,7 @@ from gateway.app import PIPELINE, create_app
 from gateway.front.connections import FrontRunner
 from gateway.health import STORE
 from gateway.mock_upstream import RECEIVED
-from gateway.shutdown import drain
+from gateway.process.shutdown import drain
 from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.e2e.test_quotas import (
     ADMIN_TOKEN,

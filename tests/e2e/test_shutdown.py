@@ -1,5 +1,5 @@
 """Shutdown measured from outside: a `gateway serve` process on a real Redis with long streams open
-gets SIGTERM. It exits within drain_delay + grace + the documented margin (gateway/shutdown.py),
+gets SIGTERM. It exits within drain_delay + grace + the documented margin (gateway/process/shutdown.py),
 with every reservation settled (no record, no lease left), and keeps serving, not ready, during
 its drain delay.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.shutdown import MARGIN_SECONDS
+from gateway.process.shutdown import MARGIN_SECONDS
 from tests.support import raw_http, redis_servers
 from tests.support.burst import LOW
 from tests.support.config import TENANT_KEY, config_dict

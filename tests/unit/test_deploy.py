@@ -24,7 +24,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from gateway.config import Settings, load_settings, parse_settings
-from gateway.shutdown import MARGIN_SECONDS
+from gateway.process.shutdown import MARGIN_SECONDS
 from gateway.telemetry.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -483,7 +483,7 @@ def test_deployment_security_and_shutdown() -> None:
     pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
     pre_stop_seconds = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
     server = k8s_settings().server
-    # SIGKILL must not come before the gateway's own bound (gateway/shutdown.py).
+    # SIGKILL must not come before the gateway's own bound (gateway/process/shutdown.py).
     exits_within = server.drain_delay_seconds + server.shutdown_grace_seconds + MARGIN_SECONDS
     assert pod["terminationGracePeriodSeconds"] >= pre_stop_seconds + exits_within
 

@@ -1,4 +1,4 @@
-"""The garbage-collection policy (gateway/garbage.py): survivors frozen, pauses counted, cycles among
+"""The garbage-collection policy (gateway/process/garbage.py): survivors frozen, pauses counted, cycles among
 frozen objects reclaimed when idle, an old runtime still freed after a reload."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from gateway import garbage
 from gateway.config import load_settings
-from gateway.garbage import GarbageCollection
+from gateway.process import garbage
+from gateway.process.garbage import GarbageCollection
 from gateway.reload import Reloader
 from gateway.runtime import Runtime, RuntimeHolder
 from gateway.telemetry.metrics import Metrics

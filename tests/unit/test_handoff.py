@@ -1,4 +1,4 @@
-"""The supervisor's dealer (gateway/handoff.py) through real sockets: connections wait for a worker
+"""The supervisor's dealer (gateway/process/handoff.py) through real sockets: connections wait for a worker
 with room instead of being dropped when every worker's channel is full."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import contextlib
 import socket
 import time
 
-from gateway.handoff import Dealer
+from gateway.process.handoff import Dealer
 
 
 def test_a_connection_waits_for_room_in_a_full_channel_instead_of_being_dropped() -> None:

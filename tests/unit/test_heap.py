@@ -1,4 +1,4 @@
-"""The C heap's settings (gateway/heap.py): a large body's pieces reuse the heap instead of growing
+"""The C heap's settings (gateway/process/heap.py): a large body's pieces reuse the heap instead of growing
 and trimming it, unless the operator set glibc's own variables."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
-from gateway.heap import OPERATOR_VARIABLES
+from gateway.process.heap import OPERATOR_VARIABLES
 
 # Relaying a 1.5 MiB answer, as uvloop delivers it: seven pieces of up to 256,000 bytes, freed
 # once sent; the page faults of a second round of 200 such answers.
 CHURN = """
 import resource, sys
-from gateway.heap import keep_heap
+from gateway.process.heap import keep_heap
 print(keep_heap())
 def relay():
     for _ in range(200):

@@ -1,4 +1,4 @@
-"""An answer's head and body reach a client's socket unjoined under uvloop (gateway/server.py
+"""An answer's head and body reach a client's socket unjoined under uvloop (gateway/process/server.py
 `write_unjoined`): aiohttp hands them to uvloop's `writelines` instead of copying them into one
 bytes first, and the bytes the client reads are the same."""
 
@@ -10,7 +10,7 @@ import socket
 import pytest
 from aiohttp import http_writer, web
 
-from gateway.server import write_unjoined
+from gateway.process.server import write_unjoined
 
 BODY = bytes(range(256)) * 256  # 64 KiB: above aiohttp's threshold for writing pieces unjoined
 

@@ -250,7 +250,7 @@ def test_the_models_a_tenant_may_use_are_routed_and_allowed_by_its_policy() -> N
 def test_which_store_holds_the_limits_is_logged_at_start_the_memory_store_loudly() -> None:
     from structlog.testing import capture_logs
 
-    from gateway.server import _log_store
+    from gateway.process.server import _log_store
 
     memory = parse_settings(BASE, "s", {})
     redis = parse_settings(BASE + "store: {backend: redis, url: 'redis://u:pw@r:1/0'}\n", "s", {})

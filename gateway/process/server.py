@@ -35,12 +35,12 @@ from aiohttp import http_writer, web
 from gateway.app import PIPELINE, RELOADER, create_app
 from gateway.config import ConfigError, ServerSettings, Settings
 from gateway.front.connections import FrontRunner, raise_file_limit
-from gateway.garbage import GarbageCollection
-from gateway.handoff import SUPERVISOR_WAIT, Dealer, HandedSite
 from gateway.health import METRICS, create_ops_app
-from gateway.heap import keep_heap
 from gateway.logs import get_logger
-from gateway.shutdown import IN_FLIGHT, RUNNER_SHUTDOWN_TIMEOUT, SETTLEMENTS_LOST, drain
+from gateway.process.garbage import GarbageCollection
+from gateway.process.handoff import SUPERVISOR_WAIT, Dealer, HandedSite
+from gateway.process.heap import keep_heap
+from gateway.process.shutdown import IN_FLIGHT, RUNNER_SHUTDOWN_TIMEOUT, SETTLEMENTS_LOST, drain
 
 log = get_logger("gateway.server")
 T = TypeVar("T")
