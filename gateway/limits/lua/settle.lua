@@ -93,7 +93,8 @@ for i = 1, #KEYS - 3 do
       local stored, stamp = string.match(state, '^(-?%d+) (%d+)$')
       level = math.max(0, stored - math.max(0, now - stamp) * limit)
     end
-    level = math.min(LEVEL_CAP, math.max(0, level + diff * window))
+    level = math.max(0, level + diff * window)
+    if level > LEVEL_CAP then level = LEVEL_CAP end
     if level > 0 then
       local drain = window
       if limit > 0 then drain = ceil_div(level, limit) end
