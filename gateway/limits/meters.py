@@ -52,9 +52,9 @@ def ceil_div(a: int, b: int) -> int:
 
 # The most a bucket holds, in unit-microseconds: the largest count a double (Lua's number) holds
 # exactly, so both engines compute the same numbers from it (and `%d`, which wrapped past 2**63,
-# prints it). A shadow limit is charged even when full and stops here. An enforced bucket does not get
-# here: a reserve fills it to its capacity at most (9e15 at the largest limit, MAX_PER_MINUTE), and a
-# settle past that only by the actual's excess over the estimate (119,987 units more fit at that limit).
+# prints it). A shadow limit is charged even when full and stops here. An enforced bucket gets here
+# only by an absurd settle: a reserve fills it to its capacity at most (9e15 at the largest limit,
+# MAX_PER_MINUTE), a settle adds the actual's excess over the estimate (119,987 units more still fit).
 LEVEL_CAP = 2**53 - 1
 
 
