@@ -143,7 +143,7 @@ class MemoryEngine:
     def _charge(self, check: Check, call: ReserveCall, now: int) -> None:
         mechanism = check.kind.mechanism
         if mechanism == "rate":
-            self._set_level(check, self._level(check, now) + check.cost * RATE_WINDOW_US, now)
+            self._charge_level(check, check.cost, now)
         elif mechanism == "lease":
             leases = self._leases(check, now)
             leases[call.reservation_id] = now + call.lease_ttl_us
@@ -152,7 +152,9 @@ class MemoryEngine:
             used = (self._get(check.key, now) or 0) + check.cost
             self._set(check.key, used, check.expire_at * 1_000_000, now)
 
-    def _set_level(self, check: Check, level: int, now: int) -> None:
+    def _charge_level(self, check: Check, units: int, now: int) -> None:
+        """Charge a bucket `units` (a settle's difference may be negative): see `meters.rate_charged`."""
+        level = meters.rate_charged(self._level(check, now), units, RATE_WINDOW_US)
         if level == 0:
             self._delete(check.key)
             return
@@ -197,7 +199,7 @@ class MemoryEngine:
         elif diff == 0:
             return
         elif mechanism == "rate":
-            self._set_level(check, max(0, self._level(check, now) + diff * RATE_WINDOW_US), now)
+            self._charge_level(check, diff, now)
         else:
             used = max(0, (self._get(check.key, now) or 0) + diff)
             self._set(check.key, used, check.expire_at * 1_000_000, now)

@@ -50,6 +50,14 @@ def ceil_div(a: int, b: int) -> int:
 # --- smooth per-minute limits (leaky bucket meter) ----------------------------------------------
 
 
+# The most a bucket holds, in unit-microseconds: the largest count a double (Lua's number) holds
+# exactly, so both engines compute the same numbers from it (and `%d`, which wrapped past 2**63,
+# prints it). A shadow limit is charged even when full and stops here. An enforced bucket gets here
+# only by an absurd settle: a reserve fills it to its capacity at most (9e15 at the largest limit,
+# MAX_PER_MINUTE), a settle adds the actual's excess over the estimate (119,987 units more still fit).
+LEVEL_CAP = 2**53 - 1
+
+
 def rate_level(level: int, stamp_us: int, now_us: int, limit: int) -> int:
     """The level at `now_us`, drained since `stamp_us` (a clock that stepped back drains nothing)."""
     return max(0, level - max(0, now_us - stamp_us) * limit)
@@ -62,9 +70,16 @@ def rate_decide(level: int, limit: int, cost: int, window_us: int) -> tuple[int,
     capacity, need = limit * window_us, cost * window_us
     if need > capacity:
         return TOO_LARGE, 0
-    if level + need > capacity:
-        return WAIT, ceil_div(level + need - capacity, limit)
+    over = level - (capacity - need)  # level + need - capacity, in reserve.lua's exact order
+    if over > 0:
+        return WAIT, ceil_div(over, limit)
     return OK, 0
+
+
+def rate_charged(level: int, units: int, window_us: int) -> int:
+    """The level once `units` more are charged (fewer, if negative: a settle's refund), between
+    empty and LEVEL_CAP."""
+    return min(LEVEL_CAP, max(0, level + units * window_us))
 
 
 def rate_reading(code: int, wait_us: int, level: int, limit: int, window_us: int) -> Reading:

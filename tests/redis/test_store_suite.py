@@ -14,11 +14,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from gateway.errors import QuotaExceeded, RateLimited
-from gateway.limits import Reservation
+from gateway.limits import Reservation, meters
 from gateway.limits.calls import compile_release, compile_renew
 from gateway.limits.headers import parse_duration_us
+from gateway.limits.kinds import RATE_WINDOW_US
 from gateway.limits.limiter import DECISION_METRICS_FLUSH_SECONDS
-from policies.cost import NANO_PER_USD, Cost
+from policies.cost import MAX_REPORTED_TOKENS, NANO_PER_USD, Cost
 from tests.redis.conftest import Backend, new_tenant, plan, tenant_settings
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -526,21 +527,72 @@ async def test_a_budget_a_settle_takes_below_zero_restarts_at_zero_and_still_exp
     assert keys[counter] > 0, keys
 
 
-async def test_a_shadow_bucket_charged_far_beyond_its_limit_still_answers(backend: Backend) -> None:
-    """A shadow limit is charged even when it refuses, so its bucket can grow without bound (a limit
-    of 1 a minute at 100 requests a second passes 2^53 µs-requests in about 17 days). From 2^53 on a
-    double no longer moves by one: the scripts' exact ceiling division stepped forever there, and
-    Redis stayed busy for every tenant. Now the readings are the rounded quotients, and the call answers."""
+@pytest.mark.parametrize("seeded", [2**60, -(2**63)])
+async def test_a_bucket_an_earlier_script_left_past_the_cap_still_answers(
+    backend: Backend, seeded: int
+) -> None:
+    """An earlier reserve.lua charged a shadow limit without bound, so a bucket it wrote may hold a
+    level past 2^53, where a double no longer moves by one (the scripts' exact ceiling division
+    stepped forever there, and Redis stayed busy for every tenant), or one its %d wrapped past 2^63
+    to a negative number (settle.lua failed on it, and the settlement was lost). Both scripts answer
+    on either, and write the level back within the cap."""
     if not backend.is_redis:
-        pytest.skip("Python's integers are exact at any size")
+        pytest.skip("only the scripts of an earlier version wrote such levels")
     store, tenant = await backend.store(), new_tenant()
-    p = plan(tenant, tenant_settings({"requests_per_minute": 1}, shadow=True))
+    p = plan(tenant, tenant_settings({"tokens_per_minute": 1}, shadow=True))
     assert (await reserve(store, p)).allowed
     bucket = next(key for key in await backend.keys(store, tenant) if ":rate:" in key)
-    seconds, micros = await backend.raw().time()
-    await backend.raw().set(bucket, f"{2**60} {seconds * 1_000_000 + micros}", px=60_000)
+
+    async def seed() -> None:
+        seconds, micros = await backend.raw().time()
+        await backend.raw().set(bucket, f"{seeded} {seconds * 1_000_000 + micros}", px=60_000)
+
+    async def level() -> int:
+        return int((await backend.raw().get(bucket)).split()[0])
+
+    await seed()
     admission = await asyncio.wait_for(reserve(store, p), 5)
     assert admission.allowed and admission.reservation is not None and not admission.reservation.degraded
-    assert admission.shadow_rejections == ["tenant.requests_per_minute"]
-    assert await asyncio.wait_for(store.settle(admission.reservation, ONE, outcome="ok"), 5)
-    assert await backend.raw().ping()
+    assert admission.shadow_rejections == ["tenant.tokens_per_minute"]
+    assert 0 < await level() <= meters.LEVEL_CAP
+    await seed()
+    more = Cost(images=1, image_out_tokens=2000, nano_usd=80_000_000)  # charges 1000 tokens more
+    assert await asyncio.wait_for(store.settle(admission.reservation, more, outcome="ok"), 5)
+    assert 0 < await level() <= meters.LEVEL_CAP
+
+
+@pytest.mark.parametrize("dark", ["tenant", "limit"])
+async def test_a_shadow_bucket_stops_at_its_cap_and_every_engine_reads_the_same_numbers(
+    backend: Backend, dark: str
+) -> None:
+    """A shadow limit (the tenant's mode, or the limit's own) is charged even when it refuses, so
+    under sustained overage its bucket keeps filling. It stops at meters.LEVEL_CAP, where the
+    scripts' doubles are still exact: reserve.lua wrote a level with %d, which past 2**63 wrapped to
+    a negative number, read back as an empty bucket (and settle.lua failed on it), while the memory
+    engine kept counting. Here both answer the reference arithmetic's numbers, to the microsecond."""
+    store, tenant = await backend.store(), new_tenant()
+    limit = {"value": 1, "mode": "shadow"} if dark == "limit" else 1
+    p = plan(tenant, tenant_settings({"tokens_per_minute": limit}, shadow=dark == "tenant"))
+    mode = "shadow" if p.shadow else "enforce"
+    full = meters.rate_reading(meters.TOO_LARGE, 0, meters.LEVEL_CAP, 1, RATE_WINDOW_US)
+    # The most usage the gateway believes (a billion tokens) charges 6e16: 154 of them passed 2**63.
+    huge = Cost(image_out_tokens=MAX_REPORTED_TOKENS)
+    for i in range(160):
+        reply = await store.engine.reserve(store._compile(p, huge, f"huge.{i}", "gpt-image-1.5", mode))
+        assert (reply.status, reply.readings) == ("admitted", (full,)), i
+    # A cost the limit can hold waits as long as the level, drained since the last charge, says:
+    # level + cost passes 2**53, so the script must not add them before it takes the capacity off.
+    for i in range(8):
+        stamp = reply.now_us
+        call = store._compile(p, Cost(image_out_tokens=1), f"one.{i}", "gpt-image-1.5", mode)
+        reply = await store.engine.reserve(call)
+        level = meters.rate_level(meters.LEVEL_CAP, stamp, reply.now_us, 1)
+        code, wait = meters.rate_decide(level, 1, 1, RATE_WINDOW_US)
+        assert reply.readings == (replace(full, code=code, wait_us=wait),), i
+    # A settle that charges the actual's excess stops at the cap too.
+    admission = await reserve(store, p, Cost(image_out_tokens=1))
+    assert admission.allowed and admission.reservation is not None
+    assert await store.settle(admission.reservation, huge, outcome="ok")
+    [status] = await store.limit_status(p)
+    assert (status.used, status.remaining) == (full.used, 0)
+    assert status.reset_seconds <= meters.LEVEL_CAP / 1e6

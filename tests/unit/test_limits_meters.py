@@ -7,9 +7,11 @@ from datetime import date
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.config.tenants import MAX_PER_MINUTE
 from gateway.limits import meters
 from gateway.limits.kinds import RATE_WINDOW_US as W
 from gateway.limits.periods import day_number, day_of, period
+from policies.cost import MAX_REPORTED_TOKENS
 
 
 def _admit(level: int, limit: int, cost: int) -> tuple[bool, int]:
@@ -48,6 +50,16 @@ def test_readings_agree_with_the_level(limit: int, units: int) -> None:
         assert meters.ceil_div(meters.rate_level(level, 0, reading.more_us, limit), W) == reading.used - 1
         assert meters.ceil_div(meters.rate_level(level, 0, reading.more_us - 1, limit), W) == reading.used
         assert meters.rate_level(level, 0, reading.reset_us, limit) == 0
+
+
+def test_the_level_cap_leaves_every_enforced_bucket_alone_and_stops_a_shadow_one() -> None:
+    full = MAX_PER_MINUTE * W  # the most a reserve leaves in an enforced bucket, at the largest limit
+    assert meters.rate_charged(full - W, 1, W) == full
+    assert meters.rate_charged(full, 119_987, W) == full + 119_987 * W  # a settle's excess beyond it
+    assert meters.rate_charged(full, 119_988, W) == meters.LEVEL_CAP
+    # A shadow bucket charged the most usage the gateway believes, over and over, stays exact.
+    assert meters.rate_charged(meters.LEVEL_CAP, MAX_REPORTED_TOKENS, W) == meters.LEVEL_CAP == 2**53 - 1
+    assert meters.rate_charged(5 * W, -10, W) == 0  # a settle's refund stops at empty
 
 
 def test_a_clock_that_steps_back_drains_nothing() -> None:

@@ -8,7 +8,9 @@ Time is the server's TIME, never the caller's clock, so every gateway replica ag
 written back are formatted with %d (`int`): Lua numbers are doubles, exact integers below 2^53,
 which %d prints exactly (as a C long) where Lua's own conversion (%.14g) would lose digits of
 microsecond timestamps; glibc's %.0f prints the same digits at twice the cost, and a number given
-to redis.call as it is costs Redis a %.17g.
+to redis.call as it is costs Redis a %.17g. Every number written stays below 2^53: a bucket's level
+stops at LEVEL_CAP (a shadow limit's would grow without end, and %d wraps past 2^63), a timestamp
+is microseconds since 1970 (2^53 of them is the year 2255), a cost is a request's.
 
 What a call costs Redis is mostly the script's own work, not the commands it runs: every
 redis.call is a round trip through the scripting layer (arguments converted, the reply parsed back),
@@ -65,9 +67,14 @@ local function int(n)
   return format('%d', n)
 end
 
+-- The most a bucket's level holds (meters.LEVEL_CAP, which says why): a shadow limit is charged
+-- even when full, and its level stops here, where doubles are still exact.
+local LEVEL_CAP = 2^53 - 1
+
 -- Exact ceiling of a / b for non-negative integers below 2^53, whatever the float division rounds to.
--- From 2^53 on, where a step of one no longer moves a double, the rounded quotient as it is: a
--- shadow bucket charged far beyond its limit gets there, and the steps would never end (Redis busy).
+-- From 2^53 on, where a step of one no longer moves a double, the rounded quotient as it is: no
+-- level is charged past LEVEL_CAP, but a bucket an earlier version of this script wrote may hold
+-- more, and the steps would never end (Redis busy).
 local EXACT = 2^53
 local function ceil_div(a, b)
   local q = a / b
@@ -129,12 +136,15 @@ for i = 1, #checks do
   if mech == RATE then
     local level = rate_level(value, limit)
     local capacity, need = limit * window, cost * window
+    -- What the bucket holds beyond the room the cost leaves: level + need - capacity, in the order
+    -- that keeps it exact (a level near LEVEL_CAP plus a cost would pass 2^53 and be rounded).
+    local over = level - (capacity - need)
     if cost == 0 then
       code = OK
     elseif need > capacity then
       code = TOO_LARGE
-    elseif level + need > capacity then
-      code, wait = WAIT, ceil_div(level + need - capacity, limit)
+    elseif over > 0 then
+      code, wait = WAIT, ceil_div(over, limit)
     end
     c[LEVEL] = level
   elseif mech == LEASE then
@@ -190,6 +200,7 @@ if charge then
     local cost = c[COST]
     if c[MECH] == RATE then
       local level = c[LEVEL] + cost * window
+      if level > LEVEL_CAP then level = LEVEL_CAP end
       c[LEVEL] = level
       if level > 0 then
         call('SET', c[KEY], format('%d %d', level, now), 'PX', int(rate_ttl_ms(level, c[LIMIT])))

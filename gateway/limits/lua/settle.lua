@@ -51,6 +51,9 @@ local function int(n)
   return string.format('%d', n)
 end
 
+-- The most a bucket's level holds (meters.LEVEL_CAP, see reserve.lua): a settle's excess stops there.
+local LEVEL_CAP = 2^53 - 1
+
 -- Exact below 2^53, the rounded quotient from there on (see reserve.lua).
 local EXACT = 2^53
 local function ceil_div(a, b)
@@ -86,10 +89,12 @@ for i = 1, #KEYS - 3 do
     local level = 0
     local state = redis.call('GET', key)
     if state then
-      local stored, stamp = string.match(state, '^(%d+) (%d+)$')
+      -- A level below zero is one an earlier reserve.lua wrapped past 2^63: empty, as reserve reads it.
+      local stored, stamp = string.match(state, '^(-?%d+) (%d+)$')
       level = math.max(0, stored - math.max(0, now - stamp) * limit)
     end
     level = math.max(0, level + diff * window)
+    if level > LEVEL_CAP then level = LEVEL_CAP end
     if level > 0 then
       local drain = window
       if limit > 0 then drain = ceil_div(level, limit) end
