@@ -21,14 +21,26 @@ then every later batch parks behind them, so that calls reach Redis in the order
 a settle before the next request's reserve (`Store.settles_in_order`). On a pooled or cluster
 connection a task sends each batch.
 
+A server that has forgotten the scripts (restart, failover, SCRIPT FLUSH) answers NOSCRIPT. Those
+calls run once more, as EVAL with the script's source (which caches it again for later
+EVALSHAs), and what that answers is final: a call that fails again fails its caller. On the lean
+connection they are written again from the callback that reads their replies, in reply order, on
+the same connection: behind the batches written before (which answer NOSCRIPT in their turn and
+run again behind them), ahead of anything made later, which parks until every call run again has
+its reply. So the calls still reach Redis in the order they were made. On a pooled or cluster
+connection the batch's own task runs them again in one write: in order within the batch (batches
+there keep no order among themselves anyway). One overtaking is out of reach everywhere: if
+another client (another gateway recovering too) puts a script back while calls are in flight, a
+call that reaches Redis after that runs at once, ahead of the earlier ones answered NOSCRIPT.
+
 A caller that gives up (its timeout) cancels only its own future; the batch is sent regardless,
-and its reply is dropped. `close` waits (briefly) for batches in flight.
+and its reply is dropped. `close` waits (briefly) for batches in flight and the calls run again.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import chain
@@ -51,8 +63,15 @@ class _Call:
     args: Sequence[Arg]
     future: asyncio.Future[Any]
 
-    def argv(self) -> tuple[Any, ...]:
-        return (self.script.sha, len(self.keys), *self.keys, *self.args)
+    def by_sha(self) -> tuple[Any, ...]:
+        return ("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.args)
+
+    def by_source(self) -> tuple[Any, ...]:
+        """The call run again after NOSCRIPT: EVAL caches the script as it runs it."""
+        return ("EVAL", self.script.source, len(self.keys), *self.keys, *self.args)
+
+
+Command = Callable[[_Call], tuple[Any, ...]]  # a call as a command: _Call.by_sha or _Call.by_source
 
 
 class EvalBatcher:
@@ -61,14 +80,16 @@ class EvalBatcher:
         self._in_flight = in_flight
         self._lean = lean
         self._queue: list[_Call] = []
-        # what close waits for: batches being sent (tasks) or written (their last reply), retries
+        # what close waits for: batches being sent (tasks) or written (their last reply)
         self._sending: set[asyncio.Future[Any]] = set()
         self._closed = False
         # the calls' loop, taken on the first call: asyncio.get_running_loop() costs a getpid()
         # system call on Python 3.11, twice a request here
         self._loop: asyncio.AbstractEventLoop | None = None
-        # lean batches made while the connection was not ready, in order: written once it is
+        # lean batches made while the connection was not ready, or calls were being run again
+        # after NOSCRIPT, in order: written once it is ready and they are answered
         self._parked: list[list[_Call]] = []
+        self._running_again = 0  # lean writes of calls run again after NOSCRIPT, still unanswered
 
     def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> asyncio.Future[Any]:
         """The reply of `script` on `keys` and `args`, sent with whatever else this loop turn asks
@@ -96,23 +117,28 @@ class EvalBatcher:
             return
         if self._lean is None:
             self._start(self._send(batch))
-        elif self._parked or not self._write(batch):
+        elif self._parked or self._running_again or not self._write(batch):
             self._parked.append(batch)
-            if len(self._parked) == 1:
+            if len(self._parked) == 1 and not self._running_again:
                 self._start(self._write_parked())
 
-    def _write(self, batch: list[_Call]) -> bool:
-        """Write `batch` on the lean connection now; False (nothing written) if it is not ready."""
+    def _write(self, batch: list[_Call], again: bool = False) -> bool:
+        """Write `batch` on the lean connection now; False (nothing written) if it is not ready.
+        `again`: calls answered NOSCRIPT, run again by their script's source."""
         assert self._lean is not None and self._loop is not None
         written: asyncio.Future[None] = self._loop.create_future()  # for `close`
-        if not self._lean.send(_pack_batch(batch), len(batch), partial(self._answered, batch, written)):
+        if again:
+            payload, answered = _pack(batch, _Call.by_source), self._answered_again
+        else:
+            payload, answered = _pack(batch), self._answered
+        if not self._lean.send(payload, len(batch), partial(answered, batch, written)):
             return False
         self._sending.add(written)
         return True
 
     async def _write_parked(self) -> None:
-        """Connect, then write the parked batches in the order they were made; if the connection
-        cannot be made, each of their calls fails with why."""
+        """Connect, then write the parked batches; if the connection cannot be made, each of their
+        calls fails with why."""
         assert self._lean is not None
         try:
             await self._lean.connected()
@@ -120,12 +146,17 @@ class EvalBatcher:
             parked, self._parked = self._parked, []
             _fail(chain.from_iterable(parked), exc)
             return
-        parked, self._parked = self._parked, []
-        for i, batch in enumerate(parked):
-            if not self._write(batch):  # lost again already: the rest wait for the next connection
-                self._parked = parked[i:] + self._parked
+        self._unpark()
+
+    def _unpark(self) -> None:
+        """Write the parked batches in the order they were made, unless calls run again are still
+        owed their replies (the last of those replies writes them); if the connection is lost
+        again, the rest wait for the next one."""
+        while self._parked and not self._running_again:
+            if not self._write(self._parked[0]):
                 self._start(self._write_parked())
                 return
+            del self._parked[0]
 
     def _start(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -135,65 +166,91 @@ class EvalBatcher:
     def _answered(
         self, batch: list[_Call], written: asyncio.Future[None], replies: list[Any] | BaseException
     ) -> None:
-        """A batch written on the lean connection: its replies, or the exception that lost it."""
+        """A batch written on the lean connection: its replies, or the exception that lost it. The
+        calls answered NOSCRIPT are written again at once, in order, so that nothing made later
+        (and not written yet) goes before them."""
+        self._replied(written)
+        if isinstance(replies, BaseException):  # the connection was lost: every call fails with it
+            _fail(batch, replies)
+        elif lost := _settle(batch, replies):
+            if self._write(lost, again=True):
+                self._running_again += 1
+            else:
+                _fail(lost, RedisConnectionError("the connection to Redis was lost"))
+
+    def _answered_again(
+        self, batch: list[_Call], written: asyncio.Future[None], replies: list[Any] | BaseException
+    ) -> None:
+        """Calls run again on the lean connection: what they answer is final (an error fails its
+        caller, whatever it is). Once none is owed, the batches parked meanwhile are written."""
+        self._replied(written)
+        self._running_again -= 1
+        self._unpark()
+        _answer(batch, replies)
+
+    def _replied(self, written: asyncio.Future[None]) -> None:
+        """A lean write has all its replies: `close` no longer waits for it."""
         self._sending.discard(written)
         if not written.done():  # (a cancelled `close` may have cancelled it)
             written.set_result(None)
-        if isinstance(replies, BaseException):  # the connection was lost: every call fails with it
-            _fail(batch, replies)
-            return
-        self._settle(batch, replies)
 
     async def _send(self, batch: list[_Call]) -> None:
         try:
             async with self._in_flight:
-                replies = await self._execute(batch)
+                lost = _settle(batch, await self._execute(batch, _Call.by_sha))
+                if lost:  # the server forgot the scripts: run them again, in order, by their source
+                    _answer(lost, await self._execute(lost, _Call.by_source))
         except BaseException as exc:
             _fail(batch, exc)
-            return
-        self._settle(batch, replies)
 
-    def _settle(self, batch: list[_Call], replies: list[Any]) -> None:
-        """Each caller its reply (an error reply as its exception); NOSCRIPT is retried after
-        loading the script (a task)."""
-        for call, reply in zip(batch, replies, strict=True):
-            if isinstance(reply, NoScriptError):
-                self._start(self._reload_and_retry(call))
-            else:
-                resolve(call.future, reply)
-
-    async def _execute(self, batch: list[_Call]) -> list[Any]:
+    async def _execute(self, batch: list[_Call], command: Command) -> list[Any]:
         pool = getattr(self._client, "connection_pool", None)
         if pool is not None:
-            return await _on_one_connection(pool, batch)
+            return await _on_one_connection(pool, _pack(batch, command), len(batch))
         pipe = self._client.pipeline(transaction=False)  # a cluster: it routes each call's slot
         for call in batch:
-            pipe.execute_command("EVALSHA", *call.argv())
+            pipe.execute_command(*command(call))
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
 
-    async def _reload_and_retry(self, call: _Call) -> None:
-        """The server lost its scripts (restart, SCRIPT FLUSH): load this one and run the call again."""
-        try:
-            await self._client.script_load(call.script.source)
-            reply = await self._client.execute_command("EVALSHA", *call.argv())
-        except Exception as exc:
-            resolve(call.future, exc)
-        else:
-            resolve(call.future, reply)
-
     async def close(self, wait: float = CLOSE_WAIT) -> None:
         """Refuse new calls, send what is queued, wait up to `wait` seconds for the batches in
-        flight, then close (what is still unanswered on the lean connection fails at once)."""
+        flight (and the calls they run again), then close (what is still unanswered on the lean
+        connection fails at once)."""
         self._closed = True
         if self._queue:
             self._flush()
         if self._sending:
-            await asyncio.wait(set(self._sending), timeout=wait)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + wait
+            # until none is left: a batch answered NOSCRIPT writes its calls again as it ends
+            while self._sending and (left := deadline - loop.time()) > 0:
+                await asyncio.wait(set(self._sending), timeout=left)
         if self._lean is not None:
             await self._lean.close()
         while self._sending:
             await asyncio.gather(*self._sending, return_exceptions=True)
+
+
+def _settle(batch: list[_Call], replies: list[Any]) -> list[_Call]:
+    """Each caller its reply (an error reply as its exception), but for the calls answered
+    NOSCRIPT: returned, in order, to be run again."""
+    lost = []
+    for call, reply in zip(batch, replies, strict=True):
+        if isinstance(reply, NoScriptError):
+            lost.append(call)
+        else:
+            resolve(call.future, reply)
+    return lost
+
+
+def _answer(calls: list[_Call], replies: list[Any] | BaseException) -> None:
+    """Each call its reply, whatever it is; or all of them the exception that lost them."""
+    if isinstance(replies, BaseException):
+        _fail(calls, replies)
+        return
+    for call, reply in zip(calls, replies, strict=True):
+        resolve(call.future, reply)
 
 
 def _fail(calls: Iterable[_Call], exc: BaseException) -> None:
@@ -205,8 +262,9 @@ def _fail(calls: Iterable[_Call], exc: BaseException) -> None:
         raise exc
 
 
-async def _on_one_connection(pool: Any, batch: list[_Call]) -> list[Any]:
-    """Send a standalone server the whole batch in one write and read the replies in order.
+async def _on_one_connection(pool: Any, payload: bytes, count: int) -> list[Any]:
+    """Send a standalone server a whole batch (`payload`, `count` commands) in one write and read
+    the replies in order.
 
     What redis-py's pipeline does, without its per-call bookkeeping (command stack, response
     callbacks, retry wrapper, per-argument encoders), which cost more CPU than the calls
@@ -215,9 +273,9 @@ async def _on_one_connection(pool: Any, batch: list[_Call]) -> list[Any]:
     """
     connection = await pool.get_connection()
     try:
-        await connection.send_packed_command(_pack_batch(batch))
+        await connection.send_packed_command(payload)
         replies: list[Any] = []
-        for _ in batch:
+        for _ in range(count):
             try:
                 replies.append(await connection.read_response())
             except ResponseError as exc:
@@ -230,9 +288,5 @@ async def _on_one_connection(pool: Any, batch: list[_Call]) -> list[Any]:
         await pool.release(connection)
 
 
-def _pack_evalsha(call: _Call) -> bytes:
-    return repeating_command("EVALSHA", *call.argv())
-
-
-def _pack_batch(batch: list[_Call]) -> bytes:
-    return b"".join([_pack_evalsha(call) for call in batch])
+def _pack(batch: list[_Call], command: Command = _Call.by_sha) -> bytes:
+    return b"".join([repeating_command(*command(call)) for call in batch])

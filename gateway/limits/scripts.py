@@ -2,7 +2,8 @@
 
 Each is registered once (SCRIPT LOAD at start, on every primary of a cluster) and then only run
 by its SHA-1. A server that has forgotten it (restarted, failed over, SCRIPT FLUSH) answers
-NOSCRIPT, and the script is loaded again and the call repeated, so recovery needs nobody.
+NOSCRIPT, and the call is run again by the script's source (EVAL), which registers it again, so
+recovery needs nobody (batching.py: in the order the calls were made).
 """
 
 from __future__ import annotations

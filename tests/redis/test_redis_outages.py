@@ -67,6 +67,29 @@ async def test_scripts_are_registered_again_after_a_flush(redis_server: RedisSer
     await backend.close()
 
 
+async def test_after_a_flush_settles_still_reach_redis_before_the_next_reserves(
+    redis_server: RedisServer,
+) -> None:
+    """Every call answers NOSCRIPT and runs again: in the order made all the same
+    (`settles_in_order`). Each tenant (one request at a time) settles its request and starts its
+    next one in the same turn: that reserve would be refused if it ran before the settle."""
+    backend = Backend("redis", url=redis_server.url)
+    store = await backend.store()
+    assert store.settles_in_order
+    plans = [plan(new_tenant(), tenant_settings({**LIMITS, "concurrent_requests": 1})) for _ in range(20)]
+    held = [(await store.reserve(p, ESTIMATE, request_id="a", model="m")).reservation for p in plans]
+    await backend.raw().script_flush()
+    calls = []
+    for p, reservation in zip(plans, held, strict=True):
+        assert reservation is not None
+        calls.append(store.settle(reservation, ESTIMATE, outcome="ok"))
+        calls.append(store.reserve(p, ESTIMATE, request_id="b", model="m"))
+    results = await asyncio.gather(*calls)
+    assert results[0::2] == [True] * len(plans)
+    assert [admission.allowed for admission in results[1::2]] == [True] * len(plans)
+    await backend.close()
+
+
 @pytest.mark.parametrize("tenant", ["plain", "odd}name{with:braces", "{tag}"])
 async def test_a_tenants_keys_share_one_cluster_slot(redis_cluster: RedisClusterNodes, tenant: str) -> None:
     backend = Backend("cluster", url=redis_cluster.url)

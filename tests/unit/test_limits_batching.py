@@ -13,20 +13,21 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from gateway.limits import resp
-from gateway.limits.batching import EvalBatcher, _Call, _pack_evalsha
+from gateway.limits.batching import EvalBatcher, _Call, _pack
 from gateway.limits.resp import _Protocol, command, repeating_command
 from gateway.limits.scripts import RESERVE
 
 
-async def test_evalsha_is_packed_exactly_as_redis_py_packs_it() -> None:
+async def test_evalsha_and_eval_are_packed_exactly_as_redis_py_packs_them() -> None:
     keys = ["igw:{équipe 🎨}:rsv:r.1", "igw:{équipe 🎨}:settled:r.1", ""]
     args: list[str | int | bytes] = ["r.1", 20_413, "enforce", "gpt-image-1.5", 0, -1, "rate 10 1 0 0", 2**70]
     args += [b"\r\n$3\x00\xff", b"", "1", b"1", 1, "20413", b"r.1"]  # binary; the same as another type
     future = asyncio.get_running_loop().create_future()
     for call in (_Call(RESERVE, keys, args, future), _Call(RESERVE, keys, args[::-1], future)):
-        expected = b"".join(Connection().pack_command("EVALSHA", *call.argv()))
-        assert _pack_evalsha(call) == expected
-        assert _pack_evalsha(call) == expected  # its arguments' encodings kept
+        for as_command in (_Call.by_sha, _Call.by_source):
+            expected = b"".join(Connection().pack_command(*as_command(call)))
+            assert _pack([call], as_command) == expected
+            assert _pack([call], as_command) == expected  # its arguments' encodings kept
 
 
 def test_repeating_command_encodes_what_it_keeps_no_longer_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
