@@ -203,3 +203,18 @@ class UpstreamTimeout(GatewayError):
     status = 504
     type = "upstream_error"
     code = "upstream_timeout"
+
+
+def type_for_status(status: int) -> str:
+    """The error `type` this module gives its own errors of `status`: for an upstream's error that
+    came without one (DigitalOcean's `{"id", "message", "request_id"}`), so clients see it in the
+    same terms as the gateway's own."""
+    if status == RateLimited.status:
+        return RateLimited.type
+    if status == StoreUnavailable.status:
+        return StoreUnavailable.type
+    if status in (UpstreamUnavailable.status, UpstreamTimeout.status):
+        return UpstreamUnavailable.type
+    if status >= InternalError.status:
+        return InternalError.type
+    return InvalidRequest.type

@@ -389,9 +389,10 @@ class Pipeline:
             return admitted.estimate, "estimate"
         if cost is not None:
             return cost, "usage"
-        # A 2xx answer, JSON or a stream however early it broke, means the upstream took the work.
-        if reader.error is not None and reader.event_count == 1:
-            return Cost(), "refund"  # the upstream's only event was its error: nothing was generated
+        # A 2xx answer, JSON or a stream however early it broke, means the upstream took the work,
+        # unless it said it failed before it sent any image, partial or final: nothing was made.
+        if reader.error is not None and not reader.image_events:
+            return Cost(), "refund"
         return admitted.estimate, "estimate"
 
     def record_usage(self, tenant: str, model: str, admitted: Admitted, actual: Cost, how: str) -> None:

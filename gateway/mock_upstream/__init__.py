@@ -21,7 +21,10 @@ Test-only request headers (values "1"/"true" switch a flag on):
                                 JSON body), with no terminating chunk; K >= total: no failure
 - `x-mock-sse-crlf: 1`          CRLF line endings in the stream
 - `x-mock-sse-comments: 1`      a `: keep-alive` comment block before every stream event
-- `x-mock-sse-done: 1`          end the stream with `data: [DONE]`
+- `x-mock-sse-error-after-events: K`  after K stream events, an `error` event (FACTS §4's shape)
+                                instead of the rest; K >= total: no error
+- `x-mock-sse-done: 1`          end the stream with `data: [DONE]` (after its error event, if any)
+`MockOptions.sse_error_after_events` and `.sse_done` set the last two for every stream.
 
 Recorded headers are a `dict[str, str]` with lower-case keys that also answers lookups in any case.
 The record keeps at least the 10,000 most recent requests (older ones go once it reaches 20,000).

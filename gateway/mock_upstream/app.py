@@ -153,7 +153,7 @@ async def _models(request: web.Request) -> web.StreamResponse:
 async def _knobs(request: web.Request) -> Knobs:
     """The test-only switches; waits the latency and raises a forced status."""
     options = request.app[OPTIONS]
-    knobs = Knobs.from_headers(request.headers)
+    knobs = Knobs.from_headers(request.headers, options)
     latency_ms = options.latency_ms if knobs.latency_ms is None else knobs.latency_ms
     if latency_ms > 0:
         await asyncio.sleep(latency_ms / 1000)

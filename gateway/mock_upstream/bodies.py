@@ -2,7 +2,8 @@
 
 Nothing builds a whole response in memory: the JSON body is written as head, one image at a time,
 tail (with `Content-Length`); the stream writes one event per write. `Knobs` carries the test-only
-`x-mock-*` switches that shape the bytes (line endings, comments, `[DONE]`, a dropped connection).
+`x-mock-*` switches that shape the bytes (line endings, comments, an `error` event, `[DONE]`, a
+dropped connection).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from gateway.mock_upstream.errors import UpstreamError
+from gateway.mock_upstream.options import MockOptions
 from gateway.mock_upstream.validation import Generation
 
 ImageSource = Callable[[int], Awaitable[bytes]]  # variant -> base64 image (0 final, 1.. partials)
@@ -35,14 +37,18 @@ class Knobs:
     usage_first: bool = False
     crlf: bool = False
     comments: bool = False
+    error_after: int | None = None
     done: bool = False
 
     @classmethod
-    def from_headers(cls, headers: Mapping[str, str]) -> Knobs:
+    def from_headers(cls, headers: Mapping[str, str], options: MockOptions) -> Knobs:
+        """The knobs a request's headers set; the stream's error and `[DONE]` default to `options`."""
         status = _int_header(headers, "x-mock-status")
         if status is not None and not 400 <= status <= 599:
             raise UpstreamError(400, "x-mock-status must be between 400 and 599.", param="x-mock-status")
         fail_after = _int_header(headers, "x-mock-fail-after-events")
+        error_after = _int_header(headers, "x-mock-sse-error-after-events")
+        done = headers.get("x-mock-sse-done")
         return cls(
             latency_ms=_header(headers, "x-mock-latency-ms"),
             status=status,
@@ -50,7 +56,8 @@ class Knobs:
             usage_first=headers.get("x-mock-usage-first", "").lower() in _TRUE,
             crlf=headers.get("x-mock-sse-crlf", "").lower() in _TRUE,
             comments=headers.get("x-mock-sse-comments", "").lower() in _TRUE,
-            done=headers.get("x-mock-sse-done", "").lower() in _TRUE,
+            error_after=options.sse_error_after_events if error_after is None else error_after,
+            done=options.sse_done if done is None else done.lower() in _TRUE,
         )
 
 
@@ -146,14 +153,33 @@ async def _events(reply: Reply, eol: bytes) -> list[Callable[[], bytes]]:
     return events
 
 
+_STREAM_ERROR = {
+    "type": "error",
+    "error": {
+        "message": "Mock upstream failing the stream as asked.",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    },
+}
+
+
+def _error_event(eol: bytes) -> bytes:
+    """An error after the stream has begun, as FACTS §4 shapes it (what openai-python raises on)."""
+    return b"event: error" + eol + b"data: " + orjson.dumps(_STREAM_ERROR) + eol + eol
+
+
 async def write_sse(
     request: web.Request, reply: Reply, knobs: Knobs, interval_s: float
 ) -> web.StreamResponse:
     """The `image_generation.*` (`image_edit.*`) event stream: one completed event per image, each
-    with its own `usage`."""
+    with its own `usage`; or, when a knob says so, an `error` event instead of the events after the
+    first K (a generation that failed once the stream had begun)."""
     eol = b"\r\n" if knobs.crlf else b"\n"
     comment = b": keep-alive" + eol + eol if knobs.comments else b""
     events = await _events(reply, eol)
+    if knobs.error_after is not None and knobs.error_after < len(events):
+        events = [*events[: knobs.error_after], functools.partial(_error_event, eol)]
     headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
     response = web.StreamResponse(headers=headers)
     await response.prepare(request)

@@ -28,6 +28,10 @@ class MockOptions:
     retry_after: float | None = None  # the `Retry-After` seconds sent with a forced failure
     hang_ms: float = 0.0  # hold every generation this long after reading it (a read timeout's cause)
     serve_dall_e_2: bool = False  # an upstream that still serves dall-e-2 edits and variations
+    # Every stream's defaults for the `x-mock-sse-error-after-events` and `x-mock-sse-done` knobs,
+    # for tests that reach the mock through the gateway (which does not forward `x-mock-*` headers).
+    sse_error_after_events: int | None = None
+    sse_done: bool = False
 
 
 class Headers(dict[str, str]):

@@ -17,6 +17,10 @@ spliced onto half an event would corrupt it for parsers. A JSON body that fails 
 JSON answer's headers go out with its first body bytes: one that fails before them has sent nothing,
 so `relay` raises the failure and the client gets it as an error answer, as when the upstream fails
 before its headers.
+
+The one exception to bytes relayed unchanged: a non-2xx answer is read whole first (an error body
+is small; one past `ERROR_BODY_CAP` goes through as it comes), so that one not in OpenAI's shape
+reaches the client in it (`gateway.upstreams.transport.openai_error`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from gateway.logs import get_logger
 from gateway.relay.usage import UsageReader, usage_reader
 from gateway.runtime import Target
 from gateway.upstreams.client import Response, UpstreamError
-from gateway.upstreams.transport import translate
+from gateway.upstreams.transport import ERROR_BODY_CAP, openai_error, translate
 
 log = get_logger("gateway.relay")
 
@@ -76,7 +80,11 @@ async def relay(
     try:
         if streaming:  # a JSON answer's are prepared with its first body bytes (`_Client.write`)
             await client.prepare()
-        await _pump(upstream, client)
+            await _pump(upstream, client)
+        elif upstream.status >= 400:
+            await _relay_error(upstream, client, target)
+        else:
+            await _pump(upstream, client)
     except (UpstreamError, OSError) as exc:
         failure = translate(exc, target)
         if not response.prepared:
@@ -99,6 +107,27 @@ async def _pump(upstream: Response, client: _Client) -> None:
             break
         await client.write(chunk)  # once the client is gone, this keeps draining for the usage
     await client.finish(chunk)
+
+
+async def _relay_error(upstream: Response, client: _Client, target: Target) -> None:
+    """A non-2xx answer: read whole, then sent as it came or, when it is not in OpenAI's shape,
+    as `openai_error` rewrites it. One past `ERROR_BODY_CAP` is relayed as it comes."""
+    body = b""
+    while chunk := await upstream.read():
+        body += chunk
+        if len(body) > ERROR_BODY_CAP:
+            await client.write(body)
+            await _pump(upstream, client)
+            return
+        if upstream.ended:
+            break
+    rewritten = openai_error(upstream.status, upstream.headers, body, target.upstream_name)
+    if rewritten is not None:
+        body, headers = rewritten
+        response = client.outcome.response
+        response.headers.update(headers)
+        response.content_length = len(body)
+    await client.finish(body)
 
 
 class _HeadersWithBody(web.StreamResponse):

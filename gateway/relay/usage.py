@@ -8,7 +8,8 @@ for a stream only a fixed set of running sums is kept.
 
 - `JsonUsageReader`: a JSON body; `usage` and the number of objects in the top-level `data` array.
 - `SSEUsageReader`: a `text/event-stream` body, framed by `gateway.relay.sse.SSEParser`, each event's
-  data fed to its own `JsonDocument`; the stream's usage, its completed images and its first error.
+  data fed to its own `JsonDocument`; the stream's usage, its completed images, its image events
+  (partial or completed) and its first error.
 - `usage_reader(content_type)` picks one. Neither raises on a truncated or non-JSON body.
 
 The usage of a stream. A streamed request for n images has one completed event per image
@@ -59,8 +60,10 @@ class UsageReader(Protocol):
         `error` event), which is where openai-python stops reading. JSON: None."""
 
     @property
-    def event_count(self) -> int:
-        """SSE: events dispatched. JSON: 0."""
+    def image_events(self) -> int:
+        """SSE: image events dispatched, partial or completed (see `_IMAGE_EVENTS`): none means no
+        image was begun, whatever else the stream held (an error, `[DONE]`, an unknown event).
+        JSON: 0."""
 
     @property
     def done(self) -> bool:
@@ -79,7 +82,7 @@ class JsonUsageReader:
     """
 
     error: dict[str, Any] | None = None
-    event_count = 0
+    image_events = 0
     done = False
 
     def __init__(self, small_body: int = KEPT_CAP) -> None:
@@ -108,6 +111,8 @@ class JsonUsageReader:
 _EVENT_KEYS = frozenset({b"type", b"usage", b"error", b"message"})
 _DONE = b"[DONE]"
 _COMPLETED = frozenset({"image_generation.completed", "image_edit.completed"})
+# The events that carry an image, final or partial: the upstream's proof that it generated.
+_IMAGE_EVENTS = _COMPLETED | {"image_generation.partial_image", "image_edit.partial_image"}
 # The counts a stream's usage sums, in the order of OpenAI's `usage` object: (key, detail key).
 _COUNTS: tuple[tuple[str, str | None], ...] = (
     ("input_tokens", None),
@@ -170,7 +175,8 @@ class UsageSum:
 
 
 class SSEUsageReader:
-    """An event stream: its usage (see the module docstring), its completed images, its first error.
+    """An event stream: its usage (see the module docstring), its completed images, its image events,
+    its first error.
 
     Only dispatched events count (what a client saw); anything after `data: [DONE]` is ignored, as
     openai-python stops reading there. An event's data is kept and parsed whole while it is at most
@@ -190,7 +196,7 @@ class SSEUsageReader:
         self._other_usage: dict[str, Any] | None = None  # the last `usage` of another event
         self.images = 0
         self.error: dict[str, Any] | None = None
-        self.event_count = 0
+        self.image_events = 0
 
     @property
     def done(self) -> bool:
@@ -241,7 +247,6 @@ class SSEUsageReader:
 
     def _on_dispatch(self, dispatch: Dispatch) -> bool:
         """Read a dispatched event; False once it was the `[DONE]` sentinel."""
-        self.event_count += 1
         event, span = dispatch.event or "", self._span
         if span is not None:  # the whole data in one span, as an upstream nearly always writes it
             self._span = None
@@ -269,6 +274,7 @@ class SSEUsageReader:
         kind = values.get("type")
         completed = event in _COMPLETED or (isinstance(kind, str) and kind in _COMPLETED)
         self.images += completed
+        self.image_events += event in _IMAGE_EVENTS or (isinstance(kind, str) and kind in _IMAGE_EVENTS)
         usage = values.get("usage")
         if isinstance(usage, dict):
             if completed:

@@ -10,8 +10,9 @@ The next target is tried only when the previous attempt cannot have produced a b
 Never after a read timeout or a dropped connection once the body was sent (the upstream may be
 generating: a second attempt could bill a second image), after any other 4xx (the request is
 wrong everywhere: relayed as it is), or after a 500 by default. When the last possible target
-answers a retryable status, that answer is relayed as the upstream gave it; when it could not be
-reached, the client gets the gateway's 502/504. Ejected and cooling upstreams are skipped without
+answers a retryable status, that answer is relayed as the upstream gave it (in OpenAI's shape if
+it was not: `transport.openai_error`); when it could not be reached, the client gets the gateway's
+502/504. Ejected and cooling upstreams are skipped without
 a connection attempt (see `health`); if every target of a route is ejected, they are tried anyway
 (one sick upstream is better than none). A target whose provider quota is spent is skipped too;
 when every target was skipped for quota or cool-down, the client gets 429 with the earliest

@@ -6,15 +6,29 @@ target. Network failures (the client's `UpstreamError`s) become GatewayErrors he
 unreachable, 504 timeout), so no other module handles them. A generation can take minutes, so
 there is no total timeout: the connect timeout bounds reaching the upstream and the read timeout
 bounds the silence between two reads.
+
+An upstream's error answer reaches the client in OpenAI's shape, which the SDKs read their
+`code`, `type` and `param` from: one that has it goes as it came, byte for byte; a JSON object
+without an `error` object (DigitalOcean's `{"id", "message", "request_id"}`, FACTS §5) is
+rewritten by `openai_error` with its message kept, its `id` as the code and its `request_id` in
+`x-upstream-request-id`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
+import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable, drop_tracebacks
+from gateway.errors import (
+    GatewayError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    drop_tracebacks,
+    type_for_status,
+)
 from gateway.runtime import Target
 from gateway.upstreams.client import (
     ConnectFailed,
@@ -79,6 +93,43 @@ def relayable_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     if "x-request-id" in upstream:
         headers["x-upstream-request-id"] = upstream["x-request-id"]
     return headers
+
+
+# An upstream's error body is read whole to be translated only up to this size; a bigger one is no
+# error body a client could use, and goes through as it comes.
+ERROR_BODY_CAP = 64 * 1024
+# What an upstream's error id or request id must look like to become a code or a header value:
+# a short token, never text that could carry a line break or a message.
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def openai_error(
+    status: int, headers: Mapping[str, str], body: bytes, upstream: str
+) -> tuple[bytes, dict[str, str]] | None:
+    """The OpenAI-shaped body (and the headers to add) for an upstream's non-2xx answer whose body
+    is a JSON object without an `error` object; None for any other body, relayed as it came."""
+    if headers.get("Content-Encoding", "identity").lower() != "identity":
+        return None
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(parsed, dict) or isinstance(parsed.get("error"), dict):
+        return None
+    message = next(
+        (text for key in ("message", "error") if isinstance(text := parsed.get(key), str) and text),
+        f"Upstream {upstream!r} answered {status}.",
+    )
+    code, request_id = _token(parsed.get("id")), _token(parsed.get("request_id"))
+    error = {"message": message, "type": type_for_status(status), "param": None, "code": code}
+    added = {"Content-Type": "application/json"}
+    if request_id is not None and "x-request-id" not in headers:
+        added["x-upstream-request-id"] = request_id
+    return orjson.dumps({"error": error}), added
+
+
+def _token(value: object) -> str | None:
+    return value if isinstance(value, str) and _TOKEN.fullmatch(value) else None
 
 
 async def send(

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -114,7 +115,8 @@ async def test_unknown_path_is_404(gateway: Running) -> None:
     ("status", "error_body"),
     [
         (500, b'{"error":{"message":"boom","type":"server_error","param":null,"code":null}}'),
-        (400, b'{"id":"bad_request","message":"size is required","request_id":"r-1"}'),
+        (400, b'{"error": {"message": "size is required", "type": "invalid_request_error"}, "x": 1}'),
+        (502, b"<html><body>502 Bad Gateway</body></html>"),  # not JSON: nothing to translate
         (
             429,
             b'{"error":{"message":"slow down","type":"requests","param":null,"code":"rate_limit_exceeded"}}',
@@ -124,6 +126,7 @@ async def test_unknown_path_is_404(gateway: Running) -> None:
 async def test_upstream_errors_are_relayed_unchanged(
     start_server: StartServer, start_gateway: StartGateway, status: int, error_body: bytes
 ) -> None:
+    """Bodies already in OpenAI's shape (or not JSON at all) go through byte for byte."""
     upstream = ScriptedUpstream(Script(status=status, content_type="application/json", chunks=[error_body]))
     server = await start_server(upstream.app())
     gw = await start_gateway(openai_url=base_url(server))
@@ -131,6 +134,25 @@ async def test_upstream_errors_are_relayed_unchanged(
         async with session.post(f"{gw.v1}/images/generations", json=GOOD, headers=AUTH) as resp:
             assert resp.status == status
             assert await resp.read() == error_body
+
+
+async def test_an_upstream_error_in_another_shape_is_relayed_in_openais(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    """DigitalOcean's `{"id", "message", "request_id"}` (FACTS §5), cut across chunks: the client gets
+    `{"error": {...}}` with the message, the id as its code, the request id in a header."""
+    do_body = b'{"id":"bad_request","message":"size is required","request_id":"r-1"}'
+    upstream = ScriptedUpstream(
+        Script(status=400, content_type="application/json", chunks=[do_body[:9], do_body[9:]])
+    )
+    server = await start_server(upstream.app())
+    gw = await start_gateway(openai_url=base_url(server))
+    status, body, headers = await call(gw.url, json=GOOD, headers=AUTH)
+    assert status == 400
+    assert_error(body, "invalid_request_error", "bad_request")
+    assert body["error"]["message"] == "size is required"
+    assert headers["x-upstream-request-id"] == "r-1"
+    assert int(headers["Content-Length"]) == len(orjson.dumps(body))
 
 
 async def test_unreachable_upstream_is_502(start_gateway: StartGateway) -> None:

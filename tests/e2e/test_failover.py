@@ -213,7 +213,8 @@ async def test_every_target_failing_gives_the_last_failure(
         status, body, headers = await generate(session, gw.url, {"model": ROUTE, "prompt": PROMPT})
     assert status == 503
     assert headers["x-gateway-upstream"] == "digitalocean"
-    assert "as asked" in body["message"]  # DigitalOcean's own error body, as it sent it
+    # DigitalOcean's own error (its message, its id as the code), in OpenAI's shape
+    assert "as asked" in body["error"]["message"] and body["error"]["code"] == "service_unavailable"
     assert (generations(first), generations(last)) == (1, 1)
 
     closed = f"{refusing_url}/v1"

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -25,7 +26,7 @@ from structlog.testing import capture_logs
 from gateway.app import PIPELINE, create_app
 from gateway.front.connections import FrontRunner
 from gateway.health import STORE
-from gateway.mock_upstream import RECEIVED
+from gateway.mock_upstream import RECEIVED, MockOptions, create_mock_app
 from gateway.process.shutdown import drain
 from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.e2e.test_quotas import (
@@ -49,7 +50,7 @@ from tests.e2e.test_quotas import (
     usage_body,
 )
 from tests.support import redis_servers
-from tests.support.config import make_settings
+from tests.support.config import TENANT_KEY, UPSTREAM_KEY, make_settings
 from tests.support.redis_servers import RedisServer, free_port
 from tests.support.scripted_upstream import Script, ScriptedUpstream
 
@@ -72,9 +73,12 @@ LOW_USAGE = usage_body(text=5, image_in=0, output=272)
 
 
 async def gateway_on(
-    start_server: StartServer, start_gateway: StartGateway, redis: RedisServer, upstream: ScriptedUpstream
+    start_server: StartServer,
+    start_gateway: StartGateway,
+    redis: RedisServer,
+    upstream: ScriptedUpstream | web.Application,
 ) -> Running:
-    server = await start_server(upstream.app())
+    server = await start_server(upstream if isinstance(upstream, web.Application) else upstream.app())
     return await start_gateway(
         openai_url=base_url(server),
         store=redis_store(redis),
@@ -268,12 +272,36 @@ STREAM_ERROR = (
 )
 
 
-@pytest.mark.parametrize("partial", [False, True], ids=["error_only", "partial_then_error"])
+DONE = b"data: [DONE]\n\n"
+IN_PROGRESS = b'event: image_generation.in_progress\ndata: {"type":"image_generation.in_progress"}\n\n'
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ([], []),
+        ([], [DONE]),  # as some relays end every stream (FACTS §3)
+        ([b": keep-alive\n\n", IN_PROGRESS], [DONE]),
+        ([PARTIAL], []),
+        ([PARTIAL], [DONE]),
+    ],
+    ids=[
+        "error_only",
+        "error_then_done",
+        "unknown_event_then_error",
+        "partial_then_error",
+        "partial_error_done",
+    ],
+)
 async def test_an_error_event_inside_a_200_stream_is_a_failure(
-    start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis, partial: bool
+    start_server: StartServer,
+    start_gateway: StartGateway,
+    redis_factory: MakeRedis,
+    before: list[bytes],
+    after: list[bytes],
 ) -> None:
     redis = redis_factory()
-    upstream = ScriptedUpstream(Script(chunks=[PARTIAL, STREAM_ERROR] if partial else [STREAM_ERROR]))
+    upstream = ScriptedUpstream(Script(chunks=[*before, STREAM_ERROR, *after]))
     gw = await gateway_on(start_server, start_gateway, redis, upstream)
     async with aiohttp.ClientSession() as session:
         async with session.post(
@@ -282,12 +310,47 @@ async def test_an_error_event_inside_a_200_stream_is_a_failure(
             assert resp.status == 200
             body = await resp.read()
         row = await settled_once(session, gw, redis)
-    assert body.endswith(STREAM_ERROR)  # relayed as it came
+    assert body.endswith(STREAM_ERROR + b"".join(after))  # relayed as it came
     assert gw.metric("gateway_upstream_errors_total", upstream="openai", kind="stream_error") == 1
     assert row["failed"] == 1
-    if partial:  # an image was under way and no usage came: the estimate stands
+    if PARTIAL in before:  # an image was under way and no usage came: the estimate stands
         assert (row["tokens"], row["nano_usd"]) == (LOW_ESTIMATE_TOKENS, LOW_ESTIMATE_NANO_USD)
-    else:  # the upstream failed before generating anything: refunded
+    else:  # the upstream failed before it sent any image: nothing was generated, refunded
+        assert (row["tokens"], row["nano_usd"], row["images"]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("error_after", [0, 1], ids=["error_first", "after_a_partial"])
+async def test_the_mock_upstreams_error_then_done_through_the_sdk(
+    start_server: StartServer, start_gateway: StartGateway, redis_factory: MakeRedis, error_after: int
+) -> None:
+    """The mock's stream that fails with an `error` event then ends with `data: [DONE]`, read by
+    openai-python: it raises on the error; the gateway refunds it unless an image event came first."""
+    redis = redis_factory()
+    mock = create_mock_app(
+        MockOptions(api_key=UPSTREAM_KEY, sse_error_after_events=error_after, sse_done=True)
+    )
+    gw = await gateway_on(start_server, start_gateway, redis, mock)
+    client = openai.AsyncOpenAI(base_url=gw.v1, api_key=TENANT_KEY, max_retries=0)
+    seen: list[str] = []
+    try:
+        stream = await client.images.generate(
+            model=MODEL, prompt=LOW["prompt"], size="1024x1024", quality="low", stream=True, partial_images=1
+        )
+        with pytest.raises(openai.APIError, match="failing the stream as asked"):
+            async for event in stream:
+                seen.append(event.type)
+    finally:
+        await client.close()
+    assert seen == ["image_generation.partial_image"] * error_after
+    async with aiohttp.ClientSession() as session:
+        row = await settled_once(session, gw, redis)
+    assert row["failed"] == 1
+    if error_after:  # an image was under way and no usage came: the estimate stands
+        assert (row["tokens"], row["nano_usd"]) == (
+            LOW_ESTIMATE_TOKENS + 100,
+            LOW_ESTIMATE_NANO_USD + 100 * 32_000,
+        )
+    else:
         assert (row["tokens"], row["nano_usd"], row["images"]) == (0, 0, 0)
 
 

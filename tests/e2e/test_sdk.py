@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import openai
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from PIL import Image
 
-from gateway.mock_upstream import RECEIVED
+from gateway.mock_upstream import RECEIVED, MockOptions, create_mock_app
 from tests.e2e.conftest import Running, StartGateway, base_url
-from tests.support.config import TENANT_KEY
+from tests.support.config import DO_UPSTREAM_KEY, TENANT_KEY
+
+StartServer = Callable[[web.Application], Awaitable[TestServer]]
 
 
 def decode(b64: str) -> Image.Image:
@@ -115,6 +119,43 @@ async def test_what_digitalocean_refuses_is_a_400_naming_the_field_before_anythi
         assert "on digitalocean" in refused.value.message
     await client.close()
     assert mock_do.app[RECEIVED] == []
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (400, (openai.BadRequestError, "invalid_request_error", "bad_request")),
+        (404, (openai.NotFoundError, "invalid_request_error", "not_found")),
+        (429, (openai.RateLimitError, "requests", "too_many_requests")),
+        (500, (openai.InternalServerError, "server_error", "server_error")),
+        (503, (openai.InternalServerError, "service_unavailable_error", "service_unavailable")),
+    ],
+)
+async def test_digitalocean_errors_reach_the_sdk_in_openai_shape(
+    start_server: StartServer,
+    start_gateway: StartGateway,
+    mock_openai: TestServer,
+    status: int,
+    expected: tuple[type[openai.APIStatusError], str, str],
+) -> None:
+    """DigitalOcean answers errors as `{"id", "message", "request_id"}` (FACTS §5); openai-python
+    reads `code`, `type` and `param` from `{"error": {...}}` only, so the gateway rewrites it."""
+    failing = MockOptions(flavor="digitalocean", api_key=DO_UPSTREAM_KEY, fail_status=status)
+    mock_do = await start_server(create_mock_app(failing))
+    gateway = await start_gateway(openai_url=base_url(mock_openai), do_url=base_url(mock_do))
+    client = openai.AsyncOpenAI(base_url=gateway.v1, api_key=TENANT_KEY, max_retries=0)
+    raised, type_, code = expected
+    try:
+        with pytest.raises(raised) as error:
+            await client.images.generate(model="gpt-image-1", prompt="a kite")
+    finally:
+        await client.close()
+    failure = error.value
+    assert (failure.status_code, failure.type, failure.code, failure.param) == (status, type_, code, None)
+    assert isinstance(failure.body, dict)  # what the SDK took out of `{"error": {...}}`
+    assert failure.body["message"] == f"Mock upstream answering with status {status} as asked."
+    assert failure.response.headers["x-upstream-request-id"]  # DigitalOcean's request id, to quote
+    assert len(mock_do.app[RECEIVED]) == 1
 
 
 async def test_pydo_client_through_gateway(gateway: Running) -> None:

@@ -489,6 +489,33 @@ async def test_fail_after_beyond_the_last_event_completes(aiohttp_client: MakeCl
     assert len(sse_events(raw)) == 2
 
 
+@pytest.mark.parametrize(("error_after", "before"), [(0, []), (1, ["image_generation.partial_image"])])
+async def test_stream_error_after_events_then_done(
+    aiohttp_client: MakeClient, error_after: int, before: list[str]
+) -> None:
+    """A generation that fails once the stream began: an `error` event in FACTS §4's shape instead
+    of the rest, then `[DONE]` as some relays send it; by header, or for every stream by option."""
+    knobs = {"x-mock-sse-error-after-events": str(error_after), "x-mock-sse-done": "1"}
+    by_header = await stream(await mock(aiohttp_client), {"partial_images": 2}, knobs)
+    options = await mock(aiohttp_client, sse_error_after_events=error_after, sse_done=True)
+    for raw in (by_header, await stream(options, {"partial_images": 2})):
+        events = sse_events(raw)
+        assert [name for name, _ in events] == [*before, "error"]
+        error = events[-1][1]["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "server_error"
+        assert raw.endswith(b"}\n\ndata: [DONE]\n\n")
+
+
+async def test_stream_error_after_the_last_event_is_no_error(aiohttp_client: MakeClient) -> None:
+    raw = await stream(
+        await mock(aiohttp_client), {"partial_images": 1}, {"x-mock-sse-error-after-events": "2"}
+    )
+    assert [name for name, _ in sse_events(raw)] == [
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+
+
 async def test_json_body_fail_after_images_is_truncated(aiohttp_client: MakeClient) -> None:
     client = await mock(aiohttp_client)
     resp = await client.post(PATH, json={**OK, "n": 3}, headers={**AUTH, "x-mock-fail-after-events": "1"})

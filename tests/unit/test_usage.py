@@ -138,7 +138,7 @@ def test_json_any_split_matches_a_whole_parse(small_body: int, body: bytes, data
     chunks = split(body, data.draw(st.lists(st.integers(0, len(body)), max_size=20)))
     reader = read(chunks, small_body=small_body)
     assert (reader.usage, reader.images) == expected(body)
-    assert reader.error is None and reader.event_count == 0
+    assert reader.error is None and reader.image_events == 0
 
 
 @EVERY_PATH
@@ -264,13 +264,13 @@ def test_sse_usage_and_images_under_every_split(small_body: int, end: str) -> No
     body = stream(end)
     for chunks in every_split(body):
         reader = read(chunks, SSE, small_body)
-        assert (reader.usage, reader.images, reader.event_count, reader.error) == (USAGE, 1, 3, None)
+        assert (reader.usage, reader.images, reader.image_events, reader.error) == (USAGE, 1, 3, None)
 
 
 def test_sse_type_in_data_without_event_line_and_edits() -> None:
     body = event(None, partial(0, "image_edit")) + event(None, completed(prefix="image_edit"))
     reader = read([body.encode()], SSE)
-    assert (reader.usage, reader.images, reader.event_count) == (USAGE, 1, 2)
+    assert (reader.usage, reader.images, reader.image_events) == (USAGE, 1, 2)
 
 
 def no_scanning(*args: object) -> None:
@@ -283,7 +283,7 @@ def test_sse_small_events_are_parsed_whole_not_scanned(monkeypatch: pytest.Monke
     monkeypatch.setattr(JsonScanner, "feed", no_scanning)
     for chunks in every_split(stream("\r\n")):
         reader = read(chunks, SSE)
-        assert (reader.usage, reader.images, reader.event_count, reader.error) == (USAGE, 1, 3, None)
+        assert (reader.usage, reader.images, reader.image_events, reader.error) == (USAGE, 1, 3, None)
 
 
 @pytest.mark.parametrize("content_type", [SSE, "application/json"])
@@ -316,7 +316,7 @@ def test_sse_an_image_with_escapes_is_cut_out_under_every_split(small_body: int)
     )
     for chunks in every_split(body.encode()):
         reader = read(chunks, SSE, small_body)
-        assert (reader.usage, reader.images, reader.event_count) == (USAGE, 1, 2), chunks
+        assert (reader.usage, reader.images, reader.image_events) == (USAGE, 1, 2), chunks
 
 
 @pytest.mark.parametrize("content_type", [SSE, "application/json"])
@@ -495,7 +495,7 @@ def test_sse_done_sentinel_ends_the_stream_for_the_reader(small_body: int) -> No
     body = event(None, completed()) + "data: [DONE]\n\n" + event(None, completed({"total_tokens": 1}))
     for chunks in every_split(body.encode()):
         reader = read(chunks, SSE, small_body)
-        assert (reader.usage, reader.images, reader.event_count) == (USAGE, 1, 2)
+        assert (reader.usage, reader.images, reader.image_events) == (USAGE, 1, 1)
 
 
 @EVERY_PATH
@@ -504,7 +504,49 @@ def test_sse_error_event(small_body: int) -> None:
     body = event(None, partial(0)) + event("error", {"type": "error", "error": error})
     for chunks in every_split(body.encode()):
         reader = read(chunks, SSE, small_body)
-        assert (reader.error, reader.usage, reader.images, reader.event_count) == (error, None, 0, 2)
+        assert (reader.error, reader.usage, reader.images, reader.image_events) == (error, None, 0, 1)
+
+
+@pytest.mark.parametrize(
+    "before",
+    [
+        "",
+        ": keep-alive\n\n",
+        event("image_generation.in_progress", {"type": "image_generation.in_progress"}),
+        event(None, {"type": "x.partial_image", "b64_json": "QQ=="}),
+    ],
+    ids=["nothing", "a_comment", "an_unknown_event", "an_unknown_partial"],
+)
+@pytest.mark.parametrize("after", ["", "data: [DONE]\n\n"], ids=["end", "done"])
+@EVERY_PATH
+def test_sse_an_error_before_any_image_event_counts_no_image_event(
+    small_body: int, before: str, after: str
+) -> None:
+    """What tells the pipeline that nothing was generated (a refund): neither `[DONE]` nor a comment
+    nor an event that carries no image counts, wherever the stream is cut."""
+    error = {"message": "boom", "type": "server_error", "code": None}
+    body = before + event("error", {"type": "error", "error": error}) + after
+    for chunks in every_split(body.encode()):
+        reader = read(chunks, SSE, small_body)
+        assert (reader.error, reader.images, reader.image_events) == (error, 0, 0)
+        assert reader.done == bool(after)
+
+
+@EVERY_PATH
+def test_sse_image_events_are_partials_and_completed_of_both_families(small_body: int) -> None:
+    body = "".join(
+        [
+            event(None, partial(0)),
+            event("image_edit.partial_image", {"b64_json": "QQ=="}),  # named by its `event` field only
+            event("error", {"type": "error", "error": {"message": "late"}}),
+            event(None, completed(None, prefix="image_edit")),  # an image after the error was still made
+            "data: [DONE]\n\n",
+            event(None, partial(1)),  # after [DONE]: never read
+        ]
+    )
+    for chunks in every_split(body.encode()):
+        reader = read(chunks, SSE, small_body)
+        assert (reader.images, reader.image_events, reader.done) == (1, 3, True)
 
 
 @pytest.mark.parametrize(
@@ -538,14 +580,14 @@ def test_sse_truncated_stream_counts_only_dispatched_events(small_body: int) -> 
     cut_in_image = body.index(b"QUJD", body.index(b"completed"))
     for cut in (cut_in_image, len(body) - 2, len(body) - 1):
         reader = read([body[:cut]], SSE, small_body)
-        assert (reader.usage, reader.images, reader.event_count) == (None, 0, 1)
+        assert (reader.usage, reader.images, reader.image_events) == (None, 0, 1)
 
 
 @EVERY_PATH
 def test_sse_data_that_is_not_an_object_is_ignored(small_body: int) -> None:
     body = event(None, "[1, 2]") + event("image_generation.completed", "") + event(None, '"usage"')
     reader = read([body.encode()], SSE, small_body)
-    assert (reader.usage, reader.images, reader.event_count, reader.error) == (None, 1, 3, None)
+    assert (reader.usage, reader.images, reader.image_events, reader.error) == (None, 1, 1, None)
 
 
 @pytest.mark.parametrize("kind", ["response.completed", "x.completed", "image_generation.completed.v2", ""])
@@ -553,10 +595,11 @@ def test_sse_data_that_is_not_an_object_is_ignored(small_body: int) -> None:
 def test_sse_only_image_completed_events_are_images(small_body: int, kind: str) -> None:
     body = event(kind or None, {"type": kind, "usage": USAGE}) + event(None, {"type": ["not", "a", "str"]})
     reader = read([body.encode()], SSE, small_body)
-    assert (reader.usage, reader.images, reader.event_count) == (USAGE, 0, 2)
+    assert (reader.usage, reader.images, reader.image_events) == (USAGE, 0, 0)
 
 
 COMPLETED = ["image_generation.completed", "image_edit.completed"]
+IMAGE_EVENTS = [*COMPLETED, "image_generation.partial_image", "image_edit.partial_image"]
 counts = st.integers(0, 10**6) | st.sampled_from([-1, 1.5, True, "7", None])
 # Per-image usages: OpenAI's counts, each possibly missing or not a count; details possibly absent.
 image_usages = st.fixed_dictionaries(
@@ -597,7 +640,7 @@ def sse_streams(draw: st.DrawFn) -> bytes:
                 st.dictionaries(st.sampled_from(["type", "usage", "x"]), json_values, max_size=3),
             )
         )
-        kind = draw(st.none() | st.sampled_from([*COMPLETED, "error", "other", "x.completed"]))
+        kind = draw(st.none() | st.sampled_from([*IMAGE_EVENTS, "error", "other", "x.completed"]))
         parts.append(event(kind, payload, end, pretty=draw(st.booleans())))
         parts.append(draw(st.sampled_from(["", ": ping" + end, "retry: 10" + end + end])))
     return "".join(parts).encode()
@@ -636,12 +679,12 @@ def reference_sum(usages: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def reference_sse(body: bytes) -> tuple[Any, ...]:
-    completed_usages, other_usage, images, error = [], None, 0, None
-    events = list(iter_events([body]))
-    for sse in events:
+    completed_usages, other_usage, images, image_events, error = [], None, 0, 0, None
+    for sse in iter_events([body]):
         data = orjson.loads(sse.data)
         is_image = sse.event in COMPLETED or data.get("type") in COMPLETED
         images += is_image
+        image_events += sse.event in IMAGE_EVENTS or data.get("type") in IMAGE_EVENTS
         if isinstance(data.get("usage"), dict):
             if is_image:
                 completed_usages.append(data["usage"])
@@ -654,7 +697,7 @@ def reference_sse(body: bytes) -> tuple[Any, ...]:
         elif sse.event == "error":
             error = {"message": data.get("message", "upstream sent an error event")}
     usage = reference_sum(completed_usages) if completed_usages else other_usage
-    return usage, images, error, len(events)
+    return usage, images, error, image_events
 
 
 def shaped(shape: frozenset[tuple[str, ...]], text: int, image_in: int, output: int) -> dict[str, Any]:
@@ -699,7 +742,7 @@ def test_sse_the_cost_of_the_sum_is_the_sum_of_the_costs(
 @given(body=sse_streams(), data=st.data())
 def test_sse_any_split_matches_a_whole_parse(small_body: int, body: bytes, data: st.DataObject) -> None:
     reader = read(split(body, data.draw(st.lists(st.integers(0, len(body)), max_size=20))), SSE, small_body)
-    assert (reader.usage, reader.images, reader.error, reader.event_count) == reference_sse(body)
+    assert (reader.usage, reader.images, reader.error, reader.image_events) == reference_sse(body)
 
 
 # --- factory, memory, speed ------------------------------------------------------------------------
