@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from gateway.admin import create_admin_app
 from gateway.config import ConfigError, Settings
 from gateway.front.access_log import create_request_middleware
-from gateway.front.body import BodyBudget, BodyReader
+from gateway.front.body import BodyBudget
 from gateway.front.connections import name_the_server
 from gateway.health import DRAINING, METRICS, RUNTIME, STORE, add_health_routes
 from gateway.limits import JournalError, Store, create_store
@@ -33,7 +33,7 @@ from gateway.upstreams.pools import Pools
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
 RELOADER = web.AppKey("reloader", Reloader)
-BODIES = web.AppKey("bodies", BodyReader)
+BODIES = web.AppKey("bodies", BodyBudget)
 TRACING = web.AppKey("tracing", Tracing)
 
 
@@ -72,7 +72,8 @@ def create_app(
     app[RELOADER] = Reloader(
         holder, config_path, lambda runtime: metrics.initialise(runtime.settings), server_overrides
     )
-    app[BODIES] = BodyReader(BodyBudget(settings.server.max_buffered_body_bytes, metrics))
+    server = settings.server
+    app[BODIES] = BodyBudget(server.max_buffered_body_bytes, server.tenant_buffered_body_bytes, metrics)
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/v1/images/generations", generations)
     app.router.add_post("/v1/images/edits", edits)

@@ -27,7 +27,7 @@ from gateway.errors import (
 from gateway.front.access_log import RECORD, RequestRecord
 from gateway.front.admission import AdmissionQueue
 from gateway.front.auth import Credential
-from gateway.front.body import BodyReader
+from gateway.front.body import BodyBudget, BodyReader
 from gateway.limits import Admission, Reservation, Store, merge_upstream_limit_headers
 from gateway.logs import get_logger
 from gateway.process.shutdown import CUT_SETTLE_SECONDS
@@ -80,14 +80,17 @@ class Admitted:
 
 class Pipeline:
     def __init__(
-        self, runtime: RuntimeHolder, pools: Pools, store: Store, metrics: Metrics, bodies: BodyReader
+        self, runtime: RuntimeHolder, pools: Pools, store: Store, metrics: Metrics, budget: BodyBudget
     ) -> None:
         self.runtime = runtime
-        self.bodies = bodies
+        self.budget = budget  # bodies being read, each tenant's share of it
         self.store = store
         self.metrics = metrics
         self.charges = ChargeMetrics(metrics)
-        self.admissions = AdmissionQueue(runtime.current.settings.server.max_pending_admissions, metrics)
+        server = runtime.current.settings.server  # (restart-only: the bounds are the process's)
+        self.admissions = AdmissionQueue(
+            server.max_pending_admissions, server.tenant_pending_admissions, metrics
+        )
         self.quota = ProviderQuota(store, metrics)
         self.forwarder = Forwarder(pools, Health(metrics), self.quota, metrics, random.Random())
         self.tasks: set[asyncio.Task[None]] = set()
@@ -100,10 +103,12 @@ class Pipeline:
         runtime = self.runtime.current
         record = request[RECORD]
         record.operation = operation
-        with self.admissions:  # beyond its bound: 503 overloaded, before the body is read
-            credential = runtime.credentials.authenticate(request.headers.get("Authorization"))
-            record.tenant, record.key = credential.tenant, credential.key_label
-            client = await read_request(request, operation, runtime.settings.server, self.bodies)
+        credential = runtime.credentials.authenticate(request.headers.get("Authorization"))
+        record.tenant, record.key = credential.tenant, credential.key_label
+        # Beyond its bound: 503 overloaded; beyond the tenant's share of it: 429. Before the body.
+        with self.admissions.place(credential.tenant):
+            bodies = BodyReader(self.budget, credential.tenant)
+            client = await read_request(request, operation, runtime.settings.server, bodies)
             record.fields.update(client.log_fields())
             try:
                 with record.trace.stage("policy"):

@@ -1,43 +1,87 @@
-"""Load shedding: a bound on the requests this process is deciding at once.
+"""Load shedding: a bound on the requests this process is deciding at once, and on each tenant's share.
 
-A request counts from the moment its handler starts until its admission is decided (refused,
-admitted, or failed on the way). Under a burst larger than the process can decide promptly, the
-work waiting for the event loop grows without bound and every request gets slower, including
-the ones that will be refused. Beyond `server.max_pending_admissions`, a new request is refused
-at once, before its body is read, with 503 `overloaded` and `Retry-After`, counted in
-`gateway_load_shed_total`: an explicit, cheap answer that clients retry, never mistaken for a
-store outage (the store's own timeouts exclude this process's lag; see limits/resp.py).
+A request counts from the moment its key is verified until its admission is decided (refused,
+admitted, or failed on the way), its body's arrival included. Under a burst larger than the process
+can decide promptly, the work waiting for the event loop grows without bound and every request gets
+slower, including the ones that will be refused. Beyond `server.max_pending_admissions`, a new
+request is refused at once, before its body is read, with 503 `overloaded` and `Retry-After`,
+counted in `gateway_load_shed_total`: an explicit, cheap answer that clients retry, never mistaken
+for a store outage (the store's own timeouts exclude this process's lag; see limits/resp.py).
+
+One tenant may hold at most `server.max_tenant_share` of those places: a tenant with many slow
+bodies in flight (or a burst of its own) would otherwise take them all, and every other tenant
+would be shed with it. Beyond its share, its next request is a 429 `rate_limit_exceeded` that names
+the bound, at once and before its body is read, while other tenants are served; 503 `overloaded`
+keeps meaning that the whole process is. Its own limits (`concurrent_requests`...) cannot do this:
+the store is asked only once the body has arrived. The bounds are this process's (per worker).
 """
 
 from __future__ import annotations
 
 from types import TracebackType
 
-from gateway.errors import Overloaded
+from gateway.errors import Overloaded, RateLimited
 from gateway.telemetry.metrics import KeptGauge, Metrics
 
 RETRY_AFTER_SECONDS = 1
 
 
 class AdmissionQueue:
-    """`with queue:` holds a place for the block's duration; entering a full queue raises Overloaded."""
+    """`with queue.place(tenant):` holds a place for the block's duration; entering a full queue
+    raises Overloaded, entering it beyond the tenant's share RateLimited."""
 
-    def __init__(self, max_pending: int, metrics: Metrics) -> None:
+    def __init__(self, max_pending: int, tenant_max_pending: int, metrics: Metrics) -> None:
         self.max_pending = max_pending
+        self.tenant_max_pending = tenant_max_pending
         self.pending = KeptGauge(metrics, metrics.pending_admissions)
+        self.by_tenant: dict[str, int] = {}  # tenants holding places, and how many (none: absent)
         self._metrics = metrics
 
-    def __enter__(self) -> None:
-        pending = self.pending
+    def place(self, tenant: str) -> Place:
+        return Place(self, tenant)
+
+    def enter(self, tenant: str) -> None:
+        pending, held = self.pending, self.by_tenant.get(tenant, 0)
         if pending.value >= self.max_pending:
             self._metrics.load_shed.inc()
             raise Overloaded(
                 "The gateway is overloaded and could not take the request. Retry shortly.",
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
+        if held >= self.tenant_max_pending:
+            self._metrics.tenant_share_refused.labels(tenant, "pending_admissions").inc()
+            raise RateLimited(
+                f"Tenant {tenant!r} has {held} requests waiting for their admission (their bodies"
+                " arriving, or being decided) in this gateway process: its share,"
+                f" {self.tenant_max_pending}, is server.max_tenant_share of"
+                " server.max_pending_admissions. Retry once some of them are decided.",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
         pending.value += 1
+        self.by_tenant[tenant] = held + 1
+
+    def leave(self, tenant: str) -> None:
+        self.pending.value -= 1
+        held = self.by_tenant[tenant]
+        if held == 1:
+            del self.by_tenant[tenant]
+        else:
+            self.by_tenant[tenant] = held - 1
+
+
+class Place:
+    """One request's place in the queue, as a context manager."""
+
+    __slots__ = ("queue", "tenant")
+
+    def __init__(self, queue: AdmissionQueue, tenant: str) -> None:
+        self.queue = queue
+        self.tenant = tenant
+
+    def __enter__(self) -> None:
+        self.queue.enter(self.tenant)
 
     def __exit__(
         self, _type: type[BaseException] | None, _exc: BaseException | None, _tb: TracebackType | None
     ) -> None:
-        self.pending.value -= 1
+        self.queue.leave(self.tenant)

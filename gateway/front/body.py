@@ -7,7 +7,9 @@
   say so; one that has not fully arrived `server.body_timeout_seconds` after its headers is a 408.
 - All bodies being read at once share `server.max_buffered_body_bytes`: a request waits (within its
   body timeout) for room before it reads, so a hundred concurrent 1 MiB uploads cannot grow the
-  process by a hundred MiB; one that finds none in time is a 503 `server_busy`.
+  process by a hundred MiB; one that finds none in time is a 503 `server_busy`. One tenant may hold
+  at most its share of it (`server.max_tenant_share`): beyond, its next body is a 429 at once rather
+  than a wait, so one tenant's slow bodies cannot make every other tenant's wait for room.
 - A client that goes away mid-upload is `ClientGone` (499 in the access log, not an error); broken
   chunked framing is a 400.
 
@@ -28,6 +30,7 @@ from gateway.errors import (
     GatewayError,
     InvalidRequest,
     PayloadTooLarge,
+    RateLimited,
     RequestTimeout,
     ServerBusy,
     UnsupportedMediaType,
@@ -36,23 +39,52 @@ from gateway.telemetry.metrics import Metrics
 
 
 class BodyBudget:
-    """Bytes of request bodies being read at once, across every request of the process."""
+    """Bytes of request bodies being read at once, across every request of the process, and the
+    share of them each tenant may hold."""
 
-    def __init__(self, capacity: int, metrics: Metrics) -> None:
+    def __init__(self, capacity: int, tenant_capacity: int, metrics: Metrics) -> None:
         self.capacity = capacity
+        self.tenant_capacity = tenant_capacity
         self.used = 0
+        self.by_tenant: dict[str, int] = {}  # tenants reading bodies, and their bytes (none: absent)
         self.metrics = metrics
         self._room = asyncio.Condition()
 
-    async def take(self, size: int) -> None:
+    async def take(self, size: int, tenant: str) -> None:
+        """Wait for room for `size` bytes; RateLimited at once if the tenant's share has none, since
+        waiting would let one tenant's slow bodies queue every other tenant's behind them. A tenant
+        reading no body may always read one (its share may be smaller than one upload's). With
+        `max_tenant_share: 1` a tenant has no share of its own: its bodies wait for room like any."""
+        if self.tenant_capacity < self.capacity and not self._in_share(tenant, size):
+            held = self.by_tenant[tenant]
+            self.metrics.tenant_share_refused.labels(tenant, "buffered_body_bytes").inc()
+            raise RateLimited(
+                f"Tenant {tenant!r} has {held} bytes of request bodies being received by this gateway"
+                f" process; {size} more would pass its share, {self.tenant_capacity} bytes"
+                " (server.max_tenant_share of server.max_buffered_body_bytes). Retry once some of them"
+                " have arrived.",
+                headers={"Retry-After": "1"},
+            )
         async with self._room:
-            await self._room.wait_for(lambda: self.used + size <= self.capacity)
+            await self._room.wait_for(
+                lambda: self.used + size <= self.capacity and self._in_share(tenant, size)
+            )
             self.used += size
+            self.by_tenant[tenant] = self.by_tenant.get(tenant, 0) + size
             self.metrics.body_bytes_buffered.set(self.used)
 
-    async def give_back(self, size: int) -> None:
+    def _in_share(self, tenant: str, size: int) -> bool:
+        held = self.by_tenant.get(tenant, 0)
+        return not held or held + size <= self.tenant_capacity
+
+    async def give_back(self, size: int, tenant: str) -> None:
         async with self._room:
             self.used -= size
+            held = self.by_tenant[tenant] - size
+            if held:
+                self.by_tenant[tenant] = held
+            else:
+                del self.by_tenant[tenant]
             self.metrics.body_bytes_buffered.set(self.used)
             self._room.notify_all()
 
@@ -68,10 +100,14 @@ def check_encoding(request: web.Request) -> None:
 
 
 class BodyReader:
-    """Opens request bodies within the bounds of the settings in force and the shared budget."""
+    """Opens one tenant's request bodies within the bounds of the settings in force and the shared
+    budget."""
 
-    def __init__(self, budget: BodyBudget) -> None:
+    __slots__ = ("budget", "tenant")
+
+    def __init__(self, budget: BodyBudget, tenant: str) -> None:
         self.budget = budget
+        self.tenant = tenant
 
     async def read(self, request: web.Request, server: ServerSettings) -> bytes:
         """The whole body (at most `server.max_body_bytes`), or a GatewayError (415, 413, 408, 503,
@@ -106,6 +142,7 @@ class BodyReader:
             share = length if length is not None and length <= limit else limit
         return BoundedBody(
             self.budget,
+            self.tenant,
             request,
             timeout=server.body_timeout_seconds,
             limit=limit,
@@ -120,6 +157,7 @@ class BoundedBody:
     def __init__(
         self,
         budget: BodyBudget,
+        tenant: str,
         request: web.Request,
         *,
         timeout: float,
@@ -128,6 +166,7 @@ class BoundedBody:
         too_large: PayloadTooLarge,
     ) -> None:
         self.budget = budget
+        self.tenant = tenant
         self.request = request
         self.timeout = timeout
         self.limit = limit
@@ -145,7 +184,7 @@ class BoundedBody:
         self.deadline = asyncio.get_running_loop().time() + self.timeout
         try:
             async with asyncio.timeout_at(self.deadline):
-                await self.budget.take(self.share)
+                await self.budget.take(self.share, self.tenant)
         except TimeoutError:
             raise ServerBusy(
                 "The gateway is reading too many request bodies at once; retry shortly.",
@@ -157,7 +196,7 @@ class BoundedBody:
     async def __aexit__(self, *_: object) -> None:
         if self.taken:
             self.taken = False
-            await asyncio.shield(self.budget.give_back(self.share))
+            await asyncio.shield(self.budget.give_back(self.share, self.tenant))
 
     async def readany(self) -> bytes:
         """The next bytes that arrived (b"" at the end of the body)."""

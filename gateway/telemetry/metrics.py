@@ -353,6 +353,13 @@ class Metrics:
             "Requests refused with 503 overloaded: server.max_pending_admissions were being decided.",
             registry=r,
         )
+        self.tenant_share_refused = Counter(
+            "gateway_tenant_share_refused",
+            "Requests refused with 429 at the front door: their tenant held its server.max_tenant_share"
+            " of a bound (pending_admissions, buffered_body_bytes).",
+            ["tenant", "bound"],
+            registry=r,
+        )
         self.pending_admissions = Gauge(
             "gateway_pending_admissions",
             "Requests between arrival and their admission decision.",

@@ -18,9 +18,9 @@ from aiohttp.test_utils import TestServer
 
 from gateway.mock_upstream import MockOptions, create_mock_app
 from tests.e2e.conftest import Running, StartGateway, base_url
-from tests.support.config import TENANT_KEY, UPSTREAM_KEY, config_dict
+from tests.support.config import OTHER_KEY, TENANT_KEY, UPSTREAM_KEY, config_dict
 from tests.support.processes import GatewayProcess
-from tests.support.raw_http import exchange, read_response, request
+from tests.support.raw_http import RawResponse, exchange, read_response, request
 
 ADMIN_TOKEN = "admin-token-for-tests"
 JSON = (b"Content-Type", b"application/json")
@@ -110,13 +110,15 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
 
 @pytest.fixture
 async def tight(start_gateway: StartGateway, mock_openai, mock_do) -> Running:  # type: ignore[no-untyped-def]
-    """Short timeouts (each test waits for one to fire, with a wide margin) and a small body budget."""
+    """Short timeouts (each test waits for one to fire, with a wide margin) and a small body budget,
+    all of it the one tenant's (its share: see `shares`)."""
     server = {
         "header_timeout_seconds": 0.3,
         "keepalive_timeout_seconds": 1.0,
         "body_timeout_seconds": 1.0,
         "max_body_bytes": 4096,
         "max_buffered_body_bytes": 8192,
+        "max_tenant_share": 1,
     }
     return await start_gateway(openai_url=base_url(mock_openai), do_url=base_url(mock_do), server=server)
 
@@ -283,6 +285,85 @@ async def test_bodies_read_at_once_share_one_budget(tight: Running) -> None:
     for _, writer in slow:
         writer.close()
     assert tight.metric("gateway_body_bytes_buffered") == 0
+
+
+@pytest.fixture
+async def shares(start_gateway: StartGateway, mock_openai, mock_do) -> Running:  # type: ignore[no-untyped-def]
+    """Four places for requests waiting for admission and 8 KiB for bodies, each tenant's share half
+    of them; a body timeout far longer than the tests, so nothing frees room on its own."""
+    server = {"max_pending_admissions": 4, "max_body_bytes": 4096, "max_buffered_body_bytes": 8192}
+    return await start_gateway(openai_url=base_url(mock_openai), do_url=base_url(mock_do), server=server)
+
+
+OTHER = (b"Authorization", b"Bearer " + OTHER_KEY.encode())
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(100):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("not within 5 s")
+
+
+async def slow_bodies(
+    port: int, count: int, length: int
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """`count` connections of the tenant, each a request whose body (of `length`) has only begun."""
+    connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
+    for _, writer in connections:
+        writer.write(
+            request(GENERATE, headers=[JSON, AUTH, (b"Content-Length", str(length).encode())]) + b"{"
+        )
+    return connections
+
+
+def refused_for_its_share(response: RawResponse, bound: str) -> None:
+    assert response.status == 429 and response.headers["retry-after"] == "1", response.body
+    error = response.json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"  # type: ignore[index]
+    assert f"server.max_tenant_share of server.{bound}" in error["message"]  # type: ignore[index]
+
+
+async def test_one_tenants_slow_bodies_leave_the_others_their_admission_places(shares: Running) -> None:
+    """The tenant's requests beyond its share of `max_pending_admissions` (2 of 4) are a 429 at once,
+    before their bodies are read; another tenant is served, not shed with 503 `overloaded`."""
+    port = port_of(shares)
+    holding = await slow_bodies(port, 2, 100)
+    await until(lambda: shares.metric("gateway_pending_admissions") == 2)
+    beyond = await slow_bodies(port, 2, 100)
+    served = await exchange(port, request(GENERATE, headers=[JSON, OTHER], body=GOOD))
+    assert served.status == 200, served.body
+    for reader, _ in beyond:
+        refused_for_its_share(await read_response(reader), "max_pending_admissions")
+    assert shares.metric("gateway_tenant_share_refused_total", tenant="team", bound="pending_admissions") == 2
+    for _, writer in holding + beyond:
+        writer.close()
+    await until(lambda: shares.metric("gateway_pending_admissions") == 0)
+    assert (await exchange(port, request(GENERATE, headers=[JSON, AUTH], body=GOOD))).status == 200
+
+
+async def test_one_tenants_slow_bodies_leave_the_others_room_in_the_body_budget(shares: Running) -> None:
+    """The tenant's second slow 4,000-byte body would pass its 4 KiB share of the 8 KiB budget: a 429
+    at once, instead of holding the rest of the budget while another tenant's body waits for room
+    (here up to its 60 s timeout)."""
+    port = port_of(shares)
+    holding = await slow_bodies(port, 1, 4000)
+    await until(lambda: shares.metric("gateway_body_bytes_buffered") == 4000)
+    [(second, writer)] = await slow_bodies(port, 1, 4000)
+    refused_for_its_share(await read_response(second), "max_buffered_body_bytes")
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    raw = request(GENERATE, headers=[JSON, OTHER], body=orjson.dumps({"prompt": "a" * 3950}))
+    writer.write(raw[:-1])  # the head and all but the last byte: a body still arriving
+    await asyncio.sleep(0.05)
+    writer.write(raw[-1:])
+    served = await read_response(reader)
+    writer.close()
+    assert served.status == 200, served.body
+    assert shares.metric("gateway_body_bytes_buffered") == 4000  # the tenant's first body, still arriving
+    for _, writer in holding:
+        writer.close()
 
 
 # --- the operations port, the Server header -------------------------------------------------------------
