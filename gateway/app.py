@@ -72,8 +72,9 @@ def create_app(
     app[RELOADER] = Reloader(
         holder, config_path, lambda runtime: metrics.initialise(runtime.settings), server_overrides
     )
-    server = settings.server
-    app[BODIES] = BodyBudget(server.max_buffered_body_bytes, server.tenant_buffered_body_bytes, metrics)
+    app[BODIES] = BodyBudget(
+        settings.server.max_buffered_body_bytes, settings.tenant_buffered_body_bytes, metrics
+    )
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/v1/images/generations", generations)
     app.router.add_post("/v1/images/edits", edits)

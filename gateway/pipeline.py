@@ -87,9 +87,9 @@ class Pipeline:
         self.store = store
         self.metrics = metrics
         self.charges = ChargeMetrics(metrics)
-        server = runtime.current.settings.server  # (restart-only: the bounds are the process's)
+        settings = runtime.current.settings  # (restart-only: the bounds are the process's)
         self.admissions = AdmissionQueue(
-            server.max_pending_admissions, server.tenant_pending_admissions, metrics
+            settings.server.max_pending_admissions, settings.tenant_pending_admissions, metrics
         )
         self.quota = ProviderQuota(store, metrics)
         self.forwarder = Forwarder(pools, Health(metrics), self.quota, metrics, random.Random())

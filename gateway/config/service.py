@@ -41,8 +41,9 @@ class ServerSettings(Frozen):
     ops_max_connections: int = Field(default=64, ge=1)  # the operations listener's (scrapes, probes)
     max_buffered_body_bytes: int = Field(default=64 * 1_048_576, gt=0)  # bodies being read at once, in all
     # The most of max_pending_admissions and of max_buffered_body_bytes one tenant may hold (a
-    # fraction; 1: no share, for a gateway with one tenant): beyond, its requests get 429 at once.
-    max_tenant_share: float = Field(default=0.5, gt=0, le=1)
+    # fraction; 1: no share): beyond, its requests get 429 at once. Unset: 0.5 where there are
+    # several tenants, 1 where there is one (`Settings.tenant_share`).
+    max_tenant_share: float | None = Field(default=None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _ports_differ(self) -> ServerSettings:
@@ -51,16 +52,6 @@ class ServerSettings(Frozen):
         if self.max_buffered_body_bytes < self.max_body_bytes:
             raise ValueError("max_buffered_body_bytes must be at least max_body_bytes")
         return self
-
-    @property
-    def tenant_pending_admissions(self) -> int:
-        """The requests one tenant may have waiting for their admission decision (at least one)."""
-        return max(1, int(self.max_pending_admissions * self.max_tenant_share))
-
-    @property
-    def tenant_buffered_body_bytes(self) -> int:
-        """The bytes of bodies one tenant may have being read (beyond its first body)."""
-        return int(self.max_buffered_body_bytes * self.max_tenant_share)
 
     @field_validator("upload_dir")
     @classmethod

@@ -28,6 +28,25 @@ class Settings(Frozen):
     tenants: dict[str, TenantSettings] = Field(default_factory=dict)
     telemetry: TelemetrySettings = TelemetrySettings()  # tracing; completed from OTEL_* variables
 
+    @property
+    def tenant_share(self) -> float:
+        """`server.max_tenant_share`, or by default half where tenants share the process and all of
+        it where one tenant has it alone (nobody to keep room for)."""
+        share = self.server.max_tenant_share
+        if share is None:
+            return 0.5 if len(self.tenants) > 1 else 1.0
+        return share
+
+    @property
+    def tenant_pending_admissions(self) -> int:
+        """The requests one tenant may have waiting for their admission decision (at least one)."""
+        return max(1, int(self.server.max_pending_admissions * self.tenant_share))
+
+    @property
+    def tenant_buffered_body_bytes(self) -> int:
+        """The bytes of bodies one tenant may have being read (beyond its first body)."""
+        return int(self.server.max_buffered_body_bytes * self.tenant_share)
+
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
         problems = reference_problems(

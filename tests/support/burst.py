@@ -49,9 +49,7 @@ def gateway_config(upstream_url: str, redis_url: str, limits: dict[str, Any], **
         upstream_url,
         store={"backend": "redis", "url": redis_url, **store},
         limits=limits,
-        # One tenant alone: all of each process's places are its own, so a burst still reaches the
-        # store (what these bursts measure) and the process's shedding, not the tenant's share.
-        server={"log_level": "warning", "max_tenant_share": 1},
+        server={"log_level": "warning"},
     )
 
 

@@ -9,9 +9,10 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.config import ServerSettings
+from gateway.config import ServerSettings, Settings
 from gateway.errors import Overloaded, RateLimited
 from gateway.front.admission import AdmissionQueue
+from gateway.front.auth import hash_key
 from gateway.front.body import BodyBudget
 from gateway.telemetry.metrics import Metrics
 
@@ -23,14 +24,28 @@ def refused(metrics: Metrics, tenant: str, bound: str) -> float:
     return value or 0.0
 
 
+def settings(tenants: int, **server: object) -> Settings:
+    names = [f"team-{i}" for i in range(tenants)]
+    tenants = {name: {"policy": "open", "keys": [hash_key(f"sk-{name}")]} for name in names}
+    return Settings(server=server, policies={"open": {}}, tenants=tenants)
+
+
 def test_the_shares_are_fractions_of_the_bounds_and_never_none() -> None:
-    server = ServerSettings(max_pending_admissions=10, max_buffered_body_bytes=2**20, max_tenant_share=0.25)
-    assert (server.tenant_pending_admissions, server.tenant_buffered_body_bytes) == (2, 2**18)
-    assert ServerSettings(max_pending_admissions=1).tenant_pending_admissions == 1
-    assert ServerSettings().max_tenant_share == 0.5
+    shared = settings(2, max_pending_admissions=10, max_buffered_body_bytes=2**20, max_tenant_share=0.25)
+    assert (shared.tenant_pending_admissions, shared.tenant_buffered_body_bytes) == (2, 2**18)
+    assert settings(2, max_pending_admissions=1, max_tenant_share=0.25).tenant_pending_admissions == 1
     for wrong in (0, 1.5):
         with pytest.raises(ValueError, match="max_tenant_share"):
             ServerSettings(max_tenant_share=wrong)
+
+
+def test_by_default_tenants_share_half_and_a_tenant_alone_has_it_all() -> None:
+    assert settings(2).tenant_share == settings(3).tenant_share == 0.5
+    assert settings(1).tenant_share == settings(0).tenant_share == 1.0
+    alone = settings(1, max_pending_admissions=10)
+    assert alone.tenant_pending_admissions == 10
+    assert alone.tenant_buffered_body_bytes == alone.server.max_buffered_body_bytes
+    assert settings(1, max_tenant_share=0.5).tenant_share == 0.5  # set: as set, even alone
 
 
 def test_a_tenant_at_its_share_of_places_is_429_while_another_enters() -> None:
