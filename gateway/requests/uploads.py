@@ -3,7 +3,7 @@
 Owns the parts of a multipart request as received (text fields with their raw bytes, files in
 SpooledTemporaryFiles: in memory up to `SPOOL_BYTES` each, then an anonymous temporary file that
 the system deletes when it is closed, whatever happens), what a file's header says it is (format
-and dimensions via Pillow, which reads the header without decoding pixels), and `UploadBody`: the
+and dimensions, `gateway.requests.image_header`), and `UploadBody`: the
 multipart body for the upstream, built from the decided fields and streamed from the spooled files.
 The body can be sent more than once (each send rewinds the files), so a retry to another target
 sends the same bytes. Files go out byte-identical, in their order, under their own
@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import InitVar, dataclass, field
 from tempfile import SpooledTemporaryFile
-from typing import IO, Any
+from typing import Any
 
-from PIL import Image
-
+from gateway.requests.image_header import read_header
 from policies.uploads import InputImage
 
 SPOOL_BYTES = 256 * 1024  # per file part: beyond this it goes to a temporary file
 CHUNK_BYTES = 256 * 1024  # read and sent in pieces of this size
-# the formats Pillow may try (no other plugin ever looks at an upload), and their names for the policy
-_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 
 
 @dataclass(slots=True)
@@ -57,42 +53,12 @@ class FilePart:
         self.size += len(chunk)
 
     def describe(self) -> InputImage:
-        """What the file is, from its header; `format` None when Pillow cannot identify it."""
-        self.file.seek(0)
-        try:
-            with warnings.catch_warnings():  # only the header is read: a huge size is no bomb here
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(_Unclosable(self.file), formats=tuple(_FORMATS)) as image:
-                    kind = _FORMATS.get(str(image.format), str(image.format).lower())
-                    width, height = image.size
-        except Exception:  # whatever a crafted header makes Pillow raise: it is no image we can read
-            return InputImage(self.name, self.filename, self.content_type, None, 0, 0, self.size)
+        """What the file is, from its header; `format` None when it is no image we read."""
+        kind, width, height = read_header(self.file, self.size) or (None, 0, 0)
         return InputImage(self.name, self.filename, self.content_type, kind, width, height, self.size)
 
     def close(self) -> None:
         self.file.close()
-
-
-class _Unclosable:
-    """A view of a spooled file that Pillow may close without closing the file itself."""
-
-    def __init__(self, file: IO[bytes]) -> None:
-        self._file = file
-
-    def read(self, size: int = -1) -> bytes:
-        return self._file.read(size)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._file.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._file.tell()
-
-    def close(self) -> None:
-        pass
-
-    def __getattr__(self, name: str) -> Any:  # readline and the like, for the plugins that use them
-        return getattr(self._file, name)
 
 
 @dataclass(slots=True)
