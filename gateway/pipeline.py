@@ -103,7 +103,9 @@ class Pipeline:
         with self.admissions:  # beyond its bound: 503 overloaded, before the body is read
             credential = runtime.credentials.authenticate(request.headers.get("Authorization"))
             record.tenant, record.key = credential.tenant, credential.key_label
-            client = await read_request(request, operation, runtime.settings.server, self.bodies)
+            client = await read_request(
+                request, operation, runtime.settings.server, self.bodies, runtime.catalog
+            )
             record.fields.update(client.log_fields())
             try:
                 with record.trace.stage("policy"):

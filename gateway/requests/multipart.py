@@ -8,9 +8,12 @@ re-parses Content-Disposition with fresh regular expressions on every call: seve
 
 The whole request is bounded by `server.max_upload_bytes`, counted as the bytes arrive: 413 the
 moment the limit is passed (a declared Content-Length over it is refused before reading anything).
-Fields may come before or after the files; nothing is decided until the last part is read. Every
-malformed body is an OpenAI-style 400 (415 for another content type), and the spooled files are
-closed on every path, including a client that leaves mid-upload.
+Fields may come before or after the files; nothing is decided until the last part is read, except
+what bounds the work and memory of one request, refused as soon as a part's headers say so: more
+image files than any model takes (the catalog's largest `max_images`), more than `MAX_FIELDS` other
+parts, a text field or the mask a second time (found in a set: one request's parts cost linear time,
+however many). Every malformed body is an OpenAI-style 400 (415 for another content type), and
+the spooled files are closed on every path, including a client that leaves mid-upload.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ MASK_FIELD = "mask"
 TEXT_FIELD_BYTES = 256 * 1024  # a 32,000-character prompt is at most 128,000 bytes of UTF-8
 HEAD_BYTES = 16 * 1024  # the headers of one part
 PREAMBLE_BYTES = 64 * 1024  # what may come before the first delimiter
+# Parts other than the images: an edit takes 13 fields and a mask, a variation 5 (the SDK sends only
+# those). Room for fields a policy drops, and a bound on the work and memory of one request's parts.
+MAX_FIELDS = 64
 _INT_FIELDS = frozenset({"n", "partial_images", "output_compression"})
 _BOOL_FIELDS = frozenset({"stream"})
 _BOOLS = {"true": True, "false": False}
@@ -48,10 +54,13 @@ def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"The upload is larger than the gateway's limit of {limit} bytes.")
 
 
-async def read_multipart(request: web.Request, bodies: BodyReader, server: ServerSettings) -> Upload:
+async def read_multipart(
+    request: web.Request, bodies: BodyReader, server: ServerSettings, most_images: int
+) -> Upload:
     """Every part of the request, files spooled; raises an OpenAI-style 4xx for a bad body. The body
     is read through the front door's bounds (encoding, time, the shared budget for what the parser
-    holds in memory), up to `server.max_upload_bytes`."""
+    holds in memory), up to `server.max_upload_bytes`, with at most `most_images` image parts (the
+    most any model takes) and `MAX_FIELDS` others, refused as soon as one more part starts."""
     limit, spool_dir = server.max_upload_bytes, server.upload_dir
     content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
     if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":
@@ -71,7 +80,7 @@ async def read_multipart(request: web.Request, bodies: BodyReader, server: Serve
         # in memory at most: a text field or a part's headers, and the chunk being read
         held = min(limit, TEXT_FIELD_BYTES + PREAMBLE_BYTES + (1 << 16))
         async with bodies.open(request, server, limit=limit, share=held, too_large=_too_large(limit)) as body:
-            await _Parser(body, limit, boundary, upload, spool_dir).run()
+            await _Parser(body, limit, boundary, upload, most_images=most_images, spool_dir=spool_dir).run()
     except BaseException:  # a 4xx, or the client left (connection reset, cancelled)
         close_quietly(upload)
         raise
@@ -82,7 +91,14 @@ class _Parser:
     """One pass over the body: preamble, then (headers, content) per part, until the close delimiter."""
 
     def __init__(
-        self, content: BoundedBody, limit: int, boundary: bytes, upload: Upload, spool_dir: str | None = None
+        self,
+        content: BoundedBody,
+        limit: int,
+        boundary: bytes,
+        upload: Upload,
+        *,
+        most_images: int,
+        spool_dir: str | None = None,
     ) -> None:
         self.content = content
         self.spool_dir = spool_dir
@@ -91,6 +107,10 @@ class _Parser:
         self.buffer = bytearray()
         self.delimiter = b"\r\n--" + boundary
         self.upload = upload
+        self.most_images = most_images
+        self.images = self.fields = 0  # parts so far
+        self.texts: set[str] = set()  # the names of the text fields so far
+        self.masks: set[str] = set()  # the mask, once it came
 
     async def fill(self) -> None:
         """Read what has arrived; 400 at the end of the body (every caller still needs bytes)."""
@@ -147,19 +167,16 @@ class _Parser:
         if not name:
             raise _malformed("a part has no name in its Content-Disposition")
         kept = part_headers(headers)
-        if "filename" in params:
+        is_file = "filename" in params
+        self.count(name, is_file)
+        if is_file:
             file = FilePart(name, params["filename"], headers.get("content-type", ""), kept, self.spool_dir)
             try:
                 await self.content_into(file.write, None)
             except BaseException:
                 file.close()
                 raise
-            if name == MASK_FIELD and any(p.name == MASK_FIELD for p in self.upload.files):
-                file.close()
-                raise _duplicate(name)
             return file
-        if any(p.name == name for p in self.upload.parts if isinstance(p, TextPart)):
-            raise _duplicate(name)
         pieces: list[bytes] = []
         await self.content_into(lambda view: pieces.append(bytes(view)), name)
         raw = b"".join(pieces)
@@ -168,6 +185,26 @@ class _Parser:
         except UnicodeDecodeError:
             raise InvalidRequest(f"The field {name!r} is not valid UTF-8.", param=name) from None
         return TextPart(name, raw, _typed(name, text), kept)
+
+    def count(self, name: str, is_file: bool) -> None:
+        """Refuse a part over the bounds before reading it: one image more than any model takes, a
+        field more than `MAX_FIELDS`, a text field or the mask a second time."""
+        if is_file and name in IMAGE_FIELDS:
+            self.images += 1
+            if self.images > self.most_images:
+                most = "one image" if self.most_images == 1 else f"{self.most_images} images"
+                message = f"The request sends more than {most}: no model takes more here."
+                raise InvalidRequest(message, param="image")
+            return
+        self.fields += 1
+        if self.fields > MAX_FIELDS:
+            message = f"The request sends more than {MAX_FIELDS} fields besides its images."
+            raise InvalidRequest(message, code="too_many_fields")
+        unique = self.texts if not is_file else self.masks if name == MASK_FIELD else None
+        if unique is not None:  # a text field, or the mask, may come once
+            if name in unique:
+                raise _duplicate(name)
+            unique.add(name)
 
     async def content_into(self, sink: Any, text_field: str | None) -> None:
         """Pass the part's content to `sink` up to the next delimiter, as it arrives."""
