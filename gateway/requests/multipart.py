@@ -27,14 +27,18 @@ from aiohttp import hdrs, web
 from gateway.config import ServerSettings
 from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from gateway.front.body import BodyReader, BoundedBody
-from gateway.requests.uploads import FilePart, TextPart, Upload, close_quietly, part_headers
+from gateway.requests.uploads import SPOOL_BYTES, FilePart, TextPart, Upload, close_quietly, part_headers
 from policies.findings import shown
 
 IMAGE_FIELDS = ("image", "image[]")
 MASK_FIELD = "mask"
-TEXT_FIELD_BYTES = 256 * 1024  # a 32,000-character prompt is at most 128,000 bytes of UTF-8
+TEXT_BYTES = 256 * 1024  # the text fields, in all: a 32,000-character prompt is at most 128,000 bytes
 HEAD_BYTES = 16 * 1024  # the headers of one part
 PREAMBLE_BYTES = 64 * 1024  # what may come before the first delimiter
+READ_BYTES = 256 * 1024  # the most one read of the body brings (uvloop and asyncio read 256 KiB)
+# What the parser holds in memory at most, taken from the shared body budget while it reads: the text
+# fields, the files kept in memory, and its buffer (a delimiter's or a head's search, and one read).
+HELD_BYTES = TEXT_BYTES + SPOOL_BYTES + PREAMBLE_BYTES + READ_BYTES
 # Parts other than the images: an edit takes 13 fields and a mask, a variation 5 (the SDK sends only
 # those). Room for fields a policy drops, and a bound on the work and memory of one request's parts.
 MAX_FIELDS = 64
@@ -77,8 +81,7 @@ async def read_multipart(
     upload = Upload()
     try:
         boundary = (found[1] or found[2]).encode()
-        # in memory at most: a text field or a part's headers, and the chunk being read
-        held = min(limit, TEXT_FIELD_BYTES + PREAMBLE_BYTES + (1 << 16))
+        held = min(limit, HELD_BYTES)
         async with bodies.open(request, server, limit=limit, share=held, too_large=_too_large(limit)) as body:
             await _Parser(body, limit, boundary, upload, most_images=most_images, spool_dir=spool_dir).run()
     except BaseException:  # a 4xx, or the client left (connection reset, cancelled)
@@ -110,6 +113,8 @@ class _Parser:
         self.most_images = most_images
         self.images = self.fields = 0  # parts so far
         self.texts: set[str] = set()  # the names of the text fields so far
+        self.text_room = TEXT_BYTES  # what the text fields may still take
+        self.file_room = SPOOL_BYTES  # what the files may still keep in memory
         self.masks: set[str] = set()  # the mask, once it came
 
     async def fill(self) -> None:
@@ -170,16 +175,19 @@ class _Parser:
         is_file = "filename" in params
         self.count(name, is_file)
         if is_file:
-            file = FilePart(name, params["filename"], headers.get("content-type", ""), kept, self.spool_dir)
+            kind = headers.get("content-type", "")
+            file = FilePart(name, params["filename"], kind, kept, self.spool_dir, memory=self.file_room)
             try:
                 await self.content_into(file.write, None)
             except BaseException:
                 file.close()
                 raise
+            self.file_room -= file.memory_bytes
             return file
         pieces: list[bytes] = []
         await self.content_into(lambda view: pieces.append(bytes(view)), name)
         raw = b"".join(pieces)
+        self.text_room -= len(raw)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -207,28 +215,30 @@ class _Parser:
             unique.add(name)
 
     async def content_into(self, sink: Any, text_field: str | None) -> None:
-        """Pass the part's content to `sink` up to the next delimiter, as it arrives."""
+        """Pass the part's content to `sink` up to the next delimiter, as it arrives; a text field
+        only while the text fields stay within `TEXT_BYTES`."""
         delimiter, keep = self.delimiter, len(self.delimiter) - 1
         size, position = 0, 0
         while (found := self.buffer.find(delimiter, position)) < 0:
             ready = len(self.buffer) - keep  # the tail may be the start of the delimiter
             if ready > 0:
                 size += ready
-                if text_field is not None and size > TEXT_FIELD_BYTES:
-                    message = f"The field {text_field!r} is longer than {TEXT_FIELD_BYTES} bytes."
-                    raise InvalidRequest(message, param=text_field)
+                self.check_text(text_field, size)
                 with memoryview(self.buffer) as view:
                     sink(view[:ready])  # no copy: a file writes it at once, a text field copies it
                 del self.buffer[:ready]
             position = 0
             await self.fill()
-        if text_field is not None and size + found > TEXT_FIELD_BYTES:
-            message = f"The field {text_field!r} is longer than {TEXT_FIELD_BYTES} bytes."
-            raise InvalidRequest(message, param=text_field)
+        self.check_text(text_field, size + found)
         if found:
             with memoryview(self.buffer) as view:
                 sink(view[:found])
         del self.buffer[: found + len(delimiter)]
+
+    def check_text(self, text_field: str | None, size: int) -> None:
+        if text_field is not None and size > self.text_room:
+            message = f"The text fields are longer than {TEXT_BYTES} bytes in all (at {text_field!r})."
+            raise InvalidRequest(message, param=text_field)
 
 
 def _headers(block: bytes) -> dict[str, str]:

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from gateway.errors import InvalidRequest, PayloadTooLarge
-from gateway.requests.multipart import MAX_FIELDS, _Parser
-from gateway.requests.uploads import FilePart, TextPart, Upload
+from gateway.requests.multipart import MAX_FIELDS, TEXT_BYTES, _Parser
+from gateway.requests.uploads import SPOOL_BYTES, FilePart, TextPart, Upload
 from policies.catalog import load_catalog
 
 
@@ -162,3 +162,24 @@ def test_the_most_images_are_the_catalogs() -> None:
     assert load_catalog().most_images == {"edit": 16, "variation": 1}
     more = load_catalog({"gpt-image-1.5": {"edits": {"max_images": 20}}})
     assert more.most_images["edit"] == 20
+
+
+async def test_the_text_fields_are_bounded_together() -> None:
+    third = TEXT_BYTES // 3 + 1
+    body = field("prompt", b"a" * third) + field("user", b"b" * third) + field("size", b"c" * third)
+    error, _ = await refused(body + b"--XyZ--")
+    assert error.param == "size" and str(TEXT_BYTES) in error.message
+
+
+async def test_files_keep_at_most_spool_bytes_in_memory_in_all() -> None:
+    """Each file stays in memory only while the request's files hold SPOOL_BYTES at most together;
+    the others are on disk (each file under its own 256 KiB once kept them all in memory)."""
+    sizes = [SPOOL_BYTES // 4, SPOOL_BYTES, SPOOL_BYTES // 4, SPOOL_BYTES // 2, SPOOL_BYTES // 2]
+    body = b"".join(image(bytes([i]) * size) for i, size in enumerate(sizes)) + b"--XyZ--"
+    upload = await parse(body, size=4096)
+    assert [f.in_memory for f in upload.files] == [True, False, True, True, False]
+    assert sum(f.size for f in upload.files if not f.file._rolled) <= SPOOL_BYTES  # type: ignore[attr-defined]
+    for index, part in enumerate(upload.files):  # on disk or not, the bytes as sent
+        part.file.seek(0)
+        assert part.file.read() == bytes([index]) * sizes[index]
+    upload.close()
