@@ -108,7 +108,7 @@ class Pipeline:
         # Beyond its bound: 503 overloaded; beyond the tenant's share of it: 429. Before the body.
         with self.admissions.place(credential.tenant):
             bodies = BodyReader(self.budget, credential.tenant)
-            client = await read_request(request, operation, runtime.settings.server, bodies)
+            client = await read_request(request, operation, runtime.settings.server, bodies, runtime.catalog)
             record.fields.update(client.log_fields())
             try:
                 with record.trace.stage("policy"):

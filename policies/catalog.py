@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from policies.entry import AUTO, IntRange, Lifecycle, ModelEntry, Prices
+from policies.entry import AUTO, IntRange, Lifecycle, ModelEntry, Operation, Prices
 from policies.frozen import Frozen
 
 __all__ = [
@@ -61,6 +61,17 @@ class Catalog(Mapping[str, ModelEntry]):
     def __init__(self, entries: Mapping[str, ModelEntry], implicit: ImplicitModel) -> None:
         self._entries: Mapping[str, ModelEntry] = MappingProxyType(dict(entries))
         self.implicit = implicit
+        # the most input images any model takes per operation (1 where none has the endpoint: the
+        # policy then says so), what a multipart reader may accept before it knows the model
+        self.most_images: Mapping[Operation, int] = MappingProxyType(
+            {
+                operation: max(
+                    (rule.max_images for e in entries.values() if (rule := e.upload_rule(operation))),
+                    default=1,
+                )
+                for operation in ("edit", "variation")
+            }
+        )
 
     def __getitem__(self, name: str) -> ModelEntry:
         return self._entries[name]

@@ -17,8 +17,9 @@ class ServerSettings(Frozen):
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=1_048_576, gt=0)  # a JSON body (generations)
     max_upload_bytes: int = Field(default=64 * 2**20, gt=0)  # a multipart body (edits, variations)
-    # Where uploads beyond 256 KiB a file are spooled (anonymous files, gone when closed); None:
-    # the system's temporary directory ($TMPDIR, else /tmp). On a tmpfs they count as memory.
+    # Where uploads are spooled past a request's first 64 KiB of files (anonymous files, gone when
+    # closed); None: the system's temporary directory ($TMPDIR, else /tmp). On a tmpfs they count as
+    # memory.
     upload_dir: str | None = None
     workers: int = Field(default=1, ge=1)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)

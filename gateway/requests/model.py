@@ -19,6 +19,7 @@ from gateway.front.body import BodyReader
 from gateway.requests.json_body import parse
 from gateway.requests.multipart import IMAGE_FIELDS, MASK_FIELD, read_multipart
 from gateway.requests.uploads import TextPart, Upload, UploadBody, close_quietly
+from policies.catalog import Catalog
 from policies.entry import Operation
 from policies.uploads import GENERATE, Inputs
 
@@ -58,13 +59,14 @@ class ClientRequest:
 
 
 async def read_request(
-    request: web.Request, operation: Operation, server: ServerSettings, bodies: BodyReader
+    request: web.Request, operation: Operation, server: ServerSettings, bodies: BodyReader, catalog: Catalog
 ) -> ClientRequest:
     """The parse stage: the request as one model, or an OpenAI-style 4xx. The body is read through
-    the front door's bounds (`gateway.front.body`)."""
+    the front door's bounds (`gateway.front.body`); an upload's images up to the most `catalog`'s
+    models take, so that no more files are read (and their headers looked at) than may be used."""
     if operation == "generate":
         return ClientRequest("generate", await parse(request, bodies, server), GENERATE)
-    upload = await read_multipart(request, bodies, server)
+    upload = await read_multipart(request, bodies, server, catalog.most_images[operation])
     try:
         return _from_upload(operation, upload)
     except BaseException:

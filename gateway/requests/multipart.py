@@ -8,9 +8,12 @@ re-parses Content-Disposition with fresh regular expressions on every call: seve
 
 The whole request is bounded by `server.max_upload_bytes`, counted as the bytes arrive: 413 the
 moment the limit is passed (a declared Content-Length over it is refused before reading anything).
-Fields may come before or after the files; nothing is decided until the last part is read. Every
-malformed body is an OpenAI-style 400 (415 for another content type), and the spooled files are
-closed on every path, including a client that leaves mid-upload.
+Fields may come before or after the files; nothing is decided until the last part is read, except
+what bounds the work and memory of one request, refused as soon as a part's headers say so: more
+image files than any model takes (the catalog's largest `max_images`), more than `MAX_FIELDS` other
+parts, a text field or the mask a second time (found in a set: one request's parts cost linear time,
+however many). Every malformed body is an OpenAI-style 400 (415 for another content type), and
+the spooled files are closed on every path, including a client that leaves mid-upload.
 """
 
 from __future__ import annotations
@@ -24,14 +27,21 @@ from aiohttp import hdrs, web
 from gateway.config import ServerSettings
 from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from gateway.front.body import BodyReader, BoundedBody
-from gateway.requests.uploads import FilePart, TextPart, Upload, close_quietly, part_headers
+from gateway.requests.uploads import SPOOL_BYTES, FilePart, TextPart, Upload, close_quietly, part_headers
 from policies.findings import shown
 
 IMAGE_FIELDS = ("image", "image[]")
 MASK_FIELD = "mask"
-TEXT_FIELD_BYTES = 256 * 1024  # a 32,000-character prompt is at most 128,000 bytes of UTF-8
+TEXT_BYTES = 256 * 1024  # the text fields, in all: a 32,000-character prompt is at most 128,000 bytes
 HEAD_BYTES = 16 * 1024  # the headers of one part
 PREAMBLE_BYTES = 64 * 1024  # what may come before the first delimiter
+READ_BYTES = 256 * 1024  # the most one read of the body brings (uvloop and asyncio read 256 KiB)
+# What the parser holds in memory at most, taken from the shared body budget while it reads: the text
+# fields, the files kept in memory, and its buffer (a delimiter's or a head's search, and one read).
+HELD_BYTES = TEXT_BYTES + SPOOL_BYTES + PREAMBLE_BYTES + READ_BYTES
+# Parts other than the images: an edit takes 13 fields and a mask, a variation 5 (the SDK sends only
+# those). Room for fields a policy drops, and a bound on the work and memory of one request's parts.
+MAX_FIELDS = 64
 _INT_FIELDS = frozenset({"n", "partial_images", "output_compression"})
 _BOOL_FIELDS = frozenset({"stream"})
 _BOOLS = {"true": True, "false": False}
@@ -48,10 +58,13 @@ def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"The upload is larger than the gateway's limit of {limit} bytes.")
 
 
-async def read_multipart(request: web.Request, bodies: BodyReader, server: ServerSettings) -> Upload:
+async def read_multipart(
+    request: web.Request, bodies: BodyReader, server: ServerSettings, most_images: int
+) -> Upload:
     """Every part of the request, files spooled; raises an OpenAI-style 4xx for a bad body. The body
     is read through the front door's bounds (encoding, time, the shared budget for what the parser
-    holds in memory), up to `server.max_upload_bytes`."""
+    holds in memory), up to `server.max_upload_bytes`, with at most `most_images` image parts (the
+    most any model takes) and `MAX_FIELDS` others, refused as soon as one more part starts."""
     limit, spool_dir = server.max_upload_bytes, server.upload_dir
     content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
     if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":
@@ -68,10 +81,9 @@ async def read_multipart(request: web.Request, bodies: BodyReader, server: Serve
     upload = Upload()
     try:
         boundary = (found[1] or found[2]).encode()
-        # in memory at most: a text field or a part's headers, and the chunk being read
-        held = min(limit, TEXT_FIELD_BYTES + PREAMBLE_BYTES + (1 << 16))
+        held = min(limit, HELD_BYTES)
         async with bodies.open(request, server, limit=limit, share=held, too_large=_too_large(limit)) as body:
-            await _Parser(body, limit, boundary, upload, spool_dir).run()
+            await _Parser(body, limit, boundary, upload, most_images=most_images, spool_dir=spool_dir).run()
     except BaseException:  # a 4xx, or the client left (connection reset, cancelled)
         close_quietly(upload)
         raise
@@ -82,7 +94,14 @@ class _Parser:
     """One pass over the body: preamble, then (headers, content) per part, until the close delimiter."""
 
     def __init__(
-        self, content: BoundedBody, limit: int, boundary: bytes, upload: Upload, spool_dir: str | None = None
+        self,
+        content: BoundedBody,
+        limit: int,
+        boundary: bytes,
+        upload: Upload,
+        *,
+        most_images: int,
+        spool_dir: str | None = None,
     ) -> None:
         self.content = content
         self.spool_dir = spool_dir
@@ -91,6 +110,12 @@ class _Parser:
         self.buffer = bytearray()
         self.delimiter = b"\r\n--" + boundary
         self.upload = upload
+        self.most_images = most_images
+        self.images = self.fields = 0  # parts so far
+        self.texts: set[str] = set()  # the names of the text fields so far
+        self.text_room = TEXT_BYTES  # what the text fields may still take
+        self.file_room = SPOOL_BYTES  # what the files may still keep in memory
+        self.masks: set[str] = set()  # the mask, once it came
 
     async def fill(self) -> None:
         """Read what has arrived; 400 at the end of the body (every caller still needs bytes)."""
@@ -147,51 +172,73 @@ class _Parser:
         if not name:
             raise _malformed("a part has no name in its Content-Disposition")
         kept = part_headers(headers)
-        if "filename" in params:
-            file = FilePart(name, params["filename"], headers.get("content-type", ""), kept, self.spool_dir)
+        is_file = "filename" in params
+        self.count(name, is_file)
+        if is_file:
+            kind = headers.get("content-type", "")
+            file = FilePart(name, params["filename"], kind, kept, self.spool_dir, memory=self.file_room)
             try:
                 await self.content_into(file.write, None)
             except BaseException:
                 file.close()
                 raise
-            if name == MASK_FIELD and any(p.name == MASK_FIELD for p in self.upload.files):
-                file.close()
-                raise _duplicate(name)
+            self.file_room -= file.memory_bytes
             return file
-        if any(p.name == name for p in self.upload.parts if isinstance(p, TextPart)):
-            raise _duplicate(name)
         pieces: list[bytes] = []
         await self.content_into(lambda view: pieces.append(bytes(view)), name)
         raw = b"".join(pieces)
+        self.text_room -= len(raw)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidRequest(f"The field {name!r} is not valid UTF-8.", param=name) from None
         return TextPart(name, raw, _typed(name, text), kept)
 
+    def count(self, name: str, is_file: bool) -> None:
+        """Refuse a part over the bounds before reading it: one image more than any model takes, a
+        field more than `MAX_FIELDS`, a text field or the mask a second time."""
+        if is_file and name in IMAGE_FIELDS:
+            self.images += 1
+            if self.images > self.most_images:
+                most = "one image" if self.most_images == 1 else f"{self.most_images} images"
+                message = f"The request sends more than {most}: no model takes more here."
+                raise InvalidRequest(message, param="image")
+            return
+        self.fields += 1
+        if self.fields > MAX_FIELDS:
+            message = f"The request sends more than {MAX_FIELDS} fields besides its images."
+            raise InvalidRequest(message, code="too_many_fields")
+        unique = self.texts if not is_file else self.masks if name == MASK_FIELD else None
+        if unique is not None:  # a text field, or the mask, may come once
+            if name in unique:
+                raise _duplicate(name)
+            unique.add(name)
+
     async def content_into(self, sink: Any, text_field: str | None) -> None:
-        """Pass the part's content to `sink` up to the next delimiter, as it arrives."""
+        """Pass the part's content to `sink` up to the next delimiter, as it arrives; a text field
+        only while the text fields stay within `TEXT_BYTES`."""
         delimiter, keep = self.delimiter, len(self.delimiter) - 1
         size, position = 0, 0
         while (found := self.buffer.find(delimiter, position)) < 0:
             ready = len(self.buffer) - keep  # the tail may be the start of the delimiter
             if ready > 0:
                 size += ready
-                if text_field is not None and size > TEXT_FIELD_BYTES:
-                    message = f"The field {text_field!r} is longer than {TEXT_FIELD_BYTES} bytes."
-                    raise InvalidRequest(message, param=text_field)
+                self.check_text(text_field, size)
                 with memoryview(self.buffer) as view:
                     sink(view[:ready])  # no copy: a file writes it at once, a text field copies it
                 del self.buffer[:ready]
             position = 0
             await self.fill()
-        if text_field is not None and size + found > TEXT_FIELD_BYTES:
-            message = f"The field {text_field!r} is longer than {TEXT_FIELD_BYTES} bytes."
-            raise InvalidRequest(message, param=text_field)
+        self.check_text(text_field, size + found)
         if found:
             with memoryview(self.buffer) as view:
                 sink(view[:found])
         del self.buffer[: found + len(delimiter)]
+
+    def check_text(self, text_field: str | None, size: int) -> None:
+        if text_field is not None and size > self.text_room:
+            message = f"The text fields are longer than {TEXT_BYTES} bytes in all (at {text_field!r})."
+            raise InvalidRequest(message, param=text_field)
 
 
 def _headers(block: bytes) -> dict[str, str]:

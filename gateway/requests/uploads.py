@@ -1,10 +1,11 @@
 """An upload's parts, spooled, and the multipart body that carries them to the upstream.
 
 Owns the parts of a multipart request as received (text fields with their raw bytes, files in
-SpooledTemporaryFiles: in memory up to `SPOOL_BYTES` each, then an anonymous temporary file that
-the system deletes when it is closed, whatever happens), what a file's header says it is (format
-and dimensions via Pillow, which reads the header without decoding pixels), and `UploadBody`: the
-multipart body for the upstream, built from the decided fields and streamed from the spooled files.
+SpooledTemporaryFiles: in memory while the request's files hold at most `SPOOL_BYTES` in all, then
+an anonymous temporary file that the system deletes when it is closed, whatever happens), what a
+file's header says it is (format and dimensions, `gateway.requests.image_header`), and
+`UploadBody`: the multipart body for the upstream, built from the decided fields and streamed from
+the spooled files.
 The body can be sent more than once (each send rewinds the files), so a retry to another target
 sends the same bytes. Files go out byte-identical, in their order, under their own
 Content-Disposition and Content-Type; text fields the policy did not change go out as received.
@@ -14,20 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import InitVar, dataclass, field
 from tempfile import SpooledTemporaryFile
-from typing import IO, Any
+from typing import Any
 
-from PIL import Image
-
+from gateway.requests.image_header import read_header
 from policies.uploads import InputImage
 
-SPOOL_BYTES = 256 * 1024  # per file part: beyond this it goes to a temporary file
+# What one request's files keep in memory, in all (a small image or mask); the rest is on disk. Per
+# request, not per file: 240 files of 255 KiB each would otherwise be 60 MiB of memory.
+SPOOL_BYTES = 64 * 1024
 CHUNK_BYTES = 256 * 1024  # read and sent in pieces of this size
-# the formats Pillow may try (no other plugin ever looks at an upload), and their names for the policy
-_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 
 
 @dataclass(slots=True)
@@ -44,55 +43,36 @@ class FilePart:
     filename: str
     content_type: str
     headers: list[tuple[str, str]]
-    directory: InitVar[str | None] = None  # where it spools beyond SPOOL_BYTES (None: the system's)
+    directory: InitVar[str | None] = None  # where it spools (None: the system's temporary directory)
+    memory: int = SPOOL_BYTES  # the most it keeps in memory: past it, the file is on disk
     file: SpooledTemporaryFile[bytes] = field(init=False)
     size: int = 0
+    in_memory: bool = True  # not yet on disk
 
     def __post_init__(self, directory: str | None) -> None:
-        # closed by close(): on every path of the request that owns it
-        self.file = SpooledTemporaryFile(SPOOL_BYTES, dir=directory)  # noqa: SIM115
+        # closed by close(): on every path of the request that owns it. No size of its own (0): it
+        # moves to disk in `write`, when `memory` would be passed.
+        self.file = SpooledTemporaryFile(0, dir=directory)  # noqa: SIM115
 
     def write(self, chunk: bytes | memoryview) -> None:
+        if self.in_memory and self.size + len(chunk) > self.memory:
+            self.file.rollover()
+            self.in_memory = False
         self.file.write(chunk)
         self.size += len(chunk)
 
+    @property
+    def memory_bytes(self) -> int:
+        """The bytes of the file held in memory."""
+        return self.size if self.in_memory else 0
+
     def describe(self) -> InputImage:
-        """What the file is, from its header; `format` None when Pillow cannot identify it."""
-        self.file.seek(0)
-        try:
-            with warnings.catch_warnings():  # only the header is read: a huge size is no bomb here
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(_Unclosable(self.file), formats=tuple(_FORMATS)) as image:
-                    kind = _FORMATS.get(str(image.format), str(image.format).lower())
-                    width, height = image.size
-        except Exception:  # whatever a crafted header makes Pillow raise: it is no image we can read
-            return InputImage(self.name, self.filename, self.content_type, None, 0, 0, self.size)
+        """What the file is, from its header; `format` None when it is no image we read."""
+        kind, width, height = read_header(self.file, self.size) or (None, 0, 0)
         return InputImage(self.name, self.filename, self.content_type, kind, width, height, self.size)
 
     def close(self) -> None:
         self.file.close()
-
-
-class _Unclosable:
-    """A view of a spooled file that Pillow may close without closing the file itself."""
-
-    def __init__(self, file: IO[bytes]) -> None:
-        self._file = file
-
-    def read(self, size: int = -1) -> bytes:
-        return self._file.read(size)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._file.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._file.tell()
-
-    def close(self) -> None:
-        pass
-
-    def __getattr__(self, name: str) -> Any:  # readline and the like, for the plugins that use them
-        return getattr(self._file, name)
 
 
 @dataclass(slots=True)

@@ -27,6 +27,8 @@ from structlog.testing import capture_logs
 from gateway.config import Settings
 from gateway.mock_upstream import RECEIVED, MockOptions, create_mock_app
 from gateway.mock_upstream.models import input_image_tokens
+from gateway.requests.multipart import MAX_FIELDS, PREAMBLE_BYTES, READ_BYTES, TEXT_BYTES
+from gateway.requests.uploads import FilePart
 from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.e2e.test_quotas import ADMIN_TOKEN, eventually, ledger_rows, redis_store
 from tests.e2e.test_relay import StartServer, odd_chunks, scripted
@@ -288,6 +290,22 @@ BAD: list[tuple[str, str, bytes, int, str | None]] = [
         "mask",
     ),
     ("no image", "multipart/form-data; boundary=b", raw_body("b", GOOD[:1]), 400, "image"),
+    (
+        "too many fields",
+        "multipart/form-data; boundary=b",
+        raw_body("b", [*GOOD, *((f'form-data; name="f{i}"', b"x") for i in range(MAX_FIELDS))]),
+        400,
+        None,
+    ),
+    (
+        "more images than any model takes",
+        "multipart/form-data; boundary=b",
+        raw_body(
+            "b", [GOOD[0], *((f'form-data; name="image[]"; filename="{i}.png"', PNG) for i in range(17))]
+        ),
+        400,
+        "image",
+    ),
 ]
 
 
@@ -306,6 +324,75 @@ async def test_bad_multipart_is_an_openai_error_with_nothing_sent(
     assert error["type"] == "invalid_request_error" and error["param"] == param
     assert mock.app[RECEIVED] == []
     assert open_spooled_files() == before
+
+
+async def test_no_file_past_the_image_bound_has_its_header_read(
+    start_gateway: StartGateway, mock: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images are refused while parsing, past the most any model takes: none of 40 files is looked
+    at (their headers were read one after the other before, 84 ms each for a crafted PNG); 16 are."""
+    described: list[str] = []
+    describe = FilePart.describe
+
+    def counted(part: FilePart) -> Any:
+        described.append(part.filename)
+        return describe(part)
+
+    monkeypatch.setattr(FilePart, "describe", counted)
+    gw = await start(start_gateway, mock)
+    headers = {**AUTH, "Content-Type": "multipart/form-data; boundary=b"}
+    async with aiohttp.ClientSession() as session:
+        for count, status in [(40, 400), (16, 200)]:
+            files = [(f'form-data; name="image[]"; filename="{i}.png"', PNG) for i in range(count)]
+            body = raw_body("b", [GOOD[0], ('form-data; name="model"', b"gpt-image-1.5"), *files])
+            async with session.post(f"{gw.v1}/images/edits", data=body, headers=headers) as resp:
+                assert resp.status == status, await resp.text()
+            assert len(described) == (0 if status == 400 else 16)
+
+
+async def test_the_body_budget_covers_what_unfinished_uploads_hold_in_memory(
+    start_gateway: StartGateway, mock: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two uploads of 30 files, 29 of 255 KiB (16 images), not yet finished: the bytes their files
+    hold in memory are within what `gateway_body_bytes_buffered` says (it said 384 KiB a request
+    while every file under 256 KiB stayed in memory: 7.5 MB each here)."""
+    parts: list[FilePart] = []
+    init = FilePart.__post_init__
+
+    def recorded(part: FilePart, *args: Any) -> None:
+        init(part, *args)
+        parts.append(part)
+
+    monkeypatch.setattr(FilePart, "__post_init__", recorded)
+    gw = await start(start_gateway, mock)
+    content = b"\0" * (255 * 1024)
+    files = [
+        (f'form-data; name="{"image[]" if i < 16 else f"f{i}"}"; filename="{i}"', content) for i in range(30)
+    ]
+    files[0] = (files[0][0], content[:10_000])  # a small one, which may stay in memory
+    body = raw_body("b", [GOOD[0], *files])[:-20]  # without the closing boundary: never finished
+    head = (
+        f"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TENANT_KEY}\r\n"
+        f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {len(body) + 20}\r\n\r\n"
+    ).encode()
+    assert gw.server.port is not None
+    writers = []
+    for _ in range(2):
+        _, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+        writer.write(head + body)
+        writers.append(writer)
+
+    async def all_arrived() -> bool:
+        return sum(p.size for p in parts) >= 2 * 29 * len(content)
+
+    try:
+        await eventually(all_arrived)
+        in_memory = sum(p.size for p in parts if not p.file._rolled)  # type: ignore[attr-defined]
+        buffered = gw.metric("gateway_body_bytes_buffered")
+        assert 0 < in_memory <= buffered - 2 * (TEXT_BYTES + PREAMBLE_BYTES + READ_BYTES)
+    finally:
+        for writer in writers:
+            writer.close()
 
 
 def _raw_post(port: int, head: bytes, body_chunks: list[bytes]) -> tuple[bytes, int]:

@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 
 from gateway.errors import InvalidRequest, PayloadTooLarge
-from gateway.requests.multipart import _Parser
-from gateway.requests.uploads import FilePart, TextPart, Upload
+from gateway.requests.multipart import MAX_FIELDS, TEXT_BYTES, _Parser
+from gateway.requests.uploads import SPOOL_BYTES, FilePart, TextPart, Upload
+from policies.catalog import load_catalog
 
 
 class Pieces:
@@ -21,9 +22,12 @@ class Pieces:
         return self.pieces.pop(0) if self.pieces else b""
 
 
-async def parse(body: bytes, size: int = 7, limit: int = 10**9, boundary: bytes = b"XyZ") -> Upload:
+async def parse(
+    body: bytes, size: int = 7, limit: int = 10**9, boundary: bytes = b"XyZ", reader: Pieces | None = None
+) -> Upload:
     upload = Upload()
-    await _Parser(Pieces(body, size), limit, boundary, upload).run()  # type: ignore[arg-type]
+    content = reader or Pieces(body, size)
+    await _Parser(content, limit, boundary, upload, most_images=16).run()  # type: ignore[arg-type]
     return upload
 
 
@@ -99,3 +103,83 @@ async def test_a_text_field_is_bounded() -> None:
     with pytest.raises(InvalidRequest) as caught:
         await parse(body, size=65536)
     assert caught.value.param == "prompt"
+
+
+def field(name: str, value: bytes = b"x") -> bytes:
+    return f'--XyZ\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value + b"\r\n"
+
+
+def image(data: bytes = b"x", name: str = "image[]") -> bytes:
+    return (
+        f'--XyZ\r\nContent-Disposition: form-data; name="{name}"; filename="a.png"\r\n\r\n'.encode()
+        + data
+        + b"\r\n"
+    )
+
+
+async def refused(body: bytes) -> tuple[InvalidRequest, int]:
+    """The 400 for `body`, and how many of its 100-byte pieces were never read."""
+    reader = Pieces(body, 100)
+    with pytest.raises(InvalidRequest) as caught:
+        await parse(body, reader=reader)
+    return caught.value, len(reader.pieces)
+
+
+async def test_fields_past_the_bound_are_refused_before_the_rest_is_read() -> None:
+    """One field more than MAX_FIELDS is a 400 naming the bound, whatever follows (the review's 20,000
+    fields stalled every tenant for seconds: duplicates were looked for among all earlier fields)."""
+    fields = b"".join(field(f"f{i}") for i in range(MAX_FIELDS))
+    await parse(fields + b"--XyZ--")  # at the bound: read
+    rest = b"".join(field(f"g{i}") for i in range(1000))
+    error, unread = await refused(fields + rest + b"--XyZ--")
+    assert error.error_code == "too_many_fields" and str(MAX_FIELDS) in error.message
+    assert unread > len(rest) // 100 - 2  # the rest was never read
+
+
+async def test_images_past_the_most_a_model_takes_are_refused_before_their_content() -> None:
+    sixteen = field("prompt") + b"".join(image(name=n) for n in ["image"] + ["image[]"] * 15)
+    upload = await parse(sixteen + b"--XyZ--")
+    assert len(upload.files) == 16
+    upload.close()
+    error, unread = await refused(sixteen + image(b"\0" * 100_000) + b"--XyZ--")
+    assert error.param == "image" and "16 images" in error.message
+    assert unread > 100_000 // 100 - 2  # the 17th file's content was never read
+
+
+async def test_a_duplicate_is_refused_however_many_fields_came_before() -> None:
+    before = b"".join(field(f"f{i}") for i in range(MAX_FIELDS - 3))
+    for body, name in [
+        (before + field("n", b"1") + field("n", b"2"), "n"),
+        (before + image(name="mask") + image(name="mask"), "mask"),
+    ]:
+        error, _ = await refused(body + b"--XyZ--")
+        assert (error.error_code, error.param) == ("duplicate_parameter", name)
+    upload = await parse(before + field("mask") + image(name="mask") + b"--XyZ--")  # a field and a file
+    upload.close()
+
+
+def test_the_most_images_are_the_catalogs() -> None:
+    assert load_catalog().most_images == {"edit": 16, "variation": 1}
+    more = load_catalog({"gpt-image-1.5": {"edits": {"max_images": 20}}})
+    assert more.most_images["edit"] == 20
+
+
+async def test_the_text_fields_are_bounded_together() -> None:
+    third = TEXT_BYTES // 3 + 1
+    body = field("prompt", b"a" * third) + field("user", b"b" * third) + field("size", b"c" * third)
+    error, _ = await refused(body + b"--XyZ--")
+    assert error.param == "size" and str(TEXT_BYTES) in error.message
+
+
+async def test_files_keep_at_most_spool_bytes_in_memory_in_all() -> None:
+    """Each file stays in memory only while the request's files hold SPOOL_BYTES at most together;
+    the others are on disk (each file under its own 256 KiB once kept them all in memory)."""
+    sizes = [SPOOL_BYTES // 4, SPOOL_BYTES, SPOOL_BYTES // 4, SPOOL_BYTES // 2, SPOOL_BYTES // 2]
+    body = b"".join(image(bytes([i]) * size) for i, size in enumerate(sizes)) + b"--XyZ--"
+    upload = await parse(body, size=4096)
+    assert [f.in_memory for f in upload.files] == [True, False, True, True, False]
+    assert sum(f.size for f in upload.files if not f.file._rolled) <= SPOOL_BYTES  # type: ignore[attr-defined]
+    for index, part in enumerate(upload.files):  # on disk or not, the bytes as sent
+        part.file.seek(0)
+        assert part.file.read() == bytes([index]) * sizes[index]
+    upload.close()
