@@ -233,7 +233,7 @@ class ModelEntry(Frozen):
     def params(self, operation: Operation = "generate") -> frozenset[str]:
         """The body fields `operation` takes with this model (files excluded): an edit takes what a
         generation does except `moderation` and `style`, plus `input_fidelity`; a variation only
-        `model`, `n`, `size`, `response_format` and `user`."""
+        `model`, `n`, `size`, `response_format` and `user` (not `safety_identifier`)."""
         if operation == "generate":
             return self.accepted_params
         if operation == "variation":
@@ -253,7 +253,8 @@ class ModelEntry(Frozen):
             "style": self.styles,
         }
         given = {param for param, spec in optional.items() if spec is not None}
-        return frozenset({"prompt", "model", "n", "size", "quality", "user", "stream", *given})
+        fixed = {"prompt", "model", "n", "size", "quality", "user", "safety_identifier", "stream"}
+        return frozenset({*fixed, *given})
 
     def effective(self, body: Mapping[str, Any], param: str, operation: Operation = "generate") -> Any:
         """The value the upstream will use: the body's unless null or absent, else the model's default

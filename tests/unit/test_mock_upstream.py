@@ -103,6 +103,8 @@ OPENAI_CASES: list[tuple[str, dict[str, Any], int, str | None, str | None]] = [
     ("partial_images 4", {**OK, "stream": True, "partial_images": 4}, 400, "partial_images", "integer_above_max_value"),
     ("stream not a bool", {**OK, "stream": "yes"}, 400, "stream", "invalid_type"),
     ("user too long", {**OK, "user": "u" * 257}, 400, "user", "string_above_max_length"),
+    ("safety_identifier", {**OK, "safety_identifier": "s" * 256, "user": "u"}, 200, None, None),
+    ("safety_identifier too long", {**OK, "safety_identifier": "s" * 257}, 400, "safety_identifier", "string_above_max_length"),
     ("retired gpt-image-1", {**OK, "model": "gpt-image-1"}, 404, None, "model_not_found"),
     ("retired dall-e-3", {**OK, "model": "dall-e-3"}, 404, None, "model_not_found"),
     ("default model is retired dall-e-2", {"prompt": "x"}, 404, None, "model_not_found"),

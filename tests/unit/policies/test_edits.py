@@ -65,6 +65,13 @@ REFUSED: list[tuple[dict[str, Any], Inputs, str, str]] = [
     ({"model": "dall-e-2"}, edit(png(size=4 * 2**20 + 1)), "image", "invalid_value"),
     ({"model": "dall-e-2", "prompt": "x"}, Inputs("variation", (png(),)), "prompt", "unknown_parameter"),
     ({"model": "dall-e-2"}, Inputs("variation", (png(),), png(field="mask")), "mask", "invalid_value"),
+    # the SDK's variation params have `user` only
+    (
+        {"model": "dall-e-2", "safety_identifier": "s"},
+        Inputs("variation", (png(),)),
+        "safety_identifier",
+        "unknown_parameter",
+    ),
 ]
 
 
@@ -79,9 +86,10 @@ def test_what_the_model_cannot_do_is_a_400_naming_the_field(
 
 def test_a_well_formed_edit_and_variation_pass() -> None:
     ok = decide_edit(
-        {"model": "gpt-image-1.5", "input_fidelity": "high"}, edit(png(), png(), mask=png(field="mask"))
+        {"model": "gpt-image-1.5", "input_fidelity": "high", "safety_identifier": "s"},
+        edit(png(), png(), mask=png(field="mask")),
     )
-    assert ok.allowed and ok.error is None
+    assert ok.allowed and ok.error is None and ok.body["safety_identifier"] == "s"
     variation = evaluate(
         Policy(), CATALOG, DALL_E_ROUTES, {"model": "dall-e-2", "n": 2}, Inputs("variation", (png(),))
     )

@@ -1,0 +1,110 @@
+"""What the official SDK sends, as its documents describe it, through the gateway to the mock upstream.
+
+openai-python 3.63's parameter documents (types/image_*_params.py) and the API references in
+/work/shared/reference are the contract: a request they call valid is served, and what they call
+invalid is refused with a clear OpenAI-style 400 before anything is sent upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import openai
+import pytest
+from aiohttp.test_utils import TestServer
+
+from gateway.config import Settings
+from gateway.mock_upstream import RECEIVED
+from tests.e2e.conftest import Running, StartGateway, base_url
+from tests.e2e.test_edits import image_bytes
+from tests.support.config import TENANT_KEY, config_dict
+
+
+def sdk(gateway: Running) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.v1, api_key=TENANT_KEY, max_retries=0)
+
+
+async def start(start_gateway: StartGateway, mock: TestServer, **team: Any) -> Running:
+    """The gateway in front of `mock`, tenant `team` given the extra settings `team`."""
+    config = config_dict(base_url(mock), policy=team.pop("policy", None))
+    config["tenants"]["team"].update(team)
+    return await start_gateway(Settings.model_validate(config))
+
+
+# --- safety_identifier ------------------------------------------------------------------------------
+
+
+async def test_safety_identifier_is_forwarded_unchanged_on_generations_and_edits(
+    start_gateway: StartGateway, mock_openai: TestServer
+) -> None:
+    """The SDK's successor to the deprecated `user`: accepted and sent upstream as written."""
+    gw = await start(start_gateway, mock_openai)
+    client = sdk(gw)
+    made = await asyncio.to_thread(
+        client.images.generate,
+        model="gpt-image-1.5",
+        prompt="a red fox",
+        quality="low",
+        safety_identifier="sha256-of-alice",
+        user="alice@example.com",
+    )
+    edited = await asyncio.to_thread(
+        client.images.edit,
+        model="gpt-image-1.5",
+        image=("room.png", image_bytes(256, 256), "image/png"),
+        prompt="in blue",
+        quality="low",
+        safety_identifier="sha256-of-alice",
+    )
+    assert made.data and edited.data
+    generation, edit = mock_openai.app[RECEIVED]
+    assert (generation.body["safety_identifier"], generation.body["user"]) == (
+        "sha256-of-alice",
+        "alice@example.com",
+    )
+    assert edit.body["safety_identifier"] == "sha256-of-alice"
+
+
+async def test_safety_identifier_is_bounded_like_user(
+    start_gateway: StartGateway, mock_openai: TestServer
+) -> None:
+    gw = await start(start_gateway, mock_openai)
+    with pytest.raises(openai.BadRequestError) as refused:
+        await asyncio.to_thread(
+            sdk(gw).images.generate, model="gpt-image-1.5", prompt="x", safety_identifier="s" * 257
+        )
+    assert refused.value.param == "safety_identifier" and "256" in refused.value.message
+    assert mock_openai.app[RECEIVED] == []
+
+
+async def test_the_end_user_is_the_safety_identifier_else_the_user(
+    start_gateway: StartGateway, mock_openai: TestServer
+) -> None:
+    """`require_user` and `user_limits` name the end user as the API does: a non-empty
+    `safety_identifier` takes precedence over `user`, which counts when it is empty or absent."""
+    gw = await start(
+        start_gateway,
+        mock_openai,
+        policy={"default_model": "gpt-image-1.5", "require_user": True},
+        user_limits={"requests_per_minute": 1},
+    )
+    client = sdk(gw)
+
+    def generate(**who: str) -> Any:
+        return client.images.generate(prompt="x", quality="low", **who)
+
+    await asyncio.to_thread(generate, safety_identifier="alice", user="shared-service-account")
+    # the same end user, whatever `user` says: its one request a minute is spent
+    with pytest.raises(openai.RateLimitError):
+        await asyncio.to_thread(generate, safety_identifier="alice", user="another-account")
+    # another end user behind the same `user`
+    await asyncio.to_thread(generate, safety_identifier="bob", user="shared-service-account")
+    # an empty safety_identifier: the API uses `user`
+    await asyncio.to_thread(generate, safety_identifier="", user="carol")
+    with pytest.raises(openai.RateLimitError):
+        await asyncio.to_thread(generate, user="carol")
+    with pytest.raises(openai.PermissionDeniedError) as anonymous:  # no end user at all
+        await asyncio.to_thread(generate, safety_identifier="")
+    assert anonymous.value.code == "policy_violation"
+    assert len(mock_openai.app[RECEIVED]) == 3
