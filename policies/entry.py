@@ -175,6 +175,7 @@ class ModelEntry(Frozen):
     stream: bool = False
     partial_images: IntRange | None = None
     response_formats: list[str] | None = None
+    default_response_format: str | None = None  # dall-e: `url` ("Defaults to url")
     styles: list[str] | None = None
     user_max_chars: int = Field(default=256, ge=1)
     edits: UploadRule | None = None  # None: no edits endpoint for this model
@@ -273,6 +274,7 @@ class ModelEntry(Frozen):
             "size": self.default_size,
             "quality": self.default_quality,
             "output_format": self.default_output_format,
+            "response_format": self.default_response_format,
             "input_fidelity": "low",  # OpenAI's default for the models that take it
         }
         return {op: {p: v for p, v in defaults.items() if p in self.params(op)} for op in OPERATIONS}
@@ -351,6 +353,10 @@ class ModelEntry(Frozen):
         if self.output_formats is not None and self.default_output_format not in self.output_formats:
             problems.append(
                 f"default_output_format: {self.default_output_format!r} is not one of output_formats"
+            )
+        if self.response_formats is not None and self.default_response_format not in self.response_formats:
+            problems.append(
+                f"default_response_format: {self.default_response_format!r} is not one of response_formats"
             )
         for size in self.sizes:
             if size != AUTO and not sizes.parse(size):

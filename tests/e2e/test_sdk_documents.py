@@ -8,6 +8,7 @@ invalid is refused with a clear OpenAI-style 400 before anything is sent upstrea
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import openai
@@ -108,3 +109,39 @@ async def test_the_end_user_is_the_safety_identifier_else_the_user(
         await asyncio.to_thread(generate, safety_identifier="")
     assert anonymous.value.code == "policy_violation"
     assert len(mock_openai.app[RECEIVED]) == 3
+
+
+# --- dall-e clients and response_format ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "fields"),
+    [
+        ("generate", {"model": "dall-e-3"}),  # response_format omitted: the documented default is url
+        ("generate", {"model": "dall-e-3", "response_format": "url"}),
+        ("generate", {}),  # no model either: OpenAI's implicit dall-e-2
+        ("edit", {}),  # an edit without model is dall-e-2's too
+    ],
+)
+async def test_a_dall_e_client_that_would_read_a_url_gets_a_400_saying_to_send_b64_json(
+    start_gateway: StartGateway, mock_openai: TestServer, call: str, fields: dict[str, Any]
+) -> None:
+    """dall-e-2/3 return a URL by default; their GPT image replacements return base64 only. An
+    unchanged dall-e client would be billed and read `data[0].url == None`: it is refused instead,
+    before anything is sent, with the fix in the message."""
+    gw = await start(start_gateway, mock_openai, policy={})  # no default_model: OpenAI's rule
+    images = sdk(gw).images
+    send: Any = (
+        functools.partial(images.generate, prompt="a red fox", **fields)
+        if call == "generate"
+        else functools.partial(
+            images.edit, image=("a.png", image_bytes(256, 256), "image/png"), prompt="blue", **fields
+        )
+    )
+    with pytest.raises(openai.BadRequestError) as refused:
+        await asyncio.to_thread(send)
+    assert (refused.value.param, refused.value.code) == ("response_format", "invalid_value")
+    assert "response_format='b64_json'" in refused.value.message
+    assert mock_openai.app[RECEIVED] == []
+    served = await asyncio.to_thread(functools.partial(send, response_format="b64_json"))
+    assert served.data is not None and served.data[0].b64_json is not None
