@@ -123,9 +123,10 @@ class UploadRule(Frozen):
 
     max_images: int = Field(ge=1)
     formats: list[Literal["png", "jpeg", "webp"]] = Field(min_length=1)
-    max_bytes: int = Field(gt=0)  # each file, the mask included
+    max_bytes: int = Field(gt=0)  # each image file
     square: bool = False  # dall-e-2: square images only
     mask: bool = False  # whether a mask may be sent (always a png the size of the first image)
+    mask_max_bytes: int = Field(default=4 * 2**20, gt=0)  # the SDK's `mask`: "less than 4MB"
 
 
 class InputImageTokens(Frozen):

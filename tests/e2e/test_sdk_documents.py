@@ -20,6 +20,7 @@ from gateway.mock_upstream import RECEIVED
 from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.e2e.test_edits import image_bytes
 from tests.support.config import TENANT_KEY, config_dict
+from tests.support.images import noise_png
 
 
 def sdk(gateway: Running) -> openai.OpenAI:
@@ -145,3 +146,26 @@ async def test_a_dall_e_client_that_would_read_a_url_gets_a_400_saying_to_send_b
     assert mock_openai.app[RECEIVED] == []
     served = await asyncio.to_thread(functools.partial(send, response_format="b64_json"))
     assert served.data is not None and served.data[0].b64_json is not None
+
+
+# --- the mask's own bound -------------------------------------------------------------------------
+
+
+async def test_a_mask_over_4_mib_is_refused_before_anything_is_sent(
+    start_gateway: StartGateway, mock_openai: TestServer
+) -> None:
+    """The SDK's `mask`: "a valid PNG file, less than 4MB", though each image may be up to 50 MB."""
+    gw = await start(start_gateway, mock_openai)
+    mask = noise_png(1100, 1100)
+    assert len(mask) > 4 * 2**20
+    with pytest.raises(openai.BadRequestError) as refused:
+        await asyncio.to_thread(
+            sdk(gw).images.edit,
+            model="gpt-image-1.5",
+            image=("room.png", image_bytes(1100, 1100), "image/png"),
+            mask=("mask.png", mask, "image/png"),
+            prompt="in blue",
+        )
+    assert (refused.value.param, refused.value.code) == ("mask", "invalid_value")
+    assert f"is {len(mask)} bytes; gpt-image-1.5 takes a mask under 4194304 bytes" in refused.value.message
+    assert mock_openai.app[RECEIVED] == []

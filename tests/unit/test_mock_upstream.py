@@ -22,6 +22,7 @@ from PIL import Image
 from gateway.mock_upstream import RECEIVED, MockOptions, create_mock_app, run_mock_upstream
 from gateway.mock_upstream.models import image_tokens, image_usages, text_tokens, usage
 from gateway.relay.usage import usage_reader
+from tests.support.images import noise_png
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -672,6 +673,7 @@ EDIT_REFUSED: list[tuple[dict[str, str], list[tuple[str, bytes]], str]] = [
     (EDIT, [("image", _png(64, 64, "GIF"))], "image"),
     (EDIT, [("image", _png(64, 64)), ("mask", _png(32, 32))], "mask"),
     (EDIT, [("image", _png(64, 64)), ("mask", _png(64, 64, "JPEG"))], "mask"),
+    (EDIT, [("image", _png(1100, 1100)), ("mask", noise_png(1100, 1100))], "mask"),  # over 4 MiB
 ]
 
 
