@@ -169,3 +169,31 @@ async def test_a_mask_over_4_mib_is_refused_before_anything_is_sent(
     assert (refused.value.param, refused.value.code) == ("mask", "invalid_value")
     assert f"is {len(mask)} bytes; gpt-image-1.5 takes a mask under 4194304 bytes" in refused.value.message
     assert mock_openai.app[RECEIVED] == []
+
+
+# --- prompts ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", [" ", "\n\t  "])
+async def test_a_whitespace_prompt_is_a_prompt(
+    start_gateway: StartGateway, mock_openai: TestServer, prompt: str
+) -> None:
+    """The documents ask only for a length of at least 1 (001: minLength 1); the upstream decides
+    what a blank prompt draws. Forwarded as sent, for generations and edits alike."""
+    gw = await start(start_gateway, mock_openai)
+    client = sdk(gw)
+    made = await asyncio.to_thread(
+        client.images.generate, model="gpt-image-1.5", prompt=prompt, quality="low"
+    )
+    edited = await asyncio.to_thread(
+        client.images.edit,
+        model="gpt-image-1.5",
+        image=("room.png", image_bytes(256, 256), "image/png"),
+        prompt=prompt,
+        quality="low",
+    )
+    assert made.data and edited.data
+    assert [sent.body["prompt"] for sent in mock_openai.app[RECEIVED]] == [prompt, prompt]
+    with pytest.raises(openai.BadRequestError) as empty:  # the empty prompt stays refused
+        await asyncio.to_thread(client.images.generate, model="gpt-image-1.5", prompt="")
+    assert empty.value.param == "prompt"

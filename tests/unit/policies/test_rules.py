@@ -23,6 +23,7 @@ BROKEN: list[tuple[dict[str, Any], dict[str, Any], str, str, Any]] = [
         "prompt",
         None,
     ),
+    ({"deny_prompt_patterns": [r"^\s*$"]}, {"prompt": " \n\t"}, "deny_prompt_patterns", "prompt", None),
     ({"sizes": ["1024x1024"]}, {"size": "1536x1024"}, "sizes", "size", "1024x1024"),
     ({"sizes": ["1024x1024", "1024x1536"]}, {"size": "1536x1024"}, "sizes", "size", "1024x1024"),
     ({"sizes": ["1536x1024", "1024x1536"]}, {"size": "auto"}, "sizes", "size", "1536x1024"),
@@ -238,6 +239,7 @@ ALLOWED: list[tuple[dict[str, Any], dict[str, Any]]] = [
     ({"require_user": True}, {"safety_identifier": "hashed-end-user-1"}),  # the SDK's successor to `user`
     ({"require_user": True}, {"safety_identifier": "", "user": "end-user-1"}),  # empty: `user` is used
     ({"deny_prompt_patterns": [r"\bnuclear\b"]}, {"prompt": "unclear skies"}),
+    ({"deny_prompt_patterns": [r"^\s*$"]}, {"prompt": " a "}),
 ]
 
 
