@@ -18,13 +18,9 @@ from aiohttp.test_utils import TestServer
 from gateway.config import Settings
 from gateway.mock_upstream import RECEIVED
 from tests.e2e.conftest import Running, StartGateway, base_url
-from tests.e2e.test_edits import image_bytes
-from tests.support.config import TENANT_KEY, config_dict
+from tests.e2e.test_edits import image_bytes, sdk
+from tests.support.config import config_dict
 from tests.support.images import noise_png
-
-
-def sdk(gateway: Running) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.v1, api_key=TENANT_KEY, max_retries=0)
 
 
 async def start(start_gateway: StartGateway, mock: TestServer, **team: Any) -> Running:
