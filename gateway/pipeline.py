@@ -45,6 +45,7 @@ from gateway.upstreams.quota import ProviderQuota
 from gateway.upstreams.targets import covering_estimate
 from policies.catalog import ModelEntry
 from policies.cost import Cost, actual_cost
+from policies.end_user import end_user
 from policies.engine import Decision, evaluate
 from policies.entry import Operation
 from policies.findings import SHOWN_CHARS, shown
@@ -237,8 +238,7 @@ class Pipeline:
         assert decision.model is not None and decision.entry is not None  # allowed decisions name both
         route = runtime.routes[decision.model]
         cost = covering_estimate(route, decision.body, client.inputs)
-        user = decision.body.get("user")
-        plan = runtime.limit_plan(credential, user if isinstance(user, str) else None)
+        plan = runtime.limit_plan(credential, end_user(decision.body))
         admission = await self.store.reserve(plan, cost, request_id=record.request_id, model=decision.model)
         if not admission.allowed or admission.reservation is None:
             error = admission.error or InvalidRequest("The request was not admitted.")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, TypeGuard
 
-from policies import sizes
+from policies import end_user, sizes
 from policies.catalog import ModelEntry
 from policies.entry import Operation
 from policies.findings import (
@@ -134,10 +134,13 @@ def _stream(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation
 
 
 def _user(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation | None:
-    user = body.get("user")
-    if user is None or (isinstance(user, str) and len(user) <= entry.user_max_chars):
-        return None
-    return _error("user", f"'user' must be a string of at most {entry.user_max_chars} characters.")
+    """`user` and `safety_identifier` name the end user; neither may be longer than `user_max_chars`
+    (OpenAI documents no limit of its own for `safety_identifier`: it is bounded like `user`)."""
+    for param in end_user.FIELDS:
+        value = body.get(param)
+        if value is not None and not (isinstance(value, str) and len(value) <= entry.user_max_chars):
+            return _error(param, f"'{param}' must be a string of at most {entry.user_max_chars} characters.")
+    return None
 
 
 def _combinations(entry: ModelEntry, body: Mapping[str, Any], model: str) -> Violation | None:

@@ -9,7 +9,9 @@
    `quality: hd` -> `high`), `reject` answers `model_deprecated`. Anything else is `model_not_found`.
    A request is checked against the model it names before it is aliased: the client wrote it for
    that model, so what that model would refuse (dall-e-3's `n=2`) is refused, not quietly served by
-   a replacement that happens to accept it; the replacement's own checks follow.
+   a replacement that happens to accept it; the replacement's own checks follow. A dall-e request
+   that would get a URL (`response_format: url`, dall-e's default when omitted) is refused too: its
+   GPT image replacement returns base64 only.
 2. Capabilities: the first thing the model would refuse, as `error` (400): an operation the model
    has no endpoint for (dall-e-3 edits) or the route's upstream has no API for (DigitalOcean edits,
    unless declared), `policies.capabilities` on the fields (which differ per operation), then
@@ -209,6 +211,7 @@ def _resolve_model(
     if not isinstance(name, str):
         return Violation(MODEL, "model", f"'model' must be a string; got {shown(name)}.", None, INVALID_VALUE)
     retired: list[str] = []
+    wants_url: tuple[str, bool] | None = None  # (retired name, asked for it) of a client reading a URL
     while name not in routes:
         entry = catalog.get(name)
         if entry is None or not entry.retired or name in retired:
@@ -218,19 +221,46 @@ def _resolve_model(
         refused = capabilities.check(entry, work.body, name, operation)
         if refused is not None:  # what the named model itself would refuse stays refused
             return refused
+        if wants_url is None and entry.effective(work.body, "response_format", operation) == "url":
+            wants_url = (name, work.body.get("response_format") is not None)
         retired.append(name)
         name = _alias(entry, name, work)
     target_entry = catalog.get(routes[name].catalog)
     if target_entry is None:  # load_world refuses such a configuration; never trust it blindly
         message = f"The model {name!r} is routed but has no catalog entry {routes[name].catalog!r}."
         return Violation(MODEL, "model", message, None, MODEL_NOT_FOUND)
-    return name, target_entry
+    refused = _url_refused(wants_url, name, target_entry, work, operation) if wants_url else None
+    return refused or (name, target_entry)
 
 
 def _serves(catalog: Catalog, routes: Mapping[str, RouteTarget], name: str, operation: Operation) -> bool:
     target = routes.get(name)
     entry = catalog.get(target.catalog) if target is not None else None
     return entry is not None and operation in entry.operations
+
+
+def _url_refused(
+    wants_url: tuple[str, bool], served: str, entry: ModelEntry, work: _Work, operation: Operation
+) -> Violation | None:
+    """400 when a retired model's client expects a URL that the model serving it cannot give.
+
+    dall-e returns a URL unless asked for b64_json: `response_format` "Defaults to url" (OpenAI's
+    API reference). A GPT image replacement returns base64 only, so a request that asks for `url`,
+    or leaves `response_format` out, would be billed and answered with `data[0].url` null. It is
+    refused before anything is sent, saying what to send instead. `wants_url`: the retired name the
+    client wrote for, and whether it asked for `url` itself. A served model that takes
+    `response_format`, or that has no endpoint for the operation (its own 400 says so), is left to
+    its own checks."""
+    if operation not in entry.operations or "response_format" in entry.params(operation):
+        return None
+    retired, asked = wants_url
+    chosen = "".join(f" ({a.reason})" for a in work.adjustments if a.param == "model" and a.before is None)
+    how = "asks for 'url'" if asked else f"leaves out response_format, which means 'url' for {retired}"
+    message = (
+        f"{retired}{chosen} is retired; its replacement {served} returns images as base64 only, never"
+        f" as a URL, and the request {how}. Send response_format='b64_json' and read data[].b64_json."
+    )
+    return Violation(CAPABILITY, "response_format", message, ["b64_json"], INVALID_VALUE)
 
 
 def _alias(entry: ModelEntry, name: str, work: _Work) -> str:

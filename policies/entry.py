@@ -123,9 +123,10 @@ class UploadRule(Frozen):
 
     max_images: int = Field(ge=1)
     formats: list[Literal["png", "jpeg", "webp"]] = Field(min_length=1)
-    max_bytes: int = Field(gt=0)  # each file, the mask included
+    max_bytes: int = Field(gt=0)  # each image file
     square: bool = False  # dall-e-2: square images only
     mask: bool = False  # whether a mask may be sent (always a png the size of the first image)
+    mask_max_bytes: int = Field(default=4 * 2**20, gt=0)  # the SDK's `mask`: "less than 4MB"
 
 
 class InputImageTokens(Frozen):
@@ -175,6 +176,7 @@ class ModelEntry(Frozen):
     stream: bool = False
     partial_images: IntRange | None = None
     response_formats: list[str] | None = None
+    default_response_format: str | None = None  # dall-e: `url` ("Defaults to url")
     styles: list[str] | None = None
     user_max_chars: int = Field(default=256, ge=1)
     edits: UploadRule | None = None  # None: no edits endpoint for this model
@@ -233,7 +235,7 @@ class ModelEntry(Frozen):
     def params(self, operation: Operation = "generate") -> frozenset[str]:
         """The body fields `operation` takes with this model (files excluded): an edit takes what a
         generation does except `moderation` and `style`, plus `input_fidelity`; a variation only
-        `model`, `n`, `size`, `response_format` and `user`."""
+        `model`, `n`, `size`, `response_format` and `user` (not `safety_identifier`)."""
         if operation == "generate":
             return self.accepted_params
         if operation == "variation":
@@ -253,7 +255,8 @@ class ModelEntry(Frozen):
             "style": self.styles,
         }
         given = {param for param, spec in optional.items() if spec is not None}
-        return frozenset({"prompt", "model", "n", "size", "quality", "user", "stream", *given})
+        fixed = {"prompt", "model", "n", "size", "quality", "user", "safety_identifier", "stream"}
+        return frozenset({*fixed, *given})
 
     def effective(self, body: Mapping[str, Any], param: str, operation: Operation = "generate") -> Any:
         """The value the upstream will use: the body's unless null or absent, else the model's default
@@ -272,6 +275,7 @@ class ModelEntry(Frozen):
             "size": self.default_size,
             "quality": self.default_quality,
             "output_format": self.default_output_format,
+            "response_format": self.default_response_format,
             "input_fidelity": "low",  # OpenAI's default for the models that take it
         }
         return {op: {p: v for p, v in defaults.items() if p in self.params(op)} for op in OPERATIONS}
@@ -350,6 +354,10 @@ class ModelEntry(Frozen):
         if self.output_formats is not None and self.default_output_format not in self.output_formats:
             problems.append(
                 f"default_output_format: {self.default_output_format!r} is not one of output_formats"
+            )
+        if self.response_formats is not None and self.default_response_format not in self.response_formats:
+            problems.append(
+                f"default_response_format: {self.default_response_format!r} is not one of response_formats"
             )
         for size in self.sizes:
             if size != AUTO and not sizes.parse(size):

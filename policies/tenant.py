@@ -11,7 +11,8 @@ default when the field is omitted), so leaving a field out never gets around a r
 - `qualities`, `moderation`, `output_formats`, `backgrounds`: allowed values, judged only for models
   that take the parameter.
 - `output_compression`: `{min, max}`, judged when the output format is one that is compressed.
-- `stream`, `max_partial_images`, `max_n`, `max_prompt_chars`, `require_user`.
+- `stream`, `max_partial_images`, `max_n`, `max_prompt_chars`, `require_user` (an end user named by
+  `policies.end_user`: a non-empty `safety_identifier`, else a non-empty `user`).
 - `deny_prompt_patterns`: RE2 patterns matched case-insensitively on the normalised prompt (see
   `policies.prompts`); the message names the index of the pattern, never the pattern itself (an
   admin reads it with `gateway explain`).
@@ -53,6 +54,7 @@ from typing import Any
 from policies import capabilities, sizes
 from policies.capabilities import is_int, size_problem
 from policies.catalog import AUTO, ModelEntry
+from policies.end_user import end_user
 from policies.findings import Adjustment, Violation, quoted, shown
 from policies.rules import Policy
 from policies.uploads import GENERATE, Inputs
@@ -295,11 +297,12 @@ def _mask(req: Request) -> Finding | None:
 
 
 def _require_user(req: Request) -> Finding | None:
-    if not req.policy.require_user or req.body.get("user"):
+    if not req.policy.require_user or end_user(req.body) is not None:
         return None
-    return Finding(
-        "require_user", "user", "Policy rule 'require_user': the request must name its end user in 'user'."
+    message = (
+        "Policy rule 'require_user': the request must name its end user in 'safety_identifier' or 'user'."
     )
+    return Finding("require_user", "user", message)
 
 
 def _prompt_chars(req: Request) -> Finding | None:

@@ -112,8 +112,11 @@ def _mask_problem(rule: UploadRule, mask: InputImage, first: InputImage, model: 
     if mask.format != "png":
         what = "not an image" if mask.format is None else mask.format
         return _error("mask", f"The mask {name} must be a png; it is {what}.")
-    if mask.size_bytes > rule.max_bytes:
-        return _error("mask", f"The mask {name} is {mask.size_bytes} bytes; the limit is {rule.max_bytes}.")
+    if mask.size_bytes > rule.mask_max_bytes:
+        limit = rule.mask_max_bytes
+        return _error(
+            "mask", f"The mask {name} is {mask.size_bytes} bytes; {model} takes a mask under {limit} bytes."
+        )
     if (mask.width, mask.height) != (first.width, first.height):
         message = (
             f"The mask is {mask.dimensions}; it must have the first image's dimensions ({first.dimensions})."

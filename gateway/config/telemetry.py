@@ -64,7 +64,7 @@ class TelemetrySettings(Frozen):
     max_queue_size: int = Field(default=2048, ge=1)  # spans waiting for export; beyond: dropped
     max_export_batch_size: int = Field(default=512, ge=1)
     schedule_delay_ms: int = Field(default=5000, ge=1)  # the longest a span waits for its batch
-    # the key of the HMAC-SHA-256 that the request's `user` is hashed with for `gateway.user`;
+    # the key of the HMAC-SHA-256 that the request's end user is hashed with for `gateway.user`;
     # unset or empty: the attribute is left out (an unkeyed hash of a user id is reversible)
     user_hash_key: SecretStr | None = None
 

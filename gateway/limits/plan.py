@@ -4,9 +4,10 @@ A request is checked against up to three scopes, all charged in the same atomic 
 
 * ``tenant``: the tenant's `limits`;
 * ``key:<name or index>``: the limits of the key it authenticated with (`KeySettings.limits`);
-* ``user:<digest>``: the tenant's `user_limits` for the end user named by the request's `user`
-  field. The digest is the first 24 hex digits of SHA-256 of the user id: enough to never
-  collide in practice, and the raw id (often an e-mail address) never reaches Redis.
+* ``user:<digest>``: the tenant's `user_limits` for the request's end user (`policies.end_user`:
+  a non-empty `safety_identifier`, else a non-empty `user`). The digest is the first 24 hex digits
+  of SHA-256 of the user id: enough to never collide in practice, and the raw id (often an e-mail
+  address) never reaches Redis.
 
 `shadow` mirrors `limits_mode: shadow`: everything is checked and charged, nothing is rejected.
 A single limit may be shadowed too (`{value: N, mode: shadow}`): `PlannedLimit.shadow`.

@@ -1,7 +1,7 @@
 """Edits and variations as OpenAI serves them: multipart in, validated as the API reference says.
 
 `POST /v1/images/edits` takes `image` (one file) or `image[]` (up to 16; png, webp or jpeg, each
-under 50MB), an optional `mask` (a png the size of the first image) and the generation fields but
+under 50MB), an optional `mask` (a png the size of the first image, under 4MB) and the generation fields but
 `moderation`, plus `input_fidelity` (`low` | `high`; gpt-image-1-mini `low` only; gpt-image-2 none).
 Its usage counts the input images' tokens (`models.input_image_tokens`) and streams name their
 events `image_edit.*`. `POST /v1/images/variations` is dall-e-2's (one square png under 4MB, `n`,
@@ -26,6 +26,7 @@ from gateway.mock_upstream.validation import EDIT_FIELDS, Generation, validate
 _MAX_IMAGES = 16
 _MAX_BYTES = 50 * 2**20
 _DALL_E_2_BYTES = 4 * 2**20
+_MASK_BYTES = 4 * 2**20  # the SDK's `mask`: "less than 4MB", whatever the model
 _FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 _INTS = frozenset({"n", "partial_images", "output_compression"})
 _DALL_E_2_SIZES = {"256x256": 256, "512x512": 512, "1024x1024": 1024}
@@ -138,7 +139,7 @@ def validate_edit(form: Form, flavor: Flavor, serve_dall_e_2: bool) -> Generatio
         _check_fidelity(fidelity, gen)
     dims = [_image(f, "image", ("png", "webp", "jpeg"), _MAX_BYTES)[1:] for f in images]
     if masks:
-        _, width, height = _image(masks[0], "mask", ("png",), _MAX_BYTES)
+        _, width, height = _image(masks[0], "mask", ("png",), _MASK_BYTES)
         if (width, height) != dims[0]:
             raise invalid("mask", "Invalid mask image: the mask must have the same dimensions as the image.")
     image_in = sum(input_image_tokens(gen.family, w, h) for w, h in dims)
@@ -183,7 +184,7 @@ def _dall_e_2(
     if width != height:
         raise invalid("image", "Invalid input image - image must be square.")
     if masks:
-        _, mw, mh = _image(masks[0], "mask", ("png",), _DALL_E_2_BYTES)
+        _, mw, mh = _image(masks[0], "mask", ("png",), _MASK_BYTES)
         if (mw, mh) != (width, height):
             raise invalid("mask", "Invalid mask image: the mask must have the same dimensions as the image.")
     if edit and not body.get("prompt"):

@@ -17,7 +17,7 @@ from gateway.mock_upstream.options import Flavor
 _FIELDS = frozenset(
     {
         "prompt", "model", "n", "size", "quality", "background", "moderation", "output_format",
-        "output_compression", "partial_images", "stream", "user",
+        "output_compression", "partial_images", "stream", "user", "safety_identifier",
     }
 )  # fmt: skip
 _DALL_E_ONLY = ("response_format", "style")  # GPT image models answer `unknown_parameter`
@@ -255,7 +255,9 @@ def _check_background(background: str, output_format: str, model: str, family: F
 
 
 def _check_user(body: dict[str, Any]) -> None:
-    user = _str(body, "user", "")
-    if len(user) > 256:
-        message = f"Invalid 'user': string too long. Expected at most 256 characters, got {len(user)}."
-        raise invalid("user", message, "string_above_max_length")
+    """`user` and `safety_identifier` (which the SDK documents with no limit of its own) alike."""
+    for name in ("user", "safety_identifier"):
+        user = _str(body, name, "")
+        if len(user) > 256:
+            message = f"Invalid '{name}': string too long. Expected at most 256 characters, got {len(user)}."
+            raise invalid(name, message, "string_above_max_length")

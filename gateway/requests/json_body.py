@@ -36,6 +36,6 @@ async def parse(request: web.Request, bodies: BodyReader, server: ServerSettings
         raise InvalidRequest(
             "Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter"
         )
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str) or not prompt:  # the API's minimum length is 1: "  " is a prompt
         raise InvalidRequest("'prompt' must be a non-empty string.", param="prompt", code="invalid_value")
     return body

@@ -19,6 +19,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from gateway.telemetry.activity import decision
 from gateway.telemetry.tracing import NO_ATTEMPT, AttemptTrace, RequestTrace
+from policies.end_user import end_user
 
 if TYPE_CHECKING:
     from gateway.front.access_log import RequestRecord
@@ -140,7 +141,7 @@ class _Live(RequestTrace):
         for field in ("size", "quality", "background", "output_format"):
             if isinstance(value := body.get(field), str):
                 attributes[f"gateway.image.{field}"] = value
-        if self.user_hash_key is not None and isinstance(user := body.get("user"), str):
+        if self.user_hash_key is not None and (user := end_user(body)) is not None:
             digest = hmac.digest(self.user_hash_key, user.encode("utf-8"), "sha256")
             attributes["gateway.user"] = digest.hex()[:_USER_HASH_CHARS]
         self.span.set_attributes(attributes)

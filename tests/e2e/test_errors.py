@@ -67,7 +67,7 @@ async def test_missing_or_unknown_key_is_401(
         (b'{"prompt": "x",', "invalid_json", None),
         (b'["prompt"]', "invalid_json", None),
         (b'{"model": "gpt-image-1.5"}', "missing_required_parameter", "prompt"),
-        (b'{"model": "gpt-image-1.5", "prompt": "  "}', "invalid_value", "prompt"),
+        (b'{"model": "gpt-image-1.5", "prompt": ""}', "invalid_value", "prompt"),
         (b'{"model": "gpt-image-1.5", "prompt": 5}', "invalid_value", "prompt"),
     ],
 )

@@ -73,8 +73,13 @@ async def test_a_request_continues_the_client_trace_with_genai_attributes(
     )
     trace_id, parent_id, headers = client_trace()
     async with sdk(gw, headers) as client:
-        image = await client.images.generate(
-            model="gpt-image-1.5", prompt=PROMPT, size="1024x1024", quality="low", user=USER
+        image = await client.images.generate(  # the end user is the safety_identifier, not `user`
+            model="gpt-image-1.5",
+            prompt=PROMPT,
+            size="1024x1024",
+            quality="low",
+            safety_identifier=USER,
+            user="shared-service-account",
         )
     await collector.wait_for(ended(trace_id))
     spans = of_trace(collector.spans, trace_id)

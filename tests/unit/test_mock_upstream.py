@@ -22,6 +22,7 @@ from PIL import Image
 from gateway.mock_upstream import RECEIVED, MockOptions, create_mock_app, run_mock_upstream
 from gateway.mock_upstream.models import image_tokens, image_usages, text_tokens, usage
 from gateway.relay.usage import usage_reader
+from tests.support.images import noise_png
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -103,6 +104,8 @@ OPENAI_CASES: list[tuple[str, dict[str, Any], int, str | None, str | None]] = [
     ("partial_images 4", {**OK, "stream": True, "partial_images": 4}, 400, "partial_images", "integer_above_max_value"),
     ("stream not a bool", {**OK, "stream": "yes"}, 400, "stream", "invalid_type"),
     ("user too long", {**OK, "user": "u" * 257}, 400, "user", "string_above_max_length"),
+    ("safety_identifier", {**OK, "safety_identifier": "s" * 256, "user": "u"}, 200, None, None),
+    ("safety_identifier too long", {**OK, "safety_identifier": "s" * 257}, 400, "safety_identifier", "string_above_max_length"),
     ("retired gpt-image-1", {**OK, "model": "gpt-image-1"}, 404, None, "model_not_found"),
     ("retired dall-e-3", {**OK, "model": "dall-e-3"}, 404, None, "model_not_found"),
     ("default model is retired dall-e-2", {"prompt": "x"}, 404, None, "model_not_found"),
@@ -697,6 +700,7 @@ EDIT_REFUSED: list[tuple[dict[str, str], list[tuple[str, bytes]], str]] = [
     (EDIT, [("image", _png(64, 64, "GIF"))], "image"),
     (EDIT, [("image", _png(64, 64)), ("mask", _png(32, 32))], "mask"),
     (EDIT, [("image", _png(64, 64)), ("mask", _png(64, 64, "JPEG"))], "mask"),
+    (EDIT, [("image", _png(1100, 1100)), ("mask", noise_png(1100, 1100))], "mask"),  # over 4 MiB
 ]
 
 

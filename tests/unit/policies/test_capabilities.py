@@ -75,6 +75,8 @@ REFUSED: list[tuple[str, dict[str, Any], str, str, str]] = [
     ("gpt-image-1.5", {"stream": "yes"}, "stream", "invalid_value", "true or false"),
     ("gpt-image-1.5", {"user": "u" * 257}, "user", "invalid_value", "256"),
     ("gpt-image-1.5", {"user": 7}, "user", "invalid_value", "256"),
+    ("gpt-image-1.5", {"safety_identifier": "s" * 257}, "safety_identifier", "invalid_value", "256"),
+    ("gpt-image-2", {"safety_identifier": ["s"]}, "safety_identifier", "invalid_value", "256"),
     ("gpt-image-1.5", {"prompt": "x" * 32001}, "prompt", "invalid_value", "1 to 32000"),
     ("dall-e-3", {"prompt": "x" * 4001}, "prompt", "invalid_value", "1 to 4000"),
     ("dall-e-2", {"prompt": "x" * 1001}, "prompt", "invalid_value", "1 to 1000"),
@@ -115,6 +117,9 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
     ("gpt-image-2", {"size": "1024x640"}),
     ("gpt-image-2", {"size": "2496x832"}),  # exactly 3:1
     ("gpt-image-2", {"size": "auto", "moderation": "low", "user": "u" * 256}),
+    ("gpt-image-1.5", {"safety_identifier": "s" * 256}),  # the SDK's successor to `user`
+    ("gpt-image-1.5", {"safety_identifier": "", "user": "u"}),  # empty: the API uses `user`
+    ("dall-e-3", {"safety_identifier": "s"}),
     ("gpt-image-1.5", {"prompt": "x" * 32000, "n": 10}),
 ]
 

@@ -149,6 +149,10 @@ def test_a_complete_new_model_needs_no_extends() -> None:
             "catalog.gpt-image-1.5.default_size: '640x480' is not one of sizes",
         ),
         (
+            {"dall-e-3": {"response_formats": ["b64_json"]}},  # its default, url, left out
+            "catalog.dall-e-3.default_response_format: 'url' is not one of response_formats",
+        ),
+        (
             {"gpt-image-1.5": {"sizes": ["auto", "big"]}},
             "catalog.gpt-image-1.5.sizes: 'big' is neither auto nor WIDTHxHEIGHT",
         ),

@@ -59,12 +59,27 @@ REFUSED: list[tuple[dict[str, Any], Inputs, str, str]] = [
     ({"model": "gpt-image-1.5"}, edit(png(size=50 * 2**20 + 1)), "image", "invalid_value"),
     ({"model": "gpt-image-1.5"}, edit(png(), mask=png(512, 512, field="mask")), "mask", "invalid_value"),
     ({"model": "gpt-image-1.5"}, edit(png(), mask=png(field="mask", fmt="jpeg")), "mask", "invalid_value"),
+    # the mask is "less than 4MB" (the SDK's `mask`), though each image may be up to 50 MB
+    (
+        {"model": "gpt-image-1.5"},
+        edit(png(), mask=png(field="mask", size=4 * 2**20 + 1)),
+        "mask",
+        "invalid_value",
+    ),
+    ({"model": "dall-e-2"}, edit(png(), mask=png(field="mask", size=4 * 2**20 + 1)), "mask", "invalid_value"),
     ({"model": "dall-e-2"}, edit(png(), png()), "image", "invalid_value"),
     ({"model": "dall-e-2"}, edit(png(1024, 512)), "image", "invalid_value"),
     ({"model": "dall-e-2"}, edit(png(fmt="webp")), "image", "invalid_value"),
     ({"model": "dall-e-2"}, edit(png(size=4 * 2**20 + 1)), "image", "invalid_value"),
     ({"model": "dall-e-2", "prompt": "x"}, Inputs("variation", (png(),)), "prompt", "unknown_parameter"),
     ({"model": "dall-e-2"}, Inputs("variation", (png(),), png(field="mask")), "mask", "invalid_value"),
+    # the SDK's variation params have `user` only
+    (
+        {"model": "dall-e-2", "safety_identifier": "s"},
+        Inputs("variation", (png(),)),
+        "safety_identifier",
+        "unknown_parameter",
+    ),
 ]
 
 
@@ -79,9 +94,10 @@ def test_what_the_model_cannot_do_is_a_400_naming_the_field(
 
 def test_a_well_formed_edit_and_variation_pass() -> None:
     ok = decide_edit(
-        {"model": "gpt-image-1.5", "input_fidelity": "high"}, edit(png(), png(), mask=png(field="mask"))
+        {"model": "gpt-image-1.5", "input_fidelity": "high", "safety_identifier": "s"},
+        edit(png(size=50 * 2**20), png(), mask=png(field="mask", size=4 * 2**20)),
     )
-    assert ok.allowed and ok.error is None
+    assert ok.allowed and ok.error is None and ok.body["safety_identifier"] == "s"
     variation = evaluate(
         Policy(), CATALOG, DALL_E_ROUTES, {"model": "dall-e-2", "n": 2}, Inputs("variation", (png(),))
     )
@@ -168,6 +184,17 @@ def test_catalog_overrides_reach_upload_rules() -> None:
     catalog = load_catalog({"gpt-image-1.5": {"edits": {"max_images": 2}}})
     rule = catalog["gpt-image-1.5"].edits
     assert rule is not None and rule.max_images == 2 and rule.formats == ["png", "webp", "jpeg"]
+    assert rule.mask_max_bytes == 4 * 2**20
+    catalog = load_catalog({"gpt-image-1.5": {"edits": {"mask_max_bytes": 1000}}})
+    refused = evaluate(
+        Policy(),
+        catalog,
+        ROUTES,
+        {"model": "gpt-image-1.5", "prompt": "p"},
+        edit(mask=png(field="mask", size=1001)),
+    )
+    assert refused.error is not None and refused.error.param == "mask"
+    assert "gpt-image-1.5 takes a mask under 1000 bytes" in refused.error.message
 
 
 def test_a_variation_without_model_falls_back_to_openais_default_not_a_generation_default() -> None:

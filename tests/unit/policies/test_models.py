@@ -28,9 +28,13 @@ def test_a_null_model_is_a_missing_model() -> None:
 
 
 def test_without_a_default_openai_rule_picks_dall_e_2_which_is_retired_and_aliased() -> None:
-    decision = decide({"prompt": "x"})
+    decision = decide({"prompt": "x", "response_format": "b64_json"})
     assert decision.allowed and decision.model == "gpt-image-1-mini"
-    assert changes(decision) == [("model", None, "dall-e-2"), ("model", "dall-e-2", "gpt-image-1-mini")]
+    assert changes(decision) == [
+        ("model", None, "dall-e-2"),
+        ("model", "dall-e-2", "gpt-image-1-mini"),
+        ("response_format", "b64_json", None),
+    ]
 
 
 def test_a_gpt_image_only_parameter_makes_the_implicit_model_gpt_image_1() -> None:
@@ -79,17 +83,45 @@ def test_a_request_the_retired_model_itself_would_refuse_is_refused_before_alias
         "invalid_value",
     )
     assert decision.error.message == "'n' must be 1 for dall-e-3; got 2."
-    assert decide({"model": "dall-e-3", "prompt": "x", "n": 1}).allowed
+    assert decide({"model": "dall-e-3", "prompt": "x", "n": 1, "response_format": "b64_json"}).allowed
 
 
-def test_an_aliased_request_the_replacement_cannot_serve_is_a_capability_error() -> None:
-    decision = decide({"model": "dall-e-2", "prompt": "x", "response_format": "url"})
-    assert decision.error is not None and decision.error.param == "response_format"
-    assert decision.model == "gpt-image-1-mini"
+@pytest.mark.parametrize(
+    ("body", "how"),
+    [
+        ({"model": "dall-e-2", "response_format": "url"}, "asks for 'url'"),
+        ({"model": "dall-e-3"}, "leaves out response_format, which means 'url' for dall-e-3"),
+        ({"model": "dall-e-3", "response_format": None}, "leaves out response_format"),
+        ({}, "leaves out response_format, which means 'url' for dall-e-2"),  # the implicit dall-e-2
+    ],
+)
+def test_a_dall_e_request_that_would_get_a_url_is_refused_before_aliasing(
+    body: dict[str, Any], how: str
+) -> None:
+    """dall-e's response_format defaults to url; its GPT image replacement returns base64 only: served,
+    the client would be billed and read `data[0].url == None`. The 400 says what to send."""
+    decision = decide({"prompt": "x", **body})
+    assert decision.error is not None and not decision.allowed
+    assert (decision.error.param, decision.error.code, decision.error.allowed) == (
+        "response_format",
+        "invalid_value",
+        ["b64_json"],
+    )
+    assert how in decision.error.message and "Send response_format='b64_json'" in decision.error.message
+    assert ("OpenAI's default when model is omitted" in decision.error.message) == ("model" not in body)
+
+
+def test_a_dall_e_request_for_a_url_is_served_where_the_model_serving_it_returns_urls() -> None:
+    catalog = load_catalog({"dall-e-3": {"lifecycle": {"replacement": "dall-e-2", "translate": {}}}})
+    routes = {**ROUTES, "dall-e-2": RouteTarget("dall-e-2", "openai")}
+    decision = decide({"model": "dall-e-3", "prompt": "x"}, routes, catalog=catalog)
+    assert decision.allowed and decision.model == "dall-e-2"
 
 
 def test_the_tenant_policy_judges_the_model_after_aliasing() -> None:
-    decision = decide({"model": "dall-e-3", "prompt": "x"}, models=["gpt-image-2"])
+    decision = decide(
+        {"model": "dall-e-3", "prompt": "x", "response_format": "b64_json"}, models=["gpt-image-2"]
+    )
     assert not decision.allowed and decision.violations[0].rule == "models"
     assert "'gpt-image-1.5'" in decision.violations[0].message
 
@@ -112,14 +144,19 @@ def test_a_retired_name_whose_replacement_is_not_routed_is_deprecated() -> None:
 
 
 def test_retirement_chains_are_followed() -> None:
-    catalog = load_catalog({"dall-e-3": {"lifecycle": {"replacement": "gpt-image-1", "translate": {}}}})
+    catalog = load_catalog({"dall-e-3": {"lifecycle": {"replacement": "gpt-image-1"}}})
     routes = {k: v for k, v in ROUTES.items() if k != "gpt-image-1"}
-    decision = decide({"model": "dall-e-3", "prompt": "x"}, routes, catalog=catalog)
+    body = {"model": "dall-e-3", "prompt": "x", "response_format": "b64_json"}
+    decision = decide(body, routes, catalog=catalog)
     assert decision.model == "gpt-image-1.5"
     assert changes(decision) == [
         ("model", "dall-e-3", "gpt-image-1"),
+        ("response_format", "b64_json", None),
         ("model", "gpt-image-1", "gpt-image-1.5"),
     ]
+    # a URL is refused at the end of a chain too, naming the model that serves the request
+    refused = decide({"model": "dall-e-3", "prompt": "x"}, routes, catalog=catalog).error
+    assert refused is not None and "its replacement gpt-image-1.5 returns" in refused.message
 
 
 def test_a_retirement_cycle_ends_in_an_error() -> None:

@@ -14,6 +14,7 @@ BROKEN: list[tuple[dict[str, Any], dict[str, Any], str, str, Any]] = [
     ({"models": ["gpt-image-2"]}, {}, "models", "model", None),
     ({"require_user": True}, {}, "require_user", "user", None),
     ({"require_user": True}, {"user": ""}, "require_user", "user", None),
+    ({"require_user": True}, {"safety_identifier": ""}, "require_user", "user", None),
     ({"max_prompt_chars": 10}, {"prompt": "x" * 11}, "max_prompt_chars", "prompt", None),
     (
         {"deny_prompt_patterns": [r"\bnuclear\b"]},
@@ -22,6 +23,7 @@ BROKEN: list[tuple[dict[str, Any], dict[str, Any], str, str, Any]] = [
         "prompt",
         None,
     ),
+    ({"deny_prompt_patterns": [r"^\s*$"]}, {"prompt": " \n\t"}, "deny_prompt_patterns", "prompt", None),
     ({"sizes": ["1024x1024"]}, {"size": "1536x1024"}, "sizes", "size", "1024x1024"),
     ({"sizes": ["1024x1024", "1024x1536"]}, {"size": "1536x1024"}, "sizes", "size", "1024x1024"),
     ({"sizes": ["1536x1024", "1024x1536"]}, {"size": "auto"}, "sizes", "size", "1536x1024"),
@@ -234,7 +236,10 @@ ALLOWED: list[tuple[dict[str, Any], dict[str, Any]]] = [
     ({"max_partial_images": 0}, {"stream": True}),
     ({"max_prompt_chars": 5}, {"prompt": "12345"}),
     ({"require_user": True}, {"user": "end-user-1"}),
+    ({"require_user": True}, {"safety_identifier": "hashed-end-user-1"}),  # the SDK's successor to `user`
+    ({"require_user": True}, {"safety_identifier": "", "user": "end-user-1"}),  # empty: `user` is used
     ({"deny_prompt_patterns": [r"\bnuclear\b"]}, {"prompt": "unclear skies"}),
+    ({"deny_prompt_patterns": [r"^\s*$"]}, {"prompt": " a "}),
 ]
 
 
