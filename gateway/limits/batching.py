@@ -22,16 +22,22 @@ a settle before the next request's reserve (`Store.settles_in_order`). On a pool
 connection a task sends each batch.
 
 A server that has forgotten the scripts (restart, failover, SCRIPT FLUSH) answers NOSCRIPT. Those
-calls run once more, as EVAL with the script's source (which caches it again for later
-EVALSHAs), and what that answers is final: a call that fails again fails its caller. On the lean
+calls run once more, as EVAL with the script's source, and what that answers is final: a call that
+fails again fails its caller. Every script is loaded again ahead of them (SCRIPT LOAD, in the same
+write), not only theirs: were only a reserve run again, the settle script would still be missing,
+and a later settle answered NOSCRIPT would be overtaken by the next reserve written behind it. On the lean
 connection they are written again from the callback that reads their replies, in reply order, on
 the same connection: behind the batches written before (which answer NOSCRIPT in their turn and
 run again behind them), ahead of anything made later, which parks until every call run again has
 its reply. So the calls still reach Redis in the order they were made. On a pooled or cluster
-connection the batch's own task runs them again in one write: in order within the batch (batches
+connection the batch's own task loads every script, then runs them again in one write: in order
+within the batch (batches
 there keep no order among themselves anyway). One overtaking is out of reach everywhere: if
-another client (another gateway recovering too) puts a script back while calls are in flight, a
-call that reaches Redis after that runs at once, ahead of the earlier ones answered NOSCRIPT.
+another client puts the scripts back while calls are in flight, a call that reaches Redis after
+that runs at once, ahead of the earlier ones answered NOSCRIPT. With `server.workers` above one,
+that client is usually another worker recovering at the same moment: after a flush or a restart,
+a settle and its client's next reserve may then meet in the wrong order once (a spurious 429, or a
+settle charged a moment late); closing it would take EVAL with the source on every call.
 
 A caller that gives up (its timeout) cancels only its own future; the batch is sent regardless,
 and its reply is dropped. `close` waits (briefly) for batches in flight and the calls run again.
@@ -50,7 +56,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.limits.resp import RespConnection, repeating_command, resolve
-from gateway.limits.scripts import Script
+from gateway.limits.scripts import ALL, Script
 
 Arg = str | int | bytes  # a script argument (bytes: the checks, packed)
 CLOSE_WAIT = 0.5  # seconds: at shutdown, after the outbox has had its turn
@@ -75,8 +81,15 @@ Command = Callable[[_Call], tuple[Any, ...]]  # a call as a command: _Call.by_sh
 
 
 class EvalBatcher:
-    def __init__(self, client: Any, in_flight: asyncio.Semaphore, lean: RespConnection | None = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        in_flight: asyncio.Semaphore,
+        lean: RespConnection | None = None,
+        scripts: Sequence[Script] = ALL,
+    ) -> None:
         self._client = client
+        self._scripts = scripts  # loaded again, all of them, once the server has forgotten them
         self._in_flight = in_flight
         self._lean = lean
         self._queue: list[_Call] = []
@@ -128,10 +141,11 @@ class EvalBatcher:
         assert self._lean is not None and self._loop is not None
         written: asyncio.Future[None] = self._loop.create_future()  # for `close`
         if again:
-            payload, answered = _pack(batch, _Call.by_source), self._answered_again
+            payload, answered = self._load_all() + _pack(batch, _Call.by_source), self._answered_again
+            replies = len(self._scripts) + len(batch)
         else:
-            payload, answered = _pack(batch), self._answered
-        if not self._lean.send(payload, len(batch), partial(answered, batch, written)):
+            payload, answered, replies = _pack(batch), self._answered, len(batch)
+        if not self._lean.send(payload, replies, partial(answered, batch, written)):
             return False
         self._sending.add(written)
         return True
@@ -186,7 +200,10 @@ class EvalBatcher:
         self._replied(written)
         self._running_again -= 1
         self._unpark()
-        _answer(batch, replies)
+        _answer(batch, replies if isinstance(replies, BaseException) else replies[len(self._scripts) :])
+
+    def _load_all(self) -> bytes:
+        return b"".join([repeating_command("SCRIPT", "LOAD", script.source) for script in self._scripts])
 
     def _replied(self, written: asyncio.Future[None]) -> None:
         """A lean write has all its replies: `close` no longer waits for it."""
@@ -198,7 +215,9 @@ class EvalBatcher:
         try:
             async with self._in_flight:
                 lost = _settle(batch, await self._execute(batch, _Call.by_sha))
-                if lost:  # the server forgot the scripts: run them again, in order, by their source
+                if lost:  # the server forgot the scripts: all of them back, then these run again
+                    for script in self._scripts:  # (a cluster loads each on every primary)
+                        await self._client.script_load(script.source)
                     _answer(lost, await self._execute(lost, _Call.by_source))
         except BaseException as exc:
             _fail(batch, exc)

@@ -32,6 +32,7 @@ def script(name: str, source: bytes) -> Script:
 INCR = script("incr", b"return redis.call('INCR', KEYS[1])")
 FAIL = script("fail", b"return redis.error_reply('NOPE no such thing')")
 PUSH = script("push", b"return redis.call('RPUSH', KEYS[1], ARGV[1])")
+PUSH_TOO = script("push too", b"return redis.call('RPUSH', KEYS[1], ARGV[1]) -- another script")
 # Keeps Redis busy for ARGV[1] ms: the replies of what was written after it come that much later.
 SLOW = script(
     "slow",
@@ -41,10 +42,10 @@ SLOW = script(
 
 
 async def batcher_on(
-    server: RedisServer, *, connected: bool = True
+    server: RedisServer, *, connected: bool = True, scripts: tuple[Script, ...] = (INCR, FAIL, PUSH, SLOW)
 ) -> tuple[EvalBatcher, Redis, RespConnection]:
     """A batcher on `server`'s lean connection, connected as the engine is after start (or not yet:
-    its first call connects)."""
+    its first call connects), knowing `scripts` (all loaded again after NOSCRIPT)."""
     client = Redis.from_url(server.url)
     lean = RespConnection.for_url(server.url, connect_timeout=0.5, reply_timeout=2.0)
     assert lean is not None
@@ -52,7 +53,7 @@ async def batcher_on(
         await client.script_load(script.source)
     if connected:
         await lean.execute(b"*1\r\n$4\r\nPING\r\n", 1)
-    return EvalBatcher(client, asyncio.Semaphore(128), lean), client, lean
+    return EvalBatcher(client, asyncio.Semaphore(128), lean, scripts), client, lean
 
 
 async def test_a_batch_on_the_connected_lean_connection_needs_no_task(redis_server_factory) -> None:
@@ -177,13 +178,34 @@ async def test_a_call_run_again_on_a_connection_lost_fails_and_later_ones_go_on_
     batcher, client, lean = await batcher_on(redis_server_factory())
     await client.script_flush()
     slow = batcher.evalsha(SLOW, [], [300])
-    await asyncio.sleep(0.05)  # NOSCRIPT, and run again: Redis busy with it
+    while not batcher._running_again:  # noqa: ASYNC110 (NOSCRIPT read, run again: Redis busy with it)
+        await asyncio.sleep(0.005)
     after = batcher.evalsha(PUSH, ["order"], ["after"])
     await asyncio.sleep(0.01)
     lean._protocol.abort()  # type: ignore[union-attr]
     with pytest.raises(RedisConnectionError):
         await slow
     assert await after == 1
+    await batcher.close()
+    await client.aclose()
+
+
+@pytest.mark.parametrize("connection", ["lean", "pooled"])
+async def test_after_a_script_flush_every_script_is_back_not_only_those_run_again(
+    redis_server_factory, connection: str
+) -> None:
+    """Only a reserve (PUSH) runs again after the flush: the settle script (PUSH_TOO) must be back
+    too, or a settle answered NOSCRIPT would be overtaken by the next reserve written behind it."""
+    batcher, client, _ = await batcher_on(redis_server_factory(), scripts=(PUSH, PUSH_TOO))
+    if connection == "pooled":
+        await batcher.close()
+        batcher = EvalBatcher(client, asyncio.Semaphore(128), None, (PUSH, PUSH_TOO))
+    await client.script_flush()
+    assert await batcher.evalsha(PUSH, ["order"], ["a"]) == 1  # answered NOSCRIPT, run again
+    settle = batcher.evalsha(PUSH_TOO, ["order"], ["settle"])
+    reserve = batcher.evalsha(PUSH, ["order"], ["reserve"])  # in the same write
+    assert await asyncio.gather(settle, reserve) == [2, 3]
+    assert await client.lrange("order", 0, -1) == [b"a", b"settle", b"reserve"]
     await batcher.close()
     await client.aclose()
 
