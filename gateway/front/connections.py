@@ -21,6 +21,8 @@ port (`listener="ops"`: /metrics, /healthz, /readyz), with a cap of its own.
   `server.client_write_timeout_seconds` without draining below its low-water mark: otherwise it
   would hold its slot (and its handler) forever, being neither idle nor waiting for a head. The
   timer runs only while the transport has paused writing, so it costs nothing on the normal path.
+  The write waiting then fails as if the client had left (the relay counts it gone), and the
+  line `client_write_timed_out` says so.
   Pipelining is bounded by aiohttp: it parses at most 32 requests ahead of the one being handled,
   then stops reading the socket (keeping the rest of that read, at most 256 KiB, unparsed) until
   they are down to 16; a client that sends requests without reading answers fills its transport
@@ -327,6 +329,9 @@ class FrontConnection(web_protocol.RequestHandler):
             listener=self._door.listener,
             timeout_seconds=self._door.bounds.write_timeout,
         )
+        waiter = self._drain_waiter  # the write waiting: it fails, as if the client had left
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("the client did not take its answer in time"))
         self.cut_off()
 
     def cut_off(self) -> None:
