@@ -309,8 +309,7 @@ class FrontConnection(web_protocol.RequestHandler):
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        loop = asyncio.get_running_loop()
-        self._write_timer = loop.call_later(self._door.bounds.write_timeout, self._write_timed_out)
+        self._write_timer = self._loop.call_later(self._door.bounds.write_timeout, self._write_timed_out)
 
     def resume_writing(self) -> None:
         super().resume_writing()

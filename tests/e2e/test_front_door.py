@@ -145,6 +145,24 @@ async def test_a_connection_without_complete_headers_is_closed(tight: Running) -
         writer.close()
 
 
+async def being_handled(
+    start_gateway: StartGateway,
+    start_server: Callable[[web.Application], Awaitable[TestServer]],
+    mock_do: TestServer,
+    server: dict[str, object],
+) -> tuple[Running, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A gateway with `server` settings whose upstream takes a second, and a connection on which a
+    generation is being handled."""
+    slow = await start_server(
+        create_mock_app(MockOptions(flavor="openai", api_key=UPSTREAM_KEY, latency_ms=1000))
+    )
+    gateway = await start_gateway(openai_url=base_url(slow), do_url=base_url(mock_do), server=server)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gateway))
+    writer.write(request(GENERATE, headers=[JSON, AUTH], body=GOOD))
+    await asyncio.sleep(0.2)
+    return gateway, reader, writer
+
+
 async def test_a_head_pipelined_behind_a_request_being_handled_has_the_header_deadline(
     start_gateway: StartGateway,
     start_server: Callable[[web.Application], Awaitable[TestServer]],
@@ -152,14 +170,8 @@ async def test_a_head_pipelined_behind_a_request_being_handled_has_the_header_de
 ) -> None:
     """Its first bytes arrive while the upstream takes a second: the connection is closed for want of
     the rest once the request is answered, not kept until the (here 60 s) keep-alive timeout."""
-    slow = await start_server(
-        create_mock_app(MockOptions(flavor="openai", api_key=UPSTREAM_KEY, latency_ms=1000))
-    )
     server = {"header_timeout_seconds": 0.3, "keepalive_timeout_seconds": 60}
-    gateway = await start_gateway(openai_url=base_url(slow), do_url=base_url(mock_do), server=server)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gateway))
-    writer.write(request(GENERATE, headers=[JSON, AUTH], body=GOOD))
-    await asyncio.sleep(0.2)  # being handled
+    gateway, reader, writer = await being_handled(start_gateway, start_server, mock_do, server)
     writer.write(b"POST /v1/images/generations HTTP/1.1\r\nHost: gateway\r\nAuthor")
     response = await read_response(reader)
     assert response.status == 200 and not response.closed
@@ -348,14 +360,8 @@ async def test_a_head_too_large_behind_a_request_being_handled_closes_after_its_
     mock_do: TestServer,
 ) -> None:
     """A 431 cannot overtake the answer owed first: that answer is given, then the connection closed."""
-    slow = await start_server(
-        create_mock_app(MockOptions(flavor="openai", api_key=UPSTREAM_KEY, latency_ms=500))
-    )
     server = {"max_head_bytes": 16384, "header_timeout_seconds": 60}
-    gateway = await start_gateway(openai_url=base_url(slow), do_url=base_url(mock_do), server=server)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gateway))
-    writer.write(request(GENERATE, headers=[JSON, AUTH], body=GOOD))
-    await asyncio.sleep(0.2)  # being handled
+    gateway, reader, writer = await being_handled(start_gateway, start_server, mock_do, server)
     writer.write(big_head(20000, end=False))
     response = await read_response(reader)
     assert response.status == 200
