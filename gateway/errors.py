@@ -134,6 +134,12 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class HeadTooLarge(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_head_too_large"
+
+
 class UnsupportedMediaType(GatewayError):
     status = 415
     type = "invalid_request_error"

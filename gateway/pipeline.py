@@ -296,9 +296,7 @@ class Pipeline:
         record.trace.served(target)
         try:
             with record.trace.stage("relay"):
-                outcome = await relay(
-                    request, response, headers, target, runtime.settings.server.client_write_timeout_seconds
-                )
+                outcome = await relay(request, response, headers, target)
         finally:
             if streaming:
                 self.open_streams.value -= 1

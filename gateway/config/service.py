@@ -38,6 +38,8 @@ class ServerSettings(Frozen):
     header_timeout_seconds: float = Field(default=10.0, gt=0)  # connect (or a new request) to full headers
     keepalive_timeout_seconds: float = Field(default=75.0, gt=0)  # an idle keep-alive connection is closed
     body_timeout_seconds: float = Field(default=60.0, gt=0)  # headers to the last byte of the body
+    # A request head (request line and headers) larger than this is refused with 431 as it arrives.
+    max_head_bytes: int = Field(default=32 * 1024, ge=1024)
     max_connections: int | None = Field(default=None, ge=1)  # None: sized from the process's file limit
     ops_max_connections: int = Field(default=64, ge=1)  # the operations listener's (scrapes, probes)
     max_buffered_body_bytes: int = Field(default=64 * 1_048_576, gt=0)  # bodies being read at once, in all

@@ -9,11 +9,29 @@ port (`listener="ops"`: /metrics, /healthz, /readyz), with a cap of its own.
   `server.header_timeout_seconds` of connecting, or of the first byte of its next request, is closed.
   A head pipelined behind a request still being handled is closed at the first check (one each
   header timeout from its first byte) that finds that request answered and the head incomplete.
+- Size of a head: a request head (request line and headers) larger than `server.max_head_bytes` is
+  refused as its bytes arrive, before aiohttp's parser holds them (it allows 128 headers of 16 KiB:
+  2 MiB, ~4 MB of memory, per connection): a 431 and the connection closed; one pipelined behind a
+  request being handled closes the connection once that request is answered (a response cannot
+  overtake it). Bytes of a head that arrive in the same read as the end of the request before it
+  (pipelining) are not counted: at most one read (256 KiB), after which the rest is.
 - Keep-alive: an idle connection is closed after `server.keepalive_timeout_seconds`.
+- Writes: a connection whose answers the client does not take is closed, dropping what it did not
+  read, once the transport has held more than its high-water mark (64 KiB) for
+  `server.client_write_timeout_seconds` without draining below its low-water mark: otherwise it
+  would hold its slot (and its handler) forever, being neither idle nor waiting for a head. The
+  timer runs only while the transport has paused writing, so it costs nothing on the normal path.
+  The write waiting then fails as if the client had left (the relay counts it gone), and the
+  line `client_write_timed_out` says so.
+  Pipelining is bounded by aiohttp: it parses at most 32 requests ahead of the one being handled,
+  then stops reading the socket (keeping the rest of that read, at most 256 KiB, unparsed) until
+  they are down to 16; a client that sends requests without reading answers fills its transport
+  and is closed as above.
 - A cap, `server.max_connections` (by default sized from the process's file limit, leaving room for
   upstream and Redis connections and the operations listener's `server.ops_max_connections`). At
-  the cap, the longest-idle connection (no request in progress) is closed to make room; when none is
-  idle the new connection gets a 503 and is closed, so the process never runs out of file descriptors.
+  the cap, the longest-idle connection (no request in progress) is closed to make room, else the
+  oldest one whose client is not taking its answers (writing paused); when there is neither, the new
+  connection gets a 503 and is closed, so the process never runs out of file descriptors.
 - Request bodies are never inflated (`auto_decompress` off: `front.body` refuses Content-Encoding),
   and a request answered before its body arrived closes the connection rather than draining it.
 - aiohttp's parser errors (malformed request line, headers or chunking) get an OpenAI-shaped 400
@@ -43,7 +61,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_request import BaseRequest
 
 from gateway.config import Settings
-from gateway.errors import GatewayError, InternalError, InvalidRequest, ServerBusy
+from gateway.errors import GatewayError, HeadTooLarge, InternalError, InvalidRequest, ServerBusy
 from gateway.front.access_log import new_request_id
 from gateway.health import METRICS, RUNTIME
 from gateway.logs import get_logger
@@ -61,6 +79,8 @@ Listener = Literal["tenant", "ops"]
 class Bounds:
     header_timeout: float
     max_connections: int
+    write_timeout: float
+    max_head_bytes: int
 
 
 def default_max_connections(settings: Settings) -> int:
@@ -108,13 +128,15 @@ class Door:
     def admit(self, connection: FrontConnection) -> bool:
         """Room for a new connection, making it by closing the oldest idle one if need be."""
         if len(self.open) >= self.bounds.max_connections:
-            idle = next((c for c in self.open if c.idle), None)
-            if idle is None:
+            victim, reason = next((c for c in self.open if c.idle), None), "idle_evicted"
+            if victim is None:
+                victim, reason = next((c for c in self.open if c.writing_paused), None), "stalled_evicted"
+            if victim is None:
                 self.closed_because("refused")
                 return False
-            idle.force_close()
-            self.left(idle)
-            self.closed_because("idle_evicted")
+            victim.cut_off()
+            self.left(victim)
+            self.closed_because(reason)
         self.open[connection] = None
         self.metrics.connections_open.labels(self.listener).inc()
         return True
@@ -137,23 +159,49 @@ class Door:
         return {task for task in arriving if task is not None}
 
 
-_BUSY = ServerBusy("The gateway is at its connection limit; retry shortly.")
-_BUSY_RESPONSE = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY.to_json()), _BUSY.to_json())
+def _closing_response(status: bytes, error: GatewayError, headers: bytes = b"") -> bytes:
+    """`error` as the last response of a connection, written to its transport as it is: for the
+    door's own answers, given before (or instead of) aiohttp's parsing a request."""
+    body = error.to_json()
+    return (
+        b"HTTP/1.1 %s\r\nServer: %s\r\nContent-Type: application/json\r\n%sConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (status, SERVER_HEADER.encode(), headers, len(body), body)
+    )
+
+
+_BUSY_RESPONSE = _closing_response(
+    b"503 Service Unavailable",
+    ServerBusy("The gateway is at its connection limit; retry shortly."),
+    b"Retry-After: 1\r\n",
+)
+_HEAD_TOO_LARGE_RESPONSE = _closing_response(
+    b"431 Request Header Fields Too Large",
+    HeadTooLarge("The request's headers are too large."),
 )
 
 
 class FrontConnection(web_protocol.RequestHandler):
     """aiohttp's request handler with the front door's bounds on time to headers and on count."""
 
-    __slots__ = ("_closing", "_door", "_header_timer", "_last_body", "_partial")
+    __slots__ = (
+        "_closing",
+        "_door",
+        "_head_bytes",
+        "_head_end",
+        "_header_timer",
+        "_last_body",
+        "_partial",
+        "_write_timer",
+    )
 
     def __init__(self, manager: web.Server, door: Door, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._door = door
         self._header_timer: asyncio.TimerHandle | None = None
         self._partial = False  # bytes of a request head have arrived, not all of it
+        self._head_bytes = 0  # how many (see the module on pipelining)
+        self._head_end = b""  # their last three: the end of the head may straddle two reads
+        self._write_timer: asyncio.TimerHandle | None = None  # armed while writing is paused
         self._last_body: StreamReader | None = None  # the body of the latest request parsed
         self._closing = False  # shutting down: close once the request arriving is answered
 
@@ -173,6 +221,7 @@ class FrontConnection(web_protocol.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm_header_timer()
+        self._disarm_write_timer()
         self._last_body = None
         self._door.left(self)
         super().connection_lost(exc)
@@ -182,9 +231,13 @@ class FrontConnection(web_protocol.RequestHandler):
         # bytes after the latest request's whole body are the next request's head (kept alive, or
         # pipelined behind a request still being handled), not more of that body
         next_head = self._last_body is None or self._last_body.is_eof()
+        over = next_head and self._head_bytes + len(data) > self._door.bounds.max_head_bytes
+        if over and self._head_too_large(data):  # (the exact check only when the count says it may be)
+            return
         super().data_received(data)
         if self._request_count != heads:
             self._partial = False
+            self._head_bytes, self._head_end = 0, b""
             self._disarm_header_timer()
             if self._messages:
                 self._last_body = self._messages[-1][1]
@@ -192,8 +245,32 @@ class FrontConnection(web_protocol.RequestHandler):
                     self._last_body.on_eof(self.close)  # at once if it has none
         elif data and next_head:
             self._partial = True  # the next request's head has begun: it has a deadline
+            self._head_bytes += len(data)
+            self._head_end = data[-3:]
             if self._header_timer is None:
                 self._arm_header_timer()
+
+    def _head_too_large(self, data: bytes) -> bool:
+        """Whether the head these bytes continue ends beyond `max_head_bytes`; if so it is refused
+        unparsed: a 431 and the connection closed, or (pipelined behind a request not yet answered,
+        whose answer must come first) closed once that request is answered."""
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            size = self._head_bytes + end + 4
+        elif (self._head_end + data[:3]).find(b"\r\n\r\n") >= 0:
+            return False  # it ended with the previous read
+        else:
+            size = self._head_bytes + len(data)
+        if size <= self._door.bounds.max_head_bytes:
+            return False
+        self._door.closed_because("head_too_large")
+        log.info("http_head_too_large", max_head_bytes=self._door.bounds.max_head_bytes)
+        if (self.idle or self._request_count == 0) and self.transport is not None:
+            self.transport.write(_HEAD_TOO_LARGE_RESPONSE)
+            self.force_close()
+        else:
+            self.close()  # aiohttp reads nothing more, and closes after the answer under way
+        return True
 
     def close_when_answered(self) -> asyncio.Task[None] | None:
         """Shutting down: close after the request being handled, or now when idle; but not before a
@@ -229,6 +306,39 @@ class FrontConnection(web_protocol.RequestHandler):
         elif self._partial:
             # pipelined behind a request still being handled: not closed under it, checked again
             self._arm_header_timer()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._write_timer = self._loop.call_later(self._door.bounds.write_timeout, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._disarm_write_timer()
+
+    def _disarm_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        self._door.closed_because("write_timeout")
+        log.warning(
+            "client_write_timed_out",
+            listener=self._door.listener,
+            timeout_seconds=self._door.bounds.write_timeout,
+        )
+        waiter = self._drain_waiter  # the write waiting: it fails, as if the client had left
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("the client did not take its answer in time"))
+        self.cut_off()
+
+    def cut_off(self) -> None:
+        """Close now, dropping what the client has not read (closing a transport waits for it to
+        drain: for a client that is not reading, forever)."""
+        if self.transport is not None:
+            self.transport.abort()
+        self.force_close()
 
     def _process_keepalive(self) -> None:
         was_open = not self._force_close
@@ -304,7 +414,12 @@ class FrontRunner(web.AppRunner):
         kwargs.setdefault("auto_decompress", False)  # never inflate a body on the event loop
         kwargs.setdefault("lingering_time", 0)  # never drain a body nobody will read
         super().__init__(app, **kwargs)
-        bounds = Bounds(server.header_timeout_seconds, connection_cap(settings, listener))
+        bounds = Bounds(
+            server.header_timeout_seconds,
+            connection_cap(settings, listener),
+            server.client_write_timeout_seconds,
+            server.max_head_bytes,
+        )
         self.door = Door(bounds, app[METRICS], listener)
 
     async def _make_server(self) -> web.Server:

@@ -7,8 +7,9 @@ Each chunk is written as soon as it arrives (aiohttp flushes every write; TCP_NO
 memory stays flat in the body size and an SSE event reaches the client when the upstream sends it.
 If the client leaves, the upstream is still read to its end, bounded by its read timeout, so the
 generation is billed from the usage it reports. A client that stops reading without leaving would
-pin the request (a write waits for the transport to drain): each write gets
-`server.client_write_timeout_seconds`, after which the client is cut off and treated as gone.
+pin the request (a write waits for the transport to drain): the front door's connection gives every
+write to a client `server.client_write_timeout_seconds` (`front.connections`), then cuts it off; the
+write under way fails, and the client is treated as gone.
 
 Once headers are sent the status cannot change. An SSE stream that fails between two events gets an
 `error` event and a clean end; one that fails inside an event is cut off, since an `error` event
@@ -65,7 +66,6 @@ async def relay(
     upstream: Response,
     headers: Mapping[str, str],
     target: Target,
-    write_timeout: float,
 ) -> RelayOutcome:
     """Send `upstream`'s status, `headers` and body to the client; always consume the upstream body.
     Raises the upstream's failure (a GatewayError) when nothing was sent yet."""
@@ -76,7 +76,7 @@ async def relay(
     outcome = RelayOutcome(response, upstream.status, streaming, usage_reader(content_type))
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
-    client = _Client(request, outcome, write_timeout)
+    client = _Client(request, outcome)
     try:
         if streaming:  # a JSON answer's are prepared with its first body bytes (`_Client.write`)
             await client.prepare()
@@ -93,7 +93,6 @@ async def relay(
         outcome.reader.close()
         await client.end_after_failure(failure)
     finally:
-        client.stop_watching()
         upstream.release()
     return outcome
 
@@ -139,43 +138,24 @@ class _HeadersWithBody(web.StreamResponse):
 
 
 class _Client:
-    """The client side of one relay: every write bounded in time; where the bytes sent so far end.
+    """The client side of one relay: whether the client is still there; where the bytes sent so far end.
 
     Between the headers and the end, a piece goes straight to the client's transport (`_push`):
     aiohttp's `StreamResponse.write` costs four coroutines per piece and, on Python < 3.12.9, joins
     a chunk and its framing into a copy before writing. The headers and the end of the answer go
     through aiohttp's response, which keeps the connection's state (keep-alive, eof, bytes out).
+    A piece the client is too slow for waits for the transport to drain, within the connection's
+    write deadline."""
 
-    One watchdog per relay bounds the writes, not a timer per write: it looks every
-    `timeout` seconds whether the write under way (if any) began longer ago than that. A piece the
-    transport takes at once is no write under way; one the client is too slow for waits for the
-    transport to drain, and that wait is."""
-
-    __slots__ = (
-        "closed",
-        "loop",
-        "outcome",
-        "read_to_end",
-        "request",
-        "tail",
-        "timeout",
-        "transport",
-        "watchdog",
-        "writer",
-        "writing_since",
-    )
+    __slots__ = ("closed", "outcome", "read_to_end", "request", "tail", "transport", "writer")
     transport: asyncio.Transport  # the client's, once the headers are out
 
-    def __init__(self, request: web.Request, outcome: RelayOutcome, timeout: float) -> None:
+    def __init__(self, request: web.Request, outcome: RelayOutcome) -> None:
         self.request = request
         self.outcome = outcome
-        self.timeout = timeout
         self.tail = b""  # the last bytes written: enough to tell whether an SSE event has ended
         self.closed = False  # no more writes: the connection is gone
         self.read_to_end = False  # what was written includes the stream's `data: [DONE]`
-        self.loop = request.task.get_loop()  # (get_running_loop makes a getpid() syscall on 3.11)
-        self.writing_since: float | None = None  # when the write under way began
-        self.watchdog: asyncio.TimerHandle | None = None
         self.writer: StreamWriter | None = None  # aiohttp's, once the headers are out
 
     async def prepare(self) -> None:
@@ -264,34 +244,15 @@ class _Client:
         # one; drop the connection without a final chunk.
         self._abort()
 
-    def stop_watching(self) -> None:
-        if self.watchdog is not None:
-            self.watchdog.cancel()
-            self.watchdog = None
-
     async def _send(self, write: Awaitable[object]) -> bool:
-        """Await one write; False (and the client counted gone) if it left or stopped reading."""
-        if self.watchdog is None:
-            self.watchdog = self.loop.call_later(self.timeout, self._watch)
-        self.writing_since = self.loop.time()
+        """Await one write; False (and the client counted gone) if it left or stopped reading (cut
+        off at the connection's write deadline: the write fails)."""
         try:
             await write
-        except ConnectionError:  # it left (or the watchdog cut it off mid-write)
+        except ConnectionError:
             self._gone()
             return False
-        finally:
-            self.writing_since = None
         return not self.closed
-
-    def _watch(self) -> None:
-        now, since = self.loop.time(), self.writing_since
-        if since is not None and now - since >= self.timeout:
-            log.warning("client_write_timed_out", timeout_seconds=self.timeout)
-            self.watchdog = None
-            self._gone()
-            self._abort()  # the write under way ends (with or without an error): `closed` says gone
-            return
-        self.watchdog = self.loop.call_at((now if since is None else since) + self.timeout, self._watch)
 
     def _gone(self) -> None:
         self.closed = True

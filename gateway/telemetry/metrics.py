@@ -224,9 +224,10 @@ class Metrics:
         self.connections_closed = Counter(
             "gateway_connections_closed",
             "Client connections the front door closed, by listener (tenant, ops) and reason:"
-            " header_timeout, keepalive_timeout, body_timeout, idle_evicted (to make room at the"
-            " listener's connection cap), refused (at the cap with none idle), malformed (an HTTP"
-            " parser error).",
+            " header_timeout, keepalive_timeout, body_timeout, write_timeout (the client did not take"
+            " its answers), idle_evicted and stalled_evicted (to make room at the listener's"
+            " connection cap: an idle connection, else one whose writes are paused), refused (at the"
+            " cap with neither), malformed (an HTTP parser error), head_too_large (431).",
             ["listener", "reason"],
             registry=r,
         )

@@ -6,6 +6,8 @@ Each test fails without its fix (issue 12): a wrong status, a 500, a leaked byte
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -145,6 +147,24 @@ async def test_a_connection_without_complete_headers_is_closed(tight: Running) -
         writer.close()
 
 
+async def being_handled(
+    start_gateway: StartGateway,
+    start_server: Callable[[web.Application], Awaitable[TestServer]],
+    mock_do: TestServer,
+    server: dict[str, object],
+) -> tuple[Running, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A gateway with `server` settings whose upstream takes a second, and a connection on which a
+    generation is being handled."""
+    slow = await start_server(
+        create_mock_app(MockOptions(flavor="openai", api_key=UPSTREAM_KEY, latency_ms=1000))
+    )
+    gateway = await start_gateway(openai_url=base_url(slow), do_url=base_url(mock_do), server=server)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gateway))
+    writer.write(request(GENERATE, headers=[JSON, AUTH], body=GOOD))
+    await asyncio.sleep(0.2)
+    return gateway, reader, writer
+
+
 async def test_a_head_pipelined_behind_a_request_being_handled_has_the_header_deadline(
     start_gateway: StartGateway,
     start_server: Callable[[web.Application], Awaitable[TestServer]],
@@ -152,14 +172,8 @@ async def test_a_head_pipelined_behind_a_request_being_handled_has_the_header_de
 ) -> None:
     """Its first bytes arrive while the upstream takes a second: the connection is closed for want of
     the rest once the request is answered, not kept until the (here 60 s) keep-alive timeout."""
-    slow = await start_server(
-        create_mock_app(MockOptions(flavor="openai", api_key=UPSTREAM_KEY, latency_ms=1000))
-    )
     server = {"header_timeout_seconds": 0.3, "keepalive_timeout_seconds": 60}
-    gateway = await start_gateway(openai_url=base_url(slow), do_url=base_url(mock_do), server=server)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gateway))
-    writer.write(request(GENERATE, headers=[JSON, AUTH], body=GOOD))
-    await asyncio.sleep(0.2)  # being handled
+    gateway, reader, writer = await being_handled(start_gateway, start_server, mock_do, server)
     writer.write(b"POST /v1/images/generations HTTP/1.1\r\nHost: gateway\r\nAuthor")
     response = await read_response(reader)
     assert response.status == 200 and not response.closed
@@ -207,6 +221,155 @@ async def test_at_the_cap_idle_connections_make_room_then_new_ones_get_503(cappe
     assert closes(capped, "refused") >= 1
     for _, writer in idle + busy:
         writer.close()
+
+
+# --- clients that do not read their answers, heads too large -----------------------------------------
+
+LONG_PATH = b"/" + b"a" * 8000  # its 404 echoes the path: ~8 KB out per request
+
+
+async def unread_answers(port: int, raw: bytes, count: int) -> tuple[socket.socket, asyncio.Task[None]]:
+    """A connection that sends `count` pipelined copies of `raw` and reads none of the answers:
+    enough (megabytes) to fill the kernel's buffers and the transport's."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    async def send() -> None:
+        with contextlib.suppress(OSError):
+            await loop.sock_sendall(sock, raw * count)
+
+    return sock, asyncio.create_task(send())
+
+
+async def until(condition: Callable[[], bool], seconds: float = 10) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {seconds} s")
+
+
+@pytest.mark.parametrize("listener", ["tenant", "ops"])
+async def test_a_client_that_reads_no_answers_is_cut_off_at_the_write_timeout(
+    start_gateway: StartGateway,
+    mock_openai: TestServer,
+    listener: str,
+) -> None:
+    """It is never idle (an answer waits to be written) nor waiting for a head: without a deadline
+    on its writes it held its slot, here the listener's only one, for ever."""
+    server = {
+        "max_connections": 1,
+        "ops_max_connections": 1,
+        "client_write_timeout_seconds": 0.5,
+        "header_timeout_seconds": 60,
+        "keepalive_timeout_seconds": 60,
+    }
+    gateway = await start_gateway(openai_url=base_url(mock_openai), server=server)
+    url = gateway.url if listener == "tenant" else gateway.ops_url
+    port = int(url.rsplit(":", 1)[1])
+    path = LONG_PATH if listener == "tenant" else b"/metrics"
+    count = 1000 if listener == "tenant" else 2000
+    sock, sending = await unread_answers(port, b"GET " + path + b" HTTP/1.1\r\nHost: g\r\n\r\n", count)
+    closed = ("gateway_connections_closed_total", {"listener": listener, "reason": "write_timeout"})
+    await until(lambda: gateway.metric(closed[0], **closed[1]) == 1)
+    assert gateway.metric("gateway_connections_open", listener=listener) == 0
+    assert (await exchange(port, request("/healthz", method="GET"))).status == 200  # its slot is free
+    sending.cancel()
+    sock.close()
+
+
+async def test_at_the_cap_a_connection_not_taking_its_answers_makes_room(
+    start_gateway: StartGateway, mock_openai: TestServer
+) -> None:
+    """None idle: one connection reads a body, the other has its answers stuck (writing paused, a
+    write timeout far off). The stuck one is closed for a new connection, not the new one refused."""
+    server = {"max_connections": 2, "client_write_timeout_seconds": 60, "header_timeout_seconds": 60}
+    gateway = await start_gateway(openai_url=base_url(mock_openai), server=server)
+    port = port_of(gateway)
+    _, busy = await asyncio.open_connection("127.0.0.1", port)
+    busy.write(request(GENERATE, headers=[JSON, AUTH, (b"Content-Length", b"100")]) + b"{")
+    sock, sending = await unread_answers(port, b"GET " + LONG_PATH + b" HTTP/1.1\r\nHost: g\r\n\r\n", 1000)
+    door = gateway.server.runner.door  # type: ignore[attr-defined]
+    await until(lambda: any(connection.writing_paused for connection in door))
+    served = await exchange(port, request("/healthz", method="GET"))
+    assert served.status == 200
+    assert closes(gateway, "stalled_evicted") == 1 and closes(gateway, "refused") == 0
+    sending.cancel()
+    sock.close()
+    busy.close()
+
+
+def big_head(size: int, *, end: bool = True) -> bytes:
+    """A GET /healthz whose head is `size` bytes, in headers of at most ~8 KB (each within aiohttp's
+    own bounds); without its final empty line unless `end`."""
+    head, tail = b"GET /healthz HTTP/1.1\r\nHost: g\r\n", b"\r\n" if end else b""
+    field = len(b"X-Pad-0000: \r\n")
+    left = size - len(head) - len(tail)
+    full = (left - field - 1) // (8000 + field)
+    values = [8000] * full + [left - full * (8000 + field) - field]
+    fields = b"".join(b"X-Pad-%04d: %s\r\n" % (i, b"a" * n) for i, n in enumerate(values))
+    return head + fields + tail
+
+
+@pytest.fixture
+async def small_heads(start_gateway: StartGateway, mock_openai, mock_do) -> Running:  # type: ignore[no-untyped-def]
+    server = {"max_head_bytes": 16384, "header_timeout_seconds": 60}
+    return await start_gateway(openai_url=base_url(mock_openai), do_url=base_url(mock_do), server=server)
+
+
+async def test_a_head_over_max_head_bytes_is_431_before_it_ends(small_heads: Running) -> None:
+    """Refused as its bytes arrive: the connection is answered and closed while the head is unfinished
+    (it used to be held, ~2 bytes of memory a byte, up to 2 MiB, until the header timeout)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(small_heads))
+    head = big_head(20000, end=False)  # the fifth piece takes it over the limit
+    for start in range(0, len(head), 4000):
+        writer.write(head[start : start + 4000])
+        await asyncio.sleep(0.01)
+    response = await read_response(reader)
+    assert response.status == 431 and response.closed
+    assert response.json()["error"]["code"] == "request_head_too_large"  # type: ignore[index]
+    assert response.headers["server"] == "image-gateway"
+    assert await closed_within(reader, 5) == b""
+    assert closes(small_heads, "head_too_large") == 1
+    writer.close()
+
+
+@pytest.mark.parametrize("size", [16385, 40000])
+async def test_a_whole_head_over_max_head_bytes_in_one_read_is_431_unhandled(
+    small_heads: Running, size: int
+) -> None:
+    response = await exchange(port_of(small_heads), big_head(size))
+    assert response.status == 431 and response.closed
+    assert answered(small_heads, 200) == 0
+
+
+async def test_a_head_within_max_head_bytes_is_served(small_heads: Running) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(small_heads))
+    head = big_head(16384)
+    writer.write(head[:9000])  # in two reads, the second ending exactly at the limit
+    await asyncio.sleep(0.05)
+    writer.write(head[9000:] + request("/healthz", method="GET"))  # and another request after it
+    assert (await read_response(reader)).status == 200
+    assert (await read_response(reader)).status == 200
+    assert closes(small_heads, "head_too_large") == 0
+    writer.close()
+
+
+async def test_a_head_too_large_behind_a_request_being_handled_closes_after_its_answer(
+    start_gateway: StartGateway,
+    start_server: Callable[[web.Application], Awaitable[TestServer]],
+    mock_do: TestServer,
+) -> None:
+    """A 431 cannot overtake the answer owed first: that answer is given, then the connection closed."""
+    server = {"max_head_bytes": 16384, "header_timeout_seconds": 60}
+    gateway, reader, writer = await being_handled(start_gateway, start_server, mock_do, server)
+    writer.write(big_head(20000, end=False))
+    response = await read_response(reader)
+    assert response.status == 200
+    assert await closed_within(reader, 5) == b""
+    assert closes(gateway, "head_too_large") == 1
+    writer.close()
 
 
 # --- bodies: encoding, aborts, framing, the shared budget --------------------------------------------
@@ -296,14 +459,6 @@ async def shares(start_gateway: StartGateway, mock_openai, mock_do) -> Running: 
 
 
 OTHER = (b"Authorization", b"Bearer " + OTHER_KEY.encode())
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    for _ in range(100):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("not within 5 s")
 
 
 async def slow_bodies(

@@ -19,16 +19,18 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
+from gateway.app import create_app
 from gateway.config import UpstreamSettings
 from gateway.relay import RelayOutcome, relay
 from gateway.runtime import Target
 from gateway.upstreams import transport as upstream_module
 from gateway.upstreams.client import Pool
-from tests.e2e.conftest import StartGateway, base_url
+from tests.e2e.conftest import GatewayTestServer, StartGateway, base_url
 from tests.e2e.test_relay import USAGE
-from tests.support.config import TENANT_KEY
+from tests.support.config import TENANT_KEY, make_settings
 from tests.support.scripted_upstream import Script, ScriptedUpstream
 
 StartServer = Callable[[web.Application], Awaitable[TestServer]]
@@ -136,7 +138,7 @@ async def test_relay_cuts_off_a_client_that_stops_reading_and_drains_the_upstrea
         try:
             response = await pool.request("/images/generations", {}, b"{}", 10, 30)
             headers = upstream_module.relayable_headers(response.headers)
-            return await relay(request, response, headers, target, write_timeout=0.5)
+            return await relay(request, response, headers, target)
         finally:
             await pool.close()
 
@@ -146,9 +148,12 @@ async def test_relay_cuts_off_a_client_that_stops_reading_and_drains_the_upstrea
         relays.append(asyncio.create_task(relay_upstream(request)))
         return (await asyncio.shield(relays[0])).response
 
-    app = web.Application()
+    # the gateway's app for its front door (the write deadline is the connection's), with a route of
+    # the test's own
+    settings = make_settings(upstream_url, server={"client_write_timeout_seconds": 0.5})
+    app = create_app(settings, registry=CollectorRegistry())
     app.router.add_post("/relay", handler)
-    gateway = await start_server(app)
+    gateway = await start_server(GatewayTestServer(app, host="127.0.0.1"))
     sock = await stalled_client(str(gateway.make_url("")).rstrip("/"), "/relay", {})
     try:
         started = time.monotonic()

@@ -83,6 +83,10 @@ def test_secrets_are_not_printed() -> None:
             BASE + "server: {client_write_timeout_seconds: 0}\n",
             "server.client_write_timeout_seconds: Input should be greater than 0",
         ),
+        (
+            BASE + "server: {max_head_bytes: 512}\n",
+            "server.max_head_bytes: Input should be greater than or equal to 1024",
+        ),
         (BASE + "store: {backend: mongo}\n", "store.backend: Input should be 'memory' or 'redis'"),
         (BASE + "store: {on_unavailable: maybe}\n", "store.on_unavailable:"),
         (BASE.replace('"http://127.0.0.1:1/v1"', "ftp://x"), "upstreams.openai.base_url: must be an http"),
