@@ -19,6 +19,10 @@ class GatewayError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
     code: ClassVar[str | None] = None
+    # Given before a known tenant's body has arrived, the rest of the body is read and dropped so
+    # that its client, still sending, gets the answer (`front.access_log.error_response`); not
+    # where the body itself is at fault.
+    drains_body: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -117,6 +121,7 @@ class RequestTimeout(GatewayError):
     status = 408
     type = "invalid_request_error"
     code = "request_timeout"
+    drains_body = False  # too slow already
 
 
 class ClientGone(GatewayError):
@@ -144,6 +149,13 @@ class UnsupportedMediaType(GatewayError):
     status = 415
     type = "invalid_request_error"
     code = "unsupported_media_type"
+
+
+class CompressedBody(UnsupportedMediaType):
+    """A body with a Content-Encoding: refused unread, never inflated (nor drained)."""
+
+    code = "unsupported_content_encoding"
+    drains_body = False
 
 
 class RateLimited(GatewayError):

@@ -110,13 +110,19 @@ def client_request_id(request: web.Request) -> str | None:
     return None if key and (key in incoming or incoming in key) else incoming
 
 
-def error_response(error: GatewayError, request: web.Request, request_id: str) -> web.Response:
+def error_response(
+    error: GatewayError, request: web.Request, request_id: str, tenant: str = ""
+) -> web.Response:
+    """The error's answer. One given before the body arrived closes the connection: a stranger's at
+    once, rather than reading (and paying for) the rest of its body; a known `tenant`'s once the
+    rest has been read and dropped, for up to the front door's `LINGER_SECONDS` (unless the body is
+    the fault: `drains_body`), since its client may still be sending (the SDKs send a whole upload
+    before they read): closed under it, the connection would be reset and the answer lost."""
     headers = {**error.headers, "x-request-id": request_id}
     response = web.Response(
         status=error.status, body=error.to_json(), content_type="application/json", headers=headers
     )
-    if not request.content.is_eof():
-        # Answered before its body arrived: close rather than read (and pay for) the rest of it.
+    if not request.content.is_eof() and not (tenant and error.drains_body):
         response.force_close()
     return response
 
@@ -168,15 +174,17 @@ def create_request_middleware(
                 response = await handler(request)
             except GatewayError as error:
                 drop_tracebacks(error)  # the pipeline's task holds it, and its frames hold the task
-                response = error_response(error, request, record.request_id)
+                response = error_response(error, request, record.request_id, record.tenant)
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise
-                response = error_response(_as_gateway_error(exc, request), request, record.request_id)
+                response = error_response(
+                    _as_gateway_error(exc, request), request, record.request_id, record.tenant
+                )
             except Exception:
                 log.exception("request_failed", path=request.path)
                 failure = InternalError("The gateway failed to handle the request.")
-                response = error_response(failure, request, record.request_id)
+                response = error_response(failure, request, record.request_id, record.tenant)
             else:
                 if not response.prepared:
                     response.headers["x-request-id"] = record.request_id

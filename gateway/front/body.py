@@ -27,13 +27,13 @@ from aiohttp.http_exceptions import HttpProcessingError
 from gateway.config import ServerSettings
 from gateway.errors import (
     ClientGone,
+    CompressedBody,
     GatewayError,
     InvalidRequest,
     PayloadTooLarge,
     RateLimited,
     RequestTimeout,
     ServerBusy,
-    UnsupportedMediaType,
 )
 from gateway.telemetry.metrics import Metrics
 
@@ -92,11 +92,7 @@ class BodyBudget:
 def check_encoding(request: web.Request) -> None:
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
-        raise UnsupportedMediaType(
-            "Request bodies must not be compressed: send them without Content-Encoding.",
-            param=None,
-            code="unsupported_content_encoding",
-        )
+        raise CompressedBody("Request bodies must not be compressed: send them without Content-Encoding.")
 
 
 class BodyReader:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import openai
 import orjson
 import pytest
 from aiohttp import web
@@ -20,6 +21,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.mock_upstream import MockOptions, create_mock_app
 from tests.e2e.conftest import Running, StartGateway, base_url
+from tests.e2e.test_edits import image_bytes
 from tests.support.config import OTHER_KEY, TENANT_KEY, UPSTREAM_KEY, config_dict
 from tests.support.processes import GatewayProcess
 from tests.support.raw_http import RawResponse, exchange, read_response, request
@@ -496,6 +498,26 @@ async def test_one_tenants_slow_bodies_leave_the_others_their_admission_places(s
         writer.close()
     await until(lambda: shares.metric("gateway_pending_admissions") == 0)
     assert (await exchange(port, request(GENERATE, headers=[JSON, AUTH], body=GOOD))).status == 200
+
+
+async def test_the_sdk_gets_the_429_of_an_edit_refused_before_its_body_was_read(shares: Running) -> None:
+    """The SDK sends a whole upload before it reads: an answer given before the body was read must
+    reach it, not a connection closed under the unread upload and reset (the rest is read and
+    dropped, for a known tenant)."""
+    holding = await slow_bodies(port_of(shares), 2, 100)
+    await until(lambda: shares.metric("gateway_pending_admissions") == 2)
+    for _ in range(10):
+        async with openai.AsyncOpenAI(base_url=shares.v1, api_key=TENANT_KEY, max_retries=0) as client:
+            with pytest.raises(openai.RateLimitError) as refused:
+                await client.images.edit(
+                    model="gpt-image-1.5",
+                    image=[("a.png", image_bytes(64, 64), "image/png")],
+                    prompt="p",
+                    quality="low",
+                )
+        assert refused.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
+    for _, writer in holding:
+        writer.close()
 
 
 async def test_one_tenants_slow_bodies_leave_the_others_room_in_the_body_budget(shares: Running) -> None:
