@@ -47,6 +47,7 @@ from typing import Any, Literal
 from policies import capabilities, tenant, uploads
 from policies.capabilities import is_int
 from policies.catalog import Catalog, ModelEntry
+from policies.end_user import end_user
 from policies.entry import Operation
 from policies.findings import (
     CAPABILITY,
@@ -311,6 +312,10 @@ def for_flavor(
 
 def _fill_digitalocean(entry: ModelEntry, work: _Work) -> None:
     body = work.body
+    if body.get("safety_identifier") is not None:
+        # DigitalOcean documents `user` (FACTS.md 1), not its successor: the end user goes as `user`
+        work.set("user", end_user(body), "digitalocean takes the end user as user")
+        work.set("safety_identifier", None, "digitalocean documents user, not safety_identifier")
     for param in ("n", "size"):
         if body.get(param) is None:
             work.set(param, entry.effective(body, param), f"digitalocean requires {param}")

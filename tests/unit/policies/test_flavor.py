@@ -36,6 +36,16 @@ def test_an_explicit_zero_partial_images_is_raised_when_streaming() -> None:
 
 
 @pytest.mark.parametrize(
+    ("sent", "user"),
+    [({"safety_identifier": "id-1", "user": "bob"}, "id-1"), ({"safety_identifier": ""}, None)],
+)
+def test_the_end_user_goes_as_user_the_field_digitalocean_documents(sent: dict[str, Any], user: Any) -> None:
+    decision = decide({"model": "gpt-image-1", "prompt": "x", "n": 1, "size": "auto", **sent})
+    assert decision.allowed, decision
+    assert "safety_identifier" not in decision.body and decision.body.get("user") == user
+
+
+@pytest.mark.parametrize(
     "body",
     [
         {"n": 1, "size": "1024x1536"},
