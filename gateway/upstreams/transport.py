@@ -116,9 +116,8 @@ def openai_error(
         return None
     if not isinstance(parsed, dict) or isinstance(parsed.get("error"), dict):
         return None
-    message = next(
-        (text for key in ("message", "error") if isinstance(text := parsed.get(key), str) and text),
-        f"Upstream {upstream!r} answered {status}.",
+    message = (
+        _message(parsed) or f"Upstream {upstream!r} answered {status}: {body[:500].decode(errors='replace')}"
     )
     code, request_id = _token(parsed.get("id")), _token(parsed.get("request_id"))
     error = {"message": message, "type": type_for_status(status), "param": None, "code": code}
@@ -126,6 +125,17 @@ def openai_error(
     if request_id is not None and "x-request-id" not in headers:
         added["x-upstream-request-id"] = request_id
     return orjson.dumps({"error": error}), added
+
+
+def _message(parsed: dict[str, object]) -> str | None:
+    """The text of an error body's own message, where the common shapes keep it: DigitalOcean's
+    `message`, a bare `error` string, RFC 7807's `detail` or `title`, `errors[0].message`."""
+    errors = parsed.get("errors")
+    first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
+    for text in (*(parsed.get(key) for key in ("message", "error", "detail", "title")), first.get("message")):
+        if isinstance(text, str) and text:
+            return text
+    return None
 
 
 def _token(value: object) -> str | None:

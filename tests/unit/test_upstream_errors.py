@@ -59,8 +59,11 @@ def test_a_compressed_body_goes_as_it_came() -> None:
     ("body", "message"),
     [
         (b'{"error":"just text"}', "just text"),
-        (b'{"detail":"no message"}', "Upstream 'do' answered 503."),
+        (b'{"detail":"RFC 7807 detail","title":"Unavailable"}', "RFC 7807 detail"),
+        (b'{"title":"Unavailable","status":503}', "Unavailable"),
+        (b'{"errors":[{"message":"first of a list"},{"message":"second"}]}', "first of a list"),
         (b'{"message":"","error":"the error text"}', "the error text"),
+        (b'{"reason":"elsewhere"}', 'Upstream \'do\' answered 503: {"reason":"elsewhere"}'),
     ],
 )
 def test_the_message_is_the_upstreams_when_it_has_one(body: bytes, message: str) -> None:
