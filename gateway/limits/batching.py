@@ -46,6 +46,7 @@ and its reply is dropped. `close` waits (briefly) for batches in flight and the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -53,7 +54,7 @@ from itertools import chain
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from gateway.limits.resp import RespConnection, repeating_command, resolve
 from gateway.limits.scripts import ALL, Script
@@ -216,11 +217,18 @@ class EvalBatcher:
             async with self._in_flight:
                 lost = _settle(batch, await self._execute(batch, _Call.by_sha))
                 if lost:  # the server forgot the scripts: all of them back, then these run again
-                    for script in self._scripts:  # (a cluster loads each on every primary)
-                        await self._client.script_load(script.source)
+                    await self._load_everywhere()
                     _answer(lost, await self._execute(lost, _Call.by_source))
         except BaseException as exc:
             _fail(batch, exc)
+
+    async def _load_everywhere(self) -> None:
+        """Every script loaded again, as well as can be: a cluster loads each on every primary, and
+        one primary unreachable (the failover that lost the scripts) must not fail the calls of the
+        others, which run by their source anyway."""
+        for script in self._scripts:
+            with contextlib.suppress(RedisError):
+                await self._client.script_load(script.source)
 
     async def _execute(self, batch: list[_Call], command: Command) -> list[Any]:
         pool = getattr(self._client, "connection_pool", None)
