@@ -82,7 +82,8 @@ async def read_multipart(
     try:
         boundary = (found[1] or found[2]).encode()
         held = min(limit, HELD_BYTES)
-        async with bodies.open(request, server, limit=limit, share=held, too_large=_too_large(limit)) as body:
+        too_large = _too_large(limit)
+        async with bodies.open(request, server, limit=limit, charge=held, too_large=too_large) as body:
             await _Parser(body, limit, boundary, upload, most_images=most_images, spool_dir=spool_dir).run()
     except BaseException:  # a 4xx, or the client left (connection reset, cancelled)
         close_quietly(upload)
