@@ -72,9 +72,7 @@ def create_app(
     app[RELOADER] = Reloader(
         holder, config_path, lambda runtime: metrics.initialise(runtime.settings), server_overrides
     )
-    app[BODIES] = BodyBudget(
-        settings.server.max_buffered_body_bytes, settings.tenant_buffered_body_bytes, metrics
-    )
+    app[BODIES] = BodyBudget(settings.server.max_buffered_body_bytes, metrics)
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/v1/images/generations", generations)
     app.router.add_post("/v1/images/edits", edits)

@@ -88,10 +88,8 @@ class Pipeline:
         self.store = store
         self.metrics = metrics
         self.charges = ChargeMetrics(metrics)
-        settings = runtime.current.settings  # (restart-only: the bounds are the process's)
-        self.admissions = AdmissionQueue(
-            settings.server.max_pending_admissions, settings.tenant_pending_admissions, metrics
-        )
+        # The process's bound is restart-only (`server`); each tenant's share of it is its request's.
+        self.admissions = AdmissionQueue(runtime.current.settings.server.max_pending_admissions, metrics)
         self.quota = ProviderQuota(store, metrics)
         self.forwarder = Forwarder(pools, Health(metrics), self.quota, metrics, random.Random())
         self.tasks: set[asyncio.Task[None]] = set()
@@ -107,8 +105,9 @@ class Pipeline:
         credential = runtime.credentials.authenticate(request.headers.get("Authorization"))
         record.tenant, record.key = credential.tenant, credential.key_label
         # Beyond its bound: 503 overloaded; beyond the tenant's share of it: 429. Before the body.
-        with self.admissions.place(credential.tenant):
-            bodies = BodyReader(self.budget, credential.tenant)
+        # The shares are this configuration's: by default they follow the tenants at a reload.
+        with self.admissions.place(credential.tenant, runtime.tenant_places):
+            bodies = BodyReader(self.budget, credential.tenant, runtime.tenant_body_bytes)
             client = await read_request(request, operation, runtime.settings.server, bodies, runtime.catalog)
             record.fields.update(client.log_fields())
             try:

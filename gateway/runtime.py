@@ -52,6 +52,10 @@ class Runtime:
     routes: dict[str, Route]
     policies: dict[str, Policy]  # effective policy per tenant (its named policy plus overrides)
     credentials: Keys  # sha256:<hex> -> who, and the keys that verified
+    # Each tenant's share of the front door's bounds (`Settings.tenant_share`): of this
+    # configuration, whose tenants a reload may change, worked out once, not per request.
+    tenant_places: int  # of the pending admissions
+    tenant_body_bytes: int  # of the body budget
     # (tenant, key index, end user) -> its limits: built once per configuration, not per request
     _plans: dict[tuple[str, int, str | None], LimitPlan] = field(
         default_factory=dict, compare=False, repr=False
@@ -87,6 +91,8 @@ class Runtime:
                     for index, key in enumerate(tenant.keys)
                 }
             ),
+            tenant_places=settings.tenant_pending_admissions,
+            tenant_body_bytes=settings.tenant_buffered_body_bytes,
         )
 
 

@@ -13,7 +13,9 @@ bodies in flight (or a burst of its own) would otherwise take them all, and ever
 would be shed with it. Beyond its share, its next request is a 429 `rate_limit_exceeded` that names
 the bound, at once and before its body is read, while other tenants are served; 503 `overloaded`
 keeps meaning that the whole process is. Its own limits (`concurrent_requests`...) cannot do this:
-the store is asked only once the body has arrived. The bounds are this process's (per worker).
+the store is asked only once the body has arrived. The bounds are this process's (per worker); a
+tenant's share is its request's configuration's (`Settings.tenant_pending_admissions`), so by
+default it follows the number of tenants at a reload.
 """
 
 from __future__ import annotations
@@ -27,20 +29,19 @@ RETRY_AFTER_SECONDS = 1
 
 
 class AdmissionQueue:
-    """`with queue.place(tenant):` holds a place for the block's duration; entering a full queue
-    raises Overloaded, entering it beyond the tenant's share RateLimited."""
+    """`with queue.place(tenant, share):` holds a place for the block's duration; entering a full
+    queue raises Overloaded, entering it beyond the tenant's `share` (places) RateLimited."""
 
-    def __init__(self, max_pending: int, tenant_max_pending: int, metrics: Metrics) -> None:
+    def __init__(self, max_pending: int, metrics: Metrics) -> None:
         self.max_pending = max_pending
-        self.tenant_max_pending = tenant_max_pending
         self.pending = KeptGauge(metrics, metrics.pending_admissions)
         self.by_tenant: dict[str, int] = {}  # tenants holding places, and how many (none: absent)
         self._metrics = metrics
 
-    def place(self, tenant: str) -> Place:
-        return Place(self, tenant)
+    def place(self, tenant: str, share: int) -> Place:
+        return Place(self, tenant, share)
 
-    def enter(self, tenant: str) -> None:
+    def enter(self, tenant: str, share: int) -> None:
         pending, held = self.pending, self.by_tenant.get(tenant, 0)
         if pending.value >= self.max_pending:
             self._metrics.load_shed.inc()
@@ -48,12 +49,12 @@ class AdmissionQueue:
                 "The gateway is overloaded and could not take the request. Retry shortly.",
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
-        if held >= self.tenant_max_pending:
+        if held >= share:
             self._metrics.tenant_share_refused.labels(tenant, "pending_admissions").inc()
             raise RateLimited(
                 f"Tenant {tenant!r} has {held} requests waiting for their admission (their bodies"
                 " arriving, or being decided) in this gateway process: its share,"
-                f" {self.tenant_max_pending}, is server.max_tenant_share of"
+                f" {share}, is server.max_tenant_share of"
                 " server.max_pending_admissions. Retry once some of them are decided.",
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
@@ -72,14 +73,15 @@ class AdmissionQueue:
 class Place:
     """One request's place in the queue, as a context manager."""
 
-    __slots__ = ("queue", "tenant")
+    __slots__ = ("queue", "share", "tenant")
 
-    def __init__(self, queue: AdmissionQueue, tenant: str) -> None:
+    def __init__(self, queue: AdmissionQueue, tenant: str, share: int) -> None:
         self.queue = queue
         self.tenant = tenant
+        self.share = share
 
     def __enter__(self) -> None:
-        self.queue.enter(self.tenant)
+        self.queue.enter(self.tenant, self.share)
 
     def __exit__(
         self, _type: type[BaseException] | None, _exc: BaseException | None, _tb: TracebackType | None

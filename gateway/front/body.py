@@ -7,9 +7,11 @@
   say so; one that has not fully arrived `server.body_timeout_seconds` after its headers is a 408.
 - All bodies being read at once share `server.max_buffered_body_bytes`: a request waits (within its
   body timeout) for room before it reads, so a hundred concurrent 1 MiB uploads cannot grow the
-  process by a hundred MiB; one that finds none in time is a 503 `server_busy`. One tenant may hold
-  at most its share of it (`server.max_tenant_share`): beyond, its next body is a 429 at once rather
-  than a wait, so one tenant's slow bodies cannot make every other tenant's wait for room.
+  process by a hundred MiB; one that finds none in time is a 503 `server_busy`. One tenant may claim
+  at most its share of it (`server.max_tenant_share`), counting its bodies being read and those
+  waiting for room: beyond, its next body is a 429 at once rather than a wait, so one tenant's slow
+  bodies cannot make every other tenant's wait for room. The share is its request's configuration's
+  (`Settings.tenant_buffered_body_bytes`): by default it follows the number of tenants at a reload.
 - A client that goes away mid-upload is `ClientGone` (499 in the access log, not an error); broken
   chunked framing is a 400.
 
@@ -39,54 +41,57 @@ from gateway.telemetry.metrics import Metrics
 
 
 class BodyBudget:
-    """Bytes of request bodies being read at once, across every request of the process, and the
-    share of them each tenant may hold."""
+    """Bytes of request bodies being read at once, across every request of the process, and what
+    each tenant has claimed of them: the bodies it is reading and those waiting for room."""
 
-    def __init__(self, capacity: int, tenant_capacity: int, metrics: Metrics) -> None:
+    def __init__(self, capacity: int, metrics: Metrics) -> None:
         self.capacity = capacity
-        self.tenant_capacity = tenant_capacity
-        self.used = 0
-        self.by_tenant: dict[str, int] = {}  # tenants reading bodies, and their bytes (none: absent)
+        self.used = 0  # taken: bodies being read
+        self.by_tenant: dict[str, int] = {}  # claimed, waiting or taken, per tenant (none: absent)
         self.metrics = metrics
         self._room = asyncio.Condition()
 
-    async def take(self, size: int, tenant: str) -> None:
-        """Wait for room for `size` bytes; RateLimited at once if the tenant's share has none, since
-        waiting would let one tenant's slow bodies queue every other tenant's behind them. A tenant
-        reading no body may always read one (its share may be smaller than one upload's). With
-        `max_tenant_share: 1` a tenant has no share of its own: its bodies wait for room like any."""
-        if self.tenant_capacity < self.capacity and not self._in_share(tenant, size):
-            held = self.by_tenant[tenant]
+    async def take(self, size: int, tenant: str, share: int) -> None:
+        """Wait for room for `size` bytes, within the tenant's `share` of the budget (the settings of
+        its request's configuration). A body that would take the tenant past its share, counting its
+        bodies still waiting for room, is RateLimited at once: waiting would let one tenant's slow
+        bodies queue every other tenant's behind them, and the share is decided here, once, so a
+        body that waits waits only for room in the whole budget. A tenant with no body claimed may
+        always claim one (its share may be smaller than one upload's). A share of the whole budget
+        (`max_tenant_share: 1`) is none: its bodies wait for room like any."""
+        held = self.by_tenant.get(tenant, 0)
+        if held and share < self.capacity and held + size > share:
             self.metrics.tenant_share_refused.labels(tenant, "buffered_body_bytes").inc()
             raise RateLimited(
-                f"Tenant {tenant!r} has {held} bytes of request bodies being received by this gateway"
-                f" process; {size} more would pass its share, {self.tenant_capacity} bytes"
+                f"Tenant {tenant!r} has {held} bytes of request bodies being received, or waiting to"
+                f" be, by this gateway process; {size} more would pass its share, {share} bytes"
                 " (server.max_tenant_share of server.max_buffered_body_bytes). Retry once some of them"
                 " have arrived.",
                 headers={"Retry-After": "1"},
             )
-        async with self._room:
-            await self._room.wait_for(
-                lambda: self.used + size <= self.capacity and self._in_share(tenant, size)
-            )
-            self.used += size
-            self.by_tenant[tenant] = self.by_tenant.get(tenant, 0) + size
-            self.metrics.body_bytes_buffered.set(self.used)
-
-    def _in_share(self, tenant: str, size: int) -> bool:
-        held = self.by_tenant.get(tenant, 0)
-        return not held or held + size <= self.tenant_capacity
+        self.by_tenant[tenant] = held + size
+        try:
+            async with self._room:
+                await self._room.wait_for(lambda: self.used + size <= self.capacity)
+                self.used += size
+                self.metrics.body_bytes_buffered.set(self.used)
+        except BaseException:  # no room in time, or the client left: the claim goes
+            self._unclaim(size, tenant)
+            raise
 
     async def give_back(self, size: int, tenant: str) -> None:
         async with self._room:
             self.used -= size
-            held = self.by_tenant[tenant] - size
-            if held:
-                self.by_tenant[tenant] = held
-            else:
-                del self.by_tenant[tenant]
+            self._unclaim(size, tenant)
             self.metrics.body_bytes_buffered.set(self.used)
             self._room.notify_all()
+
+    def _unclaim(self, size: int, tenant: str) -> None:
+        held = self.by_tenant[tenant] - size
+        if held:
+            self.by_tenant[tenant] = held
+        else:
+            del self.by_tenant[tenant]
 
 
 def check_encoding(request: web.Request) -> None:
@@ -97,13 +102,14 @@ def check_encoding(request: web.Request) -> None:
 
 class BodyReader:
     """Opens one tenant's request bodies within the bounds of the settings in force and the shared
-    budget."""
+    budget, of which the tenant may claim `share` bytes."""
 
-    __slots__ = ("budget", "tenant")
+    __slots__ = ("budget", "share", "tenant")
 
-    def __init__(self, budget: BodyBudget, tenant: str) -> None:
+    def __init__(self, budget: BodyBudget, tenant: str, share: int) -> None:
         self.budget = budget
         self.tenant = tenant
+        self.share = share
 
     async def read(self, request: web.Request, server: ServerSettings) -> bytes:
         """The whole body (at most `server.max_body_bytes`), or a GatewayError (415, 413, 408, 503,
@@ -125,24 +131,23 @@ class BodyReader:
         server: ServerSettings,
         *,
         limit: int | None = None,
-        share: int | None = None,
+        charge: int | None = None,
         too_large: PayloadTooLarge | None = None,
     ) -> BoundedBody:
         """The body as it arrives, for readers that stream it (multipart). `limit` defaults to
-        `server.max_body_bytes`; `share` is what the reader holds in memory at most, taken from the
+        `server.max_body_bytes`; `charge` is what the reader holds in memory at most, taken from the
         budget (default: the Content-Length, or the limit); `too_large` the 413 to raise."""
         limit = server.max_body_bytes if limit is None else limit
         too_large = too_large or _too_large(limit)
         length = request.content_length
-        if share is None:
-            share = length if length is not None and length <= limit else limit
+        if charge is None:
+            charge = length if length is not None and length <= limit else limit
         return BoundedBody(
-            self.budget,
-            self.tenant,
+            self,
             request,
             timeout=server.body_timeout_seconds,
             limit=limit,
-            share=share,
+            charge=charge,
             too_large=too_large,
         )
 
@@ -152,21 +157,19 @@ class BoundedBody:
 
     def __init__(
         self,
-        budget: BodyBudget,
-        tenant: str,
+        reader: BodyReader,
         request: web.Request,
         *,
         timeout: float,
         limit: int,
-        share: int,
+        charge: int,
         too_large: PayloadTooLarge,
     ) -> None:
-        self.budget = budget
-        self.tenant = tenant
+        self.reader = reader
         self.request = request
         self.timeout = timeout
         self.limit = limit
-        self.share = share
+        self.charge = charge
         self.too_large = too_large
         self.received = 0
         self.deadline = 0.0
@@ -180,7 +183,7 @@ class BoundedBody:
         self.deadline = asyncio.get_running_loop().time() + self.timeout
         try:
             async with asyncio.timeout_at(self.deadline):
-                await self.budget.take(self.share, self.tenant)
+                await self.reader.budget.take(self.charge, self.reader.tenant, self.reader.share)
         except TimeoutError:
             raise ServerBusy(
                 "The gateway is reading too many request bodies at once; retry shortly.",
@@ -192,7 +195,8 @@ class BoundedBody:
     async def __aexit__(self, *_: object) -> None:
         if self.taken:
             self.taken = False
-            await asyncio.shield(self.budget.give_back(self.share, self.tenant))
+            reader = self.reader
+            await asyncio.shield(reader.budget.give_back(self.charge, reader.tenant))
 
     async def readany(self) -> bytes:
         """The next bytes that arrived (b"" at the end of the body)."""

@@ -32,20 +32,19 @@ from policies.findings import shown
 
 IMAGE_FIELDS = ("image", "image[]")
 MASK_FIELD = "mask"
-TEXT_BYTES = 256 * 1024  # the text fields, in all: a 32,000-character prompt is at most 128,000 bytes
+# The text fields and the part headers kept, in all: a 32,000-character prompt is at most 128,000 bytes.
+TEXT_BYTES = 256 * 1024
 HEAD_BYTES = 16 * 1024  # the headers of one part
 PREAMBLE_BYTES = 64 * 1024  # what may come before the first delimiter
 READ_BYTES = 256 * 1024  # the most one read of the body brings (uvloop and asyncio read 256 KiB)
 # What the parser holds in memory at most, taken from the shared body budget while it reads: the text
-# fields, the files kept in memory, and its buffer (a delimiter's or a head's search, and one read).
+# fields and headers, the files kept in memory, and its buffer (a delimiter's or a head's search, and
+# one read). Each of them is bytes of the body, held once (a text field's value is decoded only once
+# the body is read), so a body with a Content-Length is charged that length where it is smaller.
 HELD_BYTES = TEXT_BYTES + SPOOL_BYTES + PREAMBLE_BYTES + READ_BYTES
 # Parts other than the images: an edit takes 13 fields and a mask, a variation 5 (the SDK sends only
 # those). Room for fields a policy drops, and a bound on the work and memory of one request's parts.
 MAX_FIELDS = 64
-_INT_FIELDS = frozenset({"n", "partial_images", "output_compression"})
-_BOOL_FIELDS = frozenset({"stream"})
-_BOOLS = {"true": True, "false": False}
-_INTEGER = re.compile(r"-?[0-9]{1,9}")
 _BOUNDARY = re.compile(r';\s*boundary\s*=\s*(?:"([^"]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
 _PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 
@@ -64,7 +63,9 @@ async def read_multipart(
     """Every part of the request, files spooled; raises an OpenAI-style 4xx for a bad body. The body
     is read through the front door's bounds (encoding, time, the shared budget for what the parser
     holds in memory), up to `server.max_upload_bytes`, with at most `most_images` image parts (the
-    most any model takes) and `MAX_FIELDS` others, refused as soon as one more part starts."""
+    most any model takes) and `MAX_FIELDS` others, refused as soon as one more part starts. It takes
+    from the budget what the parser may hold, `HELD_BYTES`, or the Content-Length where that is less:
+    a small upload still arriving must not count as a large one against its tenant's share."""
     limit, spool_dir = server.max_upload_bytes, server.upload_dir
     content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
     if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":
@@ -76,13 +77,15 @@ async def read_multipart(
     found = _BOUNDARY.search(content_type)
     if found is None:
         raise _malformed("Content-Type has no boundary")
-    if request.content_length is not None and request.content_length > limit:
+    length = request.content_length
+    if length is not None and length > limit:
         raise _too_large(limit)
+    charge = min(HELD_BYTES, limit if length is None else length)
     upload = Upload()
     try:
         boundary = (found[1] or found[2]).encode()
-        held = min(limit, HELD_BYTES)
-        async with bodies.open(request, server, limit=limit, share=held, too_large=_too_large(limit)) as body:
+        too_large = _too_large(limit)
+        async with bodies.open(request, server, limit=limit, charge=charge, too_large=too_large) as body:
             await _Parser(body, limit, boundary, upload, most_images=most_images, spool_dir=spool_dir).run()
     except BaseException:  # a 4xx, or the client left (connection reset, cancelled)
         close_quietly(upload)
@@ -113,7 +116,7 @@ class _Parser:
         self.most_images = most_images
         self.images = self.fields = 0  # parts so far
         self.texts: set[str] = set()  # the names of the text fields so far
-        self.text_room = TEXT_BYTES  # what the text fields may still take
+        self.text_room = TEXT_BYTES  # what the text fields and kept headers may still take
         self.file_room = SPOOL_BYTES  # what the files may still keep in memory
         self.masks: set[str] = set()  # the mask, once it came
 
@@ -128,10 +131,16 @@ class _Parser:
         self.buffer += chunk
 
     async def run(self) -> None:
-        # The first delimiter may open the body, without the CRLF the others have.
-        self.buffer += b"\r\n"
-        start = await self.find(self.delimiter, PREAMBLE_BYTES, "no opening boundary")
-        del self.buffer[: start + len(self.delimiter)]
+        # The first delimiter may open the body, without the CRLF the others have (not added to the
+        # buffer: it would hold more than the body's bytes).
+        opening = self.delimiter[2:]
+        while len(self.buffer) < len(opening):
+            await self.fill()
+        if self.buffer.startswith(opening):
+            del self.buffer[: len(opening)]
+        else:
+            start = await self.find(self.delimiter, PREAMBLE_BYTES, "no opening boundary")
+            del self.buffer[: start + len(self.delimiter)]
         while await self.after_delimiter():
             self.upload.parts.append(await self.part())
         if not self.upload.parts:
@@ -172,6 +181,8 @@ class _Parser:
         if not name:
             raise _malformed("a part has no name in its Content-Disposition")
         kept = part_headers(headers)
+        self.text_room -= sum(len(value) for _, value in kept)  # kept to the end, as the text is
+        self.check_text(name, 0)
         is_file = "filename" in params
         self.count(name, is_file)
         if is_file:
@@ -189,10 +200,10 @@ class _Parser:
         raw = b"".join(pieces)
         self.text_room -= len(raw)
         try:
-            text = raw.decode("utf-8")
+            raw.decode("utf-8")  # checked now; decoded again for its value once the body is read
         except UnicodeDecodeError:
             raise InvalidRequest(f"The field {name!r} is not valid UTF-8.", param=name) from None
-        return TextPart(name, raw, _typed(name, text), kept)
+        return TextPart(name, raw, kept)
 
     def count(self, name: str, is_file: bool) -> None:
         """Refuse a part over the bounds before reading it: one image more than any model takes, a
@@ -237,7 +248,10 @@ class _Parser:
 
     def check_text(self, text_field: str | None, size: int) -> None:
         if text_field is not None and size > self.text_room:
-            message = f"The text fields are longer than {TEXT_BYTES} bytes in all (at {text_field!r})."
+            message = (
+                f"The text fields and part headers are longer than {TEXT_BYTES} bytes in all"
+                f" (at {text_field!r})."
+            )
             raise InvalidRequest(message, param=text_field)
 
 
@@ -275,15 +289,3 @@ def _disposition(header: str) -> dict[str, str]:
 def _duplicate(name: str) -> InvalidRequest:
     message = f"The field {name!r} is sent more than once."
     return InvalidRequest(message, param=name, code="duplicate_parameter")
-
-
-def _typed(name: str, text: str) -> Any:
-    """A form value as the policy reads it: integers and booleans where the API has them (a value
-    that is not one stays a string, which the capability checks refuse), an empty value as null."""
-    if text == "":
-        return None
-    if name in _INT_FIELDS and _INTEGER.fullmatch(text):
-        return int(text)
-    if name in _BOOL_FIELDS and text.lower() in _BOOLS:
-        return _BOOLS[text.lower()]
-    return text

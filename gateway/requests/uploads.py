@@ -14,6 +14,7 @@ Content-Disposition and Content-Type; text fields the policy did not change go o
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import InitVar, dataclass, field
@@ -27,14 +28,32 @@ from policies.uploads import InputImage
 # request, not per file: 240 files of 255 KiB each would otherwise be 60 MiB of memory.
 SPOOL_BYTES = 64 * 1024
 CHUNK_BYTES = 256 * 1024  # read and sent in pieces of this size
+_INT_FIELDS = frozenset({"n", "partial_images", "output_compression"})
+_BOOL_FIELDS = frozenset({"stream"})
+_BOOLS = {"true": True, "false": False}
+_INTEGER = re.compile(r"-?[0-9]{1,9}")
 
 
 @dataclass(slots=True)
 class TextPart:
     name: str
-    raw: bytes  # the value as received
-    value: Any  # as the policy reads it (typed: ints, booleans; None for an empty value)
+    raw: bytes  # the value as received (UTF-8: the parser checked it)
     headers: list[tuple[str, str]]
+
+    @property
+    def value(self) -> Any:
+        """The value as the policy reads it: integers and booleans where the API has them (a value
+        that is not one stays a string, which the capability checks refuse), an empty value as null.
+        Decoded when asked, after the body is read: while it is read, only the bytes are held, which
+        is what the body budget counts (a decoded text may take up to four times its bytes)."""
+        text = self.raw.decode("utf-8")
+        if text == "":
+            return None
+        if self.name in _INT_FIELDS and _INTEGER.fullmatch(text):
+            return int(text)
+        if self.name in _BOOL_FIELDS and text.lower() in _BOOLS:
+            return _BOOLS[text.lower()]
+        return text
 
 
 @dataclass(slots=True)
@@ -98,10 +117,11 @@ class Upload:
             if isinstance(part, FilePart):
                 pieces += [_head(boundary, part.headers), part, b"\r\n"]
                 continue
-            if part.name not in fields or (fields[part.name] is None and part.value is not None):
+            received = part.value
+            if part.name not in fields or (fields[part.name] is None and received is not None):
                 continue  # removed by the policy (a dropped null is not sent)
             value = fields[part.name]
-            raw = part.raw if value == part.value and type(value) is type(part.value) else _text(value)
+            raw = part.raw if value == received and type(value) is type(received) else _text(value)
             pieces += [_head(boundary, part.headers) + raw + b"\r\n"]
             sent.add(part.name)
         for name, value in fields.items():

@@ -27,13 +27,13 @@ from structlog.testing import capture_logs
 from gateway.config import Settings
 from gateway.mock_upstream import RECEIVED, MockOptions, create_mock_app
 from gateway.mock_upstream.models import input_image_tokens
-from gateway.requests.multipart import MAX_FIELDS, PREAMBLE_BYTES, READ_BYTES, TEXT_BYTES
+from gateway.requests.multipart import HELD_BYTES, MAX_FIELDS, PREAMBLE_BYTES, READ_BYTES, TEXT_BYTES
 from gateway.requests.uploads import FilePart
 from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.e2e.test_quotas import ADMIN_TOKEN, eventually, ledger_rows, redis_store
 from tests.e2e.test_relay import StartServer, odd_chunks, scripted
 from tests.support import redis_servers
-from tests.support.config import TENANT_KEY, UPSTREAM_KEY, config_dict, make_settings
+from tests.support.config import OTHER_KEY, TENANT_KEY, UPSTREAM_KEY, config_dict, make_settings
 from tests.support.redis_servers import RedisServer
 from tests.support.scripted_upstream import Script
 
@@ -393,6 +393,47 @@ async def test_the_body_budget_covers_what_unfinished_uploads_hold_in_memory(
     finally:
         for writer in writers:
             writer.close()
+
+
+async def test_an_upload_still_arriving_takes_its_length_of_the_budget_not_more(
+    start_gateway: StartGateway, mock: TestServer
+) -> None:
+    """An upload with a Content-Length takes from the body budget (and its tenant's share of it) that
+    length where it is less than what the parser may hold: the review's small edit still arriving took
+    640 KiB, and the tenant's next edit, with its 1 MiB share of 2 MiB, was refused with a 429. A
+    chunked upload, whose length is unknown, still takes all of `HELD_BYTES`."""
+    gw = await start(start_gateway, mock, server={"max_buffered_body_bytes": 2 * 2**20})
+    body = raw_body("b", GOOD)
+    assert gw.server.port is not None
+    _, slow = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    slow.write(
+        f"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TENANT_KEY}\r\n"
+        f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body[:50]
+    )
+    _, chunked = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    chunked.write(
+        f"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OTHER_KEY}\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        + b"32\r\n"
+        + body[:50]
+        + b"\r\n"
+    )
+    try:
+
+        async def charged() -> bool:
+            return gw.metric("gateway_body_bytes_buffered") == len(body) + HELD_BYTES
+
+        await eventually(charged)
+        headers = {**AUTH, "Content-Type": "multipart/form-data; boundary=b"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{gw.v1}/images/edits", data=body, headers=headers) as resp,
+        ):
+            assert resp.status == 200, await resp.text()
+    finally:
+        slow.close()
+        chunked.close()
 
 
 def _raw_post(port: int, head: bytes, body_chunks: list[bytes]) -> tuple[bytes, int]:

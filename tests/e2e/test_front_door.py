@@ -16,9 +16,12 @@ import aiohttp
 import openai
 import orjson
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway.app import RELOADER
+from gateway.config import load_settings
 from gateway.mock_upstream import MockOptions, create_mock_app
 from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.e2e.test_edits import image_bytes
@@ -539,6 +542,48 @@ async def test_one_tenants_slow_bodies_leave_the_others_room_in_the_body_budget(
     writer.close()
     assert served.status == 200, served.body
     assert shares.metric("gateway_body_bytes_buffered") == 4000  # the tenant's first body, still arriving
+    for _, writer in holding:
+        writer.close()
+
+
+async def test_a_reload_that_adds_or_removes_tenants_moves_their_default_share(
+    start_gateway: StartGateway, mock_openai: TestServer, tmp_path: Path
+) -> None:
+    """Unset, `max_tenant_share` is all of the bounds for a tenant alone and half for several: a
+    reload that adds a tenant gives each the half from its next request on, one that leaves a tenant
+    alone gives it everything again. `max_tenant_share` itself is a `server` setting: a reload
+    reports it as needing a restart and keeps it."""
+    config = config_dict(base_url(mock_openai), server={"max_pending_admissions": 4})
+    both = dict(config["tenants"])
+    config["tenants"] = {"team": both["team"]}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    gateway = await start_gateway(load_settings(path), config_path=path)
+    port, reloader = port_of(gateway), gateway.app[RELOADER]
+    holding = await slow_bodies(port, 3, 100)  # alone: 3 of the 4 places are its to take
+    await until(lambda: gateway.metric("gateway_pending_admissions") == 3)
+    config["tenants"] = both
+    path.write_text(yaml.safe_dump(config))
+    reloader.reload()
+    [(beyond, _)] = await slow_bodies(port, 1, 100)  # now 2 of 4: refused, not a 4th place
+    refused_for_its_share(await read_response(beyond), "max_pending_admissions")
+    served = await exchange(port, request(GENERATE, headers=[JSON, OTHER], body=GOOD))
+    assert served.status == 200, served.body
+    config["server"]["max_tenant_share"] = 1
+    path.write_text(yaml.safe_dump(config))
+    reloader.reload()
+    assert reloader.needs_restart == ["server"]  # reported, and kept: still refused
+    [(kept, _)] = await slow_bodies(port, 1, 100)
+    refused_for_its_share(await read_response(kept), "max_pending_admissions")
+    del config["server"]["max_tenant_share"]
+    config["tenants"] = {"team": both["team"]}
+    path.write_text(yaml.safe_dump(config))
+    reloader.reload()
+    holding += await slow_bodies(port, 1, 100)  # alone again: the 4th place is its
+    await until(lambda: gateway.metric("gateway_pending_admissions") == 4)
+    assert (
+        gateway.metric("gateway_tenant_share_refused_total", tenant="team", bound="pending_admissions") == 2
+    )
     for _, writer in holding:
         writer.close()
 

@@ -31,7 +31,7 @@ def arrived(body: bytes, error: BaseException | None = None) -> Any:
 
 
 def reader() -> BodyReader:
-    return BodyReader(BodyBudget(2**20, 2**19, Metrics(CollectorRegistry())), "team")
+    return BodyReader(BodyBudget(2**20, Metrics(CollectorRegistry())), "team", 2**19)
 
 
 async def test_a_body_that_arrived_is_read_whole() -> None:
