@@ -311,10 +311,20 @@ async def test_at_the_cap_a_connection_not_taking_its_answers_makes_room(
     busy.close()
 
 
-async def small_unsent_tail(gateway: Running) -> socket.socket:
-    """A client that sends GETs without reading their answers, one at a time, until an answer is
-    left partly unsent: under the transport's high-water mark (writing never paused), and the
-    connection idle, so closed at the keep-alive timeout with those bytes still to send."""
+async def small_unsent_tail(
+    start_gateway: StartGateway, mock_openai: TestServer, write_timeout: float
+) -> tuple[Running, socket.socket]:
+    """A gateway of one connection, and a client holding it that sends GETs without reading their
+    answers, one at a time, until an answer is left partly unsent: under the transport's high-water
+    mark (writing never paused), and the connection idle, so closed at the keep-alive timeout with
+    those bytes still to send."""
+    server = {
+        "max_connections": 1,
+        "client_write_timeout_seconds": write_timeout,
+        "header_timeout_seconds": 60,
+        "keepalive_timeout_seconds": 1.0,
+    }
+    gateway = await start_gateway(openai_url=base_url(mock_openai), server=server)
     door = gateway.server.runner.door  # type: ignore[attr-defined]
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -328,7 +338,7 @@ async def small_unsent_tail(gateway: Running) -> socket.socket:
         if connection.transport is not None and connection.transport.get_write_buffer_size() > 0:
             assert not connection.writing_paused
             await until(lambda: closes(gateway, "keepalive_timeout") == 1)
-            return sock
+            return gateway, sock
     raise AssertionError("no answer left unsent")
 
 
@@ -337,14 +347,7 @@ async def test_a_connection_closed_with_a_small_unsent_tail_is_cut_off_at_the_wr
 ) -> None:
     """Closed (here at keep-alive) with under 64 KiB unsent, it waited for the client to take them:
     for ever, holding the listener's only slot (every new client a 503)."""
-    server = {
-        "max_connections": 1,
-        "client_write_timeout_seconds": 0.5,
-        "header_timeout_seconds": 60,
-        "keepalive_timeout_seconds": 1.0,
-    }
-    gateway = await start_gateway(openai_url=base_url(mock_openai), server=server)
-    sock = await small_unsent_tail(gateway)
+    gateway, sock = await small_unsent_tail(start_gateway, mock_openai, 0.5)
     await until(lambda: closes(gateway, "write_timeout") == 1)
     assert gateway.metric("gateway_connections_open", listener="tenant") == 0
     assert (await exchange(port_of(gateway), request("/healthz", method="GET"))).status == 200
@@ -355,15 +358,8 @@ async def test_at_the_cap_a_connection_closed_with_a_small_unsent_tail_makes_roo
     start_gateway: StartGateway, mock_openai: TestServer
 ) -> None:
     """The same connection, a write timeout far off: it is stalled (neither idle nor paused), so
-    it makes room for a new connection once stalled for the grace."""
-    server = {
-        "max_connections": 1,
-        "client_write_timeout_seconds": 60,
-        "header_timeout_seconds": 60,
-        "keepalive_timeout_seconds": 1.0,
-    }
-    gateway = await start_gateway(openai_url=base_url(mock_openai), server=server)
-    sock = await small_unsent_tail(gateway)
+    it makes room for a new connection once stalled for the grace (a quarter of it)."""
+    gateway, sock = await small_unsent_tail(start_gateway, mock_openai, 8)
     await asyncio.sleep(gateway.server.runner.door.bounds.stall_grace)  # type: ignore[attr-defined]
     assert (await exchange(port_of(gateway), request("/healthz", method="GET"))).status == 200
     assert closes(gateway, "stalled_evicted") == 1 and closes(gateway, "write_timeout") == 0
