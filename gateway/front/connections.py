@@ -22,7 +22,10 @@ port (`listener="ops"`: /metrics, /healthz, /readyz), with a cap of its own.
   would hold its slot (and its handler) forever, being neither idle nor waiting for a head. The
   timer runs only while the transport has paused writing, so it costs nothing on the normal path.
   The write waiting then fails as if the client had left (the relay counts it gone), and the
-  line `client_write_timed_out` says so.
+  line `client_write_timed_out` says so. A connection closing (keep-alive, `Connection: close`, an
+  early answer, a 431) with bytes still unsent, even under the high-water mark, gets the same
+  deadline from when its handler ends: closing waits for them to drain, and aiohttp forgets the
+  transport at once, so the connection keeps its own reference to cut it off.
   Pipelining is bounded by aiohttp: it parses at most 32 requests ahead of the one being handled,
   then stops reading the socket (keeping the rest of that read, at most 256 KiB, unparsed) until
   they are down to 16; a client that sends requests without reading answers fills its transport
@@ -30,8 +33,9 @@ port (`listener="ops"`: /metrics, /healthz, /readyz), with a cap of its own.
 - A cap, `server.max_connections` (by default sized from the process's file limit, leaving room for
   upstream and Redis connections and the operations listener's `server.ops_max_connections`). At
   the cap, the longest-idle connection (no request in progress) is closed to make room, else the
-  oldest one whose client is not taking its answers (writing paused); when there is neither, the new
-  connection gets a 503 and is closed, so the process never runs out of file descriptors.
+  one stalled longest (writing paused, or closing with bytes unsent: `FrontConnection.stalled_since`)
+  if for at least `Bounds.stall_grace` (a client that reads pauses too, briefly); when there is
+  neither, the new connection gets a 503 and is closed, so the process never runs out of file descriptors.
 - Request bodies are never inflated (`auto_decompress` off: `front.body` refuses Content-Encoding),
   and a request answered before its body arrived closes the connection rather than draining it.
 - aiohttp's parser errors (malformed request line, headers or chunking) get an OpenAI-shaped 400
@@ -85,6 +89,15 @@ class Bounds:
     write_timeout: float
     max_head_bytes: int
 
+    @property
+    def stall_grace(self) -> float:
+        """How long a connection must have been stalled (see `FrontConnection.stalled_since`) to be
+        evicted at the cap: a quarter of the write timeout. A client that reads pauses the transport
+        too, for as long as it takes to read one piece of an answer (up to 64 KiB plus one upstream
+        read, 256 KiB): past a quarter of the timeout it reads at under a quarter of the rate the
+        timeout itself requires; a client that reads nothing is stalled from its first pause on."""
+        return self.write_timeout / 4
+
 
 def default_max_connections(settings: Settings) -> int:
     """Client connections one process may hold: its file limit less a reserve, the operations
@@ -129,11 +142,12 @@ class Door:
         self.open: dict[FrontConnection, None] = {}  # insertion-ordered: the oldest first
 
     def admit(self, connection: FrontConnection) -> bool:
-        """Room for a new connection, making it by closing the oldest idle one if need be."""
+        """Room for a new connection, making it by closing the oldest idle one if need be, else the
+        one stalled longest (for at least `Bounds.stall_grace`)."""
         if len(self.open) >= self.bounds.max_connections:
             victim, reason = next((c for c in self.open if c.idle), None), "idle_evicted"
             if victim is None:
-                victim, reason = next((c for c in self.open if c.writing_paused), None), "stalled_evicted"
+                victim, reason = self._longest_stalled(), "stalled_evicted"
             if victim is None:
                 self.closed_because("refused")
                 return False
@@ -143,6 +157,11 @@ class Door:
         self.open[connection] = None
         self.metrics.connections_open.labels(self.listener).inc()
         return True
+
+    def _longest_stalled(self) -> FrontConnection | None:
+        since = asyncio.get_running_loop().time() - self.bounds.stall_grace
+        stalled = (c for c in self.open if c.stalled_since is not None and c.stalled_since <= since)
+        return min(stalled, key=lambda c: c.stalled_since or 0.0, default=None)
 
     def left(self, connection: FrontConnection) -> None:
         if self.open.pop(connection, 0) is None:
@@ -194,6 +213,8 @@ class FrontConnection(web_protocol.RequestHandler):
         "_header_timer",
         "_last_body",
         "_partial",
+        "_socket",
+        "_stalled_since",
         "_write_timer",
     )
 
@@ -204,7 +225,11 @@ class FrontConnection(web_protocol.RequestHandler):
         self._partial = False  # bytes of a request head have arrived, not all of it
         self._head_bytes = 0  # how many (see the module on pipelining)
         self._head_end = b""  # their last three: the end of the head may straddle two reads
-        self._write_timer: asyncio.TimerHandle | None = None  # armed while writing is paused
+        self._write_timer: asyncio.TimerHandle | None = None  # armed while stalled (see stalled_since)
+        self._stalled_since: float | None = None
+        # The transport until the connection is lost: aiohttp forgets it as soon as it closes it,
+        # with what the client has not read yet still to send.
+        self._socket: asyncio.Transport | None = None
         self._last_body: StreamReader | None = None  # the body of the latest request parsed
         self._closing = False  # shutting down: close once the request arriving is answered
 
@@ -213,8 +238,18 @@ class FrontConnection(web_protocol.RequestHandler):
         """Waiting for a request (none in progress, none queued): safe to close."""
         return self._waiter is not None and not self._waiter.done() and not self._messages
 
+    @property
+    def stalled_since(self) -> float | None:
+        """Since when (loop time) the client has not been taking what is written to it: writing
+        paused (the transport holds more than 64 KiB) and not resumed since, or the connection
+        closed with bytes still unsent; None otherwise."""
+        return self._stalled_since
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self._socket = self.transport
+        if self._task_handler is not None:
+            self._task_handler.add_done_callback(self._handler_ended)
         if not self._door.admit(self):
             if self.transport is not None:
                 self.transport.write(_BUSY_RESPONSE)
@@ -226,6 +261,7 @@ class FrontConnection(web_protocol.RequestHandler):
         self._disarm_header_timer()
         self._disarm_write_timer()
         self._last_body = None
+        self._socket = None
         self._door.left(self)
         super().connection_lost(exc)
 
@@ -312,11 +348,27 @@ class FrontConnection(web_protocol.RequestHandler):
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        self._write_timer = self._loop.call_later(self._door.bounds.write_timeout, self._write_timed_out)
+        self._stall()
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        self._disarm_write_timer()
+        handler = self._task_handler
+        if handler is not None and not handler.done():  # else closing: the deadline stands
+            self._disarm_write_timer()
+            self._stalled_since = None
+
+    def _handler_ended(self, _: object) -> None:
+        """No more requests on this connection: it is closing. Bytes the client has not taken yet
+        (under the high-water mark: writing never paused) get the write deadline too, else the
+        connection would wait for them for as long as TCP does (forever, for a client that
+        stays but does not read)."""
+        if self._socket is not None and self._socket.get_write_buffer_size() > 0:
+            self._stall()
+
+    def _stall(self) -> None:
+        if self._write_timer is None:
+            self._stalled_since = self._loop.time()
+            self._write_timer = self._loop.call_later(self._door.bounds.write_timeout, self._write_timed_out)
 
     def _disarm_write_timer(self) -> None:
         if self._write_timer is not None:
@@ -331,16 +383,18 @@ class FrontConnection(web_protocol.RequestHandler):
             listener=self._door.listener,
             timeout_seconds=self._door.bounds.write_timeout,
         )
-        waiter = self._drain_waiter  # the write waiting: it fails, as if the client had left
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionResetError("the client did not take its answer in time"))
         self.cut_off()
 
     def cut_off(self) -> None:
         """Close now, dropping what the client has not read (closing a transport waits for it to
-        drain: for a client that is not reading, forever)."""
-        if self.transport is not None:
-            self.transport.abort()
+        drain: for a client that is not reading, forever). The write waiting fails, as if the
+        client had left (else losing the connection would resolve it: the relay would count the
+        dropped bytes as sent)."""
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("the client did not take its answer in time"))
+        if self._socket is not None:
+            self._socket.abort()
         self.force_close()
 
     def _process_keepalive(self) -> None:

@@ -25,9 +25,11 @@ from gateway.config import load_settings
 from gateway.mock_upstream import MockOptions, create_mock_app
 from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.e2e.test_edits import image_bytes
+from tests.e2e.test_relay_faults import BIG_PARTIAL, COMPLETED, STREAM, StartServer
 from tests.support.config import OTHER_KEY, TENANT_KEY, UPSTREAM_KEY, config_dict
 from tests.support.processes import GatewayProcess
 from tests.support.raw_http import RawResponse, exchange, read_response, request
+from tests.support.scripted_upstream import Script, ScriptedUpstream
 
 ADMIN_TOKEN = "admin-token-for-tests"
 JSON = (b"Content-Type", b"application/json")
@@ -287,9 +289,10 @@ async def test_a_client_that_reads_no_answers_is_cut_off_at_the_write_timeout(
 async def test_at_the_cap_a_connection_not_taking_its_answers_makes_room(
     start_gateway: StartGateway, mock_openai: TestServer
 ) -> None:
-    """None idle: one connection reads a body, the other has its answers stuck (writing paused, a
-    write timeout far off). The stuck one is closed for a new connection, not the new one refused."""
-    server = {"max_connections": 2, "client_write_timeout_seconds": 60, "header_timeout_seconds": 60}
+    """None idle: one connection reads a body, the other has its answers stuck (writing paused for
+    the stall grace, a quarter of the write timeout, which is far off). The stuck one is closed for
+    a new connection, not the new one refused."""
+    server = {"max_connections": 2, "client_write_timeout_seconds": 8, "header_timeout_seconds": 60}
     gateway = await start_gateway(openai_url=base_url(mock_openai), server=server)
     port = port_of(gateway)
     _, busy = await asyncio.open_connection("127.0.0.1", port)
@@ -297,12 +300,123 @@ async def test_at_the_cap_a_connection_not_taking_its_answers_makes_room(
     sock, sending = await unread_answers(port, b"GET " + LONG_PATH + b" HTTP/1.1\r\nHost: g\r\n\r\n", 1000)
     door = gateway.server.runner.door  # type: ignore[attr-defined]
     await until(lambda: any(connection.writing_paused for connection in door))
+    stuck = next(connection for connection in door if connection.writing_paused)
+    await asyncio.sleep(door.bounds.stall_grace)
+    waiting = stuck._drain_waiter  # its handler's write, waiting for the client to take its answer
     served = await exchange(port, request("/healthz", method="GET"))
     assert served.status == 200
     assert closes(gateway, "stalled_evicted") == 1 and closes(gateway, "refused") == 0
+    # the write fails as if the client had left (losing the connection would have resolved it: a
+    # relay would count the bytes dropped as sent, and the client as served)
+    assert waiting is not None and isinstance(waiting.exception(), ConnectionResetError)
     sending.cancel()
     sock.close()
     busy.close()
+
+
+async def small_unsent_tail(
+    start_gateway: StartGateway, mock_openai: TestServer, write_timeout: float
+) -> tuple[Running, socket.socket]:
+    """A gateway of one connection, and a client holding it that sends GETs without reading their
+    answers, one at a time, until an answer is left partly unsent: under the transport's high-water
+    mark (writing never paused), and the connection idle, so closed at the keep-alive timeout with
+    those bytes still to send."""
+    server = {
+        "max_connections": 1,
+        "client_write_timeout_seconds": write_timeout,
+        "header_timeout_seconds": 60,
+        "keepalive_timeout_seconds": 1.0,
+    }
+    gateway = await start_gateway(openai_url=base_url(mock_openai), server=server)
+    door = gateway.server.runner.door  # type: ignore[attr-defined]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port_of(gateway)))
+    for _ in range(2000):
+        await loop.sock_sendall(sock, b"GET " + LONG_PATH + b" HTTP/1.1\r\nHost: g\r\n\r\n")
+        await asyncio.sleep(0.02)
+        (connection,) = door
+        if connection.transport is not None and connection.transport.get_write_buffer_size() > 0:
+            assert not connection.writing_paused
+            await until(lambda: closes(gateway, "keepalive_timeout") == 1)
+            return gateway, sock
+    raise AssertionError("no answer left unsent")
+
+
+async def test_a_connection_closed_with_a_small_unsent_tail_is_cut_off_at_the_write_timeout(
+    start_gateway: StartGateway, mock_openai: TestServer
+) -> None:
+    """Closed (here at keep-alive) with under 64 KiB unsent, it waited for the client to take them:
+    for ever, holding the listener's only slot (every new client a 503)."""
+    gateway, sock = await small_unsent_tail(start_gateway, mock_openai, 0.5)
+    await until(lambda: closes(gateway, "write_timeout") == 1)
+    assert gateway.metric("gateway_connections_open", listener="tenant") == 0
+    assert (await exchange(port_of(gateway), request("/healthz", method="GET"))).status == 200
+    sock.close()
+
+
+async def test_at_the_cap_a_connection_closed_with_a_small_unsent_tail_makes_room(
+    start_gateway: StartGateway, mock_openai: TestServer
+) -> None:
+    """The same connection, a write timeout far off: it is stalled (neither idle nor paused), so
+    it makes room for a new connection once stalled for the grace (a quarter of it)."""
+    gateway, sock = await small_unsent_tail(start_gateway, mock_openai, 8)
+    await asyncio.sleep(gateway.server.runner.door.bounds.stall_grace)  # type: ignore[attr-defined]
+    assert (await exchange(port_of(gateway), request("/healthz", method="GET"))).status == 200
+    assert closes(gateway, "stalled_evicted") == 1 and closes(gateway, "write_timeout") == 0
+    sock.close()
+
+
+async def test_at_the_cap_the_longest_stalled_connection_makes_room_not_a_reader(
+    start_server: StartServer, start_gateway: StartGateway
+) -> None:
+    """A reads an event stream steadily (its transport pauses briefly for every 256 KiB event); B,
+    opened after it, reads none of its answers. At the cap, a new connection evicts B, stalled
+    since it filled its transport, though A is paused at that moment too: before, the oldest
+    paused connection went, A, cut mid-stream. A's stream ends whole."""
+    upstream = ScriptedUpstream(Script(chunks=[BIG_PARTIAL] * 40 + [COMPLETED]))
+    server = await start_server(upstream.app())
+    config = {"max_connections": 2, "client_write_timeout_seconds": 8, "header_timeout_seconds": 60}
+    gateway = await start_gateway(openai_url=base_url(server), server=config)
+    port = port_of(gateway)
+    door = gateway.server.runner.door  # type: ignore[attr-defined]
+    loop = asyncio.get_running_loop()
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    reader.setblocking(False)
+    await loop.sock_connect(reader, ("127.0.0.1", port))
+    body = orjson.dumps(STREAM)
+    await loop.sock_sendall(reader, request(GENERATE, headers=[JSON, AUTH], body=body))
+
+    async def read_steadily() -> bytes:  # ~1.6 MB/s until the stream's last chunk
+        received = bytearray()
+        while not received.endswith(b"0\r\n\r\n"):
+            data = await loop.sock_recv(reader, 16384)
+            if not data:
+                break
+            received += data
+            await asyncio.sleep(0.01)
+        return bytes(received)
+
+    reading = asyncio.create_task(read_steadily())
+    await until(lambda: len(door.open) == 1)
+    (a,) = door
+    sock, sending = await unread_answers(port, b"GET " + LONG_PATH + b" HTTP/1.1\r\nHost: g\r\n\r\n", 1000)
+    await until(lambda: len(door.open) == 2)
+    b = list(door)[1]
+    await until(lambda: b.writing_paused)
+    await asyncio.sleep(door.bounds.stall_grace)
+    await until(lambda: a.writing_paused, 5)
+    assert (await exchange(port, request("/healthz", method="GET"))).status == 200
+    assert closes(gateway, "stalled_evicted") == 1
+    assert a in door.open and b not in door.open
+    received = await asyncio.wait_for(reading, 30)
+    assert b"image_generation.completed" in received
+    sending.cancel()
+    sock.close()
+    reader.close()
 
 
 def big_head(size: int, *, end: bool = True) -> bytes:
