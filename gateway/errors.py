@@ -131,6 +131,7 @@ class ClientGone(GatewayError):
     status = 499
     type = "client_gone"
     code = "client_gone"
+    drains_body = False  # nobody to answer
 
 
 class PayloadTooLarge(GatewayError):

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from gateway import logs
 from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, drop_tracebacks
@@ -34,6 +34,9 @@ from gateway.telemetry.tracing import OFF, RequestTrace, Tracing
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# How long the rest of a known tenant's body is read and dropped after an answer given before it
+# arrived (`error_response`): enough for an upload in flight on a working link, bounded.
+DRAIN_SECONDS = 2.0
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 log = get_logger("gateway.access")
 _REQUEST_ID = logs.context_var("request_id")
@@ -110,21 +113,40 @@ def client_request_id(request: web.Request) -> str | None:
     return None if key and (key in incoming or incoming in key) else incoming
 
 
-def error_response(
+async def error_response(
     error: GatewayError, request: web.Request, request_id: str, tenant: str = ""
 ) -> web.Response:
-    """The error's answer. One given before the body arrived closes the connection: a stranger's at
-    once, rather than reading (and paying for) the rest of its body; a known `tenant`'s once the
-    rest has been read and dropped, for up to the front door's `LINGER_SECONDS` (unless the body is
-    the fault: `drains_body`), since its client may still be sending (the SDKs send a whole upload
-    before they read): closed under it, the connection would be reset and the answer lost."""
+    """The error's answer. One given before the body arrived closes the connection rather than read
+    (and pay for) the rest of the body: a stranger's at once. A known `tenant`'s (unless the body is
+    the fault: `drains_body`) is sent at once, and then the rest of the body is read and dropped,
+    for up to `DRAIN_SECONDS`, before the connection closes: its client may still be sending (the
+    SDKs send a whole upload before they read), and a connection closed under it is reset, the
+    answer lost."""
     headers = {**error.headers, "x-request-id": request_id}
     response = web.Response(
         status=error.status, body=error.to_json(), content_type="application/json", headers=headers
     )
-    if not request.content.is_eof() and not (tenant and error.drains_body):
+    if not request.content.is_eof():
         response.force_close()
+        if tenant and error.drains_body and request.transport is not None:
+            try:  # sent now (aiohttp finds it done when it is returned)
+                await response.prepare(request)
+                await response.write_eof()
+            except ConnectionError:  # gone meanwhile: nothing to drain for
+                return response
+            await _drain(request.content)
     return response
+
+
+async def _drain(content: StreamReader) -> None:
+    """Read and drop what is left of a body, for up to DRAIN_SECONDS; whatever ends it (the time, the
+    client leaving, a broken body) ends only the drain."""
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while await content.readany():
+                pass
+    except Exception:
+        pass
 
 
 def _as_gateway_error(exc: web.HTTPException, request: web.Request) -> GatewayError:
@@ -174,17 +196,17 @@ def create_request_middleware(
                 response = await handler(request)
             except GatewayError as error:
                 drop_tracebacks(error)  # the pipeline's task holds it, and its frames hold the task
-                response = error_response(error, request, record.request_id, record.tenant)
+                response = await error_response(error, request, record.request_id, record.tenant)
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise
-                response = error_response(
+                response = await error_response(
                     _as_gateway_error(exc, request), request, record.request_id, record.tenant
                 )
             except Exception:
                 log.exception("request_failed", path=request.path)
                 failure = InternalError("The gateway failed to handle the request.")
-                response = error_response(failure, request, record.request_id, record.tenant)
+                response = await error_response(failure, request, record.request_id, record.tenant)
             else:
                 if not response.prepared:
                     response.headers["x-request-id"] = record.request_id

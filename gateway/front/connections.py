@@ -75,9 +75,6 @@ log = get_logger("gateway.front")
 
 SERVER_HEADER = "image-gateway"  # not aiohttp's default, which names Python's and aiohttp's versions
 _FILE_RESERVE = 64  # descriptors for everything but clients and upstreams: Redis, logs, the listeners
-# How long the rest of a known tenant's body is read and dropped after an answer given before it
-# arrived (aiohttp's lingering), so that a client still sending it gets the answer, not a reset.
-LINGER_SECONDS = 2.0
 
 Listener = Literal["tenant", "ops"]
 
@@ -469,9 +466,9 @@ class FrontRunner(web.AppRunner):
         server = settings.server
         kwargs.setdefault("keepalive_timeout", server.keepalive_timeout_seconds)
         kwargs.setdefault("auto_decompress", False)  # never inflate a body on the event loop
-        # A known tenant's request answered before its body arrived: the rest read and dropped
-        # (`access_log.error_response`; a stranger's connection is closed at once).
-        kwargs.setdefault("lingering_time", LINGER_SECONDS)
+        # aiohttp's lingering (every answer given before its body arrived waits, reading the rest)
+        # is off: only a known tenant's is drained, and before it is sent (`access_log.error_response`)
+        kwargs.setdefault("lingering_time", 0)
         super().__init__(app, **kwargs)
         bounds = Bounds(
             server.header_timeout_seconds,

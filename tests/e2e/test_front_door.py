@@ -617,6 +617,22 @@ async def test_one_tenants_slow_bodies_leave_the_others_their_admission_places(s
     assert (await exchange(port, request(GENERATE, headers=[JSON, AUTH], body=GOOD))).status == 200
 
 
+async def test_a_strangers_early_answer_closes_at_once_without_reading_its_body(shares: Running) -> None:
+    """Only a known tenant's unread body is drained (below): a request without a valid key, or
+    for no route, is answered and closed at once, the rest of its body never read."""
+    stranger = (b"Authorization", b"Bearer sk-not-a-key-of-this-gateway")
+    for head in (
+        request(GENERATE, headers=[JSON, stranger, (b"Content-Length", b"100000")]),
+        request("/v1/nowhere", headers=[JSON, AUTH, (b"Content-Length", b"100000")]),
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(shares))
+        writer.write(head + b"{")
+        answer = await read_response(reader)
+        assert answer.status in (401, 404) and answer.closed, answer.body
+        assert await closed_within(reader, 1.0) == b""  # not after a drain (2 s)
+        writer.close()
+
+
 async def test_the_sdk_gets_the_429_of_an_edit_refused_before_its_body_was_read(shares: Running) -> None:
     """The SDK sends a whole upload before it reads: an answer given before the body was read must
     reach it, not a connection closed under the unread upload and reset (the rest is read and
