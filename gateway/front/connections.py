@@ -91,8 +91,10 @@ class Bounds:
         """How long a connection must have been stalled (see `FrontConnection.stalled_since`) to be
         evicted at the cap: a quarter of the write timeout. A client that reads pauses the transport
         too, for as long as it takes to read one piece of an answer (up to 64 KiB plus one upstream
-        read, 256 KiB): past a quarter of the timeout it reads at under a quarter of the rate the
-        timeout itself requires; a client that reads nothing is stalled from its first pause on."""
+        read, 256 KiB): past a quarter of the timeout it reads at under four times the least rate
+        the timeout allows, slow though the timeout alone would not cut it, and at the cap it makes
+        room before a newcomer is refused; a client that reads nothing is stalled from its first
+        pause on."""
         return self.write_timeout / 4
 
 
