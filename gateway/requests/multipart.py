@@ -39,9 +39,12 @@ PREAMBLE_BYTES = 64 * 1024  # what may come before the first delimiter
 READ_BYTES = 256 * 1024  # the most one read of the body brings (uvloop and asyncio read 256 KiB)
 # What the parser holds in memory at most, taken from the shared body budget while it reads: the text
 # fields and headers, the files kept in memory, and its buffer (a delimiter's or a head's search, and
-# one read). Each of them is bytes of the body, held once (a text field's value is decoded only once
-# the body is read), so a body with a Content-Length is charged that length where it is smaller.
+# one read). A text field's value is held as its bytes until the body is read; a part's kept headers
+# and its name or file name are held decoded, up to 4 bytes a character, and counted so
+# (`_held`). So a body with a Content-Length is charged HELD_PER_BYTE times that length where that is
+# smaller: its bytes held as decoded header text and once more as a name.
 HELD_BYTES = TEXT_BYTES + SPOOL_BYTES + PREAMBLE_BYTES + READ_BYTES
+HELD_PER_BYTE = 8
 # Parts other than the images: an edit takes 13 fields and a mask, a variation 5 (the SDK sends only
 # those). Room for fields a policy drops, and a bound on the work and memory of one request's parts.
 MAX_FIELDS = 64
@@ -64,8 +67,9 @@ async def read_multipart(
     is read through the front door's bounds (encoding, time, the shared budget for what the parser
     holds in memory), up to `server.max_upload_bytes`, with at most `most_images` image parts (the
     most any model takes) and `MAX_FIELDS` others, refused as soon as one more part starts. It takes
-    from the budget what the parser may hold, `HELD_BYTES`, or the Content-Length where that is less:
-    a small upload still arriving must not count as a large one against its tenant's share."""
+    from the budget what the parser may hold, `HELD_BYTES`, or `HELD_PER_BYTE` times the
+    Content-Length where that is less: a small upload still arriving must not count as a large one
+    against its tenant's share."""
     limit, spool_dir = server.max_upload_bytes, server.upload_dir
     content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
     if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":
@@ -80,7 +84,7 @@ async def read_multipart(
     length = request.content_length
     if length is not None and length > limit:
         raise _too_large(limit)
-    charge = min(HELD_BYTES, limit if length is None else length)
+    charge = min(HELD_BYTES, limit if length is None else HELD_PER_BYTE * length)
     upload = Upload()
     try:
         boundary = (found[1] or found[2]).encode()
@@ -181,7 +185,9 @@ class _Parser:
         if not name:
             raise _malformed("a part has no name in its Content-Disposition")
         kept = part_headers(headers)
-        self.text_room -= sum(len(value) for _, value in kept)  # kept to the end, as the text is
+        # kept to the end, as the text is: the headers forwarded, and the name and file name
+        self.text_room -= sum(_held(value) for _, value in kept) + _held(name)
+        self.text_room -= _held(params.get("filename", ""))
         self.check_text(name, 0)
         is_file = "filename" in params
         self.count(name, is_file)
@@ -253,6 +259,11 @@ class _Parser:
                 f" (at {text_field!r})."
             )
             raise InvalidRequest(message, param=text_field)
+
+
+def _held(text: str) -> int:
+    """The bytes `text` may take in memory: one a character if ASCII, else up to four."""
+    return len(text) if text.isascii() else 4 * len(text)
 
 
 def _headers(block: bytes) -> dict[str, str]:

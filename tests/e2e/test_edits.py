@@ -27,7 +27,14 @@ from structlog.testing import capture_logs
 from gateway.config import Settings
 from gateway.mock_upstream import RECEIVED, MockOptions, create_mock_app
 from gateway.mock_upstream.models import input_image_tokens
-from gateway.requests.multipart import HELD_BYTES, MAX_FIELDS, PREAMBLE_BYTES, READ_BYTES, TEXT_BYTES
+from gateway.requests.multipart import (
+    HELD_BYTES,
+    HELD_PER_BYTE,
+    MAX_FIELDS,
+    PREAMBLE_BYTES,
+    READ_BYTES,
+    TEXT_BYTES,
+)
 from gateway.requests.uploads import FilePart
 from tests.e2e.conftest import Running, StartGateway, base_url
 from tests.e2e.test_quotas import ADMIN_TOKEN, eventually, ledger_rows, redis_store
@@ -398,8 +405,8 @@ async def test_the_body_budget_covers_what_unfinished_uploads_hold_in_memory(
 async def test_an_upload_still_arriving_takes_its_length_of_the_budget_not_more(
     start_gateway: StartGateway, mock: TestServer
 ) -> None:
-    """An upload with a Content-Length takes from the body budget (and its tenant's share of it) that
-    length where it is less than what the parser may hold: the review's small edit still arriving took
+    """An upload with a Content-Length takes from the body budget (and its tenant's share of it)
+    HELD_PER_BYTE times that length where it is less than what the parser may hold: the review's small edit still arriving took
     640 KiB, and the tenant's next edit, with its 1 MiB share of 2 MiB, was refused with a 429. A
     chunked upload, whose length is unknown, still takes all of `HELD_BYTES`."""
     gw = await start(start_gateway, mock, server={"max_buffered_body_bytes": 2 * 2**20})
@@ -422,7 +429,7 @@ async def test_an_upload_still_arriving_takes_its_length_of_the_budget_not_more(
     try:
 
         async def charged() -> bool:
-            return gw.metric("gateway_body_bytes_buffered") == len(body) + HELD_BYTES
+            return gw.metric("gateway_body_bytes_buffered") == HELD_PER_BYTE * len(body) + HELD_BYTES
 
         await eventually(charged)
         headers = {**AUTH, "Content-Type": "multipart/form-data; boundary=b"}

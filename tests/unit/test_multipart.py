@@ -219,3 +219,14 @@ async def test_the_parser_holds_no_more_than_the_body_and_decodes_text_once_it_i
     held = sum(sys.getsizeof(getattr(prompt, name)) for name in TextPart.__slots__)
     assert held < 1.5 * len(prompt.raw)  # the bytes; not with a 20 KB str of them besides
     assert prompt.value == "\U0001f600" + "a" * 5000
+
+
+async def test_non_ascii_part_headers_and_file_names_count_as_the_memory_they_take() -> None:
+    """A header or file name decoded with one character past Latin-1 takes 4 bytes a character in
+    memory, and the file name is a second copy: 8 file parts of 9,000-character names with an emoji
+    are 72 KB of body but ~576 KB held, which the text fields' bound refuses (counted as characters,
+    it passed, holding 2-8 times what the upload was charged)."""
+    name = ("x" * 8_999 + "\N{ROCKET}").encode()
+    body = b"".join(image().replace(b'filename="a.png"', b'filename="' + name + b'"') for _ in range(8))
+    error, _ = await refused(body + b"--XyZ--\r\n")
+    assert f"longer than {TEXT_BYTES} bytes in all" in error.message
