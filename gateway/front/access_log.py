@@ -113,27 +113,26 @@ def client_request_id(request: web.Request) -> str | None:
     return None if key and (key in incoming or incoming in key) else incoming
 
 
-async def error_response(
-    error: GatewayError, request: web.Request, request_id: str, tenant: str = ""
-) -> web.Response:
+async def error_response(error: GatewayError, request: web.Request, record: RequestRecord) -> web.Response:
     """The error's answer. One given before the body arrived closes the connection rather than read
-    (and pay for) the rest of the body: a stranger's at once. A known `tenant`'s (unless the body is
+    (and pay for) the rest of the body: a stranger's at once. A known tenant's (unless the body is
     the fault: `drains_body`) is sent at once, and then the rest of the body is read and dropped,
     for up to `DRAIN_SECONDS`, before the connection closes: its client may still be sending (the
     SDKs send a whole upload before they read), and a connection closed under it is reset, the
-    answer lost."""
-    headers = {**error.headers, "x-request-id": request_id}
+    answer lost. The record counts the answer once it is sent, not after the drain."""
+    headers = {**error.headers, "x-request-id": record.request_id}
     response = web.Response(
         status=error.status, body=error.to_json(), content_type="application/json", headers=headers
     )
     if not request.content.is_eof():
         response.force_close()
-        if tenant and error.drains_body and request.transport is not None:
+        if record.tenant and error.drains_body and request.transport is not None:
             try:  # sent now (aiohttp finds it done when it is returned)
                 await response.prepare(request)
                 await response.write_eof()
             except ConnectionError:  # gone meanwhile: nothing to drain for
                 return response
+            record.answer(response.status)
             await _drain(request.content)
     return response
 
@@ -196,17 +195,15 @@ def create_request_middleware(
                 response = await handler(request)
             except GatewayError as error:
                 drop_tracebacks(error)  # the pipeline's task holds it, and its frames hold the task
-                response = await error_response(error, request, record.request_id, record.tenant)
+                response = await error_response(error, request, record)
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise
-                response = await error_response(
-                    _as_gateway_error(exc, request), request, record.request_id, record.tenant
-                )
+                response = await error_response(_as_gateway_error(exc, request), request, record)
             except Exception:
                 log.exception("request_failed", path=request.path)
                 failure = InternalError("The gateway failed to handle the request.")
-                response = await error_response(failure, request, record.request_id, record.tenant)
+                response = await error_response(failure, request, record)
             else:
                 if not response.prepared:
                     response.headers["x-request-id"] = record.request_id

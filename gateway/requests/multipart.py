@@ -48,6 +48,9 @@ HELD_PER_BYTE = 8
 # Parts other than the images: an edit takes 13 fields and a mask, a variation 5 (the SDK sends only
 # those). Room for fields a policy drops, and a bound on the work and memory of one request's parts.
 MAX_FIELDS = 64
+# And each part's own objects (its headers, name, record: about 1 KB), for the most parts a request
+# may have: the fields and as many images, whatever the size of the body.
+PARTS_BYTES = 2 * MAX_FIELDS * 1024
 _BOUNDARY = re.compile(r';\s*boundary\s*=\s*(?:"([^"]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
 _PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 
@@ -68,8 +71,8 @@ async def read_multipart(
     holds in memory), up to `server.max_upload_bytes`, with at most `most_images` image parts (the
     most any model takes) and `MAX_FIELDS` others, refused as soon as one more part starts. It takes
     from the budget what the parser may hold, `HELD_BYTES`, or `HELD_PER_BYTE` times the
-    Content-Length where that is less: a small upload still arriving must not count as a large one
-    against its tenant's share."""
+    Content-Length and `PARTS_BYTES` where that is less (a small upload still arriving must not
+    count as a large one against its tenant's share), and never more than the whole budget."""
     limit, spool_dir = server.max_upload_bytes, server.upload_dir
     content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
     if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":
@@ -84,7 +87,8 @@ async def read_multipart(
     length = request.content_length
     if length is not None and length > limit:
         raise _too_large(limit)
-    charge = min(HELD_BYTES, limit if length is None else HELD_PER_BYTE * length)
+    held = HELD_BYTES if length is None else min(HELD_BYTES, HELD_PER_BYTE * length + PARTS_BYTES)
+    charge = min(held, server.max_buffered_body_bytes)  # (a smaller budget: one upload at a time)
     upload = Upload()
     try:
         boundary = (found[1] or found[2]).encode()

@@ -31,6 +31,7 @@ from gateway.requests.multipart import (
     HELD_BYTES,
     HELD_PER_BYTE,
     MAX_FIELDS,
+    PARTS_BYTES,
     PREAMBLE_BYTES,
     READ_BYTES,
     TEXT_BYTES,
@@ -429,7 +430,8 @@ async def test_an_upload_still_arriving_takes_its_length_of_the_budget_not_more(
     try:
 
         async def charged() -> bool:
-            return gw.metric("gateway_body_bytes_buffered") == HELD_PER_BYTE * len(body) + HELD_BYTES
+            expected = HELD_PER_BYTE * len(body) + PARTS_BYTES + HELD_BYTES
+            return gw.metric("gateway_body_bytes_buffered") == expected
 
         await eventually(charged)
         headers = {**AUTH, "Content-Type": "multipart/form-data; boundary=b"}
@@ -441,6 +443,18 @@ async def test_an_upload_still_arriving_takes_its_length_of_the_budget_not_more(
     finally:
         slow.close()
         chunked.close()
+
+
+async def test_an_upload_is_never_charged_more_than_the_whole_body_budget(
+    start_gateway: StartGateway, mock: TestServer
+) -> None:
+    """A budget smaller than what an upload's parser may hold is valid (it need only hold a JSON
+    body): an upload then takes all of it, one at a time, rather than wait for room that never comes."""
+    gw = await start(start_gateway, mock, server={"max_body_bytes": 4096, "max_buffered_body_bytes": 8192})
+    edited = await asyncio.to_thread(
+        sdk(gw).images.edit, model="gpt-image-1.5", image=("a.png", PNG, "image/png"), prompt="p"
+    )
+    assert edited.data
 
 
 def _raw_post(port: int, head: bytes, body_chunks: list[bytes]) -> tuple[bytes, int]:
