@@ -15,6 +15,7 @@ before its body arrived closes its connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import time
@@ -140,12 +141,10 @@ async def error_response(error: GatewayError, request: web.Request, record: Requ
 async def _drain(content: StreamReader) -> None:
     """Read and drop what is left of a body, for up to DRAIN_SECONDS; whatever ends it (the time, the
     client leaving, a broken body) ends only the drain."""
-    try:
+    with contextlib.suppress(Exception):
         async with asyncio.timeout(DRAIN_SECONDS):
             while await content.readany():
                 pass
-    except Exception:
-        pass
 
 
 def _as_gateway_error(exc: web.HTTPException, request: web.Request) -> GatewayError:

@@ -326,8 +326,7 @@ class FrontConnection(web_protocol.RequestHandler):
         return None
 
     def _arm_header_timer(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._header_timer = loop.call_later(self._door.bounds.header_timeout, self._header_timed_out)
+        self._header_timer = self._loop.call_later(self._door.bounds.header_timeout, self._header_timed_out)
 
     def _disarm_header_timer(self) -> None:
         if self._header_timer is not None:
