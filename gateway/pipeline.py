@@ -106,8 +106,8 @@ class Pipeline:
         record.tenant, record.key = credential.tenant, credential.key_label
         # Beyond its bound: 503 overloaded; beyond the tenant's share of it: 429. Before the body.
         # The shares are this configuration's: by default they follow the tenants at a reload.
-        with self.admissions.place(credential.tenant, runtime.tenant_places):
-            bodies = BodyReader(self.budget, credential.tenant, runtime.tenant_body_bytes)
+        with self.admissions.place(credential.tenant, runtime.tenant_pending_admissions):
+            bodies = BodyReader(self.budget, credential.tenant, runtime.tenant_buffered_body_bytes)
             client = await read_request(request, operation, runtime.settings.server, bodies, runtime.catalog)
             record.fields.update(client.log_fields())
             try:

@@ -54,8 +54,8 @@ class Runtime:
     credentials: Keys  # sha256:<hex> -> who, and the keys that verified
     # Each tenant's share of the front door's bounds (`Settings.tenant_share`): of this
     # configuration, whose tenants a reload may change, worked out once, not per request.
-    tenant_places: int  # of the pending admissions
-    tenant_body_bytes: int  # of the body budget
+    tenant_pending_admissions: int  # its share of the pending admissions
+    tenant_buffered_body_bytes: int  # its share of the body budget
     # (tenant, key index, end user) -> its limits: built once per configuration, not per request
     _plans: dict[tuple[str, int, str | None], LimitPlan] = field(
         default_factory=dict, compare=False, repr=False
@@ -91,8 +91,8 @@ class Runtime:
                     for index, key in enumerate(tenant.keys)
                 }
             ),
-            tenant_places=settings.tenant_pending_admissions,
-            tenant_body_bytes=settings.tenant_buffered_body_bytes,
+            tenant_pending_admissions=settings.tenant_pending_admissions,
+            tenant_buffered_body_bytes=settings.tenant_buffered_body_bytes,
         )
 
 

@@ -28,6 +28,21 @@ from gateway.telemetry.metrics import KeptGauge, Metrics
 RETRY_AFTER_SECONDS = 1
 
 
+def hold(by_tenant: dict[str, int], tenant: str, change: int) -> None:
+    """What `tenant` holds of a shared bound, changed by `change`; a tenant holding nothing is absent."""
+    held = by_tenant.get(tenant, 0) + change
+    if held:
+        by_tenant[tenant] = held
+    else:
+        del by_tenant[tenant]
+
+
+def over_share(metrics: Metrics, tenant: str, bound: str, message: str) -> RateLimited:
+    """The 429 of a tenant past its share of `bound`, counted."""
+    metrics.tenant_share_refused.labels(tenant, bound).inc()
+    return RateLimited(message, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
 class AdmissionQueue:
     """`with queue.place(tenant, share):` holds a place for the block's duration; entering a full
     queue raises Overloaded, entering it beyond the tenant's `share` (places) RateLimited."""
@@ -50,24 +65,21 @@ class AdmissionQueue:
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
         if held >= share:
-            self._metrics.tenant_share_refused.labels(tenant, "pending_admissions").inc()
-            raise RateLimited(
+            raise over_share(
+                self._metrics,
+                tenant,
+                "pending_admissions",
                 f"Tenant {tenant!r} has {held} requests waiting for their admission (their bodies"
                 " arriving, or being decided) in this gateway process: its share,"
                 f" {share}, is server.max_tenant_share of"
                 " server.max_pending_admissions. Retry once some of them are decided.",
-                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
         pending.value += 1
-        self.by_tenant[tenant] = held + 1
+        hold(self.by_tenant, tenant, 1)
 
     def leave(self, tenant: str) -> None:
         self.pending.value -= 1
-        held = self.by_tenant[tenant]
-        if held == 1:
-            del self.by_tenant[tenant]
-        else:
-            self.by_tenant[tenant] = held - 1
+        hold(self.by_tenant, tenant, -1)
 
 
 class Place:

@@ -33,10 +33,10 @@ from gateway.errors import (
     GatewayError,
     InvalidRequest,
     PayloadTooLarge,
-    RateLimited,
     RequestTimeout,
     ServerBusy,
 )
+from gateway.front.admission import hold, over_share
 from gateway.telemetry.metrics import Metrics
 
 
@@ -61,37 +61,31 @@ class BodyBudget:
         (`max_tenant_share: 1`) is none: its bodies wait for room like any."""
         held = self.by_tenant.get(tenant, 0)
         if held and share < self.capacity and held + size > share:
-            self.metrics.tenant_share_refused.labels(tenant, "buffered_body_bytes").inc()
-            raise RateLimited(
+            raise over_share(
+                self.metrics,
+                tenant,
+                "buffered_body_bytes",
                 f"Tenant {tenant!r} has {held} bytes of request bodies being received, or waiting to"
                 f" be, by this gateway process; {size} more would pass its share, {share} bytes"
                 " (server.max_tenant_share of server.max_buffered_body_bytes). Retry once some of them"
                 " have arrived.",
-                headers={"Retry-After": "1"},
             )
-        self.by_tenant[tenant] = held + size
+        hold(self.by_tenant, tenant, size)
         try:
             async with self._room:
                 await self._room.wait_for(lambda: self.used + size <= self.capacity)
                 self.used += size
                 self.metrics.body_bytes_buffered.set(self.used)
         except BaseException:  # no room in time, or the client left: the claim goes
-            self._unclaim(size, tenant)
+            hold(self.by_tenant, tenant, -size)
             raise
 
     async def give_back(self, size: int, tenant: str) -> None:
         async with self._room:
             self.used -= size
-            self._unclaim(size, tenant)
+            hold(self.by_tenant, tenant, -size)
             self.metrics.body_bytes_buffered.set(self.used)
             self._room.notify_all()
-
-    def _unclaim(self, size: int, tenant: str) -> None:
-        held = self.by_tenant[tenant] - size
-        if held:
-            self.by_tenant[tenant] = held
-        else:
-            del self.by_tenant[tenant]
 
 
 def check_encoding(request: web.Request) -> None:

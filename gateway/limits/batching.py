@@ -56,7 +56,7 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from gateway.limits.resp import RespConnection, repeating_command, resolve
+from gateway.limits.resp import RespConnection, command, repeating_command, resolve
 from gateway.limits.scripts import ALL, Script
 
 Arg = str | int | bytes  # a script argument (bytes: the checks, packed)
@@ -91,6 +91,8 @@ class EvalBatcher:
     ) -> None:
         self._client = client
         self._scripts = scripts  # loaded again, all of them, once the server has forgotten them
+        # their SCRIPT LOADs, made once: written ahead of the calls run again after NOSCRIPT
+        self._reload = b"".join([command("SCRIPT", "LOAD", script.source) for script in scripts])
         self._in_flight = in_flight
         self._lean = lean
         self._queue: list[_Call] = []
@@ -142,7 +144,7 @@ class EvalBatcher:
         assert self._lean is not None and self._loop is not None
         written: asyncio.Future[None] = self._loop.create_future()  # for `close`
         if again:
-            payload, answered = self._load_all() + _pack(batch, _Call.by_source), self._answered_again
+            payload, answered = self._reload + _pack(batch, _Call.by_source), self._answered_again
             replies = len(self._scripts) + len(batch)
         else:
             payload, answered, replies = _pack(batch), self._answered, len(batch)
@@ -202,9 +204,6 @@ class EvalBatcher:
         self._running_again -= 1
         self._unpark()
         _answer(batch, replies if isinstance(replies, BaseException) else replies[len(self._scripts) :])
-
-    def _load_all(self) -> bytes:
-        return b"".join([repeating_command("SCRIPT", "LOAD", script.source) for script in self._scripts])
 
     def _replied(self, written: asyncio.Future[None]) -> None:
         """A lean write has all its replies: `close` no longer waits for it."""

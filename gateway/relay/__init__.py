@@ -36,13 +36,10 @@ from aiohttp import web
 from aiohttp.http import StreamWriter
 
 from gateway.errors import GatewayError
-from gateway.logs import get_logger
 from gateway.relay.usage import UsageReader, usage_reader
 from gateway.runtime import Target
 from gateway.upstreams.client import Response, UpstreamError
 from gateway.upstreams.transport import ERROR_BODY_CAP, openai_error, translate
-
-log = get_logger("gateway.relay")
 
 
 @dataclass(slots=True)

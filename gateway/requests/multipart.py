@@ -123,10 +123,9 @@ class _Parser:
         self.upload = upload
         self.most_images = most_images
         self.images = self.fields = 0  # parts so far
-        self.texts: set[str] = set()  # the names of the text fields so far
+        self.seen: set[tuple[bool, str]] = set()  # (a file?, name) of the text fields and mask so far
         self.text_room = TEXT_BYTES  # what the text fields and kept headers may still take
         self.file_room = SPOOL_BYTES  # what the files may still keep in memory
-        self.masks: set[str] = set()  # the mask, once it came
 
     async def fill(self) -> None:
         """Read what has arrived; 400 at the end of the body (every caller still needs bytes)."""
@@ -229,11 +228,10 @@ class _Parser:
         if self.fields > MAX_FIELDS:
             message = f"The request sends more than {MAX_FIELDS} fields besides its images."
             raise InvalidRequest(message, code="too_many_fields")
-        unique = self.texts if not is_file else self.masks if name == MASK_FIELD else None
-        if unique is not None:  # a text field, or the mask, may come once
-            if name in unique:
+        if not is_file or name == MASK_FIELD:  # a text field, or the mask, may come once
+            if (is_file, name) in self.seen:
                 raise _duplicate(name)
-            unique.add(name)
+            self.seen.add((is_file, name))
 
     async def content_into(self, sink: Any, text_field: str | None) -> None:
         """Pass the part's content to `sink` up to the next delimiter, as it arrives; a text field
